@@ -1,0 +1,47 @@
+//! One chat node, speaking the project's wire contract (`CONTRACT.md`).
+//!
+//! ```sh
+//! PORT=3001 NODE_ID=n1 cargo run --example chat
+//! PORT=3002 NODE_ID=n2 cargo run --example chat   # in another terminal
+//! # open http://127.0.0.1:3001 and http://127.0.0.1:3002 and chat across them
+//! ```
+//!
+//! Environment: `PORT` (default 3000), `REDIS_URL` (default `redis://127.0.0.1:6379`),
+//! `NODE_ID` (default random), `CHANNEL_PREFIX` (default `ws:room:`), `SHARD_COUNT`
+//! (default 1), `RUST_LOG` (default `info`).
+
+mod chat_app;
+
+use tracing_subscriber::EnvFilter;
+
+#[tokio::main]
+async fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .init();
+    let port: u16 = match std::env::var("PORT").map(|p| p.parse()) {
+        Err(_) => 3000,
+        Ok(Ok(port)) => port,
+        Ok(Err(e)) => exit(&format!("PORT must be a port number: {e}")),
+    };
+    let layer = chat_app::layer_from_env().unwrap_or_else(|e| {
+        let cause = std::error::Error::source(&e).map(ToString::to_string);
+        exit(&format!("REDIS_URL: {e}: {}", cause.unwrap_or_default()))
+    });
+    let node_id = layer.handle().node_id().to_owned();
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+        .await
+        .unwrap_or_else(|e| exit(&format!("cannot listen on 127.0.0.1:{port}: {e}")));
+    tracing::info!(node = %node_id, "chat node listening on http://127.0.0.1:{port}");
+    let shutdown = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    if let Err(e) = chat_app::serve_app(listener, chat_app::app(layer), shutdown).await {
+        exit(&format!("server error: {e}"));
+    }
+}
+
+fn exit(msg: &str) -> ! {
+    eprintln!("chat: {msg}");
+    std::process::exit(2)
+}

@@ -1,0 +1,156 @@
+//! The chat application shared by `examples/chat.rs` (one node per process) and
+//! `examples/demo.rs` (three nodes in one process). It follows `CONTRACT.md` of the project:
+//!
+//! - `GET /` serves the chat page;
+//! - `GET /ws?room=NAME` joins room NAME (default `lobby`); each text frame must be one JSON
+//!   value and is broadcast to every socket of the room on every node, the sender included;
+//!   a frame that is not JSON closes that connection with 1007, a frame over the size limit
+//!   with 1009, an invalid room name with 1008, a binary frame with 1003;
+//! - `POST /rooms/{room}/messages` broadcasts its JSON body from plain HTTP;
+//! - `GET /healthz` is 200 when the node's Redis link is up, 503 otherwise;
+//! - `GET /stats` returns the node's counters as JSON.
+
+use std::collections::HashMap;
+
+use axum::Json;
+use axum::Router;
+use axum::extract::ws::{Message, WebSocketUpgrade};
+use axum::extract::{Path, Query};
+use axum::http::StatusCode;
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::{get, post};
+use axum_fanout::{FanoutLayer, FanoutSocket, Payload, RoomHandle, RoomName};
+
+/// Close codes the chat example uses (RFC 6455 section 7.4.1).
+const UNSUPPORTED_DATA: u16 = 1003;
+const INVALID_PAYLOAD: u16 = 1007;
+const POLICY_VIOLATION: u16 = 1008;
+const INTERNAL_ERROR: u16 = 1011;
+
+/// The chat app's routes, wrapped in `layer`.
+pub(crate) fn app(layer: FanoutLayer) -> Router {
+    Router::new()
+        .route("/", get(page))
+        .route("/ws", get(ws))
+        .route("/rooms/{room}/messages", post(http_push))
+        .route("/healthz", get(healthz))
+        .route("/stats", get(stats))
+        .layer(layer)
+}
+
+async fn page() -> Html<&'static str> {
+    Html(include_str!("page.html"))
+}
+
+async fn healthz(rooms: RoomHandle) -> Response {
+    if rooms.is_ready() {
+        (StatusCode::OK, "ok\n").into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "redis not ready\n").into_response()
+    }
+}
+
+async fn stats(rooms: RoomHandle) -> Response {
+    let mut body = serde_json::to_value(rooms.stats()).unwrap_or_default();
+    body["node_id"] = rooms.node_id().into();
+    body["ready"] = rooms.is_ready().into();
+    Json(body).into_response()
+}
+
+async fn http_push(Path(room): Path<String>, rooms: RoomHandle, body: String) -> Response {
+    let payload = match Payload::raw_json(body) {
+        Ok(p) => p,
+        Err(_) => {
+            return (StatusCode::BAD_REQUEST, "body must be one JSON value\n").into_response();
+        }
+    };
+    match rooms.broadcast(&room, payload).await {
+        Ok(nodes) => Json(serde_json::json!({ "nodes": nodes })).into_response(),
+        Err(e) if e.is_invalid_room() => {
+            let reason = std::error::Error::source(&e).map(ToString::to_string);
+            (
+                StatusCode::BAD_REQUEST,
+                format!("{}\n", reason.unwrap_or_default()),
+            )
+                .into_response()
+        }
+        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n")).into_response(),
+    }
+}
+
+async fn ws(
+    upgrade: WebSocketUpgrade,
+    Query(query): Query<HashMap<String, String>>,
+    rooms: RoomHandle,
+) -> Response {
+    let room = query.get("room").map_or("lobby", String::as_str).to_owned();
+    rooms
+        .clone()
+        .on_upgrade(upgrade, move |socket| serve(socket, rooms, room))
+}
+
+async fn serve(mut socket: FanoutSocket, rooms: RoomHandle, room: String) {
+    let room = match RoomName::new(&room) {
+        Ok(room) => room,
+        Err(e) => return socket.close(POLICY_VIOLATION, &e.to_string()),
+    };
+    if let Err(e) = socket.join(&room).await {
+        tracing::warn!(room = %room, error = %e, "join failed");
+        return socket.close(INTERNAL_ERROR, "redis unavailable, try again later");
+    }
+    while let Some(msg) = socket.recv().await {
+        match msg {
+            Ok(Message::Text(text)) => {
+                let Ok(payload) = Payload::raw_json(text.as_str()) else {
+                    return socket.close(INVALID_PAYLOAD, "frame is not valid JSON");
+                };
+                // Awaiting each broadcast keeps one sender's messages in order.
+                if let Err(e) = rooms.broadcast(&room, payload).await {
+                    tracing::warn!(room = %room, error = %e, "broadcast failed");
+                }
+            }
+            Ok(_) => return socket.close(UNSUPPORTED_DATA, "only JSON text frames are accepted"),
+            // Over the size limit: the socket already closed itself with 1009.
+            Err(_) => return,
+        }
+    }
+}
+
+/// Reads the contract's environment variables into a layer.
+pub(crate) fn layer_from_env() -> Result<FanoutLayer, axum_fanout::Error> {
+    let url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+    let mut builder = FanoutLayer::builder(url);
+    if let Ok(id) = std::env::var("NODE_ID")
+        && !id.trim().is_empty()
+    {
+        builder = builder.node_id(id.trim());
+    }
+    if let Ok(prefix) = std::env::var("CHANNEL_PREFIX") {
+        builder = builder.channel_prefix(prefix);
+    }
+    if let Some(shards) = std::env::var("SHARD_COUNT")
+        .ok()
+        .and_then(|s| s.parse().ok())
+    {
+        builder = builder.shard_count(shards);
+    }
+    builder.build()
+}
+
+/// Serves `app` on `listener` with TCP_NODELAY (small frames must not wait for Nagle) until
+/// `shutdown` resolves.
+pub(crate) async fn serve_app(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    use axum::serve::ListenerExt;
+    let listener = listener.tap_io(|tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "could not set TCP_NODELAY");
+        }
+    });
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+}

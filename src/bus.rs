@@ -1,0 +1,438 @@
+//! The Redis side: one publisher connection, one shared subscriber connection, and the
+//! dispatcher that turns received envelopes into frames for local sockets.
+//!
+//! Both connections are RESP3 multiplexed connections that this module reconnects itself, with
+//! capped exponential backoff, forever. The client library's own memory of subscriptions is not
+//! relied on: after every reconnect the registry marks every local room pending and the
+//! subscription loop sends them again, in batches.
+//!
+//! Received messages cross a *bounded* channel from the connection to the dispatcher task. The
+//! push callback never waits: when the dispatcher falls behind, messages are dropped and counted
+//! (`inbound_dropped`) instead of queueing without limit.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use redis::aio::MultiplexedConnection;
+use redis::{AsyncConnectionConfig, ProtocolVersion, PushInfo, PushKind, Value};
+use tokio::sync::{Notify, mpsc, watch};
+use tokio::time::{Instant, timeout, timeout_at};
+
+use crate::envelope;
+use crate::error::{Error, Kind};
+use crate::node::Node;
+use crate::registry::Changes;
+use crate::room::RoomName;
+use crate::stats::Counters;
+
+/// Rooms per SUBSCRIBE / UNSUBSCRIBE command: large enough that resubscribing 10,000 rooms
+/// takes ten round trips, small enough to keep each command and its reply modest.
+const ROOMS_PER_COMMAND: usize = 1000;
+
+/// A client for the same server, speaking RESP3 (pushes arrive on the same connection as
+/// command replies, so one multiplexed connection can subscribe and be watched for loss).
+pub(crate) fn resp3(client: &redis::Client) -> Result<redis::Client, redis::RedisError> {
+    let info = client.get_connection_info().clone();
+    let settings = info
+        .redis_settings()
+        .clone()
+        .set_protocol(ProtocolVersion::RESP3);
+    redis::Client::open(info.set_redis_settings(settings))
+}
+
+async fn connect(
+    client: &redis::Client,
+    connect_timeout: Duration,
+    push: impl Fn(PushInfo) -> Result<(), ()> + Send + Sync + 'static,
+) -> Result<MultiplexedConnection, redis::RedisError> {
+    let config = AsyncConnectionConfig::new()
+        .set_connection_timeout(Some(connect_timeout))
+        // Deadlines are applied per operation by the callers (publish/subscribe timeouts).
+        .set_response_timeout(None)
+        .set_push_sender(push);
+    client
+        .get_multiplexed_async_connection_with_config(&config)
+        .await
+}
+
+/// Capped exponential backoff between reconnect attempts.
+#[derive(Debug)]
+struct Backoff {
+    min: Duration,
+    max: Duration,
+    next: Duration,
+}
+
+impl Backoff {
+    fn new(min: Duration, max: Duration) -> Self {
+        Self {
+            min,
+            max,
+            next: min,
+        }
+    }
+    fn reset(&mut self) {
+        self.next = self.min;
+    }
+    fn next(&mut self) -> Duration {
+        let now = self.next;
+        self.next = (self.next * 2).min(self.max);
+        now
+    }
+}
+
+/// Sleeps for `d`; returns `false` if the node is stopping.
+async fn pause(d: Duration, stop: &mut watch::Receiver<()>) -> bool {
+    tokio::select! {
+        _ = tokio::time::sleep(d) => true,
+        _ = stop.changed() => false,
+    }
+}
+
+/// Keeps the publisher connection up.
+pub(crate) async fn run_publisher(
+    node: Arc<Node>,
+    client: redis::Client,
+    mut stop: watch::Receiver<()>,
+) {
+    let cfg = &node.config;
+    let mut backoff = Backoff::new(cfg.backoff_min, cfg.backoff_max);
+    loop {
+        let lost = Arc::new(Notify::new());
+        let on_push = {
+            let lost = lost.clone();
+            move |info: PushInfo| {
+                if info.kind == PushKind::Disconnection {
+                    lost.notify_one();
+                }
+                Ok(())
+            }
+        };
+        match connect(&client, cfg.publish_timeout, on_push).await {
+            Ok(conn) => {
+                tracing::debug!(node = %cfg.node_id, "publisher connected");
+                node.publisher.send_replace(Some(conn));
+                backoff.reset();
+                tokio::select! {
+                    _ = lost.notified() => {
+                        node.publisher.send_replace(None);
+                        tracing::warn!(node = %cfg.node_id, "publisher connection lost; reconnecting");
+                    }
+                    _ = stop.changed() => {
+                        node.publisher.send_replace(None);
+                        return;
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::warn!(node = %cfg.node_id, error = %e, "publisher cannot connect to redis; retrying");
+            }
+        }
+        if !pause(backoff.next(), &mut stop).await {
+            return;
+        }
+    }
+}
+
+/// Publishes one envelope; returns the number of nodes subscribed to the room's channel.
+pub(crate) async fn publish(
+    node: &Node,
+    room: &RoomName,
+    envelope: Vec<u8>,
+) -> Result<usize, Error> {
+    let cfg = &node.config;
+    if cfg.redis.is_none() {
+        return Err(Error::with(
+            Kind::InvalidUrl,
+            "the layer was built with an invalid redis url",
+        ));
+    }
+    let deadline = Instant::now() + cfg.publish_timeout;
+    let result = async {
+        let mut rx = node.publisher.subscribe();
+        let mut conn = match timeout_at(deadline, rx.wait_for(Option::is_some)).await {
+            Ok(Ok(conn)) => conn.clone().ok_or_else(|| Error::new(Kind::Closed))?,
+            Ok(Err(_)) => return Err(Error::new(Kind::Closed)),
+            Err(_) => {
+                return Err(Error::with(
+                    Kind::Timeout,
+                    "no connection to redis (it is down or unreachable)",
+                ));
+            }
+        };
+        let channel = node.channel(room);
+        let mut cmd = redis::cmd("PUBLISH");
+        cmd.arg(&channel).arg(envelope);
+        let publish = cmd.query_async::<usize>(&mut conn);
+        match timeout_at(deadline, publish).await {
+            Ok(Ok(receivers)) => Ok(receivers),
+            Ok(Err(e)) => Err(Error::with(Kind::Redis, e)),
+            Err(_) => Err(Error::with(
+                Kind::Timeout,
+                "redis did not reply to PUBLISH in time",
+            )),
+        }
+    }
+    .await;
+    match &result {
+        Ok(_) => Counters::add(&node.counters.published, 1),
+        Err(e) => {
+            Counters::add(&node.counters.publish_errors, 1);
+            tracing::warn!(
+                room = %room,
+                error = %e,
+                cause = ?std::error::Error::source(e).map(ToString::to_string),
+                "broadcast failed"
+            );
+        }
+    }
+    result
+}
+
+/// Keeps the subscriber link up, reconciles subscriptions with the registry, and feeds the
+/// dispatcher.
+pub(crate) async fn run_subscriber(
+    node: Arc<Node>,
+    client: redis::Client,
+    mut stop: watch::Receiver<()>,
+) {
+    let cfg = &node.config;
+    let (tx, rx) = mpsc::channel::<PushInfo>(cfg.inbound_capacity.get());
+    tokio::spawn(dispatch_loop(node.clone(), rx));
+    let mut backoff = Backoff::new(cfg.backoff_min, cfg.backoff_max);
+    let mut ever_up = false;
+    loop {
+        let lost = Arc::new(Notify::new());
+        let on_push = {
+            let (tx, lost, node) = (tx.clone(), lost.clone(), node.clone());
+            move |info: PushInfo| {
+                match info.kind {
+                    PushKind::Message if tx.try_send(info).is_err() => {
+                        Counters::add(&node.counters.inbound_dropped, 1);
+                    }
+                    PushKind::Disconnection => lost.notify_one(),
+                    _ => {}
+                }
+                Ok(())
+            }
+        };
+        let mut conn = match connect(&client, cfg.subscribe_timeout, on_push).await {
+            Ok(conn) => conn,
+            Err(e) => {
+                tracing::warn!(node = %cfg.node_id, error = %e, "subscriber cannot connect to redis; retrying");
+                if !pause(backoff.next(), &mut stop).await {
+                    return;
+                }
+                continue;
+            }
+        };
+        node.registry.link_up();
+        let outcome = serve_link(
+            &node,
+            &mut conn,
+            &lost,
+            &mut stop,
+            &mut ever_up,
+            &mut backoff,
+        )
+        .await;
+        node.ready
+            .store(false, std::sync::atomic::Ordering::Release);
+        node.registry.link_down();
+        match outcome {
+            LinkEnd::Stopped => {
+                let rooms = node.registry.subscribed_rooms();
+                if !rooms.is_empty() {
+                    let channels: Vec<String> = rooms.iter().map(|r| node.channel(r)).collect();
+                    let _ = timeout(Duration::from_secs(1), conn.unsubscribe(&channels)).await;
+                }
+                return;
+            }
+            LinkEnd::Lost(reason) => {
+                Counters::add(&node.counters.reconnects, 1);
+                tracing::warn!(node = %cfg.node_id, %reason, "subscriber link lost; reconnecting and resubscribing");
+            }
+        }
+        if !pause(backoff.next(), &mut stop).await {
+            return;
+        }
+    }
+}
+
+enum LinkEnd {
+    Stopped,
+    Lost(String),
+}
+
+async fn serve_link(
+    node: &Node,
+    conn: &mut MultiplexedConnection,
+    lost: &Notify,
+    stop: &mut watch::Receiver<()>,
+    ever_up: &mut bool,
+    backoff: &mut Backoff,
+) -> LinkEnd {
+    loop {
+        if let Err(e) = reconcile(node, conn).await {
+            return LinkEnd::Lost(e);
+        }
+        if !node.ready.swap(true, std::sync::atomic::Ordering::AcqRel) {
+            backoff.reset();
+            let (rooms, _, subscribed) = node.registry.counts();
+            tracing::info!(
+                node = %node.config.node_id,
+                rooms, subscribed,
+                "subscriber link {}", if *ever_up { "restored" } else { "up" }
+            );
+            *ever_up = true;
+        }
+        tokio::select! {
+            _ = node.registry.changed.notified() => {}
+            _ = lost.notified() => return LinkEnd::Lost("connection closed".into()),
+            _ = stop.changed() => return LinkEnd::Stopped,
+        }
+    }
+}
+
+/// Sends the SUBSCRIBE / UNSUBSCRIBE commands the registry asks for until nothing is pending.
+async fn reconcile(node: &Node, conn: &mut MultiplexedConnection) -> Result<(), String> {
+    let deadline = node.config.subscribe_timeout;
+    loop {
+        let changes = node.registry.take_pending(ROOMS_PER_COMMAND);
+        if changes.is_empty() {
+            return Ok(());
+        }
+        let Changes {
+            subscribe,
+            unsubscribe,
+        } = changes;
+        if !subscribe.is_empty() {
+            let channels: Vec<String> = subscribe.iter().map(|r| node.channel(r)).collect();
+            run(
+                timeout(deadline, conn.subscribe(&channels)).await,
+                "SUBSCRIBE",
+            )?;
+            for room in &subscribe {
+                tracing::debug!(room = %room, "subscribed");
+            }
+            node.registry.confirm_subscribed(subscribe);
+        }
+        if !unsubscribe.is_empty() {
+            let channels: Vec<String> = unsubscribe.iter().map(|r| node.channel(r)).collect();
+            run(
+                timeout(deadline, conn.unsubscribe(&channels)).await,
+                "UNSUBSCRIBE",
+            )?;
+            for room in &unsubscribe {
+                tracing::debug!(room = %room, "unsubscribed");
+            }
+            node.registry.confirm_unsubscribed(unsubscribe);
+        }
+    }
+}
+
+fn run(
+    r: Result<Result<(), redis::RedisError>, tokio::time::error::Elapsed>,
+    what: &str,
+) -> Result<(), String> {
+    match r {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(format!("{what} failed: {e}")),
+        Err(_) => Err(format!("{what} not confirmed in time")),
+    }
+}
+
+/// Logs at most once per interval, counting what it held back.
+#[derive(Debug)]
+struct LogLimiter {
+    every: Duration,
+    next: Option<Instant>,
+    suppressed: u64,
+}
+
+impl LogLimiter {
+    fn new(every: Duration) -> Self {
+        Self {
+            every,
+            next: None,
+            suppressed: 0,
+        }
+    }
+    /// Returns how many events were suppressed since the last log, or `None` to stay quiet.
+    fn allow(&mut self) -> Option<u64> {
+        let now = Instant::now();
+        if self.next.is_some_and(|next| now < next) {
+            self.suppressed += 1;
+            return None;
+        }
+        self.next = Some(now + self.every);
+        Some(std::mem::take(&mut self.suppressed))
+    }
+}
+
+/// Decodes each received envelope once and offers the frame to the room's local sockets.
+async fn dispatch_loop(node: Arc<Node>, mut rx: mpsc::Receiver<PushInfo>) {
+    let mut malformed_log = LogLimiter::new(Duration::from_secs(10));
+    while let Some(push) = rx.recv().await {
+        let (channel, raw) = match push.data.as_slice() {
+            [Value::BulkString(channel), Value::BulkString(raw)] => (channel, raw),
+            _ => continue,
+        };
+        let Some(room) = node.room_of(channel) else {
+            continue;
+        };
+        let decoded = match envelope::decode(raw, room, &node.config.node_id) {
+            Ok(decoded) => decoded,
+            Err(why) => {
+                Counters::add(&node.counters.malformed, 1);
+                if let Some(suppressed) = malformed_log.allow() {
+                    tracing::warn!(
+                        room,
+                        reason = %why,
+                        bytes = raw.len(),
+                        suppressed,
+                        "dropped a malformed envelope"
+                    );
+                }
+                continue;
+            }
+        };
+        Counters::add(&node.counters.received, 1);
+        let out = node.registry.dispatch(room, &decoded.frame, decoded.except);
+        let c = &node.counters;
+        Counters::add(&c.delivered, out.delivered);
+        Counters::add(&c.dropped, out.dropped);
+        Counters::add(&c.slow_disconnects, out.overflowed);
+        if out.overflowed > 0 {
+            tracing::warn!(
+                room,
+                sockets = out.overflowed,
+                "closed slow consumers: send queue full"
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_up_to_the_cap_and_resets() {
+        let mut b = Backoff::new(Duration::from_millis(50), Duration::from_millis(2000));
+        let seq: Vec<u128> = (0..8).map(|_| b.next().as_millis()).collect();
+        assert_eq!(seq, [50, 100, 200, 400, 800, 1600, 2000, 2000]);
+        b.reset();
+        assert_eq!(b.next(), Duration::from_millis(50));
+    }
+
+    #[tokio::test]
+    async fn log_limiter_counts_what_it_suppresses() {
+        let mut l = LogLimiter::new(Duration::from_secs(60));
+        assert_eq!(l.allow(), Some(0));
+        assert_eq!(l.allow(), None);
+        assert_eq!(l.allow(), None);
+        l.next = Some(Instant::now());
+        assert_eq!(l.allow(), Some(2));
+    }
+}

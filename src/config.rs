@@ -1,0 +1,303 @@
+//! Configuration: every knob, its default and why.
+//!
+//! Defaults follow the seed where it names a value (channel prefix `ws:room:`, one shard,
+//! reconnect backoff capped at 2000 ms) and are otherwise chosen for many small, mostly idle
+//! sockets.
+
+use std::num::{NonZeroU16, NonZeroUsize};
+use std::time::Duration;
+
+use crate::error::{Error, Kind};
+use crate::layer::FanoutLayer;
+
+/// What to do when a socket's send queue is full (the client reads slower than its rooms talk).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum OverflowPolicy {
+    /// Close the socket with code 1013 and reason `"slow consumer"`.
+    ///
+    /// The default: a client that cannot keep up has already lost messages, and telling it (so
+    /// it reconnects and resyncs) beats feeding it a history with silent holes.
+    #[default]
+    Disconnect,
+    /// Drop the oldest queued frames to make room for the new one.
+    DropOldest,
+    /// Drop the new frame and keep what is queued.
+    DropNewest,
+}
+
+/// The settings the running node reads; built by [`FanoutBuilder`].
+#[derive(Debug, Clone)]
+pub(crate) struct Config {
+    pub(crate) redis: Option<redis::Client>,
+    pub(crate) node_id: String,
+    pub(crate) channel_prefix: String,
+    pub(crate) shard_count: NonZeroU16,
+    pub(crate) queue_frames: NonZeroUsize,
+    pub(crate) queue_bytes: NonZeroUsize,
+    pub(crate) overflow: OverflowPolicy,
+    pub(crate) batch_frames: NonZeroUsize,
+    pub(crate) write_timeout: Duration,
+    pub(crate) read_buffer_size: usize,
+    pub(crate) write_buffer_size: usize,
+    pub(crate) max_message_size: usize,
+    pub(crate) publish_timeout: Duration,
+    pub(crate) subscribe_timeout: Duration,
+    pub(crate) backoff_min: Duration,
+    pub(crate) backoff_max: Duration,
+    pub(crate) inbound_capacity: NonZeroUsize,
+}
+
+/// Builds a [`FanoutLayer`] with non-default settings.
+///
+/// ```
+/// use std::time::Duration;
+/// use axum_fanout::{FanoutLayer, OverflowPolicy};
+///
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), axum_fanout::Error> {
+/// let layer = FanoutLayer::builder("redis://127.0.0.1:6379")
+///     .node_id("eu-west-1a")
+///     .channel_prefix("chat:room:")
+///     .queue_bytes(256 * 1024)
+///     .overflow(OverflowPolicy::DropOldest)
+///     .publish_timeout(Duration::from_secs(1))
+///     .build()?;
+/// # let _ = layer; Ok(()) }
+/// ```
+#[derive(Debug, Clone)]
+pub struct FanoutBuilder {
+    url: String,
+    config: Config,
+}
+
+// `NonZeroUsize::new(literal)` in a const: every literal passed below is non-zero.
+const fn nz(n: usize) -> NonZeroUsize {
+    match NonZeroUsize::new(n) {
+        Some(n) => n,
+        None => NonZeroUsize::MIN,
+    }
+}
+
+impl FanoutBuilder {
+    pub(crate) fn new(url: impl Into<String>) -> Self {
+        Self {
+            url: url.into(),
+            config: Config {
+                redis: None,
+                node_id: random_node_id(),
+                channel_prefix: "ws:room:".to_owned(),
+                shard_count: NonZeroU16::MIN,
+                // 1 MiB holds 4096 chat-sized (256 B) frames: the byte bound governs normal
+                // traffic; the frame bound caps bookkeeping when frames are tiny.
+                queue_frames: nz(4096),
+                queue_bytes: nz(1024 * 1024),
+                overflow: OverflowPolicy::Disconnect,
+                // One flush per up to 64 frames: measured ~4x the frames/s of a flush per frame,
+                // while a batch of 256-byte frames still fits one 16 KiB TCP write.
+                batch_frames: nz(64),
+                write_timeout: Duration::from_secs(5),
+                read_buffer_size: 4 * 1024,
+                write_buffer_size: 16 * 1024,
+                max_message_size: 64 * 1024,
+                publish_timeout: Duration::from_secs(2),
+                subscribe_timeout: Duration::from_secs(5),
+                backoff_min: Duration::from_millis(50),
+                backoff_max: Duration::from_millis(2000),
+                inbound_capacity: nz(16 * 1024),
+            },
+        }
+    }
+
+    /// This node's identity, written as `origin` in every envelope it publishes.
+    ///
+    /// Defaults to 16 random hex digits, different on every start.
+    pub fn node_id(mut self, id: impl Into<String>) -> Self {
+        self.config.node_id = id.into();
+        self
+    }
+
+    /// Prefix of every room's Redis channel: room `42` lives on `<prefix>42`.
+    ///
+    /// Defaults to `ws:room:`.
+    pub fn channel_prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.config.channel_prefix = prefix.into();
+        self
+    }
+
+    /// Number of channels a room's traffic is split over.
+    ///
+    /// Defaults to 1. Only 1 is implemented yet: other values are stored but not used.
+    pub fn shard_count(mut self, shards: NonZeroU16) -> Self {
+        self.config.shard_count = shards;
+        self
+    }
+
+    /// Most frames queued for one socket (queued plus handed to the writer, not yet flushed).
+    ///
+    /// Defaults to 4096.
+    pub fn queue_frames(mut self, frames: NonZeroUsize) -> Self {
+        self.config.queue_frames = frames;
+        self
+    }
+
+    /// Most payload bytes queued for one socket (queued plus handed to the writer, not yet
+    /// flushed). A single frame larger than this is still accepted into an empty queue.
+    ///
+    /// Defaults to 1 MiB. Zero is treated as one byte.
+    pub fn queue_bytes(mut self, bytes: usize) -> Self {
+        self.config.queue_bytes = NonZeroUsize::new(bytes).unwrap_or(NonZeroUsize::MIN);
+        self
+    }
+
+    /// What happens to a socket whose queue is full.
+    ///
+    /// Defaults to [`OverflowPolicy::Disconnect`].
+    pub fn overflow(mut self, policy: OverflowPolicy) -> Self {
+        self.config.overflow = policy;
+        self
+    }
+
+    /// Most frames a socket's writer feeds before one flush.
+    ///
+    /// Defaults to 64.
+    pub fn batch_frames(mut self, frames: NonZeroUsize) -> Self {
+        self.config.batch_frames = frames;
+        self
+    }
+
+    /// How long one batched write may take before the client counts as a slow consumer and is
+    /// closed.
+    ///
+    /// Defaults to 5 seconds.
+    pub fn write_timeout(mut self, timeout: Duration) -> Self {
+        self.config.write_timeout = timeout;
+        self
+    }
+
+    /// WebSocket read buffer per socket, applied by [`RoomHandle::on_upgrade`](crate::RoomHandle::on_upgrade).
+    ///
+    /// Defaults to 4 KiB (axum's default is 128 KiB, allocated for every socket, idle or not).
+    pub fn read_buffer_size(mut self, bytes: usize) -> Self {
+        self.config.read_buffer_size = bytes;
+        self
+    }
+
+    /// Bytes the WebSocket writer gathers before it writes to the TCP socket.
+    ///
+    /// Defaults to 16 KiB (axum's default is 128 KiB).
+    pub fn write_buffer_size(mut self, bytes: usize) -> Self {
+        self.config.write_buffer_size = bytes;
+        self
+    }
+
+    /// Largest client message (and frame) accepted; a larger one closes the socket with 1009.
+    ///
+    /// Defaults to 64 KiB (axum's default is 64 MiB).
+    pub fn max_message_size(mut self, bytes: usize) -> Self {
+        self.config.max_message_size = bytes;
+        self
+    }
+
+    /// How long a broadcast waits for Redis (connection and reply) before it fails with
+    /// [`Error::is_timeout`].
+    ///
+    /// Defaults to 2 seconds.
+    pub fn publish_timeout(mut self, timeout: Duration) -> Self {
+        self.config.publish_timeout = timeout;
+        self
+    }
+
+    /// How long a join waits for Redis to confirm the room's SUBSCRIBE before it fails with
+    /// [`Error::is_timeout`].
+    ///
+    /// Defaults to 5 seconds.
+    pub fn subscribe_timeout(mut self, timeout: Duration) -> Self {
+        self.config.subscribe_timeout = timeout;
+        self
+    }
+
+    /// Longest pause between two reconnect attempts; pauses start at 50 ms and double.
+    ///
+    /// Defaults to 2000 ms, the seed's production value.
+    pub fn reconnect_backoff_max(mut self, max: Duration) -> Self {
+        self.config.backoff_max = max.max(self.config.backoff_min);
+        self
+    }
+
+    /// Messages that may wait between the Redis connection and the dispatcher. Beyond it,
+    /// messages are dropped and counted instead of growing memory.
+    ///
+    /// Defaults to 16384.
+    pub fn inbound_capacity(mut self, messages: NonZeroUsize) -> Self {
+        self.config.inbound_capacity = messages;
+        self
+    }
+
+    /// Builds the layer. Fails only when the Redis URL cannot be parsed; an unreachable Redis
+    /// is not an error (the node connects in the background).
+    pub fn build(self) -> Result<FanoutLayer, Error> {
+        let client = redis::Client::open(self.url.as_str())
+            .and_then(|c| crate::bus::resp3(&c))
+            .map_err(|e| {
+                Error::with(
+                    Kind::InvalidUrl,
+                    format!("{e} (expected e.g. redis://127.0.0.1:6379)"),
+                )
+            })?;
+        let mut config = self.config;
+        config.redis = Some(client);
+        Ok(FanoutLayer::from_config(config))
+    }
+
+    /// Builds the layer even when the URL is invalid: the node then never becomes ready and
+    /// every join and broadcast fails with [`Error::is_invalid_url`]; the error is logged.
+    pub(crate) fn build_lenient(self) -> FanoutLayer {
+        let url = self.url.clone();
+        let fallback = self.config.clone();
+        self.build().unwrap_or_else(|e| {
+            tracing::error!(
+                url = %url,
+                error = %e,
+                cause = ?std::error::Error::source(&e).map(ToString::to_string),
+                "axum-fanout: invalid redis url; this node will never be ready (use FanoutLayer::try_new to catch this at start-up)"
+            );
+            FanoutLayer::from_config(fallback)
+        })
+    }
+}
+
+fn random_node_id() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    // `RandomState` is seeded from the OS per process; mixing in pid and time keeps ids apart
+    // even for processes that start at the same instant.
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u32(std::process::id());
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0),
+    );
+    format!("{:016x}", h.finish())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_ids_differ() {
+        assert_ne!(random_node_id(), random_node_id());
+        assert_eq!(random_node_id().len(), 16);
+    }
+
+    #[test]
+    fn invalid_url_is_reported_with_a_hint() {
+        let err = FanoutBuilder::new("http//nope")
+            .build()
+            .expect_err("invalid");
+        assert!(err.is_invalid_url());
+        let cause = std::error::Error::source(&err).expect("cause").to_string();
+        assert!(cause.contains("redis://127.0.0.1:6379"), "{cause}");
+    }
+}

@@ -1,0 +1,356 @@
+//! The wire format between nodes: one JSON envelope per broadcast.
+//!
+//! ```json
+//! {"origin":"node-a","room":"42","payload":{"type":"chat","text":"hi"},"ts":1764412345678}
+//! ```
+//!
+//! This is the seed's envelope, so nodes running the seed's Node.js code and nodes running this
+//! crate share channels. Fields:
+//!
+//! | field     | meaning                                                                 |
+//! |-----------|-------------------------------------------------------------------------|
+//! | `payload` | any JSON value; sockets receive it as a text frame of its JSON text      |
+//! | `text`    | a JSON string; sockets receive its content as a text frame (non-JSON text) |
+//! | `binary`  | standard base64 (RFC 4648, padded); sockets receive a binary frame       |
+//! | `origin`  | node id of the publisher (optional on input)                             |
+//! | `room`    | room name (optional on input; when present it must match the channel)    |
+//! | `ts`      | publish time, milliseconds since the Unix epoch (optional on input)      |
+//! | `except`  | socket id on the `origin` node that must not receive it (optional)       |
+//!
+//! Exactly one of `payload`, `text`, `binary` must be present. Unknown fields are ignored, so a
+//! newer node can add fields without breaking older ones. The minimal envelope
+//! `{"payload":{"type":"ping"}}` (what `redis-cli PUBLISH` users type) is valid.
+//!
+//! Decoding happens once per envelope per node: `payload` is kept as raw JSON text (never
+//! re-parsed or re-serialized per socket) and becomes one shared [`Message`].
+
+use std::borrow::Cow;
+use std::fmt;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::body::Bytes;
+use axum::extract::ws::{Message, Utf8Bytes};
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use serde::{Deserialize, Deserializer, Serialize};
+use serde_json::value::RawValue;
+
+use crate::error::{Error, Kind};
+
+/// What a broadcast carries to every socket of a room.
+///
+/// - [`Payload::json`] / [`Payload::raw_json`]: a JSON value; sockets get a text frame holding
+///   its JSON text. This is what the seed's nodes send and understand.
+/// - [`Payload::text`]: arbitrary text; sockets get exactly that text.
+/// - [`Payload::binary`]: bytes; sockets get a binary frame (base64 inside the envelope).
+///
+/// ```
+/// use axum_fanout::Payload;
+///
+/// let a = Payload::raw_json(r#"{"type":"chat","text":"hi"}"#).unwrap();
+/// let b = Payload::json(&serde_json::json!({"type": "chat"})).unwrap();
+/// let c = Payload::text("plain words");
+/// let d = Payload::binary(vec![0u8, 159, 146, 150]);
+/// assert!(Payload::raw_json("not json").is_err());
+/// # let _ = (a, b, c, d);
+/// ```
+#[derive(Clone)]
+pub struct Payload(Repr);
+
+#[derive(Clone)]
+enum Repr {
+    /// Validated JSON text.
+    Json(Box<RawValue>),
+    Text(String),
+    Binary(Bytes),
+}
+
+impl Payload {
+    /// Serializes `value` as the JSON payload.
+    pub fn json<T: Serialize + ?Sized>(value: &T) -> Result<Self, Error> {
+        let raw = serde_json::value::to_raw_value(value)
+            .map_err(|e| Error::with(Kind::InvalidPayload, e))?;
+        Ok(Self(Repr::Json(raw)))
+    }
+
+    /// Uses `text` as the JSON payload as it is, after checking that it is one valid JSON value.
+    ///
+    /// Receivers get the same text back, byte for byte.
+    pub fn raw_json(text: impl Into<String>) -> Result<Self, Error> {
+        let raw =
+            RawValue::from_string(text.into()).map_err(|e| Error::with(Kind::InvalidPayload, e))?;
+        Ok(Self(Repr::Json(raw)))
+    }
+
+    /// Arbitrary text, delivered as a text frame with exactly this content.
+    ///
+    /// Seed (Node.js) nodes only understand `payload`; use [`Payload::raw_json`] for traffic
+    /// they must deliver too.
+    pub fn text(text: impl Into<String>) -> Self {
+        Self(Repr::Text(text.into()))
+    }
+
+    /// Bytes, delivered as a binary frame.
+    pub fn binary(bytes: impl Into<Bytes>) -> Self {
+        Self(Repr::Binary(bytes.into()))
+    }
+}
+
+impl Payload {
+    /// The frame a local socket receives for this payload, built without a round trip through
+    /// Redis (for [`FanoutSocket::send`](crate::FanoutSocket::send)).
+    pub(crate) fn into_frame(self) -> Message {
+        match self.0 {
+            Repr::Json(raw) => Message::Text(Utf8Bytes::from(String::from(Box::<str>::from(raw)))),
+            Repr::Text(text) => Message::Text(Utf8Bytes::from(text)),
+            Repr::Binary(bytes) => Message::Binary(bytes),
+        }
+    }
+}
+
+impl From<&str> for Payload {
+    /// Text, delivered as-is (see [`Payload::text`]).
+    fn from(text: &str) -> Self {
+        Payload::text(text)
+    }
+}
+
+impl From<String> for Payload {
+    /// Text, delivered as-is (see [`Payload::text`]).
+    fn from(text: String) -> Self {
+        Payload::text(text)
+    }
+}
+
+impl From<Vec<u8>> for Payload {
+    /// Bytes, delivered as a binary frame.
+    fn from(bytes: Vec<u8>) -> Self {
+        Payload::binary(bytes)
+    }
+}
+
+impl From<Bytes> for Payload {
+    /// Bytes, delivered as a binary frame.
+    fn from(bytes: Bytes) -> Self {
+        Payload::binary(bytes)
+    }
+}
+
+impl From<serde_json::Value> for Payload {
+    /// A JSON payload, understood by seed nodes too.
+    fn from(value: serde_json::Value) -> Self {
+        // `Value` always serializes; the fallback keeps this conversion panic-free regardless.
+        Payload::json(&value).unwrap_or_else(|_| Payload::text(value.to_string()))
+    }
+}
+
+impl fmt::Debug for Payload {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.0 {
+            Repr::Json(raw) => f.debug_tuple("Json").field(&raw.get()).finish(),
+            Repr::Text(text) => f.debug_tuple("Text").field(text).finish(),
+            Repr::Binary(bytes) => f.debug_tuple("Binary").field(&bytes.len()).finish(),
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct Outgoing<'a> {
+    origin: &'a str,
+    room: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    payload: Option<&'a RawValue>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    text: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    binary: Option<String>,
+    ts: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    except: Option<u64>,
+}
+
+/// Encodes one envelope, ready for PUBLISH.
+pub(crate) fn encode(origin: &str, room: &str, payload: &Payload, except: Option<u64>) -> Vec<u8> {
+    let mut out = Outgoing {
+        origin,
+        room,
+        payload: None,
+        text: None,
+        binary: None,
+        ts: now_ms(),
+        except,
+    };
+    match &payload.0 {
+        Repr::Json(raw) => out.payload = Some(raw),
+        Repr::Text(text) => out.text = Some(text),
+        Repr::Binary(bytes) => out.binary = Some(BASE64.encode(bytes)),
+    }
+    // Serializing a struct of strings, integers and an already-valid RawValue into a Vec cannot
+    // fail; fall back to an empty Vec rather than panic if serde_json ever disagrees.
+    serde_json::to_vec(&out).unwrap_or_default()
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+#[derive(Deserialize)]
+struct Incoming<'a> {
+    #[serde(default, borrow)]
+    origin: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    room: Option<Cow<'a, str>>,
+    // `Option<&RawValue>` would read `"payload": null` as "absent"; null is a valid payload.
+    #[serde(default, borrow, deserialize_with = "present")]
+    payload: Option<&'a RawValue>,
+    #[serde(default, borrow)]
+    text: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    binary: Option<Cow<'a, str>>,
+    #[serde(default)]
+    except: Option<u64>,
+}
+
+fn present<'de, D: Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::Error> {
+    <&RawValue>::deserialize(d).map(Some)
+}
+
+/// One decoded envelope: the frame to deliver and the socket (of this node) to skip.
+#[derive(Debug)]
+pub(crate) struct Decoded {
+    pub(crate) frame: Message,
+    pub(crate) except: Option<u64>,
+}
+
+/// Why an envelope was dropped.
+#[derive(Debug)]
+pub(crate) enum Malformed {
+    NotJson(serde_json::Error),
+    NoPayload,
+    SeveralPayloads,
+    BadBase64(base64::DecodeError),
+    WrongRoom,
+}
+
+impl fmt::Display for Malformed {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Malformed::NotJson(e) => write!(f, "not a JSON envelope object: {e}"),
+            Malformed::NoPayload => f.write_str("no `payload`, `text` or `binary` field"),
+            Malformed::SeveralPayloads => {
+                f.write_str("more than one of `payload`, `text`, `binary`")
+            }
+            Malformed::BadBase64(e) => write!(f, "`binary` is not valid base64: {e}"),
+            Malformed::WrongRoom => f.write_str("`room` does not match the channel's room"),
+        }
+    }
+}
+
+/// Decodes an envelope received on the channel of `room`.
+///
+/// `node_id` is this node's id: `except` only applies to envelopes this node published.
+pub(crate) fn decode(raw: &[u8], room: &str, node_id: &str) -> Result<Decoded, Malformed> {
+    // `from_slice` also rejects invalid UTF-8, so garbage bytes land in `NotJson`.
+    let env: Incoming<'_> = serde_json::from_slice(raw).map_err(Malformed::NotJson)?;
+    if env.room.as_deref().is_some_and(|r| r != room) {
+        return Err(Malformed::WrongRoom);
+    }
+    let frame = match (env.payload, env.text, env.binary) {
+        (Some(json), None, None) => Message::Text(Utf8Bytes::from(json.get())),
+        (None, Some(text), None) => Message::Text(Utf8Bytes::from(text.into_owned())),
+        (None, None, Some(b64)) => Message::Binary(Bytes::from(
+            BASE64.decode(&*b64).map_err(Malformed::BadBase64)?,
+        )),
+        (None, None, None) => return Err(Malformed::NoPayload),
+        _ => return Err(Malformed::SeveralPayloads),
+    };
+    let except = env
+        .except
+        .filter(|_| env.origin.as_deref() == Some(node_id));
+    Ok(Decoded { frame, except })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn text_of(m: &Message) -> &str {
+        match m {
+            Message::Text(t) => t.as_str(),
+            other => panic!("expected text, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn json_round_trips_byte_for_byte_and_matches_the_seed_shape() {
+        let p = Payload::raw_json(r#"{"b": [1, 2.50, "x"], "a":null}"#).unwrap();
+        let wire = encode("n1", "42", &p, None);
+        let v: serde_json::Value = serde_json::from_slice(&wire).unwrap();
+        assert_eq!(v["origin"], "n1");
+        assert_eq!(v["room"], "42");
+        assert!(v["ts"].as_u64().unwrap() > 1_700_000_000_000);
+        let d = decode(&wire, "42", "n2").unwrap();
+        assert_eq!(text_of(&d.frame), r#"{"b": [1, 2.50, "x"], "a":null}"#);
+    }
+
+    #[test]
+    fn minimal_seed_envelope_is_accepted() {
+        let d = decode(br#"{"payload":{"type":"ping"}}"#, "42", "n1").unwrap();
+        assert_eq!(text_of(&d.frame), r#"{"type":"ping"}"#);
+        assert_eq!(d.except, None);
+    }
+
+    #[test]
+    fn null_is_a_payload() {
+        let d = decode(br#"{"payload":null}"#, "r", "n").unwrap();
+        assert_eq!(text_of(&d.frame), "null");
+    }
+
+    #[test]
+    fn text_and_binary_round_trip() {
+        let wire = encode("n", "r", &Payload::text("not \"json\"\n"), None);
+        assert_eq!(
+            text_of(&decode(&wire, "r", "x").unwrap().frame),
+            "not \"json\"\n"
+        );
+        let bytes = vec![0u8, 255, 10, 13, 128];
+        let wire = encode("n", "r", &Payload::binary(bytes.clone()), None);
+        match decode(&wire, "r", "x").unwrap().frame {
+            Message::Binary(b) => assert_eq!(&b[..], &bytes[..]),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn except_applies_only_on_the_origin_node() {
+        let wire = encode("n1", "r", &Payload::text("x"), Some(7));
+        assert_eq!(decode(&wire, "r", "n1").unwrap().except, Some(7));
+        assert_eq!(decode(&wire, "r", "n2").unwrap().except, None);
+    }
+
+    #[test]
+    fn garbage_is_reported_not_panicked_on() {
+        let cases: &[&[u8]] = &[
+            b"",
+            b"hello",
+            b"\xff\xfe\x00",
+            b"[1,2]",
+            b"{}",
+            br#"{"payload":1,"text":"x"}"#,
+            br#"{"binary":"***"}"#,
+            br#"{"room":"other","payload":1}"#,
+            br#"{"payload":{"#,
+            br#"{"text":5}"#,
+        ];
+        for raw in cases {
+            assert!(
+                decode(raw, "r", "n").is_err(),
+                "{:?}",
+                String::from_utf8_lossy(raw)
+            );
+        }
+    }
+}

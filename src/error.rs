@@ -1,0 +1,154 @@
+//! The crate's one fallible-operation error, plus the small errors at its edges.
+
+use std::error::Error as StdError;
+use std::fmt;
+
+type BoxError = Box<dyn StdError + Send + Sync>;
+
+/// An error from a fan-out operation: joining a room, broadcasting, building the layer.
+///
+/// The error is opaque on purpose: match on it with the `is_*` predicates, which stay stable
+/// while the causes behind them change. [`source`](StdError::source) carries the underlying
+/// cause (a Redis error, an invalid room name, ...) when there is one.
+pub struct Error {
+    kind: Kind,
+    source: Option<BoxError>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Kind {
+    /// The Redis URL could not be parsed.
+    InvalidUrl,
+    /// A room name failed validation.
+    InvalidRoom,
+    /// A payload could not be carried (e.g. `Payload::json` given text that is not JSON).
+    InvalidPayload,
+    /// Redis answered with an error, or the connection failed mid-command.
+    Redis,
+    /// Redis did not answer (or was unreachable) within the configured deadline.
+    Timeout,
+    /// The socket or the node is closed; nothing more can be done with it.
+    Closed,
+    /// A message from the client exceeded the configured size limit.
+    MessageTooBig,
+    /// The WebSocket transport failed.
+    WebSocket,
+}
+
+impl Error {
+    pub(crate) fn new(kind: Kind) -> Self {
+        Self { kind, source: None }
+    }
+
+    pub(crate) fn with(kind: Kind, source: impl Into<BoxError>) -> Self {
+        Self {
+            kind,
+            source: Some(source.into()),
+        }
+    }
+
+    /// The Redis URL given to the layer could not be parsed.
+    pub fn is_invalid_url(&self) -> bool {
+        self.kind == Kind::InvalidUrl
+    }
+
+    /// A room name was rejected; the source is an [`InvalidRoomName`](crate::InvalidRoomName).
+    pub fn is_invalid_room(&self) -> bool {
+        self.kind == Kind::InvalidRoom
+    }
+
+    /// A payload could not be carried, e.g. raw JSON that does not parse.
+    pub fn is_invalid_payload(&self) -> bool {
+        self.kind == Kind::InvalidPayload
+    }
+
+    /// Redis replied with an error or dropped the connection while a command was in flight.
+    pub fn is_redis(&self) -> bool {
+        self.kind == Kind::Redis
+    }
+
+    /// Redis did not confirm in time: it is down, unreachable or overloaded.
+    ///
+    /// Nothing was delivered for a timed-out `join`; a timed-out broadcast may or may not have
+    /// reached Redis (pub/sub is at-most-once either way).
+    pub fn is_timeout(&self) -> bool {
+        self.kind == Kind::Timeout
+    }
+
+    /// The socket (or the node) is closed.
+    pub fn is_closed(&self) -> bool {
+        self.kind == Kind::Closed
+    }
+
+    /// A client message exceeded the size limit; the socket was closed with 1009.
+    pub fn is_message_too_big(&self) -> bool {
+        self.kind == Kind::MessageTooBig
+    }
+
+    /// The WebSocket transport failed (reset, protocol error, ...).
+    pub fn is_websocket(&self) -> bool {
+        self.kind == Kind::WebSocket
+    }
+
+    fn description(&self) -> &'static str {
+        match self.kind {
+            Kind::InvalidUrl => "invalid redis url",
+            Kind::InvalidRoom => "invalid room name",
+            Kind::InvalidPayload => "invalid payload",
+            Kind::Redis => "redis command failed",
+            Kind::Timeout => "redis did not answer in time",
+            Kind::Closed => "socket closed",
+            Kind::MessageTooBig => "message exceeds the size limit",
+            Kind::WebSocket => "websocket transport error",
+        }
+    }
+}
+
+impl fmt::Debug for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut d = f.debug_tuple("axum_fanout::Error");
+        d.field(&self.kind);
+        if let Some(source) = &self.source {
+            d.field(source);
+        }
+        d.finish()
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Like hyper: Display says what failed; the cause is reachable through `source()`
+        // and is not repeated here.
+        f.write_str(self.description())
+    }
+}
+
+impl StdError for Error {
+    fn source(&self) -> Option<&(dyn StdError + 'static)> {
+        self.source
+            .as_ref()
+            .map(|e| &**e as &(dyn StdError + 'static))
+    }
+}
+
+impl From<crate::room::InvalidRoomName> for Error {
+    fn from(e: crate::room::InvalidRoomName) -> Self {
+        Error::with(Kind::InvalidRoom, e)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn display_does_not_repeat_the_source() {
+        let e = Error::with(Kind::Redis, "connection refused");
+        assert_eq!(e.to_string(), "redis command failed");
+        assert_eq!(
+            e.source().map(|s| s.to_string()).as_deref(),
+            Some("connection refused")
+        );
+        assert!(e.is_redis() && !e.is_timeout());
+    }
+}

@@ -1,0 +1,216 @@
+//! The `RoomHandle` extractor: what handlers use to reach the node.
+
+use std::fmt;
+use std::future::{Future, IntoFuture};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use axum::extract::FromRequestParts;
+use axum::extract::ws::{WebSocket, WebSocketUpgrade};
+use axum::http::StatusCode;
+use axum::http::request::Parts;
+use axum::response::{IntoResponse, Response};
+
+use crate::bus;
+use crate::envelope::{self, Payload};
+use crate::error::Error;
+use crate::node::Shared;
+use crate::room::RoomName;
+use crate::socket::FanoutSocket;
+use crate::stats::Stats;
+
+/// A cheap, cloneable handle to this node's fan-out: broadcast to rooms, attach WebSockets,
+/// ask for readiness and stats.
+///
+/// Extract it in any handler behind a [`FanoutLayer`](crate::FanoutLayer), or get one from
+/// [`FanoutLayer::handle`](crate::FanoutLayer::handle) for code outside requests.
+///
+/// ```no_run
+/// use axum::{Router, extract::Path, routing::post};
+/// use axum_fanout::{FanoutLayer, Payload, RoomHandle};
+///
+/// async fn push(Path(room): Path<String>, rooms: RoomHandle, body: String) -> String {
+///     match rooms.broadcast(&room, Payload::text(body)).await {
+///         Ok(nodes) => format!("delivered to {nodes} node(s)\n"),
+///         Err(e) => format!("failed: {e}\n"),
+///     }
+/// }
+///
+/// let app: Router = Router::new()
+///     .route("/rooms/{room}/messages", post(push))
+///     .layer(FanoutLayer::new("redis://127.0.0.1:6379"));
+/// ```
+#[derive(Clone)]
+pub struct RoomHandle {
+    shared: Arc<Shared>,
+}
+
+impl fmt::Debug for RoomHandle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RoomHandle")
+            .field("node_id", &self.node_id())
+            .field("ready", &self.is_ready())
+            .finish()
+    }
+}
+
+impl RoomHandle {
+    pub(crate) fn from_shared(shared: Arc<Shared>) -> Self {
+        Self { shared }
+    }
+
+    pub(crate) fn start(&self) {
+        self.shared.start();
+    }
+
+    /// Broadcasts `payload` to every socket of `room` on every node, this one included.
+    ///
+    /// Await the returned [`Broadcast`]: it publishes one envelope and resolves, after Redis
+    /// replied, to the number of nodes subscribed to the room (PUBLISH's reply). Local sockets
+    /// receive the message from the subscriber like everyone else, never inline.
+    pub fn broadcast(&self, room: impl AsRef<str>, payload: impl Into<Payload>) -> Broadcast {
+        Broadcast {
+            handle: self.clone(),
+            room: RoomName::new(room).map_err(Error::from),
+            payload: payload.into(),
+            except: None,
+        }
+    }
+
+    /// Applies this node's WebSocket settings (buffer sizes, message size limit) to an upgrade.
+    pub fn configure<F>(&self, ws: WebSocketUpgrade<F>) -> WebSocketUpgrade<F> {
+        let cfg = &self.shared.node.config;
+        ws.read_buffer_size(cfg.read_buffer_size)
+            .write_buffer_size(cfg.write_buffer_size)
+            .max_message_size(cfg.max_message_size)
+            .max_frame_size(cfg.max_message_size)
+    }
+
+    /// Completes the upgrade with this node's WebSocket settings and hands `callback` an
+    /// attached [`FanoutSocket`].
+    ///
+    /// ```no_run
+    /// use axum::{extract::ws::{Message, WebSocketUpgrade}, response::Response};
+    /// use axum_fanout::{Payload, RoomHandle};
+    ///
+    /// async fn ws(upgrade: WebSocketUpgrade, rooms: RoomHandle) -> Response {
+    ///     rooms.clone().on_upgrade(upgrade, move |mut socket| async move {
+    ///         if socket.join("lobby").await.is_err() {
+    ///             return socket.close(1011, "try again later");
+    ///         }
+    ///         while let Some(Ok(Message::Text(text))) = socket.recv().await {
+    ///             let _ = rooms.broadcast("lobby", Payload::text(text.as_str())).await;
+    ///         }
+    ///     })
+    /// }
+    /// ```
+    pub fn on_upgrade<C, Fut>(&self, ws: WebSocketUpgrade, callback: C) -> Response
+    where
+        C: FnOnce(FanoutSocket) -> Fut + Send + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let handle = self.clone();
+        self.configure(ws)
+            .on_upgrade(move |socket| callback(handle.attach(socket)))
+    }
+
+    /// Attaches a WebSocket you upgraded yourself (use [`configure`](RoomHandle::configure) for
+    /// this node's buffer and size settings).
+    pub fn attach(&self, socket: WebSocket) -> FanoutSocket {
+        FanoutSocket::attach(self.shared.clone(), socket)
+    }
+
+    /// Whether the subscriber link to Redis is up and every local room is subscribed on it:
+    /// what `/healthz` should report.
+    pub fn is_ready(&self) -> bool {
+        self.shared.node.ready.load(Ordering::Acquire)
+    }
+
+    /// This node's id (the `origin` of its envelopes).
+    pub fn node_id(&self) -> &str {
+        &self.shared.node.config.node_id
+    }
+
+    /// A snapshot of this node's counters.
+    pub fn stats(&self) -> Stats {
+        self.shared.node.stats()
+    }
+}
+
+/// A broadcast being prepared; `.await` it to publish. From [`RoomHandle::broadcast`].
+#[must_use = "a broadcast does nothing until it is awaited"]
+#[derive(Debug)]
+pub struct Broadcast {
+    handle: RoomHandle,
+    room: Result<RoomName, Error>,
+    payload: Payload,
+    except: Option<u64>,
+}
+
+impl Broadcast {
+    /// Leaves out one socket of this node (usually the sender): pass
+    /// [`FanoutSocket::id`].
+    pub fn except(mut self, socket: u64) -> Self {
+        self.except = Some(socket);
+        self
+    }
+}
+
+impl IntoFuture for Broadcast {
+    type Output = Result<usize, Error>;
+    type IntoFuture = Pin<Box<dyn Future<Output = Self::Output> + Send>>;
+
+    fn into_future(self) -> Self::IntoFuture {
+        Box::pin(async move {
+            let room = self.room?;
+            let node = &self.handle.shared.node;
+            let bytes = envelope::encode(
+                &node.config.node_id,
+                room.as_str(),
+                &self.payload,
+                self.except,
+            );
+            bus::publish(node, &room, bytes).await
+        })
+    }
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for RoomHandle {
+    type Rejection = MissingFanoutLayer;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
+        parts
+            .extensions
+            .get::<RoomHandle>()
+            .cloned()
+            .ok_or(MissingFanoutLayer)
+    }
+}
+
+/// Rejection for [`RoomHandle`] when no [`FanoutLayer`](crate::FanoutLayer) wraps the route:
+/// a 500 whose body says how to fix it.
+#[derive(Debug, Clone, Copy, Default)]
+#[non_exhaustive]
+pub struct MissingFanoutLayer;
+
+impl MissingFanoutLayer {
+    const MESSAGE: &'static str = "Missing request extension: axum_fanout::RoomHandle. \
+         Add `.layer(axum_fanout::FanoutLayer::new(redis_url))` to the Router that serves this \
+         route (a layer only wraps routes added before it).";
+}
+
+impl fmt::Display for MissingFanoutLayer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(Self::MESSAGE)
+    }
+}
+
+impl std::error::Error for MissingFanoutLayer {}
+
+impl IntoResponse for MissingFanoutLayer {
+    fn into_response(self) -> Response {
+        tracing::error!("{}", Self::MESSAGE);
+        (StatusCode::INTERNAL_SERVER_ERROR, Self::MESSAGE).into_response()
+    }
+}

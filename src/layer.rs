@@ -1,0 +1,104 @@
+//! The tower layer: puts a [`RoomHandle`] into every request's extensions, nothing more.
+
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use axum::http::Request;
+use tower_layer::Layer;
+use tower_service::Service;
+
+use crate::config::{Config, FanoutBuilder};
+use crate::error::Error;
+use crate::extract::RoomHandle;
+use crate::node::Shared;
+
+/// Connects an axum `Router` to the Redis fan-out bus.
+///
+/// Every clone of the layer (and every [`RoomHandle`]) shares one node: one publisher
+/// connection, one subscriber connection, one registry. Dropping the last of them stops the
+/// node's background tasks.
+///
+/// ```no_run
+/// use axum::{Router, routing::get};
+/// use axum_fanout::FanoutLayer;
+///
+/// let app: Router = Router::new()
+///     .route("/", get(|| async { "hi" }))
+///     .layer(FanoutLayer::new("redis://127.0.0.1:6379"));
+/// ```
+#[derive(Clone, Debug)]
+pub struct FanoutLayer {
+    shared: Arc<Shared>,
+}
+
+impl FanoutLayer {
+    /// A layer with default settings for the Redis at `redis_url`.
+    ///
+    /// Never fails and never blocks: the node connects in the background and reports through
+    /// [`RoomHandle::is_ready`]. An unparsable URL is logged and leaves the node never ready
+    /// (every join and broadcast fails with [`Error::is_invalid_url`]); use
+    /// [`FanoutLayer::try_new`] to get the error instead.
+    pub fn new(redis_url: impl Into<String>) -> Self {
+        FanoutBuilder::new(redis_url).build_lenient()
+    }
+
+    /// Like [`FanoutLayer::new`], but returns an error for an unparsable URL.
+    pub fn try_new(redis_url: impl Into<String>) -> Result<Self, Error> {
+        FanoutBuilder::new(redis_url).build()
+    }
+
+    /// Starts a builder for non-default settings.
+    pub fn builder(redis_url: impl Into<String>) -> FanoutBuilder {
+        FanoutBuilder::new(redis_url)
+    }
+
+    pub(crate) fn from_config(config: Config) -> Self {
+        Self {
+            shared: Shared::new(config),
+        }
+    }
+
+    /// A handle to this node, for code that runs outside requests (jobs, health checks).
+    pub fn handle(&self) -> RoomHandle {
+        self.shared.start();
+        RoomHandle::from_shared(self.shared.clone())
+    }
+}
+
+impl<S> Layer<S> for FanoutLayer {
+    type Service = FanoutService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        self.shared.start();
+        FanoutService {
+            inner,
+            handle: RoomHandle::from_shared(self.shared.clone()),
+        }
+    }
+}
+
+/// The service produced by [`FanoutLayer`].
+#[derive(Clone, Debug)]
+pub struct FanoutService<S> {
+    inner: S,
+    handle: RoomHandle,
+}
+
+impl<S, B> Service<Request<B>> for FanoutService<S>
+where
+    S: Service<Request<B>>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: Request<B>) -> Self::Future {
+        self.handle.start();
+        req.extensions_mut().insert(self.handle.clone());
+        self.inner.call(req)
+    }
+}

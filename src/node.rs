@@ -1,0 +1,103 @@
+//! One node's shared state and the lifetime of its background tasks.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use tokio::sync::watch;
+
+use crate::bus;
+use crate::config::Config;
+use crate::registry::Registry;
+use crate::room::RoomName;
+use crate::stats::{Counters, Stats};
+
+/// State shared by the layer, every handle and socket, and the background tasks.
+#[derive(Debug)]
+pub(crate) struct Node {
+    pub(crate) config: Config,
+    pub(crate) registry: Registry,
+    pub(crate) counters: Counters,
+    /// The subscriber link is up and every local room is subscribed on it.
+    pub(crate) ready: AtomicBool,
+    /// The publisher connection when there is one; broadcasts wait (bounded) for `Some`.
+    pub(crate) publisher: watch::Sender<Option<redis::aio::MultiplexedConnection>>,
+}
+
+impl Node {
+    /// The Redis channel that carries `room`.
+    pub(crate) fn channel(&self, room: &RoomName) -> String {
+        let mut channel =
+            String::with_capacity(self.config.channel_prefix.len() + room.as_str().len());
+        channel.push_str(&self.config.channel_prefix);
+        channel.push_str(room.as_str());
+        channel
+    }
+
+    /// The room a channel carries, if it is one of ours.
+    pub(crate) fn room_of<'a>(&self, channel: &'a [u8]) -> Option<&'a str> {
+        std::str::from_utf8(channel)
+            .ok()?
+            .strip_prefix(self.config.channel_prefix.as_str())
+    }
+
+    pub(crate) fn stats(&self) -> Stats {
+        let (rooms, sockets, subscriptions) = self.registry.counts();
+        self.counters.snapshot(rooms, sockets, subscriptions)
+    }
+}
+
+/// What the layer, handles and sockets hold. Dropping the last one stops the background tasks
+/// (they hold only the [`Node`] and watch `stop`).
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub(crate) node: Arc<Node>,
+    stop: watch::Sender<()>,
+    started: AtomicBool,
+}
+
+impl Shared {
+    pub(crate) fn new(config: Config) -> Arc<Self> {
+        let shared = Arc::new(Self {
+            node: Arc::new(Node {
+                config,
+                registry: Registry::default(),
+                counters: Counters::default(),
+                ready: AtomicBool::new(false),
+                publisher: watch::Sender::new(None),
+            }),
+            stop: watch::Sender::new(()),
+            started: AtomicBool::new(false),
+        });
+        shared.start();
+        shared
+    }
+
+    /// Starts the Redis tasks, once, as soon as a Tokio runtime is at hand. Called on
+    /// construction and on every request, so a layer built outside a runtime starts with the
+    /// first request it sees.
+    pub(crate) fn start(&self) {
+        if self.started.load(Ordering::Acquire) {
+            return;
+        }
+        let Some(client) = self.node.config.redis.clone() else {
+            // Invalid URL: already logged by the builder; there is nothing to connect to.
+            return;
+        };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        if self.started.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        runtime.spawn(bus::run_subscriber(
+            self.node.clone(),
+            client.clone(),
+            self.stop.subscribe(),
+        ));
+        runtime.spawn(bus::run_publisher(
+            self.node.clone(),
+            client,
+            self.stop.subscribe(),
+        ));
+    }
+}

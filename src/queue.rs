@@ -1,0 +1,395 @@
+//! The bounded send queue between the dispatcher and one socket's writer.
+//!
+//! The dispatcher (one task per node) must never wait for a socket, so it only ever *offers* a
+//! frame: the offer returns at once with what happened ([`Offer`]), and a full queue is handled
+//! by the overflow policy for that socket alone. The socket's writer task takes everything
+//! queued (up to a batch cap), writes it and flushes once.
+//!
+//! The bound counts what is queued *plus* what the writer took and has not flushed yet, in both
+//! frames and payload bytes: a client that stopped reading holds at most the configured bound,
+//! however the bytes are split between queue and writer.
+
+use std::collections::VecDeque;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes};
+use tokio::sync::Notify;
+
+use crate::config::OverflowPolicy;
+
+/// Close code sent to a client that could not keep up (RFC 6455 1013, "try again later").
+pub const SLOW_CONSUMER_CODE: u16 = 1013;
+/// Close reason sent with [`SLOW_CONSUMER_CODE`].
+pub const SLOW_CONSUMER_REASON: &str = "slow consumer";
+
+/// The limits one queue enforces.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Limits {
+    pub(crate) frames: usize,
+    pub(crate) bytes: usize,
+    pub(crate) policy: OverflowPolicy,
+}
+
+/// What became of an offered frame. Plain values, not errors: every outcome is normal traffic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Offer {
+    /// Queued for the writer.
+    Queued,
+    /// Queued after dropping this many older frames (`DropOldest`).
+    QueuedDroppingOldest(usize),
+    /// Not queued: the queue is full (`DropNewest`, or `DropOldest` when the writer holds it all).
+    Dropped,
+    /// Not queued: the queue was full and the socket is now closing (`Disconnect`).
+    Overflowed,
+    /// Not queued: the socket is already closing.
+    Closed,
+}
+
+/// What the writer should do next.
+#[derive(Debug)]
+pub(crate) enum Next {
+    /// Write the frames now in the batch, then flush and call [`Outbox::flushed`].
+    Frames,
+    /// Send this close frame (if any) and stop.
+    Close(Option<CloseFrame>),
+}
+
+#[derive(Debug)]
+struct CloseRequest {
+    frame: Option<CloseFrame>,
+    /// Write what is queued before the close frame (a normal close), or discard it (overflow).
+    flush_first: bool,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    queued: VecDeque<Message>,
+    queued_bytes: usize,
+    // Taken by the writer and not flushed yet: still counted against the bound.
+    writing_frames: usize,
+    writing_bytes: usize,
+    close: Option<CloseRequest>,
+}
+
+impl State {
+    fn held_frames(&self) -> usize {
+        self.queued.len() + self.writing_frames
+    }
+    fn held_bytes(&self) -> usize {
+        self.queued_bytes + self.writing_bytes
+    }
+    fn fits(&self, len: usize, limits: &Limits) -> bool {
+        // An empty queue takes any single frame, so a frame larger than the byte bound is still
+        // delivered rather than silently unsendable.
+        self.held_frames() == 0
+            || (self.held_frames() < limits.frames && self.held_bytes() + len <= limits.bytes)
+    }
+}
+
+/// One socket's bounded send queue.
+#[derive(Debug)]
+pub(crate) struct Outbox {
+    state: Mutex<State>,
+    limits: Limits,
+    /// Wakes the writer: frames arrived or a close was requested. `notify_one` keeps a permit,
+    /// so a wake-up between the writer's check and its wait is not lost.
+    writer_wake: Notify,
+    /// Set once a close is requested; readers wait on `reader_wake` for it.
+    closing: AtomicBool,
+    reader_wake: Notify,
+}
+
+/// Payload size of a frame, the unit of the byte bound.
+pub(crate) fn frame_len(frame: &Message) -> usize {
+    match frame {
+        Message::Text(t) => t.len(),
+        Message::Binary(b) => b.len(),
+        Message::Ping(b) | Message::Pong(b) => b.len(),
+        Message::Close(c) => c.as_ref().map_or(0, |c| c.reason.len() + 2),
+    }
+}
+
+impl Outbox {
+    pub(crate) fn new(limits: Limits) -> Self {
+        Self {
+            state: Mutex::new(State::default()),
+            limits,
+            writer_wake: Notify::new(),
+            closing: AtomicBool::new(false),
+            reader_wake: Notify::new(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        // A panic while holding this lock can only come from a bug in this module; the state is
+        // still consistent (every mutation is a few field updates), so keep going.
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Offers a frame without waiting. See [`Offer`].
+    pub(crate) fn offer(&self, frame: Message) -> Offer {
+        let len = frame_len(&frame);
+        let mut s = self.lock();
+        if s.close.is_some() {
+            return Offer::Closed;
+        }
+        let outcome = if s.fits(len, &self.limits) {
+            Offer::Queued
+        } else {
+            match self.limits.policy {
+                OverflowPolicy::DropNewest => return Offer::Dropped,
+                OverflowPolicy::DropOldest => {
+                    let mut dropped = 0;
+                    while !s.fits(len, &self.limits) {
+                        let Some(old) = s.queued.pop_front() else {
+                            // Everything held is in the writer's hands: nothing left to drop but
+                            // the new frame.
+                            return Offer::Dropped;
+                        };
+                        s.queued_bytes -= frame_len(&old);
+                        dropped += 1;
+                    }
+                    Offer::QueuedDroppingOldest(dropped)
+                }
+                OverflowPolicy::Disconnect => {
+                    drop(s);
+                    self.close_now(SLOW_CONSUMER_CODE, SLOW_CONSUMER_REASON);
+                    return Offer::Overflowed;
+                }
+            }
+        };
+        let was_empty = s.queued.is_empty();
+        s.queued_bytes += len;
+        s.queued.push_back(frame);
+        drop(s);
+        if was_empty {
+            // Only the empty -> non-empty edge needs a wake-up: otherwise the writer either is
+            // busy (and re-checks before waiting) or already holds a permit.
+            self.writer_wake.notify_one();
+        }
+        outcome
+    }
+
+    /// Closes after writing what is already queued (a normal close).
+    pub(crate) fn close_after_flush(&self, frame: Option<CloseFrame>) {
+        self.request_close(CloseRequest {
+            frame,
+            flush_first: true,
+        });
+    }
+
+    /// Closes at once, discarding what is queued (overflow, write timeout).
+    pub(crate) fn close_now(&self, code: u16, reason: &'static str) {
+        self.request_close(CloseRequest {
+            frame: Some(CloseFrame {
+                code,
+                reason: Utf8Bytes::from_static(reason),
+            }),
+            flush_first: false,
+        });
+    }
+
+    fn request_close(&self, req: CloseRequest) {
+        let mut s = self.lock();
+        if s.close.is_some() {
+            return;
+        }
+        if !req.flush_first {
+            s.queued.clear();
+            s.queued_bytes = 0;
+        }
+        s.close = Some(req);
+        drop(s);
+        self.closing.store(true, Ordering::Release);
+        self.writer_wake.notify_one();
+        self.reader_wake.notify_waiters();
+    }
+
+    /// `true` once a close was requested by either side.
+    pub(crate) fn is_closing(&self) -> bool {
+        self.closing.load(Ordering::Acquire)
+    }
+
+    /// Resolves once a close is requested.
+    ///
+    /// # Cancel safety
+    /// Cancel safe: it only waits.
+    pub(crate) async fn closed(&self) {
+        loop {
+            let notified = self.reader_wake.notified();
+            tokio::pin!(notified);
+            // Register before checking the flag, so a close between the check and the wait
+            // still wakes us (`notify_waiters` stores no permit).
+            notified.as_mut().enable();
+            if self.is_closing() {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    /// Waits for work and moves up to `max` queued frames into `batch`.
+    pub(crate) async fn next_batch(&self, batch: &mut Vec<Message>, max: usize) -> Next {
+        loop {
+            {
+                let mut s = self.lock();
+                let flush_pending = s.close.as_ref().is_some_and(|c| c.flush_first);
+                if s.close.is_some() && (s.queued.is_empty() || !flush_pending) {
+                    let frame = s.close.as_mut().and_then(|c| c.frame.take());
+                    return Next::Close(frame);
+                }
+                if !s.queued.is_empty() {
+                    let n = s.queued.len().min(max);
+                    let mut bytes = 0;
+                    batch.extend(s.queued.drain(..n).inspect(|f| bytes += frame_len(f)));
+                    s.queued_bytes -= bytes;
+                    s.writing_frames += n;
+                    s.writing_bytes += bytes;
+                    return Next::Frames;
+                }
+            }
+            self.writer_wake.notified().await;
+        }
+    }
+
+    /// The writer flushed everything it took: release it from the bound.
+    pub(crate) fn flushed(&self) {
+        let mut s = self.lock();
+        s.writing_frames = 0;
+        s.writing_bytes = 0;
+    }
+
+    /// Frames and bytes held (queued plus unflushed), for tests and stats.
+    #[cfg(test)]
+    pub(crate) fn held(&self) -> (usize, usize) {
+        let s = self.lock();
+        (s.held_frames(), s.held_bytes())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn outbox(frames: usize, bytes: usize, policy: OverflowPolicy) -> Outbox {
+        Outbox::new(Limits {
+            frames,
+            bytes,
+            policy,
+        })
+    }
+
+    fn text(s: &str) -> Message {
+        Message::Text(s.into())
+    }
+
+    async fn take(o: &Outbox, max: usize) -> Vec<String> {
+        let mut batch = Vec::new();
+        match o.next_batch(&mut batch, max).await {
+            Next::Frames => batch
+                .into_iter()
+                .map(|m| m.into_text().expect("text").to_string())
+                .collect(),
+            Next::Close(_) => panic!("unexpected close"),
+        }
+    }
+
+    #[tokio::test]
+    async fn batches_everything_queued_up_to_the_cap() {
+        let o = outbox(100, 1 << 20, OverflowPolicy::Disconnect);
+        for i in 0..10 {
+            assert_eq!(o.offer(text(&i.to_string())), Offer::Queued);
+        }
+        assert_eq!(take(&o, 4).await, ["0", "1", "2", "3"]);
+        assert_eq!(take(&o, 100).await, ["4", "5", "6", "7", "8", "9"]);
+    }
+
+    #[tokio::test]
+    async fn unflushed_frames_count_against_the_bound() {
+        let o = outbox(3, 1 << 20, OverflowPolicy::DropNewest);
+        for _ in 0..3 {
+            o.offer(text("a"));
+        }
+        let _ = take(&o, 10).await; // writer holds 3, not flushed
+        assert_eq!(o.offer(text("b")), Offer::Dropped);
+        assert_eq!(o.held(), (3, 3));
+        o.flushed();
+        assert_eq!(o.offer(text("b")), Offer::Queued);
+        assert_eq!(o.held(), (1, 1));
+    }
+
+    #[test]
+    fn byte_bound_is_enforced_but_one_big_frame_fits_an_empty_queue() {
+        let o = outbox(100, 10, OverflowPolicy::DropNewest);
+        assert_eq!(o.offer(text(&"x".repeat(50))), Offer::Queued);
+        assert_eq!(o.offer(text("y")), Offer::Dropped);
+        let o = outbox(100, 10, OverflowPolicy::DropNewest);
+        assert_eq!(o.offer(text("12345")), Offer::Queued);
+        assert_eq!(o.offer(text("12345")), Offer::Queued);
+        assert_eq!(o.offer(text("1")), Offer::Dropped);
+        assert_eq!(o.held(), (2, 10));
+    }
+
+    #[tokio::test]
+    async fn drop_oldest_keeps_the_newest() {
+        let o = outbox(3, 1 << 20, OverflowPolicy::DropOldest);
+        for s in ["1", "2", "3"] {
+            o.offer(text(s));
+        }
+        assert_eq!(o.offer(text("4")), Offer::QueuedDroppingOldest(1));
+        assert_eq!(take(&o, 10).await, ["2", "3", "4"]);
+        // The writer holds all three: nothing queued is left to drop.
+        assert_eq!(o.offer(text("5")), Offer::Dropped);
+    }
+
+    #[tokio::test]
+    async fn disconnect_discards_the_queue_and_closes_with_1013() {
+        let o = outbox(2, 1 << 20, OverflowPolicy::Disconnect);
+        o.offer(text("1"));
+        o.offer(text("2"));
+        assert_eq!(o.offer(text("3")), Offer::Overflowed);
+        assert!(o.is_closing());
+        assert_eq!(o.offer(text("4")), Offer::Closed);
+        let mut batch = Vec::new();
+        match o.next_batch(&mut batch, 10).await {
+            Next::Close(Some(frame)) => {
+                assert_eq!(frame.code, SLOW_CONSUMER_CODE);
+                assert_eq!(frame.reason.as_str(), SLOW_CONSUMER_REASON);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(batch.is_empty());
+        o.closed().await; // resolves at once
+    }
+
+    #[tokio::test]
+    async fn normal_close_writes_what_is_queued_first() {
+        let o = outbox(10, 1 << 20, OverflowPolicy::Disconnect);
+        o.offer(text("last words"));
+        o.close_after_flush(None);
+        assert_eq!(take(&o, 10).await, ["last words"]);
+        o.flushed();
+        let mut batch = Vec::new();
+        assert!(matches!(
+            o.next_batch(&mut batch, 10).await,
+            Next::Close(None)
+        ));
+    }
+
+    #[tokio::test]
+    async fn writer_wakes_for_a_frame_offered_while_it_waits() {
+        let o = std::sync::Arc::new(outbox(10, 1 << 20, OverflowPolicy::Disconnect));
+        let o2 = o.clone();
+        let waiter = tokio::spawn(async move { take(&o2, 10).await });
+        tokio::task::yield_now().await;
+        o.offer(text("hello"));
+        let got = tokio::time::timeout(std::time::Duration::from_secs(5), waiter)
+            .await
+            .expect("writer woke")
+            .expect("task");
+        assert_eq!(got, ["hello"]);
+    }
+}

@@ -1,0 +1,371 @@
+//! The local registry: room -> sockets this node owns, and which rooms Redis has confirmed.
+//!
+//! It is the single source of truth for subscriptions. Joins and leaves only edit local
+//! membership and mark the room *pending*; the subscription task (in [`bus`](crate::bus)) takes
+//! pending rooms in batches, compares "has local sockets" with "subscribed", and sends the
+//! SUBSCRIBE / UNSUBSCRIBE that reconcile them. Because the task always reads the *current*
+//! membership, any interleaving of concurrent joins and leaves converges to: subscribed exactly
+//! to the rooms that have a local socket. After a reconnect every room is pending again, which
+//! is the whole resubscription logic.
+//!
+//! A room counts as subscribed only between a confirmed SUBSCRIBE and the moment its UNSUBSCRIBE
+//! is *sent*, so a join never returns early on a subscription that is being torn down.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use axum::extract::ws::Message;
+use tokio::sync::{Notify, watch};
+use tokio::time::Instant;
+
+use crate::error::{Error, Kind};
+use crate::queue::{Offer, Outbox};
+use crate::room::RoomName;
+
+/// Identifies a socket within one node (unique for the node's lifetime).
+pub(crate) type SocketId = u64;
+
+#[derive(Debug, Default)]
+struct Inner {
+    rooms: HashMap<RoomName, HashMap<SocketId, Arc<Outbox>>>,
+    /// Rooms whose SUBSCRIBE Redis confirmed on the current link (and not yet unsubscribed).
+    subscribed: HashSet<RoomName>,
+    /// Rooms whose membership changed since the subscription task last looked at them.
+    pending: HashSet<RoomName>,
+    /// Whether the subscription task has a link to hand pending rooms to.
+    link_up: bool,
+}
+
+/// What the subscription task must send to Redis next.
+#[derive(Debug, Default)]
+pub(crate) struct Changes {
+    pub(crate) subscribe: Vec<RoomName>,
+    pub(crate) unsubscribe: Vec<RoomName>,
+}
+
+impl Changes {
+    pub(crate) fn is_empty(&self) -> bool {
+        self.subscribe.is_empty() && self.unsubscribe.is_empty()
+    }
+}
+
+/// The outcome of dispatching one frame to a room's local sockets.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Dispatched {
+    pub(crate) delivered: u64,
+    pub(crate) dropped: u64,
+    pub(crate) overflowed: u64,
+}
+
+#[derive(Debug)]
+pub(crate) struct Registry {
+    inner: Mutex<Inner>,
+    /// Wakes the subscription task when a room gains its first or loses its last local socket.
+    pub(crate) changed: Notify,
+    /// Bumped whenever `subscribed` changes, so joins waiting for a confirmation re-check.
+    confirmed: watch::Sender<u64>,
+    next_socket: AtomicU64,
+}
+
+impl Default for Registry {
+    fn default() -> Self {
+        Self {
+            inner: Mutex::default(),
+            changed: Notify::new(),
+            confirmed: watch::Sender::new(0),
+            next_socket: AtomicU64::new(1),
+        }
+    }
+}
+
+impl Registry {
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // Every critical section below leaves `Inner` consistent at each step, so a poisoned
+        // lock (a panic elsewhere while holding it) carries no broken invariant.
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub(crate) fn next_socket_id(&self) -> SocketId {
+        self.next_socket.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Adds a socket to a room. Returns `true` when the room is already subscribed (the join is
+    /// complete); otherwise the caller waits with [`Registry::wait_subscribed`].
+    pub(crate) fn insert(&self, room: &RoomName, socket: SocketId, outbox: Arc<Outbox>) -> bool {
+        let mut inner = self.lock();
+        let members = inner.rooms.entry(room.clone()).or_default();
+        let first = members.is_empty();
+        members.insert(socket, outbox);
+        let subscribed = inner.subscribed.contains(room);
+        if first {
+            inner.pending.insert(room.clone());
+        }
+        drop(inner);
+        if first {
+            self.changed.notify_one();
+        }
+        subscribed
+    }
+
+    /// Removes a socket from a room. Returns whether it was a member.
+    pub(crate) fn remove(&self, room: &RoomName, socket: SocketId) -> bool {
+        let mut inner = self.lock();
+        let Some(members) = inner.rooms.get_mut(room) else {
+            return false;
+        };
+        let was_member = members.remove(&socket).is_some();
+        let last = members.is_empty();
+        if last {
+            inner.rooms.remove(room);
+            inner.pending.insert(room.clone());
+        }
+        drop(inner);
+        if last {
+            self.changed.notify_one();
+        }
+        was_member
+    }
+
+    /// Waits until Redis confirmed the room's subscription, or `deadline`.
+    ///
+    /// # Cancel safety
+    /// Cancel safe: it only waits; membership is unchanged.
+    pub(crate) async fn wait_subscribed(
+        &self,
+        room: &RoomName,
+        deadline: Instant,
+    ) -> Result<(), Error> {
+        let mut rx = self.confirmed.subscribe();
+        loop {
+            if self.lock().subscribed.contains(room) {
+                return Ok(());
+            }
+            match tokio::time::timeout_at(deadline, rx.changed()).await {
+                Ok(Ok(())) => {}
+                // The sender lives as long as the registry, which outlives this borrow.
+                Ok(Err(_)) => return Err(Error::new(Kind::Closed)),
+                Err(_) => {
+                    return Err(Error::with(
+                        Kind::Timeout,
+                        format!("redis did not confirm SUBSCRIBE for room {room:?} in time"),
+                    ));
+                }
+            }
+        }
+    }
+
+    /// Takes the pending rooms that need a command. Rooms to unsubscribe stop counting as
+    /// subscribed right away. Returns nothing while the link is down.
+    pub(crate) fn take_pending(&self, max: usize) -> Changes {
+        let mut inner = self.lock();
+        let mut changes = Changes::default();
+        if !inner.link_up {
+            return changes;
+        }
+        let batch: Vec<RoomName> = inner.pending.iter().take(max).cloned().collect();
+        for room in batch {
+            inner.pending.remove(&room);
+            let wanted = inner.rooms.contains_key(&room);
+            let subscribed = inner.subscribed.contains(&room);
+            if wanted && !subscribed {
+                changes.subscribe.push(room);
+            } else if !wanted && subscribed {
+                inner.subscribed.remove(&room);
+                changes.unsubscribe.push(room);
+            }
+        }
+        changes
+    }
+
+    /// Redis confirmed SUBSCRIBE for `rooms`.
+    pub(crate) fn confirm_subscribed(&self, rooms: Vec<RoomName>) {
+        let mut inner = self.lock();
+        for room in rooms {
+            // Everyone may have left while the command was in flight: look again.
+            if !inner.rooms.contains_key(&room) {
+                inner.pending.insert(room.clone());
+            }
+            inner.subscribed.insert(room);
+        }
+        drop(inner);
+        self.confirmed.send_modify(|n| *n += 1);
+    }
+
+    /// Redis confirmed UNSUBSCRIBE for `rooms`.
+    pub(crate) fn confirm_unsubscribed(&self, rooms: Vec<RoomName>) {
+        let mut inner = self.lock();
+        for room in rooms {
+            // Someone may have joined while the command was in flight: subscribe again.
+            if inner.rooms.contains_key(&room) {
+                inner.pending.insert(room);
+            }
+        }
+    }
+
+    /// A new link is up: every local room must be subscribed on it.
+    pub(crate) fn link_up(&self) {
+        let mut inner = self.lock();
+        inner.link_up = true;
+        inner.subscribed.clear();
+        let rooms: Vec<RoomName> = inner.rooms.keys().cloned().collect();
+        inner.pending.extend(rooms);
+    }
+
+    /// The link is gone, and with it every subscription.
+    pub(crate) fn link_down(&self) {
+        let mut inner = self.lock();
+        inner.link_up = false;
+        inner.subscribed.clear();
+        drop(inner);
+        self.confirmed.send_modify(|n| *n += 1);
+    }
+
+    /// Every room that has a local socket, for a final UNSUBSCRIBE.
+    pub(crate) fn subscribed_rooms(&self) -> Vec<RoomName> {
+        self.lock().subscribed.iter().cloned().collect()
+    }
+
+    /// Offers `frame` to every local socket of `room` except `except`. Never waits.
+    pub(crate) fn dispatch(
+        &self,
+        room: &str,
+        frame: &Message,
+        except: Option<SocketId>,
+    ) -> Dispatched {
+        let mut out = Dispatched::default();
+        let inner = self.lock();
+        let Some(members) = inner.rooms.get(room) else {
+            return out;
+        };
+        for (&id, outbox) in members {
+            if Some(id) == except {
+                continue;
+            }
+            // A clone of a `Message` shares its payload (reference-counted `Bytes`).
+            match outbox.offer(frame.clone()) {
+                Offer::Queued => out.delivered += 1,
+                Offer::QueuedDroppingOldest(n) => {
+                    out.delivered += 1;
+                    out.dropped += n as u64;
+                }
+                Offer::Dropped => out.dropped += 1,
+                Offer::Overflowed => {
+                    out.dropped += 1;
+                    out.overflowed += 1;
+                }
+                Offer::Closed => {}
+            }
+        }
+        out
+    }
+
+    /// (rooms, sockets, subscribed rooms) right now.
+    pub(crate) fn counts(&self) -> (usize, usize, usize) {
+        let inner = self.lock();
+        let sockets = inner.rooms.values().map(HashMap::len).sum();
+        (inner.rooms.len(), sockets, inner.subscribed.len())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::OverflowPolicy;
+    use crate::queue::Limits;
+
+    fn outbox() -> Arc<Outbox> {
+        Arc::new(Outbox::new(Limits {
+            frames: 8,
+            bytes: 1 << 20,
+            policy: OverflowPolicy::Disconnect,
+        }))
+    }
+
+    fn room(s: &str) -> RoomName {
+        RoomName::new(s).expect("valid")
+    }
+
+    #[test]
+    fn first_join_and_last_leave_produce_one_command_each() {
+        let r = Registry::default();
+        r.link_up();
+        let a = room("a");
+        assert!(!r.insert(&a, 1, outbox()));
+        assert!(!r.insert(&a, 2, outbox()));
+        let c = r.take_pending(100);
+        assert_eq!(c.subscribe, std::slice::from_ref(&a));
+        r.confirm_subscribed(c.subscribe);
+        assert!(r.take_pending(100).is_empty());
+        assert!(r.insert(&a, 3, outbox()), "already subscribed");
+        r.remove(&a, 1);
+        r.remove(&a, 2);
+        assert!(r.take_pending(100).is_empty());
+        r.remove(&a, 3);
+        let c = r.take_pending(100);
+        assert_eq!(c.unsubscribe, [a]);
+        assert_eq!(r.counts(), (0, 0, 0));
+    }
+
+    #[test]
+    fn leave_and_rejoin_during_an_in_flight_subscribe_converges() {
+        let r = Registry::default();
+        r.link_up();
+        let a = room("a");
+        r.insert(&a, 1, outbox());
+        let c = r.take_pending(100); // SUBSCRIBE a in flight
+        r.remove(&a, 1);
+        r.confirm_subscribed(c.subscribe);
+        // Nobody is left: the next pass must unsubscribe.
+        assert_eq!(r.take_pending(100).unsubscribe, std::slice::from_ref(&a));
+        // A join while that UNSUBSCRIBE is in flight must not count as subscribed.
+        assert!(!r.insert(&a, 2, outbox()));
+        r.confirm_unsubscribed(vec![a.clone()]);
+        assert_eq!(r.take_pending(100).subscribe, [a]);
+    }
+
+    #[test]
+    fn reconnect_resubscribes_every_room_and_nothing_while_down() {
+        let r = Registry::default();
+        r.link_up();
+        for (i, name) in ["a", "b", "c"].iter().enumerate() {
+            r.insert(&room(name), i as u64, outbox());
+        }
+        r.confirm_subscribed(r.take_pending(100).subscribe);
+        r.link_down();
+        r.insert(&room("d"), 9, outbox());
+        assert!(r.take_pending(100).is_empty(), "no commands while down");
+        r.link_up();
+        let mut again = r.take_pending(100).subscribe;
+        again.sort();
+        assert_eq!(again, ["a", "b", "c", "d"].map(room));
+    }
+
+    #[test]
+    fn dispatch_skips_the_excluded_socket_and_counts() {
+        let r = Registry::default();
+        let a = room("a");
+        let (o1, o2) = (outbox(), outbox());
+        r.insert(&a, 1, o1.clone());
+        r.insert(&a, 2, o2.clone());
+        let d = r.dispatch("a", &Message::Text("hi".into()), Some(1));
+        assert_eq!(d.delivered, 1);
+        assert_eq!(o1.held().0, 0);
+        assert_eq!(o2.held().0, 1);
+        assert_eq!(
+            r.dispatch("nobody", &Message::Text("x".into()), None)
+                .delivered,
+            0
+        );
+    }
+
+    #[tokio::test]
+    async fn wait_subscribed_times_out_while_redis_is_away() {
+        let r = Registry::default();
+        let a = room("a");
+        r.insert(&a, 1, outbox());
+        let deadline = Instant::now() + std::time::Duration::from_millis(50);
+        let err = r.wait_subscribed(&a, deadline).await.expect_err("timeout");
+        assert!(err.is_timeout());
+    }
+}

@@ -1,0 +1,293 @@
+//! A WebSocket attached to the node: its room memberships, its reader and its batched writer.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
+use futures_util::stream::{SplitSink, SplitStream};
+use futures_util::{SinkExt, StreamExt};
+use tokio::time::{Instant, timeout};
+
+use crate::envelope::Payload;
+use crate::error::{Error, Kind};
+use crate::extract::RoomHandle;
+use crate::node::{Node, Shared};
+use crate::queue::{Limits, Next, Offer, Outbox, SLOW_CONSUMER_CODE, SLOW_CONSUMER_REASON};
+use crate::registry::SocketId;
+use crate::room::RoomName;
+use crate::stats::Counters;
+
+/// Close code sent when a client message exceeds the size limit (RFC 6455 1009).
+pub const MESSAGE_TOO_BIG_CODE: u16 = 1009;
+
+/// How long the writer tries to deliver a close frame before it gives up on the client.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// A WebSocket attached to a fan-out node, from [`RoomHandle::on_upgrade`] or
+/// [`RoomHandle::attach`].
+///
+/// The socket's writing half belongs to a writer task that drains a bounded queue: frames from
+/// the rooms the socket joined, and frames you [`send`](FanoutSocket::send) it directly. Read the
+/// client's messages with [`recv`](FanoutSocket::recv).
+///
+/// ## Closing
+/// Dropping the socket leaves every room (the last local socket of a room unsubscribes the
+/// node from it), writes what is still queued and closes with 1000. [`close`](FanoutSocket::close)
+/// chooses the code. A socket that cannot keep up is closed by the node with 1013
+/// `"slow consumer"`; then [`recv`](FanoutSocket::recv) returns `None`.
+#[derive(Debug)]
+pub struct FanoutSocket {
+    id: SocketId,
+    shared: Arc<Shared>,
+    outbox: Arc<Outbox>,
+    rooms: Vec<RoomName>,
+    stream: SplitStream<WebSocket>,
+}
+
+impl FanoutSocket {
+    pub(crate) fn attach(shared: Arc<Shared>, socket: WebSocket) -> Self {
+        let node = &shared.node;
+        let cfg = &node.config;
+        let outbox = Arc::new(Outbox::new(Limits {
+            frames: cfg.queue_frames.get(),
+            bytes: cfg.queue_bytes.get(),
+            policy: cfg.overflow,
+        }));
+        let id = node.registry.next_socket_id();
+        let (sink, stream) = socket.split();
+        tokio::spawn(write_loop(sink, outbox.clone(), node.clone(), id));
+        Self {
+            id,
+            shared,
+            outbox,
+            rooms: Vec::new(),
+            stream,
+        }
+    }
+
+    /// This socket's id, unique within the node. Pass it to
+    /// [`Broadcast::except`](crate::Broadcast::except) to leave the sender out.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// Joins `room`. Returns once this node receives the room's messages: when the socket is
+    /// the node's first in the room, after Redis confirmed the SUBSCRIBE. A message broadcast
+    /// after `join` returns reaches this socket.
+    ///
+    /// Joining a room twice is a no-op. Fails with [`Error::is_invalid_room`] for an invalid
+    /// name (nothing is joined) and [`Error::is_timeout`] when Redis does not confirm within the
+    /// subscribe timeout (the socket is not left in the room).
+    ///
+    /// # Cancel safety
+    /// If the future is dropped before it completes the socket may or may not be in the room;
+    /// [`rooms`](FanoutSocket::rooms) tells, and dropping the socket leaves it either way.
+    pub async fn join(&mut self, room: impl AsRef<str>) -> Result<(), Error> {
+        let room = RoomName::new(room)?;
+        if self.rooms.contains(&room) {
+            return Ok(());
+        }
+        let node = &self.shared.node;
+        if node.config.redis.is_none() {
+            return Err(Error::with(
+                Kind::InvalidUrl,
+                "the layer was built with an invalid redis url",
+            ));
+        }
+        if self.outbox.is_closing() {
+            return Err(Error::new(Kind::Closed));
+        }
+        let deadline = Instant::now() + node.config.subscribe_timeout;
+        let subscribed = node.registry.insert(&room, self.id, self.outbox.clone());
+        self.rooms.push(room.clone());
+        if !subscribed && let Err(e) = node.registry.wait_subscribed(&room, deadline).await {
+            self.leave(room.as_str());
+            tracing::warn!(room = %room, socket = self.id, error = %e, "join failed");
+            return Err(e);
+        }
+        tracing::debug!(room = %room, socket = self.id, "joined");
+        Ok(())
+    }
+
+    /// Leaves `room`. Returns whether the socket was in it.
+    pub fn leave(&mut self, room: &str) -> bool {
+        let Some(at) = self.rooms.iter().position(|r| r.as_str() == room) else {
+            return false;
+        };
+        let room = self.rooms.swap_remove(at);
+        self.shared.node.registry.remove(&room, self.id);
+        tracing::debug!(room = %room, socket = self.id, "left");
+        true
+    }
+
+    /// The rooms this socket is in.
+    pub fn rooms(&self) -> impl Iterator<Item = &RoomName> {
+        self.rooms.iter()
+    }
+
+    /// Receives the client's next text or binary message.
+    ///
+    /// Returns `None` once the connection is closed, by the client or by this node (a slow
+    /// consumer, [`close`](FanoutSocket::close)). Pings are answered and pongs consumed for you.
+    /// A message over the size limit closes the socket with 1009 and yields an error for which
+    /// [`Error::is_message_too_big`] is true.
+    ///
+    /// # Cancel safety
+    /// Cancel safe: a message is only taken from the socket when it is returned.
+    pub async fn recv(&mut self) -> Option<Result<Message, Error>> {
+        loop {
+            let next = tokio::select! {
+                biased;
+                _ = self.outbox.closed() => return None,
+                next = self.stream.next() => next,
+            };
+            match next? {
+                Ok(msg @ (Message::Text(_) | Message::Binary(_))) => return Some(Ok(msg)),
+                Ok(Message::Ping(_) | Message::Pong(_)) => continue,
+                Ok(Message::Close(_)) => {
+                    // The transport answers the close handshake; stop the writer too.
+                    self.outbox.close_after_flush(None);
+                    return None;
+                }
+                Err(e) => return Some(Err(self.read_error(e))),
+            }
+        }
+    }
+
+    fn read_error(&mut self, e: axum::Error) -> Error {
+        let inner = e.into_inner();
+        let too_big = inner
+            .downcast_ref::<tungstenite::Error>()
+            .is_some_and(|e| matches!(e, tungstenite::Error::Capacity(_)));
+        if too_big {
+            tracing::debug!(
+                socket = self.id,
+                "client message over the size limit; closing with 1009"
+            );
+            self.close(MESSAGE_TOO_BIG_CODE, "message too big");
+            Error::with(Kind::MessageTooBig, inner)
+        } else {
+            self.outbox.close_after_flush(None);
+            Error::with(Kind::WebSocket, inner)
+        }
+    }
+
+    /// Queues a message for this socket only, behind what is already queued.
+    ///
+    /// The socket's overflow policy applies; fails with [`Error::is_closed`] when the socket is
+    /// closing.
+    pub fn send(&self, msg: impl Into<Payload>) -> Result<(), Error> {
+        let frame = msg.into().into_frame();
+        match self.outbox.offer(frame) {
+            Offer::Queued | Offer::QueuedDroppingOldest(_) => Ok(()),
+            Offer::Dropped => {
+                Counters::add(&self.shared.node.counters.dropped, 1);
+                Ok(())
+            }
+            Offer::Overflowed => {
+                Counters::add(&self.shared.node.counters.slow_disconnects, 1);
+                Err(Error::new(Kind::Closed))
+            }
+            Offer::Closed => Err(Error::new(Kind::Closed)),
+        }
+    }
+
+    /// Closes the connection with `code` and `reason`, after what is already queued.
+    ///
+    /// `reason` is cut to the 123 bytes a close frame can carry. After this,
+    /// [`recv`](FanoutSocket::recv) returns `None`.
+    pub fn close(&mut self, code: u16, reason: &str) {
+        let reason = truncate_reason(reason);
+        self.outbox.close_after_flush(Some(CloseFrame {
+            code,
+            reason: Utf8Bytes::from(reason),
+        }));
+    }
+
+    /// A handle to broadcast with (the same node).
+    pub fn handle(&self) -> RoomHandle {
+        RoomHandle::from_shared(self.shared.clone())
+    }
+}
+
+fn truncate_reason(reason: &str) -> &str {
+    const MAX: usize = 123;
+    if reason.len() <= MAX {
+        return reason;
+    }
+    let mut end = MAX;
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    &reason[..end]
+}
+
+impl Drop for FanoutSocket {
+    fn drop(&mut self) {
+        let registry = &self.shared.node.registry;
+        for room in self.rooms.drain(..) {
+            registry.remove(&room, self.id);
+            tracing::debug!(room = %room, socket = self.id, "left (socket dropped)");
+        }
+        self.outbox.close_after_flush(Some(CloseFrame {
+            code: 1000,
+            reason: Utf8Bytes::from_static(""),
+        }));
+    }
+}
+
+/// Drains the socket's queue: take everything queued (up to the batch cap), `feed` each frame,
+/// flush once.
+async fn write_loop(
+    mut sink: SplitSink<WebSocket, Message>,
+    outbox: Arc<Outbox>,
+    node: Arc<Node>,
+    id: SocketId,
+) {
+    {
+        let max = node.config.batch_frames.get();
+        let write_timeout = node.config.write_timeout;
+        let mut batch = Vec::new();
+        loop {
+            match outbox.next_batch(&mut batch, max).await {
+                Next::Frames => {
+                    let written = timeout(write_timeout, async {
+                        for frame in batch.drain(..) {
+                            sink.feed(frame).await?;
+                        }
+                        sink.flush().await
+                    })
+                    .await;
+                    batch.clear();
+                    outbox.flushed();
+                    match written {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => {
+                            // The client is gone; nothing more can be written.
+                            tracing::debug!(socket = id, error = %e, "write failed; closing");
+                            outbox.close_after_flush(None);
+                            break;
+                        }
+                        Err(_) => {
+                            Counters::add(&node.counters.slow_disconnects, 1);
+                            tracing::warn!(
+                                socket = id,
+                                timeout_ms = write_timeout.as_millis() as u64,
+                                "write timed out; closing slow consumer"
+                            );
+                            outbox.close_now(SLOW_CONSUMER_CODE, SLOW_CONSUMER_REASON);
+                        }
+                    }
+                }
+                Next::Close(frame) => {
+                    if let Some(frame) = frame {
+                        let _ =
+                            timeout(CLOSE_TIMEOUT, sink.send(Message::Close(Some(frame)))).await;
+                    }
+                    break;
+                }
+            }
+        }
+        let _ = timeout(CLOSE_TIMEOUT, sink.close()).await;
+    }
+}
