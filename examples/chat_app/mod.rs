@@ -117,6 +117,7 @@ async fn serve(mut socket: FanoutSocket, rooms: RoomHandle, room: String) {
 }
 
 /// Reads the contract's environment variables into a layer.
+#[allow(dead_code)] // used by `chat`, not by `demo` (which runs three nodes with fixed ids)
 pub(crate) fn layer_from_env() -> Result<FanoutLayer, axum_fanout::Error> {
     let url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
     let mut builder = FanoutLayer::builder(url);

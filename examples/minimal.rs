@@ -1,0 +1,49 @@
+//! The README's quickstart: one room-aware WebSocket endpoint and one HTTP push endpoint.
+//!
+//! ```sh
+//! PORT=3000 cargo run --example minimal    # and again with PORT=3001 in another terminal
+//! ```
+//!
+//! Environment: `PORT` (default 3000), `REDIS_URL` (default `redis://127.0.0.1:6379`).
+
+use axum::Router;
+use axum::extract::Path;
+use axum::extract::ws::{Message, WebSocketUpgrade};
+use axum::response::Response;
+use axum::routing::{get, post};
+use axum_fanout::{FanoutLayer, RoomHandle};
+
+async fn ws_handler(Path(room): Path<String>, ws: WebSocketUpgrade, rooms: RoomHandle) -> Response {
+    rooms.clone().on_upgrade(ws, move |mut socket| async move {
+        if let Err(e) = socket.join(&room).await {
+            return socket.close(1011, &e.to_string());
+        }
+        while let Some(Ok(Message::Text(text))) = socket.recv().await {
+            // Goes through Redis: every socket in `room`, on every node, gets it once.
+            let _ = rooms.broadcast(&room, text.as_str()).await;
+        }
+    })
+}
+
+async fn http_push(Path(room): Path<String>, rooms: RoomHandle, body: String) -> String {
+    match rooms.broadcast(&room, body).await {
+        Ok(nodes) => format!("sent to {nodes} node(s)\n"),
+        Err(e) => format!("not sent: {e}\n"),
+    }
+}
+
+#[tokio::main]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let redis_url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+    let port = std::env::var("PORT").unwrap_or_else(|_| "3000".into());
+
+    let app = Router::new()
+        .route("/ws/{room}", get(ws_handler))
+        .route("/rooms/{room}/messages", post(http_push))
+        .layer(FanoutLayer::try_new(redis_url)?);
+
+    let listener = tokio::net::TcpListener::bind(format!("127.0.0.1:{port}")).await?;
+    println!("listening on ws://{}/ws/<room>", listener.local_addr()?);
+    axum::serve(listener, app).await?;
+    Ok(())
+}
