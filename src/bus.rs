@@ -23,7 +23,6 @@ use crate::error::{Error, Kind};
 use crate::node::Node;
 use crate::registry::Changes;
 use crate::room::RoomName;
-use crate::stats::Counters;
 
 /// Rooms per SUBSCRIBE / UNSUBSCRIBE command: large enough that resubscribing 10,000 rooms
 /// takes ten round trips, small enough to keep each command and its reply modest.
@@ -175,9 +174,9 @@ pub(crate) async fn publish(
     }
     .await;
     match &result {
-        Ok(_) => Counters::add(&node.counters.published, 1),
+        Ok(_) => node.counters.published.add(1),
         Err(e) => {
-            Counters::add(&node.counters.publish_errors, 1);
+            node.counters.publish_errors.add(1);
             tracing::warn!(
                 room = %room,
                 error = %e,
@@ -208,7 +207,7 @@ pub(crate) async fn run_subscriber(
             move |info: PushInfo| {
                 match info.kind {
                     PushKind::Message if tx.try_send(info).is_err() => {
-                        Counters::add(&node.counters.inbound_dropped, 1);
+                        node.counters.inbound_dropped.add(1);
                     }
                     PushKind::Disconnection => lost.notify_one(),
                     _ => {}
@@ -249,7 +248,7 @@ pub(crate) async fn run_subscriber(
                 return;
             }
             LinkEnd::Lost(reason) => {
-                Counters::add(&node.counters.reconnects, 1);
+                node.counters.reconnects.add(1);
                 tracing::warn!(node = %cfg.node_id, %reason, "subscriber link lost; reconnecting and resubscribing");
             }
         }
@@ -384,7 +383,7 @@ async fn dispatch_loop(node: Arc<Node>, mut rx: mpsc::Receiver<PushInfo>) {
         let decoded = match envelope::decode(raw, room, &node.config.node_id) {
             Ok(decoded) => decoded,
             Err(why) => {
-                Counters::add(&node.counters.malformed, 1);
+                node.counters.malformed.add(1);
                 if let Some(suppressed) = malformed_log.allow() {
                     tracing::warn!(
                         room,
@@ -397,12 +396,12 @@ async fn dispatch_loop(node: Arc<Node>, mut rx: mpsc::Receiver<PushInfo>) {
                 continue;
             }
         };
-        Counters::add(&node.counters.received, 1);
+        node.counters.received.add(1);
         let out = node.registry.dispatch(room, &decoded.frame, decoded.except);
         let c = &node.counters;
-        Counters::add(&c.delivered, out.delivered);
-        Counters::add(&c.dropped, out.dropped);
-        Counters::add(&c.slow_disconnects, out.overflowed);
+        c.delivered.add(out.delivered);
+        c.dropped.add(out.dropped);
+        c.slow_disconnects.add(out.overflowed);
         if out.overflowed > 0 {
             tracing::warn!(
                 room,

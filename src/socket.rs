@@ -15,7 +15,6 @@ use crate::node::{Node, Shared};
 use crate::queue::{Limits, Next, Offer, Outbox, SLOW_CONSUMER_CODE, SLOW_CONSUMER_REASON};
 use crate::registry::SocketId;
 use crate::room::RoomName;
-use crate::stats::Counters;
 
 /// Close code sent when a client message exceeds the size limit (RFC 6455 1009).
 pub const MESSAGE_TOO_BIG_CODE: u16 = 1009;
@@ -181,11 +180,11 @@ impl FanoutSocket {
         match self.outbox.offer(frame) {
             Offer::Queued | Offer::QueuedDroppingOldest(_) => Ok(()),
             Offer::Dropped => {
-                Counters::add(&self.shared.node.counters.dropped, 1);
+                self.shared.node.counters.dropped.add(1);
                 Ok(())
             }
             Offer::Overflowed => {
-                Counters::add(&self.shared.node.counters.slow_disconnects, 1);
+                self.shared.node.counters.slow_disconnects.add(1);
                 Err(Error::new(Kind::Closed))
             }
             Offer::Closed => Err(Error::new(Kind::Closed)),
@@ -269,7 +268,7 @@ async fn write_loop(
                             break;
                         }
                         Err(_) => {
-                            Counters::add(&node.counters.slow_disconnects, 1);
+                            node.counters.slow_disconnects.add(1);
                             tracing::warn!(
                                 socket = id,
                                 timeout_ms = write_timeout.as_millis() as u64,

@@ -2,25 +2,61 @@
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
-/// Monotonic counters, shared by the tasks of one node. Relaxed atomics: each counter is
-/// independent and only read for reporting.
-#[derive(Debug, Default)]
-pub(crate) struct Counters {
-    pub(crate) published: AtomicU64,
-    pub(crate) publish_errors: AtomicU64,
-    pub(crate) received: AtomicU64,
-    pub(crate) delivered: AtomicU64,
-    pub(crate) dropped: AtomicU64,
-    pub(crate) slow_disconnects: AtomicU64,
-    pub(crate) malformed: AtomicU64,
-    pub(crate) inbound_dropped: AtomicU64,
-    pub(crate) reconnects: AtomicU64,
+/// One monotonic counter, mirrored to the [`metrics`] facade under `name` so that any installed
+/// recorder (a Prometheus exporter, say) sees the same numbers as [`Stats`].
+#[derive(Debug)]
+pub(crate) struct Counter {
+    value: AtomicU64,
+    name: &'static str,
 }
 
-impl Counters {
-    pub(crate) fn add(counter: &AtomicU64, n: u64) {
+impl Counter {
+    const fn new(name: &'static str) -> Self {
+        Self {
+            value: AtomicU64::new(0),
+            name,
+        }
+    }
+
+    pub(crate) fn add(&self, n: u64) {
         if n > 0 {
-            counter.fetch_add(n, Relaxed);
+            // Relaxed: each counter is independent and only read for reporting.
+            self.value.fetch_add(n, Relaxed);
+            metrics::counter!(self.name).increment(n);
+        }
+    }
+
+    fn get(&self) -> u64 {
+        self.value.load(Relaxed)
+    }
+}
+
+/// The counters of one node, shared by its tasks. Metric names are listed in [`Stats`].
+#[derive(Debug)]
+pub(crate) struct Counters {
+    pub(crate) published: Counter,
+    pub(crate) publish_errors: Counter,
+    pub(crate) received: Counter,
+    pub(crate) delivered: Counter,
+    pub(crate) dropped: Counter,
+    pub(crate) slow_disconnects: Counter,
+    pub(crate) malformed: Counter,
+    pub(crate) inbound_dropped: Counter,
+    pub(crate) reconnects: Counter,
+}
+
+impl Default for Counters {
+    fn default() -> Self {
+        Self {
+            published: Counter::new("axum_fanout_published_total"),
+            publish_errors: Counter::new("axum_fanout_publish_errors_total"),
+            received: Counter::new("axum_fanout_received_total"),
+            delivered: Counter::new("axum_fanout_delivered_total"),
+            dropped: Counter::new("axum_fanout_dropped_total"),
+            slow_disconnects: Counter::new("axum_fanout_slow_disconnects_total"),
+            malformed: Counter::new("axum_fanout_malformed_total"),
+            inbound_dropped: Counter::new("axum_fanout_inbound_dropped_total"),
+            reconnects: Counter::new("axum_fanout_reconnects_total"),
         }
     }
 }
@@ -28,7 +64,9 @@ impl Counters {
 /// A snapshot of one node's activity, from [`RoomHandle::stats`](crate::RoomHandle::stats).
 ///
 /// Counters are totals since the node started; `rooms`, `sockets` and `subscriptions` are
-/// current values.
+/// current values. Each counter is also reported through the [`metrics`] facade as
+/// `axum_fanout_<field>_total` (e.g. `axum_fanout_delivered_total`), so an installed recorder
+/// such as a Prometheus exporter collects them with no further code.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
 #[non_exhaustive]
 pub struct Stats {
@@ -64,15 +102,15 @@ impl Counters {
             rooms,
             sockets,
             subscriptions,
-            published: self.published.load(Relaxed),
-            publish_errors: self.publish_errors.load(Relaxed),
-            received: self.received.load(Relaxed),
-            delivered: self.delivered.load(Relaxed),
-            dropped: self.dropped.load(Relaxed),
-            slow_disconnects: self.slow_disconnects.load(Relaxed),
-            malformed: self.malformed.load(Relaxed),
-            inbound_dropped: self.inbound_dropped.load(Relaxed),
-            reconnects: self.reconnects.load(Relaxed),
+            published: self.published.get(),
+            publish_errors: self.publish_errors.get(),
+            received: self.received.get(),
+            delivered: self.delivered.get(),
+            dropped: self.dropped.get(),
+            slow_disconnects: self.slow_disconnects.get(),
+            malformed: self.malformed.get(),
+            inbound_dropped: self.inbound_dropped.get(),
+            reconnects: self.reconnects.get(),
         }
     }
 }
