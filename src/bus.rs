@@ -397,7 +397,10 @@ async fn dispatch_loop(node: Arc<Node>, mut rx: mpsc::Receiver<PushInfo>) {
             }
         };
         node.counters.received.add(1);
-        let out = node.registry.dispatch(room, &decoded.frame, decoded.except);
+        let policy = node.config.overflow_for(room);
+        let out = node
+            .registry
+            .dispatch(room, &decoded.frame, decoded.except, policy);
         let c = &node.counters;
         c.delivered.add(out.delivered);
         c.dropped.add(out.dropped);

@@ -4,6 +4,7 @@
 //! reconnect backoff capped at 2000 ms) and are otherwise chosen for many small, mostly idle
 //! sockets.
 
+use std::collections::HashMap;
 use std::num::{NonZeroU16, NonZeroUsize};
 use std::time::Duration;
 
@@ -36,6 +37,8 @@ pub(crate) struct Config {
     pub(crate) queue_frames: NonZeroUsize,
     pub(crate) queue_bytes: NonZeroUsize,
     pub(crate) overflow: OverflowPolicy,
+    /// Per-room overrides of `overflow` (hot rooms where dropping beats disconnecting).
+    pub(crate) room_overflow: HashMap<String, OverflowPolicy>,
     pub(crate) batch_frames: NonZeroUsize,
     pub(crate) write_timeout: Duration,
     pub(crate) read_buffer_size: usize,
@@ -46,6 +49,19 @@ pub(crate) struct Config {
     pub(crate) backoff_min: Duration,
     pub(crate) backoff_max: Duration,
     pub(crate) inbound_capacity: NonZeroUsize,
+}
+
+impl Config {
+    /// The overflow policy for frames of `room`.
+    pub(crate) fn overflow_for(&self, room: &str) -> OverflowPolicy {
+        if self.room_overflow.is_empty() {
+            return self.overflow;
+        }
+        self.room_overflow
+            .get(room)
+            .copied()
+            .unwrap_or(self.overflow)
+    }
 }
 
 /// Builds a [`FanoutLayer`] with non-default settings.
@@ -92,6 +108,7 @@ impl FanoutBuilder {
                 queue_frames: nz(4096),
                 queue_bytes: nz(1024 * 1024),
                 overflow: OverflowPolicy::Disconnect,
+                room_overflow: HashMap::new(),
                 // One flush per up to 64 frames: measured ~4x the frames/s of a flush per frame,
                 // while a batch of 256-byte frames still fits one 16 KiB TCP write.
                 batch_frames: nz(64),
@@ -154,6 +171,16 @@ impl FanoutBuilder {
     /// Defaults to [`OverflowPolicy::Disconnect`].
     pub fn overflow(mut self, policy: OverflowPolicy) -> Self {
         self.config.overflow = policy;
+        self
+    }
+
+    /// Overrides the overflow policy for one room: a frame of `room` offered to a full queue
+    /// gets `policy` instead of the layer's. A ticker room may prefer
+    /// [`OverflowPolicy::DropOldest`] while chat rooms keep `Disconnect`.
+    ///
+    /// Defaults to no overrides.
+    pub fn room_overflow(mut self, room: impl Into<String>, policy: OverflowPolicy) -> Self {
+        self.config.room_overflow.insert(room.into(), policy);
         self
     }
 

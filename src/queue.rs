@@ -28,7 +28,6 @@ pub const SLOW_CONSUMER_REASON: &str = "slow consumer";
 pub(crate) struct Limits {
     pub(crate) frames: usize,
     pub(crate) bytes: usize,
-    pub(crate) policy: OverflowPolicy,
 }
 
 /// What became of an offered frame. Plain values, not errors: every outcome is normal traffic.
@@ -129,8 +128,9 @@ impl Outbox {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Offers a frame without waiting. See [`Offer`].
-    pub(crate) fn offer(&self, frame: Message) -> Offer {
+    /// Offers a frame without waiting; a full queue applies `policy` (the policy of the room the
+    /// frame comes from). See [`Offer`].
+    pub(crate) fn offer(&self, frame: Message, policy: OverflowPolicy) -> Offer {
         let len = frame_len(&frame);
         let mut s = self.lock();
         if s.close.is_some() {
@@ -139,7 +139,7 @@ impl Outbox {
         let outcome = if s.fits(len, &self.limits) {
             Offer::Queued
         } else {
-            match self.limits.policy {
+            match policy {
                 OverflowPolicy::DropNewest => return Offer::Dropped,
                 OverflowPolicy::DropOldest => {
                     let mut dropped = 0;
@@ -274,12 +274,24 @@ impl Outbox {
 mod tests {
     use super::*;
 
-    fn outbox(frames: usize, bytes: usize, policy: OverflowPolicy) -> Outbox {
-        Outbox::new(Limits {
-            frames,
-            bytes,
-            policy,
-        })
+    /// An outbox whose `offer` always uses `policy`.
+    struct Policed(Outbox, OverflowPolicy);
+
+    impl std::ops::Deref for Policed {
+        type Target = Outbox;
+        fn deref(&self) -> &Outbox {
+            &self.0
+        }
+    }
+
+    impl Policed {
+        fn offer(&self, frame: Message) -> Offer {
+            self.0.offer(frame, self.1)
+        }
+    }
+
+    fn outbox(frames: usize, bytes: usize, policy: OverflowPolicy) -> Policed {
+        Policed(Outbox::new(Limits { frames, bytes }), policy)
     }
 
     fn text(s: &str) -> Message {
@@ -381,11 +393,11 @@ mod tests {
 
     #[tokio::test]
     async fn writer_wakes_for_a_frame_offered_while_it_waits() {
-        let o = std::sync::Arc::new(outbox(10, 1 << 20, OverflowPolicy::Disconnect));
+        let o = std::sync::Arc::new(outbox(10, 1 << 20, OverflowPolicy::Disconnect).0);
         let o2 = o.clone();
         let waiter = tokio::spawn(async move { take(&o2, 10).await });
         tokio::task::yield_now().await;
-        o.offer(text("hello"));
+        o.offer(text("hello"), OverflowPolicy::Disconnect);
         let got = tokio::time::timeout(std::time::Duration::from_secs(5), waiter)
             .await
             .expect("writer woke")

@@ -19,6 +19,7 @@ use axum::extract::ws::Message;
 use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 
+use crate::config::OverflowPolicy;
 use crate::error::{Error, Kind};
 use crate::queue::{Offer, Outbox};
 use crate::room::RoomName;
@@ -232,6 +233,7 @@ impl Registry {
         room: &str,
         frame: &Message,
         except: Option<SocketId>,
+        policy: OverflowPolicy,
     ) -> Dispatched {
         let mut out = Dispatched::default();
         let inner = self.lock();
@@ -243,7 +245,7 @@ impl Registry {
                 continue;
             }
             // A clone of a `Message` shares its payload (reference-counted `Bytes`).
-            match outbox.offer(frame.clone()) {
+            match outbox.offer(frame.clone(), policy) {
                 Offer::Queued => out.delivered += 1,
                 Offer::QueuedDroppingOldest(n) => {
                     out.delivered += 1;
@@ -271,14 +273,12 @@ impl Registry {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::OverflowPolicy;
     use crate::queue::Limits;
 
     fn outbox() -> Arc<Outbox> {
         Arc::new(Outbox::new(Limits {
             frames: 8,
             bytes: 1 << 20,
-            policy: OverflowPolicy::Disconnect,
         }))
     }
 
@@ -348,13 +348,23 @@ mod tests {
         let (o1, o2) = (outbox(), outbox());
         r.insert(&a, 1, o1.clone());
         r.insert(&a, 2, o2.clone());
-        let d = r.dispatch("a", &Message::Text("hi".into()), Some(1));
+        let d = r.dispatch(
+            "a",
+            &Message::Text("hi".into()),
+            Some(1),
+            OverflowPolicy::Disconnect,
+        );
         assert_eq!(d.delivered, 1);
         assert_eq!(o1.held().0, 0);
         assert_eq!(o2.held().0, 1);
         assert_eq!(
-            r.dispatch("nobody", &Message::Text("x".into()), None)
-                .delivered,
+            r.dispatch(
+                "nobody",
+                &Message::Text("x".into()),
+                None,
+                OverflowPolicy::Disconnect
+            )
+            .delivered,
             0
         );
     }

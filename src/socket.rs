@@ -50,7 +50,6 @@ impl FanoutSocket {
         let outbox = Arc::new(Outbox::new(Limits {
             frames: cfg.queue_frames.get(),
             bytes: cfg.queue_bytes.get(),
-            policy: cfg.overflow,
         }));
         let id = node.registry.next_socket_id();
         let (sink, stream) = socket.split();
@@ -177,7 +176,7 @@ impl FanoutSocket {
     /// closing.
     pub fn send(&self, msg: impl Into<Payload>) -> Result<(), Error> {
         let frame = msg.into().into_frame();
-        match self.outbox.offer(frame) {
+        match self.outbox.offer(frame, self.shared.node.config.overflow) {
             Offer::Queued | Offer::QueuedDroppingOldest(_) => Ok(()),
             Offer::Dropped => {
                 self.shared.node.counters.dropped.add(1);
