@@ -113,7 +113,7 @@ impl FanoutBuilder {
                 // while a batch of 256-byte frames still fits one 16 KiB TCP write.
                 batch_frames: nz(64),
                 write_timeout: Duration::from_secs(5),
-                read_buffer_size: 4 * 1024,
+                read_buffer_size: 2 * 1024,
                 write_buffer_size: 16 * 1024,
                 max_message_size: 64 * 1024,
                 publish_timeout: Duration::from_secs(2),
@@ -203,7 +203,9 @@ impl FanoutBuilder {
 
     /// WebSocket read buffer per socket, applied by [`RoomHandle::on_upgrade`](crate::RoomHandle::on_upgrade).
     ///
-    /// Defaults to 4 KiB (axum's default is 128 KiB, allocated for every socket, idle or not).
+    /// Defaults to 2 KiB (axum's default is 128 KiB, allocated up front for every socket, idle
+    /// or not). It is allocated per socket and dominates an idle connection's cost; a larger
+    /// message grows the buffer to its size while it is read.
     pub fn read_buffer_size(mut self, bytes: usize) -> Self {
         self.config.read_buffer_size = bytes;
         self
