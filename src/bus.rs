@@ -21,7 +21,7 @@ use tokio::time::{Instant, timeout, timeout_at};
 use crate::envelope;
 use crate::error::{Error, Kind};
 use crate::node::Node;
-use crate::registry::Changes;
+use crate::registry::{Changes, Dispatched};
 use crate::room::RoomName;
 
 /// Rooms per SUBSCRIBE / UNSUBSCRIBE command: large enough that resubscribing 10,000 rooms
@@ -369,48 +369,66 @@ impl LogLimiter {
     }
 }
 
+/// Most envelopes dispatched before the writers they fed are woken. Under load the inbound
+/// channel holds many envelopes and each writer then finds many frames to send with one flush;
+/// when traffic is light a batch is a single envelope and nothing waits.
+const DISPATCH_BATCH: usize = 256;
+
 /// Decodes each received envelope once and offers the frame to the room's local sockets.
 async fn dispatch_loop(node: Arc<Node>, mut rx: mpsc::Receiver<PushInfo>) {
     let mut malformed_log = LogLimiter::new(Duration::from_secs(10));
-    while let Some(push) = rx.recv().await {
-        let (channel, raw) = match push.data.as_slice() {
-            [Value::BulkString(channel), Value::BulkString(raw)] => (channel, raw),
-            _ => continue,
-        };
-        let Some(room) = node.room_of(channel) else {
-            continue;
-        };
-        let decoded = match envelope::decode(raw, room, &node.config.node_id) {
-            Ok(decoded) => decoded,
-            Err(why) => {
-                node.counters.malformed.add(1);
-                if let Some(suppressed) = malformed_log.allow() {
-                    tracing::warn!(
-                        room,
-                        reason = %why,
-                        bytes = raw.len(),
-                        suppressed,
-                        "dropped a malformed envelope"
-                    );
-                }
+    let mut batch = Vec::with_capacity(DISPATCH_BATCH);
+    let mut to_wake = Vec::new();
+    while rx.recv_many(&mut batch, DISPATCH_BATCH).await > 0 {
+        let mut total = Dispatched::default();
+        let (mut received, mut malformed) = (0, 0);
+        for push in batch.drain(..) {
+            let (channel, raw) = match push.data.as_slice() {
+                [Value::BulkString(channel), Value::BulkString(raw)] => (channel, raw),
+                _ => continue,
+            };
+            let Some(room) = node.room_of(channel) else {
                 continue;
+            };
+            let decoded = match envelope::decode(raw, room, &node.config.node_id) {
+                Ok(decoded) => decoded,
+                Err(why) => {
+                    malformed += 1;
+                    if let Some(suppressed) = malformed_log.allow() {
+                        tracing::warn!(
+                            room,
+                            reason = %why,
+                            bytes = raw.len(),
+                            suppressed,
+                            "dropped a malformed envelope"
+                        );
+                    }
+                    continue;
+                }
+            };
+            received += 1;
+            let policy = node.config.overflow_for(room);
+            let out =
+                node.registry
+                    .dispatch(room, &decoded.frame, decoded.except, policy, &mut to_wake);
+            if out.overflowed > 0 {
+                tracing::warn!(
+                    room,
+                    sockets = out.overflowed,
+                    "closed slow consumers: send queue full"
+                );
             }
-        };
-        node.counters.received.add(1);
-        let policy = node.config.overflow_for(room);
-        let out = node
-            .registry
-            .dispatch(room, &decoded.frame, decoded.except, policy);
+            total += out;
+        }
+        // Count before waking, so that whoever sees a frame also sees it counted.
         let c = &node.counters;
-        c.delivered.add(out.delivered);
-        c.dropped.add(out.dropped);
-        c.slow_disconnects.add(out.overflowed);
-        if out.overflowed > 0 {
-            tracing::warn!(
-                room,
-                sockets = out.overflowed,
-                "closed slow consumers: send queue full"
-            );
+        c.received.add(received);
+        c.malformed.add(malformed);
+        c.delivered.add(total.delivered);
+        c.dropped.add(total.dropped);
+        c.slow_disconnects.add(total.overflowed);
+        for outbox in to_wake.drain(..) {
+            outbox.wake();
         }
     }
 }

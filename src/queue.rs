@@ -128,26 +128,38 @@ impl Outbox {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Offers a frame without waiting; a full queue applies `policy` (the policy of the room the
-    /// frame comes from). See [`Offer`].
+    /// Offers a frame without waiting and wakes the writer if needed; a full queue applies
+    /// `policy` (the policy of the room the frame comes from). See [`Offer`].
     pub(crate) fn offer(&self, frame: Message, policy: OverflowPolicy) -> Offer {
+        let (offer, wake) = self.offer_deferred(frame, policy);
+        if wake {
+            self.wake();
+        }
+        offer
+    }
+
+    /// Like [`offer`](Outbox::offer), but leaves the wake-up to the caller: when the second
+    /// value is `true`, call [`wake`](Outbox::wake) once done offering. The dispatcher offers a
+    /// whole batch of envelopes first and wakes each writer once, so a writer that runs behind
+    /// finds many frames to write with one flush instead of being woken per frame.
+    pub(crate) fn offer_deferred(&self, frame: Message, policy: OverflowPolicy) -> (Offer, bool) {
         let len = frame_len(&frame);
         let mut s = self.lock();
         if s.close.is_some() {
-            return Offer::Closed;
+            return (Offer::Closed, false);
         }
         let outcome = if s.fits(len, &self.limits) {
             Offer::Queued
         } else {
             match policy {
-                OverflowPolicy::DropNewest => return Offer::Dropped,
+                OverflowPolicy::DropNewest => return (Offer::Dropped, false),
                 OverflowPolicy::DropOldest => {
                     let mut dropped = 0;
                     while !s.fits(len, &self.limits) {
                         let Some(old) = s.queued.pop_front() else {
                             // Everything held is in the writer's hands: nothing left to drop but
                             // the new frame.
-                            return Offer::Dropped;
+                            return (Offer::Dropped, false);
                         };
                         s.queued_bytes -= frame_len(&old);
                         dropped += 1;
@@ -157,20 +169,21 @@ impl Outbox {
                 OverflowPolicy::Disconnect => {
                     drop(s);
                     self.close_now(SLOW_CONSUMER_CODE, SLOW_CONSUMER_REASON);
-                    return Offer::Overflowed;
+                    return (Offer::Overflowed, false);
                 }
             }
         };
-        let was_empty = s.queued.is_empty();
+        // Only the empty -> non-empty edge needs a wake-up: otherwise the writer either is busy
+        // (and re-checks before waiting) or already holds a permit.
+        let wake = s.queued.is_empty();
         s.queued_bytes += len;
         s.queued.push_back(frame);
-        drop(s);
-        if was_empty {
-            // Only the empty -> non-empty edge needs a wake-up: otherwise the writer either is
-            // busy (and re-checks before waiting) or already holds a permit.
-            self.writer_wake.notify_one();
-        }
-        outcome
+        (outcome, wake)
+    }
+
+    /// Wakes the writer (after [`offer_deferred`](Outbox::offer_deferred) asked for it).
+    pub(crate) fn wake(&self) {
+        self.writer_wake.notify_one();
     }
 
     /// Closes after writing what is already queued (a normal close).
@@ -389,6 +402,17 @@ mod tests {
             o.next_batch(&mut batch, 10).await,
             Next::Close(None)
         ));
+    }
+
+    #[tokio::test]
+    async fn deferred_offers_ask_for_one_wake_per_empty_queue() {
+        let o = outbox(10, 1 << 20, OverflowPolicy::Disconnect);
+        let p = OverflowPolicy::Disconnect;
+        assert_eq!(o.offer_deferred(text("1"), p), (Offer::Queued, true));
+        assert_eq!(o.offer_deferred(text("2"), p), (Offer::Queued, false));
+        o.wake();
+        assert_eq!(take(&o, 10).await, ["1", "2"]);
+        assert_eq!(o.offer_deferred(text("3"), p), (Offer::Queued, true));
     }
 
     #[tokio::test]

@@ -69,6 +69,14 @@ pub(crate) struct Registry {
     next_socket: AtomicU64,
 }
 
+impl std::ops::AddAssign for Dispatched {
+    fn add_assign(&mut self, rhs: Self) {
+        self.delivered += rhs.delivered;
+        self.dropped += rhs.dropped;
+        self.overflowed += rhs.overflowed;
+    }
+}
+
 impl Default for Registry {
     fn default() -> Self {
         Self {
@@ -228,12 +236,16 @@ impl Registry {
     }
 
     /// Offers `frame` to every local socket of `room` except `except`. Never waits.
+    ///
+    /// Writers are not woken here: the outboxes that need a wake-up are pushed to `to_wake`,
+    /// for the caller to wake once it has dispatched its whole batch.
     pub(crate) fn dispatch(
         &self,
         room: &str,
         frame: &Message,
         except: Option<SocketId>,
         policy: OverflowPolicy,
+        to_wake: &mut Vec<Arc<Outbox>>,
     ) -> Dispatched {
         let mut out = Dispatched::default();
         let inner = self.lock();
@@ -245,7 +257,11 @@ impl Registry {
                 continue;
             }
             // A clone of a `Message` shares its payload (reference-counted `Bytes`).
-            match outbox.offer(frame.clone(), policy) {
+            let (offer, wake) = outbox.offer_deferred(frame.clone(), policy);
+            if wake {
+                to_wake.push(outbox.clone());
+            }
+            match offer {
                 Offer::Queued => out.delivered += 1,
                 Offer::QueuedDroppingOldest(n) => {
                     out.delivered += 1;
@@ -348,12 +364,15 @@ mod tests {
         let (o1, o2) = (outbox(), outbox());
         r.insert(&a, 1, o1.clone());
         r.insert(&a, 2, o2.clone());
+        let mut to_wake = Vec::new();
         let d = r.dispatch(
             "a",
             &Message::Text("hi".into()),
             Some(1),
             OverflowPolicy::Disconnect,
+            &mut to_wake,
         );
+        assert_eq!(to_wake.len(), 1, "only socket 2 needs its writer woken");
         assert_eq!(d.delivered, 1);
         assert_eq!(o1.held().0, 0);
         assert_eq!(o2.held().0, 1);
@@ -362,7 +381,8 @@ mod tests {
                 "nobody",
                 &Message::Text("x".into()),
                 None,
-                OverflowPolicy::Disconnect
+                OverflowPolicy::Disconnect,
+                &mut to_wake,
             )
             .delivered,
             0
