@@ -33,8 +33,11 @@ async fn main() {
         .await
         .unwrap_or_else(|e| exit(&format!("cannot listen on 127.0.0.1:{port}: {e}")));
     tracing::info!(node = %node_id, "chat node listening on http://127.0.0.1:{port}");
-    let shutdown = async {
-        let _ = tokio::signal::ctrl_c().await;
+    let handle = layer.handle();
+    let shutdown = async move {
+        chat_app::shutdown_signal().await;
+        // Close every socket with 1001 and unsubscribe before the server stops.
+        handle.shutdown().await;
     };
     if let Err(e) = chat_app::serve_app(listener, chat_app::app(layer), shutdown).await {
         exit(&format!("server error: {e}"));

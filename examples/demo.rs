@@ -74,11 +74,13 @@ async fn main() {
         println!("  node demo-{}: http://{addr}", i + 1);
         first_addr.get_or_insert(addr);
         let mut stop = stop_tx.subscribe();
+        let handle = layer.handle();
         servers.push(tokio::spawn(chat_app::serve_app(
             listener,
             chat_app::app(layer),
             async move {
                 let _ = stop.recv().await;
+                handle.shutdown().await;
             },
         )));
     }
@@ -95,28 +97,13 @@ async fn main() {
          Ctrl-C stops everything.\n",
         first_addr.map_or_else(String::new, |a| a.to_string())
     );
-    shutdown_signal().await;
+    // Ctrl-C or SIGTERM: either way the private redis-server must be stopped on the way out.
+    chat_app::shutdown_signal().await;
     println!("stopping…");
     let _ = stop_tx.send(());
     for server in servers {
-        let _ = tokio::time::timeout(Duration::from_secs(3), server).await;
+        let _ = tokio::time::timeout(Duration::from_secs(8), server).await;
     }
-}
-
-/// Ctrl-C or SIGTERM: either way the private redis-server must be stopped on the way out.
-async fn shutdown_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        if let Ok(mut term) = signal(SignalKind::terminate()) {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
-            return;
-        }
-    }
-    let _ = tokio::signal::ctrl_c().await;
 }
 
 /// Whether a Redis answers PING at `url` within a second.

@@ -11,6 +11,7 @@
 //! (`inbound_dropped`) instead of queueing without limit.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use redis::aio::MultiplexedConnection;
@@ -29,14 +30,23 @@ use crate::room::RoomName;
 const ROOMS_PER_COMMAND: usize = 1000;
 
 /// A client for the same server, speaking RESP3 (pushes arrive on the same connection as
-/// command replies, so one multiplexed connection can subscribe and be watched for loss).
+/// command replies, so one multiplexed connection can subscribe and be watched for loss), with
+/// TCP_NODELAY (a PUBLISH must not wait for Nagle's algorithm) and TCP keepalive (a peer that
+/// vanished without a FIN is noticed even on an idle link).
 pub(crate) fn resp3(client: &redis::Client) -> Result<redis::Client, redis::RedisError> {
+    use redis::io::tcp::{TcpSettings, socket2::TcpKeepalive};
     let info = client.get_connection_info().clone();
     let settings = info
         .redis_settings()
         .clone()
         .set_protocol(ProtocolVersion::RESP3);
-    redis::Client::open(info.set_redis_settings(settings))
+    let keepalive = TcpKeepalive::new()
+        .with_time(Duration::from_secs(10))
+        .with_interval(Duration::from_secs(5));
+    let tcp = TcpSettings::default()
+        .set_nodelay(true)
+        .set_keepalive(keepalive);
+    redis::Client::open(info.set_redis_settings(settings).set_tcp_settings(tcp))
 }
 
 async fn connect(
@@ -188,8 +198,18 @@ pub(crate) async fn publish(
     result
 }
 
-/// Keeps the subscriber link up, reconciles subscriptions with the registry, and feeds the
-/// dispatcher.
+/// Per-link signals from the connection's push callback to the link task.
+#[derive(Debug, Default)]
+struct LinkSignals {
+    /// The connection closed.
+    lost: Notify,
+    /// A probe came back; `probe_seen` holds the highest token received.
+    probe_echo: Notify,
+    probe_seen: AtomicU64,
+}
+
+/// Keeps the subscriber link up, reconciles subscriptions with the registry, probes the link,
+/// and feeds the dispatcher.
 pub(crate) async fn run_subscriber(
     node: Arc<Node>,
     client: redis::Client,
@@ -201,21 +221,32 @@ pub(crate) async fn run_subscriber(
     let mut backoff = Backoff::new(cfg.backoff_min, cfg.backoff_max);
     let mut ever_up = false;
     loop {
-        let lost = Arc::new(Notify::new());
+        let signals = Arc::new(LinkSignals::default());
         let on_push = {
-            let (tx, lost, node) = (tx.clone(), lost.clone(), node.clone());
+            let (tx, signals, node) = (tx.clone(), signals.clone(), node.clone());
             move |info: PushInfo| {
                 match info.kind {
-                    PushKind::Message if tx.try_send(info).is_err() => {
-                        node.counters.inbound_dropped.add(1);
-                    }
-                    PushKind::Disconnection => lost.notify_one(),
+                    PushKind::Message => on_message(&node, &signals, &tx, info),
+                    PushKind::Disconnection => signals.lost.notify_one(),
                     _ => {}
                 }
                 Ok(())
             }
         };
-        let mut conn = match connect(&client, cfg.subscribe_timeout, on_push).await {
+        let connected = async {
+            let mut conn = connect(&client, cfg.subscribe_timeout, on_push).await?;
+            // The probe channel first: from here on, the link can be checked end to end.
+            timeout(cfg.subscribe_timeout, conn.subscribe(&node.probe_channel))
+                .await
+                .map_err(|_| {
+                    redis::RedisError::from(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "SUBSCRIBE not confirmed in time",
+                    ))
+                })??;
+            Ok::<_, redis::RedisError>(conn)
+        };
+        let mut conn = match connected.await {
             Ok(conn) => conn,
             Err(e) => {
                 tracing::warn!(node = %cfg.node_id, error = %e, "subscriber cannot connect to redis; retrying");
@@ -229,31 +260,59 @@ pub(crate) async fn run_subscriber(
         let outcome = serve_link(
             &node,
             &mut conn,
-            &lost,
+            &signals,
             &mut stop,
             &mut ever_up,
             &mut backoff,
         )
         .await;
-        node.ready
-            .store(false, std::sync::atomic::Ordering::Release);
-        node.registry.link_down();
+        node.ready.store(false, Ordering::Release);
         match outcome {
             LinkEnd::Stopped => {
-                let rooms = node.registry.subscribed_rooms();
-                if !rooms.is_empty() {
-                    let channels: Vec<String> = rooms.iter().map(|r| node.channel(r)).collect();
-                    let _ = timeout(Duration::from_secs(1), conn.unsubscribe(&channels)).await;
-                }
+                let mut channels: Vec<String> = node
+                    .registry
+                    .subscribed_rooms()
+                    .iter()
+                    .map(|r| node.channel(r))
+                    .collect();
+                channels.push(node.probe_channel.clone());
+                let _ = timeout(Duration::from_secs(1), conn.unsubscribe(&channels)).await;
+                node.registry.link_down();
                 return;
             }
             LinkEnd::Lost(reason) => {
+                node.registry.link_down();
                 node.counters.reconnects.add(1);
                 tracing::warn!(node = %cfg.node_id, %reason, "subscriber link lost; reconnecting and resubscribing");
             }
         }
+        drop(conn);
         if !pause(backoff.next(), &mut stop).await {
             return;
+        }
+    }
+}
+
+/// The push callback's work for one published message. Runs on the connection's driver, so it
+/// never waits: a full inbound channel drops the message and counts it.
+fn on_message(node: &Node, signals: &LinkSignals, tx: &mpsc::Sender<PushInfo>, info: PushInfo) {
+    if let [Value::BulkString(channel), Value::BulkString(token)] = info.data.as_slice()
+        && channel.as_slice() == node.probe_channel.as_bytes()
+    {
+        let token = std::str::from_utf8(token)
+            .ok()
+            .and_then(|t| t.parse().ok())
+            .unwrap_or(0);
+        signals.probe_seen.fetch_max(token, Ordering::AcqRel);
+        signals.probe_echo.notify_one();
+        return;
+    }
+    if let Err(mpsc::error::TrySendError::Full(info)) = tx.try_send(info) {
+        node.counters.inbound_dropped.add(1);
+        if let [Value::BulkString(channel), ..] = info.data.as_slice()
+            && let Some(room) = node.room_of(channel)
+        {
+            node.note_shed(room);
         }
     }
 }
@@ -266,30 +325,77 @@ enum LinkEnd {
 async fn serve_link(
     node: &Node,
     conn: &mut MultiplexedConnection,
-    lost: &Notify,
+    signals: &LinkSignals,
     stop: &mut watch::Receiver<()>,
     ever_up: &mut bool,
     backoff: &mut Backoff,
 ) -> LinkEnd {
+    let cfg = &node.config;
+    let mut probe_every = tokio::time::interval(cfg.probe_interval);
+    probe_every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    probe_every.reset(); // the first probe one interval after connecting, not at once
+    let mut token = 0u64;
+    let mut awaiting: Option<(u64, Instant)> = None;
     loop {
         if let Err(e) = reconcile(node, conn).await {
             return LinkEnd::Lost(e);
         }
-        if !node.ready.swap(true, std::sync::atomic::Ordering::AcqRel) {
+        if !node.ready.load(Ordering::Acquire) {
             backoff.reset();
-            let (rooms, _, subscribed) = node.registry.counts();
+            // Tell the gap before reporting ready, so nothing that sees the node ready can
+            // deliver a message ahead of the notice.
+            let told = node.registry.link_restored();
+            node.ready.store(true, Ordering::Release);
+            let (rooms, _, subscribed, _) = node.registry.counts();
             tracing::info!(
-                node = %node.config.node_id,
+                node = %cfg.node_id,
                 rooms, subscribed,
+                memberships_told_of_gap = told,
                 "subscriber link {}", if *ever_up { "restored" } else { "up" }
             );
             *ever_up = true;
         }
+        let probe_deadline = awaiting.map(|(_, deadline)| deadline);
         tokio::select! {
             _ = node.registry.changed.notified() => {}
-            _ = lost.notified() => return LinkEnd::Lost("connection closed".into()),
+            _ = signals.lost.notified() => return LinkEnd::Lost("connection closed".into()),
             _ = stop.changed() => return LinkEnd::Stopped,
+            _ = probe_every.tick(), if awaiting.is_none() => {
+                token += 1;
+                // PUBLISH on this very connection: its echo proves the connection still
+                // receives what is published, not merely that TCP is up.
+                let mut cmd = redis::cmd("PUBLISH");
+                cmd.arg(&node.probe_channel).arg(token);
+                match timeout(cfg.probe_timeout, cmd.query_async::<i64>(conn)).await {
+                    Ok(Ok(n)) if n >= 1 => {
+                        awaiting = Some((token, Instant::now() + cfg.probe_timeout));
+                    }
+                    Ok(Ok(_)) => {
+                        return LinkEnd::Lost(
+                            "probe channel has no subscriber: the connection lost its subscriptions"
+                                .into(),
+                        );
+                    }
+                    Ok(Err(e)) => return LinkEnd::Lost(format!("probe PUBLISH failed: {e}")),
+                    Err(_) => return LinkEnd::Lost("redis did not answer the probe in time".into()),
+                }
+            }
+            _ = signals.probe_echo.notified() => {
+                if awaiting.is_some_and(|(t, _)| signals.probe_seen.load(Ordering::Acquire) >= t) {
+                    awaiting = None;
+                }
+            }
+            _ = sleep_until_opt(probe_deadline), if probe_deadline.is_some() => {
+                return LinkEnd::Lost("probe was not received back in time: stale link".into());
+            }
         }
+    }
+}
+
+async fn sleep_until_opt(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
     }
 }
 
@@ -380,6 +486,9 @@ async fn dispatch_loop(node: Arc<Node>, mut rx: mpsc::Receiver<PushInfo>) {
     let mut batch = Vec::with_capacity(DISPATCH_BATCH);
     let mut to_wake = Vec::new();
     while rx.recv_many(&mut batch, DISPATCH_BATCH).await > 0 {
+        for (room, (since, until, n)) in node.take_shed() {
+            node.registry.shed(&room, since, until, n);
+        }
         let mut total = Dispatched::default();
         let (mut received, mut malformed) = (0, 0);
         for push in batch.drain(..) {

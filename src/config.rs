@@ -49,6 +49,9 @@ pub(crate) struct Config {
     pub(crate) backoff_min: Duration,
     pub(crate) backoff_max: Duration,
     pub(crate) inbound_capacity: NonZeroUsize,
+    pub(crate) probe_interval: Duration,
+    pub(crate) probe_timeout: Duration,
+    pub(crate) shutdown_timeout: Duration,
 }
 
 impl Config {
@@ -121,6 +124,9 @@ impl FanoutBuilder {
                 backoff_min: Duration::from_millis(50),
                 backoff_max: Duration::from_millis(2000),
                 inbound_capacity: nz(16 * 1024),
+                probe_interval: Duration::from_secs(5),
+                probe_timeout: Duration::from_secs(2),
+                shutdown_timeout: Duration::from_secs(5),
             },
         }
     }
@@ -259,6 +265,34 @@ impl FanoutBuilder {
     /// Defaults to 16384.
     pub fn inbound_capacity(mut self, messages: NonZeroUsize) -> Self {
         self.config.inbound_capacity = messages;
+        self
+    }
+
+    /// How often the subscriber link is probed: the node publishes a token on its private
+    /// channel (`__axum_fanout:probe:<node id>`) over the subscriber connection and expects it
+    /// back. A connection that stays up at the TCP level but no longer delivers (a frozen or
+    /// wedged Redis) is then detected, dropped and replaced.
+    ///
+    /// Defaults to 5 seconds (a stale link is detected within interval + probe timeout).
+    pub fn probe_interval(mut self, every: Duration) -> Self {
+        self.config.probe_interval = every.max(Duration::from_millis(10));
+        self
+    }
+
+    /// How long a probe may take to come back before the link counts as stale.
+    ///
+    /// Defaults to 2 seconds.
+    pub fn probe_timeout(mut self, timeout: Duration) -> Self {
+        self.config.probe_timeout = timeout;
+        self
+    }
+
+    /// How long [`RoomHandle::shutdown`](crate::RoomHandle::shutdown) waits for sockets to
+    /// flush and close and for the node's UNSUBSCRIBEs to be confirmed.
+    ///
+    /// Defaults to 5 seconds.
+    pub fn shutdown_timeout(mut self, timeout: Duration) -> Self {
+        self.config.shutdown_timeout = timeout;
         self
     }
 

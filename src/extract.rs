@@ -17,7 +17,7 @@ use crate::envelope::{self, Payload};
 use crate::error::Error;
 use crate::node::Shared;
 use crate::room::RoomName;
-use crate::socket::FanoutSocket;
+use crate::socket::{FanoutSocket, going_away};
 use crate::stats::Stats;
 
 /// A cheap, cloneable handle to this node's fan-out: broadcast to rooms, attach WebSockets,
@@ -130,6 +130,42 @@ impl RoomHandle {
     /// This node's id (the `origin` of its envelopes).
     pub fn node_id(&self) -> &str {
         &self.shared.node.config.node_id
+    }
+
+    /// Shuts this node down gracefully; call it from axum's `with_graceful_shutdown` signal.
+    ///
+    /// Every local socket gets what is already queued, then a close frame 1001
+    /// (`"server shutting down"`), and its [`recv`](FanoutSocket::recv) returns `None`; new
+    /// sockets are closed at once and new joins fail. It then waits, up to the shutdown timeout
+    /// (default 5 s), until every socket has left its rooms, every writer has flushed and the
+    /// node's UNSUBSCRIBEs were confirmed. Returns `true` when all of that happened in time.
+    ///
+    /// ```no_run
+    /// # async fn run(app: axum::Router, rooms: axum_fanout::RoomHandle) -> std::io::Result<()> {
+    /// let listener = tokio::net::TcpListener::bind("127.0.0.1:3000").await?;
+    /// axum::serve(listener, app)
+    ///     .with_graceful_shutdown(async move {
+    ///         let _ = tokio::signal::ctrl_c().await;
+    ///         rooms.shutdown().await;
+    ///     })
+    ///     .await
+    /// # }
+    /// ```
+    pub async fn shutdown(&self) -> bool {
+        let node = &self.shared.node;
+        let sockets = node.registry.begin_shutdown();
+        for outbox in &sockets {
+            outbox.close_after_flush(Some(going_away()));
+        }
+        let deadline = tokio::time::Instant::now() + node.config.shutdown_timeout;
+        let clean = node.registry.wait_quiet(deadline).await;
+        tracing::info!(
+            node = %node.config.node_id,
+            sockets = sockets.len(),
+            clean,
+            "fanout node shut down"
+        );
+        clean
     }
 
     /// A snapshot of this node's counters.

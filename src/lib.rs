@@ -15,6 +15,7 @@
 //! - `bus`: the Redis connections (publisher, subscriber), reconnects, and the dispatcher.
 //! - `registry`: room -> local sockets, and the reconciliation of subscriptions.
 //! - `queue`: one socket's bounded send queue and its overflow policy.
+//! - `missed`: [`Missed`], how a socket learns that messages may have been lost.
 //! - `socket`: [`FanoutSocket`], its reader and its batched writer task.
 //! - `stats`: counters and the [`Stats`] snapshot.
 //!
@@ -42,6 +43,7 @@ mod envelope;
 mod error;
 mod extract;
 mod layer;
+mod missed;
 mod node;
 mod queue;
 mod registry;
@@ -54,7 +56,8 @@ pub use envelope::Payload;
 pub use error::Error;
 pub use extract::{Broadcast, MissingFanoutLayer, RoomHandle};
 pub use layer::{FanoutLayer, FanoutService};
+pub use missed::Missed;
 pub use queue::{SLOW_CONSUMER_CODE, SLOW_CONSUMER_REASON};
 pub use room::{InvalidRoomName, MAX_ROOM_LEN, RoomName};
-pub use socket::{FanoutSocket, MESSAGE_TOO_BIG_CODE};
+pub use socket::{Event, FanoutSocket, GOING_AWAY_CODE, MESSAGE_TOO_BIG_CODE};
 pub use stats::Stats;

@@ -1,7 +1,9 @@
 //! One node's shared state and the lifetime of its background tasks.
 
-use std::sync::Arc;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::SystemTime;
 
 use tokio::sync::watch;
 
@@ -21,6 +23,12 @@ pub(crate) struct Node {
     pub(crate) ready: AtomicBool,
     /// The publisher connection when there is one; broadcasts wait (bounded) for `Some`.
     pub(crate) publisher: watch::Sender<Option<redis::aio::MultiplexedConnection>>,
+    /// This node's private channel for link probes, outside the room prefix so that
+    /// `PUBSUB CHANNELS <prefix>*` lists rooms only.
+    pub(crate) probe_channel: String,
+    /// Messages dropped before dispatch, per room: (first, last, count). Written by the push
+    /// callback, drained by the dispatcher, which tells the rooms' members.
+    shed: Mutex<HashMap<String, (SystemTime, SystemTime, u64)>>,
 }
 
 impl Node {
@@ -40,9 +48,26 @@ impl Node {
             .strip_prefix(self.config.channel_prefix.as_str())
     }
 
+    pub(crate) fn note_shed(&self, room: &str) {
+        let now = SystemTime::now();
+        let mut shed = self.shed.lock().unwrap_or_else(PoisonError::into_inner);
+        let entry = shed.entry(room.to_owned()).or_insert((now, now, 0));
+        entry.1 = now;
+        entry.2 += 1;
+    }
+
+    pub(crate) fn take_shed(&self) -> HashMap<String, (SystemTime, SystemTime, u64)> {
+        let mut shed = self.shed.lock().unwrap_or_else(PoisonError::into_inner);
+        if shed.is_empty() {
+            return HashMap::new();
+        }
+        std::mem::take(&mut *shed)
+    }
+
     pub(crate) fn stats(&self) -> Stats {
-        let (rooms, sockets, subscriptions) = self.registry.counts();
-        self.counters.snapshot(rooms, sockets, subscriptions)
+        let (rooms, memberships, subscriptions, connections) = self.registry.counts();
+        self.counters
+            .snapshot(rooms, connections, memberships, subscriptions)
     }
 }
 
@@ -59,11 +84,13 @@ impl Shared {
     pub(crate) fn new(config: Config) -> Arc<Self> {
         let shared = Arc::new(Self {
             node: Arc::new(Node {
-                config,
                 registry: Registry::default(),
                 counters: Counters::default(),
                 ready: AtomicBool::new(false),
                 publisher: watch::Sender::new(None),
+                probe_channel: format!("__axum_fanout:probe:{}", config.node_id),
+                shed: Mutex::new(HashMap::new()),
+                config,
             }),
             stop: watch::Sender::new(()),
             started: AtomicBool::new(false),

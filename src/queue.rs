@@ -17,6 +17,7 @@ use axum::extract::ws::{CloseFrame, Message, Utf8Bytes};
 use tokio::sync::Notify;
 
 use crate::config::OverflowPolicy;
+use crate::missed::Missed;
 
 /// Close code sent to a client that could not keep up (RFC 6455 1013, "try again later").
 pub const SLOW_CONSUMER_CODE: u16 = 1013;
@@ -69,6 +70,8 @@ struct State {
     writing_frames: usize,
     writing_bytes: usize,
     close: Option<CloseRequest>,
+    /// Loss notices for the reader, at most one per room (windows are merged).
+    missed: Vec<Missed>,
 }
 
 impl State {
@@ -96,6 +99,8 @@ pub(crate) struct Outbox {
     writer_wake: Notify,
     /// Set once a close is requested; readers wait on `reader_wake` for it.
     closing: AtomicBool,
+    /// Set while `State::missed` is not empty, so the reader's check needs no lock.
+    has_missed: AtomicBool,
     reader_wake: Notify,
 }
 
@@ -116,6 +121,7 @@ impl Outbox {
             limits,
             writer_wake: Notify::new(),
             closing: AtomicBool::new(false),
+            has_missed: AtomicBool::new(false),
             reader_wake: Notify::new(),
         }
     }
@@ -226,18 +232,46 @@ impl Outbox {
         self.closing.load(Ordering::Acquire)
     }
 
-    /// Resolves once a close is requested.
+    /// Tells the reader that messages of a room may have been missed.
+    pub(crate) fn record_missed(&self, missed: Missed) {
+        let mut s = self.lock();
+        if s.close.is_some() {
+            return;
+        }
+        match s.missed.iter_mut().find(|m| m.room == missed.room) {
+            Some(earlier) => earlier.merge(&missed),
+            None => s.missed.push(missed),
+        }
+        drop(s);
+        self.has_missed.store(true, Ordering::Release);
+        self.reader_wake.notify_waiters();
+    }
+
+    /// The oldest pending loss notice, if any.
+    pub(crate) fn take_missed(&self) -> Option<Missed> {
+        if !self.has_missed.load(Ordering::Acquire) {
+            return None;
+        }
+        let mut s = self.lock();
+        let first = (!s.missed.is_empty()).then(|| s.missed.remove(0));
+        if s.missed.is_empty() {
+            self.has_missed.store(false, Ordering::Release);
+        }
+        first
+    }
+
+    /// Resolves once a close is requested or a loss notice is pending.
     ///
     /// # Cancel safety
     /// Cancel safe: it only waits.
-    pub(crate) async fn closed(&self) {
+    pub(crate) async fn reader_event(&self) {
         loop {
             let notified = self.reader_wake.notified();
             tokio::pin!(notified);
-            // Register before checking the flag, so a close between the check and the wait
+            // Register before checking the flags, so an event between the check and the wait
             // still wakes us (`notify_waiters` stores no permit).
             notified.as_mut().enable();
-            if self.is_closing() {
+            if self.is_closing() || self.has_missed.load(Ordering::Acquire) {
                 return;
             }
             notified.await;
@@ -387,7 +421,7 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert!(batch.is_empty());
-        o.closed().await; // resolves at once
+        o.reader_event().await; // resolves at once
     }
 
     #[tokio::test]

@@ -14,6 +14,7 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::SystemTime;
 
 use axum::extract::ws::Message;
 use tokio::sync::{Notify, watch};
@@ -21,6 +22,7 @@ use tokio::time::Instant;
 
 use crate::config::OverflowPolicy;
 use crate::error::{Error, Kind};
+use crate::missed::Missed;
 use crate::queue::{Offer, Outbox};
 use crate::room::RoomName;
 
@@ -36,6 +38,14 @@ struct Inner {
     pending: HashSet<RoomName>,
     /// Whether the subscription task has a link to hand pending rooms to.
     link_up: bool,
+    /// Every attached socket, joined to rooms or not: what a shutdown must close.
+    attached: HashMap<SocketId, Arc<Outbox>>,
+    /// Rooms that were subscribed when the link dropped, and when it dropped: their members
+    /// are told about the gap once the link is back.
+    lost: HashSet<RoomName>,
+    down_since: Option<SystemTime>,
+    /// Set by a shutdown: no new joins, new sockets are closed at once.
+    shutting_down: bool,
 }
 
 /// What the subscription task must send to Redis next.
@@ -64,9 +74,12 @@ pub(crate) struct Registry {
     inner: Mutex<Inner>,
     /// Wakes the subscription task when a room gains its first or loses its last local socket.
     pub(crate) changed: Notify,
-    /// Bumped whenever `subscribed` changes, so joins waiting for a confirmation re-check.
+    /// Bumped whenever `subscribed` changes or a room empties, so joins waiting for a
+    /// confirmation and shutdowns waiting for quiet re-check.
     confirmed: watch::Sender<u64>,
     next_socket: AtomicU64,
+    /// Writer tasks still running: a shutdown waits for them to flush and send their close.
+    writers: AtomicU64,
 }
 
 impl std::ops::AddAssign for Dispatched {
@@ -84,6 +97,7 @@ impl Default for Registry {
             changed: Notify::new(),
             confirmed: watch::Sender::new(0),
             next_socket: AtomicU64::new(1),
+            writers: AtomicU64::new(0),
         }
     }
 }
@@ -95,8 +109,63 @@ impl Registry {
         self.inner.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    pub(crate) fn next_socket_id(&self) -> SocketId {
-        self.next_socket.fetch_add(1, Ordering::Relaxed)
+    /// Registers a new socket and returns its id; `false` when the node is shutting down (the
+    /// socket is then not registered and should be closed).
+    pub(crate) fn attach(&self, outbox: Arc<Outbox>) -> (SocketId, bool) {
+        let id = self.next_socket.fetch_add(1, Ordering::Relaxed);
+        let mut inner = self.lock();
+        if inner.shutting_down {
+            return (id, false);
+        }
+        inner.attached.insert(id, outbox);
+        (id, true)
+    }
+
+    pub(crate) fn writer_started(&self) {
+        self.writers.fetch_add(1, Ordering::AcqRel);
+    }
+
+    pub(crate) fn writer_finished(&self) {
+        self.writers.fetch_sub(1, Ordering::AcqRel);
+        self.confirmed.send_modify(|n| *n += 1);
+    }
+
+    /// Forgets a socket (after it left its rooms).
+    pub(crate) fn detach(&self, socket: SocketId) {
+        self.lock().attached.remove(&socket);
+    }
+
+    /// Stops new joins and returns every attached socket, to be closed.
+    pub(crate) fn begin_shutdown(&self) -> Vec<Arc<Outbox>> {
+        let mut inner = self.lock();
+        inner.shutting_down = true;
+        inner.attached.values().cloned().collect()
+    }
+
+    pub(crate) fn is_shutting_down(&self) -> bool {
+        self.lock().shutting_down
+    }
+
+    /// Waits until no socket is in any room, every writer has finished and every UNSUBSCRIBE
+    /// was confirmed, or `deadline`. Returns whether that state was reached.
+    pub(crate) async fn wait_quiet(&self, deadline: Instant) -> bool {
+        let mut rx = self.confirmed.subscribe();
+        loop {
+            {
+                let inner = self.lock();
+                if inner.rooms.is_empty()
+                    && inner.subscribed.is_empty()
+                    && inner.pending.is_empty()
+                    && self.writers.load(Ordering::Acquire) == 0
+                {
+                    return true;
+                }
+            }
+            match tokio::time::timeout_at(deadline, rx.changed()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) | Err(_) => return false,
+            }
+        }
     }
 
     /// Adds a socket to a room. Returns `true` when the room is already subscribed (the join is
@@ -132,6 +201,7 @@ impl Registry {
         drop(inner);
         if last {
             self.changed.notify_one();
+            self.confirmed.send_modify(|n| *n += 1);
         }
         was_member
     }
@@ -210,6 +280,8 @@ impl Registry {
                 inner.pending.insert(room);
             }
         }
+        drop(inner);
+        self.confirmed.send_modify(|n| *n += 1);
     }
 
     /// A new link is up: every local room must be subscribed on it.
@@ -225,9 +297,56 @@ impl Registry {
     pub(crate) fn link_down(&self) {
         let mut inner = self.lock();
         inner.link_up = false;
-        inner.subscribed.clear();
+        let was_subscribed = std::mem::take(&mut inner.subscribed);
+        if !was_subscribed.is_empty() {
+            inner.down_since.get_or_insert_with(SystemTime::now);
+            inner.lost.extend(was_subscribed);
+        }
         drop(inner);
         self.confirmed.send_modify(|n| *n += 1);
+    }
+
+    /// The link is back and every room resubscribed: tell the members of each room that was
+    /// subscribed when it dropped. Returns the number of memberships told.
+    pub(crate) fn link_restored(&self) -> usize {
+        let mut inner = self.lock();
+        let Some(since) = inner.down_since.take() else {
+            return 0;
+        };
+        let until = SystemTime::now();
+        let lost = std::mem::take(&mut inner.lost);
+        let mut told = 0;
+        for room in lost {
+            let Some(members) = inner.rooms.get(&room) else {
+                continue;
+            };
+            for outbox in members.values() {
+                outbox.record_missed(Missed {
+                    room: room.clone(),
+                    since,
+                    until,
+                    dropped: None,
+                });
+                told += 1;
+            }
+        }
+        told
+    }
+
+    /// The node dropped `n` messages of `room` before dispatching them: tell its members.
+    pub(crate) fn shed(&self, room: &str, since: SystemTime, until: SystemTime, n: u64) {
+        let inner = self.lock();
+        let Some((room, members)) = inner.rooms.get_key_value(room) else {
+            return;
+        };
+        for outbox in members.values() {
+            outbox.record_missed(Missed {
+                room: room.clone(),
+                since,
+                until,
+                dropped: Some(n),
+            });
+        }
     }
 
     /// Every room that has a local socket, for a final UNSUBSCRIBE.
@@ -249,8 +368,17 @@ impl Registry {
     ) -> Dispatched {
         let mut out = Dispatched::default();
         let inner = self.lock();
-        let Some(members) = inner.rooms.get(room) else {
+        let Some((room, members)) = inner.rooms.get_key_value(room) else {
             return out;
+        };
+        let missed = |n: u64| {
+            let now = SystemTime::now();
+            Missed {
+                room: room.clone(),
+                since: now,
+                until: now,
+                dropped: Some(n),
+            }
         };
         for (&id, outbox) in members {
             if Some(id) == except {
@@ -266,8 +394,12 @@ impl Registry {
                 Offer::QueuedDroppingOldest(n) => {
                     out.delivered += 1;
                     out.dropped += n as u64;
+                    outbox.record_missed(missed(n as u64));
                 }
-                Offer::Dropped => out.dropped += 1,
+                Offer::Dropped => {
+                    out.dropped += 1;
+                    outbox.record_missed(missed(1));
+                }
                 Offer::Overflowed => {
                     out.dropped += 1;
                     out.overflowed += 1;
@@ -278,11 +410,16 @@ impl Registry {
         out
     }
 
-    /// (rooms, sockets, subscribed rooms) right now.
-    pub(crate) fn counts(&self) -> (usize, usize, usize) {
+    /// (rooms, memberships, subscribed rooms, attached sockets) right now.
+    pub(crate) fn counts(&self) -> (usize, usize, usize, usize) {
         let inner = self.lock();
-        let sockets = inner.rooms.values().map(HashMap::len).sum();
-        (inner.rooms.len(), sockets, inner.subscribed.len())
+        let memberships = inner.rooms.values().map(HashMap::len).sum();
+        (
+            inner.rooms.len(),
+            memberships,
+            inner.subscribed.len(),
+            inner.attached.len(),
+        )
     }
 }
 
@@ -320,7 +457,7 @@ mod tests {
         r.remove(&a, 3);
         let c = r.take_pending(100);
         assert_eq!(c.unsubscribe, [a]);
-        assert_eq!(r.counts(), (0, 0, 0));
+        assert_eq!(r.counts(), (0, 0, 0, 0));
     }
 
     #[test]

@@ -11,6 +11,7 @@ use tokio::time::{Instant, timeout};
 use crate::envelope::Payload;
 use crate::error::{Error, Kind};
 use crate::extract::RoomHandle;
+use crate::missed::Missed;
 use crate::node::{Node, Shared};
 use crate::queue::{Limits, Next, Offer, Outbox, SLOW_CONSUMER_CODE, SLOW_CONSUMER_REASON};
 use crate::registry::SocketId;
@@ -18,6 +19,20 @@ use crate::room::RoomName;
 
 /// Close code sent when a client message exceeds the size limit (RFC 6455 1009).
 pub const MESSAGE_TOO_BIG_CODE: u16 = 1009;
+
+/// What [`FanoutSocket::recv_event`] yields.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum Event {
+    /// A text or binary message from the client.
+    Message(Message),
+    /// Messages of a room may not have reached this socket (see *Lagging* on
+    /// [`FanoutSocket::recv_event`]).
+    Missed(Missed),
+}
+
+/// Close code sent to every socket when the node shuts down (RFC 6455 1001).
+pub const GOING_AWAY_CODE: u16 = 1001;
 
 /// How long the writer tries to deliver a close frame before it gives up on the client.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
@@ -51,8 +66,12 @@ impl FanoutSocket {
             frames: cfg.queue_frames.get(),
             bytes: cfg.queue_bytes.get(),
         }));
-        let id = node.registry.next_socket_id();
+        let (id, accepted) = node.registry.attach(outbox.clone());
+        if !accepted {
+            outbox.close_after_flush(Some(going_away()));
+        }
         let (sink, stream) = socket.split();
+        node.registry.writer_started();
         tokio::spawn(write_loop(sink, outbox.clone(), node.clone(), id));
         Self {
             id,
@@ -92,7 +111,7 @@ impl FanoutSocket {
                 "the layer was built with an invalid redis url",
             ));
         }
-        if self.outbox.is_closing() {
+        if self.outbox.is_closing() || node.registry.is_shutting_down() {
             return Err(Error::new(Kind::Closed));
         }
         let deadline = Instant::now() + node.config.subscribe_timeout;
@@ -126,21 +145,58 @@ impl FanoutSocket {
     /// Receives the client's next text or binary message.
     ///
     /// Returns `None` once the connection is closed, by the client or by this node (a slow
-    /// consumer, [`close`](FanoutSocket::close)). Pings are answered and pongs consumed for you.
+    /// consumer, [`close`](FanoutSocket::close), [`RoomHandle::shutdown`]). Pings are answered
+    /// and pongs consumed for you. Loss notices are discarded: use
+    /// [`recv_event`](FanoutSocket::recv_event) to see them.
+    ///
     /// A message over the size limit closes the socket with 1009 and yields an error for which
-    /// [`Error::is_message_too_big`] is true.
+    /// [`Error::is_message_too_big`] is true; a transport failure yields
+    /// [`Error::is_websocket`]. The next call returns `None`.
     ///
     /// # Cancel safety
     /// Cancel safe: a message is only taken from the socket when it is returned.
     pub async fn recv(&mut self) -> Option<Result<Message, Error>> {
         loop {
+            match self.recv_event().await? {
+                Ok(Event::Message(msg)) => return Some(Ok(msg)),
+                Ok(Event::Missed(missed)) => {
+                    tracing::debug!(socket = self.id, %missed, "loss notice discarded by recv()");
+                }
+                Err(e) => return Some(Err(e)),
+            }
+        }
+    }
+
+    /// Like [`recv`](FanoutSocket::recv), and also tells when messages may have been missed.
+    ///
+    /// ## Lagging
+    /// Redis pub/sub is at-most-once. When messages of one of the socket's rooms may not have
+    /// reached it (the node's Redis link was down, the node shed load, or this socket's queue
+    /// overflowed under a dropping policy), this yields [`Event::Missed`] with the room and the
+    /// time window, once per gap and room (gaps that overlap are merged). The socket keeps
+    /// working; resync the room if the application needs every message.
+    ///
+    /// # Cancel safety
+    /// Cancel safe: an event is only taken when it is returned.
+    pub async fn recv_event(&mut self) -> Option<Result<Event, Error>> {
+        loop {
+            if let Some(missed) = self.outbox.take_missed() {
+                return Some(Ok(Event::Missed(missed)));
+            }
             let next = tokio::select! {
                 biased;
-                _ = self.outbox.closed() => return None,
+                _ = self.outbox.reader_event() => {
+                    if self.outbox.is_closing() {
+                        return None;
+                    }
+                    continue;
+                }
                 next = self.stream.next() => next,
             };
             match next? {
-                Ok(msg @ (Message::Text(_) | Message::Binary(_))) => return Some(Ok(msg)),
+                Ok(msg @ (Message::Text(_) | Message::Binary(_))) => {
+                    return Some(Ok(Event::Message(msg)));
+                }
                 Ok(Message::Ping(_) | Message::Pong(_)) => continue,
                 Ok(Message::Close(_)) => {
                     // The transport answers the close handshake; stop the writer too.
@@ -227,10 +283,19 @@ impl Drop for FanoutSocket {
             registry.remove(&room, self.id);
             tracing::debug!(room = %room, socket = self.id, "left (socket dropped)");
         }
+        registry.detach(self.id);
         self.outbox.close_after_flush(Some(CloseFrame {
             code: 1000,
             reason: Utf8Bytes::from_static(""),
         }));
+    }
+}
+
+/// The close frame of a node that is shutting down (RFC 6455 1001).
+pub(crate) fn going_away() -> CloseFrame {
+    CloseFrame {
+        code: GOING_AWAY_CODE,
+        reason: Utf8Bytes::from_static("server shutting down"),
     }
 }
 
@@ -287,5 +352,6 @@ async fn write_loop(
             }
         }
         let _ = timeout(CLOSE_TIMEOUT, sink.close()).await;
+        node.registry.writer_finished();
     }
 }

@@ -72,8 +72,10 @@ impl Default for Counters {
 pub struct Stats {
     /// Rooms with at least one local socket.
     pub rooms: usize,
-    /// Local socket memberships (a socket in two rooms counts twice).
-    pub sockets: usize,
+    /// WebSocket connections attached to this node, in rooms or not.
+    pub connections: usize,
+    /// (socket, room) memberships: a socket in two rooms counts twice.
+    pub memberships: usize,
     /// Room channels Redis confirmed for this node.
     pub subscriptions: usize,
     /// Envelopes this node published (PUBLISH replied).
@@ -97,10 +99,17 @@ pub struct Stats {
 }
 
 impl Counters {
-    pub(crate) fn snapshot(&self, rooms: usize, sockets: usize, subscriptions: usize) -> Stats {
+    pub(crate) fn snapshot(
+        &self,
+        rooms: usize,
+        connections: usize,
+        memberships: usize,
+        subscriptions: usize,
+    ) -> Stats {
         Stats {
             rooms,
-            sockets,
+            connections,
+            memberships,
             subscriptions,
             published: self.published.get(),
             publish_errors: self.publish_errors.get(),

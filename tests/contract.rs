@@ -78,10 +78,10 @@ impl Cluster {
     /// Like [`join`](Cluster::join) with an explicit path; `room` is the room it should land in.
     async fn join_path(&self, node: usize, path: &str, room: &str) -> Ws {
         let handle = &self.nodes[node].handle;
-        let before = handle.stats().sockets;
+        let before = handle.stats().memberships;
         let ws = connect(&self.nodes[node].server.ws_url(path)).await;
         wait_until("socket joined", || async {
-            handle.stats().sockets > before
+            handle.stats().memberships > before
         })
         .await;
         let channel = format!("ws:room:{room}");
@@ -167,12 +167,12 @@ async fn a_frame_that_is_not_json_closes_only_that_connection_with_1007() {
     let garbage = ["not json", "{\"unterminated\":", "{\"a\":1} {\"b\":2}", ""];
     for (i, g) in garbage.into_iter().enumerate() {
         let mut bad = c.join(0, "j").await;
-        assert_eq!(c.stats(0).sockets, 2);
+        assert_eq!(c.stats(0).memberships, 2);
         send_text(&mut bad, g).await;
         let reason = expect_close(&mut bad, INVALID_PAYLOAD, &format!("text frame {g:?}")).await;
         assert!(!reason.is_empty(), "the close frame says why");
         wait_until("node n1 released the closed socket", || async {
-            c.stats(0).sockets == 1
+            c.stats(0).memberships == 1
         })
         .await;
         // The others still work: the next frame each receives is this valid message (not the
@@ -224,7 +224,7 @@ async fn a_text_message_over_64_kib_closes_only_that_connection_with_1009() {
     let reason = expect_close(&mut big, MESSAGE_TOO_BIG, "message of 64 KiB + 1").await;
     assert!(!reason.is_empty(), "the close frame says why");
     wait_until("node n1 released the closed socket", || async {
-        c.stats(0).sockets == 1
+        c.stats(0).memberships == 1
     })
     .await;
 
@@ -264,7 +264,7 @@ async fn a_binary_frame_closes_only_that_connection_with_1003() {
     let reason = expect_close(&mut bin, UNSUPPORTED_DATA, "binary frame").await;
     assert!(!reason.is_empty(), "the close frame says why");
     wait_until("node n1 released the closed socket", || async {
-        c.stats(0).sockets == 1
+        c.stats(0).memberships == 1
     })
     .await;
 
@@ -304,16 +304,27 @@ async fn an_invalid_room_name_closes_with_1008_and_joins_nothing() {
         );
     }
     let s = c.stats(0);
-    assert_eq!((s.rooms, s.sockets, s.subscriptions), (0, 0, 0));
-    assert_eq!(c.redis.channels("*"), Vec::<String>::new());
-    assert_eq!(subscribe_calls(&c.redis), 0, "no SUBSCRIBE was ever sent");
+    assert_eq!(
+        (s.rooms, s.memberships, s.subscriptions, s.connections),
+        (0, 0, 0, 0)
+    );
+    // Rooms only: the node's probe channel lives outside the room prefix.
+    assert_eq!(c.redis.channels("ws:room:*"), Vec::<String>::new());
+    assert_eq!(
+        subscribe_calls(&c.redis),
+        c.nodes.len() as u64,
+        "no SUBSCRIBE was ever sent beyond each node's probe channel"
+    );
 
     // Control: a valid name at the length limit joins, and the checks above see it.
     let longest = "y".repeat(128);
     let _ws = c.join(0, &longest).await;
     assert_eq!(c.stats(0).rooms, 1);
-    assert_eq!(c.redis.channels("*"), [format!("ws:room:{longest}")]);
-    assert!(subscribe_calls(&c.redis) >= 1);
+    assert_eq!(
+        c.redis.channels("ws:room:*"),
+        [format!("ws:room:{longest}")]
+    );
+    assert!(subscribe_calls(&c.redis) > c.nodes.len() as u64);
 }
 
 #[tokio::test]
@@ -325,7 +336,7 @@ async fn the_room_defaults_to_lobby() {
     assert_eq!(c.redis.channels("ws:room:*"), ["ws:room:lobby"]);
     assert_eq!(c.redis.numsub("ws:room:lobby"), 2);
     assert_eq!(c.stats(0).rooms, 1);
-    assert_eq!(c.stats(0).sockets, 2);
+    assert_eq!(c.stats(0).memberships, 2);
 
     send_text(&mut no_query, r#"{"from":"no query"}"#).await;
     send_text(&mut explicit, r#"{"from":"explicit"}"#).await;
@@ -375,7 +386,7 @@ async fn healthz_follows_the_redis_link_and_sockets_resume_after_a_restart() {
         assert!(!c.nodes[node].handle.is_ready());
     }
     // The sockets stay open and in their room while Redis is down.
-    assert_eq!((c.stats(0).sockets, c.stats(1).sockets), (1, 1));
+    assert_eq!((c.stats(0).memberships, c.stats(1).memberships), (1, 1));
 
     c.redis.restart();
     assert_eq!(
@@ -398,6 +409,22 @@ async fn healthz_follows_the_redis_link_and_sockets_resume_after_a_restart() {
         assert!(
             c.stats(node).reconnects >= 1,
             "node {node} counted the loss"
+        );
+    }
+
+    // Each socket that stayed connected is told about the gap, once, with a sane window.
+    for ws in [&mut a, &mut b] {
+        let notice = json_of(&recv_text(ws, "missed-messages notice").await);
+        assert_eq!(notice["type"], "fanout.missed", "{notice}");
+        assert_eq!(notice["room"], "survivor", "{notice}");
+        let (since, until) = (notice["since"].as_u64(), notice["until"].as_u64());
+        assert!(
+            matches!((since, until), (Some(s), Some(u)) if s > 0 && s <= u),
+            "{notice}"
+        );
+        assert!(
+            notice["dropped"].is_null(),
+            "unknown while the link was down: {notice}"
         );
     }
 
@@ -427,7 +454,8 @@ async fn stats_returns_the_counters_as_json() {
     assert_eq!(before["ready"], true);
     for counter in [
         "rooms",
-        "sockets",
+        "connections",
+        "memberships",
         "subscriptions",
         "published",
         "publish_errors",
@@ -458,7 +486,8 @@ async fn stats_returns_the_counters_as_json() {
     assert_eq!(status, 200);
     assert_eq!(after["node_id"], "n1");
     assert_eq!(after["rooms"], 1);
-    assert_eq!(after["sockets"], 2);
+    assert_eq!(after["connections"], 2);
+    assert_eq!(after["memberships"], 2);
     assert_eq!(after["subscriptions"], 1);
     assert_eq!(after["publish_errors"], 0);
 }
@@ -641,7 +670,10 @@ async fn three_chat_processes(prefix: Option<&str>) {
         redis.numsub(&channel) == 3
     })
     .await;
-    assert_eq!(redis.channels("*"), [channel.as_str()]);
+    let pattern = format!("{}*", prefix.unwrap_or("ws:room:"));
+    assert_eq!(redis.channels(&pattern), [channel.as_str()]);
+    // Besides the room, only the three nodes' private probe channels exist.
+    assert_eq!(redis.channels("*").len(), 4);
 
     let message = json!({
         "text": "héllo ☕ \"quoted\" \\ \n",

@@ -54,10 +54,10 @@ impl Cluster {
     /// `room` (so its join completed).
     async fn join(&self, node: usize, room: &str) -> Ws {
         let handle = &self.nodes[node].1;
-        let before = handle.stats().sockets;
+        let before = handle.stats().memberships;
         let ws = connect(&self.url(node, room)).await;
         wait_until("socket joined", || async {
-            handle.stats().sockets > before
+            handle.stats().memberships > before
         })
         .await;
         let redis = &self.redis;
@@ -147,7 +147,7 @@ async fn subscriptions_follow_local_sockets_including_a_dropped_tcp_connection()
 
     drop(b); // TCP dropped without a close frame; node 2 still has b2
     wait_until("node 2 noticed", || async {
-        c.nodes[1].1.stats().sockets == 1
+        c.nodes[1].1.stats().memberships == 1
     })
     .await;
     assert_eq!(c.redis.numsub("ws:room:lazy"), 2);
@@ -161,7 +161,10 @@ async fn subscriptions_follow_local_sockets_including_a_dropped_tcp_connection()
     .await;
     for (_, h) in &c.nodes {
         let s = h.stats();
-        assert_eq!((s.rooms, s.sockets, s.subscriptions), (0, 0, 0));
+        assert_eq!(
+            (s.rooms, s.memberships, s.subscriptions, s.connections),
+            (0, 0, 0, 0)
+        );
     }
 }
 
@@ -422,7 +425,7 @@ async fn concurrent_joins_and_leaves_converge_to_exact_subscriptions() {
             && expected.iter().all(|(ch, n)| c.redis.numsub(ch) == *n)
             && c.nodes
                 .iter()
-                .map(|(_, h)| h.stats().sockets)
+                .map(|(_, h)| h.stats().memberships)
                 .sum::<usize>()
                 == kept.len()
     })

@@ -19,7 +19,7 @@ use axum::extract::{Path, Query};
 use axum::http::StatusCode;
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
-use axum_fanout::{FanoutLayer, FanoutSocket, Payload, RoomHandle, RoomName};
+use axum_fanout::{Event, FanoutLayer, FanoutSocket, Missed, Payload, RoomHandle, RoomName};
 
 /// Close codes the chat example uses (RFC 6455 section 7.4.1).
 const UNSUPPORTED_DATA: u16 = 1003;
@@ -98,9 +98,9 @@ async fn serve(mut socket: FanoutSocket, rooms: RoomHandle, room: String) {
         tracing::warn!(room = %room, error = %e, "join failed");
         return socket.close(INTERNAL_ERROR, "redis unavailable, try again later");
     }
-    while let Some(msg) = socket.recv().await {
-        match msg {
-            Ok(Message::Text(text)) => {
+    while let Some(event) = socket.recv_event().await {
+        match event {
+            Ok(Event::Message(Message::Text(text))) => {
                 let Ok(payload) = Payload::raw_json(text.as_str()) else {
                     return socket.close(INVALID_PAYLOAD, "frame is not valid JSON");
                 };
@@ -109,11 +109,37 @@ async fn serve(mut socket: FanoutSocket, rooms: RoomHandle, room: String) {
                     tracing::warn!(room = %room, error = %e, "broadcast failed");
                 }
             }
+            Ok(Event::Missed(missed)) => {
+                // Tell the client, so it can reload what it missed (README: "Missed messages").
+                let notice = missed_notice(&missed);
+                if socket
+                    .send(Payload::json(&notice).unwrap_or_else(|_| Payload::text("")))
+                    .is_err()
+                {
+                    return;
+                }
+            }
             Ok(_) => return socket.close(UNSUPPORTED_DATA, "only JSON text frames are accepted"),
-            // Over the size limit: the socket already closed itself with 1009.
+            // Over the size limit (the socket already closed itself with 1009) or a transport
+            // failure: either way the connection is done.
             Err(_) => return,
         }
     }
+}
+
+/// `{"type":"fanout.missed","room":..,"since":ms,"until":ms,"dropped":n|null}`
+fn missed_notice(missed: &Missed) -> serde_json::Value {
+    let ms = |t: std::time::SystemTime| {
+        t.duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64)
+    };
+    serde_json::json!({
+        "type": "fanout.missed",
+        "room": missed.room().as_str(),
+        "since": ms(missed.since()),
+        "until": ms(missed.until()),
+        "dropped": missed.dropped(),
+    })
 }
 
 /// Reads the contract's environment variables into a layer.
@@ -154,4 +180,20 @@ pub(crate) async fn serve_app(
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await
+}
+
+/// Resolves on Ctrl-C or SIGTERM (what process managers send).
+pub(crate) async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        if let Ok(mut term) = signal(SignalKind::terminate()) {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            return;
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
 }

@@ -130,6 +130,20 @@ impl RedisServer {
         v
     }
 
+    /// The server's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(Child::id).expect("running")
+    }
+
+    /// Sends a signal (`STOP`, `CONT`, ...) to the server with `kill -<sig>`.
+    pub fn signal(&self, sig: &str) {
+        let status = Command::new("kill")
+            .args([&format!("-{sig}"), &self.pid().to_string()])
+            .status()
+            .expect("kill");
+        assert!(status.success(), "kill -{sig}");
+    }
+
     /// Kills the server (like a crash).
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
