@@ -1,1 +1,535 @@
-fn main() {}
+//! End-to-end fan-out benchmark: real server processes, real WebSockets, real Redis.
+//!
+//! # What it measures
+//!
+//! For every *target* (a server implementation speaking the wire contract of
+//! `shared/CONTRACT.md`) and every *scenario*, the bench starts a private `redis-server` on a
+//! free port and three server nodes (`NODE_ID` n1..n3) pointing at it, waits for each node's
+//! `GET /healthz` to answer 200, connects WebSocket clients spread round-robin over the nodes
+//! and measures. Every (scenario, target, round) gets fresh processes, so no run inherits
+//! another's heap, backlog or subscriptions.
+//!
+//! * `sweep`: 10 rooms x 30 clients (3 of them publishing, one per node), 256-byte
+//!   messages. The delivery rate starts at 10k/s and grows x1.5 per 1 s step until a step
+//!   loses more than 0.1 % or has p99 > 50 ms; a failing step is re-run once, because the
+//!   machine is shared. Result: the highest delivery rate that held, and the server CPU per
+//!   delivery at that rate.
+//! * `latency`: the same rooms at a fixed 75,000 deliveries/s (2,500 msg/s in all, 250 per
+//!   room) for 5 s: p50/p99/p99.9/max and CPU per delivery.
+//! * `idle`: 10,000 connections in 100 rooms that only complete the handshake: growth of the
+//!   nodes' summed VmRSS divided by the connection count.
+//! * `slow`: 3 rooms x 30 clients where one client per room (each on another node) completes
+//!   the handshake with a 4 KiB SO_RCVBUF and never reads, while 20 MiB of 16 KiB messages
+//!   flow toward it at a rate every target holds: the other clients' p99 and loss, and the
+//!   nodes' peak RSS growth (VmRSS sampled every 100 ms). Afterwards the stalled clients
+//!   resume reading, which shows whether the server had disconnected them and how much it had
+//!   queued for them. The volume is what matters (it must dwarf the ~4 MiB the kernel buffers
+//!   per socket); 10 rooms at 20 MiB each would be 6 GB of deliveries, 25 s per run at a rate
+//!   the Node.js seed peer holds, which does not fit the time budget (`--slow-rooms 10`).
+//! * `hot`: one room of 3,000 clients and one publisher, ramped like `sweep` from 30k
+//!   deliveries/s, with a p99 bound of 100 ms: one message is 1,000 socket writes per node
+//!   and 3,000 reads for the load generator, so spreading a single message takes 10-25 ms
+//!   on 2 cores even at low rates. Compare targets here rather than absolute latencies.
+//!
+//! # Method
+//!
+//! A *delivery* is one message arriving at one client; a message sent to a room of N clients
+//! makes N deliveries (the publishing clients are in the room and read too). Each payload is
+//! `{"t":SEND_NS,"s":SENDER,"q":SEQ,"p":"xxx.."}`, `t` being nanoseconds since an `Instant`
+//! shared by the whole process; a receiver finds the `"t":` number without parsing the JSON
+//! and records `now - t` in a log-linear histogram (1.6 % buckets; percentiles report the
+//! bucket's upper bound).
+//!
+//! Publishing is token-paced: a 1 ms tick sends, as one burst, however many messages are due
+//! by now, so rates far above 1 kHz stay exact. A step ends with a drain (up to 1 s) that
+//! waits for every expected delivery; loss = 1 - delivered / expected. Deliveries of a message
+//! sent before the current step started are counted apart (as stale), never in the step.
+//!
+//! Server CPU is utime + stime from `/proc/PID/stat` of the node processes (and their
+//! descendants) over the step, drain included; divided by the deliveries it gives
+//! microseconds of server CPU per delivery. Every step also reports the CPU used by Redis, by
+//! the load generator itself and by the whole machine (`/proc/stat`): on a 2-core machine
+//! that servers, Redis and the load generator share, a host near two cores means the figure
+//! is bounded by the machine, not by the server (and other work on a shared machine shows up
+//! there too).
+//!
+//! # The load generator
+//!
+//! It has to stay cheap: at a million deliveries per second it shares two cores with three
+//! servers and Redis. Clients are a hand-written RFC 6455 client (`ws.rs`): a receiver reads
+//! into one large buffer and walks frame headers in place, looking only for the `"t":` stamp;
+//! its counters are written by its own task alone, without locked instructions. Each
+//! receiving socket has its own tokio task (a task is a small state machine; a task serving
+//! many sockets would still need one readiness event and one `recv` per socket, and those
+//! kernel costs are what a profile shows to dominate, not the frame parsing). The tasks run
+//! on one worker thread (`--lg-threads`); the pacer and the orchestration run on the main
+//! thread. Under load every `recv` returns many frames, so the cost per delivery falls as the
+//! rate rises (about 1 us per delivery at 400k/s); at low rates and in `hot` it is several us.
+//!
+//! # Running
+//!
+//! ```text
+//! cargo bench --bench fanout                        # our chat example, every scenario, 3 rounds
+//! cargo bench --bench fanout -- --seed              # ... compared with the Node.js seed peer
+//! cargo bench --bench fanout -- --seed --no-default-target --quick   # smoke run of the seed
+//! cargo bench --bench fanout -- --scenario latency --rounds 1
+//! cargo bench --bench fanout -- --target-cmd other="node path/to/server.js"
+//! ```
+//!
+//! Options: `--scenario sweep|latency|idle|slow|hot|all` (comma-separated list allowed),
+//! `--rounds N` (default 3), `--target-cmd [NAME=]CMD` (repeatable; run as `sh -c "exec CMD"`
+//! with the contract's environment variables), `--seed` (adds `../shared/peers/seed-node`,
+//! copied to `target/seed-node`, as target `seed`), `--seed-dir DIR`, `--no-default-target`,
+//! `--quick` (fewer connections, shorter steps), `--duration-scale F` (multiplies every step
+//! duration and the `slow` volume), `--lg-threads N` (load-generator worker threads, default
+//! 1; 0 runs everything on one thread), `--shard-count N` (SHARD_COUNT of the servers),
+//! `--msg-size N`, `--latency-rate DELIVERIES_PER_S`, `--slow-rooms N`, `--slow-mib F`.
+//! Unknown arguments (cargo passes `--bench`) are ignored. The default run with `--seed`
+//! (2 targets, 3 rounds, every scenario) takes about 4 minutes on 2 cores.
+//!
+//! With several targets, each scenario runs them in alternation (A, B, A, B, ...) so that
+//! drifting background load hits every target alike; tables show every round, the median per
+//! target and the ratio of our median to every other's. Each run is also appended as one
+//! JSON line to `target/bench-results/fanout.jsonl`; server and Redis logs of the latest run
+//! are in `target/bench-results/logs/`.
+
+// The crate root is benches/fanout.rs, so its modules would be looked up in benches/;
+// they live in benches/fanout/ to keep the benches directory for bench targets.
+#[path = "fanout/hist.rs"]
+mod hist;
+#[path = "fanout/load.rs"]
+mod load;
+#[path = "fanout/procs.rs"]
+mod procs;
+#[path = "fanout/report.rs"]
+mod report;
+#[path = "fanout/scenarios.rs"]
+mod scenarios;
+#[path = "fanout/ws.rs"]
+mod ws;
+
+use std::fmt::Display;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+
+use crate::procs::{ClusterConfig, Launch, Target};
+use crate::report::RunRecord;
+use crate::scenarios::{Params, Scenario};
+
+/// Errors carry their context as text: this is a tool, the message is the product.
+type Error = Box<dyn std::error::Error + Send + Sync>;
+type Result<T> = std::result::Result<T, Error>;
+
+/// Adds a description of what was being done to an error (or to a missing value).
+trait Context<T> {
+    fn ctx(self, what: impl FnOnce() -> String) -> Result<T>;
+}
+
+impl<T, E: Display> Context<T> for std::result::Result<T, E> {
+    fn ctx(self, what: impl FnOnce() -> String) -> Result<T> {
+        self.map_err(|e| format!("{}: {e}", what()).into())
+    }
+}
+
+impl<T> Context<T> for Option<T> {
+    fn ctx(self, what: impl FnOnce() -> String) -> Result<T> {
+        self.ok_or_else(|| what().into())
+    }
+}
+
+macro_rules! bail {
+    ($($arg:tt)*) => {
+        return Err(format!($($arg)*).into())
+    };
+}
+pub(crate) use bail;
+
+/// Send stamps and the measurement window, on one process-wide monotonic clock.
+mod clock {
+    use std::sync::LazyLock;
+    use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+    use std::time::Instant;
+
+    static EPOCH: LazyLock<Instant> = LazyLock::new(Instant::now);
+    static WINDOW_START: AtomicU64 = AtomicU64::new(0);
+
+    /// Nanoseconds since the process-wide epoch.
+    #[inline]
+    pub(crate) fn now_ns() -> u64 {
+        EPOCH.elapsed().as_nanos() as u64
+    }
+
+    /// Starts a measurement window: from now on, only messages stamped from now count.
+    pub(crate) fn start_window() {
+        WINDOW_START.store(now_ns(), Relaxed);
+    }
+
+    #[inline]
+    pub(crate) fn window_start_ns() -> u64 {
+        WINDOW_START.load(Relaxed)
+    }
+}
+
+/// Command line.
+#[derive(Debug)]
+struct Args {
+    scenarios: Vec<Scenario>,
+    rounds: usize,
+    target_cmds: Vec<(String, String)>,
+    seed: bool,
+    seed_dir: Option<PathBuf>,
+    default_target: bool,
+    quick: bool,
+    scale: f64,
+    lg_threads: usize,
+    shard_count: u32,
+    msg_size: Option<usize>,
+    latency_rate: Option<f64>,
+    slow_rooms: Option<usize>,
+    slow_mib: Option<f64>,
+}
+
+const USAGE: &str = "\
+usage: cargo bench --bench fanout [-- OPTIONS]
+  --scenario S          sweep|latency|idle|slow|hot|all, or a comma-separated list (default all)
+  --rounds N            rounds per target (default 3)
+  --target-cmd [NAME=]CMD
+                        another target, started as `sh -c \"exec CMD\"` (repeatable)
+  --seed                add the Node.js seed peer as target `seed`
+  --seed-dir DIR        seed peer sources (default ../shared/peers/seed-node)
+  --no-default-target   do not build and run examples/chat.rs
+  --quick               smoke run: fewer connections, shorter steps
+  --duration-scale F    multiply step durations by F (default 1)
+  --lg-threads N        load-generator worker threads (default 1; 0 = single thread)
+  --shard-count N       SHARD_COUNT given to the servers (default 1)
+  --msg-size N          message size in bytes of sweep, latency and hot (default 256)
+  --latency-rate D      deliveries/s of `latency` (default 75000)
+  --slow-rooms N        rooms of `slow` (default 3)
+  --slow-mib F          MiB sent toward each stalled client in `slow` (default 20)";
+
+impl Args {
+    fn parse(raw: impl IntoIterator<Item = String>) -> Result<Self> {
+        let mut a = Args {
+            scenarios: Scenario::ALL.to_vec(),
+            rounds: 3,
+            target_cmds: Vec::new(),
+            seed: false,
+            seed_dir: None,
+            default_target: true,
+            quick: false,
+            scale: 1.0,
+            lg_threads: 1,
+            shard_count: 1,
+            msg_size: None,
+            latency_rate: None,
+            slow_rooms: None,
+            slow_mib: None,
+        };
+        let mut it = raw.into_iter();
+        while let Some(arg) = it.next() {
+            // Accept both `--opt value` and `--opt=value`.
+            let (flag, inline) = match arg.split_once('=') {
+                Some((f, v)) if f.starts_with("--") => (f.to_string(), Some(v.to_string())),
+                _ => (arg.clone(), None),
+            };
+            let mut value = |name: &str| -> Result<String> {
+                inline
+                    .clone()
+                    .or_else(|| it.next())
+                    .ctx(|| format!("{name} needs a value\n{USAGE}"))
+            };
+            match flag.as_str() {
+                "--scenario" => {
+                    let v = value("--scenario")?;
+                    a.scenarios = if v == "all" {
+                        Scenario::ALL.to_vec()
+                    } else {
+                        v.split(',')
+                            .map(|s| {
+                                Scenario::parse(s.trim())
+                                    .ctx(|| format!("unknown scenario {s:?}\n{USAGE}"))
+                            })
+                            .collect::<Result<_>>()?
+                    };
+                }
+                "--rounds" => a.rounds = parse_num(&value("--rounds")?, "--rounds")?,
+                "--target-cmd" => {
+                    let v = value("--target-cmd")?;
+                    a.target_cmds
+                        .push(split_target_cmd(&v, a.target_cmds.len() + 1));
+                }
+                "--seed" => a.seed = true,
+                "--seed-dir" => a.seed_dir = Some(PathBuf::from(value("--seed-dir")?)),
+                "--no-default-target" => a.default_target = false,
+                "--quick" => a.quick = true,
+                "--duration-scale" => {
+                    a.scale = parse_num(&value("--duration-scale")?, "--duration-scale")?;
+                }
+                "--lg-threads" => {
+                    a.lg_threads = parse_num(&value("--lg-threads")?, "--lg-threads")?
+                }
+                "--shard-count" => {
+                    a.shard_count = parse_num(&value("--shard-count")?, "--shard-count")?;
+                }
+                "--msg-size" => a.msg_size = Some(parse_num(&value("--msg-size")?, "--msg-size")?),
+                "--latency-rate" => {
+                    a.latency_rate = Some(parse_num(&value("--latency-rate")?, "--latency-rate")?);
+                }
+                "--slow-rooms" => {
+                    a.slow_rooms = Some(parse_num(&value("--slow-rooms")?, "--slow-rooms")?)
+                }
+                "--slow-mib" => a.slow_mib = Some(parse_num(&value("--slow-mib")?, "--slow-mib")?),
+                "-h" | "--help" => {
+                    println!("{USAGE}");
+                    std::process::exit(0);
+                }
+                // cargo passes --bench to harness = false benches.
+                "--bench" => {}
+                other => eprintln!("fanout: ignoring unknown argument {other:?}"),
+            }
+        }
+        if a.rounds == 0 || a.shard_count == 0 {
+            bail!("--rounds and --shard-count must be at least 1");
+        }
+        if !(a.scale.is_finite() && a.scale > 0.0) {
+            bail!("--duration-scale must be a positive number");
+        }
+        Ok(a)
+    }
+}
+
+fn parse_num<T: std::str::FromStr>(v: &str, name: &str) -> Result<T> {
+    v.parse()
+        .ok()
+        .ctx(|| format!("{name}: not a valid number: {v:?}"))
+}
+
+/// `NAME=CMD` when the text before the first `=` is a plain word, else an unnamed `CMD`.
+/// (So `FOO=1 node s.js` is unnamed; name it explicitly: `x=FOO=1 node s.js`.)
+fn split_target_cmd(v: &str, n: usize) -> (String, String) {
+    if let Some((name, cmd)) = v.split_once('=') {
+        let plain = !name.is_empty()
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            && !name.chars().all(|c| c.is_ascii_uppercase() || c == '_');
+        if plain && !cmd.trim().is_empty() {
+            return (name.to_string(), cmd.to_string());
+        }
+    }
+    (format!("cmd{n}"), v.to_string())
+}
+
+/// `target/` of this build: the bench binary lives in `target/<profile>/deps/`.
+fn target_dir() -> PathBuf {
+    let exe = std::env::current_exe().ok();
+    let deps = exe
+        .as_deref()
+        .and_then(Path::parent)
+        .filter(|d| d.ends_with("deps"));
+    if let Some(t) = deps.and_then(Path::parent).and_then(Path::parent) {
+        return t.to_path_buf();
+    }
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target"))
+}
+
+fn main() -> ExitCode {
+    let args = match Args::parse(std::env::args().skip(1)) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("fanout: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    // The orchestrating future (and with it the pacer) runs on the main thread; the client
+    // tasks run on the worker(s). Few threads: the servers need the cores.
+    let rt = if args.lg_threads == 0 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(args.lg_threads)
+            // Distinct from the servers' tokio threads in `top` and `perf`.
+            .thread_name("fanout-loadgen")
+            .enable_all()
+            .build()
+    }
+    .expect("building the tokio runtime");
+    let outcome = rt.block_on(async {
+        tokio::select! {
+            r = run(args) => r,
+            // Dropping `run` drops every process guard it holds: the children are killed.
+            sig = shutdown_signal() => Err(format!("interrupted by {sig}").into()),
+        }
+    });
+    rt.shutdown_timeout(Duration::from_secs(1));
+    match outcome {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => {
+            eprintln!("fanout: some runs failed (see the errors above)");
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("fanout: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn shutdown_signal() -> &'static str {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut hup)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::hangup()),
+    ) else {
+        // Without the handlers, only Ctrl-C is caught.
+        let _ = tokio::signal::ctrl_c().await;
+        return "SIGINT";
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => "SIGINT",
+        _ = term.recv() => "SIGTERM",
+        _ = hup.recv() => "SIGHUP",
+    }
+}
+
+/// Runs every scenario for every target; `Ok(false)` if some run failed.
+async fn run(args: Args) -> Result<bool> {
+    let started = Instant::now();
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let target_dir = target_dir();
+    let results_dir = target_dir.join("bench-results");
+    let jsonl = results_dir.join("fanout.jsonl");
+
+    let mut targets = Vec::new();
+    if args.default_target {
+        let bin = procs::build_chat(manifest, &target_dir)?;
+        targets.push(Target {
+            name: "chat".to_string(),
+            launch: Launch::Exec(bin),
+        });
+    }
+    for (name, cmd) in &args.target_cmds {
+        targets.push(Target {
+            name: name.clone(),
+            launch: Launch::Shell(cmd.clone()),
+        });
+    }
+    if args.seed {
+        let dir = args
+            .seed_dir
+            .clone()
+            .unwrap_or_else(|| manifest.join("../shared/peers/seed-node"));
+        targets.push(procs::prepare_seed(&dir, &target_dir)?);
+    }
+    if targets.is_empty() {
+        bail!("no target: drop --no-default-target, or add --seed or --target-cmd\n{USAGE}");
+    }
+    let names: Vec<String> = targets.iter().map(|t| t.name.clone()).collect();
+    // "Ours" in the ratios: the chat example when it runs, else the first target.
+    let ours = names[0].clone();
+
+    let mut params = Params::new(args.quick, args.scale);
+    if let Some(size) = args.msg_size {
+        params.msg_size = size;
+    }
+    if let Some(rate) = args.latency_rate {
+        params.latency_deliveries_per_sec = rate;
+    }
+    if let Some(rooms) = args.slow_rooms {
+        params.slow_rooms = rooms;
+    }
+    if let Some(mib) = args.slow_mib {
+        params.slow_mib = mib;
+    }
+    let positive = |v: f64| v.is_finite() && v > 0.0;
+    if params.slow_rooms == 0
+        || !positive(params.slow_mib)
+        || !positive(params.latency_deliveries_per_sec)
+        || params.msg_size == 0
+    {
+        bail!("--slow-rooms, --slow-mib, --latency-rate and --msg-size must be positive");
+    }
+    let cc = ClusterConfig {
+        nodes: 3,
+        shard_count: args.shard_count,
+        channel_prefix: "bench:room:".to_string(),
+        log_dir: results_dir.join("logs"),
+    };
+    let nproc = std::thread::available_parallelism().map_or(0, |n| n.get());
+    println!(
+        "fanout bench: targets {names:?}, scenarios {:?}, {} round(s){}, {nproc} cpus",
+        args.scenarios.iter().map(|s| s.name()).collect::<Vec<_>>(),
+        args.rounds,
+        if args.quick { ", quick" } else { "" }
+    );
+
+    let mut all_ok = true;
+    let mut tables = Vec::new();
+    for &scenario in &args.scenarios {
+        let mut records = Vec::new();
+        for round in 1..=args.rounds {
+            for target in &targets {
+                let tag = format!("[{} {} r{round}]", scenario.name(), target.name);
+                let t0 = Instant::now();
+                let outcome = scenarios::run(scenario, target, &cc, &params, &tag).await;
+                let (figures, details, error) = match outcome {
+                    Ok((f, d)) => (f, d, None),
+                    Err(e) => {
+                        println!("{tag} ERROR: {e}");
+                        all_ok = false;
+                        (Vec::new(), serde_json::Value::Null, Some(e.to_string()))
+                    }
+                };
+                println!("{tag} done in {:.1} s", t0.elapsed().as_secs_f64());
+                let rec = RunRecord {
+                    scenario: scenario.name(),
+                    target: target.name.clone(),
+                    round,
+                    figures,
+                    details,
+                    error,
+                };
+                let context = json!({
+                    "quick": args.quick,
+                    "duration_scale": args.scale,
+                    "lg_threads": args.lg_threads,
+                    "shard_count": args.shard_count,
+                    "targets": names,
+                    "params": params.describe(scenario),
+                });
+                if let Err(e) = report::append_jsonl(&jsonl, &rec, &context) {
+                    println!("warning: {e}");
+                }
+                records.push(rec);
+            }
+        }
+        let table = report::table(
+            &scenario.title(&params),
+            &records,
+            &names,
+            &ours,
+            args.rounds,
+        );
+        println!("{table}");
+        tables.push(table);
+    }
+    if args.scenarios.len() > 1 {
+        println!("\n######## summary ########");
+        for t in &tables {
+            print!("{t}");
+        }
+    }
+    println!(
+        "\nresults appended to {} (total {:.0} s)",
+        jsonl.display(),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(all_ok)
+}
