@@ -47,12 +47,14 @@ use crate::error::{Error, Kind};
 /// ```
 /// use axum_fanout::Payload;
 ///
-/// let a = Payload::raw_json(r#"{"type":"chat","text":"hi"}"#).unwrap();
-/// let b = Payload::json(&serde_json::json!({"type": "chat"})).unwrap();
+/// # fn main() -> Result<(), axum_fanout::Error> {
+/// let a = Payload::raw_json(r#"{"type":"chat","text":"hi"}"#)?;
+/// let b = Payload::json(&serde_json::json!({"type": "chat"}))?;
 /// let c = Payload::text("plain words");
 /// let d = Payload::binary(vec![0u8, 159, 146, 150]);
 /// assert!(Payload::raw_json("not json").is_err());
 /// # let _ = (a, b, c, d);
+/// # Ok(()) }
 /// ```
 #[derive(Clone)]
 pub struct Payload(Repr);

@@ -15,6 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes};
 use tokio::sync::Notify;
+use tokio::time::Instant;
 
 use crate::config::OverflowPolicy;
 use crate::missed::Missed;
@@ -279,16 +280,29 @@ impl Outbox {
     }
 
     /// Waits for work and moves up to `max` queued frames into `batch`.
-    pub(crate) async fn next_batch(&self, batch: &mut Vec<Message>, max: usize) -> Next {
+    ///
+    /// Frames are not taken before `not_before`: a writer that flushed a moment ago waits out
+    /// its flush interval, letting frames gather for one write. A writer that has been idle
+    /// passes `None` and takes the first frame at once.
+    pub(crate) async fn next_batch(
+        &self,
+        batch: &mut Vec<Message>,
+        max: usize,
+        mut not_before: Option<Instant>,
+    ) -> Next {
         loop {
-            {
+            let wait_until = {
                 let mut s = self.lock();
                 let flush_pending = s.close.as_ref().is_some_and(|c| c.flush_first);
                 if s.close.is_some() && (s.queued.is_empty() || !flush_pending) {
                     let frame = s.close.as_mut().and_then(|c| c.frame.take());
                     return Next::Close(frame);
                 }
-                if !s.queued.is_empty() {
+                if s.queued.is_empty() {
+                    None
+                } else if let Some(at) = not_before.filter(|at| Instant::now() < *at) {
+                    Some(at)
+                } else {
                     let n = s.queued.len().min(max);
                     let mut bytes = 0;
                     batch.extend(s.queued.drain(..n).inspect(|f| bytes += frame_len(f)));
@@ -297,8 +311,14 @@ impl Outbox {
                     s.writing_bytes += bytes;
                     return Next::Frames;
                 }
+            };
+            match wait_until {
+                Some(at) => {
+                    tokio::time::sleep_until(at).await;
+                    not_before = None;
+                }
+                None => self.writer_wake.notified().await,
             }
-            self.writer_wake.notified().await;
         }
     }
 
@@ -347,7 +367,7 @@ mod tests {
 
     async fn take(o: &Outbox, max: usize) -> Vec<String> {
         let mut batch = Vec::new();
-        match o.next_batch(&mut batch, max).await {
+        match o.next_batch(&mut batch, max, None).await {
             Next::Frames => batch
                 .into_iter()
                 .map(|m| m.into_text().expect("text").to_string())
@@ -413,7 +433,7 @@ mod tests {
         assert!(o.is_closing());
         assert_eq!(o.offer(text("4")), Offer::Closed);
         let mut batch = Vec::new();
-        match o.next_batch(&mut batch, 10).await {
+        match o.next_batch(&mut batch, 10, None).await {
             Next::Close(Some(frame)) => {
                 assert_eq!(frame.code, SLOW_CONSUMER_CODE);
                 assert_eq!(frame.reason.as_str(), SLOW_CONSUMER_REASON);
@@ -433,9 +453,33 @@ mod tests {
         o.flushed();
         let mut batch = Vec::new();
         assert!(matches!(
-            o.next_batch(&mut batch, 10).await,
+            o.next_batch(&mut batch, 10, None).await,
             Next::Close(None)
         ));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_recent_flush_makes_the_writer_wait_and_gather() {
+        let o = outbox(10, 1 << 20, OverflowPolicy::Disconnect);
+        o.offer(text("1"));
+        let start = Instant::now();
+        let not_before = start + std::time::Duration::from_millis(2);
+        let mut batch = Vec::new();
+        let next = {
+            let fut = o.next_batch(&mut batch, 10, Some(not_before));
+            tokio::pin!(fut);
+            // Frames offered while the writer waits out its interval join the same batch.
+            let pending = std::future::poll_fn(|cx| {
+                std::task::Poll::Ready(std::future::Future::poll(fut.as_mut(), cx).is_pending())
+            })
+            .await;
+            assert!(pending);
+            o.offer(text("2"));
+            fut.await
+        };
+        assert!(matches!(next, Next::Frames));
+        assert_eq!(batch.len(), 2);
+        assert!(Instant::now() >= not_before);
     }
 
     #[tokio::test]

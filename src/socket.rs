@@ -4,8 +4,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
-use futures_util::stream::{SplitSink, SplitStream};
-use futures_util::{SinkExt, StreamExt};
+use futures_util::stream::SplitStream;
+use futures_util::{Sink, SinkExt, StreamExt};
 use tokio::time::{Instant, timeout};
 
 use crate::envelope::Payload;
@@ -300,20 +300,24 @@ pub(crate) fn going_away() -> CloseFrame {
 }
 
 /// Drains the socket's queue: take everything queued (up to the batch cap), `feed` each frame,
-/// flush once.
-async fn write_loop(
-    mut sink: SplitSink<WebSocket, Message>,
-    outbox: Arc<Outbox>,
-    node: Arc<Node>,
-    id: SocketId,
-) {
+/// flush once. Generic over the sink so that tests can drive it with an in-memory one.
+async fn write_loop<S>(mut sink: S, outbox: Arc<Outbox>, node: Arc<Node>, id: SocketId)
+where
+    S: Sink<Message, Error = axum::Error> + Unpin,
+{
     {
         let max = node.config.batch_frames.get();
         let write_timeout = node.config.write_timeout;
+        let interval = node.config.flush_interval;
         let mut batch = Vec::new();
+        // When the last flush carried several frames, traffic is outrunning the writer: wait
+        // out the flush interval so the next write gathers more. A lone frame means the socket
+        // is keeping up, and the next frame goes out at once.
+        let mut gather_after: Option<Instant> = None;
         loop {
-            match outbox.next_batch(&mut batch, max).await {
+            match outbox.next_batch(&mut batch, max, gather_after).await {
                 Next::Frames => {
+                    let frames = batch.len();
                     let written = timeout(write_timeout, async {
                         for frame in batch.drain(..) {
                             sink.feed(frame).await?;
@@ -323,6 +327,8 @@ async fn write_loop(
                     .await;
                     batch.clear();
                     outbox.flushed();
+                    gather_after =
+                        (frames > 1 && !interval.is_zero()).then(|| Instant::now() + interval);
                     match written {
                         Ok(Ok(())) => {}
                         Ok(Err(e)) => {
@@ -353,5 +359,127 @@ async fn write_loop(
         }
         let _ = timeout(CLOSE_TIMEOUT, sink.close()).await;
         node.registry.writer_finished();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::pin::Pin;
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::task::{Context, Poll};
+
+    use super::*;
+    use crate::config::{FanoutBuilder, OverflowPolicy};
+
+    /// An in-memory sink: records every frame and every flush; `stall` makes flushes hang, like
+    /// a client that stopped reading once the TCP buffers are full.
+    #[derive(Clone, Default)]
+    struct Recorder {
+        frames: Arc<Mutex<Vec<Message>>>,
+        flushes: Arc<AtomicUsize>,
+        stall: bool,
+    }
+
+    impl Sink<Message> for Recorder {
+        type Error = axum::Error;
+        fn poll_ready(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+            Poll::Ready(Ok(()))
+        }
+        fn start_send(self: Pin<&mut Self>, item: Message) -> Result<(), Self::Error> {
+            self.frames.lock().unwrap().push(item);
+            Ok(())
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+            if self.stall {
+                return Poll::Pending;
+            }
+            self.flushes.fetch_add(1, Ordering::SeqCst);
+            Poll::Ready(Ok(()))
+        }
+        fn poll_close(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    fn node(builder: FanoutBuilder) -> Arc<Node> {
+        // No redis client: a bare node whose background tasks never start.
+        Shared::new(builder.into_config_for_tests()).node.clone()
+    }
+
+    fn outbox() -> Arc<Outbox> {
+        Arc::new(Outbox::new(Limits {
+            frames: 100,
+            bytes: 1 << 20,
+        }))
+    }
+
+    fn text(s: &str) -> Message {
+        Message::Text(s.into())
+    }
+
+    #[tokio::test]
+    async fn everything_queued_goes_out_with_one_flush_then_the_close_frame() {
+        let node = node(FanoutBuilder::new("redis://unused"));
+        let (sink, ob) = (Recorder::default(), outbox());
+        for i in 0..10 {
+            ob.offer(text(&i.to_string()), OverflowPolicy::Disconnect);
+        }
+        ob.close_after_flush(Some(going_away()));
+        node.registry.writer_started();
+        write_loop(sink.clone(), ob.clone(), node.clone(), 1).await;
+        let frames = sink.frames.lock().unwrap();
+        assert_eq!(frames.len(), 11);
+        assert!(matches!(&frames[10], Message::Close(Some(c)) if c.code == GOING_AWAY_CODE));
+        // One flush for the ten frames, one for the close frame.
+        assert_eq!(sink.flushes.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_busy_socket_gathers_frames_for_the_flush_interval() {
+        let node =
+            node(FanoutBuilder::new("redis://unused").flush_interval(Duration::from_millis(4)));
+        let (sink, ob) = (Recorder::default(), outbox());
+        node.registry.writer_started();
+        let writer = tokio::spawn(write_loop(sink.clone(), ob.clone(), node.clone(), 1));
+        // A lone frame goes out at once.
+        ob.offer(text("a"), OverflowPolicy::Disconnect);
+        tokio::time::sleep(Duration::from_micros(10)).await;
+        assert_eq!(sink.flushes.load(Ordering::SeqCst), 1);
+        // Two at once: the socket is busy, so what follows within 4 ms is gathered.
+        ob.offer(text("b"), OverflowPolicy::Disconnect);
+        ob.offer(text("c"), OverflowPolicy::Disconnect);
+        tokio::time::sleep(Duration::from_micros(10)).await;
+        assert_eq!(sink.flushes.load(Ordering::SeqCst), 2);
+        for s in ["d", "e", "f"] {
+            ob.offer(text(s), OverflowPolicy::Disconnect);
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        assert_eq!(sink.flushes.load(Ordering::SeqCst), 2, "still gathering");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        assert_eq!(
+            sink.flushes.load(Ordering::SeqCst),
+            3,
+            "d, e, f in one flush"
+        );
+        assert_eq!(sink.frames.lock().unwrap().len(), 6);
+        ob.close_now(1000, "bye");
+        writer.await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_write_that_times_out_closes_the_slow_consumer_and_counts_it() {
+        let node = node(FanoutBuilder::new("redis://unused").write_timeout(Duration::from_secs(5)));
+        let sink = Recorder {
+            stall: true,
+            ..Recorder::default()
+        };
+        let ob = outbox();
+        ob.offer(text("never flushed"), OverflowPolicy::Disconnect);
+        node.registry.writer_started();
+        write_loop(sink, ob.clone(), node.clone(), 7).await;
+        assert!(ob.is_closing());
+        assert_eq!(node.stats().slow_disconnects, 1);
+        assert_eq!(ob.held(), (0, 0), "nothing held after the close");
     }
 }

@@ -227,8 +227,8 @@ async fn an_outage_longer_than_the_client_librarys_retry_budget_is_survived() {
     let mut b = join(&nodes[1], "long").await;
     redis.stop();
     all_ready(&nodes, false).await;
-    // ok: the outage itself is what this test is about (redis-rs gives up after about 6 s).
-    tokio::time::sleep(Duration::from_secs(12)).await;
+    // The outage itself is what this test is about (redis-rs gives up after about 6 s).
+    tokio::time::sleep(Duration::from_secs(12)).await; // ok: a timed outage, not a wait
     assert!(
         nodes.iter().all(|n| !n.handle.is_ready()),
         "honest while down"

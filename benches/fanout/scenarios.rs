@@ -96,6 +96,8 @@ pub(crate) struct Ramp {
     /// First step, in deliveries per second.
     pub(crate) start: f64,
     pub(crate) factor: f64,
+    /// Bisection steps between the last rate that held and the first that failed.
+    pub(crate) refine: usize,
     pub(crate) step: Duration,
     pub(crate) max_steps: usize,
     /// Pass criterion on latency (loss is `Params::max_loss`).
@@ -146,6 +148,7 @@ impl Params {
                 publishers_per_room: 3,
                 start: 10_000.0,
                 factor: if quick { 2.0 } else { 1.5 },
+                refine: if quick { 0 } else { 2 },
                 step: d(if quick { 0.5 } else { 1.0 }),
                 max_steps: 24,
                 max_p99_ms: 50.0,
@@ -175,6 +178,7 @@ impl Params {
                 publishers_per_room: 1,
                 start: q(30_000, 20_000) as f64,
                 factor: if quick { 2.0 } else { 1.5 },
+                refine: if quick { 0 } else { 2 },
                 step: d(if quick { 0.5 } else { 1.0 }),
                 max_steps: 24,
                 // One message is 1,000 socket writes per node and 3,000 reads for the load
@@ -317,6 +321,46 @@ async fn ramp(cluster: &mut Cluster, r: &Ramp, p: &Params, tag: &str) -> Result<
                 break;
             }
             retries_left -= 1;
+        }
+    }
+    // The geometric ramp brackets the ceiling between the last step that held and the one
+    // that failed (a factor of 1.5 apart); a few bisection steps narrow it down, so the figure
+    // is not an artefact of where the ramp's steps happen to fall.
+    let mut failed_at = rate;
+    for i in 1..=r.refine {
+        let Some(held) = best.as_ref().map(StepResult::offered_per_sec) else {
+            break;
+        };
+        if steps.len() >= r.max_steps || failed_at <= held * 1.05 {
+            break;
+        }
+        let mid = (held * failed_at).sqrt();
+        let step = load::run_step(
+            cluster,
+            &mut fleet,
+            StepSpec {
+                msgs_per_sec: mid / r.clients as f64,
+                duration: r.step,
+                msg_size: p.msg_size,
+                drain: p.drain,
+            },
+        )
+        .await;
+        let holds = step.holds(p.max_loss, r.max_p99_ms);
+        println!(
+            "{tag} refine {i} {} {}",
+            step.line(),
+            if holds { "ok" } else { "FAIL" }
+        );
+        steps.push(step_json(&step));
+        if step.failure.is_some() {
+            break;
+        }
+        if holds {
+            best = Some(step);
+        } else {
+            failed_at = mid;
+            fleet.quiesce(Duration::from_secs(3)).await;
         }
     }
     if let Some(e) = fleet.first_error() {

@@ -161,6 +161,13 @@ pub(crate) fn layer_from_env() -> Result<FanoutLayer, axum_fanout::Error> {
     {
         builder = builder.shard_count(shards);
     }
+    // Not part of the wire contract: a tuning knob for benchmarks and operators.
+    if let Some(ms) = std::env::var("FLUSH_INTERVAL_MS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+    {
+        builder = builder.flush_interval(std::time::Duration::from_millis(ms));
+    }
     builder.build()
 }
 
