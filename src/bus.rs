@@ -483,10 +483,21 @@ const DISPATCH_BATCH: usize = 256;
 /// Decodes each received envelope once and offers the frame to the room's local sockets.
 async fn dispatch_loop(node: Arc<Node>, mut rx: mpsc::Receiver<PushInfo>) {
     let mut malformed_log = LogLimiter::new(Duration::from_secs(10));
+    let mut dropped_log = LogLimiter::new(Duration::from_secs(10));
+    let mut shed_log = LogLimiter::new(Duration::from_secs(10));
     let mut batch = Vec::with_capacity(DISPATCH_BATCH);
     let mut to_wake = Vec::new();
     while rx.recv_many(&mut batch, DISPATCH_BATCH).await > 0 {
-        for (room, (since, until, n)) in node.take_shed() {
+        let shed = node.take_shed();
+        if !shed.is_empty() && shed_log.allow().is_some() {
+            tracing::warn!(
+                rooms = shed.len(),
+                messages = shed.values().map(|(_, _, n)| n).sum::<u64>(),
+                total = node.counters.inbound_dropped.get(),
+                "dispatcher fell behind: dropped messages between redis and the dispatcher"
+            );
+        }
+        for (room, (since, until, n)) in shed {
             node.registry.shed(&room, since, until, n);
         }
         let mut total = Dispatched::default();
@@ -528,6 +539,15 @@ async fn dispatch_loop(node: Arc<Node>, mut rx: mpsc::Receiver<PushInfo>) {
                 );
             }
             total += out;
+        }
+        if total.dropped > total.overflowed
+            && let Some(suppressed) = dropped_log.allow()
+        {
+            tracing::warn!(
+                dropped = total.dropped - total.overflowed,
+                batches_suppressed = suppressed,
+                "dropped frames for sockets whose send queue is full (overflow policy)"
+            );
         }
         // Count before waking, so that whoever sees a frame also sees it counted.
         let c = &node.counters;
