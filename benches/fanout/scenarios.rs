@@ -265,6 +265,28 @@ fn step_json(r: &StepResult) -> Value {
     })
 }
 
+/// One step of a ramp at `rate` deliveries/s.
+async fn step_at(
+    cluster: &mut Cluster,
+    fleet: &mut Fleet,
+    r: &Ramp,
+    p: &Params,
+    rate: f64,
+) -> StepResult {
+    load::run_step(
+        cluster,
+        fleet,
+        StepSpec {
+            // Every message reaches every client of its room.
+            msgs_per_sec: rate / r.clients as f64,
+            duration: r.step,
+            msg_size: p.msg_size,
+            drain: p.drain,
+        },
+    )
+    .await
+}
+
 /// `sweep` and `hot`: raise the rate step by step until a step fails (after its retries);
 /// the result is the last step that held.
 async fn ramp(cluster: &mut Cluster, r: &Ramp, p: &Params, tag: &str) -> Result<Outcome> {
@@ -289,18 +311,7 @@ async fn ramp(cluster: &mut Cluster, r: &Ramp, p: &Params, tag: &str) -> Result<
     let mut best: Option<StepResult> = None;
     let mut steps = Vec::new();
     for i in 1..=r.max_steps {
-        let step = load::run_step(
-            cluster,
-            &mut fleet,
-            StepSpec {
-                // Every message reaches every client of its room.
-                msgs_per_sec: rate / r.clients as f64,
-                duration: r.step,
-                msg_size: p.msg_size,
-                drain: p.drain,
-            },
-        )
-        .await;
+        let step = step_at(cluster, &mut fleet, r, p, rate).await;
         let holds = step.holds(p.max_loss, r.max_p99_ms);
         println!(
             "{tag} step {i:>2} {} {}",
@@ -335,17 +346,7 @@ async fn ramp(cluster: &mut Cluster, r: &Ramp, p: &Params, tag: &str) -> Result<
             break;
         }
         let mid = (held * failed_at).sqrt();
-        let step = load::run_step(
-            cluster,
-            &mut fleet,
-            StepSpec {
-                msgs_per_sec: mid / r.clients as f64,
-                duration: r.step,
-                msg_size: p.msg_size,
-                drain: p.drain,
-            },
-        )
-        .await;
+        let step = step_at(cluster, &mut fleet, r, p, mid).await;
         let holds = step.holds(p.max_loss, r.max_p99_ms);
         println!(
             "{tag} refine {i} {} {}",
