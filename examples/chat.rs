@@ -24,10 +24,7 @@ async fn main() {
         Ok(Ok(port)) => port,
         Ok(Err(e)) => exit(&format!("PORT must be a port number: {e}")),
     };
-    let layer = chat_app::layer_from_env().unwrap_or_else(|e| {
-        let cause = std::error::Error::source(&e).map(ToString::to_string);
-        exit(&format!("REDIS_URL: {e}: {}", cause.unwrap_or_default()))
-    });
+    let layer = chat_app::layer_from_env().unwrap_or_else(|e| exit(&e));
     let node_id = layer.handle().node_id().to_owned();
     let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
         .await

@@ -19,6 +19,7 @@ use redis::{AsyncConnectionConfig, ProtocolVersion, PushInfo, PushKind, Value};
 use tokio::sync::{Notify, mpsc, watch};
 use tokio::time::{Instant, timeout, timeout_at};
 
+use crate::channel;
 use crate::envelope;
 use crate::error::{Error, Kind};
 use crate::node::Node;
@@ -147,6 +148,7 @@ pub(crate) async fn run_publisher(
 pub(crate) async fn publish(
     node: &Node,
     room: &RoomName,
+    sender: u64,
     envelope: Vec<u8>,
 ) -> Result<usize, Error> {
     let cfg = &node.config;
@@ -169,7 +171,7 @@ pub(crate) async fn publish(
                 ));
             }
         };
-        let channel = node.channel(room);
+        let channel = channel::for_sender(&node.config, room, sender);
         let mut cmd = redis::cmd("PUBLISH");
         cmd.arg(&channel).arg(envelope);
         let publish = cmd.query_async::<usize>(&mut conn);
@@ -273,7 +275,7 @@ pub(crate) async fn run_subscriber(
                     .registry
                     .subscribed_rooms()
                     .iter()
-                    .map(|r| node.channel(r))
+                    .flat_map(|r| channel::all(&node.config, r))
                     .collect();
                 channels.push(node.probe_channel.clone());
                 let _ = timeout(Duration::from_secs(1), conn.unsubscribe(&channels)).await;
@@ -310,7 +312,7 @@ fn on_message(node: &Node, signals: &LinkSignals, tx: &mpsc::Sender<PushInfo>, i
     if let Err(mpsc::error::TrySendError::Full(info)) = tx.try_send(info) {
         node.counters.inbound_dropped.add(1);
         if let [Value::BulkString(channel), ..] = info.data.as_slice()
-            && let Some(room) = node.room_of(channel)
+            && let Some(room) = channel::room_of(&node.config, channel)
         {
             node.note_shed(room);
         }
@@ -412,7 +414,10 @@ async fn reconcile(node: &Node, conn: &mut MultiplexedConnection) -> Result<(), 
             unsubscribe,
         } = changes;
         if !subscribe.is_empty() {
-            let channels: Vec<String> = subscribe.iter().map(|r| node.channel(r)).collect();
+            let channels: Vec<String> = subscribe
+                .iter()
+                .flat_map(|r| channel::all(&node.config, r))
+                .collect();
             run(
                 timeout(deadline, conn.subscribe(&channels)).await,
                 "SUBSCRIBE",
@@ -423,7 +428,10 @@ async fn reconcile(node: &Node, conn: &mut MultiplexedConnection) -> Result<(), 
             node.registry.confirm_subscribed(subscribe);
         }
         if !unsubscribe.is_empty() {
-            let channels: Vec<String> = unsubscribe.iter().map(|r| node.channel(r)).collect();
+            let channels: Vec<String> = unsubscribe
+                .iter()
+                .flat_map(|r| channel::all(&node.config, r))
+                .collect();
             run(
                 timeout(deadline, conn.unsubscribe(&channels)).await,
                 "UNSUBSCRIBE",
@@ -507,7 +515,7 @@ async fn dispatch_loop(node: Arc<Node>, mut rx: mpsc::Receiver<PushInfo>) {
                 [Value::BulkString(channel), Value::BulkString(raw)] => (channel, raw),
                 _ => continue,
             };
-            let Some(room) = node.room_of(channel) else {
+            let Some(room) = channel::room_of(&node.config, channel) else {
                 continue;
             };
             let decoded = match envelope::decode(raw, room, &node.config.node_id) {

@@ -34,6 +34,8 @@ pub(crate) struct Config {
     pub(crate) node_id: String,
     pub(crate) channel_prefix: String,
     pub(crate) shard_count: NonZeroU16,
+    /// Per-room overrides of `shard_count` (hot rooms only).
+    pub(crate) room_shards: HashMap<String, NonZeroU16>,
     pub(crate) queue_frames: NonZeroUsize,
     pub(crate) queue_bytes: NonZeroUsize,
     pub(crate) overflow: OverflowPolicy,
@@ -107,6 +109,7 @@ impl FanoutBuilder {
                 node_id: random_node_id(),
                 channel_prefix: "ws:room:".to_owned(),
                 shard_count: NonZeroU16::MIN,
+                room_shards: HashMap::new(),
                 // 1 MiB holds 4096 chat-sized (256 B) frames: the byte bound governs normal
                 // traffic; the frame bound caps bookkeeping when frames are tiny.
                 queue_frames: nz(4096),
@@ -149,11 +152,26 @@ impl FanoutBuilder {
         self
     }
 
-    /// Number of channels a room's traffic is split over.
+    /// Number of channels every room's traffic is split over.
     ///
-    /// Defaults to 1. Only 1 is implemented yet: other values are stored but not used.
+    /// With more than one shard, room `42` lives on `<prefix>42:shard0` .. `<prefix>42:shard<N-1>`;
+    /// each broadcast goes to the shard of its sender ([`Broadcast::sender`](crate::Broadcast::sender)),
+    /// and every node holding the room subscribes to all of them. Order then holds per sender,
+    /// not across senders. Every node of a fleet must use the same value. Prefer
+    /// [`room_shards`](FanoutBuilder::room_shards) for the few hot rooms that need it.
+    ///
+    /// Defaults to 1 (the seed's channel `<prefix><room>`).
     pub fn shard_count(mut self, shards: NonZeroU16) -> Self {
         self.config.shard_count = shards;
+        self
+    }
+
+    /// Splits one room over `shards` channels, overriding [`shard_count`](FanoutBuilder::shard_count)
+    /// for it (as the seed advises, for hot rooms only).
+    ///
+    /// Defaults to no overrides.
+    pub fn room_shards(mut self, room: impl Into<String>, shards: NonZeroU16) -> Self {
+        self.config.room_shards.insert(room.into(), shards);
         self
     }
 

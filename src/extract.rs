@@ -13,6 +13,7 @@ use axum::http::request::Parts;
 use axum::response::{IntoResponse, Response};
 
 use crate::bus;
+use crate::channel;
 use crate::envelope::{self, Payload};
 use crate::error::Error;
 use crate::node::Shared;
@@ -75,6 +76,7 @@ impl RoomHandle {
             room: RoomName::new(room).map_err(Error::from),
             payload: payload.into(),
             except: None,
+            sender: None,
         }
     }
 
@@ -182,13 +184,24 @@ pub struct Broadcast {
     room: Result<RoomName, Error>,
     payload: Payload,
     except: Option<u64>,
+    sender: Option<u64>,
 }
 
 impl Broadcast {
     /// Leaves out one socket of this node (usually the sender): pass
-    /// [`FanoutSocket::id`].
+    /// [`FanoutSocket::id`]. It also counts as the [`sender`](Broadcast::sender).
     pub fn except(mut self, socket: u64) -> Self {
         self.except = Some(socket);
+        self.sender.get_or_insert(socket);
+        self
+    }
+
+    /// Names the socket this broadcast comes from ([`FanoutSocket::id`]), without leaving it
+    /// out. In a sharded room it picks the shard, so one sender's messages keep their order
+    /// while different senders spread over the shards. Without it, all of this node's
+    /// broadcasts to the room share one shard.
+    pub fn sender(mut self, socket: u64) -> Self {
+        self.sender = Some(socket);
         self
     }
 }
@@ -207,7 +220,8 @@ impl IntoFuture for Broadcast {
                 &self.payload,
                 self.except,
             );
-            bus::publish(node, &room, bytes).await
+            let sender = channel::sender_key(&node.config.node_id, self.sender.unwrap_or(0));
+            bus::publish(node, &room, sender, bytes).await
         })
     }
 }

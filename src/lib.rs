@@ -12,6 +12,7 @@
 //! - `config`: [`FanoutBuilder`] and [`OverflowPolicy`]; every default and why.
 //! - `room`: [`RoomName`], validated once at the edge.
 //! - `envelope`: the JSON wire format shared with the seed's nodes; [`Payload`].
+//! - `channel`: Redis channel names for rooms and their shards (injective).
 //! - `bus`: the Redis connections (publisher, subscriber), reconnects, and the dispatcher.
 //! - `registry`: room -> local sockets, and the reconciliation of subscriptions.
 //! - `queue`: one socket's bounded send queue and its overflow policy.
@@ -38,6 +39,7 @@
 //!   last layer or handle stops the background tasks.
 
 mod bus;
+mod channel;
 mod config;
 mod envelope;
 mod error;

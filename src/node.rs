@@ -10,7 +10,6 @@ use tokio::sync::watch;
 use crate::bus;
 use crate::config::Config;
 use crate::registry::Registry;
-use crate::room::RoomName;
 use crate::stats::{Counters, Stats};
 
 /// State shared by the layer, every handle and socket, and the background tasks.
@@ -32,22 +31,6 @@ pub(crate) struct Node {
 }
 
 impl Node {
-    /// The Redis channel that carries `room`.
-    pub(crate) fn channel(&self, room: &RoomName) -> String {
-        let mut channel =
-            String::with_capacity(self.config.channel_prefix.len() + room.as_str().len());
-        channel.push_str(&self.config.channel_prefix);
-        channel.push_str(room.as_str());
-        channel
-    }
-
-    /// The room a channel carries, if it is one of ours.
-    pub(crate) fn room_of<'a>(&self, channel: &'a [u8]) -> Option<&'a str> {
-        std::str::from_utf8(channel)
-            .ok()?
-            .strip_prefix(self.config.channel_prefix.as_str())
-    }
-
     pub(crate) fn note_shed(&self, room: &str) {
         let now = SystemTime::now();
         let mut shed = self.shed.lock().unwrap_or_else(PoisonError::into_inner);

@@ -105,7 +105,8 @@ async fn serve(mut socket: FanoutSocket, rooms: RoomHandle, room: String) {
                     return socket.close(INVALID_PAYLOAD, "frame is not valid JSON");
                 };
                 // Awaiting each broadcast keeps one sender's messages in order.
-                if let Err(e) = rooms.broadcast(&room, payload).await {
+                // `sender` keeps this client's messages on one shard of a sharded room.
+                if let Err(e) = rooms.broadcast(&room, payload).sender(socket.id()).await {
                     tracing::warn!(room = %room, error = %e, "broadcast failed");
                 }
             }
@@ -144,7 +145,7 @@ fn missed_notice(missed: &Missed) -> serde_json::Value {
 
 /// Reads the contract's environment variables into a layer.
 #[allow(dead_code)] // used by `chat`, not by `demo` (which runs three nodes with fixed ids)
-pub(crate) fn layer_from_env() -> Result<FanoutLayer, axum_fanout::Error> {
+pub(crate) fn layer_from_env() -> Result<FanoutLayer, String> {
     let url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
     let mut builder = FanoutLayer::builder(url);
     if let Ok(id) = std::env::var("NODE_ID")
@@ -155,10 +156,11 @@ pub(crate) fn layer_from_env() -> Result<FanoutLayer, axum_fanout::Error> {
     if let Ok(prefix) = std::env::var("CHANNEL_PREFIX") {
         builder = builder.channel_prefix(prefix);
     }
-    if let Some(shards) = std::env::var("SHARD_COUNT")
-        .ok()
-        .and_then(|s| s.parse().ok())
-    {
+    if let Ok(shards) = std::env::var("SHARD_COUNT") {
+        let shards = shards
+            .trim()
+            .parse()
+            .map_err(|e| format!("SHARD_COUNT must be a whole number from 1 to 65535: {e}"))?;
         builder = builder.shard_count(shards);
     }
     // Not part of the wire contract: a tuning knob for benchmarks and operators.
@@ -168,7 +170,10 @@ pub(crate) fn layer_from_env() -> Result<FanoutLayer, axum_fanout::Error> {
     {
         builder = builder.flush_interval(std::time::Duration::from_millis(ms));
     }
-    builder.build()
+    builder.build().map_err(|e| {
+        let cause = std::error::Error::source(&e).map(ToString::to_string);
+        format!("REDIS_URL: {e}: {}", cause.unwrap_or_default())
+    })
 }
 
 /// Serves `app` on `listener` with TCP_NODELAY (small frames must not wait for Nagle) until

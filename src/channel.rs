@@ -1,0 +1,167 @@
+//! Redis channel names: which channels carry a room, and which room a channel carries.
+//!
+//! A room with one shard lives on `<prefix><room>`; a room split over `n` shards lives on
+//! `<prefix><room>:shard0` .. `<prefix><room>:shard<n-1>` (the seed's naming). The mapping is
+//! injective because [`RoomName`] rejects names that end in `:shard<digits>`: a channel that
+//! ends so is always a shard channel, and stripping the suffix gives its room back. Without
+//! that rule, room `42:shard1` and shard 1 of room `42` would share a channel.
+//!
+//! A broadcast goes to one shard, chosen by a hash of its sender, so each sender's messages
+//! stay in order; every node that holds the room subscribes to all of its shards.
+
+use crate::config::Config;
+use crate::room::{RoomName, has_shard_suffix};
+
+/// Number of channels `room` is split over.
+pub(crate) fn shards(config: &Config, room: &str) -> u16 {
+    if config.room_shards.is_empty() {
+        return config.shard_count.get();
+    }
+    config
+        .room_shards
+        .get(room)
+        .map_or(config.shard_count.get(), |n| n.get())
+}
+
+fn name(config: &Config, room: &str, shard: Option<u16>) -> String {
+    let mut channel = String::with_capacity(config.channel_prefix.len() + room.len() + 12);
+    channel.push_str(&config.channel_prefix);
+    channel.push_str(room);
+    if let Some(shard) = shard {
+        channel.push_str(":shard");
+        channel.push_str(&shard.to_string());
+    }
+    channel
+}
+
+/// Every channel that carries `room`: what a node holding the room subscribes to.
+pub(crate) fn all(config: &Config, room: &RoomName) -> Vec<String> {
+    match shards(config, room.as_str()) {
+        1 => vec![name(config, room.as_str(), None)],
+        n => (0..n)
+            .map(|shard| name(config, room.as_str(), Some(shard)))
+            .collect(),
+    }
+}
+
+/// The channel a broadcast to `room` from `sender` goes to.
+pub(crate) fn for_sender(config: &Config, room: &RoomName, sender: u64) -> String {
+    match shards(config, room.as_str()) {
+        1 => name(config, room.as_str(), None),
+        n => name(config, room.as_str(), Some((sender % u64::from(n)) as u16)),
+    }
+}
+
+/// The room `channel` carries, if it is one of ours.
+pub(crate) fn room_of<'a>(config: &Config, channel: &'a [u8]) -> Option<&'a str> {
+    let rest = std::str::from_utf8(channel)
+        .ok()?
+        .strip_prefix(config.channel_prefix.as_str())?;
+    if has_shard_suffix(rest) {
+        // Room names never end in `:shard<digits>`, so this is the shard suffix.
+        let cut = rest.rfind(":shard")?;
+        Some(&rest[..cut])
+    } else {
+        Some(rest)
+    }
+}
+
+/// A stable 64-bit hash (FNV-1a) of a sender identity, so that the shard of a sender does not
+/// depend on the process (std's hasher is randomly seeded).
+pub(crate) fn sender_key(node_id: &str, socket: u64) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in node_id.bytes().chain(socket.to_le_bytes()) {
+        h ^= u64::from(byte);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashSet;
+    use std::num::NonZeroU16;
+
+    use super::*;
+    use crate::config::FanoutBuilder;
+
+    fn config(shards: u16) -> Config {
+        FanoutBuilder::new("redis://unused")
+            .shard_count(NonZeroU16::new(shards).expect("non-zero"))
+            .into_config_for_tests()
+    }
+
+    fn room(s: &str) -> RoomName {
+        RoomName::new(s).expect("valid")
+    }
+
+    #[test]
+    fn one_shard_is_the_seed_channel() {
+        let c = config(1);
+        assert_eq!(all(&c, &room("42")), ["ws:room:42"]);
+        assert_eq!(for_sender(&c, &room("42"), 99), "ws:room:42");
+        assert_eq!(room_of(&c, b"ws:room:42"), Some("42"));
+    }
+
+    #[test]
+    fn shards_follow_the_seed_naming_and_map_back_to_their_room() {
+        let c = config(4);
+        let channels = all(&c, &room("42"));
+        assert_eq!(
+            channels,
+            [
+                "ws:room:42:shard0",
+                "ws:room:42:shard1",
+                "ws:room:42:shard2",
+                "ws:room:42:shard3"
+            ]
+        );
+        for ch in &channels {
+            assert_eq!(room_of(&c, ch.as_bytes()), Some("42"));
+        }
+        assert!(channels.contains(&for_sender(&c, &room("42"), sender_key("n1", 7))));
+        assert_eq!(room_of(&c, b"other:42"), None);
+    }
+
+    #[test]
+    fn names_are_injective_for_tricky_rooms() {
+        let c = config(4);
+        let rooms = [
+            "42",
+            "42:shard",
+            "42:",
+            "4",
+            "42:shardx1",
+            ":shard",
+            "a:shard:b",
+        ];
+        let mut seen = HashSet::new();
+        for r in rooms {
+            for ch in all(&c, &room(r)) {
+                assert_eq!(room_of(&c, ch.as_bytes()), Some(r), "{ch}");
+                assert!(seen.insert(ch.clone()), "{ch} named twice");
+            }
+        }
+        assert!(
+            RoomName::new("42:shard1").is_err(),
+            "the one name that would collide"
+        );
+    }
+
+    #[test]
+    fn a_sender_always_lands_on_the_same_shard() {
+        let c = config(16);
+        let key = sender_key("node-a", 12345);
+        assert_eq!(key, sender_key("node-a", 12345));
+        let first = for_sender(&c, &room("hot"), key);
+        assert!((0..10).all(|_| for_sender(&c, &room("hot"), key) == first));
+        let spread: HashSet<String> = (0..200)
+            .map(|s| for_sender(&c, &room("hot"), sender_key("node-a", s)))
+            .collect();
+        assert!(
+            spread.len() > 8,
+            "senders spread over the shards: {}",
+            spread.len()
+        );
+    }
+}
