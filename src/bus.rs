@@ -158,6 +158,17 @@ pub(crate) async fn publish(
             "the layer was built with an invalid redis url",
         ));
     }
+    if envelope.len() > cfg.max_envelope_bytes {
+        node.counters.publish_errors.add(1);
+        return Err(Error::with(
+            Kind::InvalidPayload,
+            format!(
+                "the envelope would be {} bytes; the limit is {} (max_envelope_bytes)",
+                envelope.len(),
+                cfg.max_envelope_bytes
+            ),
+        ));
+    }
     let deadline = Instant::now() + cfg.publish_timeout;
     let result = async {
         let mut rx = node.publisher.subscribe();
@@ -518,7 +529,12 @@ async fn dispatch_loop(node: Arc<Node>, mut rx: mpsc::Receiver<PushInfo>) {
             let Some(room) = channel::room_of(&node.config, channel) else {
                 continue;
             };
-            let decoded = match envelope::decode(raw, room, &node.config.node_id) {
+            let decoded = match envelope::decode(
+                raw,
+                room,
+                &node.config.node_id,
+                node.config.max_envelope_bytes,
+            ) {
                 Ok(decoded) => decoded,
                 Err(why) => {
                     malformed += 1;

@@ -5,7 +5,7 @@
 //! sockets.
 
 use std::collections::HashMap;
-use std::num::{NonZeroU16, NonZeroUsize};
+use std::num::{NonZeroU16, NonZeroU32, NonZeroUsize};
 use std::time::Duration;
 
 use crate::error::{Error, Kind};
@@ -53,6 +53,13 @@ pub(crate) struct Config {
     pub(crate) backoff_max: Duration,
     pub(crate) inbound_capacity: NonZeroUsize,
     pub(crate) probe_interval: Duration,
+    pub(crate) max_connections: NonZeroUsize,
+    pub(crate) max_envelope_bytes: usize,
+    pub(crate) max_rooms_per_socket: NonZeroUsize,
+    pub(crate) messages_per_second: NonZeroU32,
+    pub(crate) message_burst: NonZeroU32,
+    pub(crate) ping_interval: Duration,
+    pub(crate) pong_timeout: Duration,
     pub(crate) probe_timeout: Duration,
     pub(crate) shutdown_timeout: Duration,
 }
@@ -100,6 +107,13 @@ const fn nz(n: usize) -> NonZeroUsize {
     }
 }
 
+const fn nz32(n: u32) -> NonZeroU32 {
+    match NonZeroU32::new(n) {
+        Some(n) => n,
+        None => NonZeroU32::MIN,
+    }
+}
+
 impl FanoutBuilder {
     pub(crate) fn new(url: impl Into<String>) -> Self {
         Self {
@@ -130,6 +144,14 @@ impl FanoutBuilder {
                 backoff_max: Duration::from_millis(2000),
                 inbound_capacity: nz(16 * 1024),
                 probe_interval: Duration::from_secs(5),
+                max_connections: nz(100_000),
+                max_envelope_bytes: 1024 * 1024,
+                max_rooms_per_socket: nz(100),
+                // A ceiling against floods, not a chat etiquette: lower it for human chat.
+                messages_per_second: nz32(1000),
+                message_burst: nz32(2000),
+                ping_interval: Duration::from_secs(25),
+                pong_timeout: Duration::from_secs(10),
                 probe_timeout: Duration::from_secs(2),
                 shutdown_timeout: Duration::from_secs(5),
             },
@@ -300,6 +322,73 @@ impl FanoutBuilder {
     /// Defaults to 16384.
     pub fn inbound_capacity(mut self, messages: NonZeroUsize) -> Self {
         self.config.inbound_capacity = messages;
+        self
+    }
+
+    /// Most WebSocket connections this node accepts; beyond it,
+    /// [`RoomHandle::on_upgrade`](crate::RoomHandle::on_upgrade) answers 503 instead of
+    /// upgrading.
+    ///
+    /// Defaults to 100,000.
+    pub fn max_connections(mut self, connections: NonZeroUsize) -> Self {
+        self.config.max_connections = connections;
+        self
+    }
+
+    /// Largest envelope this node publishes or accepts from Redis. A larger broadcast fails with
+    /// [`Error::is_invalid_payload`]; a larger envelope on a room channel (from another
+    /// publisher) is counted as malformed and dropped before it is parsed.
+    ///
+    /// Defaults to 1 MiB.
+    pub fn max_envelope_bytes(mut self, bytes: usize) -> Self {
+        self.config.max_envelope_bytes = bytes;
+        self
+    }
+
+    /// Most rooms one socket may be in; a join beyond it fails with [`Error::is_limit`].
+    ///
+    /// Defaults to 100.
+    pub fn max_rooms_per_socket(mut self, rooms: NonZeroUsize) -> Self {
+        self.config.max_rooms_per_socket = rooms;
+        self
+    }
+
+    /// Sustained client messages per second per socket (a token bucket that refills at this
+    /// rate and holds [`message_burst`](FanoutBuilder::message_burst) tokens). A client that
+    /// sends faster is closed with 1008 `"rate limit exceeded"`, and
+    /// [`recv`](crate::FanoutSocket::recv) yields an error for which [`Error::is_limit`] is true.
+    ///
+    /// Defaults to 1000 per second: a ceiling against floods that leaves machine clients alone;
+    /// a human chat wants far less.
+    pub fn messages_per_second(mut self, rate: NonZeroU32) -> Self {
+        self.config.messages_per_second = rate;
+        self
+    }
+
+    /// Messages a client may send in a burst above the sustained rate.
+    ///
+    /// Defaults to 2000.
+    pub fn message_burst(mut self, burst: NonZeroU32) -> Self {
+        self.config.message_burst = burst;
+        self
+    }
+
+    /// How often each socket is pinged. A client that sent nothing (not even a pong) for
+    /// `ping_interval + pong_timeout` is closed with 1001, so half-open TCP connections do not
+    /// stay in rooms forever. Pongs are read by [`recv`](crate::FanoutSocket::recv): keep the
+    /// handler reading.
+    ///
+    /// Defaults to 25 seconds; zero turns heartbeats off.
+    pub fn ping_interval(mut self, every: Duration) -> Self {
+        self.config.ping_interval = every;
+        self
+    }
+
+    /// How long after a ping a client may stay silent before it is closed.
+    ///
+    /// Defaults to 10 seconds.
+    pub fn pong_timeout(mut self, timeout: Duration) -> Self {
+        self.config.pong_timeout = timeout;
         self
     }
 

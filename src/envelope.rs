@@ -156,8 +156,14 @@ impl fmt::Debug for Payload {
     }
 }
 
+/// The envelope version this crate writes and reads. Envelopes without `v` (the seed's) are
+/// read as version 1; any other version is dropped as malformed, so a future format change
+/// cannot be misread by an older node.
+pub(crate) const VERSION: u64 = 1;
+
 #[derive(Serialize)]
 struct Outgoing<'a> {
+    v: u64,
     origin: &'a str,
     room: &'a str,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -174,6 +180,7 @@ struct Outgoing<'a> {
 /// Encodes one envelope, ready for PUBLISH.
 pub(crate) fn encode(origin: &str, room: &str, payload: &Payload, except: Option<u64>) -> Vec<u8> {
     let mut out = Outgoing {
+        v: VERSION,
         origin,
         room,
         payload: None,
@@ -201,6 +208,8 @@ fn now_ms() -> u64 {
 
 #[derive(Deserialize)]
 struct Incoming<'a> {
+    #[serde(default)]
+    v: Option<u64>,
     #[serde(default, borrow)]
     origin: Option<Cow<'a, str>>,
     #[serde(default, borrow)]
@@ -235,6 +244,8 @@ pub(crate) enum Malformed {
     SeveralPayloads,
     BadBase64(base64::DecodeError),
     WrongRoom,
+    UnknownVersion(u64),
+    TooLarge(usize),
 }
 
 impl fmt::Display for Malformed {
@@ -247,6 +258,13 @@ impl fmt::Display for Malformed {
             }
             Malformed::BadBase64(e) => write!(f, "`binary` is not valid base64: {e}"),
             Malformed::WrongRoom => f.write_str("`room` does not match the channel's room"),
+            Malformed::UnknownVersion(v) => {
+                write!(
+                    f,
+                    "envelope version {v} is unknown (this node reads {VERSION})"
+                )
+            }
+            Malformed::TooLarge(n) => write!(f, "envelope of {n} bytes is over the size limit"),
         }
     }
 }
@@ -254,9 +272,20 @@ impl fmt::Display for Malformed {
 /// Decodes an envelope received on the channel of `room`.
 ///
 /// `node_id` is this node's id: `except` only applies to envelopes this node published.
-pub(crate) fn decode(raw: &[u8], room: &str, node_id: &str) -> Result<Decoded, Malformed> {
+pub(crate) fn decode(
+    raw: &[u8],
+    room: &str,
+    node_id: &str,
+    max_bytes: usize,
+) -> Result<Decoded, Malformed> {
+    if raw.len() > max_bytes {
+        return Err(Malformed::TooLarge(raw.len()));
+    }
     // `from_slice` also rejects invalid UTF-8, so garbage bytes land in `NotJson`.
     let env: Incoming<'_> = serde_json::from_slice(raw).map_err(Malformed::NotJson)?;
+    if let Some(v) = env.v.filter(|&v| v != VERSION) {
+        return Err(Malformed::UnknownVersion(v));
+    }
     if env.room.as_deref().is_some_and(|r| r != room) {
         return Err(Malformed::WrongRoom);
     }
@@ -279,6 +308,8 @@ pub(crate) fn decode(raw: &[u8], room: &str, node_id: &str) -> Result<Decoded, M
 mod tests {
     use super::*;
 
+    const MAX: usize = 1 << 20;
+
     fn text_of(m: &Message) -> &str {
         match m {
             Message::Text(t) => t.as_str(),
@@ -294,20 +325,36 @@ mod tests {
         assert_eq!(v["origin"], "n1");
         assert_eq!(v["room"], "42");
         assert!(v["ts"].as_u64().unwrap() > 1_700_000_000_000);
-        let d = decode(&wire, "42", "n2").unwrap();
+        let d = decode(&wire, "42", "n2", MAX).unwrap();
         assert_eq!(text_of(&d.frame), r#"{"b": [1, 2.50, "x"], "a":null}"#);
     }
 
     #[test]
     fn minimal_seed_envelope_is_accepted() {
-        let d = decode(br#"{"payload":{"type":"ping"}}"#, "42", "n1").unwrap();
+        let d = decode(br#"{"payload":{"type":"ping"}}"#, "42", "n1", MAX).unwrap();
         assert_eq!(text_of(&d.frame), r#"{"type":"ping"}"#);
         assert_eq!(d.except, None);
     }
 
     #[test]
+    fn versions_and_size_are_checked() {
+        assert!(decode(br#"{"v":1,"payload":1}"#, "r", "n", MAX).is_ok());
+        assert!(matches!(
+            decode(br#"{"v":7,"payload":1}"#, "r", "n", MAX),
+            Err(Malformed::UnknownVersion(7))
+        ));
+        let big = format!(r#"{{"text":"{}"}}"#, "x".repeat(100));
+        assert!(matches!(
+            decode(big.as_bytes(), "r", "n", 50),
+            Err(Malformed::TooLarge(_))
+        ));
+        let wire = encode("n", "r", &Payload::text("x"), None);
+        assert!(String::from_utf8_lossy(&wire).starts_with(r#"{"v":1,"#));
+    }
+
+    #[test]
     fn null_is_a_payload() {
-        let d = decode(br#"{"payload":null}"#, "r", "n").unwrap();
+        let d = decode(br#"{"payload":null}"#, "r", "n", MAX).unwrap();
         assert_eq!(text_of(&d.frame), "null");
     }
 
@@ -315,12 +362,12 @@ mod tests {
     fn text_and_binary_round_trip() {
         let wire = encode("n", "r", &Payload::text("not \"json\"\n"), None);
         assert_eq!(
-            text_of(&decode(&wire, "r", "x").unwrap().frame),
+            text_of(&decode(&wire, "r", "x", MAX).unwrap().frame),
             "not \"json\"\n"
         );
         let bytes = vec![0u8, 255, 10, 13, 128];
         let wire = encode("n", "r", &Payload::binary(bytes.clone()), None);
-        match decode(&wire, "r", "x").unwrap().frame {
+        match decode(&wire, "r", "x", MAX).unwrap().frame {
             Message::Binary(b) => assert_eq!(&b[..], &bytes[..]),
             other => panic!("{other:?}"),
         }
@@ -329,8 +376,8 @@ mod tests {
     #[test]
     fn except_applies_only_on_the_origin_node() {
         let wire = encode("n1", "r", &Payload::text("x"), Some(7));
-        assert_eq!(decode(&wire, "r", "n1").unwrap().except, Some(7));
-        assert_eq!(decode(&wire, "r", "n2").unwrap().except, None);
+        assert_eq!(decode(&wire, "r", "n1", MAX).unwrap().except, Some(7));
+        assert_eq!(decode(&wire, "r", "n2", MAX).unwrap().except, None);
     }
 
     #[test]
@@ -346,10 +393,12 @@ mod tests {
             br#"{"room":"other","payload":1}"#,
             br#"{"payload":{"#,
             br#"{"text":5}"#,
+            br#"{"v":2,"payload":1}"#,
+            br#"{"v":"1","payload":1}"#,
         ];
         for raw in cases {
             assert!(
-                decode(raw, "r", "n").is_err(),
+                decode(raw, "r", "n", MAX).is_err(),
                 "{:?}",
                 String::from_utf8_lossy(raw)
             );

@@ -33,6 +33,8 @@ pub(crate) enum Kind {
     MessageTooBig,
     /// The WebSocket transport failed.
     WebSocket,
+    /// A per-socket limit was reached (rooms per socket, messages per second).
+    Limit,
 }
 
 impl Error {
@@ -90,6 +92,12 @@ impl Error {
         self.kind == Kind::WebSocket
     }
 
+    /// A per-socket limit was reached: too many rooms for one socket, or a client sending
+    /// faster than the message rate limit (the socket was then closed with 1008).
+    pub fn is_limit(&self) -> bool {
+        self.kind == Kind::Limit
+    }
+
     fn description(&self) -> &'static str {
         match self.kind {
             Kind::InvalidUrl => "invalid redis url",
@@ -100,6 +108,7 @@ impl Error {
             Kind::Closed => "socket closed",
             Kind::MessageTooBig => "message exceeds the size limit",
             Kind::WebSocket => "websocket transport error",
+            Kind::Limit => "limit reached",
         }
     }
 }

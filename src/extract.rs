@@ -90,7 +90,8 @@ impl RoomHandle {
     }
 
     /// Completes the upgrade with this node's WebSocket settings and hands `callback` an
-    /// attached [`FanoutSocket`].
+    /// attached [`FanoutSocket`]. When the node already holds `max_connections` sockets it
+    /// answers 503 instead.
     ///
     /// ```no_run
     /// use axum::{extract::ws::{Message, WebSocketUpgrade}, response::Response};
@@ -112,6 +113,20 @@ impl RoomHandle {
         C: FnOnce(FanoutSocket) -> Fut + Send + 'static,
         Fut: Future<Output = ()> + Send + 'static,
     {
+        let node = &self.shared.node;
+        let max = node.config.max_connections.get();
+        if node.registry.connections() >= max {
+            node.counters.rejected_connections.add(1);
+            tracing::warn!(
+                max_connections = max,
+                "refused a websocket upgrade: node is full"
+            );
+            return (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "this node is at its connection limit; try again later or another node\n",
+            )
+                .into_response();
+        }
         let handle = self.clone();
         self.configure(ws)
             .on_upgrade(move |socket| callback(handle.attach(socket)))

@@ -11,7 +11,7 @@
 
 use std::collections::VecDeque;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes};
 use tokio::sync::Notify;
@@ -103,6 +103,9 @@ pub(crate) struct Outbox {
     /// Set while `State::missed` is not empty, so the reader's check needs no lock.
     has_missed: AtomicBool,
     reader_wake: Notify,
+    /// When the client was last heard from, in ms since `created`: the heartbeat's clock.
+    created: Instant,
+    last_seen_ms: AtomicU64,
 }
 
 /// Payload size of a frame, the unit of the byte bound.
@@ -124,6 +127,8 @@ impl Outbox {
             closing: AtomicBool::new(false),
             has_missed: AtomicBool::new(false),
             reader_wake: Notify::new(),
+            created: Instant::now(),
+            last_seen_ms: AtomicU64::new(0),
         }
     }
 
@@ -231,6 +236,18 @@ impl Outbox {
     /// `true` once a close was requested by either side.
     pub(crate) fn is_closing(&self) -> bool {
         self.closing.load(Ordering::Acquire)
+    }
+
+    /// The client was heard from (any frame, pongs included).
+    pub(crate) fn touch(&self) {
+        let ms = self.created.elapsed().as_millis() as u64;
+        self.last_seen_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// How long the client has been silent.
+    pub(crate) fn silent_for(&self) -> std::time::Duration {
+        let last = std::time::Duration::from_millis(self.last_seen_ms.load(Ordering::Relaxed));
+        self.created.elapsed().saturating_sub(last)
     }
 
     /// Tells the reader that messages of a room may have been missed.

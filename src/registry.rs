@@ -130,6 +130,11 @@ impl Registry {
         self.confirmed.send_modify(|n| *n += 1);
     }
 
+    /// Sockets attached right now.
+    pub(crate) fn connections(&self) -> usize {
+        self.lock().attached.len()
+    }
+
     /// Forgets a socket (after it left its rooms).
     pub(crate) fn detach(&self, socket: SocketId) {
         self.lock().attached.remove(&socket);

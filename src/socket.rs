@@ -3,6 +3,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::body::Bytes;
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use futures_util::stream::SplitStream;
 use futures_util::{Sink, SinkExt, StreamExt};
@@ -34,6 +35,9 @@ pub enum Event {
 /// Close code sent to every socket when the node shuts down (RFC 6455 1001).
 pub const GOING_AWAY_CODE: u16 = 1001;
 
+/// Shortest ping interval, so that a tiny setting cannot turn heartbeats into a busy loop.
+const MIN_PING: Duration = Duration::from_millis(10);
+
 /// How long the writer tries to deliver a close frame before it gives up on the client.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 
@@ -56,7 +60,46 @@ pub struct FanoutSocket {
     outbox: Arc<Outbox>,
     rooms: Vec<RoomName>,
     stream: SplitStream<WebSocket>,
+    bucket: TokenBucket,
 }
+
+/// The per-socket message rate limit: refills at `rate` tokens per second up to `burst`.
+#[derive(Debug)]
+struct TokenBucket {
+    tokens: f64,
+    rate: f64,
+    burst: f64,
+    last: Instant,
+}
+
+impl TokenBucket {
+    fn new(rate: u32, burst: u32) -> Self {
+        Self {
+            tokens: f64::from(burst),
+            rate: f64::from(rate),
+            burst: f64::from(burst),
+            last: Instant::now(),
+        }
+    }
+
+    /// Takes a token; `false` when the bucket is empty.
+    fn take(&mut self) -> bool {
+        let now = Instant::now();
+        let refill = now.duration_since(self.last).as_secs_f64() * self.rate;
+        self.tokens = (self.tokens + refill).min(self.burst);
+        self.last = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// Close code and reason for a client over the message rate limit (RFC 6455 1008).
+const RATE_LIMIT_CODE: u16 = 1008;
+const RATE_LIMIT_REASON: &str = "rate limit exceeded";
 
 impl FanoutSocket {
     pub(crate) fn attach(shared: Arc<Shared>, socket: WebSocket) -> Self {
@@ -73,12 +116,15 @@ impl FanoutSocket {
         let (sink, stream) = socket.split();
         node.registry.writer_started();
         tokio::spawn(write_loop(sink, outbox.clone(), node.clone(), id));
+        let bucket = TokenBucket::new(cfg.messages_per_second.get(), cfg.message_burst.get());
+        outbox.touch();
         Self {
             id,
             shared,
             outbox,
             rooms: Vec::new(),
             stream,
+            bucket,
         }
     }
 
@@ -113,6 +159,13 @@ impl FanoutSocket {
         }
         if self.outbox.is_closing() || node.registry.is_shutting_down() {
             return Err(Error::new(Kind::Closed));
+        }
+        let max = node.config.max_rooms_per_socket.get();
+        if self.rooms.len() >= max {
+            return Err(Error::with(
+                Kind::Limit,
+                format!("a socket may be in at most {max} rooms"),
+            ));
         }
         let deadline = Instant::now() + node.config.subscribe_timeout;
         let subscribed = node.registry.insert(&room, self.id, self.outbox.clone());
@@ -193,8 +246,20 @@ impl FanoutSocket {
                 }
                 next = self.stream.next() => next,
             };
+            if let Some(Ok(_)) = &next {
+                self.outbox.touch();
+            }
             match next? {
                 Ok(msg @ (Message::Text(_) | Message::Binary(_))) => {
+                    if !self.bucket.take() {
+                        self.shared.node.counters.rate_limited.add(1);
+                        tracing::debug!(
+                            socket = self.id,
+                            "client over the message rate limit; closing with 1008"
+                        );
+                        self.close(RATE_LIMIT_CODE, RATE_LIMIT_REASON);
+                        return Some(Err(Error::with(Kind::Limit, RATE_LIMIT_REASON)));
+                    }
                     return Some(Ok(Event::Message(msg)));
                 }
                 Ok(Message::Ping(_) | Message::Pong(_)) => continue,
@@ -314,8 +379,30 @@ where
         // out the flush interval so the next write gathers more. A lone frame means the socket
         // is keeping up, and the next frame goes out at once.
         let mut gather_after: Option<Instant> = None;
+        let ping_every = node.config.ping_interval;
+        let silence_limit = ping_every + node.config.pong_timeout;
+        let mut pings = tokio::time::interval_at(
+            Instant::now() + ping_every.max(MIN_PING),
+            ping_every.max(MIN_PING),
+        );
+        pings.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            match outbox.next_batch(&mut batch, max, gather_after).await {
+            let next = tokio::select! {
+                biased;
+                next = outbox.next_batch(&mut batch, max, gather_after) => next,
+                _ = pings.tick(), if !ping_every.is_zero() => {
+                    if outbox.silent_for() > silence_limit {
+                        node.counters.heartbeat_timeouts.add(1);
+                        tracing::debug!(socket = id, "no pong from the client; closing");
+                        outbox.close_now(GOING_AWAY_CODE, "no pong received");
+                    } else if timeout(write_timeout, sink.send(Message::Ping(Bytes::new()))).await.is_err() {
+                        node.counters.slow_disconnects.add(1);
+                        outbox.close_now(SLOW_CONSUMER_CODE, SLOW_CONSUMER_REASON);
+                    }
+                    continue;
+                }
+            };
+            match next {
                 Next::Frames => {
                     let frames = batch.len();
                     let written = timeout(write_timeout, async {

@@ -43,6 +43,9 @@ pub(crate) struct Counters {
     pub(crate) malformed: Counter,
     pub(crate) inbound_dropped: Counter,
     pub(crate) reconnects: Counter,
+    pub(crate) rejected_connections: Counter,
+    pub(crate) rate_limited: Counter,
+    pub(crate) heartbeat_timeouts: Counter,
 }
 
 impl Default for Counters {
@@ -57,6 +60,9 @@ impl Default for Counters {
             malformed: Counter::new("axum_fanout_malformed_total"),
             inbound_dropped: Counter::new("axum_fanout_inbound_dropped_total"),
             reconnects: Counter::new("axum_fanout_reconnects_total"),
+            rejected_connections: Counter::new("axum_fanout_rejected_connections_total"),
+            rate_limited: Counter::new("axum_fanout_rate_limited_total"),
+            heartbeat_timeouts: Counter::new("axum_fanout_heartbeat_timeouts_total"),
         }
     }
 }
@@ -96,6 +102,12 @@ pub struct Stats {
     pub inbound_dropped: u64,
     /// Times the subscriber link was lost and re-established.
     pub reconnects: u64,
+    /// Upgrades refused with 503 because the node was at `max_connections`.
+    pub rejected_connections: u64,
+    /// Sockets closed for sending faster than the message rate limit.
+    pub rate_limited: u64,
+    /// Sockets closed because the client stopped answering pings.
+    pub heartbeat_timeouts: u64,
 }
 
 impl Counters {
@@ -120,6 +132,9 @@ impl Counters {
             malformed: self.malformed.get(),
             inbound_dropped: self.inbound_dropped.get(),
             reconnects: self.reconnects.get(),
+            rejected_connections: self.rejected_connections.get(),
+            rate_limited: self.rate_limited.get(),
+            heartbeat_timeouts: self.heartbeat_timeouts.get(),
         }
     }
 }

@@ -169,19 +169,25 @@ impl Fleet {
             buf,
             filled,
         } = conn;
+        // Every connection reads in one task and writes in another: a reader only writes the
+        // pongs that answer server pings; a publisher also writes what the pacer hands it.
+        // Both halves must stay alive: dropping the write half would half-close the socket.
+        let (rd, mut wr) = stream.into_split();
+        let (tx, mut rx) = mpsc::unbounded_channel::<Vec<u8>>();
+        let pongs = tx.clone();
+        self.tasks.push(tokio::spawn(async move {
+            on_end(ws::read_loop(rd, buf, filled, stats, Some(pongs)).await);
+        }));
         if role == Role::Reader {
             self.tasks.push(tokio::spawn(async move {
-                on_end(ws::read_loop(stream, buf, filled, stats).await);
+                while let Some(pong) = rx.recv().await {
+                    if wr.write_all(&pong).await.is_err() {
+                        break;
+                    }
+                }
             }));
             return;
         }
-        // A publisher reads in one task and writes in another, fed by the pacer. Both halves
-        // must stay alive: dropping the write half would half-close the socket.
-        let (rd, mut wr) = stream.into_split();
-        self.tasks.push(tokio::spawn(async move {
-            on_end(ws::read_loop(rd, buf, filled, stats).await);
-        }));
-        let (tx, mut rx) = mpsc::unbounded_channel::<Vec<u8>>();
         self.tasks.push(tokio::spawn(async move {
             while let Some(batch) = rx.recv().await {
                 // A failed write shows up as loss: the pacer counted those messages as sent.
@@ -314,9 +320,10 @@ impl Fleet {
         let reads = parked.into_iter().map(|s| async move {
             let stats = Arc::new(ConnStats::new());
             let buf = vec![0u8; 256 * 1024];
-            let ended = tokio::time::timeout(limit, ws::read_loop(s, buf, 0, Arc::clone(&stats)))
-                .await
-                .is_ok();
+            let ended =
+                tokio::time::timeout(limit, ws::read_loop(s, buf, 0, Arc::clone(&stats), None))
+                    .await
+                    .is_ok();
             (ended, stats.received())
         });
         let results = futures_util::future::join_all(reads).await;

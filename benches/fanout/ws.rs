@@ -157,6 +157,17 @@ pub(crate) fn push_message(
     out.extend(scratch.iter().zip(MASK.iter().cycle()).map(|(b, m)| b ^ m));
 }
 
+/// A masked pong answering a ping with `payload` (control payloads are at most 125 bytes).
+fn pong_frame(payload: &[u8]) -> Vec<u8> {
+    let payload = &payload[..payload.len().min(125)];
+    let mut out = Vec::with_capacity(6 + payload.len());
+    out.push(0x8a); // FIN + pong
+    out.push(0x80 | payload.len() as u8);
+    out.extend_from_slice(&MASK);
+    out.extend(payload.iter().zip(MASK.iter().cycle()).map(|(b, m)| b ^ m));
+    out
+}
+
 /// Extracts the integer after `"t":` in a payload. The payload normally starts with it (both
 /// reference servers keep key order), but a server may legitimately reorder keys, e.g. when it
 /// goes through a sorted map, so fall back to a scan.
@@ -190,12 +201,15 @@ fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
 /// Reads server frames until the connection ends, recording one latency sample per text
 /// message. Returns `Ok(())` on a close frame or EOF.
 ///
-/// `buf[..filled]` holds bytes already read (the tail of the handshake read).
+/// `buf[..filled]` holds bytes already read (the tail of the handshake read). Pings are
+/// answered through `pongs` (a real client answers them, and a server may close a client
+/// that does not); `None` leaves them unanswered.
 pub(crate) async fn read_loop<R: AsyncRead + Unpin>(
     mut rd: R,
     mut buf: Vec<u8>,
     mut filled: usize,
     stats: Arc<ConnStats>,
+    pongs: Option<tokio::sync::mpsc::UnboundedSender<Vec<u8>>>,
 ) -> Result<()> {
     let mut start = 0;
     // Stamp of a fragmented text message whose final fragment is still to come.
@@ -260,8 +274,13 @@ pub(crate) async fn read_loop<R: AsyncRead + Unpin>(
                 }
                 0x0 => {}             // middle fragment: the stamp was in the first one
                 0x8 => return Ok(()), // close: the server is done with us
-                0x9 | 0xa => {}       // ping/pong: neither server pings within a run
-                _ => record(None),    // binary or reserved opcode: not what the contract says
+                0x9 => {
+                    if let Some(pongs) = &pongs {
+                        let _ = pongs.send(pong_frame(payload));
+                    }
+                }
+                0xa => {}          // pong: we send no pings
+                _ => record(None), // binary or reserved opcode: not what the contract says
             }
             start += total;
         }

@@ -11,6 +11,7 @@
 //! - `GET /stats` returns the node's counters as JSON.
 
 use std::collections::HashMap;
+use std::num::NonZeroU32;
 
 use axum::Json;
 use axum::Router;
@@ -147,7 +148,11 @@ fn missed_notice(missed: &Missed) -> serde_json::Value {
 #[allow(dead_code)] // used by `chat`, not by `demo` (which runs three nodes with fixed ids)
 pub(crate) fn layer_from_env() -> Result<FanoutLayer, String> {
     let url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
-    let mut builder = FanoutLayer::builder(url);
+    // The contract app is driven by load generators that publish thousands of messages per
+    // second on one connection: keep the flood guard, well above that.
+    let mut builder = FanoutLayer::builder(url)
+        .messages_per_second(NonZeroU32::new(20_000).unwrap_or(NonZeroU32::MIN))
+        .message_burst(NonZeroU32::new(20_000).unwrap_or(NonZeroU32::MIN));
     if let Ok(id) = std::env::var("NODE_ID")
         && !id.trim().is_empty()
     {
