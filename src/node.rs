@@ -3,13 +3,17 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
+
+use axum::body::Bytes;
+use axum::extract::ws::Message;
 
 use tokio::sync::watch;
 
 use crate::bus;
-use crate::config::Config;
+use crate::config::{Config, OverflowPolicy};
 use crate::registry::Registry;
+use crate::socket::GOING_AWAY_CODE;
 use crate::stats::{Counters, Stats};
 
 /// State shared by the layer, every handle and socket, and the background tasks.
@@ -89,16 +93,19 @@ impl Shared {
         if self.started.load(Ordering::Acquire) {
             return;
         }
-        let Some(client) = self.node.config.redis.clone() else {
-            // Invalid URL: already logged by the builder; there is nothing to connect to.
-            return;
-        };
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
         };
         if self.started.swap(true, Ordering::AcqRel) {
             return;
         }
+        if !self.node.config.ping_interval.is_zero() {
+            runtime.spawn(heartbeat(self.node.clone(), self.stop.subscribe()));
+        }
+        let Some(client) = self.node.config.redis.clone() else {
+            // Invalid URL: already logged by the builder; there is nothing to connect to.
+            return;
+        };
         runtime.spawn(bus::run_subscriber(
             self.node.clone(),
             client.clone(),
@@ -109,5 +116,31 @@ impl Shared {
             client,
             self.stop.subscribe(),
         ));
+    }
+}
+
+/// Pings every socket each `ping_interval`, and closes (1001) those that sent nothing, not even
+/// a pong, for `ping_interval + pong_timeout`: half-open TCP connections do not stay in rooms
+/// forever. One task per node rather than a timer per socket keeps idle sockets cheap.
+async fn heartbeat(node: Arc<Node>, mut stop: watch::Receiver<()>) {
+    let every = node.config.ping_interval.max(Duration::from_millis(10));
+    let limit = every + node.config.pong_timeout;
+    let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ticks.tick() => {}
+            _ = stop.changed() => return,
+        }
+        for outbox in node.registry.attached() {
+            if outbox.silent_for() > limit {
+                node.counters.heartbeat_timeouts.add(1);
+                tracing::debug!("no pong from a client in {limit:?}; closing it");
+                outbox.close_now(GOING_AWAY_CODE, "no pong received");
+            } else {
+                // A ping that finds the queue full is dropped: that socket is already busy.
+                outbox.offer(Message::Ping(Bytes::new()), OverflowPolicy::DropNewest);
+            }
+        }
     }
 }

@@ -130,6 +130,11 @@ impl Registry {
         self.confirmed.send_modify(|n| *n += 1);
     }
 
+    /// Every attached socket, for the heartbeat's round.
+    pub(crate) fn attached(&self) -> Vec<Arc<Outbox>> {
+        self.lock().attached.values().cloned().collect()
+    }
+
     /// Sockets attached right now.
     pub(crate) fn connections(&self) -> usize {
         self.lock().attached.len()

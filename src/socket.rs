@@ -3,7 +3,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::body::Bytes;
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use futures_util::stream::SplitStream;
 use futures_util::{Sink, SinkExt, StreamExt};
@@ -34,9 +33,6 @@ pub enum Event {
 
 /// Close code sent to every socket when the node shuts down (RFC 6455 1001).
 pub const GOING_AWAY_CODE: u16 = 1001;
-
-/// Shortest ping interval, so that a tiny setting cannot turn heartbeats into a busy loop.
-const MIN_PING: Duration = Duration::from_millis(10);
 
 /// How long the writer tries to deliver a close frame before it gives up on the client.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
@@ -379,29 +375,8 @@ where
         // out the flush interval so the next write gathers more. A lone frame means the socket
         // is keeping up, and the next frame goes out at once.
         let mut gather_after: Option<Instant> = None;
-        let ping_every = node.config.ping_interval;
-        let silence_limit = ping_every + node.config.pong_timeout;
-        let mut pings = tokio::time::interval_at(
-            Instant::now() + ping_every.max(MIN_PING),
-            ping_every.max(MIN_PING),
-        );
-        pings.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            let next = tokio::select! {
-                biased;
-                next = outbox.next_batch(&mut batch, max, gather_after) => next,
-                _ = pings.tick(), if !ping_every.is_zero() => {
-                    if outbox.silent_for() > silence_limit {
-                        node.counters.heartbeat_timeouts.add(1);
-                        tracing::debug!(socket = id, "no pong from the client; closing");
-                        outbox.close_now(GOING_AWAY_CODE, "no pong received");
-                    } else if timeout(write_timeout, sink.send(Message::Ping(Bytes::new()))).await.is_err() {
-                        node.counters.slow_disconnects.add(1);
-                        outbox.close_now(SLOW_CONSUMER_CODE, SLOW_CONSUMER_REASON);
-                    }
-                    continue;
-                }
-            };
+            let next = outbox.next_batch(&mut batch, max, gather_after).await;
             match next {
                 Next::Frames => {
                     let frames = batch.len();
