@@ -34,6 +34,11 @@ const ROOMS_PER_COMMAND: usize = 1000;
 /// command replies, so one multiplexed connection can subscribe and be watched for loss), with
 /// TCP_NODELAY (a PUBLISH must not wait for Nagle's algorithm) and TCP keepalive (a peer that
 /// vanished without a FIN is noticed even on an idle link).
+///
+/// Everything else of the client's connection info is kept: the address (with its TLS
+/// parameters and root certificate for `rediss://`), the user name and password (redis-rs sends
+/// `HELLO 3 AUTH` / `AUTH` with them on every connection, publisher and subscriber alike) and
+/// the database.
 pub(crate) fn resp3(client: &redis::Client) -> Result<redis::Client, redis::RedisError> {
     use redis::io::tcp::{TcpSettings, socket2::TcpKeepalive};
     let info = client.get_connection_info().clone();
@@ -48,6 +53,19 @@ pub(crate) fn resp3(client: &redis::Client) -> Result<redis::Client, redis::Redi
         .set_nodelay(true)
         .set_keepalive(keepalive);
     redis::Client::open(info.set_redis_settings(settings).set_tcp_settings(tcp))
+}
+
+/// Installs rustls' `ring` provider as the process-wide default unless one is installed.
+///
+/// redis-rs builds its rustls configuration with the process default provider and enables
+/// none itself; without one the first TLS connect would panic. An application that installs
+/// its own provider (e.g. aws-lc-rs) does so before it builds the layer, and keeps it.
+#[cfg(feature = "tls")]
+pub(crate) fn ensure_crypto_provider() {
+    if rustls::crypto::CryptoProvider::get_default().is_none() {
+        // An error means another thread installed one in the meantime: there is one either way.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    }
 }
 
 async fn connect(

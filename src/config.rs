@@ -93,10 +93,57 @@ impl Config {
 ///     .build()?;
 /// # let _ = layer; Ok(()) }
 /// ```
-#[derive(Debug, Clone)]
+///
+/// # Secure Redis
+///
+/// Credentials go in the URL, for both connections (publisher and subscriber):
+/// `redis://:password@host:6379` (the `default` user, `requirepass`) or
+/// `redis://user:password@host:6379` (an ACL user); percent-encode reserved characters in
+/// them. With the `tls` cargo feature, a `rediss://` URL connects over TLS (rustls), verifying
+/// the server's certificate against the system's trust store, or against the certificate
+/// given to [`tls_root_certificate`](FanoutBuilder::tls_root_certificate). The builder's
+/// `Debug` output and the crate's logs never show the password.
+#[derive(Clone)]
 pub struct FanoutBuilder {
     url: String,
     config: Config,
+    /// PEM root certificate(s) to trust instead of the system's store, for `rediss://`.
+    #[cfg(feature = "tls")]
+    tls_root_certificate: Option<Vec<u8>>,
+}
+
+impl std::fmt::Debug for FanoutBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut d = f.debug_struct("FanoutBuilder");
+        d.field("url", &redacted_url(&self.url));
+        d.field("config", &self.config);
+        #[cfg(feature = "tls")]
+        d.field(
+            "tls_root_certificate",
+            &self.tls_root_certificate.as_ref().map(Vec::len),
+        );
+        d.finish()
+    }
+}
+
+/// `url` with its password (everything between `://` and the last `@` after the user name)
+/// replaced by `***`, for logs and `Debug`.
+pub(crate) fn redacted_url(url: &str) -> std::borrow::Cow<'_, str> {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.into();
+    };
+    let Some(at) = rest.rfind('@') else {
+        return url.into();
+    };
+    let user = rest[..at].split_once(':').map_or("", |(user, _)| user);
+    format!("{scheme}://{user}:***@{}", &rest[at + 1..]).into()
+}
+
+/// `rediss://` or `valkeys://`: redis-rs connects over TLS.
+fn is_tls_url(url: &str) -> bool {
+    url.split_once("://").is_some_and(|(scheme, _)| {
+        scheme.eq_ignore_ascii_case("rediss") || scheme.eq_ignore_ascii_case("valkeys")
+    })
 }
 
 // `NonZeroUsize::new(literal)` in a const: every literal passed below is non-zero.
@@ -118,6 +165,8 @@ impl FanoutBuilder {
     pub(crate) fn new(url: impl Into<String>) -> Self {
         Self {
             url: url.into(),
+            #[cfg(feature = "tls")]
+            tls_root_certificate: None,
             config: Config {
                 redis: None,
                 node_id: random_node_id(),
@@ -420,20 +469,99 @@ impl FanoutBuilder {
         self
     }
 
-    /// Builds the layer. Fails only when the Redis URL cannot be parsed; an unreachable Redis
-    /// is not an error (the node connects in the background).
+    /// Trusts the PEM certificate(s) in `pem` (one CA certificate or a bundle) for the
+    /// `rediss://` server's certificate, *instead of* the system's trust store: for a Redis
+    /// whose certificate is issued by a private CA. The certificate is still verified, host
+    /// name included (`rediss://127.0.0.1:..` needs an IP address entry for 127.0.0.1 in it).
+    ///
+    /// [`build`](FanoutBuilder::build) fails with [`Error::is_invalid_url`] when `pem` holds no
+    /// certificate or the URL is not `rediss://`.
+    ///
+    /// ```no_run
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let layer = axum_fanout::FanoutLayer::builder("rediss://:s3cret@redis.internal:6380")
+    ///     .tls_root_certificate(std::fs::read("/etc/redis/ca.pem")?)
+    ///     .build()?;
+    /// # let _ = layer; Ok(()) }
+    /// ```
+    ///
+    /// Defaults to none: the system's trust store (enough for a public CA).
+    #[cfg(feature = "tls")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "tls")))]
+    pub fn tls_root_certificate(mut self, pem: Vec<u8>) -> Self {
+        self.tls_root_certificate = Some(pem);
+        self
+    }
+
+    /// Builds the layer. Fails with [`Error::is_invalid_url`] when the Redis URL cannot be
+    /// parsed, is `rediss://` without the `tls` feature, or asks for an unverified TLS
+    /// connection (`#insecure`); an unreachable Redis, or a wrong password, is not an error
+    /// here (the node connects in the background, and stays not ready until it succeeds).
     pub fn build(self) -> Result<FanoutLayer, Error> {
-        let client = redis::Client::open(self.url.as_str())
-            .and_then(|c| crate::bus::resp3(&c))
-            .map_err(|e| {
-                Error::with(
-                    Kind::InvalidUrl,
-                    format!("{e} (expected e.g. redis://127.0.0.1:6379)"),
-                )
-            })?;
+        let client = self.redis_client()?;
         let mut config = self.config;
         config.redis = Some(client);
         Ok(FanoutLayer::from_config(config))
+    }
+
+    fn redis_client(&self) -> Result<redis::Client, Error> {
+        let invalid = |message: String| Error::with(Kind::InvalidUrl, message);
+        if is_tls_url(&self.url) && !cfg!(feature = "tls") {
+            return Err(invalid(format!(
+                "a rediss:// (TLS) url needs the `tls` feature of axum-fanout: \
+                 axum-fanout = {{ version = \"{}\", features = [\"tls\"] }}",
+                env!("CARGO_PKG_VERSION")
+            )));
+        }
+        let client = redis::Client::open(self.url.as_str())
+            .map_err(|e| invalid(format!("{e} (expected e.g. redis://127.0.0.1:6379)")))?;
+        #[cfg(feature = "tls")]
+        let client = self.with_tls(client)?;
+        crate::bus::resp3(&client)
+            .map_err(|e| invalid(format!("{e} (expected e.g. redis://127.0.0.1:6379)")))
+    }
+
+    /// For a `rediss://` client: refuses `#insecure`, makes sure rustls has a crypto provider,
+    /// and attaches the root certificate if one was given.
+    #[cfg(feature = "tls")]
+    fn with_tls(&self, client: redis::Client) -> Result<redis::Client, Error> {
+        let invalid = |message: String| Error::with(Kind::InvalidUrl, message);
+        let redis::ConnectionAddr::TcpTls { insecure, .. } = client.get_connection_info().addr()
+        else {
+            return match self.tls_root_certificate {
+                Some(_) => Err(invalid(
+                    "tls_root_certificate is set but the url is not rediss://".to_owned(),
+                )),
+                None => Ok(client),
+            };
+        };
+        if *insecure {
+            return Err(invalid(
+                "rediss://..#insecure (no certificate verification) is not supported; trust the \
+                 server's CA with FanoutBuilder::tls_root_certificate instead"
+                    .to_owned(),
+            ));
+        }
+        crate::bus::ensure_crypto_provider();
+        let Some(pem) = &self.tls_root_certificate else {
+            return Ok(client);
+        };
+        if !pem
+            .windows(b"-----BEGIN CERTIFICATE-----".len())
+            .any(|w| w == b"-----BEGIN CERTIFICATE-----")
+        {
+            return Err(invalid(
+                "tls_root_certificate holds no PEM certificate \
+                 (-----BEGIN CERTIFICATE-----)"
+                    .to_owned(),
+            ));
+        }
+        let certificates = redis::TlsCertificates {
+            client_tls: None,
+            root_cert: Some(pem.clone()),
+        };
+        redis::Client::build_with_tls(client.get_connection_info().clone(), certificates)
+            .map_err(|e| invalid(format!("tls_root_certificate: {e}")))
     }
 
     /// The settings as they are, without a Redis client (unit tests of the writer and queue).
@@ -449,7 +577,7 @@ impl FanoutBuilder {
         let fallback = self.config.clone();
         self.build().unwrap_or_else(|e| {
             tracing::error!(
-                url = %url,
+                url = %redacted_url(&url),
                 error = %e,
                 cause = ?std::error::Error::source(&e).map(ToString::to_string),
                 "axum-fanout: invalid redis url; this node will never be ready (use FanoutLayer::try_new to catch this at start-up)"
@@ -482,6 +610,37 @@ mod tests {
     fn node_ids_differ() {
         assert_ne!(random_node_id(), random_node_id());
         assert_eq!(random_node_id().len(), 16);
+    }
+
+    #[test]
+    fn passwords_are_redacted() {
+        for (url, shown) in [
+            ("redis://127.0.0.1:6379", "redis://127.0.0.1:6379"),
+            ("redis://:pw@h:1/0", "redis://:***@h:1/0"),
+            ("redis://alice:pw@h:1", "redis://alice:***@h:1"),
+            ("rediss://alice:p@s/s#w@h:1", "rediss://alice:***@h:1"),
+            ("redis://alice@h", "redis://:***@h"),
+            ("not a url @ all", "not a url @ all"),
+        ] {
+            assert_eq!(redacted_url(url), shown, "{url}");
+        }
+        let builder = FanoutBuilder::new("redis://alice:hunter2@127.0.0.1:1");
+        let debug = format!("{builder:?}");
+        assert!(!debug.contains("hunter2"), "{debug}");
+        let layer = builder.build().expect("valid url");
+        assert!(!format!("{layer:?}").contains("hunter2"));
+    }
+
+    #[test]
+    #[cfg(not(feature = "tls"))]
+    fn rediss_without_the_tls_feature_says_to_enable_it() {
+        for url in ["rediss://127.0.0.1:6380", "REDISS://:pw@h:1", "valkeys://h"] {
+            let err = FanoutBuilder::new(url).build().expect_err("no tls");
+            assert!(err.is_invalid_url());
+            let cause = std::error::Error::source(&err).expect("cause").to_string();
+            assert!(cause.contains("`tls` feature"), "{cause}");
+            assert!(cause.contains(r#"features = ["tls"]"#), "{cause}");
+        }
     }
 
     #[test]

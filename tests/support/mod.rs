@@ -6,8 +6,10 @@
 #![allow(dead_code, unreachable_pub)] // each test binary uses a different part of this module
 
 use std::future::Future;
+use std::io::Write;
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use axum::Router;
@@ -48,15 +50,40 @@ fn free_port() -> u16 {
 pub struct RedisServer {
     port: u16,
     child: Option<Child>,
+    /// Extra `redis-server` arguments, after the defaults (so they override them).
+    args: Vec<String>,
+    /// Extra `redis-cli` arguments for every [`cli`](RedisServer::cli) call (auth, TLS).
+    cli_args: Vec<String>,
 }
 
 impl RedisServer {
     /// Starts a server and waits until it answers PING.
     pub fn start() -> Self {
+        Self::start_with_cli(&[], &[])
+    }
+
+    /// Starts a server with extra `redis-server` arguments (e.g. `--requirepass pw`), given
+    /// after the defaults so they override them; `{port}` in an argument stands for the
+    /// server's port (`--port 0 --tls-port {port}` serves TLS only on it).
+    pub fn start_with(args: &[&str]) -> Self {
+        Self::start_with_cli(args, &[])
+    }
+
+    /// Like [`start_with`](RedisServer::start_with); `cli_args` are given to every `redis-cli`
+    /// call, the readiness PING included: `--user alice --pass pw`, `-a pw`,
+    /// `--tls --cacert ca.pem`. `--no-auth-warning` is added.
+    pub fn start_with_cli(args: &[&str], cli_args: &[&str]) -> Self {
+        let own = |v: &[&str]| v.iter().map(|a| (*a).to_owned()).collect::<Vec<_>>();
+        let mut cli_args = own(cli_args);
+        if !cli_args.is_empty() {
+            cli_args.push("--no-auth-warning".to_owned());
+        }
         for _ in 0..5 {
             let mut server = Self {
                 port: free_port(),
                 child: None,
+                args: own(args),
+                cli_args: cli_args.clone(),
             };
             if server.spawn() {
                 return server;
@@ -69,6 +96,11 @@ impl RedisServer {
         let child = Command::new("redis-server")
             .args(["--port", &self.port.to_string()])
             .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args(
+                self.args
+                    .iter()
+                    .map(|a| a.replace("{port}", &self.port.to_string())),
+            )
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -103,6 +135,7 @@ impl RedisServer {
     pub fn cli(&self, args: &[&str]) -> String {
         let out = Command::new("redis-cli")
             .args(["-p", &self.port.to_string()])
+            .args(&self.cli_args)
             .args(args)
             .output()
             .expect("redis-cli on PATH");
@@ -280,4 +313,37 @@ pub async fn http(addr: SocketAddr, method: &str, path: &str, body: &str) -> (u1
         .expect("status line");
     let body = text.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
     (status, body.to_owned())
+}
+
+/// Captured logs: everything logged on this thread while [`capture`](Logs::capture)'s guard
+/// lives (`#[tokio::test]`'s runtime is single-threaded, so the node's tasks log here too).
+#[derive(Clone, Default)]
+pub struct Logs(Arc<Mutex<Vec<u8>>>);
+
+impl Logs {
+    pub fn capture(&self) -> tracing::subscriber::DefaultGuard {
+        let logs = self.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::DEBUG)
+            .with_ansi(false)
+            .with_writer(move || logs.clone())
+            .finish();
+        tracing::subscriber::set_default(subscriber)
+    }
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap_or_else(PoisonError::into_inner)).into_owned()
+    }
+}
+
+impl Write for Logs {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
