@@ -164,4 +164,38 @@ mod tests {
             spread.len()
         );
     }
+
+    mod fuzz {
+        use proptest::prelude::*;
+
+        use super::*;
+
+        proptest! {
+            /// Validation never panics, and what it accepts maps to channels and back.
+            #[test]
+            fn any_valid_room_round_trips_through_its_channels(name in ".{0,140}", shards in 1u16..20) {
+                let Ok(room) = RoomName::new(&name) else { return Ok(()) };
+                let c = config(shards);
+                for ch in all(&c, &room) {
+                    prop_assert_eq!(room_of(&c, ch.as_bytes()), Some(room.as_str()));
+                }
+                let picked = for_sender(&c, &room, sender_key("n", 1));
+                prop_assert!(all(&c, &room).contains(&picked));
+            }
+
+            /// Two different rooms never share a channel, whatever they contain.
+            #[test]
+            fn different_rooms_never_share_a_channel(
+                a in "[a-z0-9:]{1,12}(:shard[0-9]{0,2})?",
+                b in "[a-z0-9:]{1,12}(:shard[0-9]{0,2})?",
+                shards in 1u16..6,
+            ) {
+                let (Ok(a), Ok(b)) = (RoomName::new(&a), RoomName::new(&b)) else { return Ok(()) };
+                prop_assume!(a != b);
+                let c = config(shards);
+                let ours: HashSet<String> = all(&c, &a).into_iter().collect();
+                prop_assert!(all(&c, &b).iter().all(|ch| !ours.contains(ch)));
+            }
+        }
+    }
 }

@@ -404,4 +404,45 @@ mod tests {
             );
         }
     }
+
+    mod fuzz {
+        use proptest::prelude::*;
+
+        use super::*;
+
+        proptest! {
+            /// Untrusted bytes on a room channel never panic the decoder.
+            #[test]
+            fn decoding_arbitrary_bytes_never_panics(raw in proptest::collection::vec(any::<u8>(), 0..512)) {
+                let _ = decode(&raw, "r", "n", MAX);
+            }
+
+            /// Nor do arbitrary JSON-looking objects with our field names.
+            #[test]
+            fn decoding_envelope_shaped_json_never_panics(
+                v in prop::option::of(any::<i64>()),
+                room in ".{0,8}",
+                body in r#"[\[\]{}":,0-9a-z .\\]{0,64}"#,
+                field in prop::sample::select(vec!["payload", "text", "binary", "except", "origin"]),
+            ) {
+                let v = v.map(|v| format!(r#""v":{v},"#)).unwrap_or_default();
+                let raw = format!(r#"{{{v}"room":{room:?},"{field}":{body}}}"#);
+                let _ = decode(raw.as_bytes(), "r", "n", MAX);
+            }
+
+            /// What we encode, we decode to the same frame.
+            #[test]
+            fn text_and_binary_round_trip(text in ".{0,200}", bytes in proptest::collection::vec(any::<u8>(), 0..200), except in prop::option::of(any::<u64>())) {
+                let wire = encode("n1", "room", &Payload::text(text.clone()), except);
+                let d = decode(&wire, "room", "n1", MAX).expect("own text envelope");
+                prop_assert_eq!(text_of(&d.frame), text.as_str());
+                prop_assert_eq!(d.except, except);
+                let wire = encode("n1", "room", &Payload::binary(bytes.clone()), None);
+                match decode(&wire, "room", "n2", MAX).expect("own binary envelope").frame {
+                    Message::Binary(b) => prop_assert_eq!(&b[..], &bytes[..]),
+                    other => prop_assert!(false, "{:?}", other),
+                }
+            }
+        }
+    }
 }
