@@ -197,6 +197,7 @@ async fn garbage_on_a_room_channel_is_counted_and_dropped() {
         r#"{"binary":"%%%"}"#,
         r#"{"room":"other","payload":1}"#,
         "{\"payload\":",
+        r#"{"v":2,"payload":{"from":"the future"}}"#,
     ];
     for g in garbage {
         c.redis.cli(&["PUBLISH", "ws:room:g", g]);
