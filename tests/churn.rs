@@ -4,43 +4,13 @@
 
 mod support;
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use axum::Router;
-use axum::extract::Query;
-use axum::extract::ws::{Message, WebSocketUpgrade};
-use axum::response::Response;
-use axum::routing::get;
-use axum_fanout::{FanoutLayer, RoomHandle};
+use axum_fanout::FanoutLayer;
 use futures_util::SinkExt;
 use support::*;
 use tokio_tungstenite::tungstenite;
-
-/// Joins `?room=`, answers `joined`; on `leave` leaves the room and answers `left`.
-fn app(layer: FanoutLayer) -> Router {
-    async fn ws(
-        upgrade: WebSocketUpgrade,
-        Query(q): Query<HashMap<String, String>>,
-        rooms: RoomHandle,
-    ) -> Response {
-        let room = q.get("room").cloned().unwrap_or_default();
-        rooms.on_upgrade(upgrade, move |mut socket| async move {
-            if socket.join(&room).await.is_err() {
-                return;
-            }
-            let _ = socket.send("joined");
-            while let Some(Ok(Message::Text(t))) = socket.recv().await {
-                if t.as_str() == "leave" {
-                    socket.leave(&room);
-                    let _ = socket.send("left");
-                }
-            }
-        })
-    }
-    Router::new().route("/ws", get(ws)).layer(layer)
-}
 
 fn rss_kib() -> u64 {
     std::fs::read_to_string("/proc/self/status")
@@ -110,7 +80,7 @@ async fn fifteen_thousand_cycles_leave_nothing_behind() {
             .build()
             .expect("layer");
         handles.push(layer.handle());
-        servers.push(TestServer::start(app(layer)).await);
+        servers.push(TestServer::start(room_app(layer)).await);
     }
     for h in &handles {
         wait_until("ready", || async { h.is_ready() }).await;

@@ -3,49 +3,10 @@
 
 mod support;
 
-use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use axum::Router;
-use axum::extract::Query;
-use axum::extract::ws::{Message, WebSocketUpgrade};
-use axum::response::Response;
-use axum::routing::get;
-use axum_fanout::{Event, FanoutLayer, RoomHandle};
+use axum_fanout::{FanoutLayer, RoomHandle};
 use support::*;
-
-/// Joins `?room=`, acknowledges with `joined`, forwards loss notices as `missed:<room>` and
-/// broadcasts every text it receives.
-fn app(layer: FanoutLayer) -> Router {
-    async fn ws(
-        upgrade: WebSocketUpgrade,
-        Query(q): Query<HashMap<String, String>>,
-        rooms: RoomHandle,
-    ) -> Response {
-        let room = q.get("room").cloned().unwrap_or_default();
-        rooms
-            .clone()
-            .on_upgrade(upgrade, move |mut socket| async move {
-                if let Err(e) = socket.join(&room).await {
-                    return socket.close(1011, &e.to_string());
-                }
-                let _ = socket.send("joined");
-                while let Some(Ok(event)) = socket.recv_event().await {
-                    match event {
-                        Event::Missed(m) => {
-                            let _ = socket.send(format!("missed:{}", m.room()));
-                        }
-                        Event::Message(Message::Text(t)) => {
-                            let _ = rooms.broadcast(&room, t.as_str()).await;
-                        }
-                        Event::Message(_) => {}
-                        _ => {}
-                    }
-                }
-            })
-    }
-    Router::new().route("/ws", get(ws)).layer(layer)
-}
 
 struct Node {
     server: TestServer,
@@ -68,7 +29,7 @@ async fn nodes(redis: &RedisServer, n: usize) -> Vec<Node> {
         let layer = layer(&redis.url(), &format!("n{i}"));
         let handle = layer.handle();
         out.push(Node {
-            server: TestServer::start(app(layer)).await,
+            server: TestServer::start(room_app(layer)).await,
             handle,
         });
     }
@@ -255,7 +216,7 @@ async fn redis_down_at_start_up_then_everything_works_once_it_is_up() {
     redis.stop();
     let layer = layer(&redis.url(), "early");
     let handle = layer.handle();
-    let server = TestServer::start(app(layer)).await;
+    let server = TestServer::start(room_app(layer)).await;
     assert!(!handle.is_ready());
     let err = handle
         .broadcast("x", "nobody")

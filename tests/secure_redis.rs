@@ -5,55 +5,12 @@
 
 mod support;
 
-use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use axum::Router;
-use axum::extract::Query;
-use axum::extract::ws::{Message, WebSocketUpgrade};
-use axum::http::StatusCode;
-use axum::response::Response;
-use axum::routing::get;
-use axum_fanout::{FanoutLayer, RoomHandle};
+use axum_fanout::FanoutLayer;
 use support::*;
 
 const PUBLISH_TIMEOUT: Duration = Duration::from_millis(500);
-
-/// Joins `?room=`, acknowledges with `joined` (or closes with 1011 and the error), and
-/// broadcasts every text it receives; `/healthz` is 200 when the node is ready, else 503.
-fn app(layer: FanoutLayer) -> Router {
-    async fn ws(
-        upgrade: WebSocketUpgrade,
-        Query(q): Query<HashMap<String, String>>,
-        rooms: RoomHandle,
-    ) -> Response {
-        let room = q.get("room").cloned().unwrap_or_default();
-        rooms
-            .clone()
-            .on_upgrade(upgrade, move |mut socket| async move {
-                if let Err(e) = socket.join(&room).await {
-                    return socket.close(1011, &e.to_string());
-                }
-                let _ = socket.send("joined");
-                while let Some(Ok(message)) = socket.recv().await {
-                    if let Message::Text(t) = message {
-                        let _ = rooms.broadcast(&room, t.as_str()).await;
-                    }
-                }
-            })
-    }
-    async fn healthz(rooms: RoomHandle) -> StatusCode {
-        if rooms.is_ready() {
-            StatusCode::OK
-        } else {
-            StatusCode::SERVICE_UNAVAILABLE
-        }
-    }
-    Router::new()
-        .route("/ws", get(ws))
-        .route("/healthz", get(healthz))
-        .layer(layer)
-}
 
 fn layer(url: &str) -> FanoutLayer {
     FanoutLayer::builder(url)
@@ -96,7 +53,7 @@ fn clients_of(redis: &RedisServer, user: &str) -> usize {
 async fn round_trip(redis: &RedisServer, url: &str, user: &str) {
     let layer = layer(url);
     let handle = layer.handle();
-    let server = TestServer::start(app(layer)).await;
+    let server = TestServer::start(room_app(layer)).await;
     wait_until("node ready", || async { handle.is_ready() }).await;
     assert_eq!(http(server.addr, "GET", "/healthz", "").await.0, 200);
 
@@ -165,7 +122,7 @@ async fn wrong_password(redis: &RedisServer, url: &str, accept_it: &[&str]) {
     let _capture = logs.capture();
     let layer = layer(url);
     let handle = layer.handle();
-    let server = TestServer::start(app(layer)).await;
+    let server = TestServer::start(room_app(layer)).await;
 
     // Both connections fail and are retried: at least two refusals each way.
     wait_until(

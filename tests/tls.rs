@@ -7,46 +7,14 @@
 
 mod support;
 
-use std::collections::HashMap;
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use axum::Router;
-use axum::extract::Query;
-use axum::extract::ws::{Message, WebSocketUpgrade};
-use axum::response::Response;
-use axum::routing::get;
-use axum_fanout::{FanoutBuilder, FanoutLayer, RoomHandle};
+use axum_fanout::{FanoutBuilder, FanoutLayer};
 use support::*;
 
 const PUBLISH_TIMEOUT: Duration = Duration::from_millis(500);
-
-/// Joins `?room=`, acknowledges with `joined` (or closes with 1011), and broadcasts every text
-/// it receives.
-fn app(layer: FanoutLayer) -> Router {
-    async fn ws(
-        upgrade: WebSocketUpgrade,
-        Query(q): Query<HashMap<String, String>>,
-        rooms: RoomHandle,
-    ) -> Response {
-        let room = q.get("room").cloned().unwrap_or_default();
-        rooms
-            .clone()
-            .on_upgrade(upgrade, move |mut socket| async move {
-                if let Err(e) = socket.join(&room).await {
-                    return socket.close(1011, &e.to_string());
-                }
-                let _ = socket.send("joined");
-                while let Some(Ok(message)) = socket.recv().await {
-                    if let Message::Text(t) = message {
-                        let _ = rooms.broadcast(&room, t.as_str()).await;
-                    }
-                }
-            })
-    }
-    Router::new().route("/ws", get(ws)).layer(layer)
-}
 
 /// A throwaway CA and a server certificate (P-256) it signed, valid for `san`, in a directory
 /// of its own under the target's temp dir; removed on drop.
@@ -152,7 +120,7 @@ async fn round_trip(redis: &RedisServer, layer: FanoutLayer, user: &str) {
         "no plain-text port"
     );
     let handle = layer.handle();
-    let server = TestServer::start(app(layer)).await;
+    let server = TestServer::start(room_app(layer)).await;
     wait_until("node ready over TLS", || async { handle.is_ready() }).await;
 
     let mut ws = connect(&server.ws_url("/ws?room=sealed")).await;

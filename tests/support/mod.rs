@@ -347,3 +347,58 @@ impl Write for Logs {
         Ok(())
     }
 }
+
+/// The router most tests drive. `GET /ws?room=R` joins R (closing with 1011 and the error when
+/// the join fails) and answers `joined`; then each client text is broadcast to R, except
+/// `leave`, which leaves R and answers `left`; loss notices reach the client as
+/// `missed:<room>`. `GET /healthz` is 200 when the node is ready, else 503.
+pub fn room_app(layer: axum_fanout::FanoutLayer) -> Router {
+    use axum::extract::Query;
+    use axum::extract::ws::{Message as WsMessage, WebSocketUpgrade};
+    use axum::http::StatusCode;
+    use axum::response::Response;
+    use axum::routing::get;
+    use axum_fanout::{Event, RoomHandle};
+
+    async fn ws(
+        upgrade: WebSocketUpgrade,
+        Query(q): Query<std::collections::HashMap<String, String>>,
+        rooms: RoomHandle,
+    ) -> Response {
+        let room = q.get("room").cloned().unwrap_or_default();
+        rooms
+            .clone()
+            .on_upgrade(upgrade, move |mut socket| async move {
+                if let Err(e) = socket.join(&room).await {
+                    return socket.close(1011, &e.to_string());
+                }
+                let _ = socket.send("joined");
+                while let Some(Ok(event)) = socket.recv_event().await {
+                    match event {
+                        Event::Missed(m) => {
+                            let _ = socket.send(format!("missed:{}", m.room()));
+                        }
+                        Event::Message(WsMessage::Text(t)) if t.as_str() == "leave" => {
+                            socket.leave(&room);
+                            let _ = socket.send("left");
+                        }
+                        Event::Message(WsMessage::Text(t)) => {
+                            let _ = rooms.broadcast(&room, t.as_str()).await;
+                        }
+                        _ => {}
+                    }
+                }
+            })
+    }
+    async fn healthz(rooms: RoomHandle) -> StatusCode {
+        if rooms.is_ready() {
+            StatusCode::OK
+        } else {
+            StatusCode::SERVICE_UNAVAILABLE
+        }
+    }
+    Router::new()
+        .route("/ws", get(ws))
+        .route("/healthz", get(healthz))
+        .layer(layer)
+}
