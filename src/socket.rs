@@ -366,62 +366,59 @@ async fn write_loop<S>(mut sink: S, outbox: Arc<Outbox>, node: Arc<Node>, id: So
 where
     S: Sink<Message, Error = axum::Error> + Unpin,
 {
-    {
-        let max = node.config.batch_frames.get();
-        let write_timeout = node.config.write_timeout;
-        let interval = node.config.flush_interval;
-        let mut batch = Vec::new();
-        // When the last flush carried several frames, traffic is outrunning the writer: wait
-        // out the flush interval so the next write gathers more. A lone frame means the socket
-        // is keeping up, and the next frame goes out at once.
-        let mut gather_after: Option<Instant> = None;
-        loop {
-            let next = outbox.next_batch(&mut batch, max, gather_after).await;
-            match next {
-                Next::Frames => {
-                    let frames = batch.len();
-                    let written = timeout(write_timeout, async {
-                        for frame in batch.drain(..) {
-                            sink.feed(frame).await?;
-                        }
-                        sink.flush().await
-                    })
-                    .await;
-                    batch.clear();
-                    outbox.flushed();
-                    gather_after =
-                        (frames > 1 && !interval.is_zero()).then(|| Instant::now() + interval);
-                    match written {
-                        Ok(Ok(())) => {}
-                        Ok(Err(e)) => {
-                            // The client is gone; nothing more can be written.
-                            tracing::debug!(socket = id, error = %e, "write failed; closing");
-                            outbox.close_after_flush(None);
-                            break;
-                        }
-                        Err(_) => {
-                            node.counters.slow_disconnects.add(1);
-                            tracing::warn!(
-                                socket = id,
-                                timeout_ms = write_timeout.as_millis() as u64,
-                                "write timed out; closing slow consumer"
-                            );
-                            outbox.close_now(SLOW_CONSUMER_CODE, SLOW_CONSUMER_REASON);
-                        }
+    let max = node.config.batch_frames.get();
+    let write_timeout = node.config.write_timeout;
+    let interval = node.config.flush_interval;
+    let mut batch = Vec::new();
+    // When the last flush carried several frames, traffic is outrunning the writer: wait
+    // out the flush interval so the next write gathers more. A lone frame means the socket
+    // is keeping up, and the next frame goes out at once.
+    let mut gather_after: Option<Instant> = None;
+    loop {
+        let next = outbox.next_batch(&mut batch, max, gather_after).await;
+        match next {
+            Next::Frames => {
+                let frames = batch.len();
+                let written = timeout(write_timeout, async {
+                    for frame in batch.drain(..) {
+                        sink.feed(frame).await?;
                     }
-                }
-                Next::Close(frame) => {
-                    if let Some(frame) = frame {
-                        let _ =
-                            timeout(CLOSE_TIMEOUT, sink.send(Message::Close(Some(frame)))).await;
+                    sink.flush().await
+                })
+                .await;
+                batch.clear();
+                outbox.flushed();
+                gather_after =
+                    (frames > 1 && !interval.is_zero()).then(|| Instant::now() + interval);
+                match written {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => {
+                        // The client is gone; nothing more can be written.
+                        tracing::debug!(socket = id, error = %e, "write failed; closing");
+                        outbox.close_after_flush(None);
+                        break;
                     }
-                    break;
+                    Err(_) => {
+                        node.counters.slow_disconnects.add(1);
+                        tracing::warn!(
+                            socket = id,
+                            timeout_ms = write_timeout.as_millis() as u64,
+                            "write timed out; closing slow consumer"
+                        );
+                        outbox.close_now(SLOW_CONSUMER_CODE, SLOW_CONSUMER_REASON);
+                    }
                 }
             }
+            Next::Close(frame) => {
+                if let Some(frame) = frame {
+                    let _ = timeout(CLOSE_TIMEOUT, sink.send(Message::Close(Some(frame)))).await;
+                }
+                break;
+            }
         }
-        let _ = timeout(CLOSE_TIMEOUT, sink.close()).await;
-        node.registry.writer_finished();
     }
+    let _ = timeout(CLOSE_TIMEOUT, sink.close()).await;
+    node.registry.writer_finished();
 }
 
 #[cfg(test)]
