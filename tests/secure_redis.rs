@@ -38,42 +38,15 @@ fn auth_failures(redis: &RedisServer) -> u64 {
     total
 }
 
-/// Connections authenticated as `user` (`CLIENT LIST`), the `redis-cli` asking excluded.
-fn clients_of(redis: &RedisServer, user: &str) -> usize {
-    let needle = format!(" user={user} ");
-    redis
-        .cli(&["CLIENT", "LIST"])
-        .lines()
-        .filter(|l| l.contains(&needle) && !l.contains(" cmd=client|list "))
-        .count()
-}
-
 /// A node on `url` becomes ready, a socket joins, and a broadcast reaches it; both of the
 /// node's connections are authenticated as `user`.
 async fn round_trip(redis: &RedisServer, url: &str, user: &str) {
-    let layer = layer(url);
-    let handle = layer.handle();
-    let server = TestServer::start(room_app(layer)).await;
-    wait_until("node ready", || async { handle.is_ready() }).await;
+    let server = assert_round_trip(redis, layer(url), "vault").await;
     assert_eq!(http(server.addr, "GET", "/healthz", "").await.0, 200);
-
-    let mut ws = connect(&server.ws_url("/ws?room=vault")).await;
-    assert_eq!(recv_text(&mut ws, "join ack").await, "joined");
-    assert_eq!(redis.numsub("ws:room:vault"), 1, "subscribed as {user}");
-
-    // From the handle (publisher connection) and from the client (its handler broadcasts).
-    let nodes = handle
-        .broadcast("vault", r#"{"n":1}"#)
-        .await
-        .expect("publish");
-    assert_eq!(nodes, 1);
-    assert_eq!(recv_text(&mut ws, "broadcast").await, r#"{"n":1}"#);
-    send_text(&mut ws, r#"{"n":2}"#).await;
-    assert_eq!(recv_text(&mut ws, "echo").await, r#"{"n":2}"#);
 
     // Publisher and subscriber: two connections, both logged in as `user`.
     assert!(
-        clients_of(redis, user) >= 2,
+        redis.clients_of(user) >= 2,
         "{}",
         redis.cli(&["CLIENT", "LIST"])
     );

@@ -119,29 +119,12 @@ async fn round_trip(redis: &RedisServer, layer: FanoutLayer, user: &str) {
         Some("0"),
         "no plain-text port"
     );
-    let handle = layer.handle();
-    let server = TestServer::start(room_app(layer)).await;
-    wait_until("node ready over TLS", || async { handle.is_ready() }).await;
-
-    let mut ws = connect(&server.ws_url("/ws?room=sealed")).await;
-    assert_eq!(recv_text(&mut ws, "join ack").await, "joined");
-    assert_eq!(redis.numsub("ws:room:sealed"), 1);
-    let nodes = handle
-        .broadcast("sealed", r#"{"n":1}"#)
-        .await
-        .expect("publish");
-    assert_eq!(nodes, 1);
-    assert_eq!(recv_text(&mut ws, "broadcast").await, r#"{"n":1}"#);
-    send_text(&mut ws, r#"{"n":2}"#).await;
-    assert_eq!(recv_text(&mut ws, "echo").await, r#"{"n":2}"#);
-
-    let needle = format!(" user={user} ");
-    let clients = redis.cli(&["CLIENT", "LIST"]);
-    let node_connections = clients
-        .lines()
-        .filter(|l| l.contains(&needle) && !l.contains(" cmd=client|list "))
-        .count();
-    assert!(node_connections >= 2, "{clients}");
+    let _server = assert_round_trip(redis, layer, "sealed").await;
+    assert!(
+        redis.clients_of(user) >= 2,
+        "{}",
+        redis.cli(&["CLIENT", "LIST"])
+    );
 }
 
 #[tokio::test]

@@ -177,6 +177,16 @@ impl RedisServer {
         assert!(status.success(), "kill -{sig}");
     }
 
+    /// How many of the server's clients are logged in as `user` (the `CLIENT LIST` call itself
+    /// is not counted).
+    pub fn clients_of(&self, user: &str) -> usize {
+        let needle = format!(" user={user} ");
+        self.cli(&["CLIENT", "LIST"])
+            .lines()
+            .filter(|l| l.contains(&needle) && !l.contains(" cmd=client|list "))
+            .count()
+    }
+
     /// Kills the server (like a crash).
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
@@ -401,4 +411,26 @@ pub fn room_app(layer: axum_fanout::FanoutLayer) -> Router {
         .route("/ws", get(ws))
         .route("/healthz", get(healthz))
         .layer(layer)
+}
+
+/// Serves `layer` with [`room_app`], waits until the node is ready, joins a socket to `room`,
+/// and checks that a broadcast from the handle (publisher connection) and one from the client
+/// (its handler broadcasts) both come back: the node's two connections work.
+pub async fn assert_round_trip(
+    redis: &RedisServer,
+    layer: axum_fanout::FanoutLayer,
+    room: &str,
+) -> TestServer {
+    let handle = layer.handle();
+    let server = TestServer::start(room_app(layer)).await;
+    wait_until("node ready", || async { handle.is_ready() }).await;
+    let mut ws = connect(&server.ws_url(&format!("/ws?room={room}"))).await;
+    assert_eq!(recv_text(&mut ws, "join ack").await, "joined");
+    assert_eq!(redis.numsub(&format!("ws:room:{room}")), 1);
+    let nodes = handle.broadcast(room, r#"{"n":1}"#).await.expect("publish");
+    assert_eq!(nodes, 1);
+    assert_eq!(recv_text(&mut ws, "broadcast").await, r#"{"n":1}"#);
+    send_text(&mut ws, r#"{"n":2}"#).await;
+    assert_eq!(recv_text(&mut ws, "echo").await, r#"{"n":2}"#);
+    server
 }
