@@ -113,11 +113,7 @@ async fn serve(mut socket: FanoutSocket, rooms: RoomHandle, room: String) {
             }
             Ok(Event::Missed(missed)) => {
                 // Tell the client, so it can reload what it missed (README: "Missed messages").
-                let notice = missed_notice(&missed);
-                if socket
-                    .send(Payload::json(&notice).unwrap_or_else(|_| Payload::text("")))
-                    .is_err()
-                {
+                if socket.send(missed_notice(&missed)).is_err() {
                     return;
                 }
             }
