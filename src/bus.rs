@@ -377,10 +377,11 @@ async fn serve_link(
             // deliver a message ahead of the notice.
             let told = node.registry.link_restored();
             node.ready.store(true, Ordering::Release);
-            let (rooms, _, subscribed, _) = node.registry.counts();
+            let stats = node.stats();
             tracing::info!(
                 node = %cfg.node_id,
-                rooms, subscribed,
+                rooms = stats.rooms,
+                subscribed = stats.subscriptions,
                 memberships_told_of_gap = told,
                 "subscriber link {}", if *ever_up { "restored" } else { "up" }
             );
