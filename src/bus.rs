@@ -14,11 +14,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use redis::aio::MultiplexedConnection;
-use redis::{AsyncConnectionConfig, ProtocolVersion, PushInfo, PushKind, Value};
+use redis::{PushInfo, PushKind, Value};
 use tokio::sync::{Notify, mpsc, watch};
 use tokio::time::{Instant, timeout, timeout_at};
 
+use crate::backend::{Backend, Conn};
 use crate::channel;
 use crate::envelope;
 use crate::error::{Error, Kind};
@@ -29,59 +29,6 @@ use crate::room::RoomName;
 /// Rooms per SUBSCRIBE / UNSUBSCRIBE command: large enough that resubscribing 10,000 rooms
 /// takes ten round trips, small enough to keep each command and its reply modest.
 const ROOMS_PER_COMMAND: usize = 1000;
-
-/// A client for the same server, speaking RESP3 (pushes arrive on the same connection as
-/// command replies, so one multiplexed connection can subscribe and be watched for loss), with
-/// TCP_NODELAY (a PUBLISH must not wait for Nagle's algorithm) and TCP keepalive (a peer that
-/// vanished without a FIN is noticed even on an idle link).
-///
-/// Everything else of the client's connection info is kept: the address (with its TLS
-/// parameters and root certificate for `rediss://`), the user name and password (redis-rs sends
-/// `HELLO 3 AUTH` / `AUTH` with them on every connection, publisher and subscriber alike) and
-/// the database.
-pub(crate) fn resp3(client: &redis::Client) -> Result<redis::Client, redis::RedisError> {
-    use redis::io::tcp::{TcpSettings, socket2::TcpKeepalive};
-    let info = client.get_connection_info().clone();
-    let settings = info
-        .redis_settings()
-        .clone()
-        .set_protocol(ProtocolVersion::RESP3);
-    let keepalive = TcpKeepalive::new()
-        .with_time(Duration::from_secs(10))
-        .with_interval(Duration::from_secs(5));
-    let tcp = TcpSettings::default()
-        .set_nodelay(true)
-        .set_keepalive(keepalive);
-    redis::Client::open(info.set_redis_settings(settings).set_tcp_settings(tcp))
-}
-
-/// Installs rustls' `ring` provider as the process-wide default unless one is installed.
-///
-/// redis-rs builds its rustls configuration with the process default provider and enables
-/// none itself; without one the first TLS connect would panic. An application that installs
-/// its own provider (e.g. aws-lc-rs) does so before it builds the layer, and keeps it.
-#[cfg(feature = "tls")]
-pub(crate) fn ensure_crypto_provider() {
-    if rustls::crypto::CryptoProvider::get_default().is_none() {
-        // An error means another thread installed one in the meantime: there is one either way.
-        let _ = rustls::crypto::ring::default_provider().install_default();
-    }
-}
-
-async fn connect(
-    client: &redis::Client,
-    connect_timeout: Duration,
-    push: impl Fn(PushInfo) -> Result<(), ()> + Send + Sync + 'static,
-) -> Result<MultiplexedConnection, redis::RedisError> {
-    let config = AsyncConnectionConfig::new()
-        .set_connection_timeout(Some(connect_timeout))
-        // Deadlines are applied per operation by the callers (publish/subscribe timeouts).
-        .set_response_timeout(None)
-        .set_push_sender(push);
-    client
-        .get_multiplexed_async_connection_with_config(&config)
-        .await
-}
 
 /// Capped exponential backoff between reconnect attempts.
 #[derive(Debug)]
@@ -120,7 +67,7 @@ async fn pause(d: Duration, stop: &mut watch::Receiver<()>) -> bool {
 /// Keeps the publisher connection up.
 pub(crate) async fn run_publisher(
     node: Arc<Node>,
-    client: redis::Client,
+    backend: Backend,
     mut stop: watch::Receiver<()>,
 ) {
     let cfg = &node.config;
@@ -136,7 +83,7 @@ pub(crate) async fn run_publisher(
                 Ok(())
             }
         };
-        match connect(&client, cfg.publish_timeout, on_push).await {
+        match backend.connect(cfg.publish_timeout, on_push).await {
             Ok(conn) => {
                 tracing::debug!(node = %cfg.node_id, "publisher connected");
                 node.publisher.send_replace(Some(conn));
@@ -170,12 +117,12 @@ pub(crate) async fn publish(
     envelope: Vec<u8>,
 ) -> Result<usize, Error> {
     let cfg = &node.config;
-    if cfg.redis.is_none() {
+    let Some(backend) = &cfg.redis else {
         return Err(Error::with(
             Kind::InvalidUrl,
             "the layer was built with an invalid redis url",
         ));
-    }
+    };
     if envelope.len() > cfg.max_envelope_bytes {
         node.counters.publish_errors.add(1);
         return Err(Error::with(
@@ -201,15 +148,15 @@ pub(crate) async fn publish(
             }
         };
         let channel = channel::for_sender(&node.config, room, sender);
-        let mut cmd = redis::cmd("PUBLISH");
-        cmd.arg(&channel).arg(envelope);
-        let publish = cmd.query_async::<usize>(&mut conn);
-        match timeout_at(deadline, publish).await {
+        match timeout_at(deadline, conn.publish(&channel, envelope)).await {
             Ok(Ok(receivers)) => Ok(receivers),
             Ok(Err(e)) => Err(Error::with(Kind::Redis, e)),
             Err(_) => Err(Error::with(
                 Kind::Timeout,
-                "redis did not reply to PUBLISH in time",
+                format!(
+                    "redis did not reply to {} in time",
+                    backend.publish_command()
+                ),
             )),
         }
     }
@@ -243,7 +190,7 @@ struct LinkSignals {
 /// and feeds the dispatcher.
 pub(crate) async fn run_subscriber(
     node: Arc<Node>,
-    client: redis::Client,
+    backend: Backend,
     mut stop: watch::Receiver<()>,
 ) {
     let cfg = &node.config;
@@ -257,17 +204,21 @@ pub(crate) async fn run_subscriber(
             let (tx, signals, node) = (tx.clone(), signals.clone(), node.clone());
             move |info: PushInfo| {
                 match info.kind {
-                    PushKind::Message => on_message(&node, &signals, &tx, info),
+                    PushKind::Message | PushKind::SMessage => {
+                        on_message(&node, &signals, &tx, info)
+                    }
                     PushKind::Disconnection => signals.lost.notify_one(),
+                    PushKind::SUnsubscribe => on_sunsubscribe(&node, &info),
                     _ => {}
                 }
                 Ok(())
             }
         };
         let connected = async {
-            let mut conn = connect(&client, cfg.subscribe_timeout, on_push).await?;
+            let mut conn = backend.connect(cfg.subscribe_timeout, on_push).await?;
             // The probe channel first: from here on, the link can be checked end to end.
-            timeout(cfg.subscribe_timeout, conn.subscribe(&node.probe_channel))
+            let probe = [node.probe_channel.clone()];
+            timeout(cfg.subscribe_timeout, conn.subscribe(&probe))
                 .await
                 .map_err(|_| {
                     redis::RedisError::from(std::io::Error::new(
@@ -348,6 +299,28 @@ fn on_message(node: &Node, signals: &LinkSignals, tx: &mpsc::Sender<PushInfo>, i
     }
 }
 
+/// A sharded subscription ended. Redis sends this unasked when the channel's hash slot moved
+/// to another master (resharding, or a failover seen by this connection): if the room is
+/// still wanted, it must be subscribed again, where the slot now lives.
+///
+/// Our own SUNSUBSCRIBEs are confirmed the same way; they are told apart by the registry, which
+/// no longer counts a room as subscribed once its SUNSUBSCRIBE is sent. The check runs here, in
+/// the connection's order, so a confirmation is never mistaken for a later subscription's loss.
+fn on_sunsubscribe(node: &Node, info: &PushInfo) {
+    let Some(Value::BulkString(channel)) = info.data.first() else {
+        return;
+    };
+    let Some(room) = channel::room_of(&node.config, channel) else {
+        return;
+    };
+    if node.registry.subscription_lost(room) {
+        tracing::warn!(
+            room,
+            "redis ended a sharded subscription (its slot moved); subscribing again"
+        );
+    }
+}
+
 enum LinkEnd {
     Stopped,
     Lost(String),
@@ -355,7 +328,7 @@ enum LinkEnd {
 
 async fn serve_link(
     node: &Node,
-    conn: &mut MultiplexedConnection,
+    conn: &mut Conn,
     signals: &LinkSignals,
     stop: &mut watch::Receiver<()>,
     ever_up: &mut bool,
@@ -396,9 +369,7 @@ async fn serve_link(
                 token += 1;
                 // PUBLISH on this very connection: its echo proves the connection still
                 // receives what is published, not merely that TCP is up.
-                let mut cmd = redis::cmd("PUBLISH");
-                cmd.arg(&node.probe_channel).arg(token);
-                match timeout(cfg.probe_timeout, cmd.query_async::<i64>(conn)).await {
+                match timeout(cfg.probe_timeout, conn.publish(&node.probe_channel, token)).await {
                     Ok(Ok(n)) if n >= 1 => {
                         awaiting = Some((token, Instant::now() + cfg.probe_timeout));
                     }
@@ -432,7 +403,7 @@ async fn sleep_until_opt(deadline: Option<Instant>) {
 }
 
 /// Sends the SUBSCRIBE / UNSUBSCRIBE commands the registry asks for until nothing is pending.
-async fn reconcile(node: &Node, conn: &mut MultiplexedConnection) -> Result<(), String> {
+async fn reconcile(node: &Node, conn: &mut Conn) -> Result<(), String> {
     let deadline = node.config.subscribe_timeout;
     loop {
         let changes = node.registry.take_pending(ROOMS_PER_COMMAND);

@@ -30,7 +30,8 @@ pub enum OverflowPolicy {
 /// The settings the running node reads; built by [`FanoutBuilder`].
 #[derive(Debug, Clone)]
 pub(crate) struct Config {
-    pub(crate) redis: Option<redis::Client>,
+    /// Where to connect; `None` when the URL was invalid (the node then never connects).
+    pub(crate) redis: Option<crate::backend::Backend>,
     pub(crate) node_id: String,
     pub(crate) channel_prefix: String,
     pub(crate) shard_count: NonZeroU16,
@@ -106,6 +107,9 @@ impl Config {
 #[derive(Clone)]
 pub struct FanoutBuilder {
     url: String,
+    /// Seed node URLs of a Redis Cluster; `url` is unused when set.
+    #[cfg(feature = "cluster")]
+    cluster_nodes: Option<Vec<String>>,
     config: Config,
     /// PEM root certificate(s) to trust instead of the system's store, for `rediss://`.
     #[cfg(feature = "tls")]
@@ -116,6 +120,14 @@ impl std::fmt::Debug for FanoutBuilder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let mut d = f.debug_struct("FanoutBuilder");
         d.field("url", &redacted_url(&self.url));
+        #[cfg(feature = "cluster")]
+        d.field(
+            "cluster_nodes",
+            &self
+                .cluster_nodes
+                .as_ref()
+                .map(|nodes| nodes.iter().map(|n| redacted_url(n)).collect::<Vec<_>>()),
+        );
         d.field("config", &self.config);
         #[cfg(feature = "tls")]
         d.field(
@@ -165,6 +177,8 @@ impl FanoutBuilder {
     pub(crate) fn new(url: impl Into<String>) -> Self {
         Self {
             url: url.into(),
+            #[cfg(feature = "cluster")]
+            cluster_nodes: None,
             #[cfg(feature = "tls")]
             tls_root_certificate: None,
             config: Config {
@@ -498,26 +512,82 @@ impl FanoutBuilder {
     /// connection (`#insecure`); an unreachable Redis, or a wrong password, is not an error
     /// here (the node connects in the background, and stays not ready until it succeeds).
     pub fn build(self) -> Result<FanoutLayer, Error> {
-        let client = self.redis_client()?;
+        let backend = self.backend()?;
         let mut config = self.config;
-        config.redis = Some(client);
+        config.redis = Some(backend);
         Ok(FanoutLayer::from_config(config))
     }
 
-    fn redis_client(&self) -> Result<redis::Client, Error> {
+    fn backend(&self) -> Result<crate::backend::Backend, Error> {
+        #[cfg(feature = "cluster")]
+        if let Some(nodes) = &self.cluster_nodes {
+            return self
+                .cluster_client(nodes)
+                .map(crate::backend::Backend::Cluster);
+        }
+        self.redis_client(&self.url)
+            .map(crate::backend::Backend::Server)
+    }
+
+    /// A cluster builder: the layer uses Redis Cluster's sharded pub/sub.
+    #[cfg(feature = "cluster")]
+    pub(crate) fn new_cluster<I>(nodes: I) -> Self
+    where
+        I: IntoIterator,
+        I::Item: Into<String>,
+    {
+        let mut builder = Self::new(String::new());
+        builder.cluster_nodes = Some(nodes.into_iter().map(Into::into).collect());
+        builder
+    }
+
+    /// The cluster client for `nodes`: every URL checked as for a single server (scheme, TLS
+    /// feature, `#insecure`), then one client speaking RESP3 (its pushes carry the messages)
+    /// with the same TCP settings as a single server's connections.
+    #[cfg(feature = "cluster")]
+    fn cluster_client(&self, nodes: &[String]) -> Result<redis::cluster::ClusterClient, Error> {
         let invalid = |message: String| Error::with(Kind::InvalidUrl, message);
-        if is_tls_url(&self.url) && !cfg!(feature = "tls") {
+        if nodes.is_empty() {
+            return Err(invalid(
+                "FanoutLayer::cluster needs at least one node url, e.g. redis://127.0.0.1:7000"
+                    .to_owned(),
+            ));
+        }
+        let mut infos = Vec::with_capacity(nodes.len());
+        for url in nodes {
+            let client = self.redis_client(url)?;
+            infos.push(client.get_connection_info().clone());
+        }
+        let builder = redis::cluster::ClusterClientBuilder::new(infos)
+            .use_protocol(redis::ProtocolVersion::RESP3)
+            .tcp_settings(crate::backend::tcp_settings());
+        #[cfg(feature = "tls")]
+        let builder = match &self.tls_root_certificate {
+            Some(pem) => builder.certs(redis::TlsCertificates {
+                client_tls: None,
+                root_cert: Some(pem.clone()),
+            }),
+            None => builder,
+        };
+        builder
+            .build()
+            .map_err(|e| invalid(format!("redis cluster: {e}")))
+    }
+
+    fn redis_client(&self, url: &str) -> Result<redis::Client, Error> {
+        let invalid = |message: String| Error::with(Kind::InvalidUrl, message);
+        if is_tls_url(url) && !cfg!(feature = "tls") {
             return Err(invalid(format!(
                 "a rediss:// (TLS) url needs the `tls` feature of axum-fanout: \
                  axum-fanout = {{ version = \"{}\", features = [\"tls\"] }}",
                 env!("CARGO_PKG_VERSION")
             )));
         }
-        let client = redis::Client::open(self.url.as_str())
+        let client = redis::Client::open(url)
             .map_err(|e| invalid(format!("{e} (expected e.g. redis://127.0.0.1:6379)")))?;
         #[cfg(feature = "tls")]
         let client = self.with_tls(client)?;
-        crate::bus::resp3(&client)
+        crate::backend::resp3(&client)
             .map_err(|e| invalid(format!("{e} (expected e.g. redis://127.0.0.1:6379)")))
     }
 
@@ -542,7 +612,7 @@ impl FanoutBuilder {
                     .to_owned(),
             ));
         }
-        crate::bus::ensure_crypto_provider();
+        crate::backend::ensure_crypto_provider();
         let Some(pem) = &self.tls_root_certificate else {
             return Ok(client);
         };
@@ -570,14 +640,24 @@ impl FanoutBuilder {
         self.config
     }
 
+    /// The URL (or cluster node URLs) without passwords, for logs.
+    fn redacted_target(&self) -> String {
+        #[cfg(feature = "cluster")]
+        if let Some(nodes) = &self.cluster_nodes {
+            let nodes: Vec<_> = nodes.iter().map(|n| redacted_url(n)).collect();
+            return nodes.join(",");
+        }
+        redacted_url(&self.url).into_owned()
+    }
+
     /// Builds the layer even when the URL is invalid: the node then never becomes ready and
     /// every join and broadcast fails with [`Error::is_invalid_url`]; the error is logged.
     pub(crate) fn build_lenient(self) -> FanoutLayer {
-        let url = self.url.clone();
+        let url = self.redacted_target();
         let fallback = self.config.clone();
         self.build().unwrap_or_else(|e| {
             tracing::error!(
-                url = %redacted_url(&url),
+                url = %url,
                 error = %e,
                 cause = ?std::error::Error::source(&e).map(ToString::to_string),
                 "axum-fanout: invalid redis url; this node will never be ready (use FanoutLayer::try_new to catch this at start-up)"

@@ -52,6 +52,44 @@ impl FanoutLayer {
         FanoutBuilder::new(redis_url)
     }
 
+    /// A layer with default settings for the Redis Cluster reached through `nodes` (any
+    /// subset of its masters and replicas; the rest is discovered). Broadcasts use SPUBLISH and
+    /// rooms SSUBSCRIBE, Redis 7's sharded pub/sub: a message only travels to the shard that
+    /// owns its channel. Never fails and never blocks, like [`FanoutLayer::new`].
+    ///
+    /// ```no_run
+    /// use axum::Router;
+    /// use axum_fanout::FanoutLayer;
+    ///
+    /// let app: Router = Router::new().layer(FanoutLayer::cluster([
+    ///     "redis://10.0.0.1:6379",
+    ///     "redis://10.0.0.2:6379",
+    ///     "redis://10.0.0.3:6379",
+    /// ]));
+    /// ```
+    #[cfg(feature = "cluster")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "cluster")))]
+    pub fn cluster<I>(nodes: I) -> Self
+    where
+        I: IntoIterator,
+        I::Item: Into<String>,
+    {
+        FanoutBuilder::new_cluster(nodes).build_lenient()
+    }
+
+    /// Starts a builder for a Redis Cluster (see [`FanoutLayer::cluster`]); every other
+    /// setting is the same as for a single server. [`build`](FanoutBuilder::build) fails with
+    /// [`Error::is_invalid_url`] when the list is empty or a URL is invalid.
+    #[cfg(feature = "cluster")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "cluster")))]
+    pub fn cluster_builder<I>(nodes: I) -> FanoutBuilder
+    where
+        I: IntoIterator,
+        I::Item: Into<String>,
+    {
+        FanoutBuilder::new_cluster(nodes)
+    }
+
     pub(crate) fn from_config(config: Config) -> Self {
         Self {
             shared: Shared::new(config),

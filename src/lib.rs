@@ -39,6 +39,7 @@
 //! - **Lifetimes end by `Drop`**: dropping a [`FanoutSocket`] leaves its rooms; dropping the
 //!   last layer or handle stops the background tasks.
 
+mod backend;
 mod bus;
 mod channel;
 mod config;

@@ -25,7 +25,7 @@ pub(crate) struct Node {
     /// The subscriber link is up and every local room is subscribed on it.
     pub(crate) ready: AtomicBool,
     /// The publisher connection when there is one; broadcasts wait (bounded) for `Some`.
-    pub(crate) publisher: watch::Sender<Option<redis::aio::MultiplexedConnection>>,
+    pub(crate) publisher: watch::Sender<Option<crate::backend::Conn>>,
     /// This node's private channel for link probes, outside the room prefix so that
     /// `PUBSUB CHANNELS <prefix>*` lists rooms only.
     pub(crate) probe_channel: String,

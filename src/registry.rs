@@ -359,6 +359,35 @@ impl Registry {
         }
     }
 
+    /// Redis ended the subscription of `room` on its own (a cluster slot moved). Returns
+    /// `true` when the room was subscribed and still has members: it is then pending again
+    /// (not subscribed, so joins wait for the new confirmation) and its members are told that
+    /// messages may have been missed. Returns `false` for a room being unsubscribed on purpose.
+    pub(crate) fn subscription_lost(&self, room: &str) -> bool {
+        let mut inner = self.lock();
+        let Some((room, members)) = inner.rooms.get_key_value(room) else {
+            return false;
+        };
+        if !inner.subscribed.contains(room) {
+            return false;
+        }
+        let room = room.clone();
+        let now = SystemTime::now();
+        for outbox in members.values() {
+            outbox.record_missed(Missed {
+                room: room.clone(),
+                since: now,
+                until: now,
+                dropped: None,
+            });
+        }
+        inner.subscribed.remove(&room);
+        inner.pending.insert(room);
+        drop(inner);
+        self.changed.notify_one();
+        true
+    }
+
     /// Every room that has a local socket, for a final UNSUBSCRIBE.
     pub(crate) fn subscribed_rooms(&self) -> Vec<RoomName> {
         self.lock().subscribed.iter().cloned().collect()

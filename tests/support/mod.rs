@@ -163,6 +163,11 @@ impl RedisServer {
         v
     }
 
+    /// Whether the process is running (not stopped by [`stop`](RedisServer::stop)).
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+
     /// The server's process id.
     pub fn pid(&self) -> u32 {
         self.child.as_ref().map(Child::id).expect("running")
@@ -433,4 +438,259 @@ pub async fn assert_round_trip(
     send_text(&mut ws, r#"{"n":2}"#).await;
     assert_eq!(recv_text(&mut ws, "echo").await, r#"{"n":2}"#);
     server
+}
+
+/// A local Redis Cluster of real `redis-server` processes (cluster mode, each on a free port,
+/// its `nodes.conf` in a temporary directory removed on drop), created with
+/// `redis-cli --cluster create`.
+pub struct RedisCluster {
+    pub nodes: Vec<RedisServer>,
+    dir: std::path::PathBuf,
+}
+
+impl RedisCluster {
+    /// Starts `masters` masters with `replicas` replicas each and waits until every node
+    /// reports `cluster_state:ok` and agrees on the slot map.
+    pub fn start(masters: usize, replicas: usize) -> Self {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "axum-fanout-cluster-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&dir).expect("cluster temp dir");
+        let dir_arg = dir.to_string_lossy().into_owned();
+        let nodes: Vec<RedisServer> = (0..masters * (1 + replicas))
+            .map(|_| {
+                RedisServer::start_with(&[
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    "nodes-{port}.conf",
+                    "--dir",
+                    &dir_arg,
+                    // Fail over one second after a master stops answering.
+                    "--cluster-node-timeout",
+                    "1000",
+                    // Replicas sync at once (Redis waits 5 s by default to batch them), and a
+                    // replica may take over however long ago it last heard its master.
+                    "--repl-diskless-sync-delay",
+                    "0",
+                    "--cluster-replica-validity-factor",
+                    "0",
+                ])
+            })
+            .collect();
+        let cluster = Self { nodes, dir };
+        let addrs: Vec<String> = cluster
+            .nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port()))
+            .collect();
+        let out = Command::new("redis-cli")
+            .arg("--cluster")
+            .arg("create")
+            .args(&addrs)
+            .args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"])
+            .output()
+            .expect("redis-cli on PATH");
+        assert!(
+            out.status.success(),
+            "redis-cli --cluster create failed: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        cluster.wait_ok();
+        cluster
+    }
+
+    /// Waits until every running node says `cluster_state:ok` and lists the same masters, and
+    /// every replica whose master runs has synced with it.
+    pub fn wait_ok(&self) {
+        let deadline = std::time::Instant::now() + SOON;
+        loop {
+            let live: Vec<&RedisServer> = self.nodes.iter().filter(|n| n.is_running()).collect();
+            let ok = live
+                .iter()
+                .all(|n| n.cli(&["CLUSTER", "INFO"]).contains("cluster_state:ok"));
+            let views: Vec<Vec<u16>> = live.iter().map(|n| self.masters_seen_by(n)).collect();
+            let synced = live.iter().all(|n| {
+                let info = n.cli(&["INFO", "replication"]);
+                !info.contains("role:slave")
+                    || info.contains("master_link_status:up")
+                    || !views[0]
+                        .iter()
+                        .any(|p| info.contains(&format!("master_port:{p}\r")))
+            });
+            if ok && synced && views.windows(2).all(|w| w[0] == w[1]) {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "cluster not ok in time"
+            );
+            std::thread::sleep(Duration::from_millis(50)); // deadline: polling interval
+        }
+    }
+
+    /// The ports of the masters `node` knows of that serve slots and are not failed, sorted.
+    fn masters_seen_by(&self, node: &RedisServer) -> Vec<u16> {
+        let mut ports: Vec<u16> = node
+            .cli(&["CLUSTER", "NODES"])
+            .lines()
+            .filter(|l| l.contains("master") && !l.contains("fail") && l.split(' ').count() > 8)
+            .filter_map(|l| {
+                let addr = l.split(' ').nth(1)?;
+                addr.split(['@', ':']).nth(1)?.parse().ok()
+            })
+            .collect();
+        ports.sort_unstable();
+        ports
+    }
+
+    /// Node URLs for a client: every node, replicas included.
+    pub fn urls(&self) -> Vec<String> {
+        self.nodes.iter().map(RedisServer::url).collect()
+    }
+
+    /// Waits until a master other than the one on `dead_port` serves `slot` (its replica was
+    /// promoted) and the cluster is ok again.
+    pub fn wait_failover(&self, slot: u16, dead_port: u16) {
+        let deadline = std::time::Instant::now() + SOON;
+        while self
+            .try_master_of_slot(slot)
+            .is_none_or(|port| port == dead_port)
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no replica took over slot {slot} in time"
+            );
+            std::thread::sleep(Duration::from_millis(50)); // deadline: polling interval
+        }
+        self.wait_ok();
+    }
+
+    /// The running node that is a master serving `slot`.
+    pub fn master_of_slot(&self, slot: u16) -> &RedisServer {
+        let port = self
+            .try_master_of_slot(slot)
+            .unwrap_or_else(|| panic!("no master serves slot {slot}"));
+        self.nodes
+            .iter()
+            .find(|n| n.port() == port)
+            .expect("the master is one of ours")
+    }
+
+    /// The port of the master serving `slot` that a running node knows of and does not
+    /// consider failing.
+    fn try_master_of_slot(&self, slot: u16) -> Option<u16> {
+        let live = self.nodes.iter().find(|n| n.is_running())?;
+        live
+            .cli(&["CLUSTER", "NODES"])
+            .lines()
+            .filter(|l| l.contains("master") && !l.contains("fail"))
+            .find_map(|l| {
+                let fields: Vec<&str> = l.split(' ').collect();
+                let serves = fields.iter().skip(8).any(|range| {
+                    let (lo, hi) = range.split_once('-').unwrap_or((range, range));
+                    matches!((lo.parse::<u16>(), hi.parse::<u16>()), (Ok(lo), Ok(hi)) if lo <= slot && slot <= hi)
+                });
+                serves.then(|| fields[1].split(['@', ':']).nth(1)?.parse().ok())?
+            })
+    }
+
+    /// Moves `slot` (holding no keys) to the master on `to_port`, as `redis-cli --cluster
+    /// reshard` does: IMPORTING on the target, MIGRATING on the source, then NODE everywhere.
+    pub fn migrate_slot(&self, slot: u16, to_port: u16) {
+        let from = self.master_of_slot(slot);
+        let to = self
+            .nodes
+            .iter()
+            .find(|n| n.port() == to_port)
+            .expect("target node");
+        let id = |n: &RedisServer| n.cli(&["CLUSTER", "MYID"]).trim().to_owned();
+        let (from_id, to_id) = (id(from), id(to));
+        let slot = slot.to_string();
+        let ok = |out: String| assert_eq!(out.trim(), "OK", "CLUSTER SETSLOT");
+        ok(to.cli(&["CLUSTER", "SETSLOT", &slot, "IMPORTING", &from_id]));
+        ok(from.cli(&["CLUSTER", "SETSLOT", &slot, "MIGRATING", &to_id]));
+        ok(to.cli(&["CLUSTER", "SETSLOT", &slot, "NODE", &to_id]));
+        ok(from.cli(&["CLUSTER", "SETSLOT", &slot, "NODE", &to_id]));
+        for node in self.nodes.iter().filter(|n| n.is_running()) {
+            if node.port() != from.port() && node.port() != to.port() {
+                let _ = node.cli(&["CLUSTER", "SETSLOT", &slot, "NODE", &to_id]);
+            }
+        }
+        self.wait_ok();
+    }
+
+    /// The ports of the running masters.
+    pub fn master_ports(&self) -> Vec<u16> {
+        let live = self
+            .nodes
+            .iter()
+            .find(|n| n.is_running())
+            .expect("a running node");
+        self.masters_seen_by(live)
+    }
+
+    /// `CLUSTER KEYSLOT key`, computed by the cluster itself.
+    pub fn slot_of(&self, key: &str) -> u16 {
+        let live = self
+            .nodes
+            .iter()
+            .find(|n| n.is_running())
+            .expect("a running node");
+        live.cli(&["CLUSTER", "KEYSLOT", key])
+            .trim()
+            .parse()
+            .expect("a slot number")
+    }
+
+    /// `PUBSUB SHARDCHANNELS pattern` of every running node: (node port, channel), sorted.
+    pub fn shard_channels(&self, pattern: &str) -> Vec<(u16, String)> {
+        let mut all: Vec<(u16, String)> = self
+            .nodes
+            .iter()
+            .filter(|n| n.is_running())
+            .flat_map(|n| {
+                n.cli(&["PUBSUB", "SHARDCHANNELS", pattern])
+                    .lines()
+                    .filter(|l| !l.is_empty())
+                    .map(|l| (n.port(), l.to_owned()))
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        all.sort();
+        all
+    }
+
+    /// `PUBSUB SHARDNUMSUB channel`, asked of the master that owns the channel's slot.
+    pub fn shard_numsub(&self, channel: &str) -> usize {
+        let owner = self.master_of_slot(self.slot_of(channel));
+        owner
+            .cli(&["PUBSUB", "SHARDNUMSUB", channel])
+            .lines()
+            .nth(1)
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// `PUBSUB CHANNELS pattern` (classic pub/sub) summed over every running node.
+    pub fn classic_channels(&self, pattern: &str) -> usize {
+        self.nodes
+            .iter()
+            .filter(|n| n.is_running())
+            .map(|n| n.channels(pattern).len())
+            .sum()
+    }
+}
+
+impl Drop for RedisCluster {
+    fn drop(&mut self) {
+        for node in &mut self.nodes {
+            node.stop();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
 }
