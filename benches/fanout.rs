@@ -74,6 +74,8 @@
 //! cargo bench --bench fanout -- --seed --no-default-target --quick   # smoke run of the seed
 //! cargo bench --bench fanout -- --scenario latency --rounds 1
 //! cargo bench --bench fanout -- --target-cmd other="node path/to/server.js"
+//! cargo bench --bench fanout -- --scenario hot --redis-cluster 3 --shard-counts 1,4,16 \
+//!     --hot-publishers 12
 //! ```
 //!
 //! Options: `--scenario sweep|latency|idle|slow|hot|all` (comma-separated list allowed),
@@ -83,6 +85,11 @@
 //! `--quick` (fewer connections, shorter steps), `--duration-scale F` (multiplies every step
 //! duration and the `slow` volume), `--lg-threads N` (load-generator worker threads, default
 //! 1; 0 runs everything on one thread), `--shard-count N` (SHARD_COUNT of the servers),
+//! `--shard-counts A,B,..` (the chat example once per shard count, as targets `chat-sA`, ..,
+//! in alternation like any targets), `--redis-cluster N` (a local Redis Cluster of N masters,
+//! no replicas, instead of one redis-server; the nodes get `REDIS_CLUSTER`),
+//! `--hot-publishers N` (publishing clients of `hot`, default 1: a room's shard is chosen per
+//! sender, so one publisher uses one shard whatever the shard count),
 //! `--msg-size N`, `--latency-rate DELIVERIES_PER_S`, `--slow-rooms N`, `--slow-mib F`.
 //! Unknown arguments (cargo passes `--bench`) are ignored. The default run with `--seed`
 //! (2 targets, 3 rounds, every scenario) takes about 4 minutes on 2 cores.
@@ -186,6 +193,9 @@ struct Args {
     scale: f64,
     lg_threads: usize,
     shard_count: u32,
+    shard_counts: Vec<u32>,
+    redis_cluster: Option<usize>,
+    hot_publishers: Option<usize>,
     msg_size: Option<usize>,
     latency_rate: Option<f64>,
     slow_rooms: Option<usize>,
@@ -205,6 +215,9 @@ usage: cargo bench --bench fanout [-- OPTIONS]
   --duration-scale F    multiply step durations by F (default 1)
   --lg-threads N        load-generator worker threads (default 1; 0 = single thread)
   --shard-count N       SHARD_COUNT given to the servers (default 1)
+  --shard-counts A,B,.. run the chat example once per shard count, as targets chat-sA, chat-sB..
+  --redis-cluster N     a local Redis Cluster of N masters instead of one redis-server
+  --hot-publishers N    publishing clients in `hot` (default 1; sharding spreads senders)
   --msg-size N          message size in bytes of sweep, latency and hot (default 256)
   --latency-rate D      deliveries/s of `latency` (default 75000)
   --slow-rooms N        rooms of `slow` (default 3)
@@ -223,6 +236,9 @@ impl Args {
             scale: 1.0,
             lg_threads: 1,
             shard_count: 1,
+            shard_counts: Vec::new(),
+            redis_cluster: None,
+            hot_publishers: None,
             msg_size: None,
             latency_rate: None,
             slow_rooms: None,
@@ -274,6 +290,20 @@ impl Args {
                 "--shard-count" => {
                     a.shard_count = parse_num(&value("--shard-count")?, "--shard-count")?;
                 }
+                "--shard-counts" => {
+                    a.shard_counts = value("--shard-counts")?
+                        .split(',')
+                        .map(|n| parse_num(n.trim(), "--shard-counts"))
+                        .collect::<Result<_>>()?;
+                }
+                "--redis-cluster" => {
+                    a.redis_cluster =
+                        Some(parse_num(&value("--redis-cluster")?, "--redis-cluster")?)
+                }
+                "--hot-publishers" => {
+                    a.hot_publishers =
+                        Some(parse_num(&value("--hot-publishers")?, "--hot-publishers")?)
+                }
                 "--msg-size" => a.msg_size = Some(parse_num(&value("--msg-size")?, "--msg-size")?),
                 "--latency-rate" => {
                     a.latency_rate = Some(parse_num(&value("--latency-rate")?, "--latency-rate")?);
@@ -291,8 +321,11 @@ impl Args {
                 other => eprintln!("fanout: ignoring unknown argument {other:?}"),
             }
         }
-        if a.rounds == 0 || a.shard_count == 0 {
-            bail!("--rounds and --shard-count must be at least 1");
+        if a.rounds == 0 || a.shard_count == 0 || a.shard_counts.contains(&0) {
+            bail!("--rounds, --shard-count and --shard-counts must be at least 1");
+        }
+        if a.redis_cluster == Some(0) {
+            bail!("--redis-cluster needs at least 1 master (3 for a real cluster)");
         }
         if !(a.scale.is_finite() && a.scale > 0.0) {
             bail!("--duration-scale must be a positive number");
@@ -410,15 +443,26 @@ async fn run(args: Args) -> Result<bool> {
     let mut targets = Vec::new();
     if args.default_target {
         let bin = procs::build_chat(manifest, &target_dir)?;
-        targets.push(Target {
-            name: "chat".to_string(),
-            launch: Launch::Exec(bin),
-        });
+        if args.shard_counts.is_empty() {
+            targets.push(Target {
+                name: "chat".to_string(),
+                launch: Launch::Exec(bin.clone()),
+                env: Vec::new(),
+            });
+        }
+        for n in &args.shard_counts {
+            targets.push(Target {
+                name: format!("chat-s{n}"),
+                launch: Launch::Exec(bin.clone()),
+                env: vec![("SHARD_COUNT".to_string(), n.to_string())],
+            });
+        }
     }
     for (name, cmd) in &args.target_cmds {
         targets.push(Target {
             name: name.clone(),
             launch: Launch::Shell(cmd.clone()),
+            env: Vec::new(),
         });
     }
     if args.seed {
@@ -438,6 +482,9 @@ async fn run(args: Args) -> Result<bool> {
     let mut params = Params::new(args.quick, args.scale);
     if let Some(size) = args.msg_size {
         params.msg_size = size;
+    }
+    if let Some(n) = args.hot_publishers {
+        params.hot.publishers_per_room = n.max(1);
     }
     if let Some(rate) = args.latency_rate {
         params.latency_deliveries_per_sec = rate;
@@ -461,6 +508,7 @@ async fn run(args: Args) -> Result<bool> {
         shard_count: args.shard_count,
         channel_prefix: "bench:room:".to_string(),
         log_dir: results_dir.join("logs"),
+        redis_cluster: args.redis_cluster,
     };
     let nproc = std::thread::available_parallelism().map_or(0, |n| n.get());
     println!(
@@ -501,6 +549,8 @@ async fn run(args: Args) -> Result<bool> {
                     "duration_scale": args.scale,
                     "lg_threads": args.lg_threads,
                     "shard_count": args.shard_count,
+                    "shard_counts": args.shard_counts,
+                    "redis_cluster_masters": args.redis_cluster,
                     "targets": names,
                     "params": params.describe(scenario),
                 });

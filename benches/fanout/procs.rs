@@ -35,6 +35,8 @@ pub(crate) enum Launch {
 pub(crate) struct Target {
     pub(crate) name: String,
     pub(crate) launch: Launch,
+    /// Extra environment for its nodes, over the contract's (e.g. `SHARD_COUNT` per target).
+    pub(crate) env: Vec<(String, String)>,
 }
 
 /// Kills its child (and the child's process group) when dropped.
@@ -124,7 +126,8 @@ pub(crate) fn free_ports(n: usize) -> Result<Vec<u16>> {
 pub(crate) struct Cluster {
     // Field order is drop order: nodes first, so they do not log Redis errors while dying.
     nodes: Vec<ChildGuard>,
-    redis: ChildGuard,
+    /// One redis-server, or the masters of a Redis Cluster.
+    redis: Vec<ChildGuard>,
     /// Listening address of each node.
     pub(crate) addrs: Vec<SocketAddr>,
     /// PIDs whose CPU and RSS count as "server": each node and its descendants.
@@ -138,6 +141,9 @@ pub(crate) struct ClusterConfig {
     pub(crate) shard_count: u32,
     pub(crate) channel_prefix: String,
     pub(crate) log_dir: PathBuf,
+    /// Run a local Redis Cluster of this many masters (no replicas) instead of one server;
+    /// nodes get `REDIS_CLUSTER` with every master's URL.
+    pub(crate) redis_cluster: Option<usize>,
 }
 
 impl Cluster {
@@ -145,19 +151,25 @@ impl Cluster {
     /// node answers `GET /healthz` with 200.
     pub(crate) async fn start(target: &Target, cfg: &ClusterConfig) -> Result<Self> {
         fs::create_dir_all(&cfg.log_dir).ctx(|| format!("creating {}", cfg.log_dir.display()))?;
-        let ports = free_ports(cfg.nodes + 1)?;
-        let redis_port = ports[0];
-        let mut cmd = Command::new("redis-server");
-        // No persistence: a benchmark must not spend time on fsync or RDB snapshots.
-        cmd.args(["--port", &redis_port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"]);
-        let mut redis = ChildGuard::spawn("redis-server", cmd, &cfg.log_dir.join("redis.log"))?;
-        wait_redis(redis_port, &mut redis).await?;
+        let (redis, redis_env) = match cfg.redis_cluster {
+            None => {
+                let port = free_ports(1)?[0];
+                let mut redis = ChildGuard::spawn(
+                    "redis-server",
+                    redis_command(port),
+                    &cfg.log_dir.join("redis.log"),
+                )?;
+                wait_redis(port, &mut redis).await?;
+                let url = format!("redis://127.0.0.1:{port}");
+                (vec![redis], vec![("REDIS_URL", url)])
+            }
+            Some(masters) => start_redis_cluster(masters, &cfg.log_dir).await?,
+        };
 
-        let redis_url = format!("redis://127.0.0.1:{redis_port}");
+        let ports = free_ports(cfg.nodes)?;
         let mut nodes = Vec::with_capacity(cfg.nodes);
         let mut addrs = Vec::with_capacity(cfg.nodes);
-        for (i, &port) in (1..=cfg.nodes).zip(&ports[1..]) {
+        for (i, &port) in (1..=cfg.nodes).zip(&ports) {
             let node_id = format!("n{i}");
             let mut cmd = match &target.launch {
                 Launch::Exec(path) => Command::new(path),
@@ -168,10 +180,11 @@ impl Cluster {
                 }
             };
             cmd.env("PORT", port.to_string())
-                .env("REDIS_URL", &redis_url)
                 .env("NODE_ID", &node_id)
                 .env("CHANNEL_PREFIX", &cfg.channel_prefix)
-                .env("SHARD_COUNT", cfg.shard_count.to_string());
+                .env("SHARD_COUNT", cfg.shard_count.to_string())
+                .envs(redis_env.iter().map(|(k, v)| (k, v)))
+                .envs(target.env.iter().map(|(k, v)| (k, v)));
             if std::env::var_os("RUST_LOG").is_none() {
                 // A log line per message would benchmark the logger; warnings still show.
                 cmd.env("RUST_LOG", "warn");
@@ -203,10 +216,10 @@ impl Cluster {
 
     /// `Err` naming the first node (or Redis) that has exited.
     pub(crate) fn check_alive(&mut self) -> Result<()> {
-        for n in &mut self.nodes {
+        for n in self.nodes.iter_mut().chain(&mut self.redis) {
             n.check_alive()?;
         }
-        self.redis.check_alive()
+        Ok(())
     }
 
     /// Sum of VmRSS of the node processes, in KiB.
@@ -229,7 +242,11 @@ impl Cluster {
                 .iter()
                 .map(|p| cpu_ticks(*p).unwrap_or(0))
                 .sum(),
-            redis: cpu_ticks(self.redis.pid()).unwrap_or(0),
+            redis: self
+                .redis
+                .iter()
+                .map(|r| cpu_ticks(r.pid()).unwrap_or(0))
+                .sum(),
             own: cpu_ticks_self().unwrap_or(0),
             host: host_ticks().unwrap_or_default(),
         }
@@ -247,6 +264,82 @@ impl RssProbe {
     pub(crate) fn rss_kib(&self) -> u64 {
         self.pids.iter().map(|p| rss_kib(*p).unwrap_or(0)).sum()
     }
+}
+
+/// A redis-server on `port` without persistence (a benchmark must not spend time on fsync or
+/// RDB snapshots).
+fn redis_command(port: u16) -> Command {
+    let mut cmd = Command::new("redis-server");
+    cmd.args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+        .args(["--save", "", "--appendonly", "no"]);
+    cmd
+}
+
+/// Starts `masters` cluster-enabled redis-servers, joins them with `redis-cli --cluster
+/// create` and waits for `cluster_state:ok` on each. Returns the processes and the nodes'
+/// environment (`REDIS_CLUSTER`: every master's URL, comma-separated).
+async fn start_redis_cluster(
+    masters: usize,
+    log_dir: &Path,
+) -> Result<(Vec<ChildGuard>, Vec<(&'static str, String)>)> {
+    // A cluster node also listens on port + 10000 (the cluster bus).
+    let ports: Vec<u16> = free_ports(masters * 4)?
+        .into_iter()
+        .filter(|p| *p < 55_000)
+        .take(masters)
+        .collect();
+    if ports.len() < masters {
+        bail!("no {masters} free ports below 55000 for a Redis Cluster");
+    }
+    let mut redis = Vec::with_capacity(masters);
+    for &port in &ports {
+        let dir = log_dir.join(format!("cluster-{port}"));
+        fs::create_dir_all(&dir).ctx(|| format!("creating {}", dir.display()))?;
+        let mut cmd = redis_command(port);
+        cmd.args([
+            "--cluster-enabled",
+            "yes",
+            "--cluster-config-file",
+            "nodes.conf",
+        ])
+        .arg("--dir")
+        .arg(&dir);
+        let log = log_dir.join(format!("redis-{port}.log"));
+        let mut guard = ChildGuard::spawn(&format!("redis-server :{port}"), cmd, &log)?;
+        wait_redis(port, &mut guard).await?;
+        redis.push(guard);
+    }
+    let addrs: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+    let out = Command::new("redis-cli")
+        .args(["--cluster", "create"])
+        .args(&addrs)
+        .args(["--cluster-replicas", "0", "--cluster-yes"])
+        .output()
+        .ctx(|| "running redis-cli --cluster create".to_string())?;
+    if !out.status.success() {
+        bail!(
+            "redis-cli --cluster create failed: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    for &port in &ports {
+        loop {
+            let info = Command::new("redis-cli")
+                .args(["-p", &port.to_string(), "CLUSTER", "INFO"])
+                .output()
+                .ctx(|| "running redis-cli CLUSTER INFO".to_string())?;
+            if String::from_utf8_lossy(&info.stdout).contains("cluster_state:ok") {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!("the Redis Cluster on {addrs:?} was not ok within 10 s");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    let urls: Vec<String> = addrs.iter().map(|a| format!("redis://{a}")).collect();
+    Ok((redis, vec![("REDIS_CLUSTER", urls.join(","))]))
 }
 
 async fn wait_redis(port: u16, redis: &mut ChildGuard) -> Result<()> {
@@ -480,16 +573,25 @@ pub(crate) fn open_files() -> u64 {
 /// Builds the `chat` example in release mode and returns the binary's path.
 pub(crate) fn build_chat(manifest_dir: &Path, target_dir: &Path) -> Result<PathBuf> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    eprintln!("building the default target: cargo build --release --example chat");
+    eprintln!(
+        "building the default target: cargo build --release --example chat --features cluster"
+    );
     let status = Command::new(&cargo)
-        .args(["build", "--release", "--example", "chat"])
+        .args([
+            "build",
+            "--release",
+            "--example",
+            "chat",
+            "--features",
+            "cluster",
+        ])
         .current_dir(manifest_dir)
         .status()
-        .ctx(|| "running cargo build --release --example chat".to_string())?;
+        .ctx(|| "running cargo build --release --example chat --features cluster".to_string())?;
     let bin = target_dir.join("release").join("examples").join("chat");
     if !status.success() {
         bail!(
-            "cargo build --release --example chat failed ({status}); run with \
+            "cargo build --release --example chat --features cluster failed ({status}); run with \
              --no-default-target (and e.g. --seed) to benchmark other targets only"
         );
     }
@@ -524,6 +626,7 @@ pub(crate) fn prepare_seed(seed_dir: &Path, target_dir: &Path) -> Result<Target>
     Ok(Target {
         name: "seed".to_string(),
         launch: Launch::Shell(format!("node {}", shell_quote(&server.to_string_lossy()))),
+        env: Vec::new(),
     })
 }
 

@@ -75,9 +75,10 @@ impl Scenario {
                 p.slow_rooms, p.slow_clients, p.slow_msg_size, p.slow_room_msgs_per_sec, p.slow_mib
             ),
             Scenario::Hot => format!(
-                "hot: 1 room x {} clients, 1 publisher, {} B, rate x{} per step until loss > \
-                 {}% or p99 > {} ms",
+                "hot: 1 room x {} clients, {} publisher(s), {} B, rate x{} per step until loss \
+                 > {}% or p99 > {} ms",
                 p.hot.clients,
+                p.hot.publishers_per_room,
                 p.msg_size,
                 p.hot.factor,
                 p.max_loss * 100.0,

@@ -144,9 +144,15 @@ fn missed_notice(missed: &Missed) -> serde_json::Value {
 #[allow(dead_code)] // used by `chat`, not by `demo` (which runs three nodes with fixed ids)
 pub(crate) fn layer_from_env() -> Result<FanoutLayer, String> {
     let url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+    // Not part of the wire contract: REDIS_CLUSTER (comma-separated node URLs) runs the node
+    // on a Redis Cluster with sharded pub/sub instead of the server at REDIS_URL.
+    let (builder, source) = match std::env::var("REDIS_CLUSTER") {
+        Ok(nodes) if !nodes.trim().is_empty() => (cluster_builder(&nodes)?, "REDIS_CLUSTER"),
+        _ => (FanoutLayer::builder(url), "REDIS_URL"),
+    };
     // The contract app is driven by load generators that publish thousands of messages per
     // second on one connection: keep the flood guard, well above that.
-    let mut builder = FanoutLayer::builder(url)
+    let mut builder = builder
         .messages_per_second(NonZeroU32::new(20_000).unwrap_or(NonZeroU32::MIN))
         .message_burst(NonZeroU32::new(20_000).unwrap_or(NonZeroU32::MIN));
     if let Ok(id) = std::env::var("NODE_ID")
@@ -173,8 +179,22 @@ pub(crate) fn layer_from_env() -> Result<FanoutLayer, String> {
     }
     builder.build().map_err(|e| {
         let cause = std::error::Error::source(&e).map(ToString::to_string);
-        format!("REDIS_URL: {e}: {}", cause.unwrap_or_default())
+        format!("{source}: {e}: {}", cause.unwrap_or_default())
     })
+}
+
+#[cfg(feature = "cluster")]
+fn cluster_builder(nodes: &str) -> Result<axum_fanout::FanoutBuilder, String> {
+    Ok(FanoutLayer::cluster_builder(
+        nodes.split(',').map(str::trim).filter(|n| !n.is_empty()),
+    ))
+}
+
+#[cfg(not(feature = "cluster"))]
+fn cluster_builder(_nodes: &str) -> Result<axum_fanout::FanoutBuilder, String> {
+    Err("REDIS_CLUSTER needs the `cluster` feature: \
+         cargo run --example chat --features cluster"
+        .to_owned())
 }
 
 /// Serves `app` on `listener` with TCP_NODELAY (small frames must not wait for Nagle) until
