@@ -15,6 +15,8 @@
 //! - `envelope`: the JSON wire format shared with the seed's nodes; [`Payload`].
 //! - `channel`: Redis channel names for rooms and their shards (injective).
 //! - `bus`: the Redis connections (publisher, subscriber), reconnects, and the dispatcher.
+//! - `backend`: the seam to Redis: one server (PUBLISH / SUBSCRIBE) or, with the `cluster`
+//!   feature, a Redis Cluster (SPUBLISH / SSUBSCRIBE grouped by hash slot).
 //! - `registry`: room -> local sockets, and the reconciliation of subscriptions.
 //! - `queue`: one socket's bounded send queue and its overflow policy.
 //! - `missed`: [`Missed`], how a socket learns that messages may have been lost.
