@@ -4,9 +4,10 @@
 //!
 //! For every *target* (a server implementation speaking the wire contract of
 //! `shared/CONTRACT.md`) and every *scenario*, the bench starts a private `redis-server` on a
-//! free port and three server nodes (`NODE_ID` n1..n3) pointing at it, waits for each node's
-//! `GET /healthz` to answer 200, connects WebSocket clients spread round-robin over the nodes
-//! and measures. Every (scenario, target, round) gets fresh processes, so no run inherits
+//! free port and three server nodes (`NODE_ID` n1..n3, each with one tokio worker thread:
+//! `TOKIO_WORKER_THREADS=1` unless set, since three nodes share two cores) pointing at it,
+//! waits for each node's `GET /healthz` to answer 200, connects WebSocket clients spread
+//! round-robin over the nodes and measures. Every (scenario, target, round) gets fresh processes, so no run inherits
 //! another's heap, backlog or subscriptions.
 //!
 //! * `sweep`: 10 rooms x 30 clients (3 of them publishing, one per node), 256-byte
