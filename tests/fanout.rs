@@ -299,6 +299,39 @@ async fn a_plain_http_handler_broadcasts_to_the_room() {
     assert_eq!(status, 400);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_concurrent_broadcasts_each_get_their_own_reply_and_all_arrive() {
+    // Broadcasts queued together go to Redis as one pipeline; every caller still gets its own
+    // PUBLISH count, and every message arrives once.
+    let c = Cluster::start(chat_app::app).await;
+    let mut a = c.join(0, "burst").await;
+    let mut b = c.join(2, "burst").await;
+    let handle = c.nodes[1].1.clone();
+    let broadcasts: Vec<_> = (0..500)
+        .map(|i| {
+            let handle = handle.clone();
+            tokio::spawn(async move { handle.broadcast("burst", format!("{{\"n\":{i}}}")).await })
+        })
+        .collect();
+    for (i, b) in broadcasts.into_iter().enumerate() {
+        let nodes = b
+            .await
+            .expect("task")
+            .unwrap_or_else(|e| panic!("broadcast {i}: {e}"));
+        assert_eq!(nodes, 2, "broadcast {i}: nodes 1 and 3 hold the room");
+    }
+    for ws in [&mut a, &mut b] {
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..500 {
+            let n = json_of(&recv_text(ws, "a burst message").await)["n"]
+                .as_u64()
+                .expect("n");
+            assert!(seen.insert(n), "message {n} arrived twice");
+        }
+    }
+    assert_eq!(handle.stats().published, 500);
+}
+
 /// A router for library features the chat contract does not expose: a join acknowledgement
 /// and broadcasts that leave the sender out.
 fn except_app(layer: FanoutLayer) -> Router {
