@@ -302,6 +302,9 @@ async fn start_redis_cluster(
     let mut redis = Vec::with_capacity(masters);
     for &port in &ports {
         let dir = log_dir.join(format!("cluster-{port}"));
+        // A nodes.conf left by an earlier run on the same port would make this node remember
+        // that cluster, and `--cluster create` refuse it.
+        let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(&dir).ctx(|| format!("creating {}", dir.display()))?;
         let mut cmd = redis_command(port);
         cmd.args([
