@@ -178,23 +178,17 @@ impl Conn {
         channel: &str,
         payload: impl redis::ToRedisArgs + Send + Sync,
     ) -> Result<usize, RedisError> {
-        match self {
-            Conn::Server(conn) => {
-                redis::cmd("PUBLISH")
-                    .arg(channel)
-                    .arg(payload)
-                    .query_async(conn)
-                    .await
-            }
+        let mut cmd = redis::cmd(match self {
+            Conn::Server(_) => "PUBLISH",
             #[cfg(feature = "cluster")]
-            Conn::Cluster(conn) => {
-                // Routed by its first argument, the channel, to the master owning its slot.
-                redis::cmd("SPUBLISH")
-                    .arg(channel)
-                    .arg(payload)
-                    .query_async(conn)
-                    .await
-            }
+            Conn::Cluster(_) => "SPUBLISH",
+        });
+        cmd.arg(channel).arg(payload);
+        match self {
+            Conn::Server(conn) => cmd.query_async(conn).await,
+            // Routed by its first argument, the channel, to the master owning its slot.
+            #[cfg(feature = "cluster")]
+            Conn::Cluster(conn) => cmd.query_async(conn).await,
         }
     }
 

@@ -104,6 +104,11 @@ impl Config {
 /// the server's certificate against the system's trust store, or against the certificate
 /// given to [`tls_root_certificate`](FanoutBuilder::tls_root_certificate). The builder's
 /// `Debug` output and the crate's logs never show the password.
+///
+/// # Redis Cluster
+///
+/// With the `cluster` cargo feature, `FanoutLayer::cluster_builder(nodes)` starts the same
+/// builder for a Redis Cluster (sharded pub/sub); every setting here applies unchanged.
 #[derive(Clone)]
 pub struct FanoutBuilder {
     url: String,
