@@ -514,6 +514,8 @@ impl RedisCluster {
                 .iter()
                 .all(|n| n.cli(&["CLUSTER", "INFO"]).contains("cluster_state:ok"));
             let views: Vec<Vec<u16>> = live.iter().map(|n| self.masters_seen_by(n)).collect();
+            // A replica counts once it has synced, or when its master is not among the live
+            // masters (it died; INFO lines end in "\r\n").
             let synced = live.iter().all(|n| {
                 let info = n.cli(&["INFO", "replication"]);
                 !info.contains("role:slave")
