@@ -192,6 +192,21 @@ impl Conn {
         }
     }
 
+    /// The channels this node's link probe uses, named from `base`: `base` itself on one
+    /// server; on a cluster, one `base:<n>` per master, each chosen so that its hash slot is
+    /// one that master serves, so the probe covers every master the connection talks to.
+    pub(crate) async fn probe_channels(&mut self, base: &str) -> Result<Vec<String>, RedisError> {
+        match self {
+            Conn::Server(_) => Ok(vec![base.to_owned()]),
+            #[cfg(feature = "cluster")]
+            Conn::Cluster(conn) => {
+                let slots: redis::Value =
+                    redis::cmd("CLUSTER").arg("SLOTS").query_async(conn).await?;
+                Ok(probe_channels_for(base, &master_slot_ranges(&slots)))
+            }
+        }
+    }
+
     /// SUBSCRIBE (SSUBSCRIBE on a cluster, one command per hash slot); returns once Redis
     /// confirmed every channel.
     pub(crate) async fn subscribe(&mut self, channels: &[String]) -> Result<(), RedisError> {
@@ -247,6 +262,71 @@ where
     futures_util::future::try_join_all(commands).await.map(drop)
 }
 
+/// `CLUSTER SLOTS` as `(first slot, last slot, master address)`; entries it cannot read are
+/// skipped.
+#[cfg(feature = "cluster")]
+fn master_slot_ranges(reply: &redis::Value) -> Vec<(u16, u16, String)> {
+    use redis::Value;
+    let Value::Array(entries) = reply else {
+        return Vec::new();
+    };
+    let text = |v: &Value| match v {
+        Value::BulkString(b) => Some(String::from_utf8_lossy(b).into_owned()),
+        Value::SimpleString(s) => Some(s.clone()),
+        _ => None,
+    };
+    entries
+        .iter()
+        .filter_map(|entry| {
+            let Value::Array(fields) = entry else {
+                return None;
+            };
+            let (Value::Int(first), Value::Int(last), Value::Array(master)) =
+                (fields.first()?, fields.get(1)?, fields.get(2)?)
+            else {
+                return None;
+            };
+            let port = match master.get(1)? {
+                Value::Int(port) => *port,
+                _ => return None,
+            };
+            let address = format!("{}:{port}", text(master.first()?)?);
+            Some((
+                u16::try_from(*first).ok()?,
+                u16::try_from(*last).ok()?,
+                address,
+            ))
+        })
+        .collect()
+}
+
+/// One probe channel per master: `base:<n>` with the smallest `n` whose slot that master
+/// serves. A `{tag}` in `base` pins every candidate to one slot; the search then gives up on
+/// the other masters after a bounded number of tries (they are still watched through their
+/// disconnection), and at least `base:0` is always probed.
+#[cfg(feature = "cluster")]
+fn probe_channels_for(base: &str, ranges: &[(u16, u16, String)]) -> Vec<String> {
+    let mut masters: Vec<&str> = ranges.iter().map(|(_, _, m)| m.as_str()).collect();
+    masters.sort_unstable();
+    masters.dedup();
+    let mut channels = Vec::with_capacity(masters.len());
+    for master in masters {
+        let found = (0..10_000u32)
+            .map(|n| format!("{base}:{n}"))
+            .find(|channel| {
+                let slot = key_slot(channel.as_bytes());
+                ranges
+                    .iter()
+                    .any(|(first, last, m)| m == master && (*first..=*last).contains(&slot))
+            });
+        channels.extend(found.filter(|c| !channels.contains(c)));
+    }
+    if channels.is_empty() {
+        channels.push(format!("{base}:0"));
+    }
+    channels
+}
+
 /// Number of hash slots in a Redis Cluster.
 #[cfg(any(feature = "cluster", test))]
 pub(crate) const SLOTS: u16 = 16384;
@@ -297,5 +377,56 @@ mod tests {
         assert_eq!(key_slot(b"foo{}{bar}"), crc16(b"foo{}{bar}") % SLOTS);
         assert_eq!(key_slot(b"foo{bar"), crc16(b"foo{bar") % SLOTS);
         assert_eq!(key_slot(b"foo{{bar}}zap"), key_slot(b"{bar"));
+    }
+
+    #[cfg(feature = "cluster")]
+    #[test]
+    fn one_probe_channel_per_master_in_a_slot_it_serves() {
+        let ranges = vec![
+            (0, 5460, "a:1".to_owned()),
+            (5461, 10922, "b:2".to_owned()),
+            (10923, 16383, "c:3".to_owned()),
+        ];
+        let channels = probe_channels_for("__axum_fanout:probe:n1", &ranges);
+        assert_eq!(channels.len(), 3, "{channels:?}");
+        let mut slots: Vec<u16> = channels.iter().map(|c| key_slot(c.as_bytes())).collect();
+        slots.sort_unstable();
+        assert!(slots[0] <= 5460 && (5461..=10922).contains(&slots[1]) && slots[2] >= 10923);
+        // A hash tag pins every candidate to one slot: one channel, not a search forever.
+        let pinned = probe_channels_for("{tag}probe", &ranges);
+        assert_eq!(pinned.len(), 1, "{pinned:?}");
+        // Nothing readable from CLUSTER SLOTS: still one channel to probe.
+        assert_eq!(probe_channels_for("p", &[]), ["p:0"]);
+    }
+
+    #[cfg(feature = "cluster")]
+    #[test]
+    fn cluster_slots_replies_are_read_leniently() {
+        use redis::Value;
+        let node = |host: &str, port| {
+            Value::Array(vec![
+                Value::BulkString(host.as_bytes().to_vec()),
+                Value::Int(port),
+                Value::BulkString(b"id".to_vec()),
+            ])
+        };
+        let reply = Value::Array(vec![
+            Value::Array(vec![Value::Int(0), Value::Int(100), node("10.0.0.1", 7000)]),
+            Value::Array(vec![
+                Value::Int(101),
+                Value::Int(16383),
+                node("10.0.0.2", 7001),
+            ]),
+            Value::Array(vec![Value::Nil]),
+            Value::Int(3),
+        ]);
+        assert_eq!(
+            master_slot_ranges(&reply),
+            [
+                (0, 100, "10.0.0.1:7000".to_owned()),
+                (101, 16383, "10.0.0.2:7001".to_owned())
+            ]
+        );
+        assert!(master_slot_ranges(&Value::Nil).is_empty());
     }
 }

@@ -11,7 +11,7 @@
 //! (`inbound_dropped`) instead of queueing without limit.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use redis::{PushInfo, PushKind, Value};
@@ -181,9 +181,11 @@ pub(crate) async fn publish(
 struct LinkSignals {
     /// The connection closed.
     lost: Notify,
-    /// A probe came back; `probe_seen` holds the highest token received.
+    /// A probe came back: `probe_echoes` counts the echoes of the token in `probe_token`
+    /// (one per probe channel; a cluster has one per master).
     probe_echo: Notify,
-    probe_seen: AtomicU64,
+    probe_token: AtomicU64,
+    probe_echoes: AtomicUsize,
 }
 
 /// Keeps the subscriber link up, reconciles subscriptions with the registry, probes the link,
@@ -216,19 +218,25 @@ pub(crate) async fn run_subscriber(
         };
         let connected = async {
             let mut conn = backend.connect(cfg.subscribe_timeout, on_push).await?;
-            // The probe channel first: from here on, the link can be checked end to end.
-            let probe = [node.probe_channel.clone()];
-            timeout(cfg.subscribe_timeout, conn.subscribe(&probe))
+            // The probe channels first: from here on, the link can be checked end to end.
+            let timed_out = || {
+                redis::RedisError::from(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "SUBSCRIBE not confirmed in time",
+                ))
+            };
+            let probes = timeout(
+                cfg.subscribe_timeout,
+                conn.probe_channels(&node.probe_channel),
+            )
+            .await
+            .map_err(|_| timed_out())??;
+            timeout(cfg.subscribe_timeout, conn.subscribe(&probes))
                 .await
-                .map_err(|_| {
-                    redis::RedisError::from(std::io::Error::new(
-                        std::io::ErrorKind::TimedOut,
-                        "SUBSCRIBE not confirmed in time",
-                    ))
-                })??;
-            Ok::<_, redis::RedisError>(conn)
+                .map_err(|_| timed_out())??;
+            Ok::<_, redis::RedisError>((conn, probes))
         };
-        let mut conn = match connected.await {
+        let (mut conn, probes) = match connected.await {
             Ok(conn) => conn,
             Err(e) => {
                 tracing::warn!(node = %cfg.node_id, error = %e, "subscriber cannot connect to redis; retrying");
@@ -242,6 +250,7 @@ pub(crate) async fn run_subscriber(
         let outcome = serve_link(
             &node,
             &mut conn,
+            &probes,
             &signals,
             &mut stop,
             &mut ever_up,
@@ -257,7 +266,7 @@ pub(crate) async fn run_subscriber(
                     .iter()
                     .flat_map(|r| channel::all(&node.config, r))
                     .collect();
-                channels.push(node.probe_channel.clone());
+                channels.extend(probes);
                 let _ = timeout(Duration::from_secs(1), conn.unsubscribe(&channels)).await;
                 node.registry.link_down();
                 return;
@@ -279,14 +288,16 @@ pub(crate) async fn run_subscriber(
 /// never waits: a full inbound channel drops the message and counts it.
 fn on_message(node: &Node, signals: &LinkSignals, tx: &mpsc::Sender<PushInfo>, info: PushInfo) {
     if let [Value::BulkString(channel), Value::BulkString(token)] = info.data.as_slice()
-        && channel.as_slice() == node.probe_channel.as_bytes()
+        && is_probe(&node.probe_channel, channel)
     {
-        let token = std::str::from_utf8(token)
+        let token: u64 = std::str::from_utf8(token)
             .ok()
             .and_then(|t| t.parse().ok())
             .unwrap_or(0);
-        signals.probe_seen.fetch_max(token, Ordering::AcqRel);
-        signals.probe_echo.notify_one();
+        if token == signals.probe_token.load(Ordering::Acquire) {
+            signals.probe_echoes.fetch_add(1, Ordering::AcqRel);
+            signals.probe_echo.notify_one();
+        }
         return;
     }
     if let Err(mpsc::error::TrySendError::Full(info)) = tx.try_send(info) {
@@ -297,6 +308,14 @@ fn on_message(node: &Node, signals: &LinkSignals, tx: &mpsc::Sender<PushInfo>, i
             node.note_shed(room);
         }
     }
+}
+
+/// Whether `channel` is one of this node's probe channels: `base` itself (one server), or
+/// `base:<n>` (one per master of a cluster).
+fn is_probe(base: &str, channel: &[u8]) -> bool {
+    channel
+        .strip_prefix(base.as_bytes())
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with(b":"))
 }
 
 /// A sharded subscription ended. Redis sends this unasked when the channel's hash slot moved
@@ -329,6 +348,7 @@ enum LinkEnd {
 async fn serve_link(
     node: &Node,
     conn: &mut Conn,
+    probes: &[String],
     signals: &LinkSignals,
     stop: &mut watch::Receiver<()>,
     ever_up: &mut bool,
@@ -339,7 +359,7 @@ async fn serve_link(
     probe_every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     probe_every.reset(); // the first probe one interval after connecting, not at once
     let mut token = 0u64;
-    let mut awaiting: Option<(u64, Instant)> = None;
+    let mut awaiting: Option<Instant> = None;
     loop {
         if let Err(e) = reconcile(node, conn).await {
             return LinkEnd::Lost(e);
@@ -360,31 +380,39 @@ async fn serve_link(
             );
             *ever_up = true;
         }
-        let probe_deadline = awaiting.map(|(_, deadline)| deadline);
+        let probe_deadline = awaiting;
         tokio::select! {
             _ = node.registry.changed.notified() => {}
             _ = signals.lost.notified() => return LinkEnd::Lost("connection closed".into()),
             _ = stop.changed() => return LinkEnd::Stopped,
             _ = probe_every.tick(), if awaiting.is_none() => {
                 token += 1;
-                // PUBLISH on this very connection: its echo proves the connection still
-                // receives what is published, not merely that TCP is up.
-                match timeout(cfg.probe_timeout, conn.publish(&node.probe_channel, token)).await {
-                    Ok(Ok(n)) if n >= 1 => {
-                        awaiting = Some((token, Instant::now() + cfg.probe_timeout));
+                // Armed before publishing, so no echo can arrive uncounted.
+                signals.probe_echoes.store(0, Ordering::Release);
+                signals.probe_token.store(token, Ordering::Release);
+                let deadline = Instant::now() + cfg.probe_timeout;
+                // PUBLISH on this very connection, on every probe channel (a cluster has one
+                // per master): each echo proves that the connection still receives what is
+                // published there, not merely that TCP is up.
+                for probe in probes {
+                    match timeout_at(deadline, conn.publish(probe, token)).await {
+                        Ok(Ok(n)) if n >= 1 => {}
+                        Ok(Ok(_)) => {
+                            return LinkEnd::Lost(format!(
+                                "probe channel {probe} has no subscriber: the connection lost its \
+                                 subscriptions"
+                            ));
+                        }
+                        Ok(Err(e)) => return LinkEnd::Lost(format!("probe PUBLISH failed: {e}")),
+                        Err(_) => {
+                            return LinkEnd::Lost("redis did not answer the probe in time".into());
+                        }
                     }
-                    Ok(Ok(_)) => {
-                        return LinkEnd::Lost(
-                            "probe channel has no subscriber: the connection lost its subscriptions"
-                                .into(),
-                        );
-                    }
-                    Ok(Err(e)) => return LinkEnd::Lost(format!("probe PUBLISH failed: {e}")),
-                    Err(_) => return LinkEnd::Lost("redis did not answer the probe in time".into()),
                 }
+                awaiting = Some(deadline);
             }
             _ = signals.probe_echo.notified() => {
-                if awaiting.is_some_and(|(t, _)| signals.probe_seen.load(Ordering::Acquire) >= t) {
+                if signals.probe_echoes.load(Ordering::Acquire) >= probes.len() {
                     awaiting = None;
                 }
             }

@@ -463,7 +463,9 @@ impl FanoutBuilder {
     /// How often the subscriber link is probed: the node publishes a token on its private
     /// channel (`__axum_fanout:probe:<node id>`) over the subscriber connection and expects it
     /// back. A connection that stays up at the TCP level but no longer delivers (a frozen or
-    /// wedged Redis) is then detected, dropped and replaced.
+    /// wedged Redis) is then detected, dropped and replaced. On a Redis Cluster there is one
+    /// such channel per master (`__axum_fanout:probe:<node id>:<n>`, in a slot that master
+    /// serves), and every one must come back.
     ///
     /// Defaults to 5 seconds (a stale link is detected within interval + probe timeout).
     pub fn probe_interval(mut self, every: Duration) -> Self {

@@ -7,6 +7,7 @@ mod support;
 
 use std::collections::BTreeSet;
 use std::num::NonZeroU16;
+use std::time::Duration;
 
 use axum_fanout::{FanoutLayer, RoomHandle};
 use support::*;
@@ -205,6 +206,56 @@ async fn a_room_follows_its_slot_to_another_master() {
     send_text(&mut a, "moved").await;
     assert_eq!(recv_text(&mut b, "after the move").await, "moved");
     assert_eq!(recv_text(&mut a, "after the move").await, "moved");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_master_is_caught_by_the_probe_whichever_master_it_is() {
+    // One probe channel per master: freezing any master (TCP stays up, nothing comes back)
+    // makes the node not ready, and it recovers once the master answers again.
+    let cluster = RedisCluster::start(3, 0);
+    let mut fleet = Vec::new();
+    for i in 1..=2 {
+        let layer = FanoutLayer::cluster_builder(cluster.urls())
+            .node_id(format!("f{i}"))
+            .probe_interval(Duration::from_millis(200))
+            .probe_timeout(Duration::from_millis(500))
+            .subscribe_timeout(Duration::from_secs(1))
+            .build()
+            .expect("layer");
+        let handle = layer.handle();
+        fleet.push((TestServer::start(room_app(layer)).await, handle));
+    }
+    for (_, h) in &fleet {
+        wait_until("ready", || async { h.is_ready() }).await;
+    }
+    let mut a = join(&fleet[0], "frozen").await;
+    let mut b = join(&fleet[1], "frozen").await;
+    // Each node subscribes one probe channel on each master (and nothing else there).
+    let probes = cluster.shard_channels("__axum_fanout:probe:*");
+    let masters: BTreeSet<u16> = probes.iter().map(|(port, _)| *port).collect();
+    assert_eq!(probes.len(), 6, "{probes:?}");
+    assert_eq!(masters.len(), 3, "{probes:?}");
+
+    let slot = cluster.slot_of("ws:room:frozen");
+    let frozen = cluster.master_of_slot(slot);
+    frozen.signal("STOP");
+    for (_, h) in &fleet {
+        wait_until("not ready while a master is frozen", || async {
+            !h.is_ready()
+        })
+        .await;
+    }
+    frozen.signal("CONT");
+    cluster.wait_ok();
+    for (_, h) in &fleet {
+        wait_until("ready again", || async { h.is_ready() }).await;
+    }
+    for ws in [&mut a, &mut b] {
+        assert_eq!(recv_text(ws, "loss notice").await, "missed:frozen");
+    }
+    send_text(&mut a, "thawed").await;
+    assert_eq!(recv_text(&mut b, "after the thaw").await, "thawed");
+    assert_eq!(recv_text(&mut a, "after the thaw").await, "thawed");
 }
 
 #[tokio::test]
