@@ -207,6 +207,39 @@ impl Conn {
         }
     }
 
+    /// Publishes every `(channel, payload)`, in order; returns each one's subscriber count.
+    /// On one server they go out as one pipeline (one write, one read for all of them). On a
+    /// cluster they are sent concurrently, each to the master owning its channel's slot
+    /// (a cluster pipeline must stay within one slot).
+    pub(crate) async fn publish_many(
+        &mut self,
+        commands: &[(&str, &[u8])],
+    ) -> Result<Vec<usize>, RedisError> {
+        match self {
+            Conn::Server(conn) => {
+                let mut pipe = redis::pipe();
+                for (channel, payload) in commands {
+                    pipe.cmd("PUBLISH").arg(*channel).arg(*payload);
+                }
+                pipe.query_async(conn).await
+            }
+            #[cfg(feature = "cluster")]
+            Conn::Cluster(conn) => {
+                let sends = commands.iter().map(|(channel, payload)| {
+                    let mut conn = conn.clone();
+                    async move {
+                        redis::cmd("SPUBLISH")
+                            .arg(*channel)
+                            .arg(*payload)
+                            .query_async::<usize>(&mut conn)
+                            .await
+                    }
+                });
+                futures_util::future::try_join_all(sends).await
+            }
+        }
+    }
+
     /// SUBSCRIBE (SSUBSCRIBE on a cluster, one command per hash slot); returns once Redis
     /// confirmed every channel.
     pub(crate) async fn subscribe(&mut self, channels: &[String]) -> Result<(), RedisError> {

@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use redis::{PushInfo, PushKind, Value};
-use tokio::sync::{Notify, mpsc, watch};
+use tokio::sync::{Notify, mpsc, oneshot, watch};
 use tokio::time::{Instant, timeout, timeout_at};
 
 use crate::backend::{Backend, Conn};
@@ -64,12 +64,33 @@ async fn pause(d: Duration, stop: &mut watch::Receiver<()>) -> bool {
     }
 }
 
-/// Keeps the publisher connection up.
+/// Broadcasts waiting for the publisher, at most. A caller that finds the queue full waits
+/// (within its publish timeout) rather than growing it: memory stays bounded while Redis is
+/// slow or down.
+pub(crate) const PUBLISH_QUEUE: usize = 1024;
+
+/// Most PUBLISH commands written to Redis at once, as one pipeline.
+const PUBLISH_BATCH: usize = 256;
+
+/// One broadcast on its way to Redis.
+#[derive(Debug)]
+pub(crate) struct Outgoing {
+    channel: String,
+    envelope: Vec<u8>,
+    /// The caller stops waiting then; a request still queued at its deadline is not sent, so
+    /// a caller told "timed out" never sees its message published later.
+    deadline: Instant,
+    reply: oneshot::Sender<Result<usize, Error>>,
+}
+
+/// Keeps the publisher connection up, and sends the queued broadcasts over it.
 pub(crate) async fn run_publisher(
     node: Arc<Node>,
     backend: Backend,
+    outgoing: mpsc::Receiver<Outgoing>,
     mut stop: watch::Receiver<()>,
 ) {
+    tokio::spawn(send_loop(node.clone(), outgoing, stop.clone()));
     let cfg = &node.config;
     let mut backoff = Backoff::new(cfg.backoff_min, cfg.backoff_max);
     loop {
@@ -109,6 +130,88 @@ pub(crate) async fn run_publisher(
     }
 }
 
+/// Writes queued broadcasts to Redis: everything queued (up to [`PUBLISH_BATCH`]) goes out as
+/// one pipeline, so under load many PUBLISH commands share one write on our side and one read
+/// and one wake-up on Redis's.
+///
+/// Why: redis-rs writes every command of a multiplexed connection with its own `writev`, and
+/// on loopback each one also pays for Redis's receive path and wake-up. Profiled at 1M
+/// deliveries/s that was 12 % of a node's CPU. Batching cut node CPU by 5 %, Redis's by 22 % and
+/// the benchmark's latency p99 from 23 to 14 ms (see the commit).
+///
+/// A lone broadcast goes out at once; the only wait is one `yield_now`, so that broadcasts
+/// made ready by the same wake-up join the batch. One pipeline is in flight at a time, so a
+/// connection's commands keep their order.
+async fn send_loop(
+    node: Arc<Node>,
+    mut outgoing: mpsc::Receiver<Outgoing>,
+    mut stop: watch::Receiver<()>,
+) {
+    let mut batch = Vec::with_capacity(PUBLISH_BATCH);
+    let mut conns = node.publisher.subscribe();
+    loop {
+        let received = tokio::select! {
+            n = outgoing.recv_many(&mut batch, PUBLISH_BATCH) => n,
+            _ = stop.changed() => return,
+        };
+        if received == 0 {
+            return; // every sender (the node) is gone
+        }
+        // Let the tasks that are ready to run (other sockets whose frames arrived in the same
+        // wake-up) queue their broadcasts too: one yield, microseconds, and the batch then
+        // holds what arrived together instead of only the first of it.
+        tokio::task::yield_now().await;
+        while batch.len() < PUBLISH_BATCH {
+            match outgoing.try_recv() {
+                Ok(o) => batch.push(o),
+                Err(_) => break,
+            }
+        }
+        let now = Instant::now();
+        batch.retain(|o: &Outgoing| o.deadline > now && !o.reply.is_closed());
+        let Some(deadline) = batch.iter().map(|o| o.deadline).max() else {
+            continue;
+        };
+        // The connection as it is now (a reconnect replaces it), waiting for one while Redis
+        // is down; the callers give up at their own deadlines.
+        let conn = tokio::select! {
+            conn = timeout_at(deadline, conns.wait_for(Option::is_some)) => match conn {
+                Ok(Ok(conn)) => conn.clone(),
+                Ok(Err(_)) => return, // the node is gone
+                Err(_) => None,
+            },
+            _ = stop.changed() => return,
+        };
+        let Some(mut conn) = conn else {
+            batch.clear();
+            continue;
+        };
+        let now = Instant::now();
+        batch.retain(|o: &Outgoing| o.deadline > now);
+        let commands: Vec<(&str, &[u8])> = batch
+            .iter()
+            .map(|o| (o.channel.as_str(), o.envelope.as_slice()))
+            .collect();
+        match timeout_at(deadline, conn.publish_many(&commands)).await {
+            Ok(Ok(counts)) => {
+                for (o, n) in batch.drain(..).zip(counts) {
+                    let _ = o.reply.send(Ok(n));
+                }
+            }
+            Ok(Err(e)) => {
+                let e = e.to_string();
+                for o in batch.drain(..) {
+                    let _ = o.reply.send(Err(Error::with(Kind::Redis, e.clone())));
+                }
+            }
+            // Each caller has given up by now (its deadline is at most this one).
+            Err(_) => {}
+        }
+        // Dropping a reply unsent tells its caller the broadcast timed out.
+        batch.clear();
+    }
+}
+
 /// Publishes one envelope; returns the number of nodes subscribed to the room's channel.
 pub(crate) async fn publish(
     node: &Node,
@@ -135,32 +238,34 @@ pub(crate) async fn publish(
         ));
     }
     let deadline = Instant::now() + cfg.publish_timeout;
-    let result = async {
-        let mut rx = node.publisher.subscribe();
-        let mut conn = match timeout_at(deadline, rx.wait_for(Option::is_some)).await {
-            Ok(Ok(conn)) => conn.clone().ok_or_else(|| Error::new(Kind::Closed))?,
-            Ok(Err(_)) => return Err(Error::new(Kind::Closed)),
-            Err(_) => {
-                return Err(Error::with(
-                    Kind::Timeout,
-                    "no connection to redis (it is down or unreachable)",
-                ));
-            }
+    let (reply, replied) = oneshot::channel();
+    let request = Outgoing {
+        channel: channel::for_sender(&node.config, room, sender),
+        envelope,
+        deadline,
+        reply,
+    };
+    let timed_out = || {
+        let why = if node.publisher.borrow().is_none() {
+            "no connection to redis (it is down or unreachable)".to_owned()
+        } else {
+            format!(
+                "redis did not reply to {} in time",
+                backend.publish_command()
+            )
         };
-        let channel = channel::for_sender(&node.config, room, sender);
-        match timeout_at(deadline, conn.publish(&channel, envelope)).await {
-            Ok(Ok(receivers)) => Ok(receivers),
-            Ok(Err(e)) => Err(Error::with(Kind::Redis, e)),
-            Err(_) => Err(Error::with(
-                Kind::Timeout,
-                format!(
-                    "redis did not reply to {} in time",
-                    backend.publish_command()
-                ),
-            )),
-        }
-    }
-    .await;
+        Error::with(Kind::Timeout, why)
+    };
+    let result = match timeout_at(deadline, node.outgoing.send(request)).await {
+        Ok(Ok(())) => match timeout_at(deadline, replied).await {
+            Ok(Ok(result)) => result,
+            // Dropped unsent: its deadline passed while it was queued.
+            Ok(Err(_)) | Err(_) => Err(timed_out()),
+        },
+        // The publisher task is gone: the node is stopping.
+        Ok(Err(_)) => Err(Error::new(Kind::Closed)),
+        Err(_) => Err(timed_out()),
+    };
     match &result {
         Ok(_) => node.counters.published.add(1),
         Err(e) => {

@@ -8,7 +8,7 @@ use std::time::{Duration, SystemTime};
 use axum::body::Bytes;
 use axum::extract::ws::Message;
 
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 
 use crate::bus;
 use crate::config::{Config, OverflowPolicy};
@@ -26,6 +26,8 @@ pub(crate) struct Node {
     pub(crate) ready: AtomicBool,
     /// The publisher connection when there is one; broadcasts wait (bounded) for `Some`.
     pub(crate) publisher: watch::Sender<Option<crate::backend::Conn>>,
+    /// Broadcasts on their way to the publisher task (bounded: see `bus::PUBLISH_QUEUE`).
+    pub(crate) outgoing: mpsc::Sender<bus::Outgoing>,
     /// This node's private channel for link probes, outside the room prefix so that
     /// `PUBSUB CHANNELS <prefix>*` lists rooms only.
     pub(crate) probe_channel: String,
@@ -63,18 +65,23 @@ impl Node {
 #[derive(Debug)]
 pub(crate) struct Shared {
     pub(crate) node: Arc<Node>,
+    /// The publisher task's end of `Node::outgoing`, until `start` hands it over.
+    outgoing: Mutex<Option<mpsc::Receiver<bus::Outgoing>>>,
     stop: watch::Sender<()>,
     started: AtomicBool,
 }
 
 impl Shared {
     pub(crate) fn new(config: Config) -> Arc<Self> {
+        let (outgoing, outgoing_rx) = mpsc::channel(bus::PUBLISH_QUEUE);
         let shared = Arc::new(Self {
+            outgoing: Mutex::new(Some(outgoing_rx)),
             node: Arc::new(Node {
                 registry: Registry::default(),
                 counters: Counters::default(),
                 ready: AtomicBool::new(false),
                 publisher: watch::Sender::new(None),
+                outgoing,
                 probe_channel: format!("__axum_fanout:probe:{}", config.node_id),
                 shed: Mutex::new(HashMap::new()),
                 config,
@@ -111,9 +118,18 @@ impl Shared {
             client.clone(),
             self.stop.subscribe(),
         ));
+        let Some(outgoing) = self
+            .outgoing
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+        else {
+            return; // `started` is set once, so this runs once: the receiver is still here
+        };
         runtime.spawn(bus::run_publisher(
             self.node.clone(),
             client,
+            outgoing,
             self.stop.subscribe(),
         ));
     }

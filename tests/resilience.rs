@@ -326,6 +326,14 @@ async fn publishing_while_redis_is_down_fails_within_the_publish_timeout() {
         "bounded by the 500 ms publish timeout: {took:?}"
     );
     assert_eq!(handle.stats().publish_errors, 50);
+
+    // A caller told "timed out" never sees its message published later: once Redis is back,
+    // the first message the room sees is a new one, not one of the 50.
+    redis.restart();
+    all_ready(&nodes, true).await;
+    let mut ws = join(&nodes[0], "down").await;
+    handle.broadcast("down", "after").await.expect("publish");
+    assert_eq!(recv_text(&mut ws, "the first message after").await, "after");
 }
 
 #[tokio::test]
