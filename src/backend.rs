@@ -226,14 +226,8 @@ impl Conn {
             #[cfg(feature = "cluster")]
             Conn::Cluster(conn) => {
                 let sends = commands.iter().map(|(channel, payload)| {
-                    let mut conn = conn.clone();
-                    async move {
-                        redis::cmd("SPUBLISH")
-                            .arg(*channel)
-                            .arg(*payload)
-                            .query_async::<usize>(&mut conn)
-                            .await
-                    }
+                    let mut conn = Conn::Cluster(conn.clone());
+                    async move { conn.publish(channel, *payload).await }
                 });
                 futures_util::future::try_join_all(sends).await
             }

@@ -9,17 +9,21 @@ use std::collections::BTreeSet;
 use std::num::NonZeroU16;
 use std::time::Duration;
 
-use axum_fanout::{FanoutLayer, RoomHandle};
+use axum_fanout::{FanoutBuilder, FanoutLayer, RoomHandle};
 use support::*;
 
-async fn nodes(cluster: &RedisCluster, n: usize, shards: u16) -> Vec<(TestServer, RoomHandle)> {
+/// `n` nodes on the cluster, each built with `configure`, once all are ready.
+async fn nodes(
+    cluster: &RedisCluster,
+    n: usize,
+    configure: impl Fn(FanoutBuilder) -> FanoutBuilder,
+) -> Vec<(TestServer, RoomHandle)> {
     let mut nodes = Vec::new();
     for i in 1..=n {
-        let layer = FanoutLayer::cluster_builder(cluster.urls())
-            .node_id(format!("k{i}"))
-            .shard_count(NonZeroU16::new(shards).expect("non-zero"))
-            .build()
-            .expect("layer");
+        let layer =
+            configure(FanoutLayer::cluster_builder(cluster.urls()).node_id(format!("k{i}")))
+                .build()
+                .expect("layer");
         let handle = layer.handle();
         nodes.push((TestServer::start(room_app(layer)).await, handle));
     }
@@ -38,7 +42,7 @@ async fn join(node: &(TestServer, RoomHandle), room: &str) -> Ws {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn messages_cross_nodes_through_sharded_pubsub() {
     let cluster = RedisCluster::start(3, 0);
-    let fleet = nodes(&cluster, 2, 1).await;
+    let fleet = nodes(&cluster, 2, |b| b).await;
     let mut a = join(&fleet[0], "lobby").await;
     let mut b = join(&fleet[1], "lobby").await;
 
@@ -84,7 +88,10 @@ async fn messages_cross_nodes_through_sharded_pubsub() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hot_rooms_shards_spread_over_the_masters() {
     let cluster = RedisCluster::start(3, 0);
-    let fleet = nodes(&cluster, 2, 16).await;
+    let fleet = nodes(&cluster, 2, |b| {
+        b.shard_count(NonZeroU16::new(16).expect("non-zero"))
+    })
+    .await;
     let mut listeners = Vec::new();
     for node in &fleet {
         listeners.push(join(node, "hot").await);
@@ -138,7 +145,7 @@ async fn a_hot_rooms_shards_spread_over_the_masters() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn delivery_resumes_after_a_master_fails_over_to_its_replica() {
     let mut cluster = RedisCluster::start(3, 1);
-    let fleet = nodes(&cluster, 2, 1).await;
+    let fleet = nodes(&cluster, 2, |b| b).await;
     let mut a = join(&fleet[0], "failover").await;
     let mut b = join(&fleet[1], "failover").await;
     send_text(&mut a, "before").await;
@@ -177,7 +184,7 @@ async fn delivery_resumes_after_a_master_fails_over_to_its_replica() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_room_follows_its_slot_to_another_master() {
     let cluster = RedisCluster::start(3, 0);
-    let fleet = nodes(&cluster, 2, 1).await;
+    let fleet = nodes(&cluster, 2, |b| b).await;
     let mut a = join(&fleet[0], "moving").await;
     let mut b = join(&fleet[1], "moving").await;
 
@@ -213,21 +220,12 @@ async fn a_frozen_master_is_caught_by_the_probe_whichever_master_it_is() {
     // One probe channel per master: freezing any master (TCP stays up, nothing comes back)
     // makes the node not ready, and it recovers once the master answers again.
     let cluster = RedisCluster::start(3, 0);
-    let mut fleet = Vec::new();
-    for i in 1..=2 {
-        let layer = FanoutLayer::cluster_builder(cluster.urls())
-            .node_id(format!("f{i}"))
-            .probe_interval(Duration::from_millis(200))
+    let fleet = nodes(&cluster, 2, |b| {
+        b.probe_interval(Duration::from_millis(200))
             .probe_timeout(Duration::from_millis(500))
             .subscribe_timeout(Duration::from_secs(1))
-            .build()
-            .expect("layer");
-        let handle = layer.handle();
-        fleet.push((TestServer::start(room_app(layer)).await, handle));
-    }
-    for (_, h) in &fleet {
-        wait_until("ready", || async { h.is_ready() }).await;
-    }
+    })
+    .await;
     let mut a = join(&fleet[0], "frozen").await;
     let mut b = join(&fleet[1], "frozen").await;
     // Each node subscribes one probe channel on each master (and nothing else there).

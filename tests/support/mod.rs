@@ -628,22 +628,21 @@ impl RedisCluster {
 
     /// The ports of the running masters.
     pub fn master_ports(&self) -> Vec<u16> {
-        let live = self
-            .nodes
+        self.masters_seen_by(self.live())
+    }
+
+    /// Some running node, to ask about the cluster.
+    fn live(&self) -> &RedisServer {
+        self.nodes
             .iter()
             .find(|n| n.is_running())
-            .expect("a running node");
-        self.masters_seen_by(live)
+            .expect("a running node")
     }
 
     /// `CLUSTER KEYSLOT key`, computed by the cluster itself.
     pub fn slot_of(&self, key: &str) -> u16 {
-        let live = self
-            .nodes
-            .iter()
-            .find(|n| n.is_running())
-            .expect("a running node");
-        live.cli(&["CLUSTER", "KEYSLOT", key])
+        self.live()
+            .cli(&["CLUSTER", "KEYSLOT", key])
             .trim()
             .parse()
             .expect("a slot number")
