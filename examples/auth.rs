@@ -24,7 +24,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use axum::Router;
-use axum::extract::ws::{Message, WebSocketUpgrade};
+use axum::extract::ws::{Message, WebSocketUpgrade, close_code};
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -107,26 +107,31 @@ async fn ws(
         .get("room")
         .cloned()
         .unwrap_or_else(|| "general".into());
-    rooms
-        .clone()
-        .on_upgrade(upgrade, move |mut socket| async move {
-            // 2. Authorize the room before joining it.
-            if !user.may_use(&room) {
-                return socket.close(1008, &format!("{} may not join room {room:?}", user.name));
-            }
-            if let Err(e) = socket.join(&room).await {
-                return socket.close(
-                    if e.is_invalid_room() { 1008 } else { 1011 },
-                    &e.to_string(),
-                );
-            }
-            while let Some(Ok(Message::Text(text))) = socket.recv().await {
-                let Ok(payload) = Payload::raw_json(text.as_str()) else {
-                    return socket.close(1007, "frame is not valid JSON");
-                };
-                let _ = rooms.broadcast(&room, payload).sender(socket.id()).await;
-            }
-        })
+    rooms.on_upgrade(upgrade, move |mut socket| async move {
+        // 2. Authorize the room before joining it.
+        if !user.may_use(&room) {
+            return socket.close(
+                close_code::POLICY,
+                &format!("{} may not join room {room:?}", user.name),
+            );
+        }
+        if let Err(e) = socket.join(&room).await {
+            return socket.close(
+                if e.is_invalid_room() {
+                    close_code::POLICY
+                } else {
+                    close_code::ERROR
+                },
+                &e.to_string(),
+            );
+        }
+        while let Some(Ok(Message::Text(text))) = socket.recv().await {
+            let Ok(payload) = Payload::raw_json(text.as_str()) else {
+                return socket.close(close_code::INVALID, "frame is not valid JSON");
+            };
+            let _ = socket.broadcast(&room, payload).await;
+        }
+    })
 }
 
 async fn push(

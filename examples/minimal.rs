@@ -8,25 +8,32 @@
 
 use axum::Router;
 use axum::extract::Path;
-use axum::extract::ws::{Message, WebSocketUpgrade};
+use axum::extract::ws::{Message, WebSocketUpgrade, close_code};
 use axum::response::Response;
 use axum::routing::{get, post};
-use axum_fanout::{FanoutLayer, RoomHandle};
+use axum_fanout::{FanoutLayer, Payload, RoomHandle};
 
 async fn ws_handler(Path(room): Path<String>, ws: WebSocketUpgrade, rooms: RoomHandle) -> Response {
-    rooms.clone().on_upgrade(ws, move |mut socket| async move {
+    rooms.on_upgrade(ws, |mut socket| async move {
         if let Err(e) = socket.join(&room).await {
-            return socket.close(1011, &e.to_string());
+            return socket.close(close_code::ERROR, &e.to_string());
         }
         while let Some(Ok(Message::Text(text))) = socket.recv().await {
+            // JSON travels as the envelope's `payload`, which seed (Node.js) nodes deliver too.
+            let Ok(payload) = Payload::raw_json(text.as_str()) else {
+                return socket.close(close_code::INVALID, "send one JSON value per frame");
+            };
             // Goes through Redis: every socket in `room`, on every node, gets it once.
-            let _ = rooms.broadcast(&room, text.as_str()).await;
+            let _ = socket.broadcast(&room, payload).await;
         }
     })
 }
 
 async fn http_push(Path(room): Path<String>, rooms: RoomHandle, body: String) -> String {
-    match rooms.broadcast(&room, body).await {
+    let Ok(payload) = Payload::raw_json(body) else {
+        return "not sent: the body must be one JSON value\n".to_owned();
+    };
+    match rooms.broadcast(&room, payload).await {
         Ok(nodes) => format!("sent to {nodes} node(s)\n"),
         Err(e) => format!("not sent: {e}\n"),
     }

@@ -8,8 +8,8 @@ use std::collections::HashMap;
 use std::num::{NonZeroU16, NonZeroU32, NonZeroUsize};
 use std::time::Duration;
 
-use crate::error::{Error, Kind};
-use crate::layer::FanoutLayer;
+#[cfg(doc)]
+use crate::error::Error;
 
 /// What to do when a socket's send queue is full (the client reads slower than its rooms talk).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -27,11 +27,28 @@ pub enum OverflowPolicy {
     DropNewest,
 }
 
+/// Where the node connects: the Redis deployment and what TLS trusts. Plain values; the
+/// backend (`bus::backend`) parses and checks them when the layer is built, and its `Debug`
+/// (there too, beside the URL parsing) never shows a password.
+#[derive(Clone)]
+pub(crate) struct Connect {
+    pub(crate) target: Target,
+    /// PEM root certificate(s) to trust instead of the system's store, for `rediss://`.
+    #[cfg(feature = "tls")]
+    pub(crate) tls_root_certificate: Option<Vec<u8>>,
+}
+
+/// One Redis server, or the seed nodes of a Redis Cluster.
+#[derive(Clone)]
+pub(crate) enum Target {
+    Server(String),
+    #[cfg(feature = "cluster")]
+    Cluster(Vec<String>),
+}
+
 /// The settings the running node reads; built by [`FanoutBuilder`].
 #[derive(Debug, Clone)]
 pub(crate) struct Config {
-    /// Where to connect; `None` when the URL was invalid (the node then never connects).
-    pub(crate) redis: Option<crate::backend::Backend>,
     pub(crate) node_id: String,
     pub(crate) channel_prefix: String,
     pub(crate) shard_count: NonZeroU16,
@@ -47,7 +64,7 @@ pub(crate) struct Config {
     pub(crate) flush_interval: Duration,
     pub(crate) read_buffer_size: usize,
     pub(crate) write_buffer_size: usize,
-    pub(crate) max_message_size: usize,
+    pub(crate) max_message_size: NonZeroUsize,
     pub(crate) publish_timeout: Duration,
     pub(crate) subscribe_timeout: Duration,
     pub(crate) backoff_min: Duration,
@@ -55,7 +72,7 @@ pub(crate) struct Config {
     pub(crate) inbound_capacity: NonZeroUsize,
     pub(crate) probe_interval: Duration,
     pub(crate) max_connections: NonZeroUsize,
-    pub(crate) max_envelope_bytes: usize,
+    pub(crate) max_envelope_bytes: NonZeroUsize,
     pub(crate) max_rooms_per_socket: NonZeroUsize,
     pub(crate) messages_per_second: NonZeroU32,
     pub(crate) message_burst: NonZeroU32,
@@ -78,9 +95,10 @@ impl Config {
     }
 }
 
-/// Builds a [`FanoutLayer`] with non-default settings.
+/// Builds a [`FanoutLayer`](crate::FanoutLayer) with non-default settings.
 ///
 /// ```
+/// use std::num::NonZeroUsize;
 /// use std::time::Duration;
 /// use axum_fanout::{FanoutLayer, OverflowPolicy};
 ///
@@ -88,7 +106,7 @@ impl Config {
 /// let layer = FanoutLayer::builder("redis://127.0.0.1:6379")
 ///     .node_id("eu-west-1a")
 ///     .channel_prefix("chat:room:")
-///     .queue_bytes(256 * 1024)
+///     .queue_bytes(NonZeroUsize::new(256 * 1024).unwrap())
 ///     .overflow(OverflowPolicy::DropOldest)
 ///     .publish_timeout(Duration::from_secs(1))
 ///     .build()?;
@@ -109,58 +127,10 @@ impl Config {
 ///
 /// With the `cluster` cargo feature, `FanoutLayer::cluster_builder(nodes)` starts the same
 /// builder for a Redis Cluster (sharded pub/sub); every setting here applies unchanged.
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub struct FanoutBuilder {
-    url: String,
-    /// Seed node URLs of a Redis Cluster; `url` is unused when set.
-    #[cfg(feature = "cluster")]
-    cluster_nodes: Option<Vec<String>>,
+    connect: Connect,
     config: Config,
-    /// PEM root certificate(s) to trust instead of the system's store, for `rediss://`.
-    #[cfg(feature = "tls")]
-    tls_root_certificate: Option<Vec<u8>>,
-}
-
-impl std::fmt::Debug for FanoutBuilder {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let mut d = f.debug_struct("FanoutBuilder");
-        d.field("url", &redacted_url(&self.url));
-        #[cfg(feature = "cluster")]
-        d.field(
-            "cluster_nodes",
-            &self
-                .cluster_nodes
-                .as_ref()
-                .map(|nodes| nodes.iter().map(|n| redacted_url(n)).collect::<Vec<_>>()),
-        );
-        d.field("config", &self.config);
-        #[cfg(feature = "tls")]
-        d.field(
-            "tls_root_certificate",
-            &self.tls_root_certificate.as_ref().map(Vec::len),
-        );
-        d.finish()
-    }
-}
-
-/// `url` with its password (everything between `://` and the last `@` after the user name)
-/// replaced by `***`, for logs and `Debug`.
-pub(crate) fn redacted_url(url: &str) -> std::borrow::Cow<'_, str> {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.into();
-    };
-    let Some(at) = rest.rfind('@') else {
-        return url.into();
-    };
-    let user = rest[..at].split_once(':').map_or("", |(user, _)| user);
-    format!("{scheme}://{user}:***@{}", &rest[at + 1..]).into()
-}
-
-/// `rediss://` or `valkeys://`: redis-rs connects over TLS.
-fn is_tls_url(url: &str) -> bool {
-    url.split_once("://").is_some_and(|(scheme, _)| {
-        scheme.eq_ignore_ascii_case("rediss") || scheme.eq_ignore_ascii_case("valkeys")
-    })
 }
 
 // `NonZeroUsize::new(literal)` in a const: every literal passed below is non-zero.
@@ -180,14 +150,27 @@ const fn nz32(n: u32) -> NonZeroU32 {
 
 impl FanoutBuilder {
     pub(crate) fn new(url: impl Into<String>) -> Self {
+        Self::with_target(Target::Server(url.into()))
+    }
+
+    /// A cluster builder: the layer uses Redis Cluster's sharded pub/sub.
+    #[cfg(feature = "cluster")]
+    pub(crate) fn new_cluster<I>(nodes: I) -> Self
+    where
+        I: IntoIterator,
+        I::Item: Into<String>,
+    {
+        Self::with_target(Target::Cluster(nodes.into_iter().map(Into::into).collect()))
+    }
+
+    fn with_target(target: Target) -> Self {
         Self {
-            url: url.into(),
-            #[cfg(feature = "cluster")]
-            cluster_nodes: None,
-            #[cfg(feature = "tls")]
-            tls_root_certificate: None,
+            connect: Connect {
+                target,
+                #[cfg(feature = "tls")]
+                tls_root_certificate: None,
+            },
             config: Config {
-                redis: None,
                 node_id: random_node_id(),
                 channel_prefix: "ws:room:".to_owned(),
                 shard_count: NonZeroU16::MIN,
@@ -205,7 +188,7 @@ impl FanoutBuilder {
                 flush_interval: Duration::from_millis(4),
                 read_buffer_size: 2 * 1024,
                 write_buffer_size: 16 * 1024,
-                max_message_size: 64 * 1024,
+                max_message_size: nz(64 * 1024),
                 publish_timeout: Duration::from_secs(2),
                 subscribe_timeout: Duration::from_secs(5),
                 backoff_min: Duration::from_millis(50),
@@ -213,7 +196,7 @@ impl FanoutBuilder {
                 inbound_capacity: nz(16 * 1024),
                 probe_interval: Duration::from_secs(5),
                 max_connections: nz(100_000),
-                max_envelope_bytes: 1024 * 1024,
+                max_envelope_bytes: nz(1024 * 1024),
                 max_rooms_per_socket: nz(100),
                 // A ceiling against floods, not a chat etiquette: lower it for human chat.
                 messages_per_second: nz32(1000),
@@ -276,9 +259,9 @@ impl FanoutBuilder {
     /// Most payload bytes queued for one socket (queued plus handed to the writer, not yet
     /// flushed). A single frame larger than this is still accepted into an empty queue.
     ///
-    /// Defaults to 1 MiB. Zero is treated as one byte.
-    pub fn queue_bytes(mut self, bytes: usize) -> Self {
-        self.config.queue_bytes = NonZeroUsize::new(bytes).unwrap_or(NonZeroUsize::MIN);
+    /// Defaults to 1 MiB.
+    pub fn queue_bytes(mut self, bytes: NonZeroUsize) -> Self {
+        self.config.queue_bytes = bytes;
         self
     }
 
@@ -316,8 +299,8 @@ impl FanoutBuilder {
     /// carries many frames: one syscall for many frames instead of one each, which is most of
     /// a busy node's CPU. Zero writes as soon as the writer wakes, always.
     ///
-    /// Defaults to 4 ms (measured here: 3.4x the sweep ceiling of 0 ms, at a third of the CPU
-    /// per delivery).
+    /// Defaults to 4 ms: long enough that a busy socket's write carries tens of frames, short
+    /// enough to stay well under what a person notices.
     pub fn flush_interval(mut self, interval: Duration) -> Self {
         self.config.flush_interval = interval;
         self
@@ -353,7 +336,7 @@ impl FanoutBuilder {
     /// Largest client message (and frame) accepted; a larger one closes the socket with 1009.
     ///
     /// Defaults to 64 KiB (axum's default is 64 MiB).
-    pub fn max_message_size(mut self, bytes: usize) -> Self {
+    pub fn max_message_size(mut self, bytes: NonZeroUsize) -> Self {
         self.config.max_message_size = bytes;
         self
     }
@@ -408,7 +391,7 @@ impl FanoutBuilder {
     /// publisher) is counted as malformed and dropped before it is parsed.
     ///
     /// Defaults to 1 MiB.
-    pub fn max_envelope_bytes(mut self, bytes: usize) -> Self {
+    pub fn max_envelope_bytes(mut self, bytes: NonZeroUsize) -> Self {
         self.config.max_envelope_bytes = bytes;
         self
     }
@@ -510,167 +493,19 @@ impl FanoutBuilder {
     #[cfg(feature = "tls")]
     #[cfg_attr(docsrs, doc(cfg(feature = "tls")))]
     pub fn tls_root_certificate(mut self, pem: Vec<u8>) -> Self {
-        self.tls_root_certificate = Some(pem);
+        self.connect.tls_root_certificate = Some(pem);
         self
     }
 
-    /// Builds the layer. Fails with [`Error::is_invalid_url`] when the Redis URL cannot be
-    /// parsed, is `rediss://` without the `tls` feature, or asks for an unverified TLS
-    /// connection (`#insecure`); an unreachable Redis, or a wrong password, is not an error
-    /// here (the node connects in the background, and stays not ready until it succeeds).
-    pub fn build(self) -> Result<FanoutLayer, Error> {
-        let backend = self.backend()?;
-        let mut config = self.config;
-        config.redis = Some(backend);
-        Ok(FanoutLayer::from_config(config))
-    }
-
-    fn backend(&self) -> Result<crate::backend::Backend, Error> {
-        #[cfg(feature = "cluster")]
-        if let Some(nodes) = &self.cluster_nodes {
-            return self
-                .cluster_client(nodes)
-                .map(crate::backend::Backend::Cluster);
-        }
-        self.redis_client(&self.url)
-            .map(crate::backend::Backend::Server)
-    }
-
-    /// A cluster builder: the layer uses Redis Cluster's sharded pub/sub.
-    #[cfg(feature = "cluster")]
-    pub(crate) fn new_cluster<I>(nodes: I) -> Self
-    where
-        I: IntoIterator,
-        I::Item: Into<String>,
-    {
-        let mut builder = Self::new(String::new());
-        builder.cluster_nodes = Some(nodes.into_iter().map(Into::into).collect());
-        builder
-    }
-
-    /// The cluster client for `nodes`: every URL checked as for a single server (scheme, TLS
-    /// feature, `#insecure`), then one client speaking RESP3 (its pushes carry the messages)
-    /// with the same TCP settings as a single server's connections.
-    #[cfg(feature = "cluster")]
-    fn cluster_client(&self, nodes: &[String]) -> Result<redis::cluster::ClusterClient, Error> {
-        let invalid = |message: String| Error::with(Kind::InvalidUrl, message);
-        if nodes.is_empty() {
-            return Err(invalid(
-                "FanoutLayer::cluster needs at least one node url, e.g. redis://127.0.0.1:7000"
-                    .to_owned(),
-            ));
-        }
-        let mut infos = Vec::with_capacity(nodes.len());
-        for url in nodes {
-            let client = self.redis_client(url)?;
-            infos.push(client.get_connection_info().clone());
-        }
-        let builder = redis::cluster::ClusterClientBuilder::new(infos)
-            .use_protocol(redis::ProtocolVersion::RESP3)
-            .tcp_settings(crate::backend::tcp_settings());
-        #[cfg(feature = "tls")]
-        let builder = match &self.tls_root_certificate {
-            Some(pem) => builder.certs(redis::TlsCertificates {
-                client_tls: None,
-                root_cert: Some(pem.clone()),
-            }),
-            None => builder,
-        };
-        builder
-            .build()
-            .map_err(|e| invalid(format!("redis cluster: {e}")))
-    }
-
-    fn redis_client(&self, url: &str) -> Result<redis::Client, Error> {
-        let invalid = |message: String| Error::with(Kind::InvalidUrl, message);
-        if is_tls_url(url) && !cfg!(feature = "tls") {
-            return Err(invalid(format!(
-                "a rediss:// (TLS) url needs the `tls` feature of axum-fanout: \
-                 axum-fanout = {{ version = \"{}\", features = [\"tls\"] }}",
-                env!("CARGO_PKG_VERSION")
-            )));
-        }
-        let client = redis::Client::open(url)
-            .map_err(|e| invalid(format!("{e} (expected e.g. redis://127.0.0.1:6379)")))?;
-        #[cfg(feature = "tls")]
-        let client = self.with_tls(client)?;
-        crate::backend::resp3(&client)
-            .map_err(|e| invalid(format!("{e} (expected e.g. redis://127.0.0.1:6379)")))
-    }
-
-    /// For a `rediss://` client: refuses `#insecure`, makes sure rustls has a crypto provider,
-    /// and attaches the root certificate if one was given.
-    #[cfg(feature = "tls")]
-    fn with_tls(&self, client: redis::Client) -> Result<redis::Client, Error> {
-        let invalid = |message: String| Error::with(Kind::InvalidUrl, message);
-        let redis::ConnectionAddr::TcpTls { insecure, .. } = client.get_connection_info().addr()
-        else {
-            return match self.tls_root_certificate {
-                Some(_) => Err(invalid(
-                    "tls_root_certificate is set but the url is not rediss://".to_owned(),
-                )),
-                None => Ok(client),
-            };
-        };
-        if *insecure {
-            return Err(invalid(
-                "rediss://..#insecure (no certificate verification) is not supported; trust the \
-                 server's CA with FanoutBuilder::tls_root_certificate instead"
-                    .to_owned(),
-            ));
-        }
-        crate::backend::ensure_crypto_provider();
-        let Some(pem) = &self.tls_root_certificate else {
-            return Ok(client);
-        };
-        if !pem
-            .windows(b"-----BEGIN CERTIFICATE-----".len())
-            .any(|w| w == b"-----BEGIN CERTIFICATE-----")
-        {
-            return Err(invalid(
-                "tls_root_certificate holds no PEM certificate \
-                 (-----BEGIN CERTIFICATE-----)"
-                    .to_owned(),
-            ));
-        }
-        let certificates = redis::TlsCertificates {
-            client_tls: None,
-            root_cert: Some(pem.clone()),
-        };
-        redis::Client::build_with_tls(client.get_connection_info().clone(), certificates)
-            .map_err(|e| invalid(format!("tls_root_certificate: {e}")))
+    /// The settings as they are: the layer builds the backend and the node from them.
+    pub(crate) fn into_parts(self) -> (Connect, Config) {
+        (self.connect, self.config)
     }
 
     /// The settings as they are, without a Redis client (unit tests of the writer and queue).
     #[cfg(test)]
     pub(crate) fn into_config_for_tests(self) -> Config {
         self.config
-    }
-
-    /// The URL (or cluster node URLs) without passwords, for logs.
-    fn redacted_target(&self) -> String {
-        #[cfg(feature = "cluster")]
-        if let Some(nodes) = &self.cluster_nodes {
-            let nodes: Vec<_> = nodes.iter().map(|n| redacted_url(n)).collect();
-            return nodes.join(",");
-        }
-        redacted_url(&self.url).into_owned()
-    }
-
-    /// Builds the layer even when the URL is invalid: the node then never becomes ready and
-    /// every join and broadcast fails with [`Error::is_invalid_url`]; the error is logged.
-    pub(crate) fn build_lenient(self) -> FanoutLayer {
-        let url = self.redacted_target();
-        let fallback = self.config.clone();
-        self.build().unwrap_or_else(|e| {
-            tracing::error!(
-                url = %url,
-                error = %e,
-                cause = ?std::error::Error::source(&e).map(ToString::to_string),
-                "axum-fanout: invalid redis url; this node will never be ready (use FanoutLayer::try_new to catch this at start-up)"
-            );
-            FanoutLayer::from_config(fallback)
-        })
     }
 }
 
@@ -697,46 +532,5 @@ mod tests {
     fn node_ids_differ() {
         assert_ne!(random_node_id(), random_node_id());
         assert_eq!(random_node_id().len(), 16);
-    }
-
-    #[test]
-    fn passwords_are_redacted() {
-        for (url, shown) in [
-            ("redis://127.0.0.1:6379", "redis://127.0.0.1:6379"),
-            ("redis://:pw@h:1/0", "redis://:***@h:1/0"),
-            ("redis://alice:pw@h:1", "redis://alice:***@h:1"),
-            ("rediss://alice:p@s/s#w@h:1", "rediss://alice:***@h:1"),
-            ("redis://alice@h", "redis://:***@h"),
-            ("not a url @ all", "not a url @ all"),
-        ] {
-            assert_eq!(redacted_url(url), shown, "{url}");
-        }
-        let builder = FanoutBuilder::new("redis://alice:hunter2@127.0.0.1:1");
-        let debug = format!("{builder:?}");
-        assert!(!debug.contains("hunter2"), "{debug}");
-        let layer = builder.build().expect("valid url");
-        assert!(!format!("{layer:?}").contains("hunter2"));
-    }
-
-    #[test]
-    #[cfg(not(feature = "tls"))]
-    fn rediss_without_the_tls_feature_says_to_enable_it() {
-        for url in ["rediss://127.0.0.1:6380", "REDISS://:pw@h:1", "valkeys://h"] {
-            let err = FanoutBuilder::new(url).build().expect_err("no tls");
-            assert!(err.is_invalid_url());
-            let cause = std::error::Error::source(&err).expect("cause").to_string();
-            assert!(cause.contains("`tls` feature"), "{cause}");
-            assert!(cause.contains(r#"features = ["tls"]"#), "{cause}");
-        }
-    }
-
-    #[test]
-    fn invalid_url_is_reported_with_a_hint() {
-        let err = FanoutBuilder::new("http//nope")
-            .build()
-            .expect_err("invalid");
-        assert!(err.is_invalid_url());
-        let cause = std::error::Error::source(&err).expect("cause").to_string();
-        assert!(cause.contains("redis://127.0.0.1:6379"), "{cause}");
     }
 }

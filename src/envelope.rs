@@ -26,7 +26,7 @@
 
 use std::borrow::Cow;
 use std::fmt;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::SystemTime;
 
 use axum::body::Bytes;
 use axum::extract::ws::{Message, Utf8Bytes};
@@ -35,7 +35,8 @@ use base64::engine::general_purpose::STANDARD as BASE64;
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::value::RawValue;
 
-use crate::error::{Error, Kind};
+use crate::error::Error;
+use crate::time::unix_ms;
 
 /// What a broadcast carries to every socket of a room.
 ///
@@ -70,8 +71,7 @@ enum Repr {
 impl Payload {
     /// Serializes `value` as the JSON payload.
     pub fn json<T: Serialize + ?Sized>(value: &T) -> Result<Self, Error> {
-        let raw = serde_json::value::to_raw_value(value)
-            .map_err(|e| Error::with(Kind::InvalidPayload, e))?;
+        let raw = serde_json::value::to_raw_value(value).map_err(Error::invalid_payload)?;
         Ok(Self(Repr::Json(raw)))
     }
 
@@ -79,8 +79,7 @@ impl Payload {
     ///
     /// Receivers get the same text back, byte for byte.
     pub fn raw_json(text: impl Into<String>) -> Result<Self, Error> {
-        let raw =
-            RawValue::from_string(text.into()).map_err(|e| Error::with(Kind::InvalidPayload, e))?;
+        let raw = RawValue::from_string(text.into()).map_err(Error::invalid_payload)?;
         Ok(Self(Repr::Json(raw)))
     }
 
@@ -186,7 +185,7 @@ pub(crate) fn encode(origin: &str, room: &str, payload: &Payload, except: Option
         payload: None,
         text: None,
         binary: None,
-        ts: now_ms(),
+        ts: unix_ms(SystemTime::now()),
         except,
     };
     match &payload.0 {
@@ -197,13 +196,6 @@ pub(crate) fn encode(origin: &str, room: &str, payload: &Payload, except: Option
     // Serializing a struct of strings, integers and an already-valid RawValue into a Vec cannot
     // fail; fall back to an empty Vec rather than panic if serde_json ever disagrees.
     serde_json::to_vec(&out).unwrap_or_default()
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 #[derive(Deserialize)]

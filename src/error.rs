@@ -16,7 +16,7 @@ pub struct Error {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Kind {
+enum Kind {
     /// The Redis URL could not be parsed.
     InvalidUrl,
     /// A room name failed validation.
@@ -38,15 +38,96 @@ pub(crate) enum Kind {
 }
 
 impl Error {
-    pub(crate) fn new(kind: Kind) -> Self {
+    fn new(kind: Kind) -> Self {
         Self { kind, source: None }
     }
 
-    pub(crate) fn with(kind: Kind, source: impl Into<BoxError>) -> Self {
+    fn with(kind: Kind, source: impl Into<BoxError>) -> Self {
         Self {
             kind,
             source: Some(source.into()),
         }
+    }
+
+    // Named constructors, one per way an operation fails (as hyper's `error.rs` does): the
+    // message a user reads is written once, here, whatever module reports it.
+
+    /// The Redis URL (or a TLS or cluster setting that goes with it) is unusable.
+    pub(crate) fn invalid_url(why: impl Into<BoxError>) -> Self {
+        Self::with(Kind::InvalidUrl, why)
+    }
+
+    /// The layer was built leniently from an invalid URL: this node never connects.
+    pub(crate) fn no_redis() -> Self {
+        Self::with(
+            Kind::InvalidUrl,
+            "the layer was built with an invalid redis url (FanoutLayer::try_new reports why)",
+        )
+    }
+
+    pub(crate) fn invalid_room(e: crate::room::InvalidRoomName) -> Self {
+        Self::with(Kind::InvalidRoom, e)
+    }
+
+    pub(crate) fn invalid_payload(why: impl Into<BoxError>) -> Self {
+        Self::with(Kind::InvalidPayload, why)
+    }
+
+    /// An envelope over `max_envelope_bytes`.
+    pub(crate) fn envelope_too_large(len: usize, max: usize) -> Self {
+        Self::invalid_payload(format!(
+            "the envelope would be {len} bytes; the limit is {max} (max_envelope_bytes)"
+        ))
+    }
+
+    /// Redis answered a command with an error, or the connection failed under it.
+    pub(crate) fn redis(cause: impl Into<BoxError>) -> Self {
+        Self::with(Kind::Redis, cause)
+    }
+
+    /// A broadcast got no reply within the publish timeout; `connected` says whether there was
+    /// a connection to wait on at all.
+    pub(crate) fn publish_timeout(connected: bool, command: &str) -> Self {
+        let why = if connected {
+            format!("redis did not reply to {command} in time")
+        } else {
+            "no connection to redis (it is down or unreachable)".to_owned()
+        };
+        Self::with(Kind::Timeout, why)
+    }
+
+    /// A join whose SUBSCRIBE Redis did not confirm within the subscribe timeout.
+    pub(crate) fn subscribe_timeout(room: &str) -> Self {
+        Self::with(
+            Kind::Timeout,
+            format!("redis did not confirm SUBSCRIBE for room {room:?} in time"),
+        )
+    }
+
+    /// The socket is closing, or the node is shutting down or gone.
+    pub(crate) fn closed() -> Self {
+        Self::new(Kind::Closed)
+    }
+
+    pub(crate) fn message_too_big(cause: impl Into<BoxError>) -> Self {
+        Self::with(Kind::MessageTooBig, cause)
+    }
+
+    pub(crate) fn websocket(cause: impl Into<BoxError>) -> Self {
+        Self::with(Kind::WebSocket, cause)
+    }
+
+    /// A join beyond `max_rooms_per_socket`.
+    pub(crate) fn too_many_rooms(max: usize) -> Self {
+        Self::with(
+            Kind::Limit,
+            format!("a socket may be in at most {max} rooms"),
+        )
+    }
+
+    /// A client over the message rate limit (closed with 1008 and `reason`).
+    pub(crate) fn rate_limited(reason: &'static str) -> Self {
+        Self::with(Kind::Limit, reason)
     }
 
     /// The Redis URL given to the layer could not be parsed.
@@ -142,7 +223,7 @@ impl StdError for Error {
 
 impl From<crate::room::InvalidRoomName> for Error {
     fn from(e: crate::room::InvalidRoomName) -> Self {
-        Error::with(Kind::InvalidRoom, e)
+        Error::invalid_room(e)
     }
 }
 
@@ -152,7 +233,7 @@ mod tests {
 
     #[test]
     fn display_does_not_repeat_the_source() {
-        let e = Error::with(Kind::Redis, "connection refused");
+        let e = Error::redis("connection refused");
         assert_eq!(e.to_string(), "redis command failed");
         assert_eq!(
             e.source().map(|s| s.to_string()).as_deref(),

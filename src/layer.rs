@@ -1,4 +1,5 @@
-//! The tower layer: puts a [`RoomHandle`] into every request's extensions, nothing more.
+//! The tower layer, which puts a [`RoomHandle`] into every request's extensions and nothing
+//! more, and the builder's last step, which makes one.
 
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -7,9 +8,10 @@ use axum::http::Request;
 use tower_layer::Layer;
 use tower_service::Service;
 
-use crate::config::{Config, FanoutBuilder};
+use crate::bus::{Backend, redacted_target};
+use crate::config::FanoutBuilder;
 use crate::error::Error;
-use crate::extract::RoomHandle;
+use crate::handle::RoomHandle;
 use crate::node::Shared;
 
 /// Connects an axum `Router` to the Redis fan-out bus.
@@ -90,12 +92,6 @@ impl FanoutLayer {
         FanoutBuilder::new_cluster(nodes)
     }
 
-    pub(crate) fn from_config(config: Config) -> Self {
-        Self {
-            shared: Shared::new(config),
-        }
-    }
-
     /// A handle to this node, for code that runs outside requests (jobs, health checks).
     pub fn handle(&self) -> RoomHandle {
         self.shared.start();
@@ -138,5 +134,64 @@ where
         self.handle.start();
         req.extensions_mut().insert(self.handle.clone());
         self.inner.call(req)
+    }
+}
+
+impl FanoutBuilder {
+    /// Builds the layer. Fails with [`Error::is_invalid_url`] when the Redis URL cannot be
+    /// parsed, is `rediss://` without the `tls` feature, or asks for an unverified TLS
+    /// connection (`#insecure`); an unreachable Redis, or a wrong password, is not an error
+    /// here (the node connects in the background, and stays not ready until it succeeds).
+    pub fn build(self) -> Result<FanoutLayer, Error> {
+        let (connect, config) = self.into_parts();
+        let backend = Backend::new(&connect)?;
+        Ok(FanoutLayer {
+            shared: Shared::new(config, Some(backend)),
+        })
+    }
+
+    /// Builds the layer even when the URL is invalid: the node then never becomes ready and
+    /// every join and broadcast fails with [`Error::is_invalid_url`]; the error is logged.
+    pub(crate) fn build_lenient(self) -> FanoutLayer {
+        let (connect, config) = self.into_parts();
+        let backend = Backend::new(&connect)
+            .inspect_err(|e| {
+                tracing::error!(
+                    url = %redacted_target(&connect),
+                    error = %e,
+                    cause = ?std::error::Error::source(e).map(ToString::to_string),
+                    "axum-fanout: invalid redis url; this node will never be ready (use \
+                     FanoutLayer::try_new to catch this at start-up)"
+                );
+            })
+            .ok();
+        FanoutLayer {
+            shared: Shared::new(config, backend),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn neither_the_builder_nor_the_layer_shows_a_password() {
+        let builder = FanoutLayer::builder("redis://alice:hunter2@127.0.0.1:1");
+        let debug = format!("{builder:?}");
+        assert!(
+            !debug.contains("hunter2") && debug.contains("alice"),
+            "{debug}"
+        );
+        let layer = builder.build().expect("valid url");
+        assert!(!format!("{layer:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn a_lenient_layer_with_a_bad_url_is_never_ready_and_says_why() {
+        let layer = FanoutLayer::new("http//nope");
+        assert!(!layer.handle().is_ready());
+        let err = FanoutLayer::try_new("http//nope").expect_err("invalid");
+        assert!(err.is_invalid_url());
     }
 }

@@ -7,9 +7,10 @@
 //! channel, whose receivers learn they lagged.
 
 use std::fmt;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::SystemTime;
 
 use crate::room::RoomName;
+use crate::time::unix_ms;
 
 /// Messages of `room` between `since` and `until` may not have reached this socket.
 ///
@@ -18,13 +19,27 @@ use crate::room::RoomName;
 /// overflow policy dropped frames (then `dropped` counts them).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Missed {
-    pub(crate) room: RoomName,
-    pub(crate) since: SystemTime,
-    pub(crate) until: SystemTime,
-    pub(crate) dropped: Option<u64>,
+    room: RoomName,
+    since: SystemTime,
+    until: SystemTime,
+    dropped: Option<u64>,
 }
 
 impl Missed {
+    pub(crate) fn new(
+        room: RoomName,
+        since: SystemTime,
+        until: SystemTime,
+        dropped: Option<u64>,
+    ) -> Self {
+        Self {
+            room,
+            since,
+            until,
+            dropped,
+        }
+    }
+
     /// The room whose messages may be missing.
     pub fn room(&self) -> &RoomName {
         &self.room
@@ -38,6 +53,17 @@ impl Missed {
     /// End of the window (when the link was back and resubscribed, or the last drop).
     pub fn until(&self) -> SystemTime {
         self.until
+    }
+
+    /// [`since`](Missed::since) in milliseconds since the Unix epoch, the unit of the seed's
+    /// envelope `ts` (what a loss notice to a browser carries).
+    pub fn since_ms(&self) -> u64 {
+        unix_ms(self.since)
+    }
+
+    /// [`until`](Missed::until) in milliseconds since the Unix epoch.
+    pub fn until_ms(&self) -> u64 {
+        unix_ms(self.until)
     }
 
     /// How many messages were dropped, when that is known.
@@ -56,20 +82,14 @@ impl Missed {
     }
 }
 
-pub(crate) fn unix_ms(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
 impl fmt::Display for Missed {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
             "messages of room {:?} may have been missed between {} and {} ms since the epoch",
             self.room.as_str(),
-            unix_ms(self.since),
-            unix_ms(self.until)
+            self.since_ms(),
+            self.until_ms()
         )?;
         if let Some(n) = self.dropped {
             write!(f, " ({n} dropped)")?;

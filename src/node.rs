@@ -1,91 +1,75 @@
-//! One node's shared state and the lifetime of its background tasks.
+//! The composition root: one node's parts, wired together, and the lifetime of its tasks.
+//!
+//! A node is a [`Config`], a [`Registry`], [`Counters`] and a [`Bus`]. This module builds them,
+//! hands each background task the parts it needs (the subscriber and publisher of the bus, the
+//! dispatcher, the heartbeat) and stops them all when the last handle is gone. Nothing below it
+//! imports it back: the tasks hold the parts, never the node.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, SystemTime};
 
-use axum::body::Bytes;
-use axum::extract::ws::Message;
+use tokio::sync::watch;
 
-use tokio::sync::{mpsc, watch};
-
-use crate::bus;
-use crate::config::{Config, OverflowPolicy};
+use crate::bus::{Backend, Bus};
+use crate::config::Config;
+use crate::dispatch::{self, Dispatcher, Inbox};
 use crate::registry::Registry;
-use crate::socket::GOING_AWAY_CODE;
 use crate::stats::{Counters, Stats};
+use crate::writer::heartbeat;
 
-/// State shared by the layer, every handle and socket, and the background tasks.
+/// One node's parts, shared by the layer, every handle and socket, and the background tasks.
 #[derive(Debug)]
 pub(crate) struct Node {
-    pub(crate) config: Config,
-    pub(crate) registry: Registry,
-    pub(crate) counters: Counters,
-    /// The subscriber link is up and every local room is subscribed on it.
-    pub(crate) ready: AtomicBool,
-    /// The publisher connection when there is one; broadcasts wait (bounded) for `Some`.
-    pub(crate) publisher: watch::Sender<Option<crate::backend::Conn>>,
-    /// Broadcasts on their way to the publisher task (bounded: see `bus::PUBLISH_QUEUE`).
-    pub(crate) outgoing: mpsc::Sender<bus::Outgoing>,
-    /// This node's private channel for link probes, outside the room prefix so that
-    /// `PUBSUB CHANNELS <prefix>*` lists rooms only.
-    pub(crate) probe_channel: String,
-    /// Messages dropped before dispatch, per room: (first, last, count). Written by the push
-    /// callback, drained by the dispatcher, which tells the rooms' members.
-    shed: Mutex<HashMap<String, (SystemTime, SystemTime, u64)>>,
+    pub(crate) config: Arc<Config>,
+    pub(crate) registry: Arc<Registry>,
+    pub(crate) counters: Arc<Counters>,
+    pub(crate) bus: Arc<Bus>,
 }
 
 impl Node {
-    pub(crate) fn note_shed(&self, room: &str) {
-        let now = SystemTime::now();
-        let mut shed = self.shed.lock().unwrap_or_else(PoisonError::into_inner);
-        let entry = shed.entry(room.to_owned()).or_insert((now, now, 0));
-        entry.1 = now;
-        entry.2 += 1;
-    }
-
-    pub(crate) fn take_shed(&self) -> HashMap<String, (SystemTime, SystemTime, u64)> {
-        let mut shed = self.shed.lock().unwrap_or_else(PoisonError::into_inner);
-        if shed.is_empty() {
-            return HashMap::new();
-        }
-        std::mem::take(&mut *shed)
-    }
-
     pub(crate) fn stats(&self) -> Stats {
-        let (rooms, memberships, subscriptions, connections) = self.registry.counts();
-        self.counters
-            .snapshot(rooms, connections, memberships, subscriptions)
+        self.counters.snapshot(self.registry.gauges())
     }
 }
 
-/// What the layer, handles and sockets hold. Dropping the last one stops the background tasks
-/// (they hold only the [`Node`] and watch `stop`).
+/// What the layer, handles and sockets hold. Dropping the last one stops the background tasks:
+/// they hold only the node's parts and watch `stop`, whose sender dies with this.
 #[derive(Debug)]
 pub(crate) struct Shared {
-    pub(crate) node: Arc<Node>,
-    /// The publisher task's end of `Node::outgoing`, until `start` hands it over.
-    outgoing: Mutex<Option<mpsc::Receiver<bus::Outgoing>>>,
+    pub(crate) node: Node,
+    /// The dispatcher and the inbox that feeds it, until `start` hands them to their tasks.
+    unstarted: Mutex<Option<(Inbox, Dispatcher)>>,
     stop: watch::Sender<()>,
     started: AtomicBool,
 }
 
 impl Shared {
-    pub(crate) fn new(config: Config) -> Arc<Self> {
-        let (outgoing, outgoing_rx) = mpsc::channel(bus::PUBLISH_QUEUE);
+    /// A node for `config`; `backend` is `None` when the layer was built leniently from an
+    /// invalid URL (the node then never connects, and every join and broadcast says why).
+    pub(crate) fn new(config: Config, backend: Option<Backend>) -> Arc<Self> {
+        let config = Arc::new(config);
+        let registry = Arc::new(Registry::default());
+        let counters = Arc::new(Counters::default());
+        let (inbox, dispatcher) = dispatch::channel(
+            config.inbound_capacity.get(),
+            config.clone(),
+            registry.clone(),
+            counters.clone(),
+        );
+        let bus = Arc::new(Bus::new(
+            config.clone(),
+            registry.clone(),
+            counters.clone(),
+            backend,
+        ));
         let shared = Arc::new(Self {
-            outgoing: Mutex::new(Some(outgoing_rx)),
-            node: Arc::new(Node {
-                registry: Registry::default(),
-                counters: Counters::default(),
-                ready: AtomicBool::new(false),
-                publisher: watch::Sender::new(None),
-                outgoing,
-                probe_channel: format!("__axum_fanout:probe:{}", config.node_id),
-                shed: Mutex::new(HashMap::new()),
+            node: Node {
                 config,
-            }),
+                registry,
+                counters,
+                bus,
+            },
+            unstarted: Mutex::new(Some((inbox, dispatcher))),
             stop: watch::Sender::new(()),
             started: AtomicBool::new(false),
         });
@@ -93,7 +77,7 @@ impl Shared {
         shared
     }
 
-    /// Starts the Redis tasks, once, as soon as a Tokio runtime is at hand. Called on
+    /// Starts the background tasks, once, as soon as a Tokio runtime is at hand. Called on
     /// construction and on every request, so a layer built outside a runtime starts with the
     /// first request it sees.
     pub(crate) fn start(&self) {
@@ -106,57 +90,24 @@ impl Shared {
         if self.started.swap(true, Ordering::AcqRel) {
             return;
         }
-        if !self.node.config.ping_interval.is_zero() {
-            runtime.spawn(heartbeat(self.node.clone(), self.stop.subscribe()));
+        let node = &self.node;
+        if !node.config.ping_interval.is_zero() {
+            runtime.spawn(heartbeat(
+                node.registry.clone(),
+                node.counters.clone(),
+                node.config.clone(),
+                self.stop.subscribe(),
+            ));
         }
-        let Some(client) = self.node.config.redis.clone() else {
-            // Invalid URL: already logged by the builder; there is nothing to connect to.
-            return;
-        };
-        runtime.spawn(bus::run_subscriber(
-            self.node.clone(),
-            client.clone(),
-            self.stop.subscribe(),
-        ));
-        let Some(outgoing) = self
-            .outgoing
+        let unstarted = self
+            .unstarted
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .take()
-        else {
-            return; // `started` is set once, so this runs once: the receiver is still here
-        };
-        runtime.spawn(bus::run_publisher(
-            self.node.clone(),
-            client,
-            outgoing,
-            self.stop.subscribe(),
-        ));
-    }
-}
-
-/// Pings every socket each `ping_interval`, and closes (1001) those that sent nothing, not even
-/// a pong, for `ping_interval + pong_timeout`: half-open TCP connections do not stay in rooms
-/// forever. One task per node rather than a timer per socket keeps idle sockets cheap.
-async fn heartbeat(node: Arc<Node>, mut stop: watch::Receiver<()>) {
-    let every = node.config.ping_interval.max(Duration::from_millis(10));
-    let limit = every + node.config.pong_timeout;
-    let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
-    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = ticks.tick() => {}
-            _ = stop.changed() => return,
-        }
-        for outbox in node.registry.attached() {
-            if outbox.silent_for() > limit {
-                node.counters.heartbeat_timeouts.add(1);
-                tracing::debug!("no pong from a client in {limit:?}; closing it");
-                outbox.close_now(GOING_AWAY_CODE, "no pong received");
-            } else {
-                // A ping that finds the queue full is dropped: that socket is already busy.
-                outbox.offer(Message::Ping(Bytes::new()), OverflowPolicy::DropNewest);
-            }
+            .take();
+        // `started` flips once, so this runs once and finds them here.
+        if let Some((inbox, dispatcher)) = unstarted {
+            runtime.spawn(dispatcher.run());
+            node.bus.start(&runtime, inbox, &self.stop);
         }
     }
 }

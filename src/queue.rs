@@ -13,16 +13,15 @@ use std::collections::VecDeque;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-use axum::extract::ws::{CloseFrame, Message, Utf8Bytes};
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, close_code};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::config::OverflowPolicy;
 use crate::missed::Missed;
 
-/// Close code sent to a client that could not keep up (RFC 6455 1013, "try again later").
-pub const SLOW_CONSUMER_CODE: u16 = 1013;
-/// Close reason sent with [`SLOW_CONSUMER_CODE`].
+/// Close reason sent to a client that could not keep up, with code 1013
+/// ([`close_code::AGAIN`], "try again later").
 pub const SLOW_CONSUMER_REASON: &str = "slow consumer";
 
 /// The limits one queue enforces.
@@ -180,7 +179,7 @@ impl Outbox {
                 }
                 OverflowPolicy::Disconnect => {
                     drop(s);
-                    self.close_now(SLOW_CONSUMER_CODE, SLOW_CONSUMER_REASON);
+                    self.close_slow_consumer();
                     return (Offer::Overflowed, false);
                 }
             }
@@ -204,6 +203,12 @@ impl Outbox {
             frame,
             flush_first: true,
         });
+    }
+
+    /// Closes with 1013 `"slow consumer"` at once, discarding what is queued: the queue
+    /// overflowed or a write timed out.
+    pub(crate) fn close_slow_consumer(&self) {
+        self.close_now(close_code::AGAIN, SLOW_CONSUMER_REASON);
     }
 
     /// Closes at once, discarding what is queued (overflow, write timeout).
@@ -256,7 +261,7 @@ impl Outbox {
         if s.close.is_some() {
             return;
         }
-        match s.missed.iter_mut().find(|m| m.room == missed.room) {
+        match s.missed.iter_mut().find(|m| m.room() == missed.room()) {
             Some(earlier) => earlier.merge(&missed),
             None => s.missed.push(missed),
         }
@@ -452,7 +457,7 @@ mod tests {
         let mut batch = Vec::new();
         match o.next_batch(&mut batch, 10, None).await {
             Next::Close(Some(frame)) => {
-                assert_eq!(frame.code, SLOW_CONSUMER_CODE);
+                assert_eq!(frame.code, close_code::AGAIN);
                 assert_eq!(frame.reason.as_str(), SLOW_CONSUMER_REASON);
             }
             other => panic!("{other:?}"),

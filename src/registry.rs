@@ -21,13 +21,35 @@ use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 
 use crate::config::OverflowPolicy;
-use crate::error::{Error, Kind};
+use crate::error::Error;
 use crate::missed::Missed;
 use crate::queue::{Offer, Outbox};
 use crate::room::RoomName;
+use crate::stats::Gauges;
 
-/// Identifies a socket within one node (unique for the node's lifetime).
-pub(crate) type SocketId = u64;
+/// Identifies a socket within one node, unique for the node's lifetime: from
+/// [`FanoutSocket::id`](crate::FanoutSocket::id), for
+/// [`Broadcast::except`](crate::Broadcast::except) and [`Broadcast::sender`](crate::Broadcast::sender).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SocketId(u64);
+
+impl SocketId {
+    /// The id as a number, as written in envelopes (`except`).
+    pub(crate) fn get(self) -> u64 {
+        self.0
+    }
+
+    /// An id read back from an envelope this node published.
+    pub(crate) fn from_wire(id: u64) -> Self {
+        Self(id)
+    }
+}
+
+impl std::fmt::Display for SocketId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
 
 #[derive(Debug, Default)]
 struct Inner {
@@ -46,6 +68,17 @@ struct Inner {
     down_since: Option<SystemTime>,
     /// Set by a shutdown: no new joins, new sockets are closed at once.
     shutting_down: bool,
+}
+
+/// Held by a running writer task; dropping it (however the task ends) tells a waiting shutdown.
+#[derive(Debug)]
+pub(crate) struct WriterGuard(Arc<Registry>);
+
+impl Drop for WriterGuard {
+    fn drop(&mut self) {
+        self.0.writers.fetch_sub(1, Ordering::AcqRel);
+        self.0.confirmed.send_modify(|n| *n += 1);
+    }
 }
 
 /// What the subscription task must send to Redis next.
@@ -73,7 +106,7 @@ pub(crate) struct Dispatched {
 pub(crate) struct Registry {
     inner: Mutex<Inner>,
     /// Wakes the subscription task when a room gains its first or loses its last local socket.
-    pub(crate) changed: Notify,
+    changed: Notify,
     /// Bumped whenever `subscribed` changes or a room empties, so joins waiting for a
     /// confirmation and shutdowns waiting for quiet re-check.
     confirmed: watch::Sender<u64>,
@@ -112,7 +145,7 @@ impl Registry {
     /// Registers a new socket and returns its id; `false` when the node is shutting down (the
     /// socket is then not registered and should be closed).
     pub(crate) fn attach(&self, outbox: Arc<Outbox>) -> (SocketId, bool) {
-        let id = self.next_socket.fetch_add(1, Ordering::Relaxed);
+        let id = SocketId(self.next_socket.fetch_add(1, Ordering::Relaxed));
         let mut inner = self.lock();
         if inner.shutting_down {
             return (id, false);
@@ -121,13 +154,16 @@ impl Registry {
         (id, true)
     }
 
-    pub(crate) fn writer_started(&self) {
-        self.writers.fetch_add(1, Ordering::AcqRel);
+    /// Resolves when a room gained its first or lost its last local socket (or a sharded
+    /// subscription was lost): there may be SUBSCRIBE / UNSUBSCRIBE work to do.
+    pub(crate) fn changed(&self) -> tokio::sync::futures::Notified<'_> {
+        self.changed.notified()
     }
 
-    pub(crate) fn writer_finished(&self) {
-        self.writers.fetch_sub(1, Ordering::AcqRel);
-        self.confirmed.send_modify(|n| *n += 1);
+    /// A writer task starts; a shutdown waits for it until the returned guard is dropped.
+    pub(crate) fn writer_started(self: &Arc<Self>) -> WriterGuard {
+        self.writers.fetch_add(1, Ordering::AcqRel);
+        WriterGuard(self.clone())
     }
 
     /// Every attached socket, for the heartbeat's round.
@@ -233,13 +269,8 @@ impl Registry {
             match tokio::time::timeout_at(deadline, rx.changed()).await {
                 Ok(Ok(())) => {}
                 // The sender lives as long as the registry, which outlives this borrow.
-                Ok(Err(_)) => return Err(Error::new(Kind::Closed)),
-                Err(_) => {
-                    return Err(Error::with(
-                        Kind::Timeout,
-                        format!("redis did not confirm SUBSCRIBE for room {room:?} in time"),
-                    ));
-                }
+                Ok(Err(_)) => return Err(Error::closed()),
+                Err(_) => return Err(Error::subscribe_timeout(room.as_str())),
             }
         }
     }
@@ -325,38 +356,14 @@ impl Registry {
         };
         let until = SystemTime::now();
         let lost = std::mem::take(&mut inner.lost);
-        let mut told = 0;
-        for room in lost {
-            let Some(members) = inner.rooms.get(&room) else {
-                continue;
-            };
-            for outbox in members.values() {
-                outbox.record_missed(Missed {
-                    room: room.clone(),
-                    since,
-                    until,
-                    dropped: None,
-                });
-                told += 1;
-            }
-        }
-        told
+        lost.iter()
+            .map(|room| tell_gap(&inner, room.as_str(), since, until, None))
+            .sum()
     }
 
     /// The node dropped `n` messages of `room` before dispatching them: tell its members.
     pub(crate) fn shed(&self, room: &str, since: SystemTime, until: SystemTime, n: u64) {
-        let inner = self.lock();
-        let Some((room, members)) = inner.rooms.get_key_value(room) else {
-            return;
-        };
-        for outbox in members.values() {
-            outbox.record_missed(Missed {
-                room: room.clone(),
-                since,
-                until,
-                dropped: Some(n),
-            });
-        }
+        tell_gap(&self.lock(), room, since, until, Some(n));
     }
 
     /// Redis ended the subscription of `room` on its own (a cluster slot moved). Returns
@@ -365,22 +372,14 @@ impl Registry {
     /// messages may have been missed. Returns `false` for a room being unsubscribed on purpose.
     pub(crate) fn subscription_lost(&self, room: &str) -> bool {
         let mut inner = self.lock();
-        let Some((room, members)) = inner.rooms.get_key_value(room) else {
+        let Some(room) = inner.subscribed.get(room).cloned() else {
             return false;
         };
-        if !inner.subscribed.contains(room) {
+        if !inner.rooms.contains_key(&room) {
             return false;
         }
-        let room = room.clone();
         let now = SystemTime::now();
-        for outbox in members.values() {
-            outbox.record_missed(Missed {
-                room: room.clone(),
-                since: now,
-                until: now,
-                dropped: None,
-            });
-        }
+        tell_gap(&inner, room.as_str(), now, now, None);
         inner.subscribed.remove(&room);
         inner.pending.insert(room);
         drop(inner);
@@ -412,12 +411,7 @@ impl Registry {
         };
         let missed = |n: u64| {
             let now = SystemTime::now();
-            Missed {
-                room: room.clone(),
-                since: now,
-                until: now,
-                dropped: Some(n),
-            }
+            Missed::new(room.clone(), now, now, Some(n))
         };
         for (&id, outbox) in members {
             if Some(id) == except {
@@ -449,17 +443,35 @@ impl Registry {
         out
     }
 
-    /// (rooms, memberships, subscribed rooms, attached sockets) right now.
-    pub(crate) fn counts(&self) -> (usize, usize, usize, usize) {
+    /// The registry's current sizes, for [`Stats`](crate::Stats).
+    pub(crate) fn gauges(&self) -> Gauges {
         let inner = self.lock();
-        let memberships = inner.rooms.values().map(HashMap::len).sum();
-        (
-            inner.rooms.len(),
-            memberships,
-            inner.subscribed.len(),
-            inner.attached.len(),
-        )
+        Gauges {
+            rooms: inner.rooms.len(),
+            memberships: inner.rooms.values().map(HashMap::len).sum(),
+            subscriptions: inner.subscribed.len(),
+            connections: inner.attached.len(),
+        }
     }
+}
+
+/// Tells every local member of `room` that its messages between `since` and `until` may be
+/// missing (`dropped` of them, when known); returns how many members were told. Every kind of
+/// gap (link loss, load shed, a lost sharded subscription, a queue overflow) goes through here.
+fn tell_gap(
+    inner: &Inner,
+    room: &str,
+    since: SystemTime,
+    until: SystemTime,
+    dropped: Option<u64>,
+) -> usize {
+    let Some((room, members)) = inner.rooms.get_key_value(room) else {
+        return 0;
+    };
+    for outbox in members.values() {
+        outbox.record_missed(Missed::new(room.clone(), since, until, dropped));
+    }
+    members.len()
 }
 
 #[cfg(test)]
@@ -483,20 +495,20 @@ mod tests {
         let r = Registry::default();
         r.link_up();
         let a = room("a");
-        assert!(!r.insert(&a, 1, outbox()));
-        assert!(!r.insert(&a, 2, outbox()));
+        assert!(!r.insert(&a, SocketId(1), outbox()));
+        assert!(!r.insert(&a, SocketId(2), outbox()));
         let c = r.take_pending(100);
         assert_eq!(c.subscribe, std::slice::from_ref(&a));
         r.confirm_subscribed(c.subscribe);
         assert!(r.take_pending(100).is_empty());
-        assert!(r.insert(&a, 3, outbox()), "already subscribed");
-        r.remove(&a, 1);
-        r.remove(&a, 2);
+        assert!(r.insert(&a, SocketId(3), outbox()), "already subscribed");
+        r.remove(&a, SocketId(1));
+        r.remove(&a, SocketId(2));
         assert!(r.take_pending(100).is_empty());
-        r.remove(&a, 3);
+        r.remove(&a, SocketId(3));
         let c = r.take_pending(100);
         assert_eq!(c.unsubscribe, [a]);
-        assert_eq!(r.counts(), (0, 0, 0, 0));
+        assert_eq!(r.gauges(), Gauges::default());
     }
 
     #[test]
@@ -504,14 +516,14 @@ mod tests {
         let r = Registry::default();
         r.link_up();
         let a = room("a");
-        r.insert(&a, 1, outbox());
+        r.insert(&a, SocketId(1), outbox());
         let c = r.take_pending(100); // SUBSCRIBE a in flight
-        r.remove(&a, 1);
+        r.remove(&a, SocketId(1));
         r.confirm_subscribed(c.subscribe);
         // Nobody is left: the next pass must unsubscribe.
         assert_eq!(r.take_pending(100).unsubscribe, std::slice::from_ref(&a));
         // A join while that UNSUBSCRIBE is in flight must not count as subscribed.
-        assert!(!r.insert(&a, 2, outbox()));
+        assert!(!r.insert(&a, SocketId(2), outbox()));
         r.confirm_unsubscribed(vec![a.clone()]);
         assert_eq!(r.take_pending(100).subscribe, [a]);
     }
@@ -521,11 +533,11 @@ mod tests {
         let r = Registry::default();
         r.link_up();
         for (i, name) in ["a", "b", "c"].iter().enumerate() {
-            r.insert(&room(name), i as u64, outbox());
+            r.insert(&room(name), SocketId(i as u64), outbox());
         }
         r.confirm_subscribed(r.take_pending(100).subscribe);
         r.link_down();
-        r.insert(&room("d"), 9, outbox());
+        r.insert(&room("d"), SocketId(9), outbox());
         assert!(r.take_pending(100).is_empty(), "no commands while down");
         r.link_up();
         let mut again = r.take_pending(100).subscribe;
@@ -538,13 +550,13 @@ mod tests {
         let r = Registry::default();
         let a = room("a");
         let (o1, o2) = (outbox(), outbox());
-        r.insert(&a, 1, o1.clone());
-        r.insert(&a, 2, o2.clone());
+        r.insert(&a, SocketId(1), o1.clone());
+        r.insert(&a, SocketId(2), o2.clone());
         let mut to_wake = Vec::new();
         let d = r.dispatch(
             "a",
             &Message::Text("hi".into()),
-            Some(1),
+            Some(SocketId(1)),
             OverflowPolicy::Disconnect,
             &mut to_wake,
         );
@@ -569,7 +581,7 @@ mod tests {
     async fn wait_subscribed_times_out_while_redis_is_away() {
         let r = Registry::default();
         let a = room("a");
-        r.insert(&a, 1, outbox());
+        r.insert(&a, SocketId(1), outbox());
         let deadline = Instant::now() + std::time::Duration::from_millis(50);
         let err = r.wait_subscribed(&a, deadline).await.expect_err("timeout");
         assert!(err.is_timeout());

@@ -1,24 +1,22 @@
-//! A WebSocket attached to the node: its room memberships, its reader and its batched writer.
+//! A WebSocket attached to the node: its room memberships and its reading half. The writing
+//! half is a task of its own (`writer`), fed through the socket's bounded queue.
 
 use std::sync::Arc;
-use std::time::Duration;
 
-use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, close_code};
+use futures_util::StreamExt;
 use futures_util::stream::SplitStream;
-use futures_util::{Sink, SinkExt, StreamExt};
-use tokio::time::{Instant, timeout};
+use tokio::time::Instant;
 
+use crate::broadcast::Broadcast;
 use crate::envelope::Payload;
-use crate::error::{Error, Kind};
-use crate::extract::RoomHandle;
+use crate::error::Error;
 use crate::missed::Missed;
-use crate::node::{Node, Shared};
-use crate::queue::{Limits, Next, Offer, Outbox, SLOW_CONSUMER_CODE, SLOW_CONSUMER_REASON};
+use crate::node::Shared;
+use crate::queue::{Limits, Offer, Outbox};
 use crate::registry::SocketId;
 use crate::room::RoomName;
-
-/// Close code sent when a client message exceeds the size limit (RFC 6455 1009).
-pub const MESSAGE_TOO_BIG_CODE: u16 = 1009;
+use crate::writer::{going_away, write_loop};
 
 /// What [`FanoutSocket::recv_event`] yields.
 #[derive(Debug)]
@@ -31,14 +29,8 @@ pub enum Event {
     Missed(Missed),
 }
 
-/// Close code sent to every socket when the node shuts down (RFC 6455 1001).
-pub const GOING_AWAY_CODE: u16 = 1001;
-
-/// How long the writer tries to deliver a close frame before it gives up on the client.
-const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
-
-/// A WebSocket attached to a fan-out node, from [`RoomHandle::on_upgrade`] or
-/// [`RoomHandle::attach`].
+/// A WebSocket attached to a fan-out node, from [`RoomHandle::on_upgrade`](crate::RoomHandle::on_upgrade) or
+/// [`RoomHandle::attach`](crate::RoomHandle::attach).
 ///
 /// The socket's writing half belongs to a writer task that drains a bounded queue: frames from
 /// the rooms the socket joined, and frames you [`send`](FanoutSocket::send) it directly. Read the
@@ -93,8 +85,7 @@ impl TokenBucket {
     }
 }
 
-/// Close code and reason for a client over the message rate limit (RFC 6455 1008).
-const RATE_LIMIT_CODE: u16 = 1008;
+/// Close reason for a client over the message rate limit (with 1008, [`close_code::POLICY`]).
 const RATE_LIMIT_REASON: &str = "rate limit exceeded";
 
 impl FanoutSocket {
@@ -110,8 +101,14 @@ impl FanoutSocket {
             outbox.close_after_flush(Some(going_away()));
         }
         let (sink, stream) = socket.split();
-        node.registry.writer_started();
-        tokio::spawn(write_loop(sink, outbox.clone(), node.clone(), id));
+        tokio::spawn(write_loop(
+            sink,
+            outbox.clone(),
+            node.config.clone(),
+            node.counters.clone(),
+            id,
+            node.registry.writer_started(),
+        ));
         let bucket = TokenBucket::new(cfg.messages_per_second.get(), cfg.message_burst.get());
         outbox.touch();
         Self {
@@ -124,10 +121,32 @@ impl FanoutSocket {
         }
     }
 
-    /// This socket's id, unique within the node. Pass it to
-    /// [`Broadcast::except`](crate::Broadcast::except) to leave the sender out.
-    pub fn id(&self) -> u64 {
+    /// This socket's id, unique within the node. [`broadcast`](FanoutSocket::broadcast) uses
+    /// it for you; a broadcast made elsewhere can name it with
+    /// [`Broadcast::except`](crate::Broadcast::except) or [`Broadcast::sender`].
+    pub fn id(&self) -> SocketId {
         self.id
+    }
+
+    /// Broadcasts `payload` to every socket of `room` on every node, as this socket: like
+    /// [`RoomHandle::broadcast`](crate::RoomHandle::broadcast), with this socket as the
+    /// [`sender`](Broadcast::sender), so that in a sharded room its messages share one shard
+    /// and keep their order. Add [`except_sender`](Broadcast::except_sender) to leave this
+    /// socket out. The socket need not be in the room.
+    ///
+    /// ```no_run
+    /// use axum::extract::ws::Message;
+    /// use axum_fanout::{FanoutSocket, Payload};
+    ///
+    /// async fn echo_to_others(mut socket: FanoutSocket) {
+    ///     while let Some(Ok(Message::Text(text))) = socket.recv().await {
+    ///         let Ok(payload) = Payload::raw_json(text.as_str()) else { break };
+    ///         let _ = socket.broadcast("lobby", payload).except_sender().await;
+    ///     }
+    /// }
+    /// ```
+    pub fn broadcast(&self, room: impl AsRef<str>, payload: impl Into<Payload>) -> Broadcast {
+        Broadcast::new(self.shared.clone(), room.as_ref(), payload.into()).sender(self.id)
     }
 
     /// Joins `room`. Returns once this node receives the room's messages: when the socket is
@@ -147,31 +166,25 @@ impl FanoutSocket {
             return Ok(());
         }
         let node = &self.shared.node;
-        if node.config.redis.is_none() {
-            return Err(Error::with(
-                Kind::InvalidUrl,
-                "the layer was built with an invalid redis url",
-            ));
+        if !node.bus.is_configured() {
+            return Err(Error::no_redis());
         }
         if self.outbox.is_closing() || node.registry.is_shutting_down() {
-            return Err(Error::new(Kind::Closed));
+            return Err(Error::closed());
         }
         let max = node.config.max_rooms_per_socket.get();
         if self.rooms.len() >= max {
-            return Err(Error::with(
-                Kind::Limit,
-                format!("a socket may be in at most {max} rooms"),
-            ));
+            return Err(Error::too_many_rooms(max));
         }
         let deadline = Instant::now() + node.config.subscribe_timeout;
         let subscribed = node.registry.insert(&room, self.id, self.outbox.clone());
         self.rooms.push(room.clone());
         if !subscribed && let Err(e) = node.registry.wait_subscribed(&room, deadline).await {
             self.leave(room.as_str());
-            tracing::warn!(room = %room, socket = self.id, error = %e, "join failed");
+            tracing::warn!(room = %room, socket = %self.id, error = %e, "join failed");
             return Err(e);
         }
-        tracing::debug!(room = %room, socket = self.id, "joined");
+        tracing::debug!(room = %room, socket = %self.id, "joined");
         Ok(())
     }
 
@@ -182,7 +195,7 @@ impl FanoutSocket {
         };
         let room = self.rooms.swap_remove(at);
         self.shared.node.registry.remove(&room, self.id);
-        tracing::debug!(room = %room, socket = self.id, "left");
+        tracing::debug!(room = %room, socket = %self.id, "left");
         true
     }
 
@@ -194,7 +207,7 @@ impl FanoutSocket {
     /// Receives the client's next text or binary message.
     ///
     /// Returns `None` once the connection is closed, by the client or by this node (a slow
-    /// consumer, [`close`](FanoutSocket::close), [`RoomHandle::shutdown`]). Pings are answered
+    /// consumer, [`close`](FanoutSocket::close), [`RoomHandle::shutdown`](crate::RoomHandle::shutdown)). Pings are answered
     /// and pongs consumed for you. Loss notices are discarded: use
     /// [`recv_event`](FanoutSocket::recv_event) to see them.
     ///
@@ -209,7 +222,7 @@ impl FanoutSocket {
             match self.recv_event().await? {
                 Ok(Event::Message(msg)) => return Some(Ok(msg)),
                 Ok(Event::Missed(missed)) => {
-                    tracing::debug!(socket = self.id, %missed, "loss notice discarded by recv()");
+                    tracing::debug!(socket = %self.id, %missed, "loss notice discarded by recv()");
                 }
                 Err(e) => return Some(Err(e)),
             }
@@ -250,11 +263,11 @@ impl FanoutSocket {
                     if !self.bucket.take() {
                         self.shared.node.counters.rate_limited.add(1);
                         tracing::debug!(
-                            socket = self.id,
+                            socket = %self.id,
                             "client over the message rate limit; closing with 1008"
                         );
-                        self.close(RATE_LIMIT_CODE, RATE_LIMIT_REASON);
-                        return Some(Err(Error::with(Kind::Limit, RATE_LIMIT_REASON)));
+                        self.close(close_code::POLICY, RATE_LIMIT_REASON);
+                        return Some(Err(Error::rate_limited(RATE_LIMIT_REASON)));
                     }
                     return Some(Ok(Event::Message(msg)));
                 }
@@ -276,14 +289,14 @@ impl FanoutSocket {
             .is_some_and(|e| matches!(e, tungstenite::Error::Capacity(_)));
         if too_big {
             tracing::debug!(
-                socket = self.id,
+                socket = %self.id,
                 "client message over the size limit; closing with 1009"
             );
-            self.close(MESSAGE_TOO_BIG_CODE, "message too big");
-            Error::with(Kind::MessageTooBig, inner)
+            self.close(close_code::SIZE, "message too big");
+            Error::message_too_big(inner)
         } else {
             self.outbox.close_after_flush(None);
-            Error::with(Kind::WebSocket, inner)
+            Error::websocket(inner)
         }
     }
 
@@ -301,9 +314,9 @@ impl FanoutSocket {
             }
             Offer::Overflowed => {
                 self.shared.node.counters.slow_disconnects.add(1);
-                Err(Error::new(Kind::Closed))
+                Err(Error::closed())
             }
-            Offer::Closed => Err(Error::new(Kind::Closed)),
+            Offer::Closed => Err(Error::closed()),
         }
     }
 
@@ -317,11 +330,6 @@ impl FanoutSocket {
             code,
             reason: Utf8Bytes::from(reason),
         }));
-    }
-
-    /// A handle to broadcast with (the same node).
-    pub fn handle(&self) -> RoomHandle {
-        RoomHandle::from_shared(self.shared.clone())
     }
 }
 
@@ -342,203 +350,12 @@ impl Drop for FanoutSocket {
         let registry = &self.shared.node.registry;
         for room in self.rooms.drain(..) {
             registry.remove(&room, self.id);
-            tracing::debug!(room = %room, socket = self.id, "left (socket dropped)");
+            tracing::debug!(room = %room, socket = %self.id, "left (socket dropped)");
         }
         registry.detach(self.id);
         self.outbox.close_after_flush(Some(CloseFrame {
-            code: 1000,
+            code: close_code::NORMAL,
             reason: Utf8Bytes::from_static(""),
         }));
-    }
-}
-
-/// The close frame of a node that is shutting down (RFC 6455 1001).
-pub(crate) fn going_away() -> CloseFrame {
-    CloseFrame {
-        code: GOING_AWAY_CODE,
-        reason: Utf8Bytes::from_static("server shutting down"),
-    }
-}
-
-/// Drains the socket's queue: take everything queued (up to the batch cap), `feed` each frame,
-/// flush once. Generic over the sink so that tests can drive it with an in-memory one.
-async fn write_loop<S>(mut sink: S, outbox: Arc<Outbox>, node: Arc<Node>, id: SocketId)
-where
-    S: Sink<Message, Error = axum::Error> + Unpin,
-{
-    let max = node.config.batch_frames.get();
-    let write_timeout = node.config.write_timeout;
-    let interval = node.config.flush_interval;
-    let mut batch = Vec::new();
-    // When the last flush carried several frames, traffic is outrunning the writer: wait
-    // out the flush interval so the next write gathers more. A lone frame means the socket
-    // is keeping up, and the next frame goes out at once.
-    let mut gather_after: Option<Instant> = None;
-    loop {
-        let next = outbox.next_batch(&mut batch, max, gather_after).await;
-        match next {
-            Next::Frames => {
-                let frames = batch.len();
-                let written = timeout(write_timeout, async {
-                    for frame in batch.drain(..) {
-                        sink.feed(frame).await?;
-                    }
-                    sink.flush().await
-                })
-                .await;
-                batch.clear();
-                outbox.flushed();
-                gather_after =
-                    (frames > 1 && !interval.is_zero()).then(|| Instant::now() + interval);
-                match written {
-                    Ok(Ok(())) => {}
-                    Ok(Err(e)) => {
-                        // The client is gone; nothing more can be written.
-                        tracing::debug!(socket = id, error = %e, "write failed; closing");
-                        outbox.close_after_flush(None);
-                        break;
-                    }
-                    Err(_) => {
-                        node.counters.slow_disconnects.add(1);
-                        tracing::warn!(
-                            socket = id,
-                            timeout_ms = write_timeout.as_millis() as u64,
-                            "write timed out; closing slow consumer"
-                        );
-                        outbox.close_now(SLOW_CONSUMER_CODE, SLOW_CONSUMER_REASON);
-                    }
-                }
-            }
-            Next::Close(frame) => {
-                if let Some(frame) = frame {
-                    let _ = timeout(CLOSE_TIMEOUT, sink.send(Message::Close(Some(frame)))).await;
-                }
-                break;
-            }
-        }
-    }
-    let _ = timeout(CLOSE_TIMEOUT, sink.close()).await;
-    node.registry.writer_finished();
-}
-
-#[cfg(test)]
-mod tests {
-    use std::pin::Pin;
-    use std::sync::Mutex;
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    use std::task::{Context, Poll};
-
-    use super::*;
-    use crate::config::{FanoutBuilder, OverflowPolicy};
-
-    /// An in-memory sink: records every frame and every flush; `stall` makes flushes hang, like
-    /// a client that stopped reading once the TCP buffers are full.
-    #[derive(Clone, Default)]
-    struct Recorder {
-        frames: Arc<Mutex<Vec<Message>>>,
-        flushes: Arc<AtomicUsize>,
-        stall: bool,
-    }
-
-    impl Sink<Message> for Recorder {
-        type Error = axum::Error;
-        fn poll_ready(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-            Poll::Ready(Ok(()))
-        }
-        fn start_send(self: Pin<&mut Self>, item: Message) -> Result<(), Self::Error> {
-            self.frames.lock().unwrap().push(item);
-            Ok(())
-        }
-        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-            if self.stall {
-                return Poll::Pending;
-            }
-            self.flushes.fetch_add(1, Ordering::SeqCst);
-            Poll::Ready(Ok(()))
-        }
-        fn poll_close(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-            Poll::Ready(Ok(()))
-        }
-    }
-
-    fn node(builder: FanoutBuilder) -> Arc<Node> {
-        // No redis client: a bare node whose background tasks never start.
-        Shared::new(builder.into_config_for_tests()).node.clone()
-    }
-
-    fn outbox() -> Arc<Outbox> {
-        Arc::new(Outbox::new(Limits {
-            frames: 100,
-            bytes: 1 << 20,
-        }))
-    }
-
-    fn text(s: &str) -> Message {
-        Message::Text(s.into())
-    }
-
-    #[tokio::test]
-    async fn everything_queued_goes_out_with_one_flush_then_the_close_frame() {
-        let node = node(FanoutBuilder::new("redis://unused"));
-        let (sink, ob) = (Recorder::default(), outbox());
-        for i in 0..10 {
-            ob.offer(text(&i.to_string()), OverflowPolicy::Disconnect);
-        }
-        ob.close_after_flush(Some(going_away()));
-        node.registry.writer_started();
-        write_loop(sink.clone(), ob.clone(), node.clone(), 1).await;
-        let frames = sink.frames.lock().unwrap();
-        assert_eq!(frames.len(), 11);
-        assert!(matches!(&frames[10], Message::Close(Some(c)) if c.code == GOING_AWAY_CODE));
-        // One flush for the ten frames, one for the close frame.
-        assert_eq!(sink.flushes.load(Ordering::SeqCst), 2);
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_busy_socket_gathers_frames_for_the_flush_interval() {
-        let node =
-            node(FanoutBuilder::new("redis://unused").flush_interval(Duration::from_millis(4)));
-        let (sink, ob) = (Recorder::default(), outbox());
-        node.registry.writer_started();
-        let writer = tokio::spawn(write_loop(sink.clone(), ob.clone(), node.clone(), 1));
-        // A lone frame goes out at once.
-        ob.offer(text("a"), OverflowPolicy::Disconnect);
-        tokio::time::sleep(Duration::from_micros(10)).await;
-        assert_eq!(sink.flushes.load(Ordering::SeqCst), 1);
-        // Two at once: the socket is busy, so what follows within 4 ms is gathered.
-        ob.offer(text("b"), OverflowPolicy::Disconnect);
-        ob.offer(text("c"), OverflowPolicy::Disconnect);
-        tokio::time::sleep(Duration::from_micros(10)).await;
-        assert_eq!(sink.flushes.load(Ordering::SeqCst), 2);
-        for s in ["d", "e", "f"] {
-            ob.offer(text(s), OverflowPolicy::Disconnect);
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
-        assert_eq!(sink.flushes.load(Ordering::SeqCst), 2, "still gathering");
-        tokio::time::sleep(Duration::from_millis(2)).await;
-        assert_eq!(
-            sink.flushes.load(Ordering::SeqCst),
-            3,
-            "d, e, f in one flush"
-        );
-        assert_eq!(sink.frames.lock().unwrap().len(), 6);
-        ob.close_now(1000, "bye");
-        writer.await.unwrap();
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_write_that_times_out_closes_the_slow_consumer_and_counts_it() {
-        let node = node(FanoutBuilder::new("redis://unused").write_timeout(Duration::from_secs(5)));
-        let sink = Recorder {
-            stall: true,
-            ..Recorder::default()
-        };
-        let ob = outbox();
-        ob.offer(text("never flushed"), OverflowPolicy::Disconnect);
-        node.registry.writer_started();
-        write_loop(sink, ob.clone(), node.clone(), 7).await;
-        assert!(ob.is_closing());
-        assert_eq!(node.stats().slow_disconnects, 1);
-        assert_eq!(ob.held(), (0, 0), "nothing held after the close");
     }
 }

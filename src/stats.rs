@@ -110,14 +110,23 @@ pub struct Stats {
     pub heartbeat_timeouts: u64,
 }
 
+/// The current sizes of a node's registry: the part of [`Stats`] that is not a counter.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Gauges {
+    pub(crate) rooms: usize,
+    pub(crate) connections: usize,
+    pub(crate) memberships: usize,
+    pub(crate) subscriptions: usize,
+}
+
 impl Counters {
-    pub(crate) fn snapshot(
-        &self,
-        rooms: usize,
-        connections: usize,
-        memberships: usize,
-        subscriptions: usize,
-    ) -> Stats {
+    pub(crate) fn snapshot(&self, gauges: Gauges) -> Stats {
+        let Gauges {
+            rooms,
+            connections,
+            memberships,
+            subscriptions,
+        } = gauges;
         Stats {
             rooms,
             connections,

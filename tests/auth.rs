@@ -6,6 +6,7 @@
 mod auth;
 mod support;
 
+use axum::extract::ws::close_code;
 use axum_fanout::FanoutLayer;
 use support::*;
 use tokio_tungstenite::tungstenite;
@@ -46,7 +47,7 @@ async fn a_room_the_user_may_not_use_is_refused_before_joining() {
     let (server, handle) = server(&redis).await;
     let mut ws = connect(&server.ws_url("/ws?room=staff&token=bob-token")).await;
     let close = recv_close(&mut ws).await.expect("close frame");
-    assert_eq!(u16::from(close.code), 1008);
+    assert_eq!(u16::from(close.code), close_code::POLICY);
     assert!(
         close.reason.contains("bob may not join"),
         "{}",

@@ -3,7 +3,9 @@
 
 mod support;
 
+use axum::extract::ws::close_code;
 use std::collections::HashMap;
+use std::num::NonZeroUsize;
 use std::time::Duration;
 
 use axum::Router;
@@ -38,7 +40,7 @@ const COUNT: usize = 640;
 async fn setup(policy: OverflowPolicy) -> (RedisServer, TestServer, RoomHandle, Ws, Ws) {
     let redis = RedisServer::start();
     let layer = FanoutLayer::builder(redis.url())
-        .queue_bytes(256 * 1024)
+        .queue_bytes(NonZeroUsize::new(256 * 1024).expect("non-zero"))
         .overflow(policy)
         .build()
         .expect("layer");
@@ -103,7 +105,7 @@ async fn disconnect_policy_closes_the_stalled_client_with_1013_and_spares_the_ot
             other => panic!("expected a close frame, got {other:?}"),
         }
     };
-    assert_eq!(u16::from(close.code), axum_fanout::SLOW_CONSUMER_CODE);
+    assert_eq!(u16::from(close.code), close_code::AGAIN);
     assert_eq!(close.reason.as_str(), axum_fanout::SLOW_CONSUMER_REASON);
 
     let s = handle.stats();

@@ -13,18 +13,13 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use axum::extract::ws::close_code;
 use axum_fanout::{FanoutLayer, RoomHandle};
 use futures_util::SinkExt;
 use serde_json::{Value, json};
 use support::*;
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message;
-
-/// The chat app's close codes (RFC 6455 section 7.4.1).
-const UNSUPPORTED_DATA: u16 = 1003;
-const INVALID_PAYLOAD: u16 = 1007;
-const POLICY_VIOLATION: u16 = 1008;
-const MESSAGE_TOO_BIG: u16 = 1009;
 
 /// The default `max_message_size` of a layer.
 const MAX_MESSAGE: usize = 64 * 1024;
@@ -169,7 +164,8 @@ async fn a_frame_that_is_not_json_closes_only_that_connection_with_1007() {
         let mut bad = c.join(0, "j").await;
         assert_eq!(c.stats(0).memberships, 2);
         send_text(&mut bad, g).await;
-        let reason = expect_close(&mut bad, INVALID_PAYLOAD, &format!("text frame {g:?}")).await;
+        let reason =
+            expect_close(&mut bad, close_code::INVALID, &format!("text frame {g:?}")).await;
         assert!(!reason.is_empty(), "the close frame says why");
         wait_until("node n1 released the closed socket", || async {
             c.stats(0).memberships == 1
@@ -221,7 +217,7 @@ async fn a_text_message_over_64_kib_closes_only_that_connection_with_1009() {
 
     // One byte more: valid JSON, so only its size can be the reason for the close.
     send_text(&mut big, &json_string_of_len(MAX_MESSAGE + 1)).await;
-    let reason = expect_close(&mut big, MESSAGE_TOO_BIG, "message of 64 KiB + 1").await;
+    let reason = expect_close(&mut big, close_code::SIZE, "message of 64 KiB + 1").await;
     assert!(!reason.is_empty(), "the close frame says why");
     wait_until("node n1 released the closed socket", || async {
         c.stats(0).memberships == 1
@@ -261,7 +257,7 @@ async fn a_binary_frame_closes_only_that_connection_with_1003() {
     bin.send(Message::binary(br#"{"a":1}"#.to_vec()))
         .await
         .expect("send binary");
-    let reason = expect_close(&mut bin, UNSUPPORTED_DATA, "binary frame").await;
+    let reason = expect_close(&mut bin, close_code::UNSUPPORTED, "binary frame").await;
     assert!(!reason.is_empty(), "the close frame says why");
     wait_until("node n1 released the closed socket", || async {
         c.stats(0).memberships == 1
@@ -297,7 +293,7 @@ async fn an_invalid_room_name_closes_with_1008_and_joins_nothing() {
     ];
     for (path, needle) in &cases {
         let mut ws = connect(&c.nodes[0].server.ws_url(path)).await;
-        let reason = expect_close(&mut ws, POLICY_VIOLATION, path).await;
+        let reason = expect_close(&mut ws, close_code::POLICY, path).await;
         assert!(
             reason.contains(needle),
             "{path}: reason {reason:?} names the rule ({needle:?})"

@@ -3,6 +3,7 @@
 
 mod support;
 
+use axum::extract::ws::close_code;
 use std::collections::HashMap;
 use std::num::{NonZeroU32, NonZeroUsize};
 use std::time::Duration;
@@ -132,7 +133,7 @@ async fn a_client_over_the_message_rate_is_closed_with_1008_and_others_are_not()
             other => panic!("expected frames then a close, got {other:?}"),
         }
     };
-    assert_eq!(u16::from(close.code), 1008);
+    assert_eq!(u16::from(close.code), close_code::POLICY);
     assert_eq!(close.reason.as_str(), "rate limit exceeded");
     assert!(got.len() <= 6, "at most the burst got through: {got:?}");
     assert_eq!(handle.stats().rate_limited, 1);

@@ -3,6 +3,7 @@
 
 mod support;
 
+use axum::extract::ws::close_code;
 use std::time::{Duration, Instant};
 
 use axum_fanout::{FanoutLayer, RoomHandle};
@@ -356,11 +357,11 @@ async fn graceful_shutdown_closes_sockets_with_1001_and_unsubscribes() {
     assert!(nodes[0].handle.shutdown().await, "clean shutdown in time");
     for ws in [&mut a, &mut b] {
         let close = recv_close(ws).await.expect("close frame");
-        assert_eq!(u16::from(close.code), axum_fanout::GOING_AWAY_CODE);
+        assert_eq!(u16::from(close.code), close_code::AWAY);
     }
     assert_eq!(redis.channels("ws:room:*"), Vec::<String>::new());
     // New sockets are refused with 1001 too.
     let mut late = connect(&nodes[0].server.ws_url("/ws?room=late")).await;
     let close = recv_close(&mut late).await.expect("close frame");
-    assert_eq!(u16::from(close.code), axum_fanout::GOING_AWAY_CODE);
+    assert_eq!(u16::from(close.code), close_code::AWAY);
 }

@@ -5,6 +5,7 @@
 
 mod support;
 
+use axum::extract::ws::close_code;
 use std::time::{Duration, Instant};
 
 use axum_fanout::FanoutLayer;
@@ -121,7 +122,7 @@ async fn wrong_password(redis: &RedisServer, url: &str, accept_it: &[&str]) {
 
     let mut ws = connect(&server.ws_url("/ws?room=vault")).await;
     let close = recv_close(&mut ws).await.expect("a close frame");
-    assert_eq!(u16::from(close.code), 1011, "{close:?}");
+    assert_eq!(u16::from(close.code), close_code::ERROR, "{close:?}");
     assert_eq!(redis.numsub("ws:room:vault"), 0);
     assert!(!handle.is_ready());
     assert_eq!(http(server.addr, "GET", "/healthz", "").await.0, 503);

@@ -7,6 +7,7 @@
 mod chat_app;
 mod support;
 
+use axum::extract::ws::close_code;
 use std::collections::HashMap;
 use std::num::NonZeroU16;
 
@@ -147,7 +148,7 @@ async fn look_alike_rooms_never_share_a_channel() {
     // The one name that would collide with a shard channel is refused before joining.
     let mut bad = connect(&f.nodes[0].0.ws_url("/ws?room=42:shard1")).await;
     let close = recv_close(&mut bad).await.expect("close frame");
-    assert_eq!(u16::from(close.code), 1008);
+    assert_eq!(u16::from(close.code), close_code::POLICY);
 }
 
 #[tokio::test]

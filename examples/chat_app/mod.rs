@@ -15,18 +15,12 @@ use std::num::NonZeroU32;
 
 use axum::Json;
 use axum::Router;
-use axum::extract::ws::{Message, WebSocketUpgrade};
+use axum::extract::ws::{Message, WebSocketUpgrade, close_code};
 use axum::extract::{Path, Query};
 use axum::http::StatusCode;
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use axum_fanout::{Event, FanoutLayer, FanoutSocket, Missed, Payload, RoomHandle, RoomName};
-
-/// Close codes the chat example uses (RFC 6455 section 7.4.1).
-const UNSUPPORTED_DATA: u16 = 1003;
-const INVALID_PAYLOAD: u16 = 1007;
-const POLICY_VIOLATION: u16 = 1008;
-const INTERNAL_ERROR: u16 = 1011;
 
 /// The chat app's routes, wrapped in `layer`.
 pub(crate) fn app(layer: FanoutLayer) -> Router {
@@ -85,29 +79,27 @@ async fn ws(
     rooms: RoomHandle,
 ) -> Response {
     let room = query.get("room").map_or("lobby", String::as_str).to_owned();
-    rooms
-        .clone()
-        .on_upgrade(upgrade, move |socket| serve(socket, rooms, room))
+    rooms.on_upgrade(upgrade, move |socket| serve(socket, room))
 }
 
-async fn serve(mut socket: FanoutSocket, rooms: RoomHandle, room: String) {
+async fn serve(mut socket: FanoutSocket, room: String) {
     let room = match RoomName::new(&room) {
         Ok(room) => room,
-        Err(e) => return socket.close(POLICY_VIOLATION, &e.to_string()),
+        Err(e) => return socket.close(close_code::POLICY, &e.to_string()),
     };
     if let Err(e) = socket.join(&room).await {
         tracing::warn!(room = %room, error = %e, "join failed");
-        return socket.close(INTERNAL_ERROR, "redis unavailable, try again later");
+        return socket.close(close_code::ERROR, "redis unavailable, try again later");
     }
     while let Some(event) = socket.recv_event().await {
         match event {
             Ok(Event::Message(Message::Text(text))) => {
                 let Ok(payload) = Payload::raw_json(text.as_str()) else {
-                    return socket.close(INVALID_PAYLOAD, "frame is not valid JSON");
+                    return socket.close(close_code::INVALID, "frame is not valid JSON");
                 };
-                // Awaiting each broadcast keeps one sender's messages in order.
-                // `sender` keeps this client's messages on one shard of a sharded room.
-                if let Err(e) = rooms.broadcast(&room, payload).sender(socket.id()).await {
+                // Awaiting each broadcast keeps one sender's messages in order; broadcasting as
+                // the socket keeps this client's messages on one shard of a sharded room.
+                if let Err(e) = socket.broadcast(&room, payload).await {
                     tracing::warn!(room = %room, error = %e, "broadcast failed");
                 }
             }
@@ -117,7 +109,12 @@ async fn serve(mut socket: FanoutSocket, rooms: RoomHandle, room: String) {
                     return;
                 }
             }
-            Ok(_) => return socket.close(UNSUPPORTED_DATA, "only JSON text frames are accepted"),
+            Ok(_) => {
+                return socket.close(
+                    close_code::UNSUPPORTED,
+                    "only JSON text frames are accepted",
+                );
+            }
             // Over the size limit (the socket already closed itself with 1009) or a transport
             // failure: either way the connection is done.
             Err(_) => return,
@@ -127,15 +124,11 @@ async fn serve(mut socket: FanoutSocket, rooms: RoomHandle, room: String) {
 
 /// `{"type":"fanout.missed","room":..,"since":ms,"until":ms,"dropped":n|null}`
 fn missed_notice(missed: &Missed) -> serde_json::Value {
-    let ms = |t: std::time::SystemTime| {
-        t.duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64)
-    };
     serde_json::json!({
         "type": "fanout.missed",
         "room": missed.room().as_str(),
-        "since": ms(missed.since()),
-        "until": ms(missed.until()),
+        "since": missed.since_ms(),
+        "until": missed.until_ms(),
         "dropped": missed.dropped(),
     })
 }

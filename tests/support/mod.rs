@@ -369,7 +369,7 @@ impl Write for Logs {
 /// `missed:<room>`. `GET /healthz` is 200 when the node is ready, else 503.
 pub fn room_app(layer: axum_fanout::FanoutLayer) -> Router {
     use axum::extract::Query;
-    use axum::extract::ws::{Message as WsMessage, WebSocketUpgrade};
+    use axum::extract::ws::{Message as WsMessage, WebSocketUpgrade, close_code};
     use axum::http::StatusCode;
     use axum::response::Response;
     use axum::routing::get;
@@ -385,7 +385,7 @@ pub fn room_app(layer: axum_fanout::FanoutLayer) -> Router {
             .clone()
             .on_upgrade(upgrade, move |mut socket| async move {
                 if let Err(e) = socket.join(&room).await {
-                    return socket.close(1011, &e.to_string());
+                    return socket.close(close_code::ERROR, &e.to_string());
                 }
                 let _ = socket.send("joined");
                 while let Some(Ok(event)) = socket.recv_event().await {

@@ -1,10 +1,8 @@
-//! The `RoomHandle` extractor: what handlers use to reach the node.
+//! The [`RoomHandle`] extractor, what handlers use to reach the node, and its rejection.
 
 use std::fmt;
-use std::future::{Future, IntoFuture};
-use std::pin::Pin;
+use std::future::Future;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
 use axum::extract::FromRequestParts;
 use axum::extract::ws::{WebSocket, WebSocketUpgrade};
@@ -12,14 +10,12 @@ use axum::http::StatusCode;
 use axum::http::request::Parts;
 use axum::response::{IntoResponse, Response};
 
-use crate::bus;
-use crate::channel;
-use crate::envelope::{self, Payload};
-use crate::error::Error;
+use crate::broadcast::Broadcast;
+use crate::envelope::Payload;
 use crate::node::Shared;
-use crate::room::RoomName;
-use crate::socket::{FanoutSocket, going_away};
+use crate::socket::FanoutSocket;
 use crate::stats::Stats;
+use crate::writer::going_away;
 
 /// A cheap, cloneable handle to this node's fan-out: broadcast to rooms, attach WebSockets,
 /// ask for readiness and stats.
@@ -32,7 +28,10 @@ use crate::stats::Stats;
 /// use axum_fanout::{FanoutLayer, Payload, RoomHandle};
 ///
 /// async fn push(Path(room): Path<String>, rooms: RoomHandle, body: String) -> String {
-///     match rooms.broadcast(&room, Payload::text(body)).await {
+///     let Ok(payload) = Payload::raw_json(body) else {
+///         return "the body must be one JSON value\n".to_owned();
+///     };
+///     match rooms.broadcast(&room, payload).await {
 ///         Ok(nodes) => format!("delivered to {nodes} node(s)\n"),
 ///         Err(e) => format!("failed: {e}\n"),
 ///     }
@@ -70,14 +69,11 @@ impl RoomHandle {
     /// Await the returned [`Broadcast`]: it publishes one envelope and resolves, after Redis
     /// replied, to the number of nodes subscribed to the room (PUBLISH's reply). Local sockets
     /// receive the message from the subscriber like everyone else, never inline.
+    ///
+    /// From a WebSocket handler, prefer [`FanoutSocket::broadcast`], which names the sending
+    /// socket for you.
     pub fn broadcast(&self, room: impl AsRef<str>, payload: impl Into<Payload>) -> Broadcast {
-        Broadcast {
-            handle: self.clone(),
-            room: RoomName::new(room).map_err(Error::from),
-            payload: payload.into(),
-            except: None,
-            sender: None,
-        }
+        Broadcast::new(self.shared.clone(), room.as_ref(), payload.into())
     }
 
     /// Applies this node's WebSocket settings (buffer sizes, message size limit) to an upgrade.
@@ -85,8 +81,8 @@ impl RoomHandle {
         let cfg = &self.shared.node.config;
         ws.read_buffer_size(cfg.read_buffer_size)
             .write_buffer_size(cfg.write_buffer_size)
-            .max_message_size(cfg.max_message_size)
-            .max_frame_size(cfg.max_message_size)
+            .max_message_size(cfg.max_message_size.get())
+            .max_frame_size(cfg.max_message_size.get())
     }
 
     /// Completes the upgrade with this node's WebSocket settings and hands `callback` an
@@ -98,12 +94,13 @@ impl RoomHandle {
     /// use axum_fanout::{Payload, RoomHandle};
     ///
     /// async fn ws(upgrade: WebSocketUpgrade, rooms: RoomHandle) -> Response {
-    ///     rooms.clone().on_upgrade(upgrade, move |mut socket| async move {
+    ///     rooms.on_upgrade(upgrade, |mut socket| async move {
     ///         if socket.join("lobby").await.is_err() {
     ///             return socket.close(1011, "try again later");
     ///         }
     ///         while let Some(Ok(Message::Text(text))) = socket.recv().await {
-    ///             let _ = rooms.broadcast("lobby", Payload::text(text.as_str())).await;
+    ///             let Ok(payload) = Payload::raw_json(text.as_str()) else { break };
+    ///             let _ = socket.broadcast("lobby", payload).await;
     ///         }
     ///     })
     /// }
@@ -141,7 +138,7 @@ impl RoomHandle {
     /// Whether the subscriber link to Redis is up and every local room is subscribed on it:
     /// what `/healthz` should report.
     pub fn is_ready(&self) -> bool {
-        self.shared.node.ready.load(Ordering::Acquire)
+        self.shared.node.bus.is_ready()
     }
 
     /// This node's id (the `origin` of its envelopes).
@@ -188,56 +185,6 @@ impl RoomHandle {
     /// A snapshot of this node's counters.
     pub fn stats(&self) -> Stats {
         self.shared.node.stats()
-    }
-}
-
-/// A broadcast being prepared; `.await` it to publish. From [`RoomHandle::broadcast`].
-#[must_use = "a broadcast does nothing until it is awaited"]
-#[derive(Debug)]
-pub struct Broadcast {
-    handle: RoomHandle,
-    room: Result<RoomName, Error>,
-    payload: Payload,
-    except: Option<u64>,
-    sender: Option<u64>,
-}
-
-impl Broadcast {
-    /// Leaves out one socket of this node (usually the sender): pass
-    /// [`FanoutSocket::id`]. It also counts as the [`sender`](Broadcast::sender).
-    pub fn except(mut self, socket: u64) -> Self {
-        self.except = Some(socket);
-        self.sender.get_or_insert(socket);
-        self
-    }
-
-    /// Names the socket this broadcast comes from ([`FanoutSocket::id`]), without leaving it
-    /// out. In a sharded room it picks the shard, so one sender's messages keep their order
-    /// while different senders spread over the shards. Without it, all of this node's
-    /// broadcasts to the room share one shard.
-    pub fn sender(mut self, socket: u64) -> Self {
-        self.sender = Some(socket);
-        self
-    }
-}
-
-impl IntoFuture for Broadcast {
-    type Output = Result<usize, Error>;
-    type IntoFuture = Pin<Box<dyn Future<Output = Self::Output> + Send>>;
-
-    fn into_future(self) -> Self::IntoFuture {
-        Box::pin(async move {
-            let room = self.room?;
-            let node = &self.handle.shared.node;
-            let bytes = envelope::encode(
-                &node.config.node_id,
-                room.as_str(),
-                &self.payload,
-                self.except,
-            );
-            let sender = channel::sender_key(&node.config.node_id, self.sender.unwrap_or(0));
-            bus::publish(node, &room, sender, bytes).await
-        })
     }
 }
 

@@ -1,0 +1,226 @@
+//! The Redis deployment the bus talks to: one server (PUBLISH / SUBSCRIBE) or, with the
+//! `cluster` feature, a Redis Cluster (SPUBLISH / SSUBSCRIBE, Redis 7's sharded pub/sub).
+//!
+//! This is the crate's seam to Redis: `bus::client` builds a [`Backend`] from the builder's
+//! settings, and the rest of `bus` only connects,
+//! publishes, subscribes and unsubscribes through [`Backend`] and [`Conn`], and never needs to
+//! know which deployment it has: reconnecting, resubscribing from the registry, probing and
+//! shedding are the same code for both.
+//!
+//! # Cluster mode
+//!
+//! A message published with SPUBLISH is routed only to the shard (master and its replicas)
+//! that owns the channel's hash slot, instead of being broadcast over the cluster bus to every
+//! node. redis-rs's cluster client sends each SSUBSCRIBE to the node that owns the slot of its
+//! first channel; Redis refuses one SSUBSCRIBE naming channels of different slots (CROSSSLOT),
+//! so [`Conn::subscribe`] groups channels by slot and sends one command per slot, concurrently.
+//!
+//! Channel names carry no hash tag (`{...}`), so the shards of one room (`ws:room:42:shard0`,
+//! `ws:room:42:shard1`, ...) hash to unrelated slots and spread over the masters. A room name or
+//! a channel prefix that holds `{tag}` pins every channel containing it to one slot, which
+//! co-locates them on purpose and undoes that spread.
+
+use std::time::Duration;
+
+use redis::aio::MultiplexedConnection;
+use redis::{AsyncConnectionConfig, PushInfo, RedisError};
+
+#[cfg(feature = "cluster")]
+use super::slots::{master_slot_ranges, per_slot, probe_channels_for};
+
+/// Where the node's two connections go. Cheap to clone.
+#[derive(Clone)]
+#[allow(
+    clippy::large_enum_variant,
+    reason = "one per node, built once: its size does not matter"
+)]
+pub(crate) enum Backend {
+    Server(redis::Client),
+    #[cfg(feature = "cluster")]
+    Cluster(redis::cluster::ClusterClient),
+}
+
+impl std::fmt::Debug for Backend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Neither shows credentials: the server's address only, or just the kind.
+        match self {
+            Backend::Server(client) => f
+                .debug_tuple("Server")
+                .field(&client.get_connection_info().addr().to_string())
+                .finish(),
+            #[cfg(feature = "cluster")]
+            Backend::Cluster(_) => f.write_str("Cluster"),
+        }
+    }
+}
+
+/// One connection (a server's multiplexed connection, or a cluster connection that holds one
+/// per master). Cheap to clone: clones share the connection.
+#[derive(Clone)]
+pub(crate) enum Conn {
+    Server(MultiplexedConnection),
+    #[cfg(feature = "cluster")]
+    Cluster(redis::cluster_async::ClusterConnection),
+}
+
+impl std::fmt::Debug for Conn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Conn::Server(_) => f.write_str("Conn::Server"),
+            #[cfg(feature = "cluster")]
+            Conn::Cluster(_) => f.write_str("Conn::Cluster"),
+        }
+    }
+}
+
+impl Backend {
+    /// Opens a connection whose pushes (messages, and a `Disconnection` when it closes) go to
+    /// `push`, which must never block.
+    pub(crate) async fn connect(
+        &self,
+        connect_timeout: Duration,
+        push: impl Fn(PushInfo) -> Result<(), ()> + Send + Sync + 'static,
+    ) -> Result<Conn, RedisError> {
+        match self {
+            Backend::Server(client) => {
+                let config = AsyncConnectionConfig::new()
+                    .set_connection_timeout(Some(connect_timeout))
+                    // Deadlines are applied per operation by the callers.
+                    .set_response_timeout(None)
+                    .set_push_sender(push);
+                client
+                    .get_multiplexed_async_connection_with_config(&config)
+                    .await
+                    .map(Conn::Server)
+            }
+            #[cfg(feature = "cluster")]
+            Backend::Cluster(client) => {
+                let config = redis::cluster::ClusterConfig::new()
+                    .set_connection_timeout(connect_timeout)
+                    // The callers' deadlines are shorter; this only bounds a request the
+                    // client retries internally (redirects, a master being replaced).
+                    .set_response_timeout(Duration::from_secs(30))
+                    .set_push_sender(push);
+                // The initial connection fetches the slot map from the first node that answers
+                // and then connects to every master: bound the whole of it, not each step.
+                match tokio::time::timeout(
+                    connect_timeout * 2,
+                    client.get_async_connection_with_config(config),
+                )
+                .await
+                {
+                    Ok(conn) => conn.map(Conn::Cluster),
+                    Err(_) => Err(RedisError::from(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "no cluster node answered in time",
+                    ))),
+                }
+            }
+        }
+    }
+
+    /// The publish command of this deployment, for messages: `"PUBLISH"` or `"SPUBLISH"`.
+    pub(crate) fn publish_command(&self) -> &'static str {
+        publish_command(matches!(self, Backend::Server(_)))
+    }
+}
+
+/// PUBLISH on one server; SPUBLISH (Redis 7's sharded pub/sub, routed to the shard that owns
+/// the channel) on a cluster. The one place that says which.
+const fn publish_command(single_server: bool) -> &'static str {
+    if single_server { "PUBLISH" } else { "SPUBLISH" }
+}
+
+impl Conn {
+    fn publish_command(&self) -> &'static str {
+        publish_command(matches!(self, Conn::Server(_)))
+    }
+
+    /// PUBLISH (SPUBLISH on a cluster); returns the number of subscribed connections (on a
+    /// cluster: on the shard that owns the channel).
+    pub(crate) async fn publish(
+        &mut self,
+        channel: &str,
+        payload: impl redis::ToRedisArgs + Send + Sync,
+    ) -> Result<usize, RedisError> {
+        let mut cmd = redis::cmd(self.publish_command());
+        cmd.arg(channel).arg(payload);
+        match self {
+            Conn::Server(conn) => cmd.query_async(conn).await,
+            // Routed by its first argument, the channel, to the master owning its slot.
+            #[cfg(feature = "cluster")]
+            Conn::Cluster(conn) => cmd.query_async(conn).await,
+        }
+    }
+
+    /// The channels this node's link probe uses, named from `base`: `base` itself on one
+    /// server; on a cluster, one `base:<n>` per master, each chosen so that its hash slot is
+    /// one that master serves, so the probe covers every master the connection talks to.
+    pub(crate) async fn probe_channels(&mut self, base: &str) -> Result<Vec<String>, RedisError> {
+        match self {
+            Conn::Server(_) => Ok(vec![base.to_owned()]),
+            #[cfg(feature = "cluster")]
+            Conn::Cluster(conn) => {
+                let slots: redis::Value =
+                    redis::cmd("CLUSTER").arg("SLOTS").query_async(conn).await?;
+                Ok(probe_channels_for(base, &master_slot_ranges(&slots)))
+            }
+        }
+    }
+
+    /// Publishes every `(channel, payload)`, in order; returns each one's subscriber count.
+    /// On one server they go out as one pipeline (one write, one read for all of them). On a
+    /// cluster they are sent concurrently, each to the master owning its channel's slot
+    /// (a cluster pipeline must stay within one slot).
+    pub(crate) async fn publish_many(
+        &mut self,
+        commands: &[(&str, &[u8])],
+    ) -> Result<Vec<usize>, RedisError> {
+        match self {
+            Conn::Server(conn) => {
+                let mut pipe = redis::pipe();
+                for (channel, payload) in commands {
+                    pipe.cmd(publish_command(true)).arg(*channel).arg(*payload);
+                }
+                pipe.query_async(conn).await
+            }
+            #[cfg(feature = "cluster")]
+            Conn::Cluster(conn) => {
+                let sends = commands.iter().map(|(channel, payload)| {
+                    let mut conn = Conn::Cluster(conn.clone());
+                    async move { conn.publish(channel, *payload).await }
+                });
+                futures_util::future::try_join_all(sends).await
+            }
+        }
+    }
+
+    /// SUBSCRIBE (SSUBSCRIBE on a cluster, one command per hash slot); returns once Redis
+    /// confirmed every channel.
+    pub(crate) async fn subscribe(&mut self, channels: &[String]) -> Result<(), RedisError> {
+        match self {
+            Conn::Server(conn) => conn.subscribe(channels).await,
+            #[cfg(feature = "cluster")]
+            Conn::Cluster(conn) => {
+                per_slot(conn, channels, |mut conn, group| async move {
+                    conn.ssubscribe(group).await
+                })
+                .await
+            }
+        }
+    }
+
+    /// UNSUBSCRIBE (SUNSUBSCRIBE on a cluster, one command per hash slot).
+    pub(crate) async fn unsubscribe(&mut self, channels: &[String]) -> Result<(), RedisError> {
+        match self {
+            Conn::Server(conn) => conn.unsubscribe(channels).await,
+            #[cfg(feature = "cluster")]
+            Conn::Cluster(conn) => {
+                per_slot(conn, channels, |mut conn, group| async move {
+                    conn.sunsubscribe(group).await
+                })
+                .await
+            }
+        }
+    }
+}

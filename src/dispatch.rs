@@ -1,0 +1,387 @@
+//! The dispatcher: from messages received on the subscriber connection to frames in the local
+//! sockets' queues.
+//!
+//! Received messages cross a *bounded* hop, the [`Inbox`], from the connection's push callback
+//! to one dispatcher task per node. The callback never waits: when the dispatcher falls behind,
+//! messages are dropped and counted (`inbound_dropped`) and the rooms' members are told, instead
+//! of queueing without limit. The dispatcher decodes each envelope once, offers the one frame to
+//! every local socket of the room (never waiting for a socket) and wakes each writer once per
+//! batch. It knows nothing of Redis: a received message is a channel name and its bytes.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use crate::channel;
+use crate::config::Config;
+use crate::envelope;
+use crate::queue::Outbox;
+use crate::registry::{Dispatched, Registry, SocketId};
+use crate::stats::Counters;
+
+/// One message as the subscriber connection received it.
+#[derive(Debug)]
+pub(crate) struct Received {
+    pub(crate) channel: Vec<u8>,
+    pub(crate) envelope: Vec<u8>,
+}
+
+/// Messages of one room dropped before dispatch: the window and how many.
+#[derive(Debug, Clone, Copy)]
+struct ShedWindow {
+    first: SystemTime,
+    last: SystemTime,
+    count: u64,
+}
+
+/// What was shed, per room, between two dispatcher batches. Written by the push callback,
+/// drained by the dispatcher, which tells the rooms' members.
+#[derive(Debug, Default)]
+struct Shed(Mutex<HashMap<String, ShedWindow>>);
+
+impl Shed {
+    fn note(&self, room: &str) {
+        let now = SystemTime::now();
+        let mut shed = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        let window = shed.entry(room.to_owned()).or_insert(ShedWindow {
+            first: now,
+            last: now,
+            count: 0,
+        });
+        window.last = now;
+        window.count += 1;
+    }
+
+    fn take(&self) -> HashMap<String, ShedWindow> {
+        let mut shed = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        if shed.is_empty() {
+            return HashMap::new();
+        }
+        std::mem::take(&mut *shed)
+    }
+}
+
+/// The sending side of the hop, held by the subscriber connection's push callback.
+#[derive(Debug)]
+pub(crate) struct Inbox {
+    tx: mpsc::Sender<Received>,
+    shed: Arc<Shed>,
+    config: Arc<Config>,
+    counters: Arc<Counters>,
+}
+
+impl Inbox {
+    /// Hands `message` to the dispatcher without waiting: when the hop is full the message is
+    /// dropped, counted, and its room's members will be told.
+    pub(crate) fn offer(&self, message: Received) {
+        if let Err(mpsc::error::TrySendError::Full(message)) = self.tx.try_send(message) {
+            self.counters.inbound_dropped.add(1);
+            if let Some(room) = channel::room_of(&self.config, &message.channel) {
+                self.shed.note(room);
+            }
+        }
+    }
+}
+
+/// Most envelopes dispatched before the writers they fed are woken. Under load the hop holds
+/// many envelopes and each writer then finds many frames to send with one flush; when traffic
+/// is light a batch is a single envelope and nothing waits.
+const DISPATCH_BATCH: usize = 256;
+
+/// The receiving side: one task per node.
+#[derive(Debug)]
+pub(crate) struct Dispatcher {
+    rx: mpsc::Receiver<Received>,
+    shed: Arc<Shed>,
+    config: Arc<Config>,
+    registry: Arc<Registry>,
+    counters: Arc<Counters>,
+    malformed_log: LogLimiter,
+    dropped_log: LogLimiter,
+    shed_log: LogLimiter,
+    to_wake: Vec<Arc<Outbox>>,
+}
+
+/// The hop between the subscriber connection and the dispatcher, `capacity` messages deep.
+/// The dispatcher ends once every [`Inbox`] is dropped.
+pub(crate) fn channel(
+    capacity: usize,
+    config: Arc<Config>,
+    registry: Arc<Registry>,
+    counters: Arc<Counters>,
+) -> (Inbox, Dispatcher) {
+    let (tx, rx) = mpsc::channel(capacity);
+    let shed = Arc::new(Shed::default());
+    let every = Duration::from_secs(10);
+    let inbox = Inbox {
+        tx,
+        shed: shed.clone(),
+        config: config.clone(),
+        counters: counters.clone(),
+    };
+    let dispatcher = Dispatcher {
+        rx,
+        shed,
+        config,
+        registry,
+        counters,
+        malformed_log: LogLimiter::new(every),
+        dropped_log: LogLimiter::new(every),
+        shed_log: LogLimiter::new(every),
+        to_wake: Vec::new(),
+    };
+    (inbox, dispatcher)
+}
+
+impl Dispatcher {
+    /// Dispatches until every [`Inbox`] is gone.
+    pub(crate) async fn run(mut self) {
+        let mut batch = Vec::with_capacity(DISPATCH_BATCH);
+        while self.rx.recv_many(&mut batch, DISPATCH_BATCH).await > 0 {
+            self.dispatch(&mut batch);
+        }
+    }
+
+    /// Tells the members of rooms that lost messages in the hop, then decodes and offers every
+    /// message of `batch` (emptying it), counts, and wakes each writer that needs it once.
+    fn dispatch(&mut self, batch: &mut Vec<Received>) {
+        self.tell_shed();
+        let (config, registry) = (&*self.config, &*self.registry);
+        let mut total = Dispatched::default();
+        let (mut received, mut malformed) = (0, 0);
+        for Received {
+            channel,
+            envelope: raw,
+        } in batch.drain(..)
+        {
+            let Some(room) = channel::room_of(config, &channel) else {
+                continue;
+            };
+            let decoded = match envelope::decode(
+                &raw,
+                room,
+                &config.node_id,
+                config.max_envelope_bytes.get(),
+            ) {
+                Ok(decoded) => decoded,
+                Err(why) => {
+                    malformed += 1;
+                    if let Some(suppressed) = self.malformed_log.allow() {
+                        tracing::warn!(
+                            room,
+                            reason = %why,
+                            bytes = raw.len(),
+                            suppressed,
+                            "dropped a malformed envelope"
+                        );
+                    }
+                    continue;
+                }
+            };
+            received += 1;
+            let out = registry.dispatch(
+                room,
+                &decoded.frame,
+                decoded.except.map(SocketId::from_wire),
+                config.overflow_for(room),
+                &mut self.to_wake,
+            );
+            if out.overflowed > 0 {
+                tracing::warn!(
+                    room,
+                    sockets = out.overflowed,
+                    "closed slow consumers: send queue full"
+                );
+            }
+            total += out;
+        }
+        if total.dropped > total.overflowed
+            && let Some(suppressed) = self.dropped_log.allow()
+        {
+            tracing::warn!(
+                dropped = total.dropped - total.overflowed,
+                batches_suppressed = suppressed,
+                "dropped frames for sockets whose send queue is full (overflow policy)"
+            );
+        }
+        // Count before waking, so that whoever sees a frame also sees it counted.
+        let c = &self.counters;
+        c.received.add(received);
+        c.malformed.add(malformed);
+        c.delivered.add(total.delivered);
+        c.dropped.add(total.dropped);
+        c.slow_disconnects.add(total.overflowed);
+        for outbox in self.to_wake.drain(..) {
+            outbox.wake();
+        }
+    }
+
+    fn tell_shed(&mut self) {
+        let shed = self.shed.take();
+        if shed.is_empty() {
+            return;
+        }
+        if self.shed_log.allow().is_some() {
+            tracing::warn!(
+                rooms = shed.len(),
+                messages = shed.values().map(|w| w.count).sum::<u64>(),
+                total = self.counters.inbound_dropped.get(),
+                "dispatcher fell behind: dropped messages between redis and the dispatcher"
+            );
+        }
+        for (room, w) in shed {
+            self.registry.shed(&room, w.first, w.last, w.count);
+        }
+    }
+}
+
+/// Logs at most once per interval, counting what it held back.
+#[derive(Debug)]
+struct LogLimiter {
+    every: Duration,
+    next: Option<Instant>,
+    suppressed: u64,
+}
+
+impl LogLimiter {
+    fn new(every: Duration) -> Self {
+        Self {
+            every,
+            next: None,
+            suppressed: 0,
+        }
+    }
+
+    /// Returns how many events were suppressed since the last log, or `None` to stay quiet.
+    fn allow(&mut self) -> Option<u64> {
+        let now = Instant::now();
+        if self.next.is_some_and(|next| now < next) {
+            self.suppressed += 1;
+            return None;
+        }
+        self.next = Some(now + self.every);
+        Some(std::mem::take(&mut self.suppressed))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{FanoutBuilder, OverflowPolicy};
+    use crate::queue::{Limits, Next};
+    use crate::room::RoomName;
+
+    /// A dispatcher with no connection behind it: the tests play the subscriber connection
+    /// through the [`Inbox`], as `bus::subscriber` does with what Redis pushes.
+    fn dispatcher(capacity: usize) -> (Inbox, Dispatcher, Arc<Registry>, Arc<Counters>) {
+        let config = Arc::new(FanoutBuilder::new("redis://unused").into_config_for_tests());
+        let (registry, counters) = (Arc::new(Registry::default()), Arc::new(Counters::default()));
+        let (inbox, d) = channel(capacity, config, registry.clone(), counters.clone());
+        (inbox, d, registry, counters)
+    }
+
+    fn member(registry: &Registry, room: &str) -> Arc<Outbox> {
+        let outbox = Arc::new(Outbox::new(Limits {
+            frames: 16,
+            bytes: 1 << 20,
+        }));
+        let (id, _) = registry.attach(outbox.clone());
+        registry.insert(&RoomName::new(room).expect("valid"), id, outbox.clone());
+        outbox
+    }
+
+    fn received(channel: &str, envelope: &str) -> Received {
+        Received {
+            channel: channel.as_bytes().to_vec(),
+            envelope: envelope.as_bytes().to_vec(),
+        }
+    }
+
+    async fn frames(outbox: &Outbox) -> Vec<String> {
+        let mut batch = Vec::new();
+        match outbox.next_batch(&mut batch, 100, None).await {
+            Next::Frames => batch
+                .into_iter()
+                .map(|m| m.into_text().expect("text").to_string())
+                .collect(),
+            Next::Close(_) => Vec::new(),
+        }
+    }
+
+    #[tokio::test]
+    async fn each_envelope_reaches_its_rooms_members_once_and_garbage_is_counted() {
+        let (inbox, mut d, registry, counters) = dispatcher(64);
+        let (a1, a2, b) = (
+            member(&registry, "a"),
+            member(&registry, "a"),
+            member(&registry, "b"),
+        );
+        for m in [
+            received("ws:room:a", r#"{"payload":{"n":1}}"#),
+            received("ws:room:a", "not json"),
+            received("ws:room:b", r#"{"payload":2,"room":"a"}"#), // names another room
+            received("ws:room:a", r#"{"v":1,"text":"two"}"#),
+            received("elsewhere", r#"{"payload":3}"#), // not a room channel
+        ] {
+            inbox.offer(m);
+        }
+        let mut batch = Vec::new();
+        d.rx.recv_many(&mut batch, 10).await;
+        d.dispatch(&mut batch);
+        assert!(batch.is_empty());
+        assert_eq!(frames(&a1).await, [r#"{"n":1}"#, "two"]);
+        assert_eq!(frames(&a2).await, [r#"{"n":1}"#, "two"]);
+        assert!(b.held().0 == 0, "room b got nothing");
+        let stats = counters.snapshot(registry.gauges());
+        assert_eq!(
+            (stats.received, stats.malformed, stats.delivered),
+            (2, 2, 4)
+        );
+    }
+
+    #[tokio::test]
+    async fn a_full_hop_sheds_counts_and_tells_the_rooms_members() {
+        let (inbox, mut d, registry, counters) = dispatcher(1);
+        let a = member(&registry, "a");
+        for n in 0..4 {
+            inbox.offer(received("ws:room:a", &format!(r#"{{"payload":{n}}}"#)));
+        }
+        assert_eq!(counters.inbound_dropped.get(), 3);
+        let mut batch = Vec::new();
+        d.rx.recv_many(&mut batch, 10).await;
+        d.dispatch(&mut batch);
+        assert_eq!(frames(&a).await, ["0"]);
+        let missed = a.take_missed().expect("told of the shed messages");
+        assert_eq!(missed.dropped(), Some(3));
+        assert_eq!(missed.room().as_str(), "a");
+    }
+
+    #[tokio::test]
+    async fn the_dispatcher_ends_when_the_inbox_is_gone() {
+        let (inbox, d, _, _) = dispatcher(4);
+        drop(inbox);
+        d.run().await;
+    }
+
+    #[test]
+    fn overflow_policy_applies_per_room() {
+        let config = FanoutBuilder::new("redis://unused")
+            .room_overflow("ticker", OverflowPolicy::DropOldest)
+            .into_config_for_tests();
+        assert_eq!(config.overflow_for("ticker"), OverflowPolicy::DropOldest);
+        assert_eq!(config.overflow_for("chat"), OverflowPolicy::Disconnect);
+    }
+
+    #[tokio::test]
+    async fn log_limiter_counts_what_it_suppresses() {
+        let mut l = LogLimiter::new(Duration::from_secs(60));
+        assert_eq!(l.allow(), Some(0));
+        assert_eq!(l.allow(), None);
+        assert_eq!(l.allow(), None);
+        l.next = Some(Instant::now());
+        assert_eq!(l.allow(), Some(2));
+    }
+}

@@ -1,0 +1,279 @@
+//! The writing half of every socket: one task per socket that drains its queue in batches,
+//! and one heartbeat task per node.
+//!
+//! The writer waits for one frame, takes everything queued (up to a batch cap), `feed`s each
+//! and flushes once, as socketioxide's engine does: many frames per write under load, no added
+//! latency when idle.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, close_code};
+use futures_util::{Sink, SinkExt};
+use tokio::sync::watch;
+use tokio::time::{Instant, timeout};
+
+use crate::config::{Config, OverflowPolicy};
+use crate::queue::{Next, Outbox};
+use crate::registry::{Registry, SocketId, WriterGuard};
+use crate::stats::Counters;
+
+/// How long the writer tries to deliver a close frame before it gives up on the client.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// The close frame of a node that is shutting down (1001).
+pub(crate) fn going_away() -> CloseFrame {
+    CloseFrame {
+        code: close_code::AWAY,
+        reason: Utf8Bytes::from_static("server shutting down"),
+    }
+}
+
+/// Pings every socket each `ping_interval`, and closes (1001) those that sent nothing, not even
+/// a pong, for `ping_interval + pong_timeout`: half-open TCP connections do not stay in rooms
+/// forever. One task per node rather than a timer per socket keeps idle sockets cheap.
+pub(crate) async fn heartbeat(
+    registry: Arc<Registry>,
+    counters: Arc<Counters>,
+    config: Arc<Config>,
+    mut stop: watch::Receiver<()>,
+) {
+    let every = config.ping_interval.max(Duration::from_millis(10));
+    let limit = every + config.pong_timeout;
+    let mut ticks = tokio::time::interval_at(Instant::now() + every, every);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ticks.tick() => {}
+            _ = stop.changed() => return,
+        }
+        for outbox in registry.attached() {
+            if outbox.silent_for() > limit {
+                counters.heartbeat_timeouts.add(1);
+                tracing::debug!("no pong from a client in {limit:?}; closing it");
+                outbox.close_now(close_code::AWAY, "no pong received");
+            } else {
+                // A ping that finds the queue full is dropped: that socket is already busy.
+                outbox.offer(Message::Ping(Bytes::new()), OverflowPolicy::DropNewest);
+            }
+        }
+    }
+}
+
+/// Drains the socket's queue: take everything queued (up to the batch cap), `feed` each frame,
+/// flush once. Generic over the sink so that tests can drive it with an in-memory one.
+///
+/// `_running` is dropped when the loop ends, however it ends: a shutdown waits for that.
+pub(crate) async fn write_loop<S>(
+    mut sink: S,
+    outbox: Arc<Outbox>,
+    config: Arc<Config>,
+    counters: Arc<Counters>,
+    id: SocketId,
+    _running: WriterGuard,
+) where
+    S: Sink<Message, Error = axum::Error> + Unpin,
+{
+    let max = config.batch_frames.get();
+    let write_timeout = config.write_timeout;
+    let interval = config.flush_interval;
+    let mut batch = Vec::new();
+    // When the last flush carried several frames, traffic is outrunning the writer: wait
+    // out the flush interval so the next write gathers more. A lone frame means the socket
+    // is keeping up, and the next frame goes out at once.
+    let mut gather_after: Option<Instant> = None;
+    loop {
+        let next = outbox.next_batch(&mut batch, max, gather_after).await;
+        match next {
+            Next::Frames => {
+                let frames = batch.len();
+                let written = timeout(write_timeout, async {
+                    for frame in batch.drain(..) {
+                        sink.feed(frame).await?;
+                    }
+                    sink.flush().await
+                })
+                .await;
+                batch.clear();
+                outbox.flushed();
+                gather_after =
+                    (frames > 1 && !interval.is_zero()).then(|| Instant::now() + interval);
+                match written {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => {
+                        // The client is gone; nothing more can be written.
+                        tracing::debug!(socket = %id, error = %e, "write failed; closing");
+                        outbox.close_after_flush(None);
+                        break;
+                    }
+                    Err(_) => {
+                        counters.slow_disconnects.add(1);
+                        tracing::warn!(
+                            socket = %id,
+                            timeout_ms = write_timeout.as_millis() as u64,
+                            "write timed out; closing slow consumer"
+                        );
+                        outbox.close_slow_consumer();
+                    }
+                }
+            }
+            Next::Close(frame) => {
+                if let Some(frame) = frame {
+                    let _ = timeout(CLOSE_TIMEOUT, sink.send(Message::Close(Some(frame)))).await;
+                }
+                break;
+            }
+        }
+    }
+    let _ = timeout(CLOSE_TIMEOUT, sink.close()).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use std::pin::Pin;
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::task::{Context, Poll};
+
+    use super::*;
+    use crate::config::FanoutBuilder;
+    use crate::queue::Limits;
+
+    /// An in-memory sink: records every frame and every flush; `stall` makes flushes hang, like
+    /// a client that stopped reading once the TCP buffers are full.
+    #[derive(Clone, Default)]
+    struct Recorder {
+        frames: Arc<Mutex<Vec<Message>>>,
+        flushes: Arc<AtomicUsize>,
+        stall: bool,
+    }
+
+    impl Sink<Message> for Recorder {
+        type Error = axum::Error;
+        fn poll_ready(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+            Poll::Ready(Ok(()))
+        }
+        fn start_send(self: Pin<&mut Self>, item: Message) -> Result<(), Self::Error> {
+            self.frames.lock().unwrap().push(item);
+            Ok(())
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+            if self.stall {
+                return Poll::Pending;
+            }
+            self.flushes.fetch_add(1, Ordering::SeqCst);
+            Poll::Ready(Ok(()))
+        }
+        fn poll_close(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    /// What a writer needs of its node: settings, counters, and the registry that counts it.
+    struct Node {
+        config: Arc<Config>,
+        counters: Arc<Counters>,
+        registry: Arc<Registry>,
+    }
+
+    fn node(builder: FanoutBuilder) -> Node {
+        Node {
+            config: Arc::new(builder.into_config_for_tests()),
+            counters: Arc::new(Counters::default()),
+            registry: Arc::new(Registry::default()),
+        }
+    }
+
+    fn writer<S>(
+        node: &Node,
+        sink: S,
+        ob: &Arc<Outbox>,
+        id: u64,
+    ) -> impl Future<Output = ()> + use<S>
+    where
+        S: Sink<Message, Error = axum::Error> + Unpin,
+    {
+        write_loop(
+            sink,
+            ob.clone(),
+            node.config.clone(),
+            node.counters.clone(),
+            SocketId::from_wire(id),
+            node.registry.writer_started(),
+        )
+    }
+
+    fn outbox() -> Arc<Outbox> {
+        Arc::new(Outbox::new(Limits {
+            frames: 100,
+            bytes: 1 << 20,
+        }))
+    }
+
+    fn text(s: &str) -> Message {
+        Message::Text(s.into())
+    }
+
+    #[tokio::test]
+    async fn everything_queued_goes_out_with_one_flush_then_the_close_frame() {
+        let node = node(FanoutBuilder::new("redis://unused"));
+        let (sink, ob) = (Recorder::default(), outbox());
+        for i in 0..10 {
+            ob.offer(text(&i.to_string()), OverflowPolicy::Disconnect);
+        }
+        ob.close_after_flush(Some(going_away()));
+        writer(&node, sink.clone(), &ob, 1).await;
+        let frames = sink.frames.lock().unwrap();
+        assert_eq!(frames.len(), 11);
+        assert!(matches!(&frames[10], Message::Close(Some(c)) if c.code == close_code::AWAY));
+        // One flush for the ten frames, one for the close frame.
+        assert_eq!(sink.flushes.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_busy_socket_gathers_frames_for_the_flush_interval() {
+        let node =
+            node(FanoutBuilder::new("redis://unused").flush_interval(Duration::from_millis(4)));
+        let (sink, ob) = (Recorder::default(), outbox());
+        let writer = tokio::spawn(writer(&node, sink.clone(), &ob, 1));
+        // A lone frame goes out at once.
+        ob.offer(text("a"), OverflowPolicy::Disconnect);
+        tokio::time::sleep(Duration::from_micros(10)).await;
+        assert_eq!(sink.flushes.load(Ordering::SeqCst), 1);
+        // Two at once: the socket is busy, so what follows within 4 ms is gathered.
+        ob.offer(text("b"), OverflowPolicy::Disconnect);
+        ob.offer(text("c"), OverflowPolicy::Disconnect);
+        tokio::time::sleep(Duration::from_micros(10)).await;
+        assert_eq!(sink.flushes.load(Ordering::SeqCst), 2);
+        for s in ["d", "e", "f"] {
+            ob.offer(text(s), OverflowPolicy::Disconnect);
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        assert_eq!(sink.flushes.load(Ordering::SeqCst), 2, "still gathering");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        assert_eq!(
+            sink.flushes.load(Ordering::SeqCst),
+            3,
+            "d, e, f in one flush"
+        );
+        assert_eq!(sink.frames.lock().unwrap().len(), 6);
+        ob.close_now(1000, "bye");
+        writer.await.expect("writer ends");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_write_that_times_out_closes_the_slow_consumer_and_counts_it() {
+        let node = node(FanoutBuilder::new("redis://unused").write_timeout(Duration::from_secs(5)));
+        let sink = Recorder {
+            stall: true,
+            ..Recorder::default()
+        };
+        let ob = outbox();
+        ob.offer(text("never flushed"), OverflowPolicy::Disconnect);
+        writer(&node, sink, &ob, 7).await;
+        assert!(ob.is_closing());
+        assert_eq!(node.counters.slow_disconnects.get(), 1);
+        assert_eq!(ob.held(), (0, 0), "nothing held after the close");
+    }
+}
