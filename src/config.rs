@@ -74,6 +74,7 @@ pub(crate) struct Config {
     pub(crate) max_connections: NonZeroUsize,
     pub(crate) max_envelope_bytes: NonZeroUsize,
     pub(crate) max_rooms_per_socket: NonZeroUsize,
+    pub(crate) broadcasts_in_flight: NonZeroUsize,
     pub(crate) messages_per_second: NonZeroU32,
     pub(crate) message_burst: NonZeroU32,
     pub(crate) ping_interval: Duration,
@@ -198,6 +199,9 @@ impl FanoutBuilder {
                 max_connections: nz(100_000),
                 max_envelope_bytes: nz(1024 * 1024),
                 max_rooms_per_socket: nz(100),
+                // Enough to cover a Redis round trip at thousands of messages per second from
+                // one client, small enough that a client cannot queue much while Redis is away.
+                broadcasts_in_flight: nz(64),
                 // A ceiling against floods, not a chat etiquette: lower it for human chat.
                 messages_per_second: nz32(1000),
                 message_burst: nz32(2000),
@@ -401,6 +405,17 @@ impl FanoutBuilder {
     /// Defaults to 100.
     pub fn max_rooms_per_socket(mut self, rooms: NonZeroUsize) -> Self {
         self.config.max_rooms_per_socket = rooms;
+        self
+    }
+
+    /// Most broadcasts one socket may have queued and unanswered at once, with
+    /// [`Broadcast::queue`](crate::Broadcast::queue) from
+    /// [`FanoutSocket::broadcast`](crate::FanoutSocket::broadcast); beyond it, `queue` waits for
+    /// the oldest reply (backpressure on that client's reader).
+    ///
+    /// Defaults to 64.
+    pub fn broadcasts_in_flight(mut self, broadcasts: NonZeroUsize) -> Self {
+        self.config.broadcasts_in_flight = broadcasts;
         self
     }
 

@@ -76,6 +76,7 @@ mod stats;
 mod time;
 
 pub use broadcast::Broadcast;
+pub use bus::Receipt;
 pub use config::{FanoutBuilder, OverflowPolicy};
 pub use envelope::Payload;
 pub use error::Error;

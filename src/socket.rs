@@ -6,6 +6,7 @@ use std::sync::Arc;
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, close_code};
 use futures_util::StreamExt;
 use futures_util::stream::SplitStream;
+use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
 use crate::broadcast::Broadcast;
@@ -13,7 +14,7 @@ use crate::envelope::Payload;
 use crate::error::Error;
 use crate::missed::Missed;
 use crate::node::Shared;
-use crate::queue::{Limits, Offer, Outbox};
+use crate::queue::{Limits, Notice, Offer, Outbox};
 use crate::registry::SocketId;
 use crate::room::RoomName;
 use crate::writer::{going_away, write_loop};
@@ -27,6 +28,15 @@ pub enum Event {
     /// Messages of a room may not have reached this socket (see *Lagging* on
     /// [`FanoutSocket::recv_event`]).
     Missed(Missed),
+    /// A broadcast this socket [queued](crate::Broadcast::queue) failed after its receipt was
+    /// dropped: it did not reach `room`.
+    #[non_exhaustive]
+    BroadcastFailed {
+        /// The room it was for.
+        room: RoomName,
+        /// Why it failed ([`Error::is_timeout`], [`Error::is_redis`], ...).
+        error: Error,
+    },
 }
 
 /// A WebSocket attached to a fan-out node, from [`RoomHandle::on_upgrade`](crate::RoomHandle::on_upgrade) or
@@ -49,6 +59,8 @@ pub struct FanoutSocket {
     rooms: Vec<RoomName>,
     stream: SplitStream<WebSocket>,
     bucket: TokenBucket,
+    /// Slots for this socket's broadcasts in flight (`broadcasts_in_flight`).
+    in_flight: Arc<Semaphore>,
 }
 
 /// The per-socket message rate limit: refills at `rate` tokens per second up to `burst`.
@@ -110,6 +122,7 @@ impl FanoutSocket {
             node.registry.writer_started(),
         ));
         let bucket = TokenBucket::new(cfg.messages_per_second.get(), cfg.message_burst.get());
+        let in_flight = Arc::new(Semaphore::new(cfg.broadcasts_in_flight.get()));
         outbox.touch();
         Self {
             id,
@@ -118,6 +131,7 @@ impl FanoutSocket {
             rooms: Vec::new(),
             stream,
             bucket,
+            in_flight,
         }
     }
 
@@ -146,7 +160,9 @@ impl FanoutSocket {
     /// }
     /// ```
     pub fn broadcast(&self, room: impl AsRef<str>, payload: impl Into<Payload>) -> Broadcast {
-        Broadcast::new(self.shared.clone(), room.as_ref(), payload.into()).sender(self.id)
+        Broadcast::new(self.shared.clone(), room.as_ref(), payload.into())
+            .sender(self.id)
+            .with_origin(self.outbox.clone(), self.in_flight.clone())
     }
 
     /// Joins `room`. Returns once this node receives the room's messages: when the socket is
@@ -208,8 +224,8 @@ impl FanoutSocket {
     ///
     /// Returns `None` once the connection is closed, by the client or by this node (a slow
     /// consumer, [`close`](FanoutSocket::close), [`RoomHandle::shutdown`](crate::RoomHandle::shutdown)). Pings are answered
-    /// and pongs consumed for you. Loss notices are discarded: use
-    /// [`recv_event`](FanoutSocket::recv_event) to see them.
+    /// and pongs consumed for you. Loss notices and failures of queued broadcasts are
+    /// discarded: use [`recv_event`](FanoutSocket::recv_event) to see them.
     ///
     /// A message over the size limit closes the socket with 1009 and yields an error for which
     /// [`Error::is_message_too_big`] is true; a transport failure yields
@@ -224,6 +240,8 @@ impl FanoutSocket {
                 Ok(Event::Missed(missed)) => {
                     tracing::debug!(socket = %self.id, %missed, "loss notice discarded by recv()");
                 }
+                // Already logged and counted by the publisher.
+                Ok(Event::BroadcastFailed { .. }) => {}
                 Err(e) => return Some(Err(e)),
             }
         }
@@ -242,8 +260,12 @@ impl FanoutSocket {
     /// Cancel safe: an event is only taken when it is returned.
     pub async fn recv_event(&mut self) -> Option<Result<Event, Error>> {
         loop {
-            if let Some(missed) = self.outbox.take_missed() {
-                return Some(Ok(Event::Missed(missed)));
+            match self.outbox.take_notice() {
+                Some(Notice::Missed(missed)) => return Some(Ok(Event::Missed(missed))),
+                Some(Notice::BroadcastFailed(room, error)) => {
+                    return Some(Ok(Event::BroadcastFailed { room, error }));
+                }
+                None => {}
             }
             let next = tokio::select! {
                 biased;

@@ -97,11 +97,17 @@ async fn serve(mut socket: FanoutSocket, room: String) {
                 let Ok(payload) = Payload::raw_json(text.as_str()) else {
                     return socket.close(close_code::INVALID, "frame is not valid JSON");
                 };
-                // Awaiting each broadcast keeps one sender's messages in order; broadcasting as
-                // the socket keeps this client's messages on one shard of a sharded room.
-                if let Err(e) = socket.broadcast(&room, payload).await {
-                    tracing::warn!(room = %room, error = %e, "broadcast failed");
+                // Queued, not awaited: the client's next frame is read at once while Redis
+                // works, and its messages keep their order (fixed when queued). Broadcasting
+                // as the socket keeps its messages on one shard of a sharded room, and
+                // reports a later failure below.
+                if let Err(e) = socket.broadcast(&room, payload).queue().await {
+                    tracing::warn!(room = %room, error = %e, "broadcast not queued");
                 }
+            }
+            Ok(Event::BroadcastFailed { room, error, .. }) => {
+                // Already logged and counted by the node; a real app might tell the client.
+                tracing::debug!(room = %room, error = %error, "a queued broadcast failed");
             }
             Ok(Event::Missed(missed)) => {
                 // Tell the client, so it can reload what it missed (README: "Missed messages").

@@ -31,6 +31,7 @@ use tokio::sync::{mpsc, watch};
 
 pub(crate) use backend::Backend;
 pub(crate) use client::redacted_target;
+pub use publisher::Receipt;
 
 use crate::config::Config;
 use crate::dispatch::Inbox;
