@@ -38,6 +38,7 @@ async fn main() {
         // Close every socket with 1001 and unsubscribe before the server stops.
         handle.shutdown().await;
     };
+    let listener = layer.handle().listener(listener);
     if let Err(e) = chat_app::serve_app(listener, chat_app::app(layer), shutdown).await {
         exit(&format!("server error: {e}"));
     }

@@ -12,6 +12,7 @@ use axum::response::{IntoResponse, Response};
 
 use crate::broadcast::Broadcast;
 use crate::envelope::Payload;
+use crate::listener::FanoutListener;
 use crate::node::Shared;
 use crate::socket::FanoutSocket;
 use crate::stats::Stats;
@@ -180,6 +181,12 @@ impl RoomHandle {
             "fanout node shut down"
         );
         clean
+    }
+
+    /// Wraps the node's TCP listener for `axum::serve`: `TCP_NODELAY` on every connection, and
+    /// running out of file descriptors logged and counted (see [`FanoutListener`]).
+    pub fn listener(&self, listener: tokio::net::TcpListener) -> FanoutListener {
+        FanoutListener::new(listener, self.shared.node.counters.clone())
     }
 
     /// A snapshot of this node's counters.

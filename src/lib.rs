@@ -15,6 +15,8 @@
 //! - `layer`: [`FanoutLayer`] and [`FanoutService`], which only put a [`RoomHandle`] in request
 //!   extensions; the builder's `build`.
 //! - `handle`: [`RoomHandle`] (the extractor) and [`MissingFanoutLayer`], its rejection.
+//! - `listener`: [`FanoutListener`], an accept loop for `axum::serve` that sets `TCP_NODELAY`
+//!   and tells when the node runs out of file descriptors.
 //! - `socket`: [`FanoutSocket`], a WebSocket's memberships and reading half; [`Event`].
 //! - `broadcast`: [`Broadcast`], one message on its way to a room.
 //! - `node`: the composition root. Builds the registry, counters, bus and dispatcher, and
@@ -60,6 +62,7 @@ mod bus;
 mod dispatch;
 mod handle;
 mod layer;
+mod listener;
 mod node;
 mod queue;
 mod registry;
@@ -82,6 +85,7 @@ pub use envelope::Payload;
 pub use error::Error;
 pub use handle::{MissingFanoutLayer, RoomHandle};
 pub use layer::{FanoutLayer, FanoutService};
+pub use listener::FanoutListener;
 pub use missed::Missed;
 pub use queue::SLOW_CONSUMER_REASON;
 pub use registry::SocketId;

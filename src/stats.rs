@@ -48,6 +48,7 @@ pub(crate) struct Counters {
     pub(crate) heartbeat_timeouts: Counter,
     pub(crate) socket_writes: Counter,
     pub(crate) frames_written: Counter,
+    pub(crate) accepts_out_of_fds: Counter,
 }
 
 impl Default for Counters {
@@ -67,6 +68,7 @@ impl Default for Counters {
             heartbeat_timeouts: Counter::new("axum_fanout_heartbeat_timeouts_total"),
             socket_writes: Counter::new("axum_fanout_socket_writes_total"),
             frames_written: Counter::new("axum_fanout_frames_written_total"),
+            accepts_out_of_fds: Counter::new("axum_fanout_accepts_out_of_fds_total"),
         }
     }
 }
@@ -116,6 +118,9 @@ pub struct Stats {
     pub socket_writes: u64,
     /// Frames those writes carried: `frames_written / socket_writes` is the batching achieved.
     pub frames_written: u64,
+    /// Accepts that failed because the process or the system ran out of file descriptors
+    /// (with [`FanoutListener`](crate::FanoutListener)): each left a connection waiting.
+    pub accepts_out_of_fds: u64,
 }
 
 /// The current sizes of a node's registry: the part of [`Stats`] that is not a counter.
@@ -154,6 +159,7 @@ impl Counters {
             heartbeat_timeouts: self.heartbeat_timeouts.get(),
             socket_writes: self.socket_writes.get(),
             frames_written: self.frames_written.get(),
+            accepts_out_of_fds: self.accepts_out_of_fds.get(),
         }
     }
 }

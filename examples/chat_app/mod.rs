@@ -196,19 +196,14 @@ fn cluster_builder(_nodes: &str) -> Result<axum_fanout::FanoutBuilder, String> {
         .to_owned())
 }
 
-/// Serves `app` on `listener` with TCP_NODELAY (small frames must not wait for Nagle) until
-/// `shutdown` resolves.
+/// Serves `app` on `listener` until `shutdown` resolves. The node's listener sets TCP_NODELAY
+/// (small frames must not wait for Nagle) and reports running out of file descriptors in the
+/// log and in `/stats` (`accepts_out_of_fds`).
 pub(crate) async fn serve_app(
-    listener: tokio::net::TcpListener,
+    listener: axum_fanout::FanoutListener,
     app: Router,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    use axum::serve::ListenerExt;
-    let listener = listener.tap_io(|tcp| {
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::debug!(error = %e, "could not set TCP_NODELAY");
-        }
-    });
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await
