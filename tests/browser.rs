@@ -144,6 +144,15 @@ async fn a_page_whose_node_restarts_reconnects_and_says_what_may_be_missing() {
         s.fleet.stop(1).await;
         let away = bob.until_state("reconnecting").await;
         has_notice(&away, "going away (1001").expect("bob is told why");
+        // A retry fails while n2 is down (Chromium logs that refusal: allowed above), and
+        // the page keeps trying.
+        bob.until("a second attempt while n2 is down", |v| {
+            v.state
+                .contains("attempt 2")
+                .then_some(())
+                .ok_or_else(|| format!("state {:?}", v.state))
+        })
+        .await;
         alice.say("while bob is away").await;
         alice
             .until("alice's message while bob is away", |v| {
