@@ -16,7 +16,7 @@
 #[allow(dead_code, unreachable_pub)]
 #[path = "../examples/chat_app/mod.rs"]
 mod chat_app;
-#[allow(dead_code, unreachable_pub)]
+#[allow(unreachable_pub)]
 #[path = "browser/harness.rs"]
 mod harness;
 mod support;

@@ -13,7 +13,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use axum_fanout::{FanoutLayer, RoomHandle};
+use axum_fanout::FanoutLayer;
 use base64::Engine as _;
 use fantoccini::wd::WebDriverCompatibleCommand;
 use fantoccini::{Client, ClientBuilder, Locator, key::Key};
@@ -66,7 +66,6 @@ pub struct Node {
 }
 
 struct Running {
-    handle: RoomHandle,
     stop: tokio::sync::oneshot::Sender<()>,
     task: tokio::task::JoinHandle<std::io::Result<()>>,
 }
@@ -102,7 +101,7 @@ impl Node {
         Self {
             id: id.to_owned(),
             addr,
-            running: Some(Running { handle, stop, task }),
+            running: Some(Running { stop, task }),
         }
     }
 
@@ -111,17 +110,9 @@ impl Node {
         format!("http://{}/", self.addr)
     }
 
-    pub fn addr(&self) -> SocketAddr {
-        self.addr
-    }
-
-    pub fn id(&self) -> &str {
-        &self.id
-    }
-
     /// Stops the node: its sockets are closed with 1001 and its port stops answering.
     pub async fn stop(&mut self) {
-        if let Some(Running { stop, task, .. }) = self.running.take() {
+        if let Some(Running { stop, task }) = self.running.take() {
             let _ = stop.send(());
             let abort = task.abort_handle();
             if tokio::time::timeout(DEADLINE, task).await.is_err() {
