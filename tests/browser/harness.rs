@@ -84,7 +84,7 @@ impl Node {
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let closer = handle.clone();
         let task = tokio::spawn(chat_app::serve_app(
-            listener,
+            handle.listener(listener),
             chat_app::app(layer),
             async move {
                 let _ = stopped.await;
