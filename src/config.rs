@@ -103,11 +103,12 @@ impl Config {
 /// use std::time::Duration;
 /// use axum_fanout::{FanoutLayer, OverflowPolicy};
 ///
-/// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), axum_fanout::Error> {
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
 /// let layer = FanoutLayer::builder("redis://127.0.0.1:6379")
 ///     .node_id("eu-west-1a")
 ///     .channel_prefix("chat:room:")
-///     .queue_bytes(NonZeroUsize::new(256 * 1024).unwrap())
+///     .queue_bytes(NonZeroUsize::try_from(256 * 1024)?)
 ///     .overflow(OverflowPolicy::DropOldest)
 ///     .publish_timeout(Duration::from_secs(1))
 ///     .build()?;
