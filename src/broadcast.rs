@@ -77,6 +77,11 @@ impl IntoFuture for Broadcast {
                 &self.payload,
                 self.except.map(SocketId::get),
             );
+            if let Some(settings) = node.config.durable_for(room.as_str()) {
+                // Stored and published in one step, numbered by Redis.
+                let (_, nodes) = node.bus.publish_durable(&room, settings, bytes).await?;
+                return Ok(nodes);
+            }
             let sender =
                 channel::sender_key(&node.config.node_id, self.sender.map_or(0, SocketId::get));
             node.bus.publish(&room, sender, bytes).await
