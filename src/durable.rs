@@ -187,8 +187,10 @@ pub(crate) struct Repair {
 /// One socket that asked for positions in a durable room.
 #[derive(Debug)]
 enum Gate {
-    /// Frames go to the socket's queue.
-    Open,
+    /// Frames go to the socket's queue, except those at or before `through`: the replay
+    /// (or the position the socket was told) already covers them, though their live copy may
+    /// still be on its way to the dispatcher. Cleared by the first live frame after it.
+    Open { through: Option<Position> },
     /// The socket is resuming: its frames wait here, at most the replay limit; `overflowed`
     /// is the last position that did not fit.
     Held {
@@ -369,7 +371,15 @@ impl Durable {
             to_wake,
             |id| match members.get_mut(&id) {
                 None => Some(decoded.frame.clone()),
-                Some(Gate::Open) => positioned.clone(),
+                Some(Gate::Open { through }) => {
+                    if let (Some(t), Some(pos)) = (through.as_ref(), decoded.pos.as_ref()) {
+                        if t.epoch() == pos.epoch() && pos.seq() <= t.seq() {
+                            return None;
+                        }
+                        *through = None;
+                    }
+                    positioned.clone()
+                }
                 Some(Gate::Held { frames, overflowed }) => {
                     if frames.len() < limit {
                         if let Some(frame) = &positioned {
@@ -520,7 +530,7 @@ impl Durable {
         let policy = self.config.overflow_for(room.as_str());
         let mut rooms = self.lock();
         let state = state_of(&mut rooms, room);
-        let gate = state.members.insert(socket, Gate::Open);
+        let gate = state.members.remove(&socket);
         let (held, overflowed) = match gate {
             Some(Gate::Held { frames, overflowed }) => (frames, overflowed),
             _ => (VecDeque::new(), None),
@@ -542,6 +552,8 @@ impl Durable {
             resumed.failure = Some(Unrecoverable::TooFarBehind);
             resumed.replayed = 0;
             outbox.offer(Message::Text(resumed.notice().into()), policy);
+            let through = Some(resumed.position.clone());
+            state.members.insert(socket, Gate::Open { through });
             return resumed;
         }
         let mut frames = vec![Message::Text(resumed.notice().into())];
@@ -566,11 +578,14 @@ impl Durable {
             last = pos;
             frames.push(frame);
         }
-        drop(rooms);
+        // Queued under the lock, so that no live frame overtakes them.
         let n = frames.len() as u64;
         for frame in frames {
             outbox.offer(frame, policy);
         }
+        let through = Some(last);
+        state.members.insert(socket, Gate::Open { through });
+        drop(rooms);
         self.counters.delivered.add(n.saturating_sub(1));
         resumed
     }
