@@ -386,3 +386,39 @@ async fn a_seed_envelope_from_redis_cli_still_reaches_a_durable_room() {
     publish(&ha, "i", 1).await;
     assert_eq!(seqs_until(&mut ws, 1).await, [1]);
 }
+
+/// On a Redis Cluster the script runs on the master of the room's slot (its keys carry the
+/// channel's hash tag) and SPUBLISHes there; resume and history work as on one server, for a
+/// room name with a hash tag of its own too.
+#[cfg(feature = "cluster")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn durable_rooms_work_on_a_redis_cluster() {
+    let cluster = RedisCluster::start(3, 0);
+    let mut fleet = Vec::new();
+    for id in ["k1", "k2"] {
+        let layer = FanoutLayer::cluster_builder(cluster.urls())
+            .node_id(id)
+            .durable(Durability::default())
+            .build()
+            .expect("layer");
+        let handle = layer.handle();
+        fleet.push((TestServer::start(chat_app::app(layer)).await, handle));
+    }
+    for (_, h) in &fleet {
+        wait_until("node ready on the cluster", || async { h.is_ready() }).await;
+    }
+    for room in ["lobby", "team{7}"] {
+        let (mut ws, notice) = join(&fleet[0].0, room, None).await;
+        let epoch = position_of(&notice).epoch().to_owned();
+        for n in 1..=3 {
+            publish(&fleet[1].1, room, n).await;
+        }
+        assert_eq!(seqs_until(&mut ws, 3).await, [1, 2, 3], "{room}");
+        drop(ws);
+        publish(&fleet[0].1, room, 4).await;
+        let (mut back, notice) = join(&fleet[1].0, room, Some(&format!("{epoch}:2"))).await;
+        assert_eq!(notice["recovered"], true, "{room}: {notice}");
+        assert_eq!(seqs_until(&mut back, 4).await, [3, 4], "{room}");
+    }
+    assert_eq!(cluster.classic_channels("ws:room:*"), 0, "SPUBLISH only");
+}
