@@ -292,6 +292,11 @@ impl Durable {
         if let Some(state) = rooms.get_mut(room) {
             return self.sequence(state, decoded, to_wake);
         }
+        // No local member: a message still on its way after the last one left. Remembering
+        // its position would make the next subscription see a gap that no member missed.
+        if !self.registry.has_members(room) {
+            return Dispatched::default();
+        }
         // The channel's room is a valid name (the dispatcher found it on a room channel).
         let Ok(name) = RoomName::new(room) else {
             return Dispatched::default();
@@ -506,7 +511,14 @@ impl Durable {
     /// `socket` is about to join `room` with positions: its frames are held from now on until
     /// [`finish_resume`](Durable::finish_resume).
     pub(crate) fn hold(&self, room: &RoomName, socket: SocketId) {
-        state_of(&mut self.lock(), room).members.insert(
+        let mut rooms = self.lock();
+        let state = state_of(&mut rooms, room);
+        if state.repairing.is_none() && !self.registry.has_members(room.as_str()) {
+            // The node is not following the room (or stops now): what it last delivered says
+            // nothing about the gap-free sequence of the subscription to come.
+            state.last = None;
+        }
+        state.members.insert(
             socket,
             Gate::Held {
                 frames: VecDeque::new(),
