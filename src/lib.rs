@@ -53,6 +53,9 @@
 //! - **The subscriber never awaits a socket** (`dispatch`, `queue`): the connection's push
 //!   callback only offers to a bounded hop, and the dispatcher offers each frame to a bounded
 //!   per-socket queue and applies the overflow policy to that socket alone.
+//! - **Durable rooms in seq order** (`durable`): live, replayed and repaired messages of a
+//!   durable room reach each socket under one lock, in seq order, each once; the Redis reads
+//!   behind them run elsewhere (`bus::history`), so the dispatcher never waits on Redis.
 //! - **No lock across `.await`**: registry and queue locks are `std::sync::Mutex`es held for a
 //!   few field updates.
 //! - **Lifetimes end by `Drop`**: dropping a [`FanoutSocket`] leaves its rooms; dropping the
