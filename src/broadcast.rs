@@ -102,7 +102,12 @@ impl Broadcast {
         );
         let sender =
             channel::sender_key(&node.config.node_id, self.sender.map_or(0, SocketId::get));
-        node.bus.enqueue(room, sender, bytes, self.origin).await
+        // A durable room's message is stored and published in one step, numbered by Redis;
+        // it takes its place in the same queue, so the order still holds.
+        let durable = node.config.durable_for(room.as_str()).copied();
+        node.bus
+            .enqueue(room, sender, bytes, self.origin, durable)
+            .await
     }
 
     /// Leaves out one socket of this node (usually the sender). It also counts as the

@@ -35,6 +35,8 @@ enum Kind {
     WebSocket,
     /// A per-socket limit was reached (rooms per socket, messages per second).
     Limit,
+    /// A history operation on a room that is not durable.
+    NotDurable,
 }
 
 impl Error {
@@ -130,6 +132,20 @@ impl Error {
         Self::with(Kind::Limit, reason)
     }
 
+    /// A history operation (a durable join, a history read) on a room that is not durable:
+    /// see [`FanoutBuilder::durable`](crate::FanoutBuilder::durable).
+    pub(crate) fn not_durable(room: &str) -> Self {
+        Self::with(
+            Kind::NotDurable,
+            format!("room {room:?} is not durable: it keeps no history (FanoutBuilder::durable)"),
+        )
+    }
+
+    /// The room is not durable on this node, so it has no history to read or resume from.
+    pub fn is_not_durable(&self) -> bool {
+        self.kind == Kind::NotDurable
+    }
+
     /// The Redis URL given to the layer could not be parsed.
     pub fn is_invalid_url(&self) -> bool {
         self.kind == Kind::InvalidUrl
@@ -190,6 +206,7 @@ impl Error {
             Kind::MessageTooBig => "message exceeds the size limit",
             Kind::WebSocket => "websocket transport error",
             Kind::Limit => "limit reached",
+            Kind::NotDurable => "room is not durable",
         }
     }
 }

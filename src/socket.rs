@@ -10,10 +10,13 @@ use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
 use crate::broadcast::Broadcast;
+use crate::bus::Read;
+use crate::durable::Resumed;
 use crate::envelope::Payload;
 use crate::error::Error;
 use crate::missed::Missed;
 use crate::node::Shared;
+use crate::position::Position;
 use crate::queue::{Limits, Notice, Offer, Outbox};
 use crate::registry::SocketId;
 use crate::room::RoomName;
@@ -204,13 +207,84 @@ impl FanoutSocket {
         Ok(())
     }
 
+    /// Joins durable `room` with positions, resuming after `since` when given.
+    ///
+    /// This socket's deliveries of the room become `{"seq":S,"payload":V}` text frames
+    /// (`"text"` or `"binary"` in place of `"payload"` for such payloads; no `"seq"` for a
+    /// message without a position, from a seed node or `redis-cli`). The first frame of the
+    /// room is [`Resumed::notice`]: `fanout.position` without `since`; `fanout.resumed` with
+    /// it, followed, when recovered, by every message after `since` in order, each once; then
+    /// live messages, with no gap and no duplicate at the hand-off (live messages that arrive
+    /// while the history is read are held, at most the replay limit, and merged by seq). When
+    /// the messages after `since` cannot be replayed (its epoch is gone, they were trimmed, or
+    /// they are more than the replay limit), nothing is replayed and live messages follow from
+    /// the room's current position ([`Resumed::failure`] says why).
+    ///
+    /// A socket already in the room leaves it first. Fails with [`Error::is_not_durable`] for
+    /// a plain room, and otherwise like [`join`](FanoutSocket::join), or with
+    /// [`Error::is_redis`] / [`Error::is_timeout`] when the history cannot be read (the
+    /// socket is then not in the room).
+    ///
+    /// ```no_run
+    /// use axum_fanout::{FanoutSocket, Position};
+    ///
+    /// async fn serve(mut socket: FanoutSocket, since: Option<Position>) {
+    ///     match socket.join_durable("lobby", since).await {
+    ///         Ok(resumed) => tracing::info!(replayed = resumed.replayed(), "joined at {}", resumed.position()),
+    ///         Err(e) => return socket.close(1011, &e.to_string()),
+    ///     }
+    ///     while let Some(Ok(_)) = socket.recv().await {}
+    /// }
+    /// ```
+    ///
+    /// # Cancel safety
+    /// Like [`join`](FanoutSocket::join): dropping the future may leave the socket in the
+    /// room with its frames held; leave the room (or drop the socket).
+    pub async fn join_durable(
+        &mut self,
+        room: impl AsRef<str>,
+        since: Option<Position>,
+    ) -> Result<Resumed, Error> {
+        let room = RoomName::new(room)?;
+        let shared = self.shared.clone();
+        let node = &shared.node;
+        let Some(settings) = node.config.durable_for(room.as_str()).copied() else {
+            return Err(Error::not_durable(room.as_str()));
+        };
+        self.leave(room.as_str());
+        // Held before joining, so that every message after the subscription is either
+        // replayed or held (see the `durable` module).
+        node.durable.hold(&room, self.id);
+        if let Err(e) = self.join(room.as_str()).await {
+            node.durable.forget(&room, self.id);
+            return Err(e);
+        }
+        let read = match &since {
+            Some(since) => Read::After(since.clone(), settings.replay_limit.get()),
+            None => Read::Top,
+        };
+        match node.bus.read_history(&room, &settings, read).await {
+            Ok(page) => Ok(node
+                .durable
+                .finish_resume(&room, self.id, &self.outbox, since, page)),
+            Err(e) => {
+                self.leave(room.as_str());
+                Err(e)
+            }
+        }
+    }
+
     /// Leaves `room`. Returns whether the socket was in it.
     pub fn leave(&mut self, room: &str) -> bool {
         let Some(at) = self.rooms.iter().position(|r| r.as_str() == room) else {
             return false;
         };
         let room = self.rooms.swap_remove(at);
-        self.shared.node.registry.remove(&room, self.id);
+        let node = &self.shared.node;
+        node.registry.remove(&room, self.id);
+        if node.durable.is_durable(room.as_str()) {
+            node.durable.forget(&room, self.id);
+        }
         tracing::debug!(room = %room, socket = %self.id, "left");
         true
     }
@@ -369,9 +443,13 @@ fn truncate_reason(reason: &str) -> &str {
 
 impl Drop for FanoutSocket {
     fn drop(&mut self) {
-        let registry = &self.shared.node.registry;
+        let node = &self.shared.node;
+        let registry = &node.registry;
         for room in self.rooms.drain(..) {
             registry.remove(&room, self.id);
+            if node.durable.is_durable(room.as_str()) {
+                node.durable.forget(&room, self.id);
+            }
             tracing::debug!(room = %room, socket = %self.id, "left (socket dropped)");
         }
         registry.detach(self.id);

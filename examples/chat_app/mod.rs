@@ -7,6 +7,9 @@
 //!   a frame that is not JSON closes that connection with 1007, a frame over the size limit
 //!   with 1009, an invalid room name with 1008, a binary frame with 1003;
 //! - `POST /rooms/{room}/messages` broadcasts its JSON body from plain HTTP;
+//! - with `HISTORY=N` (N > 0) every room is durable (CONTRACT.md, "Durable rooms"):
+//!   `GET /ws?room=NAME&positions=1[&since=E:S]` numbers deliveries and resumes, and
+//!   `GET /rooms/{room}/history?limit=K[&since=E:S]` reads the room's history;
 //! - `GET /healthz` is 200 when the node's Redis link is up, 503 otherwise;
 //! - `GET /stats` returns the node's counters as JSON.
 
@@ -20,7 +23,9 @@ use axum::extract::{Path, Query};
 use axum::http::StatusCode;
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
-use axum_fanout::{Event, FanoutLayer, FanoutSocket, Missed, Payload, RoomHandle, RoomName};
+use axum_fanout::{
+    Durability, Event, FanoutLayer, FanoutSocket, Missed, Payload, Position, RoomHandle, RoomName,
+};
 
 /// The chat app's routes, wrapped in `layer`.
 pub(crate) fn app(layer: FanoutLayer) -> Router {
@@ -28,6 +33,7 @@ pub(crate) fn app(layer: FanoutLayer) -> Router {
         .route("/", get(page))
         .route("/ws", get(ws))
         .route("/rooms/{room}/messages", post(http_push))
+        .route("/rooms/{room}/history", get(history))
         .route("/healthz", get(healthz))
         .route("/stats", get(stats))
         .layer(layer)
@@ -79,15 +85,31 @@ async fn ws(
     rooms: RoomHandle,
 ) -> Response {
     let room = query.get("room").map_or("lobby", String::as_str).to_owned();
-    rooms.on_upgrade(upgrade, move |socket| serve(socket, room))
+    // `positions=1` (and `since=E:S`) only mean something in a durable room (HISTORY > 0).
+    let positions = query.get("positions").is_some_and(|p| p == "1");
+    // A `since` that does not parse names no history of this room: not recovered.
+    let since = query
+        .get("since")
+        .map(|s| s.parse().unwrap_or_else(|_| Position::new(s.as_str(), 0)));
+    rooms.on_upgrade(upgrade, move |socket| serve(socket, room, positions, since))
 }
 
-async fn serve(mut socket: FanoutSocket, room: String) {
+async fn serve(mut socket: FanoutSocket, room: String, positions: bool, since: Option<Position>) {
     let room = match RoomName::new(&room) {
         Ok(room) => room,
         Err(e) => return socket.close(close_code::POLICY, &e.to_string()),
     };
-    if let Err(e) = socket.join(&room).await {
+    let joined = if positions {
+        match socket.join_durable(&room, since).await {
+            // The node queued the fanout.position / fanout.resumed notice first.
+            Ok(_) => Ok(()),
+            Err(e) if e.is_not_durable() => socket.join(&room).await,
+            Err(e) => Err(e),
+        }
+    } else {
+        socket.join(&room).await
+    };
+    if let Err(e) = joined {
         tracing::warn!(room = %room, error = %e, "join failed");
         return socket.close(close_code::ERROR, "redis unavailable, try again later");
     }
@@ -126,6 +148,70 @@ async fn serve(mut socket: FanoutSocket, room: String) {
             Err(_) => return,
         }
     }
+}
+
+/// `GET /rooms/{room}/history?limit=K` (K default 50) or `?since=E:S`: the room's messages,
+/// `{"room":..,"epoch":..,"seq":TOP,"messages":[{"seq":S,"payload":V},...]}`; 409 with
+/// `"reason"` when the messages after `since` cannot be read; 404 when history is off.
+async fn history(
+    Path(room): Path<String>,
+    Query(query): Query<HashMap<String, String>>,
+    rooms: RoomHandle,
+) -> Response {
+    let read = match query.get("since") {
+        Some(since) => {
+            let since = since
+                .parse()
+                .unwrap_or_else(|_| Position::new(since.as_str(), 0));
+            rooms.history_since(&room, &since).await
+        }
+        None => {
+            let limit = query
+                .get("limit")
+                .and_then(|k| k.parse().ok())
+                .unwrap_or(50);
+            rooms.history(&room, limit).await
+        }
+    };
+    let history = match read {
+        Ok(history) => history,
+        Err(e) if e.is_not_durable() => {
+            return (StatusCode::NOT_FOUND, "room history is off (HISTORY=0)\n").into_response();
+        }
+        Err(e) if e.is_invalid_room() => {
+            return (StatusCode::BAD_REQUEST, format!("{e}\n")).into_response();
+        }
+        Err(e) => return (StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n")).into_response(),
+    };
+    let position = history.position();
+    if let Some(why) = history.failure() {
+        let body = serde_json::json!({
+            "room": room,
+            "reason": why.as_str(),
+            "epoch": position.epoch(),
+            "seq": position.seq(),
+        });
+        return (StatusCode::CONFLICT, Json(body)).into_response();
+    }
+    let messages: Vec<serde_json::Value> = history
+        .messages()
+        .iter()
+        .map(|(seq, payload)| {
+            let value = payload
+                .as_json()
+                .and_then(|json| serde_json::from_str::<serde_json::Value>(json).ok())
+                .or_else(|| payload.as_text().map(serde_json::Value::from))
+                .unwrap_or_default();
+            serde_json::json!({ "seq": seq, "payload": value })
+        })
+        .collect();
+    Json(serde_json::json!({
+        "room": room,
+        "epoch": position.epoch(),
+        "seq": position.seq(),
+        "messages": messages,
+    }))
+    .into_response()
 }
 
 /// `{"type":"fanout.missed","room":..,"since":ms,"until":ms,"dropped":n|null}`
@@ -169,6 +255,12 @@ pub(crate) fn layer_from_env() -> Result<FanoutLayer, String> {
             .map_err(|e| format!("SHARD_COUNT must be a whole number from 1 to 65535: {e}"))?;
         builder = builder.shard_count(shards);
     }
+    // HISTORY=N (N > 0) makes every room durable; HISTORY_TTL_S its idle lifetime.
+    let history: usize = env_number("HISTORY", 0)?;
+    if let Some(n) = std::num::NonZeroUsize::new(history) {
+        let ttl = std::time::Duration::from_secs(env_number("HISTORY_TTL_S", 600)?);
+        builder = builder.durable(Durability::default().history(n).ttl(ttl));
+    }
     // Not part of the wire contract: a tuning knob for benchmarks and operators.
     if let Some(ms) = std::env::var("FLUSH_INTERVAL_MS")
         .ok()
@@ -180,6 +272,21 @@ pub(crate) fn layer_from_env() -> Result<FanoutLayer, String> {
         let cause = std::error::Error::source(&e).map(ToString::to_string);
         format!("{source}: {e}: {}", cause.unwrap_or_default())
     })
+}
+
+/// The whole number in environment variable `name`, or `default` when it is unset.
+#[allow(dead_code)] // used by `layer_from_env`, not by `demo`
+fn env_number<T: std::str::FromStr>(name: &str, default: T) -> Result<T, String>
+where
+    T::Err: std::fmt::Display,
+{
+    match std::env::var(name) {
+        Ok(v) if !v.trim().is_empty() => v
+            .trim()
+            .parse()
+            .map_err(|e| format!("{name} must be a whole number: {e}")),
+        _ => Ok(default),
+    }
 }
 
 #[cfg(feature = "cluster")]

@@ -10,10 +10,12 @@ use redis::{PushInfo, PushKind};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch};
 use tokio::time::{Instant, timeout_at};
 
-use super::backend::Backend;
+use super::backend::{Backend, Conn};
 use super::backoff::Backoff;
 use super::{Bus, pause};
+use super::history::{POS_BYTES, store_and_publish};
 use crate::channel;
+use crate::config::Durability;
 use crate::error::Error;
 use crate::queue::Outbox;
 use crate::room::RoomName;
@@ -37,6 +39,8 @@ pub(super) struct Outgoing {
     deadline: Instant,
     reply: oneshot::Sender<Result<usize, Error>>,
     origin: Option<Origin>,
+    /// A durable room's message: stored and published by the history script.
+    durable: Option<Durability>,
 }
 
 /// The socket a broadcast was queued from (`FanoutSocket::broadcast`).
@@ -88,15 +92,18 @@ impl Bus {
         sender: u64,
         envelope: Vec<u8>,
         origin: Option<(Arc<Outbox>, Arc<Semaphore>)>,
+        durable: Option<Durability>,
     ) -> Result<Receipt, Error> {
         let cfg = &self.config;
         if self.backend.is_none() {
             return Err(Error::no_redis());
         }
         let max = cfg.max_envelope_bytes.get();
-        if envelope.len() > max {
+        // A durable envelope gets its position added by the script.
+        let len = envelope.len() + if durable.is_some() { POS_BYTES } else { 0 };
+        if len > max {
             self.counters.publish_errors.add(1);
-            return Err(Error::envelope_too_large(envelope.len(), max));
+            return Err(Error::envelope_too_large(len, max));
         }
         let deadline = Instant::now() + cfg.publish_timeout;
         let origin = match origin {
@@ -118,6 +125,7 @@ impl Bus {
             deadline,
             reply,
             origin,
+            durable,
         };
         match timeout_at(deadline, self.outgoing.send(request)).await {
             Ok(Ok(())) => {}
@@ -291,26 +299,53 @@ async fn send_loop(
             continue;
         };
         expire_due(&mut batch, &bus);
-        let commands: Vec<(&str, &[u8])> = batch
+        send(&bus, &mut conn, &mut batch, deadline).await;
+    }
+}
+
+/// Sends `batch` in its order and replies to each request: runs of plain broadcasts as one
+/// pipeline each, a durable room's message as its own script call (it must be numbered and
+/// stored before the next message of the queue goes out).
+async fn send(bus: &Bus, conn: &mut Conn, batch: &mut Vec<Outgoing>, deadline: Instant) {
+    let publish_command = bus
+        .backend
+        .as_ref()
+        .map_or("PUBLISH", Backend::publish_command);
+    let mut rest = std::mem::take(batch).into_iter().peekable();
+    while rest.peek().is_some() {
+        if let Some(o) = rest.next_if(|o| o.durable.is_some()) {
+            let Some(settings) = o.durable else { continue };
+            let stored = store_and_publish(conn, publish_command, &o.channel, &settings, &o.envelope);
+            match timeout_at(deadline, stored).await {
+                Ok(result) => o.finish(result.map(|(_, nodes)| nodes), bus),
+                Err(_) => o.expire(bus),
+            }
+            continue;
+        }
+        let mut run = Vec::new();
+        while let Some(o) = rest.next_if(|o| o.durable.is_none()) {
+            run.push(o);
+        }
+        let commands: Vec<(&str, &[u8])> = run
             .iter()
             .map(|o| (o.channel.as_str(), o.envelope.as_slice()))
             .collect();
         match timeout_at(deadline, conn.publish_many(&commands)).await {
             Ok(Ok(counts)) => {
-                for (o, n) in batch.drain(..).zip(counts) {
-                    o.finish(Ok(n), &bus);
+                for (o, n) in run.into_iter().zip(counts) {
+                    o.finish(Ok(n), bus);
                 }
             }
             Ok(Err(e)) => {
                 let e = Arc::new(e);
-                for o in batch.drain(..) {
-                    o.finish(Err(Error::redis(SharedCause(e.clone()))), &bus);
+                for o in run {
+                    o.finish(Err(Error::redis(SharedCause(e.clone()))), bus);
                 }
             }
             // Each caller has given up by now (its deadline is at most this one).
             Err(_) => {
-                for o in batch.drain(..) {
-                    o.expire(&bus);
+                for o in run {
+                    o.expire(bus);
                 }
             }
         }
