@@ -137,8 +137,9 @@
 //! `--hot-publishers N` (publishing clients of `hot`, default 1: a room's shard is chosen per
 //! sender, so one publisher uses one shard whatever the shard count),
 //! `--msg-size N`, `--latency-rate DELIVERIES_PER_S`, `--slow-rooms N`, `--slow-mib F`.
-//! Unknown arguments (cargo passes `--bench`) are ignored. A run of sweep and latency with
-//! `--socketioxide` (2 targets, 2 publisher counts) takes about 1 minute per round on 2 cores.
+//! Unknown arguments (cargo passes `--bench`) are ignored. A round of sweep and latency with
+//! `--socketioxide` (2 targets, 2 publisher counts each) takes about 1.5 minutes on 2 cores,
+//! 2 minutes with `--seed` too (once the peers are built).
 //!
 //! With several targets, each scenario runs them in alternation (A, B, A, B, ...) so that
 //! drifting background load hits every target alike; tables (one per scenario, and per
