@@ -71,7 +71,9 @@
 //! the load generator itself and by the whole machine (`/proc/stat`): on a 2-core machine
 //! that servers, Redis and the load generator share, a host near two cores means the figure
 //! is bounded by the machine, not by the server (and other work on a shared machine shows up
-//! there too).
+//! there too). Before starting anything, the bench also measures the machine's busy cores for
+//! 1 s and prints a note when other processes already use more than a quarter of a core
+//! (`host_busy_cores_before` in the JSON lines).
 //!
 //! The load generator's own CPU per delivery (utime + stime of this process over the same
 //! window, divided by the same deliveries) is printed on every step line next to the servers'
@@ -635,6 +637,17 @@ async fn run(args: Args) -> Result<bool> {
             .map_or_else(|| "default".to_string(), |n| n.to_string()),
     );
 
+    // Other work on a shared machine skews every figure; say so up front (the step lines
+    // show `host` cores throughout).
+    let busy = procs::host_busy_cores(Duration::from_secs(1)).await;
+    println!("machine busy before the run: {busy:.2} of {nproc} cores");
+    if busy > 0.25 {
+        println!(
+            "note: other processes already keep {busy:.2} cores busy; absolute figures will be \
+             low and noisy, compare the targets' ratios within this run"
+        );
+    }
+
     // Each scenario, and sweep and latency once per publishers-per-room value.
     let cases: Vec<(Scenario, Option<usize>)> = args
         .scenarios
@@ -687,6 +700,7 @@ async fn run(args: Args) -> Result<bool> {
                     "duration_scale": args.scale,
                     "lg_threads": args.lg_threads,
                     "node_worker_threads": args.worker_threads,
+                    "host_busy_cores_before": busy,
                     "proto": target.proto.name(),
                     "shard_count": args.shard_count,
                     "shard_counts": args.shard_counts,

@@ -473,6 +473,18 @@ impl CpuSample {
     }
 }
 
+/// Cores the whole machine keeps busy over `window` (all processes): other work on a shared
+/// machine, measured before the bench starts anything.
+pub(crate) async fn host_busy_cores(window: Duration) -> f64 {
+    let (t0, before) = (Instant::now(), host_ticks().unwrap_or_default());
+    tokio::time::sleep(window).await;
+    let after = host_ticks().unwrap_or_default();
+    let wall = t0.elapsed().as_secs_f64().max(1e-9);
+    let busy = after.total.saturating_sub(before.total) as f64
+        - after.idle.saturating_sub(before.idle) as f64;
+    busy / clk_tck() / wall
+}
+
 /// `getconf CLK_TCK` (the unit of /proc/PID/stat times), asked once; 100 if getconf fails.
 fn clk_tck() -> f64 {
     static TCK: OnceLock<f64> = OnceLock::new();
