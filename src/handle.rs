@@ -11,6 +11,7 @@ use axum::http::request::Parts;
 use axum::response::{IntoResponse, Response};
 
 use crate::broadcast::Broadcast;
+use crate::config::Durability;
 use crate::bus::Read;
 use crate::durable::History;
 use crate::envelope::Payload;
@@ -243,7 +244,7 @@ impl RoomHandle {
         Ok(node.durable.history(&room, page, Some(since)))
     }
 
-    fn durable_room(&self, room: &str) -> Result<(RoomName, crate::Durability), Error> {
+    fn durable_room(&self, room: &str) -> Result<(RoomName, Durability), Error> {
         let room = RoomName::new(room)?;
         match self.shared.node.config.durable_for(room.as_str()) {
             Some(settings) => Ok((room, *settings)),
