@@ -11,12 +11,12 @@ use axum::http::request::Parts;
 use axum::response::{IntoResponse, Response};
 
 use crate::broadcast::Broadcast;
-use crate::config::Durability;
 use crate::bus::Read;
+use crate::config::Durability;
 use crate::durable::History;
 use crate::envelope::Payload;
-use crate::listener::FanoutListener;
 use crate::error::Error;
+use crate::listener::FanoutListener;
 use crate::node::Shared;
 use crate::position::Position;
 use crate::room::RoomName;

@@ -12,8 +12,8 @@ use tokio::time::{Instant, timeout_at};
 
 use super::backend::{Backend, Conn};
 use super::backoff::Backoff;
-use super::{Bus, pause};
 use super::history::{POS_BYTES, store_and_publish};
+use super::{Bus, pause};
 use crate::channel;
 use crate::config::Durability;
 use crate::error::Error;
@@ -315,7 +315,8 @@ async fn send(bus: &Bus, conn: &mut Conn, batch: &mut Vec<Outgoing>, deadline: I
     while rest.peek().is_some() {
         if let Some(o) = rest.next_if(|o| o.durable.is_some()) {
             let Some(settings) = o.durable else { continue };
-            let stored = store_and_publish(conn, publish_command, &o.channel, &settings, &o.envelope);
+            let stored =
+                store_and_publish(conn, publish_command, &o.channel, &settings, &o.envelope);
             match timeout_at(deadline, stored).await {
                 Ok(result) => o.finish(result.map(|(_, nodes)| nodes), bus),
                 Err(_) => o.expire(bus),
