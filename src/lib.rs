@@ -22,7 +22,10 @@
 //! - `bus`: everything Redis, and the only place that names it. `bus::publisher` (pipelined
 //!   PUBLISH), `bus::subscriber` (the shared subscriber link: reconcile, probe, reconnect),
 //!   `bus::backend` (one server or a Redis Cluster; client building, TLS, URL redaction),
-//!   `bus::backoff` (jittered reconnect pauses).
+//!   `bus::backoff` (jittered reconnect pauses), `bus::presence` (presence keys, Lua scripts,
+//!   the per-node lease, syncing and reaping, the member query).
+//! - `presence`: the node's presence table (which user each local socket is in each presence
+//!   room, and what Redis has not been told yet), [`Member`], [`Snapshot`], [`Count`].
 //! - `dispatch`: the bounded hop from the subscriber connection, and the dispatcher that
 //!   decodes each envelope once and offers the frame to the room's local sockets.
 //! - `writer`: each socket's batched writer task, and the node's heartbeat.
@@ -61,6 +64,7 @@ mod dispatch;
 mod handle;
 mod layer;
 mod node;
+mod presence;
 mod queue;
 mod registry;
 mod socket;
@@ -82,6 +86,7 @@ pub use error::Error;
 pub use handle::{MissingFanoutLayer, RoomHandle};
 pub use layer::{FanoutLayer, FanoutService};
 pub use missed::Missed;
+pub use presence::{Count, MAX_INFO_LEN, MAX_USER_LEN, Member, MemberEntry, Snapshot};
 pub use queue::SLOW_CONSUMER_REASON;
 pub use registry::SocketId;
 pub use room::{InvalidRoomName, MAX_ROOM_LEN, RoomName};

@@ -13,6 +13,7 @@ use tokio::sync::watch;
 use crate::bus::{Backend, Bus};
 use crate::config::Config;
 use crate::dispatch::{self, Dispatcher, Inbox};
+use crate::presence;
 use crate::registry::Registry;
 use crate::stats::{Counters, Stats};
 use crate::writer::heartbeat;
@@ -24,6 +25,8 @@ pub(crate) struct Node {
     pub(crate) registry: Arc<Registry>,
     pub(crate) counters: Arc<Counters>,
     pub(crate) bus: Arc<Bus>,
+    /// This node's presence members, synced to Redis by a task of the bus.
+    pub(crate) presence: Arc<presence::Table>,
 }
 
 impl Node {
@@ -68,6 +71,7 @@ impl Shared {
                 registry,
                 counters,
                 bus,
+                presence: Arc::default(),
             },
             unstarted: Mutex::new(Some((inbox, dispatcher))),
             stop: watch::Sender::new(()),
@@ -108,6 +112,8 @@ impl Shared {
         if let Some((inbox, dispatcher)) = unstarted {
             runtime.spawn(dispatcher.run());
             node.bus.start(&runtime, inbox, &self.stop);
+            node.bus
+                .start_presence(&runtime, node.presence.clone(), &self.stop);
         }
     }
 }

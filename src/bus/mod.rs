@@ -10,6 +10,8 @@
 //! - `subscriber`: the subscriber link. Reconciles subscriptions with the registry, probes the
 //!   link end to end, and hands every received message to the dispatcher's inbox.
 //! - `backoff`: jittered pauses between reconnect attempts.
+//! - `presence`: presence in Redis: keys, Lua scripts, the per-node lease, the task that syncs
+//!   the node's presence table and reaps the members of dead nodes, and the member query.
 //!
 //! Both connections are RESP3 multiplexed connections that this module reconnects itself,
 //! forever. The client library's own memory of subscriptions is not relied on: after every
@@ -19,6 +21,7 @@
 mod backend;
 mod backoff;
 mod client;
+mod presence;
 mod publisher;
 mod slots;
 mod subscriber;
