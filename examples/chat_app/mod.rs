@@ -8,7 +8,10 @@
 //!   with 1009, an invalid room name with 1008, a binary frame with 1003;
 //! - `POST /rooms/{room}/messages` broadcasts its JSON body from plain HTTP;
 //! - `GET /healthz` is 200 when the node's Redis link is up, 503 otherwise;
-//! - `GET /stats` returns the node's counters as JSON.
+//! - `GET /stats` returns the node's counters as JSON;
+//! - with presence (`PRESENCE=1`): `GET /ws?room=NAME&user=USER` joins as member USER (default:
+//!   a per-socket id), every socket of the room gets `fanout.join` / `fanout.leave` notices,
+//!   and `GET /rooms/{room}/presence` lists the members of every live node.
 
 use std::collections::HashMap;
 use std::num::NonZeroU32;
@@ -20,7 +23,9 @@ use axum::extract::{Path, Query};
 use axum::http::StatusCode;
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
-use axum_fanout::{Event, FanoutLayer, FanoutSocket, Missed, Payload, RoomHandle, RoomName};
+use axum_fanout::{
+    Event, FanoutLayer, FanoutSocket, Member, Missed, Payload, RoomHandle, RoomName,
+};
 
 /// The chat app's routes, wrapped in `layer`.
 pub(crate) fn app(layer: FanoutLayer) -> Router {
@@ -28,6 +33,7 @@ pub(crate) fn app(layer: FanoutLayer) -> Router {
         .route("/", get(page))
         .route("/ws", get(ws))
         .route("/rooms/{room}/messages", post(http_push))
+        .route("/rooms/{room}/presence", get(presence))
         .route("/healthz", get(healthz))
         .route("/stats", get(stats))
         .layer(layer)
@@ -79,15 +85,31 @@ async fn ws(
     rooms: RoomHandle,
 ) -> Response {
     let room = query.get("room").map_or("lobby", String::as_str).to_owned();
-    rooms.on_upgrade(upgrade, move |socket| serve(socket, room))
+    let user = query.get("user").filter(|u| !u.is_empty()).cloned();
+    let node = rooms.node_id().to_owned();
+    rooms.on_upgrade(upgrade, move |socket| serve(socket, room, user, node))
 }
 
-async fn serve(mut socket: FanoutSocket, room: String) {
+async fn serve(mut socket: FanoutSocket, room: String, user: Option<String>, node: String) {
     let room = match RoomName::new(&room) {
         Ok(room) => room,
         Err(e) => return socket.close(close_code::POLICY, &e.to_string()),
     };
-    if let Err(e) = socket.join(&room).await {
+    // With presence the socket joins as a member (a per-socket id when no user is given);
+    // without, `join_as` says so at once and the socket joins plainly.
+    let user = user.unwrap_or_else(|| format!("guest-{node}-{}", socket.id()));
+    let member = match Member::new(user) {
+        Ok(member) => member,
+        Err(e) => {
+            let reason = std::error::Error::source(&e).map(ToString::to_string);
+            return socket.close(close_code::POLICY, &reason.unwrap_or_default());
+        }
+    };
+    let joined = match socket.join_as(&room, &member).await {
+        Err(e) if e.is_presence_off() => socket.join(&room).await,
+        other => other,
+    };
+    if let Err(e) = joined {
         tracing::warn!(room = %room, error = %e, "join failed");
         return socket.close(close_code::ERROR, "redis unavailable, try again later");
     }
@@ -119,6 +141,26 @@ async fn serve(mut socket: FanoutSocket, room: String) {
             // failure: either way the connection is done.
             Err(_) => return,
         }
+    }
+}
+
+/// `{"room":NAME,"version":V,"members":[{"user":USER,"connections":N},...]}`, sorted by user;
+/// 404 when the node runs without presence.
+async fn presence(Path(room): Path<String>, rooms: RoomHandle) -> Response {
+    match rooms.presence(&room).await {
+        Ok(snapshot) => Json(snapshot).into_response(),
+        Err(e) if e.is_presence_off() => {
+            (StatusCode::NOT_FOUND, "presence is off (PRESENCE=1)\n").into_response()
+        }
+        Err(e) if e.is_invalid_room() => {
+            let reason = std::error::Error::source(&e).map(ToString::to_string);
+            (
+                StatusCode::BAD_REQUEST,
+                format!("{}\n", reason.unwrap_or_default()),
+            )
+                .into_response()
+        }
+        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n")).into_response(),
     }
 }
 
@@ -162,6 +204,16 @@ pub(crate) fn layer_from_env() -> Result<FanoutLayer, String> {
             .parse()
             .map_err(|e| format!("SHARD_COUNT must be a whole number from 1 to 65535: {e}"))?;
         builder = builder.shard_count(shards);
+    }
+    if std::env::var("PRESENCE").is_ok_and(|p| p.trim() == "1") {
+        builder = builder.presence(true);
+    }
+    if let Ok(ttl) = std::env::var("PRESENCE_TTL_S") {
+        let secs: u64 = ttl
+            .trim()
+            .parse()
+            .map_err(|e| format!("PRESENCE_TTL_S must be a whole number of seconds: {e}"))?;
+        builder = builder.presence_ttl(std::time::Duration::from_secs(secs));
     }
     // Not part of the wire contract: a tuning knob for benchmarks and operators.
     if let Some(ms) = std::env::var("FLUSH_INTERVAL_MS")
