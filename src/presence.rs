@@ -45,7 +45,7 @@ pub const MAX_INFO_LEN: usize = 1024;
 /// use axum_fanout::Member;
 ///
 /// # fn main() -> Result<(), axum_fanout::Error> {
-/// let alice = Member::new("alice")?.info(r#"{"name":"Alice","color":"#e33"}"#)?;
+/// let alice = Member::new("alice")?.info(r##"{"name":"Alice","color":"#e33"}"##)?;
 /// assert_eq!(alice.user(), "alice");
 /// assert!(Member::new("").is_err());
 /// assert!(Member::new("bob")?.info("not json").is_err());
