@@ -228,6 +228,44 @@ async fn two_users_on_three_nodes_join_once_and_leave_after_their_last_socket() 
 }
 
 #[tokio::test]
+async fn a_node_shutting_down_takes_its_members_out_at_once() {
+    let redis = RedisServer::start();
+    let fleet = nodes(&redis, 2, Duration::from_secs(30)).await;
+    let room = "bye";
+    let mut watcher = member(fleet[0].server.addr, room, "watcher").await;
+    let _erin = member(fleet[1].server.addr, room, "erin").await;
+    let _erin_here = member(fleet[0].server.addr, room, "erin").await;
+    let _frank = member(fleet[1].server.addr, room, "frank").await;
+    wait_members(
+        &fleet[0].handle,
+        room,
+        &[("erin", 2), ("frank", 1), ("watcher", 1)],
+    )
+    .await;
+    assert!(fleet[1].handle.shutdown().await, "clean shutdown");
+    // Synced before `shutdown` returned: no waiting for the lease to run out.
+    let left = members(&fleet[0].handle, room).await.expect("members");
+    assert_eq!(
+        left,
+        [("erin".to_owned(), 1), ("watcher".to_owned(), 1)]
+            .into_iter()
+            .collect()
+    );
+    let h = fleet[0].handle.clone();
+    let seen = notices_until_marker(&mut watcher, 1, || async move {
+        h.broadcast(room, json!({ "marker": 1 }))
+            .await
+            .expect("marker");
+    })
+    .await;
+    let after_joins: Vec<_> = kinds(&seen)
+        .into_iter()
+        .filter(|(k, _)| k == "fanout.leave")
+        .collect();
+    assert_eq!(after_joins, [pair("fanout.leave", "frank")]);
+}
+
+#[tokio::test]
 async fn presence_is_opt_in_per_room_and_members_are_validated() {
     let redis = RedisServer::start();
     let layer = FanoutLayer::builder(redis.url())
@@ -394,12 +432,20 @@ async fn snapshot_plus_newer_events_equal_redis_after_churn() {
 
 #[tokio::test]
 async fn ten_thousand_members_cost_of_listing_counting_and_reaping() {
-    const MEMBERS: usize = 10_000;
     let redis = RedisServer::start();
     let fleet = nodes(&redis, 1, Duration::from_secs(30)).await;
-    let handle = &fleet[0].handle;
-    let room = "big";
-    // A node "bulk" holds 10,000 members, written straight into Redis as its sync script would.
+    for members in [1_000, 10_000] {
+        big_room_costs(&redis, &fleet[0].handle, members).await;
+    }
+}
+
+/// Lists and counts a room of `members` members many times, then lets their node die, and
+/// prints what each cost the caller and Redis.
+async fn big_room_costs(redis: &RedisServer, handle: &RoomHandle, members: usize) {
+    let room = format!("big{members}");
+    let room = room.as_str();
+    let bulk = format!("bulk{members}");
+    // A node holds the members, written straight into Redis as its sync script would.
     let client = redis::Client::open(redis.url()).expect("url");
     let mut conn = client
         .get_multiplexed_async_connection()
@@ -409,8 +455,8 @@ async fn ten_thousand_members_cost_of_listing_counting_and_reaping() {
     let mut members_cmd = redis::cmd("HSET");
     let mut share_cmd = redis::cmd("HSET");
     members_cmd.arg(format!("{tag}:members"));
-    share_cmd.arg(format!("{tag}:node:bulk"));
-    for i in 0..MEMBERS {
+    share_cmd.arg(format!("{tag}:node:{bulk}"));
+    for i in 0..members {
         let user = format!("user-{i:05}");
         members_cmd.arg(&user).arg(1);
         share_cmd.arg(&user).arg(1);
@@ -423,61 +469,59 @@ async fn ten_thousand_members_cost_of_listing_counting_and_reaping() {
         .ignore()
         .cmd("SADD")
         .arg(format!("{tag}:nodes"))
-        .arg("bulk")
+        .arg(&bulk)
         .ignore()
         .cmd("SADD")
-        .arg(format!("{fleet_base}rooms:bulk"))
+        .arg(format!("{fleet_base}rooms:{bulk}"))
         .arg(room)
         .ignore()
         .cmd("ZADD")
         .arg(format!("{fleet_base}leases"))
         .arg(i64::MAX / 2)
-        .arg("bulk")
+        .arg(&bulk)
         .ignore()
         .query_async(&mut conn)
         .await
         .expect("populate");
 
-    let evalsha_usec = |redis: &RedisServer| -> f64 {
+    // Redis's own time (every command, `INFO commandstats`) since the last reset, in us.
+    let redis_usec = |redis: &RedisServer| -> f64 {
         redis
             .cli(&["INFO", "commandstats"])
             .lines()
-            .find_map(|l| l.trim().strip_prefix("cmdstat_evalsha:"))
-            .and_then(|rest| {
-                rest.split(',')
-                    .find_map(|f| f.strip_prefix("usec_per_call="))
-            })
-            .and_then(|n| n.parse().ok())
-            .unwrap_or(f64::NAN)
+            .filter(|l| l.starts_with("cmdstat_") && !l.starts_with("cmdstat_config"))
+            .filter_map(|l| l.split(',').find_map(|f| f.strip_prefix("usec=")))
+            .filter_map(|n| n.parse::<f64>().ok())
+            .sum()
     };
     // Warm up (loads the scripts), then measure.
     assert_eq!(
         handle.presence(room).await.expect("list").members.len(),
-        MEMBERS
+        members
     );
     let _ = redis.cli(&["CONFIG", "RESETSTAT"]);
     let rounds = 20u32;
     let t = Instant::now();
     for _ in 0..rounds {
         let s = handle.presence(room).await.expect("list");
-        assert_eq!(s.members.len(), MEMBERS);
+        assert_eq!(s.members.len(), members);
     }
     let list = t.elapsed() / rounds;
-    let list_redis = evalsha_usec(&redis);
+    let list_redis = redis_usec(redis) / f64::from(rounds);
     let _ = redis.cli(&["CONFIG", "RESETSTAT"]);
     let rounds = 200u32;
     let t = Instant::now();
     for _ in 0..rounds {
         let c = handle.presence_count(room).await.expect("count");
-        assert_eq!(c.members, MEMBERS as u64);
+        assert_eq!(c.members, members as u64);
     }
     let count = t.elapsed() / rounds;
-    let count_redis = evalsha_usec(&redis);
+    let count_redis = redis_usec(redis) / f64::from(rounds);
     // The bulk node dies: the next query takes its 10,000 members out (10,000 leave events).
     let _: () = redis::cmd("ZADD")
         .arg(format!("{fleet_base}leases"))
         .arg(0)
-        .arg("bulk")
+        .arg(&bulk)
         .query_async(&mut conn)
         .await
         .expect("expire");
@@ -485,12 +529,12 @@ async fn ten_thousand_members_cost_of_listing_counting_and_reaping() {
     let t = Instant::now();
     let after = handle.presence_count(room).await.expect("count");
     let reap = t.elapsed();
-    let reap_redis = evalsha_usec(&redis);
+    let reap_redis = redis_usec(redis);
     assert_eq!(after.members, 0, "no ghost of the dead node");
     println!(
-        "presence, {MEMBERS} members in one room: list {:.2} ms per call (redis {:.0} us), \
-         count {:.3} ms per call (redis {:.1} us), reaping a dead node's {MEMBERS} members \
-         {:.1} ms (redis {:.0} us, {MEMBERS} leave events)",
+        "presence, {members} members in one room: list {:.2} ms per call (redis {:.0} us), \
+         count {:.3} ms per call (redis {:.1} us), reaping a dead node's {members} members \
+         {:.1} ms (redis {:.0} us, {members} leave events)",
         list.as_secs_f64() * 1e3,
         list_redis,
         count.as_secs_f64() * 1e3,
