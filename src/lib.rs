@@ -57,6 +57,10 @@
 //!   few field updates.
 //! - **Lifetimes end by `Drop`**: dropping a [`FanoutSocket`] leaves its rooms; dropping the
 //!   last layer or handle stops the background tasks.
+//! - **Presence changes and their notices are one step** (`bus::presence`): the Lua script
+//!   that changes a room's counts publishes the join or leave on the room's channel, so
+//!   notices take the one delivery path, in order with the messages; the node only ever sends
+//!   its current counts (`presence`), so a retry or a re-assertion cannot count twice.
 
 mod broadcast;
 mod bus;
