@@ -18,6 +18,7 @@
 use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
 
 use serde::Serialize;
 use tokio::sync::{Notify, watch};
@@ -210,6 +211,10 @@ struct Inner {
     /// Rooms with a change Redis has not been told about (changed users, or `full`).
     dirty: HashSet<RoomName>,
     generation: u64,
+    /// Users whose last local socket left while Redis was away and lost its data: the fleet
+    /// saw them join, and Redis no longer knows they left. Each gets a leave once every live
+    /// node has had time to re-assert, unless one of them still has the user.
+    departed: Vec<(RoomName, String, Instant)>,
 }
 
 /// This node's presence table. See the module docs.
@@ -344,16 +349,33 @@ impl Table {
     /// others removed its members (not silent: they left, and now join again). `extra` names
     /// rooms Redis holds entries of this node for that the table does not know (left over by
     /// an earlier run with the same node id); re-asserting them empty removes those entries.
-    pub(crate) fn reassert_all(&self, silent: bool, extra: Vec<RoomName>) {
+    ///
+    /// When `silent`, users who left while Redis was away (their last leave not yet counted)
+    /// are due a leave notice after `leave_after` (see [`Table::take_departed`]).
+    pub(crate) fn reassert_all(&self, silent: bool, extra: Vec<RoomName>, leave_after: Duration) {
         let mut inner = self.lock();
         for room in extra {
             inner.rooms.entry(room).or_default();
         }
-        let Inner { rooms, dirty, .. } = &mut *inner;
+        let due = Instant::now() + leave_after;
+        let Inner {
+            rooms,
+            dirty,
+            departed,
+            ..
+        } = &mut *inner;
         for (name, r) in rooms.iter_mut() {
             r.full = true;
             r.silent = silent;
             dirty.insert(name.clone());
+            if silent {
+                departed.extend(
+                    r.users
+                        .iter()
+                        .filter(|(_, l)| l.count == 0 && l.announced)
+                        .map(|(user, _)| (name.clone(), user.clone(), due)),
+                );
+            }
         }
         drop(inner);
         self.changed.notify_one();
@@ -412,6 +434,31 @@ impl Table {
             });
         }
         out
+    }
+
+    /// The departed users whose leave is due by `now` (and who have no local socket again),
+    /// and when the next one is due.
+    pub(crate) fn take_departed(&self, now: Instant) -> (Vec<(RoomName, String)>, Option<Instant>) {
+        let mut inner = self.lock();
+        let Inner {
+            rooms, departed, ..
+        } = &mut *inner;
+        let mut due = Vec::new();
+        departed.retain(|(room, user, at)| {
+            if *at > now {
+                return true;
+            }
+            let back = rooms
+                .get(room)
+                .and_then(|r| r.users.get(user))
+                .is_some_and(|l| l.count > 0);
+            if !back {
+                due.push((room.clone(), user.clone()));
+            }
+            false
+        });
+        let next = departed.iter().map(|(_, _, at)| *at).min();
+        (due, next)
     }
 
     /// Redis applied `sync`.
@@ -526,7 +573,14 @@ mod tests {
         for s in failed {
             t.retry(s);
         }
-        t.reassert_all(true, vec![room("stale")]);
+        t.remove(&a, SocketId::from_wire(1)); // ann leaves while Redis is away
+        for s in t.take_dirty(100) {
+            t.retry(s);
+        }
+        t.reassert_all(true, vec![room("stale")], Duration::ZERO);
+        let (departed, next) = t.take_departed(Instant::now());
+        assert_eq!(departed, [(a.clone(), "ann".to_owned())]);
+        assert_eq!(next, None);
         let syncs = t.take_dirty(100);
         let stale = syncs.iter().find(|s| s.room.as_str() == "stale");
         assert!(stale.is_some_and(|s| s.full && s.entries.is_empty()));
@@ -542,6 +596,15 @@ mod tests {
             v
         };
         assert_eq!(announce, [("ann", false), ("bob", true)]);
+        let ann = a_sync
+            .entries
+            .iter()
+            .find(|e| e.user == "ann")
+            .expect("ann");
+        assert_eq!(
+            ann.count, 0,
+            "listed with no connection: nothing to restore"
+        );
     }
 
     #[test]

@@ -207,6 +207,15 @@ if ARGV[6] == 'count' then return { v, redis.call('HLEN', KEYS[1]) } end
 return v
 "#;
 
+/// KEYS: members, info, version. ARGV: channel, room, origin, user. A leave for a user who
+/// left while Redis was away and lost its data, unless some node re-asserted them since.
+const LEAVE_IF_ABSENT: &str = r#"
+if redis.call('HEXISTS', KEYS[1], ARGV[4]) == 1 then return 0 end
+publish({ members = KEYS[1], info = KEYS[2], version = KEYS[3], channel = ARGV[1],
+          room = ARGV[2], origin = ARGV[3] }, 'leave', ARGV[4], nil)
+return 1
+"#;
+
 /// KEYS: leases, my rooms. ARGV: node. Drops the lease once no room holds this node's
 /// connections (a clean shutdown); otherwise the lease runs out and survivors reap.
 const RELEASE: &str = r#"
@@ -275,6 +284,7 @@ struct Scripts {
     reap: Script,
     query: Script,
     release: Script,
+    leave_if_absent: Script,
 }
 
 static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| {
@@ -287,6 +297,7 @@ static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| {
         reap: s(REAP),
         query: s(QUERY),
         release: s(RELEASE),
+        leave_if_absent: s(LEAVE_IF_ABSENT),
     }
 });
 
@@ -690,6 +701,12 @@ async fn run(bus: Arc<Bus>, table: Arc<Table>, mut stop: watch::Receiver<()>) {
             }
             continue;
         }
+        let (departed, next_departure) = table.take_departed(Instant::now());
+        for (room, user) in departed {
+            if let Err(f) = leave_if_absent(&cfg, &mut conn, &room, &user).await {
+                tracing::warn!(node = %cfg.node_id, %room, reason = %f, "could not announce a leave from a redis outage");
+            }
+        }
         if Instant::now() >= next_reap {
             next_reap = Instant::now() + reap_every(&cfg);
             if let Err(f) = reap_dead(&cfg, &fleet, &mut conn).await {
@@ -700,7 +717,9 @@ async fn run(bus: Arc<Bus>, table: Arc<Table>, mut stop: watch::Receiver<()>) {
         let renew_at = leased_until.map_or(Instant::now(), |t| t - renew_every * 2);
         tokio::select! {
             _ = table.changed() => {}
-            _ = tokio::time::sleep_until(renew_at.min(next_reap)) => {}
+            _ = tokio::time::sleep_until(
+                renew_at.min(next_reap).min(next_departure.unwrap_or(next_reap))
+            ) => {}
             // A new publisher connection: Redis may have restarted; renew at once, which
             // tells whether it lost its data.
             r = conns.changed() => {
@@ -750,13 +769,16 @@ async fn renew(
         if !leftover.is_empty() {
             tracing::info!(node = %cfg.node_id, rooms = leftover.len(), "removing presence left by an earlier run of this node");
         }
-        table.reassert_all(false, leftover);
+        table.reassert_all(false, leftover, Duration::ZERO);
     } else if epoch.as_deref() != Some(seen.as_str()) {
         tracing::warn!(node = %cfg.node_id, "redis lost its presence data; re-asserting this node's members");
-        table.reassert_all(true, Vec::new());
+        // Every live node renews within a third of the TTL, sees the new epoch and re-asserts:
+        // only then can a user who left meanwhile be told apart from one not re-asserted yet.
+        let leave_after = cfg.presence_ttl / 3 + reap_every(cfg);
+        table.reassert_all(true, Vec::new(), leave_after);
     } else if !was_alive {
         tracing::warn!(node = %cfg.node_id, "this node's presence lease had run out; re-asserting its members");
-        table.reassert_all(false, Vec::new());
+        table.reassert_all(false, Vec::new(), Duration::ZERO);
     }
     *epoch = Some(seen);
     Ok(())
@@ -820,6 +842,26 @@ async fn sync_dirty(
             return Err(f);
         }
     }
+}
+
+/// Announces the leave of `user`, who left `room` while Redis was away, unless a node
+/// re-asserted them.
+async fn leave_if_absent(
+    cfg: &Config,
+    conn: &mut Conn,
+    room: &RoomName,
+    user: &str,
+) -> Result<(), Failure> {
+    let keys = RoomKeys::new(cfg, room.as_str());
+    let mut inv = SCRIPTS.leave_if_absent.prepare_invoke();
+    inv.key(&keys.members)
+        .key(&keys.info)
+        .key(&keys.version)
+        .arg(event_channel(cfg, room))
+        .arg(room.as_str())
+        .arg(&cfg.node_id)
+        .arg(user);
+    invoke::<Value>(conn, &inv).await.map(drop)
 }
 
 /// Finds nodes whose lease ran out and takes their members out of every room they held.
