@@ -450,8 +450,14 @@ async fn snapshot_plus_newer_events_equal_redis_after_churn() {
     let redis_view: BTreeSet<String> = want.into_keys().collect();
     assert_eq!(view, redis_view, "snapshot + {applied} newer events");
     assert!(applied > 0, "the snapshot was taken mid-churn");
+    let evalsha = redis
+        .cli(&["INFO", "commandstats"])
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("cmdstat_evalsha:").map(str::to_owned))
+        .unwrap_or_default();
     println!(
-        "churn: {} notices, {applied} newer than the snapshot",
+        "churn: {} notices, {applied} newer than the snapshot; script calls (sync, lease, \
+         reap, query): {evalsha}",
         notices.len()
     );
 }
