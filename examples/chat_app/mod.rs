@@ -11,7 +11,10 @@
 //! - `GET /stats` returns the node's counters as JSON;
 //! - with presence (`PRESENCE=1`): `GET /ws?room=NAME&user=USER` joins as member USER (default:
 //!   a per-socket id), every socket of the room gets `fanout.join` / `fanout.leave` notices,
-//!   and `GET /rooms/{room}/presence` lists the members of every live node.
+//!   and `GET /rooms/{room}/presence` lists the members of every live node. Once the socket is
+//!   counted and subscribed it gets `{"type":"fanout.member","room":NAME,"user":USER}` (its
+//!   own user id): a list fetched after that, plus the notices newer than its `version`, is
+//!   exact.
 
 use std::collections::HashMap;
 use std::num::NonZeroU32;
@@ -106,8 +109,15 @@ async fn serve(mut socket: FanoutSocket, room: String, user: Option<String>, nod
         }
     };
     let joined = match socket.join_as(&room, &member).await {
+        // Counted, and subscribed: tell the client its user id (it may be a default one), and
+        // that a presence list it asks for from now on is followed by every later notice.
+        Ok(()) => socket.send(serde_json::json!({
+            "type": "fanout.member",
+            "room": room.as_str(),
+            "user": member.user(),
+        })),
         Err(e) if e.is_presence_off() => socket.join(&room).await,
-        other => other,
+        Err(e) => Err(e),
     };
     if let Err(e) = joined {
         tracing::warn!(room = %room, error = %e, "join failed");
