@@ -3,20 +3,36 @@
 //! # What it measures
 //!
 //! For every *target* (a server implementation speaking the wire contract of
-//! `shared/CONTRACT.md`) and every *scenario*, the bench starts a private `redis-server` on a
-//! free port and three server nodes (`NODE_ID` n1..n3, each with one tokio worker thread:
-//! `TOKIO_WORKER_THREADS=1` unless set, since three nodes share two cores) pointing at it,
-//! waits for each node's `GET /healthz` to answer 200, connects WebSocket clients spread
-//! round-robin over the nodes and measures. Every (scenario, target, round) gets fresh processes, so no run inherits
+//! `shared/CONTRACT.md`, or its socket.io variant) and every *scenario*, the bench starts a
+//! private `redis-server` on a free port and three server nodes (env `PORT`, `REDIS_URL`,
+//! `NODE_ID` n1..n3, `CHANNEL_PREFIX`, `SHARD_COUNT`) pointing at it, waits for each node's
+//! `GET /healthz` to answer 200, connects clients spread round-robin over the nodes and
+//! measures. Every (scenario, target, round) gets fresh processes, so no run inherits
 //! another's heap, backlog or subscriptions.
 //!
-//! * `sweep`: 10 rooms x 30 clients (3 of them publishing, one per node), 256-byte
-//!   messages. The delivery rate starts at 10k/s and grows x1.5 per 1 s step until a step
-//!   loses more than 0.1 % or has p99 > 50 ms; a failing step is re-run once, because the
-//!   machine is shared. Result: the highest delivery rate that held, and the server CPU per
-//!   delivery at that rate.
+//! Nodes run with their *default* runtime, as a user would run them (tokio: one worker
+//! thread per core). `--worker-threads N` sets `TOKIO_WORKER_THREADS=N` for every node (Node.js
+//! ignores it); a `TOKIO_WORKER_THREADS` in the bench's own environment is inherited too.
+//! (Earlier versions of this bench forced one worker per node; figures taken that way are not
+//! comparable with the default.)
+//!
+//! Targets: `chat` (this crate's `examples/chat.rs`, built in release mode; "ours" in every
+//! ratio), `--socketioxide` (the socketioxide 0.18 + socketioxide-redis peer of
+//! `../shared/peers/socketioxide`, spoken to as socket.io), `--seed` (the Node.js seed peer)
+//! and any `--target-cmd`. They run in one process, alternated (see below).
+//!
+//! * `sweep`: 10 rooms x 30 clients, 256-byte messages, once with 1 publishing client per
+//!   room and once with 3 (`--publishers-per-room`, default `1,3`; publishers of different
+//!   rooms sit on different nodes, and a room's 3 publishers on 3 nodes). The delivery rate
+//!   starts at 10k/s and grows x1.5 per 1 s step until a step loses more than 0.1 % or has
+//!   p99 > 50 ms; a failing step is re-run once, because the machine is shared. Result: the
+//!   highest delivery rate that held, and the server CPU per delivery at that rate. One
+//!   publisher per room is the seed's pattern (one client typing into a room): the same room
+//!   rate then comes from one socket, so a server that serializes a sender's messages on
+//!   round trips falls behind there first.
 //! * `latency`: the same rooms at a fixed 75,000 deliveries/s (2,500 msg/s in all, 250 per
-//!   room) for 5 s: p50/p99/p99.9/max and CPU per delivery.
+//!   room) for 5 s, again once per publishers-per-room value: p50/p99/p99.9/max and CPU per
+//!   delivery.
 //! * `idle`: 10,000 connections in 100 rooms that only complete the handshake: growth of the
 //!   nodes' summed VmRSS divided by the connection count.
 //! * `slow`: 3 rooms x 30 clients where one client per room (each on another node) completes
@@ -35,7 +51,10 @@
 //! # Method
 //!
 //! A *delivery* is one message arriving at one client; a message sent to a room of N clients
-//! makes N deliveries (the publishing clients are in the room and read too). Each payload is
+//! makes N deliveries (the publishing clients are in the room and read too). Rates are always
+//! given in deliveries/s = messages/s x clients per room, split evenly over the rooms and, in
+//! a room, over its publishers: 1 and 3 publishers per room at the same deliveries/s put the
+//! same load on the fan-out and differ only in how many sockets it comes from. Each payload is
 //! `{"t":SEND_NS,"s":SENDER,"q":SEQ,"p":"xxx.."}`, `t` being nanoseconds since an `Instant`
 //! shared by the whole process; a receiver finds the `"t":` number without parsing the JSON
 //! and records `now - t` in a log-linear histogram (1.6 % buckets; percentiles report the
@@ -52,7 +71,17 @@
 //! the load generator itself and by the whole machine (`/proc/stat`): on a 2-core machine
 //! that servers, Redis and the load generator share, a host near two cores means the figure
 //! is bounded by the machine, not by the server (and other work on a shared machine shows up
-//! there too).
+//! there too). Before starting anything, the bench also measures the machine's busy cores for
+//! 1 s and prints a note when other processes already use more than a quarter of a core
+//! (`host_busy_cores_before` in the JSON lines).
+//!
+//! The load generator's own CPU per delivery (utime + stime of this process over the same
+//! window, divided by the same deliveries) is printed on every step line next to the servers'
+//! (`cpu/deliv X us, loadgen Y us`, marked `(LG>srv)` when Y > X), is a figure of every
+//! `sweep`, `latency`, `hot` and `slow` result (`loadgen_us_per_delivery`, also in the JSON
+//! lines and per step in their details), and each table ends with a `NOTE` for a target whose
+//! median load-generator CPU per delivery is above its servers': then the figure measures the
+//! load generator as much as the server.
 //!
 //! # The load generator
 //!
@@ -67,10 +96,22 @@
 //! thread. Under load every `recv` returns many frames, so the cost per delivery falls as the
 //! rate rises (about 1 us per delivery at 400k/s); at low rates and in `hot` it is several us.
 //!
+//! For socket.io targets the same client speaks Engine.IO v4 / Socket.IO v5 over the
+//! websocket transport only (`ws.rs`): it upgrades `/socket.io/?EIO=4&transport=websocket&room=NAME`,
+//! waits for the open packet `0{"sid":..}`, sends `40` and counts the socket as connected
+//! only when `40{"sid":..}` comes back (so it is in its room); it publishes `42["msg",V]` and
+//! counts every `42["msg",V]` frame as a delivery, finding the stamp right after the fixed
+//! prefix; it answers Engine.IO pings `2` with `3`. Same payload V, so the same bytes of JSON
+//! per message for every target (plus 11 bytes of socket.io framing).
+//!
 //! # Running
 //!
 //! ```text
 //! cargo bench --bench fanout                        # our chat example, every scenario, 3 rounds
+//! cargo bench --bench fanout -- --socketioxide --seed   # ... compared with socketioxide and the seed
+//! cargo bench --bench fanout -- --socketioxide --scenario sweep,latency --rounds 3
+//! cargo bench --bench fanout -- --socketioxide-bin /path/to/socketioxide-peer --publishers-per-room 1
+//! cargo bench --bench fanout -- --socketioxide --worker-threads 1   # every node on 1 tokio worker
 //! cargo bench --bench fanout -- --seed              # ... compared with the Node.js seed peer
 //! cargo bench --bench fanout -- --seed --no-default-target --quick   # smoke run of the seed
 //! cargo bench --bench fanout -- --scenario latency --rounds 1
@@ -82,7 +123,13 @@
 //! Options: `--scenario sweep|latency|idle|slow|hot|all` (comma-separated list allowed),
 //! `--rounds N` (default 3), `--target-cmd [NAME=]CMD` (repeatable; run as `sh -c "exec CMD"`
 //! with the contract's environment variables), `--seed` (adds `../shared/peers/seed-node`,
-//! copied to `target/seed-node`, as target `seed`), `--seed-dir DIR`, `--no-default-target`,
+//! copied to `target/seed-node`, as target `seed`), `--seed-dir DIR`, `--socketioxide` (adds
+//! `../shared/peers/socketioxide`, copied to `target/socketioxide-peer` and built there with
+//! `cargo build --release`, about 4 minutes on 2 cores the first time and reused afterwards,
+//! as target `socketioxide`), `--socketioxide-dir DIR`, `--socketioxide-bin PATH` (use that
+//! binary, no build; implies `--socketioxide`), `--publishers-per-room N[,M..]` (sweep and
+//! latency once per value, default `1,3`), `--worker-threads N` (`TOKIO_WORKER_THREADS` of
+//! the nodes; default unset), `--no-default-target`,
 //! `--quick` (fewer connections, shorter steps), `--duration-scale F` (multiplies every step
 //! duration and the `slow` volume), `--lg-threads N` (load-generator worker threads, default
 //! 1; 0 runs everything on one thread), `--shard-count N` (SHARD_COUNT of the servers),
@@ -92,14 +139,18 @@
 //! `--hot-publishers N` (publishing clients of `hot`, default 1: a room's shard is chosen per
 //! sender, so one publisher uses one shard whatever the shard count),
 //! `--msg-size N`, `--latency-rate DELIVERIES_PER_S`, `--slow-rooms N`, `--slow-mib F`.
-//! Unknown arguments (cargo passes `--bench`) are ignored. The default run with `--seed`
-//! (2 targets, 3 rounds, every scenario) takes about 4 minutes on 2 cores.
+//! Unknown arguments (cargo passes `--bench`) are ignored. A round of sweep and latency with
+//! `--socketioxide` (2 targets, 2 publisher counts each) takes about 1.5 minutes on 2 cores,
+//! 2 minutes with `--seed` too (once the peers are built).
 //!
 //! With several targets, each scenario runs them in alternation (A, B, A, B, ...) so that
-//! drifting background load hits every target alike; tables show every round, the median per
-//! target and the ratio of our median to every other's. Each run is also appended as one
-//! JSON line to `target/bench-results/fanout.jsonl`; server and Redis logs of the latest run
-//! are in `target/bench-results/logs/`.
+//! drifting background load hits every target alike; tables (one per scenario, and per
+//! publishers-per-room value for sweep and latency) show every round, the median per target
+//! and the ratio of our median to every other's; the run ends with one line of ratios per
+//! table and other target (`chat/socketioxide: max_deliveries_per_s 0.61x, ...`). Each run is
+//! also appended as one JSON line to `target/bench-results/fanout.jsonl` (with
+//! `publishers_per_room`, the target's `proto` and `node_worker_threads`); server and Redis
+//! logs of the latest run are in `target/bench-results/logs/`.
 
 // The crate root is benches/fanout.rs, so its modules would be looked up in benches/;
 // they live in benches/fanout/ to keep the benches directory for bench targets.
@@ -126,6 +177,7 @@ use serde_json::json;
 use crate::procs::{ClusterConfig, Launch, Target};
 use crate::report::RunRecord;
 use crate::scenarios::{Params, Scenario};
+use crate::ws::Proto;
 
 /// Errors carry their context as text: this is a tool, the message is the product.
 type Error = Box<dyn std::error::Error + Send + Sync>;
@@ -189,6 +241,11 @@ struct Args {
     target_cmds: Vec<(String, String)>,
     seed: bool,
     seed_dir: Option<PathBuf>,
+    socketioxide: bool,
+    socketioxide_dir: Option<PathBuf>,
+    socketioxide_bin: Option<PathBuf>,
+    publishers_per_room: Vec<usize>,
+    worker_threads: Option<usize>,
     default_target: bool,
     quick: bool,
     scale: f64,
@@ -211,6 +268,18 @@ usage: cargo bench --bench fanout [-- OPTIONS]
                         another target, started as `sh -c \"exec CMD\"` (repeatable)
   --seed                add the Node.js seed peer as target `seed`
   --seed-dir DIR        seed peer sources (default ../shared/peers/seed-node)
+  --socketioxide        add the socketioxide peer (socket.io) as target `socketioxide`; the
+                        bench builds it in target/socketioxide-peer (first time ~4 min)
+  --socketioxide-dir DIR
+                        its sources (default ../shared/peers/socketioxide)
+  --socketioxide-bin PATH
+                        use this socketioxide peer binary instead of building (implies
+                        --socketioxide)
+  --publishers-per-room N[,M..]
+                        publishing clients per room of sweep and latency; each value is its
+                        own table (default 1,3)
+  --worker-threads N    TOKIO_WORKER_THREADS of every node (default: unset, each node's
+                        default runtime)
   --no-default-target   do not build and run examples/chat.rs
   --quick               smoke run: fewer connections, shorter steps
   --duration-scale F    multiply step durations by F (default 1)
@@ -232,6 +301,11 @@ impl Args {
             target_cmds: Vec::new(),
             seed: false,
             seed_dir: None,
+            socketioxide: false,
+            socketioxide_dir: None,
+            socketioxide_bin: None,
+            publishers_per_room: vec![1, 3],
+            worker_threads: None,
             default_target: true,
             quick: false,
             scale: 1.0,
@@ -280,6 +354,24 @@ impl Args {
                 }
                 "--seed" => a.seed = true,
                 "--seed-dir" => a.seed_dir = Some(PathBuf::from(value("--seed-dir")?)),
+                "--socketioxide" => a.socketioxide = true,
+                "--socketioxide-dir" => {
+                    a.socketioxide_dir = Some(PathBuf::from(value("--socketioxide-dir")?));
+                }
+                "--socketioxide-bin" => {
+                    a.socketioxide = true;
+                    a.socketioxide_bin = Some(PathBuf::from(value("--socketioxide-bin")?));
+                }
+                "--publishers-per-room" => {
+                    a.publishers_per_room = value("--publishers-per-room")?
+                        .split(',')
+                        .map(|n| parse_num(n.trim(), "--publishers-per-room"))
+                        .collect::<Result<_>>()?;
+                }
+                "--worker-threads" => {
+                    a.worker_threads =
+                        Some(parse_num(&value("--worker-threads")?, "--worker-threads")?);
+                }
                 "--no-default-target" => a.default_target = false,
                 "--quick" => a.quick = true,
                 "--duration-scale" => {
@@ -324,6 +416,12 @@ impl Args {
         }
         if a.rounds == 0 || a.shard_count == 0 || a.shard_counts.contains(&0) {
             bail!("--rounds, --shard-count and --shard-counts must be at least 1");
+        }
+        if a.publishers_per_room.is_empty() || a.publishers_per_room.contains(&0) {
+            bail!("--publishers-per-room values must be at least 1");
+        }
+        if a.worker_threads == Some(0) {
+            bail!("--worker-threads must be at least 1");
         }
         if a.redis_cluster == Some(0) {
             bail!("--redis-cluster needs at least 1 master (3 for a real cluster)");
@@ -449,6 +547,7 @@ async fn run(args: Args) -> Result<bool> {
                 name: "chat".to_string(),
                 launch: Launch::Exec(bin.clone()),
                 env: Vec::new(),
+                proto: Proto::Ws,
             });
         }
         for n in &args.shard_counts {
@@ -456,6 +555,7 @@ async fn run(args: Args) -> Result<bool> {
                 name: format!("chat-s{n}"),
                 launch: Launch::Exec(bin.clone()),
                 env: vec![("SHARD_COUNT".to_string(), n.to_string())],
+                proto: Proto::Ws,
             });
         }
     }
@@ -464,6 +564,19 @@ async fn run(args: Args) -> Result<bool> {
             name: name.clone(),
             launch: Launch::Shell(cmd.clone()),
             env: Vec::new(),
+            proto: Proto::Ws,
+        });
+    }
+    if args.socketioxide {
+        targets.push(match &args.socketioxide_bin {
+            Some(bin) => procs::socketioxide_target(bin)?,
+            None => {
+                let dir = args
+                    .socketioxide_dir
+                    .clone()
+                    .unwrap_or_else(|| manifest.join("../shared/peers/socketioxide"));
+                procs::prepare_socketioxide(&dir, &target_dir)?
+            }
         });
     }
     if args.seed {
@@ -510,24 +623,60 @@ async fn run(args: Args) -> Result<bool> {
         channel_prefix: "bench:room:".to_string(),
         log_dir: results_dir.join("logs"),
         redis_cluster: args.redis_cluster,
+        worker_threads: args.worker_threads,
     };
     let nproc = std::thread::available_parallelism().map_or(0, |n| n.get());
     println!(
-        "fanout bench: targets {names:?}, scenarios {:?}, {} round(s){}, {nproc} cpus",
+        "fanout bench: targets {names:?}, scenarios {:?}, publishers/room {:?} (sweep, \
+         latency), {} round(s){}, node worker threads {}, {nproc} cpus",
         args.scenarios.iter().map(|s| s.name()).collect::<Vec<_>>(),
+        args.publishers_per_room,
         args.rounds,
-        if args.quick { ", quick" } else { "" }
+        if args.quick { ", quick" } else { "" },
+        args.worker_threads
+            .map_or_else(|| "default".to_string(), |n| n.to_string()),
     );
 
+    // Other work on a shared machine skews every figure; say so up front (the step lines
+    // show `host` cores throughout).
+    let busy = procs::host_busy_cores(Duration::from_secs(1)).await;
+    println!("machine busy before the run: {busy:.2} of {nproc} cores");
+    if busy > 0.25 {
+        println!(
+            "note: other processes already keep {busy:.2} cores busy; absolute figures will be \
+             low and noisy, compare the targets' ratios within this run"
+        );
+    }
+
+    // Each scenario, and sweep and latency once per publishers-per-room value.
+    let cases: Vec<(Scenario, Option<usize>)> = args
+        .scenarios
+        .iter()
+        .flat_map(|&s| {
+            if s.per_publishers() {
+                args.publishers_per_room
+                    .iter()
+                    .map(|&n| (s, Some(n)))
+                    .collect()
+            } else {
+                vec![(s, None)]
+            }
+        })
+        .collect();
     let mut all_ok = true;
     let mut tables = Vec::new();
-    for &scenario in &args.scenarios {
+    let mut ratios = String::new();
+    for &(scenario, pubs) in &cases {
         let mut records = Vec::new();
+        let case = match pubs {
+            Some(n) => format!("{} {n}pub", scenario.name()),
+            None => scenario.name().to_string(),
+        };
         for round in 1..=args.rounds {
             for target in &targets {
-                let tag = format!("[{} {} r{round}]", scenario.name(), target.name);
+                let tag = format!("[{case} {} r{round}]", target.name);
                 let t0 = Instant::now();
-                let outcome = scenarios::run(scenario, target, &cc, &params, &tag).await;
+                let outcome = scenarios::run(scenario, pubs, target, &cc, &params, &tag).await;
                 let (figures, details, error) = match outcome {
                     Ok((f, d)) => (f, d, None),
                     Err(e) => {
@@ -540,6 +689,7 @@ async fn run(args: Args) -> Result<bool> {
                 let rec = RunRecord {
                     scenario: scenario.name(),
                     target: target.name.clone(),
+                    publishers_per_room: pubs,
                     round,
                     figures,
                     details,
@@ -549,11 +699,14 @@ async fn run(args: Args) -> Result<bool> {
                     "quick": args.quick,
                     "duration_scale": args.scale,
                     "lg_threads": args.lg_threads,
+                    "node_worker_threads": args.worker_threads,
+                    "host_busy_cores_before": busy,
+                    "proto": target.proto.name(),
                     "shard_count": args.shard_count,
                     "shard_counts": args.shard_counts,
                     "redis_cluster_masters": args.redis_cluster,
                     "targets": names,
-                    "params": params.describe(scenario),
+                    "params": params.describe(scenario, pubs),
                 });
                 if let Err(e) = report::append_jsonl(&jsonl, &rec, &context) {
                     println!("warning: {e}");
@@ -562,7 +715,7 @@ async fn run(args: Args) -> Result<bool> {
             }
         }
         let table = report::table(
-            &scenario.title(&params),
+            &scenario.title(&params, pubs),
             &records,
             &names,
             &ours,
@@ -570,12 +723,17 @@ async fn run(args: Args) -> Result<bool> {
         );
         println!("{table}");
         tables.push(table);
+        ratios.push_str(&report::ratio_lines(&case, &records, &names, &ours));
     }
-    if args.scenarios.len() > 1 {
+    if tables.len() > 1 {
         println!("\n######## summary ########");
         for t in &tables {
             print!("{t}");
         }
+    }
+    if !ratios.is_empty() {
+        println!("\n######## ratios of medians ({ours} / other; see [+]/[-] above) ########");
+        print!("{ratios}");
     }
     println!(
         "\nresults appended to {} (total {:.0} s)",

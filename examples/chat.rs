@@ -8,9 +8,10 @@
 //!
 //! Environment: `PORT` (default 3000), `REDIS_URL` (default `redis://127.0.0.1:6379`),
 //! `NODE_ID` (default random), `CHANNEL_PREFIX` (default `ws:room:`), `SHARD_COUNT`
-//! (default 1), `PRESENCE` (`1`: members, join and leave notices, `GET /rooms/NAME/presence`),
-//! `PRESENCE_TTL_S` (default 30: how long a crashed node's members stay listed), `RUST_LOG`
-//! (default `info`). Outside the contract: `REDIS_CLUSTER`
+//! (default 1), `HISTORY` (default 0; N > 0 makes every room durable, keeping at least its
+//! last N messages), `HISTORY_TTL_S` (default 600), `PRESENCE` (`1`: members, join and leave
+//! notices, `GET /rooms/NAME/presence`), `PRESENCE_TTL_S` (default 30: how long a crashed
+//! node's members stay listed), `RUST_LOG` (default `info`). Outside the contract: `REDIS_CLUSTER`
 //! (comma-separated node URLs of a Redis Cluster, used instead of `REDIS_URL`; needs
 //! `--features cluster`) and `FLUSH_INTERVAL_MS` (the writer's flush interval).
 
@@ -40,6 +41,7 @@ async fn main() {
         // Close every socket with 1001 and unsubscribe before the server stops.
         handle.shutdown().await;
     };
+    let listener = layer.handle().listener(listener);
     if let Err(e) = chat_app::serve_app(listener, chat_app::app(layer), shutdown).await {
         exit(&format!("server error: {e}"));
     }

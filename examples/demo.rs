@@ -76,7 +76,7 @@ async fn main() {
         let mut stop = stop_tx.subscribe();
         let handle = layer.handle();
         servers.push(tokio::spawn(chat_app::serve_app(
-            listener,
+            handle.listener(listener),
             chat_app::app(layer),
             async move {
                 let _ = stop.recv().await;

@@ -4,10 +4,14 @@ use std::future::{Future, IntoFuture};
 use std::pin::Pin;
 use std::sync::Arc;
 
+use tokio::sync::Semaphore;
+
+use crate::bus::Receipt;
 use crate::channel;
 use crate::envelope::{self, Payload};
 use crate::error::Error;
 use crate::node::Shared;
+use crate::queue::Outbox;
 use crate::registry::SocketId;
 use crate::room::RoomName;
 
@@ -17,6 +21,15 @@ use crate::room::RoomName;
 /// It resolves, after Redis replied, to the number of nodes subscribed to the room (PUBLISH's
 /// reply). Every node delivers it from its subscriber, this one included: local sockets never
 /// receive it inline, so each socket gets each message once and all see one order.
+///
+/// ## Order and pipelining
+/// Broadcasts reach Redis in the order they are *queued*, one publisher connection per node.
+/// Awaiting a broadcast waits for Redis's reply, a round trip: fine for a plain HTTP handler,
+/// slow for a socket whose client sends many messages in a row. [`queue`](Broadcast::queue)
+/// returns as soon as the broadcast is queued, so the handler can read the client's next
+/// frame while Redis works, and the client's messages still keep their order. A socket has at
+/// most [`broadcasts_in_flight`](crate::FanoutBuilder::broadcasts_in_flight) unanswered
+/// broadcasts; beyond, `queue` waits for the oldest reply.
 #[must_use = "a broadcast does nothing until it is awaited"]
 #[derive(Debug)]
 pub struct Broadcast {
@@ -25,6 +38,9 @@ pub struct Broadcast {
     payload: Payload,
     except: Option<SocketId>,
     sender: Option<SocketId>,
+    /// The socket it comes from ([`FanoutSocket::broadcast`](crate::FanoutSocket::broadcast)):
+    /// told of failures nobody awaited, and bounding its broadcasts in flight.
+    origin: Option<(Arc<Outbox>, Arc<Semaphore>)>,
 }
 
 impl Broadcast {
@@ -35,7 +51,63 @@ impl Broadcast {
             payload,
             except: None,
             sender: None,
+            origin: None,
         }
+    }
+
+    /// From a socket: its failures go to its reader, its slots bound what it has in flight.
+    pub(crate) fn with_origin(mut self, outbox: Arc<Outbox>, slots: Arc<Semaphore>) -> Self {
+        self.origin = Some((outbox, slots));
+        self
+    }
+
+    /// Queues the broadcast and returns once it is queued, without waiting for Redis's reply:
+    /// its place in the order is then fixed. Await the [`Receipt`] for the reply, or drop it.
+    ///
+    /// Fails at once for an invalid room or an oversized payload, and with
+    /// [`Error::is_timeout`] when it could not even be queued within the publish timeout
+    /// (Redis away and the queue full). A failure after that resolves the receipt; if the
+    /// receipt was dropped, a broadcast made with
+    /// [`FanoutSocket::broadcast`](crate::FanoutSocket::broadcast) is reported to that socket
+    /// as [`Event::BroadcastFailed`](crate::Event::BroadcastFailed).
+    ///
+    /// ```no_run
+    /// use axum::extract::ws::Message;
+    /// use axum_fanout::{Event, FanoutSocket, Payload};
+    ///
+    /// async fn chat(mut socket: FanoutSocket) {
+    ///     while let Some(Ok(event)) = socket.recv_event().await {
+    ///         match event {
+    ///             Event::Message(Message::Text(text)) => {
+    ///                 let Ok(payload) = Payload::raw_json(text.as_str()) else { break };
+    ///                 // Read the next frame at once; the order of this client's messages holds.
+    ///                 let _ = socket.broadcast("lobby", payload).queue().await;
+    ///             }
+    ///             Event::BroadcastFailed { room, error, .. } => {
+    ///                 eprintln!("a message to {room} was lost: {error}");
+    ///             }
+    ///             _ => {}
+    ///         }
+    ///     }
+    /// }
+    /// ```
+    pub async fn queue(self) -> Result<Receipt, Error> {
+        let room = self.room?;
+        let node = &self.shared.node;
+        let bytes = envelope::encode(
+            &node.config.node_id,
+            room.as_str(),
+            &self.payload,
+            self.except.map(SocketId::get),
+        );
+        let sender =
+            channel::sender_key(&node.config.node_id, self.sender.map_or(0, SocketId::get));
+        // A durable room's message is stored and published in one step, numbered by Redis;
+        // it takes its place in the same queue, so the order still holds.
+        let durable = node.config.durable_for(room.as_str()).copied();
+        node.bus
+            .enqueue(room, sender, bytes, self.origin, durable)
+            .await
     }
 
     /// Leaves out one socket of this node (usually the sender). It also counts as the
@@ -68,18 +140,6 @@ impl IntoFuture for Broadcast {
     type IntoFuture = Pin<Box<dyn Future<Output = Self::Output> + Send>>;
 
     fn into_future(self) -> Self::IntoFuture {
-        Box::pin(async move {
-            let room = self.room?;
-            let node = &self.shared.node;
-            let bytes = envelope::encode(
-                &node.config.node_id,
-                room.as_str(),
-                &self.payload,
-                self.except.map(SocketId::get),
-            );
-            let sender =
-                channel::sender_key(&node.config.node_id, self.sender.map_or(0, SocketId::get));
-            node.bus.publish(&room, sender, bytes).await
-        })
+        Box::pin(async move { self.queue().await?.await })
     }
 }

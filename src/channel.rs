@@ -12,8 +12,11 @@
 use crate::config::Config;
 use crate::room::{RoomName, has_shard_suffix};
 
-/// Number of channels `room` is split over.
+/// Number of channels `room` is split over: always one for a durable room (one order).
 pub(crate) fn shards(config: &Config, room: &str) -> u16 {
+    if config.durable_for(room).is_some() {
+        return 1;
+    }
     if config.room_shards.is_empty() {
         return config.shard_count.get();
     }

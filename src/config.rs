@@ -74,6 +74,7 @@ pub(crate) struct Config {
     pub(crate) max_connections: NonZeroUsize,
     pub(crate) max_envelope_bytes: NonZeroUsize,
     pub(crate) max_rooms_per_socket: NonZeroUsize,
+    pub(crate) broadcasts_in_flight: NonZeroUsize,
     pub(crate) messages_per_second: NonZeroU32,
     pub(crate) message_burst: NonZeroU32,
     pub(crate) ping_interval: Duration,
@@ -84,6 +85,10 @@ pub(crate) struct Config {
     pub(crate) presence_all: bool,
     pub(crate) presence_rooms: HashSet<String>,
     pub(crate) presence_ttl: Duration,
+    /// Durable rooms (`durable`): every room's settings, or none.
+    pub(crate) durable: Option<Durability>,
+    /// Per-room durable settings, overriding `durable`.
+    pub(crate) durable_rooms: HashMap<String, Durability>,
 }
 
 impl Config {
@@ -107,6 +112,77 @@ impl Config {
     pub(crate) fn uses_presence(&self) -> bool {
         self.presence_all || !self.presence_rooms.is_empty()
     }
+
+    /// The durable settings of `room`, `None` for a plain room. One branch when no room is
+    /// durable: plain rooms pay nothing more.
+    pub(crate) fn durable_for(&self, room: &str) -> Option<&Durability> {
+        if self.durable_rooms.is_empty() {
+            return self.durable.as_ref();
+        }
+        self.durable_rooms.get(room).or(self.durable.as_ref())
+    }
+}
+
+/// The settings of a durable room: how much history Redis keeps, for how long, and how far
+/// back a resume may reach. See the README's "Durable rooms".
+///
+/// ```
+/// use std::num::NonZeroUsize;
+/// use std::time::Duration;
+/// use axum_fanout::{Durability, FanoutLayer};
+///
+/// # fn main() -> Result<(), axum_fanout::Error> {
+/// let layer = FanoutLayer::builder("redis://127.0.0.1:6379")
+///     .durable_room("support", Durability::default().history(NonZeroUsize::new(1000).unwrap()))
+///     .durable_room("alerts", Durability::default().ttl(Duration::from_secs(3600)))
+///     .build()?;
+/// # let _ = layer; Ok(()) }
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Durability {
+    pub(crate) history: NonZeroUsize,
+    pub(crate) ttl: Duration,
+    pub(crate) replay_limit: NonZeroUsize,
+}
+
+impl Default for Durability {
+    fn default() -> Self {
+        Self {
+            history: nz(256),
+            ttl: Duration::from_secs(600),
+            replay_limit: nz(1000),
+        }
+    }
+}
+
+impl Durability {
+    /// Messages kept per room: at least this many of the latest (Redis trims approximately,
+    /// so a few more may stay). Each holds one envelope, at most `max_envelope_bytes`.
+    ///
+    /// Defaults to 256: a chat room's recent past.
+    pub fn history(mut self, messages: NonZeroUsize) -> Self {
+        self.history = messages;
+        self
+    }
+
+    /// How long a room's history is kept after its last message; an idle room's history then
+    /// expires, and its next message starts a new epoch.
+    ///
+    /// Defaults to 10 minutes: long enough for a reconnect after a deploy or a network blip.
+    pub fn ttl(mut self, ttl: Duration) -> Self {
+        self.ttl = ttl.max(Duration::from_millis(1));
+        self
+    }
+
+    /// Most messages one resume replays (and one history read returns). A socket further
+    /// behind is told it cannot be recovered (`too_far_behind`) and nothing is replayed; this
+    /// also bounds what a resuming socket holds while its replay is read.
+    ///
+    /// Defaults to 1,000.
+    pub fn replay_limit(mut self, messages: NonZeroUsize) -> Self {
+        self.replay_limit = messages;
+        self
+    }
 }
 
 /// Builds a [`FanoutLayer`](crate::FanoutLayer) with non-default settings.
@@ -116,11 +192,12 @@ impl Config {
 /// use std::time::Duration;
 /// use axum_fanout::{FanoutLayer, OverflowPolicy};
 ///
-/// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), axum_fanout::Error> {
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
 /// let layer = FanoutLayer::builder("redis://127.0.0.1:6379")
 ///     .node_id("eu-west-1a")
 ///     .channel_prefix("chat:room:")
-///     .queue_bytes(NonZeroUsize::new(256 * 1024).unwrap())
+///     .queue_bytes(NonZeroUsize::try_from(256 * 1024)?)
 ///     .overflow(OverflowPolicy::DropOldest)
 ///     .publish_timeout(Duration::from_secs(1))
 ///     .build()?;
@@ -212,6 +289,9 @@ impl FanoutBuilder {
                 max_connections: nz(100_000),
                 max_envelope_bytes: nz(1024 * 1024),
                 max_rooms_per_socket: nz(100),
+                // Enough to cover a Redis round trip at thousands of messages per second from
+                // one client, small enough that a client cannot queue much while Redis is away.
+                broadcasts_in_flight: nz(64),
                 // A ceiling against floods, not a chat etiquette: lower it for human chat.
                 messages_per_second: nz32(1000),
                 message_burst: nz32(2000),
@@ -222,6 +302,8 @@ impl FanoutBuilder {
                 presence_all: false,
                 presence_rooms: HashSet::new(),
                 presence_ttl: Duration::from_secs(30),
+                durable: None,
+                durable_rooms: HashMap::new(),
             },
         }
     }
@@ -262,6 +344,26 @@ impl FanoutBuilder {
     /// Defaults to no overrides.
     pub fn room_shards(mut self, room: impl Into<String>, shards: NonZeroU16) -> Self {
         self.config.room_shards.insert(room.into(), shards);
+        self
+    }
+
+    /// Makes every room durable: its messages are kept in a Redis stream and numbered, so a
+    /// socket can resume where it stopped ([`FanoutSocket::join_durable`](crate::FanoutSocket::join_durable))
+    /// and handlers can read the history ([`RoomHandle::history`](crate::RoomHandle::history)).
+    /// Every node of a fleet must agree on which rooms are durable. Durable rooms are never
+    /// sharded (one channel per room, so one order).
+    ///
+    /// Defaults to none: every room is plain pub/sub.
+    pub fn durable(mut self, settings: Durability) -> Self {
+        self.config.durable = Some(settings);
+        self
+    }
+
+    /// Makes one room durable with `settings`, overriding [`durable`](FanoutBuilder::durable).
+    ///
+    /// Defaults to no overrides.
+    pub fn durable_room(mut self, room: impl Into<String>, settings: Durability) -> Self {
+        self.config.durable_rooms.insert(room.into(), settings);
         self
     }
 
@@ -418,6 +520,17 @@ impl FanoutBuilder {
     /// Defaults to 100.
     pub fn max_rooms_per_socket(mut self, rooms: NonZeroUsize) -> Self {
         self.config.max_rooms_per_socket = rooms;
+        self
+    }
+
+    /// Most broadcasts one socket may have queued and unanswered at once, with
+    /// [`Broadcast::queue`](crate::Broadcast::queue) from
+    /// [`FanoutSocket::broadcast`](crate::FanoutSocket::broadcast); beyond it, `queue` waits for
+    /// the oldest reply (backpressure on that client's reader).
+    ///
+    /// Defaults to 64.
+    pub fn broadcasts_in_flight(mut self, broadcasts: NonZeroUsize) -> Self {
+        self.config.broadcasts_in_flight = broadcasts;
         self
     }
 

@@ -17,6 +17,7 @@ use tokio::time::Instant;
 
 use crate::channel;
 use crate::config::Config;
+use crate::durable::Durable;
 use crate::envelope;
 use crate::queue::Outbox;
 use crate::registry::{Dispatched, Registry, SocketId};
@@ -99,6 +100,8 @@ pub(crate) struct Dispatcher {
     config: Arc<Config>,
     registry: Arc<Registry>,
     counters: Arc<Counters>,
+    /// Durable rooms' envelopes go through it, to be delivered in seq order.
+    durable: Arc<Durable>,
     malformed_log: LogLimiter,
     dropped_log: LogLimiter,
     shed_log: LogLimiter,
@@ -112,6 +115,7 @@ pub(crate) fn channel(
     config: Arc<Config>,
     registry: Arc<Registry>,
     counters: Arc<Counters>,
+    durable: Arc<Durable>,
 ) -> (Inbox, Dispatcher) {
     let (tx, rx) = mpsc::channel(capacity);
     let shed = Arc::new(Shed::default());
@@ -128,6 +132,7 @@ pub(crate) fn channel(
         config,
         registry,
         counters,
+        durable,
         malformed_log: LogLimiter::new(every),
         dropped_log: LogLimiter::new(every),
         shed_log: LogLimiter::new(every),
@@ -152,6 +157,7 @@ impl Dispatcher {
         let (config, registry) = (&*self.config, &*self.registry);
         let mut total = Dispatched::default();
         let (mut received, mut malformed) = (0, 0);
+        let any_durable = config.durable.is_some() || !config.durable_rooms.is_empty();
         for Received {
             channel,
             envelope: raw,
@@ -182,6 +188,10 @@ impl Dispatcher {
                 }
             };
             received += 1;
+            if any_durable && self.durable.is_durable(room) {
+                total += self.durable.on_live(room, decoded, &mut self.to_wake);
+                continue;
+            }
             let out = registry.dispatch(
                 room,
                 &decoded.frame,
@@ -233,7 +243,12 @@ impl Dispatcher {
             );
         }
         for (room, w) in shed {
-            self.registry.shed(&room, w.first, w.last, w.count);
+            if self.durable.is_durable(&room) {
+                // Read back from the room's history rather than reported.
+                self.durable.repair_shed(&room);
+            } else {
+                self.registry.shed(&room, w.first, w.last, w.count);
+            }
         }
     }
 }
@@ -279,7 +294,18 @@ mod tests {
     fn dispatcher(capacity: usize) -> (Inbox, Dispatcher, Arc<Registry>, Arc<Counters>) {
         let config = Arc::new(FanoutBuilder::new("redis://unused").into_config_for_tests());
         let (registry, counters) = (Arc::new(Registry::default()), Arc::new(Counters::default()));
-        let (inbox, d) = channel(capacity, config, registry.clone(), counters.clone());
+        let durable = Arc::new(Durable::new(
+            config.clone(),
+            registry.clone(),
+            counters.clone(),
+        ));
+        let (inbox, d) = channel(
+            capacity,
+            config,
+            registry.clone(),
+            counters.clone(),
+            durable,
+        );
         (inbox, d, registry, counters)
     }
 

@@ -16,6 +16,7 @@
 //! | `room`    | room name (optional on input; when present it must match the channel)    |
 //! | `ts`      | publish time, milliseconds since the Unix epoch (optional on input)      |
 //! | `except`  | socket id on the `origin` node that must not receive it (optional)       |
+//! | `pos`     | `{"epoch":E,"seq":S}`: the message's place in a durable room's history, written by the store-and-publish script (`bus::history`); absent on plain rooms and from seed nodes |
 //!
 //! Exactly one of `payload`, `text`, `binary` must be present. Unknown fields are ignored, so a
 //! newer node can add fields without breaking older ones. The minimal envelope
@@ -36,6 +37,7 @@ use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::value::RawValue;
 
 use crate::error::Error;
+use crate::position::Position;
 use crate::time::unix_ms;
 
 /// What a broadcast carries to every socket of a room.
@@ -98,6 +100,30 @@ impl Payload {
 }
 
 impl Payload {
+    /// The JSON text of a JSON payload ([`Payload::json`], [`Payload::raw_json`]).
+    pub fn as_json(&self) -> Option<&str> {
+        match &self.0 {
+            Repr::Json(raw) => Some(raw.get()),
+            _ => None,
+        }
+    }
+
+    /// The text of a [`Payload::text`].
+    pub fn as_text(&self) -> Option<&str> {
+        match &self.0 {
+            Repr::Text(text) => Some(text),
+            _ => None,
+        }
+    }
+
+    /// The bytes of a [`Payload::binary`].
+    pub fn as_binary(&self) -> Option<&[u8]> {
+        match &self.0 {
+            Repr::Binary(bytes) => Some(bytes),
+            _ => None,
+        }
+    }
+
     /// The frame a local socket receives for this payload, built without a round trip through
     /// Redis (for [`FanoutSocket::send`](crate::FanoutSocket::send)).
     pub(crate) fn into_frame(self) -> Message {
@@ -215,6 +241,15 @@ struct Incoming<'a> {
     binary: Option<Cow<'a, str>>,
     #[serde(default)]
     except: Option<u64>,
+    #[serde(default, borrow)]
+    pos: Option<IncomingPos<'a>>,
+}
+
+#[derive(Deserialize)]
+struct IncomingPos<'a> {
+    #[serde(borrow)]
+    epoch: Cow<'a, str>,
+    seq: u64,
 }
 
 fn present<'de, D: Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::Error> {
@@ -226,6 +261,66 @@ fn present<'de, D: Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::
 pub(crate) struct Decoded {
     pub(crate) frame: Message,
     pub(crate) except: Option<u64>,
+    /// The message's position, in a durable room (`None` from seed nodes and plain rooms).
+    pub(crate) pos: Option<Position>,
+    /// Whether `frame` holds JSON (`payload`) rather than plain text or bytes.
+    pub(crate) json: bool,
+}
+
+impl Decoded {
+    /// The frame for a socket that asked for positions: `{"seq":S,"payload":V}` (`"text"` or
+    /// `"binary"` in place of `"payload"` for those payloads), without `"seq"` when the message
+    /// has no position (a seed node's).
+    pub(crate) fn positioned(&self) -> Message {
+        let mut out = String::with_capacity(frame_text_len(&self.frame) + 32);
+        out.push('{');
+        if let Some(pos) = &self.pos {
+            out.push_str("\"seq\":");
+            out.push_str(&pos.seq().to_string());
+            out.push(',');
+        }
+        match &self.frame {
+            Message::Text(text) if self.json => {
+                out.push_str("\"payload\":");
+                out.push_str(text.as_str());
+            }
+            Message::Text(text) => {
+                out.push_str("\"text\":");
+                out.push_str(&serde_json::to_string(text.as_str()).unwrap_or_default());
+            }
+            Message::Binary(bytes) => {
+                out.push_str("\"binary\":\"");
+                out.push_str(&BASE64.encode(bytes));
+                out.push('"');
+            }
+            _ => out.push_str("\"payload\":null"),
+        }
+        out.push('}');
+        Message::Text(Utf8Bytes::from(out))
+    }
+
+    /// The payload again, for a history read.
+    pub(crate) fn into_payload(self) -> Payload {
+        match self.frame {
+            Message::Text(text) if self.json => {
+                // Decoding checked it is one JSON value.
+                RawValue::from_string(text.as_str().to_owned())
+                    .map(|raw| Payload(Repr::Json(raw)))
+                    .unwrap_or_else(|_| Payload::text(text.as_str()))
+            }
+            Message::Text(text) => Payload::text(text.as_str()),
+            Message::Binary(bytes) => Payload::binary(bytes),
+            _ => Payload::text(""),
+        }
+    }
+}
+
+fn frame_text_len(frame: &Message) -> usize {
+    match frame {
+        Message::Text(t) => t.len(),
+        Message::Binary(b) => b.len() * 4 / 3,
+        _ => 0,
+    }
 }
 
 /// Why an envelope was dropped.
@@ -281,6 +376,7 @@ pub(crate) fn decode(
     if env.room.as_deref().is_some_and(|r| r != room) {
         return Err(Malformed::WrongRoom);
     }
+    let json = env.payload.is_some();
     let frame = match (env.payload, env.text, env.binary) {
         (Some(json), None, None) => Message::Text(Utf8Bytes::from(json.get())),
         (None, Some(text), None) => Message::Text(Utf8Bytes::from(text.into_owned())),
@@ -293,7 +389,13 @@ pub(crate) fn decode(
     let except = env
         .except
         .filter(|_| env.origin.as_deref() == Some(node_id));
-    Ok(Decoded { frame, except })
+    let pos = env.pos.map(|p| Position::new(p.epoch.into_owned(), p.seq));
+    Ok(Decoded {
+        frame,
+        except,
+        pos,
+        json,
+    })
 }
 
 #[cfg(test)]
@@ -342,6 +444,17 @@ mod tests {
         ));
         let wire = encode("n", "r", &Payload::text("x"), None);
         assert!(String::from_utf8_lossy(&wire).starts_with(r#"{"v":1,"#));
+    }
+
+    #[test]
+    fn positions_are_read_and_framed() {
+        let raw = br#"{"pos":{"epoch":"e1","seq":7},"v":1,"payload":{"a":1}}"#;
+        let d = decode(raw, "r", "n", MAX).unwrap();
+        assert_eq!(d.pos, Some(Position::new("e1", 7)));
+        assert_eq!(text_of(&d.positioned()), r#"{"seq":7,"payload":{"a":1}}"#);
+        let seed = decode(br#"{"text":"hi"}"#, "r", "n", MAX).unwrap();
+        assert_eq!(seed.pos, None);
+        assert_eq!(text_of(&seed.positioned()), r#"{"text":"hi"}"#);
     }
 
     #[test]

@@ -39,6 +39,8 @@ enum Kind {
     InvalidMember,
     /// Presence was asked of a room (or a deployment) that does not have it.
     PresenceOff,
+    /// A history operation on a room that is not durable.
+    NotDurable,
 }
 
 impl Error {
@@ -154,6 +156,20 @@ impl Error {
         )
     }
 
+    /// A history operation (a durable join, a history read) on a room that is not durable:
+    /// see [`FanoutBuilder::durable`](crate::FanoutBuilder::durable).
+    pub(crate) fn not_durable(room: &str) -> Self {
+        Self::with(
+            Kind::NotDurable,
+            format!("room {room:?} is not durable: it keeps no history (FanoutBuilder::durable)"),
+        )
+    }
+
+    /// The room is not durable on this node, so it has no history to read or resume from.
+    pub fn is_not_durable(&self) -> bool {
+        self.kind == Kind::NotDurable
+    }
+
     /// The Redis URL given to the layer could not be parsed.
     pub fn is_invalid_url(&self) -> bool {
         self.kind == Kind::InvalidUrl
@@ -229,6 +245,7 @@ impl Error {
             Kind::Limit => "limit reached",
             Kind::InvalidMember => "invalid presence member",
             Kind::PresenceOff => "presence is off for this room",
+            Kind::NotDurable => "room is not durable",
         }
     }
 }

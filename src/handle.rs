@@ -11,10 +11,16 @@ use axum::http::request::Parts;
 use axum::response::{IntoResponse, Response};
 
 use crate::broadcast::Broadcast;
+use crate::bus::Read;
+use crate::config::Durability;
+use crate::durable::History;
 use crate::envelope::Payload;
 use crate::error::Error;
+use crate::listener::FanoutListener;
 use crate::node::Shared;
+use crate::position::Position;
 use crate::presence::{Count, Snapshot};
+use crate::room::RoomName;
 use crate::socket::FanoutSocket;
 use crate::stats::Stats;
 use crate::writer::going_away;
@@ -218,6 +224,69 @@ impl RoomHandle {
     /// room's size (`HLEN`), besides removing the members of dead nodes first.
     pub async fn presence_count(&self, room: impl AsRef<str>) -> Result<Count, Error> {
         self.shared.node.bus.presence_count(room.as_ref()).await
+    }
+
+    /// Wraps the node's TCP listener for `axum::serve`: `TCP_NODELAY` on every connection, and
+    /// running out of file descriptors logged and counted (see [`FanoutListener`]).
+    pub fn listener(&self, listener: tokio::net::TcpListener) -> FanoutListener {
+        FanoutListener::new(listener, self.shared.node.counters.clone())
+    }
+
+    /// The last `limit` messages of durable `room` (at most its replay limit), oldest first,
+    /// with the room's current position.
+    ///
+    /// Fails with [`Error::is_not_durable`] for a plain room, [`Error::is_invalid_room`],
+    /// and [`Error::is_redis`] or [`Error::is_timeout`] when Redis cannot answer.
+    ///
+    /// ```no_run
+    /// use axum::{Json, extract::Path};
+    /// use axum_fanout::RoomHandle;
+    ///
+    /// async fn recent(Path(room): Path<String>, rooms: RoomHandle) -> Json<Vec<String>> {
+    ///     let Ok(history) = rooms.history(&room, 50).await else {
+    ///         return Json(Vec::new());
+    ///     };
+    ///     Json(history
+    ///         .messages()
+    ///         .iter()
+    ///         .filter_map(|(seq, payload)| Some(format!("{seq}: {}", payload.as_json()?)))
+    ///         .collect())
+    /// }
+    /// ```
+    pub async fn history(&self, room: impl AsRef<str>, limit: usize) -> Result<History, Error> {
+        let (room, settings) = self.durable_room(room.as_ref())?;
+        let limit = limit.min(settings.replay_limit.get());
+        let node = &self.shared.node;
+        let page = node
+            .bus
+            .read_history(&room, &settings, Read::Last(limit))
+            .await?;
+        Ok(node.durable.history(&room, page, None))
+    }
+
+    /// Every message of durable `room` after `since`, oldest first, with the room's current
+    /// position; or none, and [`History::failure`] says why (the epoch changed, the messages
+    /// were trimmed, or there are more than the replay limit).
+    ///
+    /// Fails like [`history`](RoomHandle::history).
+    pub async fn history_since(
+        &self,
+        room: impl AsRef<str>,
+        since: &Position,
+    ) -> Result<History, Error> {
+        let (room, settings) = self.durable_room(room.as_ref())?;
+        let node = &self.shared.node;
+        let read = Read::After(since.clone(), settings.replay_limit.get());
+        let page = node.bus.read_history(&room, &settings, read).await?;
+        Ok(node.durable.history(&room, page, Some(since)))
+    }
+
+    fn durable_room(&self, room: &str) -> Result<(RoomName, Durability), Error> {
+        let room = RoomName::new(room)?;
+        match self.shared.node.config.durable_for(room.as_str()) {
+            Some(settings) => Ok((room, *settings)),
+            None => Err(Error::not_durable(room.as_str())),
+        }
     }
 
     /// A snapshot of this node's counters.

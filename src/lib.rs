@@ -15,6 +15,8 @@
 //! - `layer`: [`FanoutLayer`] and [`FanoutService`], which only put a [`RoomHandle`] in request
 //!   extensions; the builder's `build`.
 //! - `handle`: [`RoomHandle`] (the extractor) and [`MissingFanoutLayer`], its rejection.
+//! - `listener`: [`FanoutListener`], an accept loop for `axum::serve` that sets `TCP_NODELAY`
+//!   and tells when the node runs out of file descriptors.
 //! - `socket`: [`FanoutSocket`], a WebSocket's memberships and reading half; [`Event`].
 //! - `broadcast`: [`Broadcast`], one message on its way to a room.
 //! - `node`: the composition root. Builds the registry, counters, bus and dispatcher, and
@@ -28,6 +30,9 @@
 //!   room, and what Redis has not been told yet), [`Member`], [`Snapshot`], [`Count`].
 //! - `dispatch`: the bounded hop from the subscriber connection, and the dispatcher that
 //!   decodes each envelope once and offers the frame to the room's local sockets.
+//! - `durable`: durable rooms on this node: delivery in seq order, gaps held and repaired,
+//!   resuming sockets' replay merged with live traffic; [`Resumed`], [`History`]. Never waits:
+//!   the Redis side of it is `bus::history`.
 //! - `writer`: each socket's batched writer task, and the node's heartbeat.
 //! - `registry`: room -> local sockets, [`SocketId`], and which rooms Redis confirmed.
 //! - `queue`: one socket's bounded send queue and its overflow policy.
@@ -37,7 +42,7 @@
 //! `config` ([`FanoutBuilder`]'s settings, [`OverflowPolicy`]; every default and why), `room`
 //! ([`RoomName`], validated once at the edge), `missed` ([`Missed`], how a socket learns that
 //! messages may have been lost), `stats` ([`Stats`] and the counters), `error` ([`Error`]),
-//! `time` (milliseconds since the epoch).
+//! `time` (milliseconds since the epoch), `position` ([`Position`], [`Unrecoverable`]).
 //!
 //! # Invariants
 //!
@@ -53,6 +58,9 @@
 //! - **The subscriber never awaits a socket** (`dispatch`, `queue`): the connection's push
 //!   callback only offers to a bounded hop, and the dispatcher offers each frame to a bounded
 //!   per-socket queue and applies the overflow policy to that socket alone.
+//! - **Durable rooms in seq order** (`durable`): live, replayed and repaired messages of a
+//!   durable room reach each socket under one lock, in seq order, each once; the Redis reads
+//!   behind them run elsewhere (`bus::history`), so the dispatcher never waits on Redis.
 //! - **No lock across `.await`**: registry and queue locks are `std::sync::Mutex`es held for a
 //!   few field updates.
 //! - **Lifetimes end by `Drop`**: dropping a [`FanoutSocket`] leaves its rooms; dropping the
@@ -65,8 +73,10 @@
 mod broadcast;
 mod bus;
 mod dispatch;
+mod durable;
 mod handle;
 mod layer;
+mod listener;
 mod node;
 mod presence;
 mod queue;
@@ -79,17 +89,22 @@ mod config;
 mod envelope;
 mod error;
 mod missed;
+mod position;
 mod room;
 mod stats;
 mod time;
 
 pub use broadcast::Broadcast;
-pub use config::{FanoutBuilder, OverflowPolicy};
+pub use bus::Receipt;
+pub use config::{Durability, FanoutBuilder, OverflowPolicy};
+pub use durable::{History, Resumed};
 pub use envelope::Payload;
 pub use error::Error;
 pub use handle::{MissingFanoutLayer, RoomHandle};
 pub use layer::{FanoutLayer, FanoutService};
+pub use listener::FanoutListener;
 pub use missed::Missed;
+pub use position::{InvalidPosition, Position, Unrecoverable};
 pub use presence::{Count, MAX_INFO_LEN, MAX_USER_LEN, Member, MemberEntry, Snapshot};
 pub use queue::SLOW_CONSUMER_REASON;
 pub use registry::SocketId;

@@ -1,6 +1,6 @@
 //! The composition root: one node's parts, wired together, and the lifetime of its tasks.
 //!
-//! A node is a [`Config`], a [`Registry`], [`Counters`] and a [`Bus`]. This module builds them,
+//! A node is a [`Config`], a [`Registry`], [`Counters`], a [`Bus`] and its [`Durable`] rooms. This module builds them,
 //! hands each background task the parts it needs (the subscriber and publisher of the bus, the
 //! dispatcher, the heartbeat) and stops them all when the last handle is gone. Nothing below it
 //! imports it back: the tasks hold the parts, never the node.
@@ -13,6 +13,7 @@ use tokio::sync::watch;
 use crate::bus::{Backend, Bus};
 use crate::config::Config;
 use crate::dispatch::{self, Dispatcher, Inbox};
+use crate::durable::Durable;
 use crate::presence;
 use crate::registry::Registry;
 use crate::stats::{Counters, Stats};
@@ -27,6 +28,7 @@ pub(crate) struct Node {
     pub(crate) bus: Arc<Bus>,
     /// This node's presence members, synced to Redis by a task of the bus.
     pub(crate) presence: Arc<presence::Table>,
+    pub(crate) durable: Arc<Durable>,
 }
 
 impl Node {
@@ -53,16 +55,23 @@ impl Shared {
         let config = Arc::new(config);
         let registry = Arc::new(Registry::default());
         let counters = Arc::new(Counters::default());
+        let durable = Arc::new(Durable::new(
+            config.clone(),
+            registry.clone(),
+            counters.clone(),
+        ));
         let (inbox, dispatcher) = dispatch::channel(
             config.inbound_capacity.get(),
             config.clone(),
             registry.clone(),
             counters.clone(),
+            durable.clone(),
         );
         let bus = Arc::new(Bus::new(
             config.clone(),
             registry.clone(),
             counters.clone(),
+            durable.clone(),
             backend,
         ));
         let shared = Arc::new(Self {
@@ -72,6 +81,7 @@ impl Shared {
                 counters,
                 bus,
                 presence: Arc::default(),
+                durable,
             },
             unstarted: Mutex::new(Some((inbox, dispatcher))),
             stop: watch::Sender::new(()),

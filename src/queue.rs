@@ -18,7 +18,9 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::config::OverflowPolicy;
+use crate::error::Error;
 use crate::missed::Missed;
+use crate::room::RoomName;
 
 /// Close reason sent to a client that could not keep up, with code 1013
 /// ([`close_code::AGAIN`], "try again later").
@@ -44,6 +46,18 @@ pub(crate) enum Offer {
     Overflowed,
     /// Not queued: the socket is already closing.
     Closed,
+}
+
+/// Most unread broadcast failures one socket keeps for its reader.
+const MAX_FAILED: usize = 256;
+
+/// Something the socket's reader should learn, from [`Outbox::take_notice`].
+#[derive(Debug)]
+pub(crate) enum Notice {
+    /// Messages of a room may not have reached the socket.
+    Missed(Missed),
+    /// A broadcast this socket queued failed: the room, and why.
+    BroadcastFailed(RoomName, Error),
 }
 
 /// What the writer should do next.
@@ -72,6 +86,9 @@ struct State {
     close: Option<CloseRequest>,
     /// Loss notices for the reader, at most one per room (windows are merged).
     missed: Vec<Missed>,
+    /// Broadcasts queued from this socket that failed after nobody awaited their receipt,
+    /// for the reader; at most [`MAX_FAILED`].
+    failed: VecDeque<(RoomName, Error)>,
 }
 
 impl State {
@@ -99,8 +116,9 @@ pub(crate) struct Outbox {
     writer_wake: Notify,
     /// Set once a close is requested; readers wait on `reader_wake` for it.
     closing: AtomicBool,
-    /// Set while `State::missed` is not empty, so the reader's check needs no lock.
-    has_missed: AtomicBool,
+    /// Set while `State::missed` or `State::failed` is not empty, so the reader's check needs
+    /// no lock.
+    has_notice: AtomicBool,
     reader_wake: Notify,
     /// When the client was last heard from, in ms since `created`: the heartbeat's clock.
     created: Instant,
@@ -124,7 +142,7 @@ impl Outbox {
             limits,
             writer_wake: Notify::new(),
             closing: AtomicBool::new(false),
-            has_missed: AtomicBool::new(false),
+            has_notice: AtomicBool::new(false),
             reader_wake: Notify::new(),
             created: Instant::now(),
             last_seen_ms: AtomicU64::new(0),
@@ -266,24 +284,57 @@ impl Outbox {
             None => s.missed.push(missed),
         }
         drop(s);
-        self.has_missed.store(true, Ordering::Release);
+        self.has_notice.store(true, Ordering::Release);
         self.reader_wake.notify_waiters();
     }
 
-    /// The oldest pending loss notice, if any.
-    pub(crate) fn take_missed(&self) -> Option<Missed> {
-        if !self.has_missed.load(Ordering::Acquire) {
+    /// Tells the reader that a broadcast queued from this socket failed, its receipt being
+    /// gone. Beyond [`MAX_FAILED`] unread failures, further ones are only logged (the
+    /// publisher counts every failure in `publish_errors`).
+    pub(crate) fn record_failed_broadcast(&self, room: RoomName, error: Error) {
+        let mut s = self.lock();
+        if s.close.is_some() {
+            return;
+        }
+        if s.failed.len() >= MAX_FAILED {
+            tracing::debug!(room = %room, error = %error, "broadcast failure not reported: too many unread");
+            return;
+        }
+        s.failed.push_back((room, error));
+        drop(s);
+        self.has_notice.store(true, Ordering::Release);
+        self.reader_wake.notify_waiters();
+    }
+
+    /// The oldest pending notice for the reader, if any: loss notices first.
+    pub(crate) fn take_notice(&self) -> Option<Notice> {
+        if !self.has_notice.load(Ordering::Acquire) {
             return None;
         }
         let mut s = self.lock();
-        let first = (!s.missed.is_empty()).then(|| s.missed.remove(0));
-        if s.missed.is_empty() {
-            self.has_missed.store(false, Ordering::Release);
+        let notice = if s.missed.is_empty() {
+            s.failed
+                .pop_front()
+                .map(|(room, error)| Notice::BroadcastFailed(room, error))
+        } else {
+            Some(Notice::Missed(s.missed.remove(0)))
+        };
+        if s.missed.is_empty() && s.failed.is_empty() {
+            self.has_notice.store(false, Ordering::Release);
         }
-        first
+        notice
     }
 
-    /// Resolves once a close is requested or a loss notice is pending.
+    /// The oldest pending loss notice, if any (tests of the loss paths).
+    #[cfg(test)]
+    pub(crate) fn take_missed(&self) -> Option<Missed> {
+        match self.take_notice() {
+            Some(Notice::Missed(missed)) => Some(missed),
+            _ => None,
+        }
+    }
+
+    /// Resolves once a close is requested or a notice is pending.
     ///
     /// # Cancel safety
     /// Cancel safe: it only waits.
@@ -294,7 +345,7 @@ impl Outbox {
             // Register before checking the flags, so an event between the check and the wait
             // still wakes us (`notify_waiters` stores no permit).
             notified.as_mut().enable();
-            if self.is_closing() || self.has_missed.load(Ordering::Acquire) {
+            if self.is_closing() || self.has_notice.load(Ordering::Acquire) {
                 return;
             }
             notified.await;

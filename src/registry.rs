@@ -348,17 +348,35 @@ impl Registry {
     }
 
     /// The link is back and every room resubscribed: tell the members of each room that was
-    /// subscribed when it dropped. Returns the number of memberships told.
-    pub(crate) fn link_restored(&self) -> usize {
+    /// subscribed when it dropped, except the rooms for which `repairs` is true (durable
+    /// rooms, whose gap the node reads back from history): those are returned. Also returns
+    /// the number of memberships told.
+    pub(crate) fn link_restored(&self, repairs: impl Fn(&str) -> bool) -> (usize, Vec<RoomName>) {
         let mut inner = self.lock();
         let Some(since) = inner.down_since.take() else {
-            return 0;
+            return (0, Vec::new());
         };
         let until = SystemTime::now();
-        let lost = std::mem::take(&mut inner.lost);
-        lost.iter()
+        let (repair, lost): (Vec<RoomName>, Vec<RoomName>) = std::mem::take(&mut inner.lost)
+            .into_iter()
+            .partition(|room| repairs(room.as_str()));
+        let told = lost
+            .iter()
             .map(|room| tell_gap(&inner, room.as_str(), since, until, None))
-            .sum()
+            .sum();
+        (told, repair)
+    }
+
+    /// Tells the members of `room` that messages may be missing (`dropped` of them, when
+    /// known): a durable room's gap that its history could not fill.
+    pub(crate) fn tell_missed(&self, room: &str, dropped: Option<u64>) {
+        let now = SystemTime::now();
+        tell_gap(&self.lock(), room, now, now, dropped);
+    }
+
+    /// Whether `room` has a local socket.
+    pub(crate) fn has_members(&self, room: &str) -> bool {
+        self.lock().rooms.contains_key(room)
     }
 
     /// The node dropped `n` messages of `room` before dispatching them: tell its members.
@@ -404,6 +422,21 @@ impl Registry {
         policy: OverflowPolicy,
         to_wake: &mut Vec<Arc<Outbox>>,
     ) -> Dispatched {
+        // A clone of a `Message` shares its payload (reference-counted `Bytes`).
+        self.dispatch_with(room, except, policy, to_wake, |_| Some(frame.clone()))
+    }
+
+    /// Like [`dispatch`](Registry::dispatch), with the frame chosen per socket by `frame_for`
+    /// (`None`: this socket takes it some other way). Durable rooms use it: sockets that
+    /// asked for positions get their own frame, and a resuming socket's frames are held.
+    pub(crate) fn dispatch_with(
+        &self,
+        room: &str,
+        except: Option<SocketId>,
+        policy: OverflowPolicy,
+        to_wake: &mut Vec<Arc<Outbox>>,
+        mut frame_for: impl FnMut(SocketId) -> Option<Message>,
+    ) -> Dispatched {
         let mut out = Dispatched::default();
         let inner = self.lock();
         let Some((room, members)) = inner.rooms.get_key_value(room) else {
@@ -417,8 +450,10 @@ impl Registry {
             if Some(id) == except {
                 continue;
             }
-            // A clone of a `Message` shares its payload (reference-counted `Bytes`).
-            let (offer, wake) = outbox.offer_deferred(frame.clone(), policy);
+            let Some(frame) = frame_for(id) else {
+                continue;
+            };
+            let (offer, wake) = outbox.offer_deferred(frame, policy);
             if wake {
                 to_wake.push(outbox.clone());
             }

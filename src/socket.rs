@@ -6,15 +6,19 @@ use std::sync::Arc;
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, close_code};
 use futures_util::StreamExt;
 use futures_util::stream::SplitStream;
+use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
 use crate::broadcast::Broadcast;
+use crate::bus::Read;
+use crate::durable::Resumed;
 use crate::envelope::Payload;
 use crate::error::Error;
 use crate::missed::Missed;
 use crate::node::Shared;
+use crate::position::Position;
 use crate::presence::Member;
-use crate::queue::{Limits, Offer, Outbox};
+use crate::queue::{Limits, Notice, Offer, Outbox};
 use crate::registry::SocketId;
 use crate::room::RoomName;
 use crate::writer::{going_away, write_loop};
@@ -28,6 +32,15 @@ pub enum Event {
     /// Messages of a room may not have reached this socket (see *Lagging* on
     /// [`FanoutSocket::recv_event`]).
     Missed(Missed),
+    /// A broadcast this socket [queued](crate::Broadcast::queue) failed after its receipt was
+    /// dropped: it did not reach `room`.
+    #[non_exhaustive]
+    BroadcastFailed {
+        /// The room it was for.
+        room: RoomName,
+        /// Why it failed ([`Error::is_timeout`], [`Error::is_redis`], ...).
+        error: Error,
+    },
 }
 
 /// A WebSocket attached to a fan-out node, from [`RoomHandle::on_upgrade`](crate::RoomHandle::on_upgrade) or
@@ -50,6 +63,8 @@ pub struct FanoutSocket {
     rooms: Vec<RoomName>,
     stream: SplitStream<WebSocket>,
     bucket: TokenBucket,
+    /// Slots for this socket's broadcasts in flight (`broadcasts_in_flight`).
+    in_flight: Arc<Semaphore>,
 }
 
 /// The per-socket message rate limit: refills at `rate` tokens per second up to `burst`.
@@ -111,6 +126,7 @@ impl FanoutSocket {
             node.registry.writer_started(),
         ));
         let bucket = TokenBucket::new(cfg.messages_per_second.get(), cfg.message_burst.get());
+        let in_flight = Arc::new(Semaphore::new(cfg.broadcasts_in_flight.get()));
         outbox.touch();
         Self {
             id,
@@ -119,6 +135,7 @@ impl FanoutSocket {
             rooms: Vec::new(),
             stream,
             bucket,
+            in_flight,
         }
     }
 
@@ -147,7 +164,9 @@ impl FanoutSocket {
     /// }
     /// ```
     pub fn broadcast(&self, room: impl AsRef<str>, payload: impl Into<Payload>) -> Broadcast {
-        Broadcast::new(self.shared.clone(), room.as_ref(), payload.into()).sender(self.id)
+        Broadcast::new(self.shared.clone(), room.as_ref(), payload.into())
+            .sender(self.id)
+            .with_origin(self.outbox.clone(), self.in_flight.clone())
     }
 
     /// Joins `room`. Returns once this node receives the room's messages: when the socket is
@@ -240,6 +259,73 @@ impl FanoutSocket {
         Ok(())
     }
 
+    /// Joins durable `room` with positions, resuming after `since` when given.
+    ///
+    /// This socket's deliveries of the room become `{"seq":S,"payload":V}` text frames
+    /// (`"text"` or `"binary"` in place of `"payload"` for such payloads; no `"seq"` for a
+    /// message without a position, from a seed node or `redis-cli`). The first frame of the
+    /// room is [`Resumed::notice`]: `fanout.position` without `since`; `fanout.resumed` with
+    /// it, followed, when recovered, by every message after `since` in order, each once; then
+    /// live messages, with no gap and no duplicate at the hand-off (live messages that arrive
+    /// while the history is read are held, at most the replay limit, and merged by seq). When
+    /// the messages after `since` cannot be replayed (its epoch is gone, they were trimmed, or
+    /// they are more than the replay limit), nothing is replayed and live messages follow from
+    /// the room's current position ([`Resumed::failure`] says why).
+    ///
+    /// A socket already in the room leaves it first. Fails with [`Error::is_not_durable`] for
+    /// a plain room, and otherwise like [`join`](FanoutSocket::join), or with
+    /// [`Error::is_redis`] / [`Error::is_timeout`] when the history cannot be read (the
+    /// socket is then not in the room).
+    ///
+    /// ```no_run
+    /// use axum_fanout::{FanoutSocket, Position};
+    ///
+    /// async fn serve(mut socket: FanoutSocket, since: Option<Position>) {
+    ///     match socket.join_durable("lobby", since).await {
+    ///         Ok(resumed) => tracing::info!(replayed = resumed.replayed(), "joined at {}", resumed.position()),
+    ///         Err(e) => return socket.close(1011, &e.to_string()),
+    ///     }
+    ///     while let Some(Ok(_)) = socket.recv().await {}
+    /// }
+    /// ```
+    ///
+    /// # Cancel safety
+    /// Like [`join`](FanoutSocket::join): dropping the future may leave the socket in the
+    /// room with its frames held; leave the room (or drop the socket).
+    pub async fn join_durable(
+        &mut self,
+        room: impl AsRef<str>,
+        since: Option<Position>,
+    ) -> Result<Resumed, Error> {
+        let room = RoomName::new(room)?;
+        let shared = self.shared.clone();
+        let node = &shared.node;
+        let Some(settings) = node.config.durable_for(room.as_str()).copied() else {
+            return Err(Error::not_durable(room.as_str()));
+        };
+        self.leave(room.as_str());
+        // Held before joining, so that every message after the subscription is either
+        // replayed or held (see the `durable` module).
+        node.durable.hold(&room, self.id);
+        if let Err(e) = self.join(room.as_str()).await {
+            node.durable.forget(&room, self.id);
+            return Err(e);
+        }
+        let read = match &since {
+            Some(since) => Read::After(since.clone(), settings.replay_limit.get()),
+            None => Read::Top,
+        };
+        match node.bus.read_history(&room, &settings, read).await {
+            Ok(page) => Ok(node
+                .durable
+                .finish_resume(&room, self.id, &self.outbox, since, page)),
+            Err(e) => {
+                self.leave(room.as_str());
+                Err(e)
+            }
+        }
+    }
+
     /// Leaves `room`. Returns whether the socket was in it.
     pub fn leave(&mut self, room: &str) -> bool {
         let Some(at) = self.rooms.iter().position(|r| r.as_str() == room) else {
@@ -247,7 +333,11 @@ impl FanoutSocket {
         };
         let room = self.rooms.swap_remove(at);
         self.leave_presence(&room);
-        self.shared.node.registry.remove(&room, self.id);
+        let node = &self.shared.node;
+        node.registry.remove(&room, self.id);
+        if node.durable.is_durable(room.as_str()) {
+            node.durable.forget(&room, self.id);
+        }
         tracing::debug!(room = %room, socket = %self.id, "left");
         true
     }
@@ -261,8 +351,8 @@ impl FanoutSocket {
     ///
     /// Returns `None` once the connection is closed, by the client or by this node (a slow
     /// consumer, [`close`](FanoutSocket::close), [`RoomHandle::shutdown`](crate::RoomHandle::shutdown)). Pings are answered
-    /// and pongs consumed for you. Loss notices are discarded: use
-    /// [`recv_event`](FanoutSocket::recv_event) to see them.
+    /// and pongs consumed for you. Loss notices and failures of queued broadcasts are
+    /// discarded: use [`recv_event`](FanoutSocket::recv_event) to see them.
     ///
     /// A message over the size limit closes the socket with 1009 and yields an error for which
     /// [`Error::is_message_too_big`] is true; a transport failure yields
@@ -277,6 +367,8 @@ impl FanoutSocket {
                 Ok(Event::Missed(missed)) => {
                     tracing::debug!(socket = %self.id, %missed, "loss notice discarded by recv()");
                 }
+                // Already logged and counted by the publisher.
+                Ok(Event::BroadcastFailed { .. }) => {}
                 Err(e) => return Some(Err(e)),
             }
         }
@@ -295,8 +387,12 @@ impl FanoutSocket {
     /// Cancel safe: an event is only taken when it is returned.
     pub async fn recv_event(&mut self) -> Option<Result<Event, Error>> {
         loop {
-            if let Some(missed) = self.outbox.take_missed() {
-                return Some(Ok(Event::Missed(missed)));
+            match self.outbox.take_notice() {
+                Some(Notice::Missed(missed)) => return Some(Ok(Event::Missed(missed))),
+                Some(Notice::BroadcastFailed(room, error)) => {
+                    return Some(Ok(Event::BroadcastFailed { room, error }));
+                }
+                None => {}
             }
             let next = tokio::select! {
                 biased;
@@ -410,10 +506,14 @@ fn truncate_reason(reason: &str) -> &str {
 
 impl Drop for FanoutSocket {
     fn drop(&mut self) {
-        let registry = &self.shared.node.registry;
+        let node = &self.shared.node;
+        let registry = &node.registry;
         for room in std::mem::take(&mut self.rooms) {
             self.leave_presence(&room);
             registry.remove(&room, self.id);
+            if node.durable.is_durable(room.as_str()) {
+                node.durable.forget(&room, self.id);
+            }
             tracing::debug!(room = %room, socket = %self.id, "left (socket dropped)");
         }
         registry.detach(self.id);

@@ -46,6 +46,9 @@ pub(crate) struct Counters {
     pub(crate) rejected_connections: Counter,
     pub(crate) rate_limited: Counter,
     pub(crate) heartbeat_timeouts: Counter,
+    pub(crate) socket_writes: Counter,
+    pub(crate) frames_written: Counter,
+    pub(crate) accepts_out_of_fds: Counter,
 }
 
 impl Default for Counters {
@@ -63,6 +66,9 @@ impl Default for Counters {
             rejected_connections: Counter::new("axum_fanout_rejected_connections_total"),
             rate_limited: Counter::new("axum_fanout_rate_limited_total"),
             heartbeat_timeouts: Counter::new("axum_fanout_heartbeat_timeouts_total"),
+            socket_writes: Counter::new("axum_fanout_socket_writes_total"),
+            frames_written: Counter::new("axum_fanout_frames_written_total"),
+            accepts_out_of_fds: Counter::new("axum_fanout_accepts_out_of_fds_total"),
         }
     }
 }
@@ -108,6 +114,13 @@ pub struct Stats {
     pub rate_limited: u64,
     /// Sockets closed because the client stopped answering pings.
     pub heartbeat_timeouts: u64,
+    /// Batched writes (one flush each) by the sockets' writers.
+    pub socket_writes: u64,
+    /// Frames those writes carried: `frames_written / socket_writes` is the batching achieved.
+    pub frames_written: u64,
+    /// Accepts that failed because the process or the system ran out of file descriptors
+    /// (with [`FanoutListener`](crate::FanoutListener)): each left a connection waiting.
+    pub accepts_out_of_fds: u64,
 }
 
 /// The current sizes of a node's registry: the part of [`Stats`] that is not a counter.
@@ -144,6 +157,9 @@ impl Counters {
             rejected_connections: self.rejected_connections.get(),
             rate_limited: self.rate_limited.get(),
             heartbeat_timeouts: self.heartbeat_timeouts.get(),
+            socket_writes: self.socket_writes.get(),
+            frames_written: self.frames_written.get(),
+            accepts_out_of_fds: self.accepts_out_of_fds.get(),
         }
     }
 }

@@ -100,7 +100,10 @@ pub(crate) async fn write_loop<S>(
                 gather_after =
                     (frames > 1 && !interval.is_zero()).then(|| Instant::now() + interval);
                 match written {
-                    Ok(Ok(())) => {}
+                    Ok(Ok(())) => {
+                        counters.socket_writes.add(1);
+                        counters.frames_written.add(frames as u64);
+                    }
                     Ok(Err(e)) => {
                         // The client is gone; nothing more can be written.
                         tracing::debug!(socket = %id, error = %e, "write failed; closing");
@@ -229,6 +232,8 @@ mod tests {
         assert!(matches!(&frames[10], Message::Close(Some(c)) if c.code == close_code::AWAY));
         // One flush for the ten frames, one for the close frame.
         assert_eq!(sink.flushes.load(Ordering::SeqCst), 2);
+        assert_eq!(node.counters.socket_writes.get(), 1);
+        assert_eq!(node.counters.frames_written.get(), 10);
     }
 
     #[tokio::test(start_paused = true)]

@@ -42,6 +42,8 @@ pub(crate) struct FleetSpec {
     pub(crate) stalled_rcvbuf: Option<u32>,
     /// Read buffer per receiving connection.
     pub(crate) buf_size: usize,
+    /// Wire variant of the target.
+    pub(crate) proto: ws::Proto,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -63,6 +65,7 @@ struct Publisher {
 /// closes every socket.
 #[derive(Debug)]
 pub(crate) struct Fleet {
+    proto: ws::Proto,
     readers_per_room: Vec<u64>,
     stats: Vec<Arc<ConnStats>>,
     publishers: Vec<Publisher>,
@@ -112,7 +115,7 @@ impl Fleet {
                     None
                 };
                 let name = format!("r{room}");
-                ws::connect(addr, &name, rcvbuf, spec.buf_size)
+                ws::connect(addr, &name, spec.proto, rcvbuf, spec.buf_size)
                     .await
                     .map(|c| (room, role, c))
             })
@@ -121,6 +124,7 @@ impl Fleet {
             .await;
 
         let mut fleet = Fleet {
+            proto: spec.proto,
             readers_per_room: vec![0; spec.rooms],
             stats: Vec::new(),
             publishers: Vec::new(),
@@ -175,8 +179,9 @@ impl Fleet {
         let (rd, mut wr) = stream.into_split();
         let (tx, mut rx) = mpsc::unbounded_channel::<Vec<u8>>();
         let pongs = tx.clone();
+        let proto = self.proto;
         self.tasks.push(tokio::spawn(async move {
-            on_end(ws::read_loop(rd, buf, filled, stats, Some(pongs)).await);
+            on_end(ws::read_loop(rd, buf, filled, proto, stats, Some(pongs)).await);
         }));
         if role == Role::Reader {
             self.tasks.push(tokio::spawn(async move {
@@ -257,6 +262,7 @@ impl Fleet {
                     ws::push_message(
                         &mut batches[cursor],
                         &mut self.scratch,
+                        self.proto,
                         t,
                         p.id,
                         p.seq,
@@ -317,13 +323,16 @@ impl Fleet {
     /// buffers for them without bound.
     pub(crate) async fn drain_stalled(&mut self, limit: Duration) -> (usize, u64) {
         let parked = std::mem::take(&mut self.parked);
+        let proto = self.proto;
         let reads = parked.into_iter().map(|s| async move {
             let stats = Arc::new(ConnStats::new());
             let buf = vec![0u8; 256 * 1024];
-            let ended =
-                tokio::time::timeout(limit, ws::read_loop(s, buf, 0, Arc::clone(&stats), None))
-                    .await
-                    .is_ok();
+            let ended = tokio::time::timeout(
+                limit,
+                ws::read_loop(s, buf, 0, proto, Arc::clone(&stats), None),
+            )
+            .await
+            .is_ok();
             (ended, stats.received())
         });
         let results = futures_util::future::join_all(reads).await;
@@ -410,6 +419,16 @@ impl StepResult {
         self.cpu.nodes_secs * 1e6 / self.lat.delivered as f64
     }
 
+    /// CPU time of the load generator (this process) per delivery, in microseconds, over the
+    /// same window. When it is above [`Self::cpu_us_per_delivery`], the load generator costs
+    /// more than the servers it loads, and a throughput figure measures the load generator.
+    pub(crate) fn loadgen_us_per_delivery(&self) -> f64 {
+        if self.lat.delivered == 0 {
+            return f64::NAN;
+        }
+        self.cpu.loadgen_secs * 1e6 / self.lat.delivered as f64
+    }
+
     pub(crate) fn p_ms(&self, q: f64) -> f64 {
         self.lat.quantile_ms(q)
     }
@@ -426,8 +445,8 @@ impl StepResult {
     pub(crate) fn line(&self) -> String {
         format!(
             "offered {:>9.0}/s delivered {:>9.0}/s loss {:>6.3}% p50 {:>7.2} p99 {:>7.2} \
-             max {:>7.1} ms | cpu/deliv {:>5.2} us | cores: nodes {:.2} redis {:.2} \
-             loadgen {:.2} host {:.2}{}",
+             max {:>7.1} ms | cpu/deliv {:>5.2} us, loadgen {:>5.2} us{} | cores: nodes {:.2} \
+             redis {:.2} loadgen {:.2} host {:.2}{}",
             self.offered_per_sec(),
             self.delivered_per_sec(),
             self.loss() * 100.0,
@@ -435,6 +454,12 @@ impl StepResult {
             self.p_ms(0.99),
             self.lat.max_ms(),
             self.cpu_us_per_delivery(),
+            self.loadgen_us_per_delivery(),
+            if self.loadgen_us_per_delivery() > self.cpu_us_per_delivery() {
+                " (LG>srv)"
+            } else {
+                ""
+            },
             self.cpu.nodes_cores,
             self.cpu.redis_cores,
             self.cpu.loadgen_cores,
@@ -512,13 +537,14 @@ pub(crate) async fn connect_idle(
     addrs: &[SocketAddr],
     rooms: usize,
     n: usize,
+    proto: ws::Proto,
 ) -> (Vec<TcpStream>, Vec<String>) {
     let results: Vec<_> = stream::iter(0..n)
         .map(|i| {
             let addr = addrs[i % addrs.len()];
             let room = format!("r{}", i % rooms.max(1));
             // A small read buffer: these clients never read past the handshake.
-            async move { ws::connect(addr, &room, None, 4096).await }
+            async move { ws::connect(addr, &room, proto, None, 4096).await }
         })
         .buffer_unordered(CONNECT_CONCURRENCY)
         .collect()

@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use crate::ws::Proto;
 use crate::{Context, Result, bail};
 
 /// How a target server is launched.
@@ -37,6 +38,8 @@ pub(crate) struct Target {
     pub(crate) launch: Launch,
     /// Extra environment for its nodes, over the contract's (e.g. `SHARD_COUNT` per target).
     pub(crate) env: Vec<(String, String)>,
+    /// Wire variant it speaks (plain WebSocket or socket.io).
+    pub(crate) proto: Proto,
 }
 
 /// Kills its child (and the child's process group) when dropped.
@@ -144,6 +147,9 @@ pub(crate) struct ClusterConfig {
     /// Run a local Redis Cluster of this many masters (no replicas) instead of one server;
     /// nodes get `REDIS_CLUSTER` with every master's URL.
     pub(crate) redis_cluster: Option<usize>,
+    /// `TOKIO_WORKER_THREADS` of every node; `None` leaves the nodes their default runtime
+    /// (or whatever the bench's own environment says).
+    pub(crate) worker_threads: Option<usize>,
 }
 
 impl Cluster {
@@ -189,13 +195,11 @@ impl Cluster {
                 // A log line per message would benchmark the logger; warnings still show.
                 cmd.env("RUST_LOG", "warn");
             }
-            if std::env::var_os("TOKIO_WORKER_THREADS").is_none() {
-                // Three nodes share the machine's two cores with Redis and the load generator:
-                // a second worker thread per node only adds cross-thread wake-ups (measured at
-                // a fixed 1M deliveries/s: 1.25 us of server CPU per delivery with tokio's
-                // default of one worker per core, 1.10 us with one). The seed's Node.js nodes
-                // are single-threaded too. Set TOKIO_WORKER_THREADS to override.
-                cmd.env("TOKIO_WORKER_THREADS", "1");
+            if let Some(n) = cfg.worker_threads {
+                // Opt-in (`--worker-threads N`): a user runs a node with its default runtime
+                // (tokio: one worker per core), so that is what the bench measures unless told
+                // otherwise. Node.js ignores it.
+                cmd.env("TOKIO_WORKER_THREADS", n.to_string());
             }
             let log = cfg.log_dir.join(format!("{}-{node_id}.log", target.name));
             nodes.push(ChildGuard::spawn(
@@ -437,6 +441,8 @@ pub(crate) struct CpuUsage {
     pub(crate) wall_secs: f64,
     /// CPU seconds of the node processes.
     pub(crate) nodes_secs: f64,
+    /// CPU seconds of the load generator (this process: pacer, clients, orchestration).
+    pub(crate) loadgen_secs: f64,
     /// Average number of cores busy in each group (1.0 = one core fully used).
     pub(crate) nodes_cores: f64,
     pub(crate) redis_cores: f64,
@@ -451,6 +457,7 @@ impl CpuSample {
         let wall = later.at.duration_since(self.at).as_secs_f64().max(1e-9);
         let secs = |a: u64, b: u64| b.saturating_sub(a) as f64 / tck;
         let nodes_secs = secs(self.nodes, later.nodes);
+        let loadgen_secs = secs(self.own, later.own);
         let host_total = secs(self.host.total, later.host.total);
         let host_idle = secs(self.host.idle, later.host.idle);
         CpuUsage {
@@ -458,11 +465,24 @@ impl CpuSample {
             nodes_secs,
             nodes_cores: nodes_secs / wall,
             redis_cores: secs(self.redis, later.redis) / wall,
-            loadgen_cores: secs(self.own, later.own) / wall,
+            loadgen_secs,
+            loadgen_cores: loadgen_secs / wall,
             // /proc/stat counts ticks of every core; scale to "cores busy".
             host_cores: (host_total - host_idle) / wall,
         }
     }
+}
+
+/// Cores the whole machine keeps busy over `window` (all processes): other work on a shared
+/// machine, measured before the bench starts anything.
+pub(crate) async fn host_busy_cores(window: Duration) -> f64 {
+    let (t0, before) = (Instant::now(), host_ticks().unwrap_or_default());
+    tokio::time::sleep(window).await;
+    let after = host_ticks().unwrap_or_default();
+    let wall = t0.elapsed().as_secs_f64().max(1e-9);
+    let busy = after.total.saturating_sub(before.total) as f64
+        - after.idle.saturating_sub(before.idle) as f64;
+    busy / clk_tck() / wall
 }
 
 /// `getconf CLK_TCK` (the unit of /proc/PID/stat times), asked once; 100 if getconf fails.
@@ -638,22 +658,75 @@ pub(crate) fn prepare_seed(seed_dir: &Path, target_dir: &Path) -> Result<Target>
         name: "seed".to_string(),
         launch: Launch::Shell(format!("node {}", shell_quote(&server.to_string_lossy()))),
         env: Vec::new(),
+        proto: Proto::Ws,
     })
 }
 
-/// Recursive copy that leaves `node_modules` alone (it is installed, not copied).
+/// Copies the socketioxide peer to `target/socketioxide-peer`, builds it there with
+/// `cargo build --release` (its own `target/` inside that folder, so later runs reuse the
+/// build) and returns its target.
+pub(crate) fn prepare_socketioxide(src_dir: &Path, target_dir: &Path) -> Result<Target> {
+    let dest = target_dir.join("socketioxide-peer");
+    copy_tree(src_dir, &dest)
+        .ctx(|| format!("copying {} to {}", src_dir.display(), dest.display()))?;
+    let peer_target = dest.join("target");
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    eprintln!(
+        "building the socketioxide peer: cargo build --release in {} (about 4 minutes on 2 \
+         cores the first time)",
+        dest.display()
+    );
+    let status = Command::new(&cargo)
+        .args(["build", "--release"])
+        .current_dir(&dest)
+        // Its own target dir, whatever the bench's environment says.
+        .env("CARGO_TARGET_DIR", &peer_target)
+        .status()
+        .ctx(|| format!("running cargo build --release in {}", dest.display()))?;
+    if !status.success() {
+        bail!(
+            "cargo build --release of the socketioxide peer in {} failed ({status}); pass \
+             --socketioxide-bin PATH to use a binary built elsewhere",
+            dest.display()
+        );
+    }
+    socketioxide_target(&peer_target.join("release").join("socketioxide-peer"))
+}
+
+/// The socketioxide peer's target from its binary.
+pub(crate) fn socketioxide_target(bin: &Path) -> Result<Target> {
+    if !bin.is_file() {
+        bail!(
+            "the socketioxide peer binary {} does not exist",
+            bin.display()
+        );
+    }
+    Ok(Target {
+        name: "socketioxide".to_string(),
+        launch: Launch::Exec(bin.to_path_buf()),
+        env: Vec::new(),
+        proto: Proto::SocketIo,
+    })
+}
+
+/// Recursive copy that leaves `node_modules` and `target` alone (they are built, not copied)
+/// and does not rewrite a file whose content is unchanged (a fresh mtime would make cargo
+/// rebuild the copy on every run).
 fn copy_tree(from: &Path, to: &Path) -> std::io::Result<()> {
     fs::create_dir_all(to)?;
     for entry in fs::read_dir(from)? {
         let entry = entry?;
         let name = entry.file_name();
-        if name == "node_modules" {
+        if name == "node_modules" || name == "target" {
             continue;
         }
         let (src, dst) = (entry.path(), to.join(&name));
         if entry.file_type()?.is_dir() {
             copy_tree(&src, &dst)?;
         } else {
+            if fs::read(&dst).is_ok_and(|old| fs::read(&src).is_ok_and(|new| new == old)) {
+                continue;
+            }
             fs::copy(&src, &dst)?;
             // The source is read-only; the copy must stay writable for the next copy.
             let mut perm = fs::metadata(&dst)?.permissions();

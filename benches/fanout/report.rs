@@ -44,6 +44,8 @@ pub(crate) fn fig(key: &'static str, label: &'static str, better: Better, value:
 pub(crate) struct RunRecord {
     pub(crate) scenario: &'static str,
     pub(crate) target: String,
+    /// Publishers per room of `sweep` and `latency` (None for the other scenarios).
+    pub(crate) publishers_per_room: Option<usize>,
     pub(crate) round: usize,
     pub(crate) figures: Vec<Figure>,
     /// Scenario-specific detail (ramp steps, parameters) for the JSON log.
@@ -76,6 +78,7 @@ pub(crate) fn append_jsonl(path: &Path, rec: &RunRecord, context: &Value) -> Res
         "bench": "fanout",
         "scenario": rec.scenario,
         "target": rec.target,
+        "publishers_per_room": rec.publishers_per_room,
         "round": rec.round,
         "nproc": std::thread::available_parallelism().map_or(0, |n| n.get()),
         "figures": figures,
@@ -152,6 +155,47 @@ fn num(v: f64) -> String {
     } else {
         format!("{v:.3}")
     }
+}
+
+/// One line per other target: the ratio of our median to its median for every compared
+/// figure of the table (`figure ours/other`), for the closing summary.
+pub(crate) fn ratio_lines(
+    title: &str,
+    records: &[RunRecord],
+    targets: &[String],
+    ours: &str,
+) -> String {
+    let mut out = String::new();
+    let Some(template) = records.iter().find(|r| !r.figures.is_empty()) else {
+        return out;
+    };
+    let med = |t: &str, key: &str| {
+        median(
+            &records
+                .iter()
+                .filter(|r| r.target == t)
+                .map(|r| r.value(key))
+                .collect::<Vec<_>>(),
+        )
+    };
+    for other in targets.iter().filter(|t| t.as_str() != ours) {
+        let parts: Vec<String> = template
+            .figures
+            .iter()
+            .filter(|f| f.better != Better::Neither)
+            .map(|f| {
+                let ratio = med(ours, f.key) / med(other, f.key);
+                let text = if ratio.is_finite() {
+                    format!("{ratio:.2}x")
+                } else {
+                    "-".to_string()
+                };
+                format!("{} {text}", f.key)
+            })
+            .collect();
+        let _ = writeln!(out, "{title} | {ours}/{other}: {}", parts.join(", "));
+    }
+    out
 }
 
 /// The comparison table of one scenario: every figure, per target, per round, with the
@@ -235,6 +279,27 @@ pub(crate) fn table(
         out,
         "([+] higher is better, [-] lower is better; - = not measured)"
     );
+    for t in targets {
+        let of = |key: &str| {
+            median(
+                &records
+                    .iter()
+                    .filter(|r| &r.target == t)
+                    .map(|r| r.value(key))
+                    .collect::<Vec<_>>(),
+            )
+        };
+        let (lg, srv) = (of("loadgen_us_per_delivery"), of("cpu_us_per_delivery"));
+        if lg > srv {
+            let _ = writeln!(
+                out,
+                "NOTE {t}: the load generator used more CPU per delivery ({} us) than the \
+                 servers ({} us): this figure measures the load generator as much as {t}",
+                num(lg),
+                num(srv)
+            );
+        }
+    }
     for r in records {
         if let Some(e) = &r.error {
             let _ = writeln!(out, "error: {} round {}: {e}", r.target, r.round);

@@ -8,6 +8,7 @@ use serde_json::{Value, json};
 use crate::load::{self, Fleet, FleetSpec, StepResult, StepSpec};
 use crate::procs::{self, Cluster, ClusterConfig, Target};
 use crate::report::{Better, Figure, fig};
+use crate::ws::Proto;
 use crate::{Result, bail};
 
 /// Which scenario to run.
@@ -43,23 +44,32 @@ impl Scenario {
         Self::ALL.into_iter().find(|sc| sc.name() == s)
     }
 
-    /// Table heading, with the shape of the load.
-    pub(crate) fn title(self, p: &Params) -> String {
+    /// Whether `--publishers-per-room` applies (the scenario runs once per value).
+    pub(crate) fn per_publishers(self) -> bool {
+        matches!(self, Scenario::Sweep | Scenario::Latency)
+    }
+
+    /// Table heading, with the shape of the load. `pubs`: publishers per room of `sweep` and
+    /// `latency` (None: the scenario's default).
+    pub(crate) fn title(self, p: &Params, pubs: Option<usize>) -> String {
         match self {
             Scenario::Sweep => format!(
-                "sweep: {} rooms x {} clients, {} B, rate x{} per step until loss > {}% or \
-                 p99 > {} ms",
+                "sweep: {} rooms x {} clients, {} publisher(s)/room, {} B, rate x{} per step \
+                 until loss > {}% or p99 > {} ms",
                 p.sweep.rooms,
                 p.sweep.clients,
+                pubs.unwrap_or(p.sweep.publishers_per_room),
                 p.msg_size,
                 p.sweep.factor,
                 p.max_loss * 100.0,
                 p.sweep.max_p99_ms
             ),
             Scenario::Latency => format!(
-                "latency: {} rooms x {} clients, {:.0} msg/s = {:.0} deliveries/s, {} B, {:.1} s",
+                "latency: {} rooms x {} clients, {} publisher(s)/room, {:.0} msg/s = {:.0} \
+                 deliveries/s, {} B, {:.1} s",
                 p.latency_rooms,
                 p.latency_clients,
+                pubs.unwrap_or(p.latency_publishers_per_room),
                 p.latency_deliveries_per_sec / p.latency_clients as f64,
                 p.latency_deliveries_per_sec,
                 p.msg_size,
@@ -118,6 +128,8 @@ pub(crate) struct Params {
     pub(crate) sweep: Ramp,
     pub(crate) latency_rooms: usize,
     pub(crate) latency_clients: usize,
+    /// Default publishers per room of `latency` (when `--publishers-per-room` is not given).
+    pub(crate) latency_publishers_per_room: usize,
     /// Deliveries per second (messages per second x clients per room).
     pub(crate) latency_deliveries_per_sec: f64,
     pub(crate) latency_duration: Duration,
@@ -158,6 +170,7 @@ impl Params {
             },
             latency_rooms: q(10, 4),
             latency_clients: q(30, 15),
+            latency_publishers_per_room: 3,
             latency_deliveries_per_sec: if quick { 20_000.0 } else { 75_000.0 },
             latency_duration: d(if quick { 1.5 } else { 5.0 }),
             idle_conns: q(10_000, 1_000),
@@ -194,12 +207,13 @@ impl Params {
     }
 
     /// Parameters of a scenario, for the JSON log.
-    pub(crate) fn describe(&self, s: Scenario) -> Value {
+    pub(crate) fn describe(&self, s: Scenario, pubs: Option<usize>) -> Value {
         match s {
-            Scenario::Sweep => ramp_json(&self.sweep, self),
+            Scenario::Sweep => ramp_json(&self.sweep_with(pubs), self),
             Scenario::Hot => ramp_json(&self.hot, self),
             Scenario::Latency => json!({
                 "rooms": self.latency_rooms, "clients_per_room": self.latency_clients,
+                "publishers_per_room": pubs.unwrap_or(self.latency_publishers_per_room),
                 "deliveries_per_sec": self.latency_deliveries_per_sec, "msg_size": self.msg_size,
                 "duration_s": self.latency_duration.as_secs_f64(),
             }),
@@ -217,6 +231,17 @@ impl Params {
     }
 }
 
+impl Params {
+    /// The sweep ramp with `pubs` publishers per room (None: its default).
+    fn sweep_with(&self, pubs: Option<usize>) -> Ramp {
+        let mut r = self.sweep.clone();
+        if let Some(n) = pubs {
+            r.publishers_per_room = n;
+        }
+        r
+    }
+}
+
 fn ramp_json(r: &Ramp, p: &Params) -> Value {
     json!({
         "rooms": r.rooms, "clients_per_room": r.clients,
@@ -229,22 +254,39 @@ fn ramp_json(r: &Ramp, p: &Params) -> Value {
 /// Figures and JSON detail of one run.
 pub(crate) type Outcome = (Vec<Figure>, Value);
 
-/// Runs one scenario against a fresh cluster of `target`. `tag` prefixes progress lines.
+/// Runs one scenario against a fresh cluster of `target`. `pubs` is the publishers per room
+/// of `sweep` and `latency` (None: their default). `tag` prefixes progress lines.
 pub(crate) async fn run(
     s: Scenario,
+    pubs: Option<usize>,
     target: &Target,
     cc: &ClusterConfig,
     p: &Params,
     tag: &str,
 ) -> Result<Outcome> {
     let mut cluster = Cluster::start(target, cc).await?;
+    let proto = target.proto;
     match s {
-        Scenario::Sweep => ramp(&mut cluster, &p.sweep, p, tag).await,
-        Scenario::Hot => ramp(&mut cluster, &p.hot, p, tag).await,
-        Scenario::Latency => latency(&mut cluster, p, tag).await,
-        Scenario::Idle => idle(&mut cluster, p, tag).await,
-        Scenario::Slow => slow(&mut cluster, p, tag).await,
+        Scenario::Sweep => ramp(&mut cluster, &p.sweep_with(pubs), p, proto, tag).await,
+        Scenario::Hot => ramp(&mut cluster, &p.hot, p, proto, tag).await,
+        Scenario::Latency => {
+            let pubs = pubs.unwrap_or(p.latency_publishers_per_room);
+            latency(&mut cluster, p, pubs, proto, tag).await
+        }
+        Scenario::Idle => idle(&mut cluster, p, proto, tag).await,
+        Scenario::Slow => slow(&mut cluster, p, proto, tag).await,
     }
+}
+
+/// The load generator's CPU per delivery, as a figure (context: not compared across targets,
+/// but the table flags a target where it exceeds the servers').
+fn loadgen_fig(step: Option<&StepResult>) -> Figure {
+    fig(
+        "loadgen_us_per_delivery",
+        "loadgen CPU/delivery (us)",
+        Better::Neither,
+        step.map_or(f64::NAN, StepResult::loadgen_us_per_delivery),
+    )
 }
 
 fn step_json(r: &StepResult) -> Value {
@@ -260,6 +302,7 @@ fn step_json(r: &StepResult) -> Value {
         "p50_ms": f(r.p_ms(0.5)), "p99_ms": f(r.p_ms(0.99)), "p999_ms": f(r.p_ms(0.999)),
         "max_ms": f(r.lat.max_ms()),
         "cpu_us_per_delivery": f(r.cpu_us_per_delivery()),
+        "loadgen_us_per_delivery": f(r.loadgen_us_per_delivery()),
         "nodes_cores": r.cpu.nodes_cores, "redis_cores": r.cpu.redis_cores,
         "loadgen_cores": r.cpu.loadgen_cores, "host_cores": r.cpu.host_cores,
         "failure": r.failure,
@@ -290,7 +333,13 @@ async fn step_at(
 
 /// `sweep` and `hot`: raise the rate step by step until a step fails (after its retries);
 /// the result is the last step that held.
-async fn ramp(cluster: &mut Cluster, r: &Ramp, p: &Params, tag: &str) -> Result<Outcome> {
+async fn ramp(
+    cluster: &mut Cluster,
+    r: &Ramp,
+    p: &Params,
+    proto: Proto,
+    tag: &str,
+) -> Result<Outcome> {
     let spec = FleetSpec {
         rooms: r.rooms,
         clients_per_room: r.clients,
@@ -298,6 +347,7 @@ async fn ramp(cluster: &mut Cluster, r: &Ramp, p: &Params, tag: &str) -> Result<
         stalled_per_room: 0,
         stalled_rcvbuf: None,
         buf_size: r.buf_size,
+        proto,
     };
     let t0 = Instant::now();
     let mut fleet = Fleet::connect(&spec, &cluster.addrs).await?;
@@ -390,6 +440,7 @@ async fn ramp(cluster: &mut Cluster, r: &Ramp, p: &Params, tag: &str) -> Result<
                 Better::Lower,
                 get(|s| s.p_ms(0.99)),
             ),
+            loadgen_fig(b),
             fig(
                 "loadgen_cores",
                 "loadgen cores @max",
@@ -402,14 +453,21 @@ async fn ramp(cluster: &mut Cluster, r: &Ramp, p: &Params, tag: &str) -> Result<
 }
 
 /// `latency`: a fixed, moderate rate; the latency distribution is the result.
-async fn latency(cluster: &mut Cluster, p: &Params, tag: &str) -> Result<Outcome> {
+async fn latency(
+    cluster: &mut Cluster,
+    p: &Params,
+    pubs: usize,
+    proto: Proto,
+    tag: &str,
+) -> Result<Outcome> {
     let spec = FleetSpec {
         rooms: p.latency_rooms,
         clients_per_room: p.latency_clients,
-        publishers_per_room: 3.min(p.latency_clients),
+        publishers_per_room: pubs.clamp(1, p.latency_clients),
         stalled_per_room: 0,
         stalled_rcvbuf: None,
         buf_size: 64 * 1024,
+        proto,
     };
     let mut fleet = Fleet::connect(&spec, &cluster.addrs).await?;
     fleet.warm_up(p.msg_size).await?;
@@ -441,6 +499,7 @@ async fn latency(cluster: &mut Cluster, p: &Params, tag: &str) -> Result<Outcome
                 Better::Lower,
                 step.cpu_us_per_delivery(),
             ),
+            loadgen_fig(Some(&step)),
             fig(
                 "nodes_cores",
                 "server cores used",
@@ -459,7 +518,7 @@ async fn latency(cluster: &mut Cluster, p: &Params, tag: &str) -> Result<Outcome
 }
 
 /// `idle`: memory cost of an idle connection.
-async fn idle(cluster: &mut Cluster, p: &Params, tag: &str) -> Result<Outcome> {
+async fn idle(cluster: &mut Cluster, p: &Params, proto: Proto, tag: &str) -> Result<Outcome> {
     let mut n = p.idle_conns;
     // Each client socket is one descriptor of this process (the server ends are the nodes').
     if let Some(limit) = procs::open_files_limit() {
@@ -481,7 +540,7 @@ async fn idle(cluster: &mut Cluster, p: &Params, tag: &str) -> Result<Outcome> {
     tokio::time::sleep(p.idle_settle).await;
     let before = cluster.nodes_rss_kib();
     let t0 = Instant::now();
-    let (open, errors) = load::connect_idle(&cluster.addrs, p.idle_rooms, n).await;
+    let (open, errors) = load::connect_idle(&cluster.addrs, p.idle_rooms, n, proto).await;
     let connect_secs = t0.elapsed().as_secs_f64();
     tokio::time::sleep(p.idle_settle).await;
     let after = cluster.nodes_rss_kib();
@@ -538,7 +597,7 @@ async fn idle(cluster: &mut Cluster, p: &Params, tag: &str) -> Result<Outcome> {
 }
 
 /// `slow`: one client per room stops reading; what happens to the others and to memory.
-async fn slow(cluster: &mut Cluster, p: &Params, tag: &str) -> Result<Outcome> {
+async fn slow(cluster: &mut Cluster, p: &Params, proto: Proto, tag: &str) -> Result<Outcome> {
     let spec = FleetSpec {
         rooms: p.slow_rooms,
         clients_per_room: p.slow_clients,
@@ -547,6 +606,7 @@ async fn slow(cluster: &mut Cluster, p: &Params, tag: &str) -> Result<Outcome> {
         // A small receive window makes the stall show up at the server sooner.
         stalled_rcvbuf: Some(p.slow_rcvbuf),
         buf_size: 64 * 1024,
+        proto,
     };
     let mut fleet = Fleet::connect(&spec, &cluster.addrs).await?;
     fleet.warm_up(p.msg_size).await?;
@@ -627,6 +687,7 @@ async fn slow(cluster: &mut Cluster, p: &Params, tag: &str) -> Result<Outcome> {
                 Better::Lower,
                 step.cpu_us_per_delivery(),
             ),
+            loadgen_fig(Some(&step)),
         ],
         json!({ "step": step_json(&step), "rss_before_kib": rss_before, "rss_peak_kib": peak,
                 "stalled_disconnected": closed, "stalled_backlog_mib_each": backlog_mib }),

@@ -8,6 +8,16 @@
 //!
 //! Client-to-server frames are masked as the RFC requires (with a fixed key: the mask protects
 //! proxies from cache poisoning, which is irrelevant on loopback).
+//!
+//! The same client speaks the socket.io variant of the contract ([`Proto::SocketIo`]: Engine.IO
+//! v4 / Socket.IO v5 over the websocket transport only, no polling, no upgrade). After the
+//! HTTP upgrade of `/socket.io/?EIO=4&transport=websocket&room=NAME` the server sends the
+//! Engine.IO open packet `0{"sid":..}`; the client sends `40` (connect to namespace `/`) and
+//! the socket is ready once the server answers `40{"sid":..}`. A message is the event packet
+//! `42["msg",V]` both ways, one packet per WebSocket frame; the receiver skips the fixed
+//! `42["msg",` prefix and finds the `"t":` stamp in V as in the plain mode. Engine.IO pings
+//! (`2`) are answered with `3`; other packets (noop, namespace packets) are not deliveries and
+//! are ignored, and `1` (close) or `41` (namespace disconnect) end the connection.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -28,6 +38,34 @@ const MASK: [u8; 4] = [0x37, 0xfa, 0x21, 0x3d];
 const MAX_FRAME: usize = 64 << 20;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
 
+/// Which variant of the contract a target speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Proto {
+    /// `GET /ws?room=NAME`, one JSON text frame per message.
+    Ws,
+    /// socket.io: Engine.IO v4 / Socket.IO v5 over websocket, event `msg`.
+    SocketIo,
+}
+
+impl Proto {
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Proto::Ws => "ws",
+            Proto::SocketIo => "socket.io",
+        }
+    }
+
+    fn path(self, room: &str) -> String {
+        match self {
+            Proto::Ws => format!("/ws?room={room}"),
+            Proto::SocketIo => format!("/socket.io/?EIO=4&transport=websocket&room={room}"),
+        }
+    }
+}
+
+/// Prefix of a socket.io `msg` event packet; V follows, then `]`.
+const SIO_EVENT: &[u8] = br#"42["msg","#;
+
 /// A connection that completed the upgrade, with whatever bytes followed the 101 response.
 #[derive(Debug)]
 pub(crate) struct Conn {
@@ -36,27 +74,31 @@ pub(crate) struct Conn {
     pub(crate) filled: usize,
 }
 
-/// Connects to `addr`, upgrades `GET /ws?room=ROOM` and checks for `101 Switching Protocols`.
+/// Connects to `addr`, upgrades `GET /ws?room=ROOM` (or the socket.io path) and checks for
+/// `101 Switching Protocols`; with [`Proto::SocketIo`] it also completes the Engine.IO open
+/// and the namespace connect, so the socket is in the room when this returns.
 ///
 /// `rcvbuf` shrinks SO_RCVBUF before connecting (it must be set before the handshake for the
 /// TCP window to follow); `buf_size` is the size of the read buffer the caller will use.
 pub(crate) async fn connect(
     addr: SocketAddr,
     room: &str,
+    proto: Proto,
     rcvbuf: Option<u32>,
     buf_size: usize,
 ) -> Result<Conn> {
     tokio::time::timeout(
         HANDSHAKE_TIMEOUT,
-        connect_inner(addr, room, rcvbuf, buf_size),
+        connect_inner(addr, room, proto, rcvbuf, buf_size),
     )
     .await
-    .ctx(|| format!("websocket handshake with {addr} timed out"))?
+    .ctx(|| format!("{} handshake with {addr} timed out", proto.name()))?
 }
 
 async fn connect_inner(
     addr: SocketAddr,
     room: &str,
+    proto: Proto,
     rcvbuf: Option<u32>,
     buf_size: usize,
 ) -> Result<Conn> {
@@ -74,8 +116,9 @@ async fn connect_inner(
     stream
         .set_nodelay(true)
         .ctx(|| "setting TCP_NODELAY".to_string())?;
+    let path = proto.path(room);
     let request = format!(
-        "GET /ws?room={room} HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\n\
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\n\
          Connection: Upgrade\r\nSec-WebSocket-Key: {KEY}\r\nSec-WebSocket-Version: 13\r\n\r\n"
     );
     stream
@@ -114,6 +157,9 @@ async fn connect_inner(
     // Frames may already follow the response in the same segment: keep them.
     buf.copy_within(header_end..filled, 0);
     filled -= header_end;
+    if proto == Proto::SocketIo {
+        sio_handshake(&mut stream, &mut buf, &mut filled, addr).await?;
+    }
     Ok(Conn {
         stream,
         buf,
@@ -121,28 +167,100 @@ async fn connect_inner(
     })
 }
 
-/// Appends one masked text frame carrying the benchmark payload
-/// `{"t":T,"s":S,"q":Q,"p":"xxxx"}`, padded so that the JSON is `size` bytes long.
-///
-/// `scratch` is reused between calls to avoid an allocation per message.
-pub(crate) fn push_message(
-    out: &mut Vec<u8>,
-    scratch: &mut Vec<u8>,
-    t: u64,
-    sender: u32,
-    seq: u64,
-    size: usize,
-) {
-    use std::io::Write as _;
-    scratch.clear();
-    // Writing into a Vec cannot fail.
-    let _ = write!(scratch, r#"{{"t":{t},"s":{sender},"q":{seq},"p":""#);
-    // The padding is only 'x', so it can never contain the `"t":` marker receivers look for.
-    let pad = size.saturating_sub(scratch.len() + 2);
-    scratch.resize(scratch.len() + pad, b'x');
-    scratch.extend_from_slice(b"\"}");
+/// Header of one complete server frame at the front of `avail`: (FIN, opcode, header length,
+/// payload length), or `None` when the frame is not entirely there yet.
+fn complete_frame(avail: &[u8]) -> Option<(bool, u8, usize, usize)> {
+    if avail.len() < 2 {
+        return None;
+    }
+    let (b0, b1) = (avail[0], avail[1]);
+    let (mut header, len): (usize, usize) = match b1 & 0x7f {
+        126 if avail.len() >= 4 => (4, usize::from(u16::from_be_bytes([avail[2], avail[3]]))),
+        127 if avail.len() >= 10 => {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(&avail[2..10]);
+            (10, usize::try_from(u64::from_be_bytes(b)).ok()?)
+        }
+        126 | 127 => return None,
+        n => (2, usize::from(n)),
+    };
+    if b1 & 0x80 != 0 {
+        header += 4;
+    }
+    (avail.len() >= header.checked_add(len)?).then_some((b0 & 0x80 != 0, b0 & 0x0f, header, len))
+}
 
-    let len = scratch.len();
+/// Engine.IO open (`0{..}` from the server), namespace connect (`40` from the client), and the
+/// server's `40{"sid":..}`. Bytes after that answer stay in `buf[..filled]`.
+async fn sio_handshake(
+    stream: &mut TcpStream,
+    buf: &mut [u8],
+    filled: &mut usize,
+    addr: SocketAddr,
+) -> Result<()> {
+    let mut opened = false;
+    loop {
+        let mut start = 0;
+        while let Some((fin, opcode, header, len)) = complete_frame(&buf[start..*filled]) {
+            let payload = &buf[start + header..start + header + len];
+            start += header + len;
+            match opcode {
+                0x1 if fin => {}
+                0x9 | 0xa => continue,
+                0x8 => bail!("{addr} closed the websocket during the socket.io handshake"),
+                _ => bail!("{addr} sent an unexpected frame (opcode {opcode}) in the handshake"),
+            }
+            if !opened {
+                if !payload.starts_with(b"0{") {
+                    bail!(
+                        "{addr} did not open with an Engine.IO open packet: {:?}",
+                        String::from_utf8_lossy(payload)
+                    );
+                }
+                opened = true;
+                let mut connect = Vec::with_capacity(8);
+                text_frame(&mut connect, b"40");
+                stream
+                    .write_all(&connect)
+                    .await
+                    .ctx(|| format!("sending the socket.io connect to {addr}"))?;
+            } else if payload.starts_with(b"40") {
+                buf.copy_within(start..*filled, 0);
+                *filled -= start;
+                return Ok(());
+            } else if payload == b"2" {
+                let mut pong = Vec::with_capacity(8);
+                text_frame(&mut pong, b"3");
+                stream
+                    .write_all(&pong)
+                    .await
+                    .ctx(|| format!("answering a ping of {addr}"))?;
+            } else if payload.starts_with(b"44") || payload.starts_with(b"1") {
+                bail!(
+                    "{addr} refused the socket.io connect: {:?}",
+                    String::from_utf8_lossy(payload)
+                );
+            }
+        }
+        buf.copy_within(start..*filled, 0);
+        *filled -= start;
+        if *filled == buf.len() {
+            bail!("socket.io handshake with {addr}: oversized packet");
+        }
+        let n = stream
+            .read(&mut buf[*filled..])
+            .await
+            .ctx(|| format!("reading the socket.io handshake from {addr}"))?;
+        if n == 0 {
+            bail!("{addr} closed the connection during the socket.io handshake");
+        }
+        *filled += n;
+    }
+}
+
+/// Appends one masked text frame carrying `payload`.
+fn text_frame(out: &mut Vec<u8>, payload: &[u8]) {
+    let len = payload.len();
     out.push(0x81); // FIN + text
     if len < 126 {
         out.push(0x80 | len as u8);
@@ -154,7 +272,73 @@ pub(crate) fn push_message(
         out.extend_from_slice(&(len as u64).to_be_bytes());
     }
     out.extend_from_slice(&MASK);
-    out.extend(scratch.iter().zip(MASK.iter().cycle()).map(|(b, m)| b ^ m));
+    out.extend(payload.iter().zip(MASK.iter().cycle()).map(|(b, m)| b ^ m));
+}
+
+/// Appends one masked text frame carrying the benchmark payload
+/// `{"t":T,"s":S,"q":Q,"p":"xxxx"}`, padded so that the JSON is `size` bytes long; with
+/// [`Proto::SocketIo`] the frame is the event packet `42["msg",JSON]` around the same JSON.
+///
+/// `scratch` is reused between calls to avoid an allocation per message.
+pub(crate) fn push_message(
+    out: &mut Vec<u8>,
+    scratch: &mut Vec<u8>,
+    proto: Proto,
+    t: u64,
+    sender: u32,
+    seq: u64,
+    size: usize,
+) {
+    use std::io::Write as _;
+    scratch.clear();
+    if proto == Proto::SocketIo {
+        scratch.extend_from_slice(SIO_EVENT);
+    }
+    let json_start = scratch.len();
+    // Writing into a Vec cannot fail.
+    let _ = write!(scratch, r#"{{"t":{t},"s":{sender},"q":{seq},"p":""#);
+    // The padding is only 'x', so it can never contain the `"t":` marker receivers look for.
+    let pad = size.saturating_sub(scratch.len() - json_start + 2);
+    scratch.resize(scratch.len() + pad, b'x');
+    scratch.extend_from_slice(b"\"}");
+    if proto == Proto::SocketIo {
+        scratch.push(b']');
+    }
+    text_frame(out, scratch);
+}
+
+/// What a complete text message is to the load generator.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Text {
+    /// A delivery, with its stamp (`None`: no stamp found, counted as `bad`).
+    Delivery(Option<u64>),
+    /// Engine.IO ping: answer `3`.
+    Ping,
+    /// Engine.IO close or socket.io namespace disconnect.
+    Close,
+    /// Any other socket.io packet: not a delivery.
+    Other,
+}
+
+#[inline]
+fn classify(proto: Proto, payload: &[u8]) -> Text {
+    match proto {
+        Proto::Ws => Text::Delivery(find_stamp(payload)),
+        Proto::SocketIo => {
+            if let Some(v) = payload.strip_prefix(SIO_EVENT) {
+                Text::Delivery(find_stamp(v))
+            } else if payload.starts_with(b"42") {
+                // Another event name, or a spacing we did not expect: still a delivery frame.
+                Text::Delivery(find_stamp(payload))
+            } else if payload == b"2" {
+                Text::Ping
+            } else if payload == b"1" || payload.starts_with(b"41") {
+                Text::Close
+            } else {
+                Text::Other
+            }
+        }
+    }
 }
 
 /// A masked pong answering a ping with `payload` (control payloads are at most 125 bytes).
@@ -199,21 +383,29 @@ fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
 }
 
 /// Reads server frames until the connection ends, recording one latency sample per text
-/// message. Returns `Ok(())` on a close frame or EOF.
+/// message (per `42` event packet with [`Proto::SocketIo`]). Returns `Ok(())` on a close
+/// frame, an Engine.IO close, or EOF.
 ///
-/// `buf[..filled]` holds bytes already read (the tail of the handshake read). Pings are
-/// answered through `pongs` (a real client answers them, and a server may close a client
-/// that does not); `None` leaves them unanswered.
+/// `buf[..filled]` holds bytes already read (the tail of the handshake read). Pings (WebSocket
+/// pings, and Engine.IO `2` packets) are answered through `pongs` (a real client answers them,
+/// and a server may close a client that does not); `None` leaves them unanswered.
 pub(crate) async fn read_loop<R: AsyncRead + Unpin>(
     mut rd: R,
     mut buf: Vec<u8>,
     mut filled: usize,
+    proto: Proto,
     stats: Arc<ConnStats>,
     pongs: Option<tokio::sync::mpsc::UnboundedSender<Vec<u8>>>,
 ) -> Result<()> {
     let mut start = 0;
-    // Stamp of a fragmented text message whose final fragment is still to come.
-    let mut fragment: Option<Option<u64>> = None;
+    // What a fragmented text message whose final fragment is still to come is (from its
+    // first fragment).
+    let mut fragment: Option<Text> = None;
+    let sio_pong = || {
+        let mut out = Vec::with_capacity(8);
+        text_frame(&mut out, b"3");
+        out
+    };
     let mut now = clock::now_ns();
     loop {
         // One clock read per read() call: every frame of the batch had arrived by then, and
@@ -223,6 +415,21 @@ pub(crate) async fn read_loop<R: AsyncRead + Unpin>(
             Some(t) if t >= window_start => stats.record(now.saturating_sub(t) / 1000),
             Some(_) => stats.record_stale(),
             None => stats.record_bad(),
+        };
+        // Returns true when the server ended the session.
+        let handle = |text: Text| match text {
+            Text::Delivery(stamp) => {
+                record(stamp);
+                false
+            }
+            Text::Ping => {
+                if let Some(pongs) = &pongs {
+                    let _ = pongs.send(sio_pong());
+                }
+                false
+            }
+            Text::Close => true,
+            Text::Other => false,
         };
         loop {
             let avail = &buf[start..filled];
@@ -265,11 +472,17 @@ pub(crate) async fn read_loop<R: AsyncRead + Unpin>(
             }
             let payload = &avail[header..total];
             match opcode {
-                0x1 if fin => record(find_stamp(payload)),
-                0x1 => fragment = Some(find_stamp(payload)),
+                0x1 if fin => {
+                    if handle(classify(proto, payload)) {
+                        return Ok(());
+                    }
+                }
+                0x1 => fragment = Some(classify(proto, payload)),
                 0x0 if fin => {
-                    if let Some(stamp) = fragment.take() {
-                        record(stamp);
+                    if let Some(text) = fragment.take()
+                        && handle(text)
+                    {
+                        return Ok(());
                     }
                 }
                 0x0 => {}             // middle fragment: the stamp was in the first one

@@ -7,6 +7,9 @@
 //!   a frame that is not JSON closes that connection with 1007, a frame over the size limit
 //!   with 1009, an invalid room name with 1008, a binary frame with 1003;
 //! - `POST /rooms/{room}/messages` broadcasts its JSON body from plain HTTP;
+//! - with `HISTORY=N` (N > 0) every room is durable (CONTRACT.md, "Durable rooms"):
+//!   `GET /ws?room=NAME&positions=1[&since=E:S]` numbers deliveries and resumes, and
+//!   `GET /rooms/{room}/history?limit=K[&since=E:S]` reads the room's history;
 //! - `GET /healthz` is 200 when the node's Redis link is up, 503 otherwise;
 //! - `GET /stats` returns the node's counters as JSON;
 //! - with presence (`PRESENCE=1`): `GET /ws?room=NAME&user=USER` joins as member USER (default:
@@ -27,7 +30,8 @@ use axum::http::StatusCode;
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use axum_fanout::{
-    Event, FanoutLayer, FanoutSocket, Member, Missed, Payload, RoomHandle, RoomName,
+    Durability, Event, FanoutLayer, FanoutSocket, Member, Missed, Payload, Position, RoomHandle,
+    RoomName,
 };
 
 /// The chat app's routes, wrapped in `layer`.
@@ -37,6 +41,7 @@ pub(crate) fn app(layer: FanoutLayer) -> Router {
         .route("/ws", get(ws))
         .route("/rooms/{room}/messages", post(http_push))
         .route("/rooms/{room}/presence", get(presence))
+        .route("/rooms/{room}/history", get(history))
         .route("/healthz", get(healthz))
         .route("/stats", get(stats))
         .layer(layer)
@@ -90,16 +95,45 @@ async fn ws(
     let room = query.get("room").map_or("lobby", String::as_str).to_owned();
     let user = query.get("user").filter(|u| !u.is_empty()).cloned();
     let node = rooms.node_id().to_owned();
-    rooms.on_upgrade(upgrade, move |socket| serve(socket, room, user, node))
+    // `positions=1` (and `since=E:S`) only mean something in a durable room (HISTORY > 0).
+    let positions = query.get("positions").is_some_and(|p| p == "1");
+    // A `since` that does not parse names no history of this room: not recovered.
+    let since = query
+        .get("since")
+        .map(|s| s.parse().unwrap_or_else(|_| Position::new(s.as_str(), 0)));
+    let join = Join {
+        room,
+        user,
+        node,
+        positions,
+        since,
+    };
+    rooms.on_upgrade(upgrade, move |socket| serve(socket, join))
 }
 
-async fn serve(mut socket: FanoutSocket, room: String, user: Option<String>, node: String) {
+/// What the client asked for in `GET /ws`.
+struct Join {
+    room: String,
+    user: Option<String>,
+    node: String,
+    positions: bool,
+    since: Option<Position>,
+}
+
+async fn serve(mut socket: FanoutSocket, join: Join) {
+    let Join {
+        room,
+        user,
+        node,
+        positions,
+        since,
+    } = join;
     let room = match RoomName::new(&room) {
         Ok(room) => room,
         Err(e) => return socket.close(close_code::POLICY, &e.to_string()),
     };
     // With presence the socket joins as a member (a per-socket id when no user is given);
-    // without, `join_as` says so at once and the socket joins plainly.
+    // without, `join_as` says so at once and the plain join stands.
     let user = user.unwrap_or_else(|| format!("guest-{node}-{}", socket.id()));
     let member = match Member::new(user) {
         Ok(member) => member,
@@ -108,15 +142,29 @@ async fn serve(mut socket: FanoutSocket, room: String, user: Option<String>, nod
             return socket.close(close_code::POLICY, &reason.unwrap_or_default());
         }
     };
-    let joined = match socket.join_as(&room, &member).await {
-        // Counted, and subscribed: tell the client its user id (it may be a default one), and
-        // that a presence list it asks for from now on is followed by every later notice.
-        Ok(()) => socket.send(serde_json::json!({
-            "type": "fanout.member",
-            "room": room.as_str(),
-            "user": member.user(),
-        })),
-        Err(e) if e.is_presence_off() => socket.join(&room).await,
+    let joined = if positions {
+        match socket.join_durable(&room, since).await {
+            // The node queued the fanout.position / fanout.resumed notice first.
+            Ok(_) => Ok(()),
+            Err(e) if e.is_not_durable() => socket.join(&room).await,
+            Err(e) => Err(e),
+        }
+    } else {
+        socket.join(&room).await
+    };
+    let joined = match joined {
+        Ok(()) => match socket.join_as(&room, &member).await {
+            // Counted, and subscribed: tell the client its user id (it may be a default one),
+            // and that a presence list it asks for from now on is followed by every later
+            // notice.
+            Ok(()) => socket.send(serde_json::json!({
+                "type": "fanout.member",
+                "room": room.as_str(),
+                "user": member.user(),
+            })),
+            Err(e) if e.is_presence_off() => Ok(()),
+            Err(e) => Err(e),
+        },
         Err(e) => Err(e),
     };
     if let Err(e) = joined {
@@ -129,11 +177,17 @@ async fn serve(mut socket: FanoutSocket, room: String, user: Option<String>, nod
                 let Ok(payload) = Payload::raw_json(text.as_str()) else {
                     return socket.close(close_code::INVALID, "frame is not valid JSON");
                 };
-                // Awaiting each broadcast keeps one sender's messages in order; broadcasting as
-                // the socket keeps this client's messages on one shard of a sharded room.
-                if let Err(e) = socket.broadcast(&room, payload).await {
-                    tracing::warn!(room = %room, error = %e, "broadcast failed");
+                // Queued, not awaited: the client's next frame is read at once while Redis
+                // works, and its messages keep their order (fixed when queued). Broadcasting
+                // as the socket keeps its messages on one shard of a sharded room, and
+                // reports a later failure below.
+                if let Err(e) = socket.broadcast(&room, payload).queue().await {
+                    tracing::warn!(room = %room, error = %e, "broadcast not queued");
                 }
+            }
+            Ok(Event::BroadcastFailed { room, error, .. }) => {
+                // Already logged and counted by the node; a real app might tell the client.
+                tracing::debug!(room = %room, error = %error, "a queued broadcast failed");
             }
             Ok(Event::Missed(missed)) => {
                 // Tell the client, so it can reload what it missed (README: "Missed messages").
@@ -172,6 +226,70 @@ async fn presence(Path(room): Path<String>, rooms: RoomHandle) -> Response {
         }
         Err(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n")).into_response(),
     }
+}
+
+/// `GET /rooms/{room}/history?limit=K` (K default 50) or `?since=E:S`: the room's messages,
+/// `{"room":..,"epoch":..,"seq":TOP,"messages":[{"seq":S,"payload":V},...]}`; 409 with
+/// `"reason"` when the messages after `since` cannot be read; 404 when history is off.
+async fn history(
+    Path(room): Path<String>,
+    Query(query): Query<HashMap<String, String>>,
+    rooms: RoomHandle,
+) -> Response {
+    let read = match query.get("since") {
+        Some(since) => {
+            let since = since
+                .parse()
+                .unwrap_or_else(|_| Position::new(since.as_str(), 0));
+            rooms.history_since(&room, &since).await
+        }
+        None => {
+            let limit = query
+                .get("limit")
+                .and_then(|k| k.parse().ok())
+                .unwrap_or(50);
+            rooms.history(&room, limit).await
+        }
+    };
+    let history = match read {
+        Ok(history) => history,
+        Err(e) if e.is_not_durable() => {
+            return (StatusCode::NOT_FOUND, "room history is off (HISTORY=0)\n").into_response();
+        }
+        Err(e) if e.is_invalid_room() => {
+            return (StatusCode::BAD_REQUEST, format!("{e}\n")).into_response();
+        }
+        Err(e) => return (StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n")).into_response(),
+    };
+    let position = history.position();
+    if let Some(why) = history.failure() {
+        let body = serde_json::json!({
+            "room": room,
+            "reason": why.as_str(),
+            "epoch": position.epoch(),
+            "seq": position.seq(),
+        });
+        return (StatusCode::CONFLICT, Json(body)).into_response();
+    }
+    let messages: Vec<serde_json::Value> = history
+        .messages()
+        .iter()
+        .map(|(seq, payload)| {
+            let value = payload
+                .as_json()
+                .and_then(|json| serde_json::from_str::<serde_json::Value>(json).ok())
+                .or_else(|| payload.as_text().map(serde_json::Value::from))
+                .unwrap_or_default();
+            serde_json::json!({ "seq": seq, "payload": value })
+        })
+        .collect();
+    Json(serde_json::json!({
+        "room": room,
+        "epoch": position.epoch(),
+        "seq": position.seq(),
+        "messages": messages,
+    }))
+    .into_response()
 }
 
 /// `{"type":"fanout.missed","room":..,"since":ms,"until":ms,"dropped":n|null}`
@@ -225,6 +343,12 @@ pub(crate) fn layer_from_env() -> Result<FanoutLayer, String> {
             .map_err(|e| format!("PRESENCE_TTL_S must be a whole number of seconds: {e}"))?;
         builder = builder.presence_ttl(std::time::Duration::from_secs(secs));
     }
+    // HISTORY=N (N > 0) makes every room durable; HISTORY_TTL_S its idle lifetime.
+    let history: usize = env_number("HISTORY", 0)?;
+    if let Some(n) = std::num::NonZeroUsize::new(history) {
+        let ttl = std::time::Duration::from_secs(env_number("HISTORY_TTL_S", 600)?);
+        builder = builder.durable(Durability::default().history(n).ttl(ttl));
+    }
     // Not part of the wire contract: a tuning knob for benchmarks and operators.
     if let Some(ms) = std::env::var("FLUSH_INTERVAL_MS")
         .ok()
@@ -236,6 +360,21 @@ pub(crate) fn layer_from_env() -> Result<FanoutLayer, String> {
         let cause = std::error::Error::source(&e).map(ToString::to_string);
         format!("{source}: {e}: {}", cause.unwrap_or_default())
     })
+}
+
+/// The whole number in environment variable `name`, or `default` when it is unset.
+#[allow(dead_code)] // used by `layer_from_env`, not by `demo`
+fn env_number<T: std::str::FromStr>(name: &str, default: T) -> Result<T, String>
+where
+    T::Err: std::fmt::Display,
+{
+    match std::env::var(name) {
+        Ok(v) if !v.trim().is_empty() => v
+            .trim()
+            .parse()
+            .map_err(|e| format!("{name} must be a whole number: {e}")),
+        _ => Ok(default),
+    }
 }
 
 #[cfg(feature = "cluster")]
@@ -252,19 +391,14 @@ fn cluster_builder(_nodes: &str) -> Result<axum_fanout::FanoutBuilder, String> {
         .to_owned())
 }
 
-/// Serves `app` on `listener` with TCP_NODELAY (small frames must not wait for Nagle) until
-/// `shutdown` resolves.
+/// Serves `app` on `listener` until `shutdown` resolves. The node's listener sets TCP_NODELAY
+/// (small frames must not wait for Nagle) and reports running out of file descriptors in the
+/// log and in `/stats` (`accepts_out_of_fds`).
 pub(crate) async fn serve_app(
-    listener: tokio::net::TcpListener,
+    listener: axum_fanout::FanoutListener,
     app: Router,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    use axum::serve::ListenerExt;
-    let listener = listener.tap_io(|tcp| {
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::debug!(error = %e, "could not set TCP_NODELAY");
-        }
-    });
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await

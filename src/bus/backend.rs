@@ -170,8 +170,8 @@ impl Conn {
 
     /// Publishes every `(channel, payload)`, in order; returns each one's subscriber count.
     /// On one server they go out as one pipeline (one write, one read for all of them). On a
-    /// cluster they are sent concurrently, each to the master owning its channel's slot
-    /// (a cluster pipeline must stay within one slot).
+    /// cluster each channel's commands are sent in order, channels concurrently, each to the
+    /// master owning its slot (a cluster pipeline must stay within one slot).
     pub(crate) async fn publish_many(
         &mut self,
         commands: &[(&str, &[u8])],
@@ -184,13 +184,33 @@ impl Conn {
                 }
                 pipe.query_async(conn).await
             }
+            // Concurrent across channels, in order within one: a sender's broadcasts to a room
+            // can share a batch and must reach Redis in the order they were queued.
             #[cfg(feature = "cluster")]
             Conn::Cluster(conn) => {
-                let sends = commands.iter().map(|(channel, payload)| {
+                let mut by_channel: std::collections::HashMap<&str, Vec<usize>> =
+                    std::collections::HashMap::new();
+                for (i, (channel, _)) in commands.iter().enumerate() {
+                    by_channel.entry(channel).or_default().push(i);
+                }
+                let sends = by_channel.into_values().map(|indices| {
                     let mut conn = Conn::Cluster(conn.clone());
-                    async move { conn.publish(channel, *payload).await }
+                    async move {
+                        let mut counts = Vec::with_capacity(indices.len());
+                        for i in indices {
+                            let (channel, payload) = commands[i];
+                            counts.push((i, conn.publish(channel, payload).await?));
+                        }
+                        Ok::<_, RedisError>(counts)
+                    }
                 });
-                futures_util::future::try_join_all(sends).await
+                let mut counts = vec![0; commands.len()];
+                for group in futures_util::future::try_join_all(sends).await? {
+                    for (i, n) in group {
+                        counts[i] = n;
+                    }
+                }
+                Ok(counts)
             }
         }
     }

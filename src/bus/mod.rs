@@ -12,6 +12,8 @@
 //! - `backoff`: jittered pauses between reconnect attempts.
 //! - `presence`: presence in Redis: keys, Lua scripts, the per-node lease, the task that syncs
 //!   the node's presence table and reaps the members of dead nodes, and the member query.
+//! - `history`: durable rooms' keys, the atomic store-and-publish script, history reads, and
+//!   the task that reads back the gaps of durable rooms.
 //!
 //! Both connections are RESP3 multiplexed connections that this module reconnects itself,
 //! forever. The client library's own memory of subscriptions is not relied on: after every
@@ -21,6 +23,7 @@
 mod backend;
 mod backoff;
 mod client;
+mod history;
 mod presence;
 mod publisher;
 mod slots;
@@ -34,9 +37,12 @@ use tokio::sync::{mpsc, watch};
 
 pub(crate) use backend::Backend;
 pub(crate) use client::redacted_target;
+pub(crate) use history::Read;
+pub use publisher::Receipt;
 
 use crate::config::Config;
 use crate::dispatch::Inbox;
+use crate::durable::Durable;
 use crate::registry::Registry;
 use crate::stats::Counters;
 use backend::Conn;
@@ -48,6 +54,11 @@ pub(crate) struct Bus {
     config: Arc<Config>,
     registry: Arc<Registry>,
     counters: Arc<Counters>,
+    /// Durable rooms: the subscriber asks it to repair after a link loss; the history task
+    /// hands it what it read.
+    durable: Arc<Durable>,
+    /// Turns for history reads (`history::READS` at once).
+    reads: tokio::sync::Semaphore,
     /// `None` when the layer was built leniently from an invalid URL: the node never connects.
     backend: Option<Backend>,
     /// The subscriber link is up and every local room is subscribed on it.
@@ -68,6 +79,7 @@ impl Bus {
         config: Arc<Config>,
         registry: Arc<Registry>,
         counters: Arc<Counters>,
+        durable: Arc<Durable>,
         backend: Option<Backend>,
     ) -> Self {
         let (outgoing, outgoing_rx) = mpsc::channel(publisher::QUEUE);
@@ -76,6 +88,8 @@ impl Bus {
             config,
             registry,
             counters,
+            durable,
+            reads: tokio::sync::Semaphore::new(history::READS),
             backend,
             ready: AtomicBool::new(false),
             publisher: watch::Sender::new(None),
@@ -126,6 +140,13 @@ impl Bus {
             outgoing,
             stop.subscribe(),
         ));
+        if let Some(repairs) = self.durable.take_repairs() {
+            runtime.spawn(history::repair_loop(
+                self.clone(),
+                repairs,
+                stop.subscribe(),
+            ));
+        }
     }
 }
 

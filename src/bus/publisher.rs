@@ -1,17 +1,23 @@
 //! The publish path: broadcasts queue up, one task writes them to Redis as pipelines on the
 //! publisher connection, and each caller gets its own reply.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
 use redis::{PushInfo, PushKind};
-use tokio::sync::{Notify, mpsc, oneshot, watch};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch};
 use tokio::time::{Instant, timeout_at};
 
-use super::backend::Backend;
+use super::backend::{Backend, Conn};
 use super::backoff::Backoff;
 use super::{Bus, pause};
+use super::history::{POS_BYTES, store_and_publish};
 use crate::channel;
+use crate::config::Durability;
 use crate::error::Error;
+use crate::queue::Outbox;
 use crate::room::RoomName;
 
 /// Broadcasts waiting for the publisher, at most. A caller that finds the queue full waits
@@ -25,67 +31,167 @@ const BATCH: usize = 256;
 /// One broadcast on its way to Redis.
 #[derive(Debug)]
 pub(super) struct Outgoing {
+    room: RoomName,
     channel: String,
     envelope: Vec<u8>,
     /// The caller stops waiting then; a request still queued at its deadline is not sent, so
     /// a caller told "timed out" never sees its message published later.
     deadline: Instant,
     reply: oneshot::Sender<Result<usize, Error>>,
+    origin: Option<Origin>,
+    /// A durable room's message: stored and published by the history script.
+    durable: Option<Durability>,
+}
+
+/// The socket a broadcast was queued from (`FanoutSocket::broadcast`).
+#[derive(Debug)]
+struct Origin {
+    /// Told of a failure when nobody awaits the receipt any more.
+    outbox: Arc<Outbox>,
+    /// One of the socket's in-flight slots, held until Redis replied (or the request expired)
+    /// and freed by its drop.
+    _slot: OwnedSemaphorePermit,
+}
+
+/// The reply to a queued broadcast: resolves to the number of nodes subscribed to the room
+/// (PUBLISH's reply), or the error, by the publish timeout. From
+/// [`Broadcast::queue`](crate::Broadcast::queue).
+///
+/// Dropping it does not cancel the broadcast, which is already queued. A failure whose receipt
+/// was dropped is still counted in [`Stats::publish_errors`](crate::Stats::publish_errors),
+/// logged, and, for a broadcast queued from a socket, reported to that socket as
+/// [`Event::BroadcastFailed`](crate::Event::BroadcastFailed).
+#[must_use = "await the receipt for Redis's reply, or drop it to be told of failures only"]
+pub struct Receipt(Pin<Box<dyn Future<Output = Result<usize, Error>> + Send>>);
+
+impl std::fmt::Debug for Receipt {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Receipt")
+    }
+}
+
+impl Future for Receipt {
+    type Output = Result<usize, Error>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        self.0.as_mut().poll(cx)
+    }
 }
 
 impl Bus {
-    /// Publishes one envelope to `room`'s channel for `sender`; returns the number of nodes
-    /// subscribed to it (PUBLISH's reply).
-    pub(crate) async fn publish(
-        &self,
-        room: &RoomName,
+    /// Queues one envelope for `room`'s channel (the one of `sender` in a sharded room) and
+    /// returns once it is queued: from then on its place in the order is fixed, and the
+    /// returned [`Receipt`] resolves to PUBLISH's reply.
+    ///
+    /// # Cancel safety
+    /// Not cancel safe in the sense that matters: dropped after it returned nothing is undone
+    /// (the broadcast goes out); dropped before, the broadcast may or may not be queued.
+    pub(crate) async fn enqueue(
+        self: &Arc<Self>,
+        room: RoomName,
         sender: u64,
         envelope: Vec<u8>,
-    ) -> Result<usize, Error> {
+        origin: Option<(Arc<Outbox>, Arc<Semaphore>)>,
+        durable: Option<Durability>,
+    ) -> Result<Receipt, Error> {
         let cfg = &self.config;
-        let Some(backend) = &self.backend else {
+        if self.backend.is_none() {
             return Err(Error::no_redis());
-        };
+        }
         let max = cfg.max_envelope_bytes.get();
-        if envelope.len() > max {
+        // A durable envelope gets its position added by the script.
+        let len = envelope.len() + if durable.is_some() { POS_BYTES } else { 0 };
+        if len > max {
             self.counters.publish_errors.add(1);
-            return Err(Error::envelope_too_large(envelope.len(), max));
+            return Err(Error::envelope_too_large(len, max));
         }
         let deadline = Instant::now() + cfg.publish_timeout;
+        let origin = match origin {
+            None => None,
+            Some((outbox, slots)) => match timeout_at(deadline, slots.acquire_owned()).await {
+                Ok(Ok(slot)) => Some(Origin {
+                    outbox,
+                    _slot: slot,
+                }),
+                // The socket's semaphore is never closed; its broadcasts all took too long.
+                Ok(Err(_)) | Err(_) => return Err(self.failed_early(&room, self.timed_out())),
+            },
+        };
         let (reply, replied) = oneshot::channel();
         let request = Outgoing {
-            channel: channel::for_sender(cfg, room, sender),
+            channel: channel::for_sender(cfg, &room, sender),
+            room: room.clone(),
             envelope,
             deadline,
             reply,
+            origin,
+            durable,
         };
-        let timed_out = || {
-            let connected = self.publisher.borrow().is_some();
-            Error::publish_timeout(connected, backend.publish_command())
-        };
-        let result = match timeout_at(deadline, self.outgoing.send(request)).await {
-            Ok(Ok(())) => match timeout_at(deadline, replied).await {
-                Ok(Ok(result)) => result,
-                // Dropped unsent: its deadline passed while it was queued.
-                Ok(Err(_)) | Err(_) => Err(timed_out()),
-            },
+        match timeout_at(deadline, self.outgoing.send(request)).await {
+            Ok(Ok(())) => {}
             // The publisher task is gone: the node is stopping.
-            Ok(Err(_)) => Err(Error::closed()),
-            Err(_) => Err(timed_out()),
-        };
+            Ok(Err(_)) => return Err(self.failed_early(&room, Error::closed())),
+            Err(_) => return Err(self.failed_early(&room, self.timed_out())),
+        }
+        let bus = self.clone();
+        Ok(Receipt(Box::pin(async move {
+            match timeout_at(deadline, replied).await {
+                Ok(Ok(result)) => result,
+                // Dropped unsent: its deadline passed while it was queued (counted there).
+                Ok(Err(_)) | Err(_) => Err(bus.timed_out()),
+            }
+        })))
+    }
+
+    /// The error of a broadcast that ran out of time: no connection, or no reply.
+    fn timed_out(&self) -> Error {
+        let connected = self.publisher.borrow().is_some();
+        let command = self
+            .backend
+            .as_ref()
+            .map_or("PUBLISH", Backend::publish_command);
+        Error::publish_timeout(connected, command)
+    }
+
+    /// Counts and logs a broadcast that failed before it was queued.
+    fn failed_early(&self, room: &RoomName, error: Error) -> Error {
+        self.counters.publish_errors.add(1);
+        log_failure(room, &error);
+        error
+    }
+}
+
+fn log_failure(room: &RoomName, error: &Error) {
+    tracing::warn!(
+        room = %room,
+        error = %error,
+        cause = ?std::error::Error::source(error).map(ToString::to_string),
+        "broadcast failed"
+    );
+}
+
+impl Outgoing {
+    /// Replies to the caller and counts the outcome. A failure whose receipt is gone goes to
+    /// the socket it was queued from, if any, so that it is never lost silently.
+    fn finish(self, result: Result<usize, Error>, bus: &Bus) {
         match &result {
-            Ok(_) => self.counters.published.add(1),
+            Ok(_) => bus.counters.published.add(1),
             Err(e) => {
-                self.counters.publish_errors.add(1);
-                tracing::warn!(
-                    room = %room,
-                    error = %e,
-                    cause = ?std::error::Error::source(e).map(ToString::to_string),
-                    "broadcast failed"
-                );
+                bus.counters.publish_errors.add(1);
+                log_failure(&self.room, e);
             }
         }
-        result
+        if let Err(Err(error)) = self.reply.send(result)
+            && let Some(origin) = self.origin
+        {
+            origin.outbox.record_failed_broadcast(self.room, error);
+        }
+    }
+
+    /// The request's deadline passed before it could be sent: it never will be.
+    fn expire(self, bus: &Bus) {
+        let error = bus.timed_out();
+        self.finish(Err(error), bus);
     }
 }
 
@@ -172,8 +278,7 @@ async fn send_loop(
                 Err(_) => break,
             }
         }
-        let now = Instant::now();
-        batch.retain(|o: &Outgoing| o.deadline > now && !o.reply.is_closed());
+        expire_due(&mut batch, &bus);
         let Some(deadline) = batch.iter().map(|o| o.deadline).max() else {
             continue;
         };
@@ -188,32 +293,77 @@ async fn send_loop(
             _ = stop.changed() => return,
         };
         let Some(mut conn) = conn else {
-            batch.clear();
+            for o in batch.drain(..) {
+                o.expire(&bus);
+            }
             continue;
         };
-        let now = Instant::now();
-        batch.retain(|o: &Outgoing| o.deadline > now);
-        let commands: Vec<(&str, &[u8])> = batch
+        expire_due(&mut batch, &bus);
+        send(&bus, &mut conn, &mut batch, deadline).await;
+    }
+}
+
+/// Sends `batch` in its order and replies to each request: runs of plain broadcasts as one
+/// pipeline each, a durable room's message as its own script call (it must be numbered and
+/// stored before the next message of the queue goes out).
+async fn send(bus: &Bus, conn: &mut Conn, batch: &mut Vec<Outgoing>, deadline: Instant) {
+    let publish_command = bus
+        .backend
+        .as_ref()
+        .map_or("PUBLISH", Backend::publish_command);
+    let mut rest = std::mem::take(batch).into_iter().peekable();
+    while rest.peek().is_some() {
+        if let Some(o) = rest.next_if(|o| o.durable.is_some()) {
+            let Some(settings) = o.durable else { continue };
+            let stored = store_and_publish(conn, publish_command, &o.channel, &settings, &o.envelope);
+            match timeout_at(deadline, stored).await {
+                Ok(result) => o.finish(result.map(|(_, nodes)| nodes), bus),
+                Err(_) => o.expire(bus),
+            }
+            continue;
+        }
+        let mut run = Vec::new();
+        while let Some(o) = rest.next_if(|o| o.durable.is_none()) {
+            run.push(o);
+        }
+        let commands: Vec<(&str, &[u8])> = run
             .iter()
             .map(|o| (o.channel.as_str(), o.envelope.as_slice()))
             .collect();
         match timeout_at(deadline, conn.publish_many(&commands)).await {
             Ok(Ok(counts)) => {
-                for (o, n) in batch.drain(..).zip(counts) {
-                    let _ = o.reply.send(Ok(n));
+                for (o, n) in run.into_iter().zip(counts) {
+                    o.finish(Ok(n), bus);
                 }
             }
             Ok(Err(e)) => {
                 let e = Arc::new(e);
-                for o in batch.drain(..) {
-                    let _ = o.reply.send(Err(Error::redis(SharedCause(e.clone()))));
+                for o in run {
+                    o.finish(Err(Error::redis(SharedCause(e.clone()))), bus);
                 }
             }
             // Each caller has given up by now (its deadline is at most this one).
-            Err(_) => {}
+            Err(_) => {
+                for o in run {
+                    o.expire(bus);
+                }
+            }
         }
-        // Dropping a reply unsent tells its caller the broadcast timed out.
-        batch.clear();
+    }
+}
+
+/// Takes out of `batch` the requests whose deadline passed, telling their callers: a caller
+/// told "timed out" must never see its message published later.
+fn expire_due(batch: &mut Vec<Outgoing>, bus: &Bus) {
+    let now = Instant::now();
+    if batch.iter().all(|o| o.deadline > now) {
+        return;
+    }
+    let (due, keep): (Vec<Outgoing>, Vec<Outgoing>) =
+        batch.drain(..).partition(|o| o.deadline <= now);
+    batch.extend(keep);
+    for o in due {
+        o.expire(bus);
     }
 }
 

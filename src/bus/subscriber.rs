@@ -269,7 +269,10 @@ async fn serve_link(
             backoff.reset();
             // Tell the gap before reporting ready, so nothing that sees the node ready can
             // deliver a message ahead of the notice.
-            let told = bus.registry.link_restored();
+            let (told, durable) = bus
+                .registry
+                .link_restored(|room| bus.durable.is_durable(room));
+            bus.durable.repair_after_link_loss(&durable);
             bus.ready.store(true, Ordering::Release);
             let gauges = bus.registry.gauges();
             tracing::info!(

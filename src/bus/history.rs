@@ -1,0 +1,365 @@
+//! Durable rooms in Redis: one atomic store-and-publish script, history reads, and the task
+//! that reads back the gaps the node's members missed.
+//!
+//! # Keys
+//!
+//! A durable room on channel `C` keeps two keys: `{C}:meta`, a hash with the room's `epoch`
+//! and last `seq`, and `{C}:history`, a stream whose entry `S-0` holds the envelope of message
+//! `S` (field `e`). The braces are a Redis Cluster hash tag: both keys hash like the channel
+//! itself, so they live in the channel's slot and the script may SPUBLISH on it. When `C`
+//! holds a hash tag of its own (a room or prefix with `{tag}`), the keys use that tag instead
+//! (`{tag}C:meta`), which Redis hashes the same way. A channel Redis hashes whole but that
+//! holds a `}` (e.g. room `a}b`) cannot share a slot with any key: on a cluster, such a durable
+//! room's broadcasts fail (CROSSSLOT); on one server it does not matter.
+//!
+//! # The script
+//!
+//! `PUBLISH_SCRIPT` runs atomically in Redis: it creates the epoch when the meta key is
+//! missing (the history was lost, or the room is new; the stream is then deleted, so no
+//! entry of a lost epoch survives into the new one), increments `seq`, writes the envelope
+//! with its position into the stream (`XADD ... MAXLEN ~ N`), refreshes the idle TTL of both
+//! keys, and publishes the same envelope on the room's channel. So no message is delivered
+//! live without being in the history, nor stored without being published, and seq order is
+//! publish order. `READ_SCRIPT` reads the position and entries in one step, creating the
+//! epoch the same way, so every node reports the same epoch even for a room with no message.
+//! Both run with EVALSHA and fall back to EVAL on NOSCRIPT (a restarted Redis forgot them).
+
+use std::sync::{Arc, LazyLock};
+use std::time::Duration;
+
+use redis::{RedisError, Script, ScriptInvocation, Value};
+use tokio::sync::{mpsc, watch};
+use tokio::time::{Instant, timeout_at};
+
+use super::Bus;
+use super::backend::Conn;
+use crate::channel;
+use crate::config::Durability;
+use crate::durable::{Page, Repair};
+use crate::error::Error;
+use crate::position::Position;
+use crate::room::RoomName;
+
+/// Concurrent history reads per node, at most: a flood of resumes (every client of a node
+/// reconnecting at once) queues here instead of hitting Redis all at once. Each read returns at
+/// most the replay limit of entries.
+pub(super) const READS: usize = 16;
+
+/// Room for the position the script writes in front of an envelope:
+/// `{"pos":{"epoch":"<16 hex>","seq":<up to 20 digits>},`.
+pub(super) const POS_BYTES: usize = 64;
+
+static PUBLISH_SCRIPT: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local meta, stream = KEYS[1], KEYS[2]
+local epoch = redis.call('HGET', meta, 'epoch')
+if not epoch then
+  epoch = ARGV[1]
+  redis.call('DEL', stream)
+  redis.call('HSET', meta, 'epoch', epoch, 'seq', 0)
+end
+local seq = redis.call('HINCRBY', meta, 'seq', 1)
+local env = '{"pos":{"epoch":"' .. epoch .. '","seq":' .. seq .. '},' .. string.sub(ARGV[2], 2)
+redis.call('XADD', stream, 'MAXLEN', '~', ARGV[3], seq .. '-0', 'e', env)
+redis.call('PEXPIRE', meta, ARGV[4])
+redis.call('PEXPIRE', stream, ARGV[4])
+local nodes = redis.call(ARGV[5], ARGV[6], env)
+return {epoch, seq, nodes}
+"#,
+    )
+});
+
+static READ_SCRIPT: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local meta, stream = KEYS[1], KEYS[2]
+local epoch = redis.call('HGET', meta, 'epoch')
+if not epoch then
+  epoch = ARGV[1]
+  redis.call('DEL', stream)
+  redis.call('HSET', meta, 'epoch', epoch, 'seq', 0)
+  redis.call('PEXPIRE', meta, ARGV[2])
+end
+local top = tonumber(redis.call('HGET', meta, 'seq'))
+local entries = {}
+if ARGV[3] == 'last' then
+  entries = redis.call('XREVRANGE', stream, '+', '-', 'COUNT', ARGV[4])
+elseif ARGV[3] == 'after' then
+  local after, limit = tonumber(ARGV[4]), tonumber(ARGV[5])
+  if epoch == ARGV[6] and after < top and top - after <= limit then
+    entries = redis.call('XRANGE', stream, tostring(after + 1), '+', 'COUNT', limit)
+  end
+end
+return {epoch, top, entries}
+"#,
+    )
+});
+
+/// What to read from a room's history.
+#[derive(Debug, Clone)]
+pub(crate) enum Read {
+    /// Only the position.
+    Top,
+    /// The last `n` messages.
+    Last(usize),
+    /// Every message after the position, when there are at most `n`.
+    After(Position, usize),
+}
+
+/// The keys of the room on `channel`: `(meta, stream)` (see the module docs).
+fn keys(channel: &str) -> (String, String) {
+    let tag = hash_tag(channel);
+    let base = if tag.len() == channel.len() {
+        format!("{{{channel}}}")
+    } else {
+        format!("{{{tag}}}{channel}")
+    };
+    (format!("{base}:meta"), format!("{base}:history"))
+}
+
+/// The part of `name` Redis Cluster hashes: the text between the first `{` and the first `}`
+/// after it when that is not empty, else the whole name.
+fn hash_tag(name: &str) -> &str {
+    if let Some(open) = name.find('{')
+        && let Some(len) = name[open + 1..].find('}')
+        && len > 0
+    {
+        return &name[open + 1..open + 1 + len];
+    }
+    name
+}
+
+/// A fresh epoch: 16 hex digits, random per process and call.
+fn new_epoch() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static CALLS: AtomicU64 = AtomicU64::new(0);
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(CALLS.fetch_add(1, Ordering::Relaxed));
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0),
+    );
+    format!("{:016x}", h.finish())
+}
+
+async fn invoke(conn: &mut Conn, script: &ScriptInvocation<'_>) -> Result<Value, RedisError> {
+    match conn {
+        Conn::Server(conn) => script.invoke_async(conn).await,
+        #[cfg(feature = "cluster")]
+        Conn::Cluster(conn) => script.invoke_async(conn).await,
+    }
+}
+
+fn ttl_ms(ttl: Duration) -> u64 {
+    u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1)
+}
+
+fn unexpected(what: &str) -> Error {
+    Error::redis(format!("unexpected reply from the {what} script"))
+}
+
+fn text(value: &Value) -> Option<String> {
+    match value {
+        Value::BulkString(b) => String::from_utf8(b.clone()).ok(),
+        Value::SimpleString(s) => Some(s.clone()),
+        _ => None,
+    }
+}
+
+fn int(value: &Value) -> Option<u64> {
+    match value {
+        Value::Int(n) => u64::try_from(*n).ok(),
+        _ => None,
+    }
+}
+
+/// Stream entries `[[id, [field, value, ...]], ...]` as `(seq, envelope)`.
+fn entries(value: &Value) -> Option<Vec<(u64, Vec<u8>)>> {
+    let Value::Array(items) = value else {
+        return Some(Vec::new()); // Lua's empty table comes back as an empty array, or nil
+    };
+    items
+        .iter()
+        .map(|item| {
+            let Value::Array(parts) = item else {
+                return None;
+            };
+            let (id, fields) = (parts.first()?, parts.get(1)?);
+            let seq = text(id)?.split('-').next()?.parse().ok()?;
+            let Value::Array(fields) = fields else {
+                return None;
+            };
+            match fields.get(1)? {
+                Value::BulkString(env) => Some((seq, env.clone())),
+                _ => None,
+            }
+        })
+        .collect()
+}
+
+impl Bus {
+    /// The publisher connection, waiting for one until `deadline`.
+    async fn history_conn(&self, deadline: Instant) -> Result<Conn, Error> {
+        let mut conns = self.publisher.subscribe();
+        match timeout_at(deadline, conns.wait_for(Option::is_some)).await {
+            Ok(Ok(conn)) => conn.clone().ok_or_else(Error::closed),
+            Ok(Err(_)) => Err(Error::closed()),
+            Err(_) => Err(Error::publish_timeout(false, "EVALSHA")),
+        }
+    }
+
+    /// Reads durable `room`'s position and the entries `read` asks for, oldest first. At most
+    /// [`READS`] reads run at once per node; the others wait their turn.
+    pub(crate) async fn read_history(
+        &self,
+        room: &RoomName,
+        settings: &Durability,
+        read: Read,
+    ) -> Result<Page, Error> {
+        if self.backend.is_none() {
+            return Err(Error::no_redis());
+        }
+        let cfg = &self.config;
+        let deadline = Instant::now() + cfg.subscribe_timeout;
+        let _turn = match timeout_at(deadline, self.reads.acquire()).await {
+            Ok(Ok(turn)) => turn,
+            Ok(Err(_)) => return Err(Error::closed()),
+            Err(_) => return Err(Error::publish_timeout(true, "EVALSHA")),
+        };
+        let channel = channel::for_sender(cfg, room, 0);
+        let (meta, stream) = keys(&channel);
+        let mut script = READ_SCRIPT.key(meta);
+        script
+            .key(stream)
+            .arg(new_epoch())
+            .arg(ttl_ms(settings.ttl));
+        let newest_first = matches!(read, Read::Last(_));
+        match read {
+            Read::Top => script.arg("top").arg(0).arg(0).arg(""),
+            Read::Last(n) => script.arg("last").arg(n).arg(0).arg(""),
+            Read::After(after, n) => script
+                .arg("after")
+                .arg(after.seq())
+                .arg(n)
+                .arg(after.epoch()),
+        };
+        let mut conn = self.history_conn(deadline).await?;
+        let reply = match timeout_at(deadline, invoke(&mut conn, &script)).await {
+            Ok(Ok(Value::Array(reply))) => reply,
+            Ok(Ok(_)) => return Err(unexpected("read")),
+            Ok(Err(e)) => return Err(Error::redis(e)),
+            Err(_) => return Err(Error::publish_timeout(true, "EVALSHA")),
+        };
+        let [epoch, top, found] = reply.as_slice() else {
+            return Err(unexpected("read"));
+        };
+        let (Some(epoch), Some(top), Some(mut entries)) = (text(epoch), int(top), entries(found))
+        else {
+            return Err(unexpected("read"));
+        };
+        if newest_first {
+            entries.reverse();
+        }
+        Ok(Page {
+            top: Position::new(epoch, top),
+            entries,
+        })
+    }
+}
+
+/// Reads back the gaps the node's durable rooms asked for, each in a task of its own (the
+/// reads themselves wait for a turn, see [`READS`]), until the node stops.
+pub(super) async fn repair_loop(
+    bus: Arc<Bus>,
+    mut repairs: mpsc::UnboundedReceiver<Repair>,
+    mut stop: watch::Receiver<()>,
+) {
+    loop {
+        let repair = tokio::select! {
+            repair = repairs.recv() => repair,
+            _ = stop.changed() => return,
+        };
+        let Some(Repair { room, after }) = repair else {
+            return;
+        };
+        let bus = bus.clone();
+        tokio::spawn(async move {
+            let settings = bus
+                .config
+                .durable_for(room.as_str())
+                .copied()
+                .unwrap_or_default();
+            let read = Read::After(after.clone(), settings.replay_limit.get());
+            let page = bus
+                .read_history(&room, &settings, read)
+                .await
+                .inspect_err(|e| tracing::warn!(room = %room, error = %e, "could not read a durable room's gap"))
+                .ok();
+            bus.durable.repaired(&room, &after, page);
+        });
+    }
+}
+
+/// Stores and publishes one envelope of the durable room on `channel` in one atomic step, on
+/// `conn`; returns the message's position and the number of nodes subscribed to the room.
+/// The publisher calls it in queue order (see `publisher::send_loop`).
+pub(super) async fn store_and_publish(
+    conn: &mut Conn,
+    publish_command: &str,
+    channel: &str,
+    settings: &Durability,
+    envelope: &[u8],
+) -> Result<(Position, usize), Error> {
+    let (meta, stream) = keys(channel);
+    let mut script = PUBLISH_SCRIPT.key(meta);
+    script
+        .key(stream)
+        .arg(new_epoch())
+        .arg(envelope)
+        .arg(settings.history.get())
+        .arg(ttl_ms(settings.ttl))
+        .arg(publish_command)
+        .arg(channel);
+    match invoke(conn, &script).await {
+        Ok(Value::Array(reply)) => match reply.as_slice() {
+            [epoch, seq, nodes] => text(epoch)
+                .zip(int(seq))
+                .zip(int(nodes))
+                .map(|((e, s), n)| (Position::new(e, s), n as usize))
+                .ok_or_else(|| unexpected("publish")),
+            _ => Err(unexpected("publish")),
+        },
+        Ok(_) => Err(unexpected("publish")),
+        Err(e) => Err(Error::redis(e)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_share_the_channels_hash_slot() {
+        assert_eq!(
+            keys("ws:room:lobby"),
+            (
+                "{ws:room:lobby}:meta".to_owned(),
+                "{ws:room:lobby}:history".to_owned()
+            )
+        );
+        assert_eq!(keys("ws:room:a{t}b").0, "{t}ws:room:a{t}b:meta");
+        assert_eq!(hash_tag("ws:room:a{}b"), "ws:room:a{}b");
+        assert_eq!(hash_tag(&keys("ws:room:x{y}").1), "y");
+        assert_eq!(hash_tag(&keys("ws:room:lobby").1), "ws:room:lobby");
+    }
+
+    #[test]
+    fn epochs_differ() {
+        assert_ne!(new_epoch(), new_epoch());
+        assert_eq!(new_epoch().len(), 16);
+    }
+}

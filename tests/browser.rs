@@ -1,0 +1,363 @@
+//! The chat example's page (`examples/chat_app/page.html`) in a real, headless Chromium, driven
+//! over WebDriver (chromedriver) the way people use it: pages on different nodes of a fleet,
+//! typing into the form and pressing Enter, and reading what the page shows.
+//!
+//! Needs `chromium` and `chromedriver` on PATH (Debian: `apt-get install chromium
+//! chromium-driver`; `.ci/run` installs them), or CHROME and CHROMEDRIVER set to their paths.
+//! Every case fails on any console error of any page, and on failure saves a screenshot of its
+//! pages side by side under `target/tmp/browser/` (the path is printed).
+//!
+//! `cargo test --test browser -- --ignored readme_screenshot` regenerates `docs/chat.png`, the
+//! README's picture of the demo.
+//!
+//! Durable rooms (resume) and presence are not implemented yet: their cases go here, each as
+//! one more `run(..)` that opens pages on the fleet.
+
+#[allow(dead_code, unreachable_pub)]
+#[path = "../examples/chat_app/mod.rs"]
+mod chat_app;
+#[allow(unreachable_pub)]
+#[path = "browser/harness.rs"]
+mod harness;
+mod support;
+
+use harness::{DESKTOP, PHONE, View, eventually, run, run_on};
+
+/// The page's own size limit, the server's `max_message_size` (its 1009 close).
+const LIMIT: usize = 64 * 1024;
+
+fn has_notice(v: &View, needle: &str) -> Result<(), String> {
+    if v.notices().iter().any(|n| n.contains(needle)) {
+        Ok(())
+    } else {
+        Err(format!("no notice with {needle:?} in {:?}", v.notices()))
+    }
+}
+
+#[tokio::test]
+async fn messages_cross_nodes_once_in_one_order_and_stay_in_their_room() {
+    run("cross_node", async |s| {
+        let [alice, bob, carol] = s
+            .open_all([
+                ("alice on n1", 0, DESKTOP),
+                ("bob on n2", 1, PHONE),
+                ("carol on n3", 2, DESKTOP),
+            ])
+            .await;
+        alice.join("plans", "alice").await;
+        bob.join("plans", "bob").await;
+        carol.join("elsewhere", "carol").await;
+
+        // Typed back and forth without waiting: the order is the bus's, but the same for both.
+        let lines = [
+            ("alice", "hi bob"),
+            ("bob", "hello alice"),
+            ("alice", "lunch at noon?"),
+            ("bob", "sure, see you there"),
+            ("alice", "<b>not bold</b> & 'quoted'"),
+        ];
+        for (who, text) in lines {
+            let page = if who == "alice" { &alice } else { &bob };
+            page.say(text).await;
+        }
+        let mut seen = Vec::new();
+        for page in [&alice, &bob] {
+            let view = page
+                .until("all five messages", |v| {
+                    (v.messages().len() >= lines.len())
+                        .then(|| v.clone())
+                        .ok_or_else(|| format!("{:?}", v.said()))
+                })
+                .await;
+            let mut said = view.said();
+            said.sort();
+            let mut expected: Vec<(String, String)> = lines
+                .iter()
+                .map(|(w, t)| ((*w).to_owned(), (*t).to_owned()))
+                .collect();
+            expected.sort();
+            assert_eq!(said, expected, "{}: each message once", page.label);
+            let me = if page.label.starts_with("alice") {
+                "alice"
+            } else {
+                "bob"
+            };
+            for m in view.messages() {
+                let who = m.who.as_deref().unwrap_or_default();
+                assert_eq!(
+                    m.mine,
+                    who == me,
+                    "{}: own messages marked: {m:?}",
+                    page.label
+                );
+                let digits = m.time.chars().filter(char::is_ascii_digit).count();
+                assert!(
+                    m.time.contains(':') && digits >= 3,
+                    "{}: a timestamp: {m:?}",
+                    page.label
+                );
+            }
+            assert!(view.node.contains(if me == "alice" { "n1" } else { "n2" }));
+            seen.push(view.said());
+        }
+        assert_eq!(seen[0], seen[1], "alice and bob see one order");
+
+        // Carol, in another room, sees none of it; her own message reaches only her room.
+        carol.say("anyone here?").await;
+        let view = carol
+            .until("carol's own message", |v| {
+                (!v.messages().is_empty())
+                    .then(|| v.clone())
+                    .ok_or_else(|| format!("{:?}", v.said()))
+            })
+            .await;
+        assert_eq!(
+            view.said(),
+            [("carol".to_owned(), "anyone here?".to_owned())]
+        );
+        assert!(view.messages()[0].mine);
+        for page in [&alice, &bob] {
+            assert_eq!(page.view().await.said(), seen[0], "{}", page.label);
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_page_whose_node_restarts_reconnects_and_says_what_may_be_missing() {
+    run("reconnect", async |s| {
+        let [alice, bob] = s
+            .open_all([("alice on n1", 0, DESKTOP), ("bob on n2", 1, DESKTOP)])
+            .await;
+        alice.join("standup", "alice").await;
+        bob.join("standup", "bob").await;
+        alice.say("before the restart").await;
+        bob.until("the first message", |v| {
+            (v.said().len() == 1)
+                .then_some(())
+                .ok_or_else(|| format!("{:?}", v.said()))
+        })
+        .await;
+
+        // n2 goes away (closing its sockets with 1001); bob's page retries on its own.
+        bob.allow_socket_failures();
+        s.fleet.stop(1).await;
+        let away = bob.until_state("reconnecting").await;
+        has_notice(&away, "going away (1001").expect("bob is told why");
+        // A retry fails while n2 is down (Chromium logs that refusal: allowed above), and
+        // the page keeps trying.
+        bob.until("a second attempt while n2 is down", |v| {
+            v.state
+                .contains("attempt 2")
+                .then_some(())
+                .ok_or_else(|| format!("state {:?}", v.state))
+        })
+        .await;
+        alice.say("while bob is away").await;
+        alice
+            .until("alice's message while bob is away", |v| {
+                (v.said().len() == 2)
+                    .then_some(())
+                    .ok_or_else(|| format!("{:?}", v.said()))
+            })
+            .await;
+
+        s.fleet.start_again(1).await;
+        let back = bob.until_state("connected").await;
+        has_notice(&back, "Reconnected after").expect("a reconnect notice");
+        has_notice(&back, "may be missing").expect("bob is told he may have missed messages");
+        // Without durable rooms (issue 11) the message sent meanwhile is lost; with them, it
+        // is to appear exactly once here and the state to read "recovered".
+        assert!(!back.said().iter().any(|(_, t)| t == "while bob is away"));
+
+        bob.say("back again").await;
+        alice.say("welcome back").await;
+        for page in [&alice, &bob] {
+            page.until("both messages after the restart", |v| {
+                let said = v.said();
+                let once = |t: &str| said.iter().filter(|(_, x)| x == t).count() == 1;
+                (once("back again") && once("welcome back") && once("before the restart"))
+                    .then_some(())
+                    .ok_or_else(|| format!("{said:?}"))
+            })
+            .await;
+        }
+        assert_eq!(alice.view().await.state, "connected", "alice never dropped");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn odd_or_oversized_input_never_breaks_the_page() {
+    run("bad_input", async |s| {
+        let [alice, bob] = s
+            .open_all([("alice on n1", 0, DESKTOP), ("bob on n2", 1, PHONE)])
+            .await;
+        alice.join("odd", "alice").await;
+        bob.join("odd", "bob").await;
+
+        // Too big: refused before sending, with the reason; the draft is kept.
+        let huge = "x".repeat(LIMIT + 1000);
+        alice.paste_and_enter(&huge).await;
+        let refused = alice
+            .until("the size refusal", |v| {
+                (v.hint.contains("Not sent") && v.hint.contains("64 KiB"))
+                    .then(|| v.clone())
+                    .ok_or_else(|| format!("hint {:?}", v.hint))
+            })
+            .await;
+        assert_eq!(refused.state, "connected");
+        assert_eq!(alice.draft().await.len(), huge.len(), "the draft is kept");
+        alice.say("a short one").await;
+        for page in [&alice, &bob] {
+            let v = page
+                .until("the short message", |v| {
+                    (!v.messages().is_empty())
+                        .then(|| v.clone())
+                        .ok_or_else(|| format!("{:?}", v.said()))
+                })
+                .await;
+            assert_eq!(v.said(), [("alice".to_owned(), "a short one".to_owned())]);
+        }
+        assert_eq!(
+            alice.view().await.hint,
+            "",
+            "the refusal is cleared once sent"
+        );
+
+        // Whatever JSON others broadcast is shown as data, never run as HTML, never an error;
+        // control notices the page does not know are ignored.
+        for body in [
+            "42",
+            r#""just a string""#,
+            "null",
+            "[1,2]",
+            r#"{"type":"chat"}"#,
+            r#"{"type":"chat","user":"<img src=x onerror=alert(1)>","text":{"nested":true}}"#,
+            r#"{"type":"fanout.not-invented-yet","room":"odd"}"#,
+            r#"{"type":"chat","user":"server","text":"that was all"}"#,
+        ] {
+            s.fleet.push(2, "odd", body).await;
+        }
+        let expected = [
+            ("alice", "a short one"),
+            ("data", "42"),
+            ("data", "\"just a string\""),
+            ("data", "null"),
+            ("data", "[1,2]"),
+            ("anonymous", ""),
+            ("<img src=x onerror=alert(1)>", "{\"nested\":true}"),
+            ("server", "that was all"),
+        ]
+        .map(|(w, t)| (w.to_owned(), t.to_owned()));
+        for page in [&alice, &bob] {
+            page.until("the odd values, as text", |v| {
+                (v.said() == expected)
+                    .then_some(())
+                    .ok_or_else(|| format!("{:?}", v.said()))
+            })
+            .await;
+        }
+
+        // A frame the server refuses (here sent behind the page's back) closes only that
+        // socket: the page says why and reconnects; the other page never notices.
+        // The node drops an oversized frame's connection right after its 1009 close, while
+        // Chromium is still sending: Chromium may then see the connection reset (1006) before
+        // the close frame. Either way the page must say so and recover.
+        let refusals = [
+            ("not JSON".to_owned(), "not valid JSON (1007", None),
+            (
+                format!("\"{}\"", "y".repeat(LIMIT + 10)),
+                "size limit (1009",
+                Some("Connection lost (1006"),
+            ),
+        ];
+        for (frame, reason, or_else) in refusals {
+            alice.send_raw_frame(&frame).await;
+            alice
+                .until(&format!("the notice {reason:?}"), |v| {
+                    has_notice(v, reason).or_else(|e| or_else.map_or(Err(e), |o| has_notice(v, o)))
+                })
+                .await;
+            alice.until_state("connected").await;
+            alice.say(&format!("still here after {reason}")).await;
+            bob.until("alice's message after the refusal", |v| {
+                let last = v.said().last().cloned().unwrap_or_default();
+                (last.1 == format!("still here after {reason}"))
+                    .then_some(())
+                    .ok_or_else(|| format!("{:?}", v.said()))
+            })
+            .await;
+        }
+        let bob_view = bob.view().await;
+        assert_eq!(bob_view.state, "connected");
+        assert_eq!(bob_view.notices().len(), 1, "only bob's join notice");
+    })
+    .await;
+}
+
+/// The console check that every case ends with is not blind: it sees `console.error` and an
+/// uncaught exception.
+#[tokio::test]
+async fn the_console_check_sees_errors() {
+    run("console_check", async |s| {
+        let page = s.open("page on n1", 0, DESKTOP).await;
+        page.run_script(
+            "console.error('boom'); setTimeout(() => { throw new Error('uncaught boom'); });",
+        )
+        .await;
+        let seen = std::cell::RefCell::new(Vec::new());
+        let (page, seen) = (&page, &seen);
+        eventually("both errors in the console", || async move {
+            let new = page.take_console_errors().await;
+            let mut seen = seen.borrow_mut();
+            seen.extend(new);
+            let found = |needle: &str| seen.iter().any(|e| e.contains(needle));
+            (found("boom") && found("Uncaught Error: uncaught boom"))
+                .then_some(())
+                .ok_or_else(|| format!("{seen:?}"))
+        })
+        .await;
+    })
+    .await;
+}
+
+/// Regenerates `docs/chat.png`, the README's picture: the demo's nodes, a desktop and a phone.
+#[tokio::test]
+#[ignore = "writes docs/chat.png; run with --ignored readme_screenshot"]
+async fn readme_screenshot() {
+    run_on("readme", &["demo-1", "demo-2", "demo-3"], async |s| {
+        let [alice, bob] = s
+            .open_all([
+                ("demo-1, desktop", 0, (760, 560)),
+                ("demo-2, phone", 1, (390, 560)),
+            ])
+            .await;
+        alice.join("lobby", "alice").await;
+        bob.join("lobby", "bob").await;
+        let lines = [
+            ("alice", "hi bob, I'm on node demo-1"),
+            ("bob", "hello! demo-2 here, on my phone"),
+            ("alice", "so this crossed Redis once and reached both of us"),
+            ("bob", "nice ✓"),
+        ];
+        for (i, (who, text)) in lines.into_iter().enumerate() {
+            let page = if who == "alice" { &alice } else { &bob };
+            page.say(text).await;
+            for page in [&alice, &bob] {
+                page.until("the conversation so far", |v| {
+                    (v.said().len() == i + 1)
+                        .then_some(())
+                        .ok_or_else(|| format!("{:?}", v.said()))
+                })
+                .await;
+            }
+        }
+        let png = s.screenshot().await;
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/chat.png");
+        std::fs::create_dir_all(path.parent().expect("docs/")).expect("create docs/");
+        std::fs::write(&path, png).expect("write docs/chat.png");
+        eprintln!("wrote {}", path.display());
+    })
+    .await;
+}

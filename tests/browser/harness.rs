@@ -1,0 +1,748 @@
+//! The browser harness: a fleet of in-process chat nodes on one throwaway Redis, a chromedriver,
+//! and pages that are each their own headless Chromium (like separate people), read through
+//! the DOM's rendered text.
+//!
+//! A [`Scene`] is one case: [`run`] gives it to the case's body, then fails it on any console
+//! error of any page, and on any failure saves a side-by-side screenshot of every page under
+//! `target/tmp/browser/` and prints its path.
+
+use std::net::SocketAddr;
+use std::panic::AssertUnwindSafe;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use axum_fanout::FanoutLayer;
+use base64::Engine as _;
+use fantoccini::wd::WebDriverCompatibleCommand;
+use fantoccini::{Client, ClientBuilder, Locator, key::Key};
+use futures_util::FutureExt as _;
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tokio::time::Instant;
+
+use crate::chat_app;
+use crate::support::{RedisServer, http};
+
+/// Generous deadline for anything a page should show "soon": each page is a whole Chromium
+/// on a shared 2-core CI machine.
+pub const DEADLINE: Duration = Duration::from_secs(20);
+
+/// Browser cases run one at a time: each opens several Chromiums, and running them in parallel
+/// on a small machine only makes every deadline tighter. (A tokio mutex: it is held across
+/// awaits, and works across the test runtimes.)
+static ONE_CASE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// Polls `probe` every 50 ms until it returns `Ok`, or panics after [`DEADLINE`] with `what`
+/// and the last thing the probe saw.
+pub async fn eventually<T, F, Fut>(what: &str, mut probe: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, String>>,
+{
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        match probe().await {
+            Ok(v) => return v,
+            Err(last) if Instant::now() >= deadline => {
+                panic!("timed out after {DEADLINE:?} waiting for: {what}\nlast seen: {last}")
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await, // deadline: polling
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The fleet
+// ---------------------------------------------------------------------------------------------
+
+/// One in-process chat node (`examples/chat_app`). Its port is kept when it is stopped, so
+/// that it can be started again where its pages reconnect.
+pub struct Node {
+    id: String,
+    addr: SocketAddr,
+    running: Option<Running>,
+}
+
+struct Running {
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl Node {
+    async fn start(redis_url: &str, id: &str, port: u16) -> Self {
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+            .await
+            .unwrap_or_else(|e| panic!("node {id}: cannot listen on 127.0.0.1:{port}: {e}"));
+        let addr = listener.local_addr().expect("a local address");
+        let layer = FanoutLayer::builder(redis_url)
+            .node_id(id)
+            .build()
+            .expect("a valid Redis URL");
+        let handle = layer.handle();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let closer = handle.clone();
+        let task = tokio::spawn(chat_app::serve_app(
+            handle.listener(listener),
+            chat_app::app(layer),
+            async move {
+                let _ = stopped.await;
+                // Close every socket with 1001 (going away), as a node being restarted does.
+                closer.shutdown().await;
+            },
+        ));
+        let ready = handle.clone();
+        eventually(&format!("node {id} ready"), || {
+            let ready = ready.clone();
+            async move { ready.is_ready().then_some(()).ok_or("not ready".to_owned()) }
+        })
+        .await;
+        Self {
+            id: id.to_owned(),
+            addr,
+            running: Some(Running { stop, task }),
+        }
+    }
+
+    /// The page's address on this node.
+    pub fn url(&self) -> String {
+        format!("http://{}/", self.addr)
+    }
+
+    /// Stops the node: its sockets are closed with 1001 and its port stops answering.
+    pub async fn stop(&mut self) {
+        if let Some(Running { stop, task }) = self.running.take() {
+            let _ = stop.send(());
+            let abort = task.abort_handle();
+            if tokio::time::timeout(DEADLINE, task).await.is_err() {
+                abort.abort();
+                panic!("node {} did not stop within {DEADLINE:?}", self.id);
+            }
+        }
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        if let Some(running) = self.running.take() {
+            running.task.abort();
+        }
+    }
+}
+
+/// A throwaway `redis-server` and chat nodes on it.
+pub struct Fleet {
+    redis: RedisServer,
+    nodes: Vec<Node>,
+}
+
+impl Fleet {
+    /// Starts a Redis and one node per id, and waits until every node's link is up.
+    pub async fn start(ids: &[&str]) -> Self {
+        let redis = RedisServer::start();
+        let mut nodes = Vec::new();
+        for id in ids {
+            nodes.push(Node::start(&redis.url(), id, 0).await);
+        }
+        Self { redis, nodes }
+    }
+
+    pub fn node(&self, i: usize) -> &Node {
+        &self.nodes[i]
+    }
+
+    /// Stops node `i` (see [`Node::stop`]).
+    pub async fn stop(&mut self, i: usize) {
+        self.nodes[i].stop().await;
+    }
+
+    /// Starts node `i` again, same id and port.
+    pub async fn start_again(&mut self, i: usize) {
+        let (id, port) = (self.nodes[i].id.clone(), self.nodes[i].addr.port());
+        self.nodes[i] = Node::start(&self.redis.url(), &id, port).await;
+    }
+
+    /// Broadcasts `body` (one JSON value) to `room` through node `i`'s HTTP push route, as a
+    /// server-side producer would.
+    pub async fn push(&self, i: usize, room: &str, body: &str) {
+        let (status, text) = http(
+            self.nodes[i].addr,
+            "POST",
+            &format!("/rooms/{room}/messages"),
+            body,
+        )
+        .await;
+        assert_eq!(status, 200, "POST /rooms/{room}/messages {body}: {text}");
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The browser
+// ---------------------------------------------------------------------------------------------
+
+const INSTALL: &str = "the browser tests need Chromium and its WebDriver: \
+     `apt-get install chromium chromium-driver` on Debian/Ubuntu (.ci/run installs them), \
+     or set CHROME and CHROMEDRIVER to their paths";
+
+/// `name` on PATH, or the path in the environment variable `var`.
+fn executable(var: &str, names: &[&str]) -> PathBuf {
+    if let Some(path) = std::env::var_os(var).filter(|p| !p.is_empty()) {
+        return PathBuf::from(path);
+    }
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .flat_map(|dir| names.iter().map(move |n| dir.join(n)))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| panic!("no {} on PATH: {INSTALL}", names.join(" or ")))
+}
+
+/// A `chromedriver` process (in its own process group, with the Chromiums it starts), killed
+/// with them on drop.
+pub struct Driver {
+    child: Child,
+    addr: SocketAddr,
+    chrome: PathBuf,
+}
+
+impl Driver {
+    pub async fn start() -> Self {
+        let chrome = executable("CHROME", &["chromium", "chromium-browser", "google-chrome"]);
+        let driver = executable("CHROMEDRIVER", &["chromedriver"]);
+        // Kept for a failed run: what chromedriver and Chromium said.
+        let log = artifacts().join("chromedriver.log");
+        for _ in 0..5 {
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .expect("a free port")
+                .port();
+            let child = {
+                use std::os::unix::process::CommandExt as _;
+                Command::new(&driver)
+                    .arg(format!("--port={port}"))
+                    .arg(format!("--log-path={}", log.display()))
+                    .process_group(0)
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .unwrap_or_else(|e| panic!("cannot start {}: {e}; {INSTALL}", driver.display()))
+            };
+            let mut me = Self {
+                child,
+                addr: SocketAddr::from(([127, 0, 0, 1], port)),
+                chrome: chrome.clone(),
+            };
+            if me.wait_ready().await {
+                return me;
+            }
+        }
+        panic!("chromedriver did not start (5 tries); {INSTALL}");
+    }
+
+    /// Whether chromedriver listens before it exits or the deadline.
+    async fn wait_ready(&mut self) -> bool {
+        let deadline = Instant::now() + DEADLINE;
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return false; // most likely the port was taken meanwhile
+            }
+            // It listens once it is ready for sessions.
+            if tokio::net::TcpStream::connect(self.addr).await.is_ok() {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await; // deadline: polling
+        }
+        false
+    }
+
+    /// Opens a headless Chromium with a `width` x `height` viewport, on `url`.
+    pub async fn open(&self, label: &str, url: &str, (width, height): (u32, u32)) -> Page {
+        let caps = json!({
+            "goog:chromeOptions": {
+                "binary": self.chrome,
+                "args": [
+                    "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                    "--lang=en-US", "--no-first-run", "--disable-extensions",
+                    "--disable-background-networking", "--disable-background-timer-throttling",
+                    "--disable-renderer-backgrounding", "--hide-scrollbars",
+                ],
+                // The viewport exactly (a headless window is at least 500 px wide, and its
+                // viewport smaller than the window); below 500 px, a phone.
+                "mobileEmulation": { "deviceMetrics": {
+                    "width": width, "height": height, "pixelRatio": 1,
+                    "mobile": width < 500, "touch": width < 500,
+                }},
+            },
+            // Keeps the page's console (console.error, uncaught exceptions, failed loads) for
+            // `Page::console_errors`.
+            "goog:loggingPrefs": { "browser": "ALL" },
+        });
+        let Value::Object(caps) = caps else {
+            unreachable!()
+        };
+        let client = ClientBuilder::new(hyper_util::client::legacy::connect::HttpConnector::new())
+            .capabilities(caps)
+            .connect(&format!("http://{}", self.addr))
+            .await
+            .unwrap_or_else(|e| panic!("{label}: no Chromium session ({e}); {INSTALL}"));
+        client
+            .goto(url)
+            .await
+            .unwrap_or_else(|e| panic!("{label}: cannot open {url}: {e}"));
+        Page {
+            label: label.to_owned(),
+            client,
+            console: Mutex::new(Vec::new()),
+            allow_socket_failures: Mutex::new(false),
+        }
+    }
+}
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        // The whole group: chromedriver and any Chromium a failed case left open.
+        let _ = Command::new("kill")
+            .args(["-s", "KILL", "--", &format!("-{}", self.child.id())])
+            .stderr(Stdio::null())
+            .status();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// What a person sees on a chat page.
+#[derive(Debug, Clone, Deserialize)]
+pub struct View {
+    /// The connection state badge: "connected", "reconnecting (attempt 1)…", ...
+    pub state: String,
+    /// The line under the message box (why a message was not sent).
+    pub hint: String,
+    /// The node badge: "node n1 · port 12345".
+    pub node: String,
+    /// The message list, oldest first.
+    pub items: Vec<Item>,
+}
+
+/// One line of the message list.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+pub struct Item {
+    /// A message (`"msg"`) or a notice from the page itself (`"notice"`).
+    pub kind: String,
+    /// The sender's name; `"data"` for a broadcast value that is not a chat message.
+    pub who: Option<String>,
+    pub text: String,
+    /// The timestamp as shown.
+    pub time: String,
+    /// Shown as this page's own message.
+    pub mine: bool,
+}
+
+impl View {
+    pub fn messages(&self) -> Vec<&Item> {
+        self.items.iter().filter(|i| i.kind == "msg").collect()
+    }
+
+    pub fn notices(&self) -> Vec<&str> {
+        self.items
+            .iter()
+            .filter(|i| i.kind == "notice")
+            .map(|i| i.text.as_str())
+            .collect()
+    }
+
+    /// (sender, text) of every message, in order.
+    pub fn said(&self) -> Vec<(String, String)> {
+        self.messages()
+            .iter()
+            .map(|m| (m.who.clone().unwrap_or_default(), m.text.clone()))
+            .collect()
+    }
+}
+
+/// The rendered text of the page's parts, as one snapshot (one WebDriver call).
+const READ_VIEW: &str = r##"
+const text = (el) => (el ? el.innerText.trim() : "");
+return {
+  state: text(document.getElementById("state")),
+  hint: text(document.getElementById("hint")),
+  node: text(document.getElementById("node")),
+  items: [...document.querySelectorAll("#messages > li")].map((li) => ({
+    kind: li.classList.contains("notice") ? "notice" : "msg",
+    who: li.querySelector(".who") ? text(li.querySelector(".who")) : null,
+    text: text(li.querySelector(".text")),
+    time: text(li.querySelector("time")),
+    mine: li.classList.contains("mine"),
+  })),
+};
+"##;
+
+/// One chat page in its own headless Chromium.
+pub struct Page {
+    pub label: String,
+    client: Client,
+    /// Every console entry read so far (reading the browser's log empties it).
+    console: Mutex<Vec<Value>>,
+    /// Set by a case that takes the page's node down: Chromium then reports each refused
+    /// reconnect as a console error of its own, which the page cannot prevent.
+    allow_socket_failures: Mutex<bool>,
+}
+
+impl Page {
+    pub async fn view(&self) -> View {
+        let v = self
+            .client
+            .execute(READ_VIEW, vec![])
+            .await
+            .unwrap_or_else(|e| panic!("{}: cannot read the page: {e}", self.label));
+        serde_json::from_value(v).unwrap_or_else(|e| panic!("{}: odd view: {e}", self.label))
+    }
+
+    /// Waits until the page's view satisfies `check` (which says what it saw otherwise).
+    pub async fn until<T>(&self, what: &str, check: impl Fn(&View) -> Result<T, String>) -> T {
+        let what = format!("{}: {what}", self.label);
+        eventually(&what, || async { check(&self.view().await) }).await
+    }
+
+    /// Waits until the state badge reads `state` (its first word).
+    pub async fn until_state(&self, state: &str) -> View {
+        self.until(&format!("state {state}"), |v| {
+            if v.state.split_whitespace().next() == Some(state) {
+                Ok(v.clone())
+            } else {
+                Err(format!("state {:?}", v.state))
+            }
+        })
+        .await
+    }
+
+    /// Types `text` into the input `#id` (replacing what was there), then `then` (e.g. Enter).
+    async fn type_into(&self, id: &str, text: &str, then: &str) {
+        let input = self
+            .client
+            .find(Locator::Id(id))
+            .await
+            .unwrap_or_else(|e| panic!("{}: no #{id}: {e}", self.label));
+        input.clear().await.expect("clear the input");
+        input
+            .send_keys(&format!("{text}{then}"))
+            .await
+            .unwrap_or_else(|e| panic!("{}: cannot type into #{id}: {e}", self.label));
+    }
+
+    /// Types `room` and `name` into the join form, presses Enter, and waits until the page
+    /// says it joined and is connected.
+    pub async fn join(&self, room: &str, name: &str) {
+        self.type_into("room", room, "").await;
+        self.type_into("name", name, &enter()).await;
+        let joined = format!("You joined room “{room}”.");
+        self.until(&format!("joined {room} and connected"), |v| {
+            let ok = v.state == "connected" && v.notices().first() == Some(&joined.as_str());
+            ok.then_some(()).ok_or_else(|| format!("{v:?}"))
+        })
+        .await;
+    }
+
+    /// Types `text` into the message box and presses Enter.
+    pub async fn say(&self, text: &str) {
+        self.type_into("text", text, &enter()).await;
+    }
+
+    /// Puts `text` into the message box at once, as a paste does (typing 64 KiB key by key
+    /// would take minutes), then presses Enter.
+    pub async fn paste_and_enter(&self, text: &str) {
+        self.client
+            .execute(
+                "const box = document.getElementById('text'); box.value = arguments[0]; \
+                 box.dispatchEvent(new Event('input', { bubbles: true }));",
+                vec![json!(text)],
+            )
+            .await
+            .expect("paste");
+        let input = self.client.find(Locator::Id("text")).await.expect("#text");
+        input.send_keys(&enter()).await.expect("press Enter");
+    }
+
+    /// What the message box holds.
+    pub async fn draft(&self) -> String {
+        let input = self.client.find(Locator::Id("text")).await.expect("#text");
+        input.prop("value").await.ok().flatten().unwrap_or_default()
+    }
+
+    /// Sends `frame` as it is on the page's socket, bypassing the page's own checks: what a
+    /// buggy or hostile client would send.
+    pub async fn send_raw_frame(&self, frame: &str) {
+        self.client
+            .execute("ws.send(arguments[0]);", vec![json!(frame)])
+            .await
+            .unwrap_or_else(|e| panic!("{}: cannot send a raw frame: {e}", self.label));
+    }
+
+    /// Runs `script` in the page, as a page's own code would (a test of the harness itself).
+    pub async fn run_script(&self, script: &str) {
+        self.client
+            .execute(script, vec![])
+            .await
+            .unwrap_or_else(|e| panic!("{}: cannot run a script: {e}", self.label));
+    }
+
+    /// Accepts Chromium's own "WebSocket connection to ... failed" console errors on this page
+    /// from now on (its node is being taken down; see `allow_socket_failures`).
+    pub fn allow_socket_failures(&self) {
+        *self
+            .allow_socket_failures
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = true;
+    }
+
+    /// Reads the browser's log so far into `self.console`.
+    async fn read_console(&self) {
+        let entries = self
+            .client
+            .issue_cmd(BrowserLog)
+            .await
+            .unwrap_or_else(|e| panic!("{}: cannot read the console: {e}", self.label));
+        let entries = match entries {
+            Value::Array(entries) => entries,
+            other => panic!("{}: odd console log {other}", self.label),
+        };
+        self.console
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .extend(entries);
+    }
+
+    /// The console errors since the last call: `console.error`, uncaught exceptions, failed
+    /// loads. (Taken: a case that expects some takes them, and the final check sees the rest.)
+    pub async fn take_console_errors(&self) -> Vec<String> {
+        self.read_console().await;
+        let allow = *self
+            .allow_socket_failures
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        std::mem::take(&mut *self.console.lock().unwrap_or_else(PoisonError::into_inner))
+            .iter()
+            .filter(|e| e["level"] == "SEVERE")
+            .map(|e| e["message"].as_str().unwrap_or_default().to_owned())
+            .filter(|m| !(allow && m.contains("WebSocket connection to") && m.contains("failed")))
+            .collect()
+    }
+
+    pub async fn screenshot(&self) -> Option<Vec<u8>> {
+        self.client.screenshot().await.ok()
+    }
+
+    async fn close(self) {
+        let _ = self.client.close().await;
+    }
+}
+
+fn enter() -> String {
+    char::from(Key::Enter).to_string()
+}
+
+/// chromedriver's log endpoint (not in the W3C standard, so not in fantoccini).
+#[derive(Debug)]
+struct BrowserLog;
+
+impl WebDriverCompatibleCommand for BrowserLog {
+    fn endpoint(
+        &self,
+        base_url: &url::Url,
+        session_id: Option<&str>,
+    ) -> Result<url::Url, url::ParseError> {
+        base_url.join(&format!(
+            "session/{}/se/log",
+            session_id.unwrap_or_default()
+        ))
+    }
+
+    fn method_and_body(&self, _: &url::Url) -> (http::Method, Option<String>) {
+        (http::Method::POST, Some(r#"{"type":"browser"}"#.to_owned()))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Screenshots
+// ---------------------------------------------------------------------------------------------
+
+/// The width and height of a PNG, from its header.
+fn png_size(png: &[u8]) -> (u32, u32) {
+    let be = |at: usize| u32::from_be_bytes(png[at..at + 4].try_into().expect("4 bytes"));
+    assert!(png.len() > 24 && &png[1..4] == b"PNG", "not a PNG");
+    (be(16), be(20))
+}
+
+/// One PNG of `shots` side by side, each under its label, made by one more headless Chromium
+/// (no image crate for a picture the browser can lay out).
+pub async fn side_by_side(driver: &Driver, shots: &[(String, Vec<u8>)]) -> Vec<u8> {
+    const GAP: u32 = 16;
+    const LABEL: u32 = 28;
+    let sizes: Vec<(u32, u32)> = shots.iter().map(|(_, png)| png_size(png)).collect();
+    let width = sizes.iter().map(|s| s.0 + GAP).sum::<u32>() + GAP;
+    let height = sizes.iter().map(|s| s.1).max().unwrap_or(0) + LABEL + 2 * GAP;
+    let page = driver
+        .open("screenshot", "about:blank", (width, height))
+        .await;
+    let images: Vec<Value> = shots
+        .iter()
+        .map(|(label, png)| {
+            let src = base64::engine::general_purpose::STANDARD.encode(png);
+            json!({ "label": label, "src": format!("data:image/png;base64,{src}") })
+        })
+        .collect();
+    page.client
+        .execute(
+            r#"
+            const [images, gap] = arguments;
+            document.body.style.cssText =
+              `margin:0;padding:${gap}px;display:flex;gap:${gap}px;align-items:flex-start;` +
+              "background:#d9dce1;font:14px system-ui,sans-serif";
+            const loads = images.map(({ label, src }) => {
+              const fig = document.createElement("figure");
+              fig.style.cssText = "margin:0";
+              const caption = document.createElement("figcaption");
+              caption.textContent = label;
+              caption.style.cssText = "height:28px;color:#333";
+              const img = document.createElement("img");
+              img.style.cssText = "display:block;box-shadow:0 1px 4px #0004";
+              fig.append(caption, img);
+              document.body.append(fig);
+              return new Promise((done) => { img.onload = done; img.src = src; });
+            });
+            return Promise.all(loads).then(() => true);
+            "#,
+            vec![json!(images), json!(GAP)],
+        )
+        .await
+        .expect("lay out the screenshots");
+    let png = page.client.screenshot().await.expect("a screenshot");
+    page.close().await;
+    png
+}
+
+// ---------------------------------------------------------------------------------------------
+// Cases
+// ---------------------------------------------------------------------------------------------
+
+/// Viewport sizes.
+pub const DESKTOP: (u32, u32) = (900, 640);
+pub const PHONE: (u32, u32) = (390, 700);
+
+/// One case: the fleet, the browser and the pages it opened.
+pub struct Scene {
+    pub fleet: Fleet,
+    driver: Driver,
+    pages: Vec<Arc<Page>>,
+}
+
+impl Scene {
+    /// Opens a page on node `node` (window `size`) and waits until it is connected.
+    pub async fn open(&mut self, label: &str, node: usize, size: (u32, u32)) -> Arc<Page> {
+        let url = self.fleet.node(node).url();
+        let page = Arc::new(self.driver.open(label, &url, size).await);
+        self.pages.push(page.clone());
+        page.until_state("connected").await;
+        page
+    }
+
+    /// Opens several pages at once (each Chromium takes a moment to start).
+    pub async fn open_all<const N: usize>(
+        &mut self,
+        specs: [(&str, usize, (u32, u32)); N],
+    ) -> [Arc<Page>; N] {
+        let opening = specs.map(|(label, node, size)| {
+            let url = self.fleet.node(node).url();
+            let driver = &self.driver;
+            async move { driver.open(label, &url, size).await }
+        });
+        let pages: Vec<Arc<Page>> = futures_util::future::join_all(opening)
+            .await
+            .into_iter()
+            .map(Arc::new)
+            .collect();
+        for page in &pages {
+            self.pages.push(page.clone());
+            page.until_state("connected").await;
+        }
+        pages.try_into().unwrap_or_else(|_| unreachable!())
+    }
+
+    /// Every page's screenshot, side by side, as one PNG.
+    pub async fn screenshot(&self) -> Vec<u8> {
+        let mut shots = Vec::new();
+        for page in &self.pages {
+            if let Some(png) = page.screenshot().await {
+                shots.push((page.label.clone(), png));
+            }
+        }
+        side_by_side(&self.driver, &shots).await
+    }
+
+    /// Fails if any page logged a console error.
+    async fn assert_no_console_errors(&self) {
+        let mut errors = Vec::new();
+        for page in &self.pages {
+            for e in page.take_console_errors().await {
+                errors.push(format!("{}: {e}", page.label));
+            }
+        }
+        assert!(
+            errors.is_empty(),
+            "console errors:\n  {}",
+            errors.join("\n  ")
+        );
+    }
+}
+
+/// Where artifacts go: `target/tmp/browser/`.
+pub fn artifacts() -> PathBuf {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("browser");
+    std::fs::create_dir_all(&dir).expect("create target/tmp/browser");
+    dir
+}
+
+/// Runs one case on a fresh fleet (nodes `n1`, `n2`, `n3`): `body`, then the console check.
+/// On failure it saves every page side by side as `target/tmp/browser/<name>.png`, prints
+/// the path and what each page showed, and fails with the case's own message.
+pub async fn run(name: &str, body: impl AsyncFnOnce(&mut Scene)) {
+    run_on(name, &["n1", "n2", "n3"], body).await;
+}
+
+/// Like [`run`], with the given node ids.
+pub async fn run_on(name: &str, ids: &[&str], body: impl AsyncFnOnce(&mut Scene)) {
+    let _one = ONE_CASE_AT_A_TIME.lock().await;
+    let started = Instant::now();
+    let mut scene = Scene {
+        fleet: Fleet::start(ids).await,
+        driver: Driver::start().await,
+        pages: Vec::new(),
+    };
+    let outcome = AssertUnwindSafe(async {
+        body(&mut scene).await;
+        scene.assert_no_console_errors().await;
+    })
+    .catch_unwind()
+    .await;
+    if outcome.is_err() {
+        let path = artifacts().join(format!("{name}.png"));
+        let shot = AssertUnwindSafe(scene.screenshot()).catch_unwind().await;
+        match shot.map(|png| std::fs::write(&path, png)) {
+            Ok(Ok(())) => eprintln!("browser case {name} failed: screenshot {}", path.display()),
+            _ => eprintln!("browser case {name} failed; no screenshot could be taken"),
+        }
+        for page in &scene.pages {
+            if let Ok(view) = AssertUnwindSafe(page.view()).catch_unwind().await {
+                eprintln!("{} showed: {view:#?}", page.label);
+            }
+        }
+    }
+    for page in std::mem::take(&mut scene.pages) {
+        if let Ok(page) = Arc::try_unwrap(page) {
+            page.close().await;
+        }
+    }
+    eprintln!("browser case {name}: {:.1?}", started.elapsed());
+    if let Err(panic) = outcome {
+        std::panic::resume_unwind(panic);
+    }
+}
