@@ -9,7 +9,9 @@
 //! Environment: `PORT` (default 3000), `REDIS_URL` (default `redis://127.0.0.1:6379`),
 //! `NODE_ID` (default random), `CHANNEL_PREFIX` (default `ws:room:`), `SHARD_COUNT`
 //! (default 1), `HISTORY` (default 0; N > 0 makes every room durable, keeping at least its
-//! last N messages), `HISTORY_TTL_S` (default 600), `RUST_LOG` (default `info`). Outside the contract: `REDIS_CLUSTER`
+//! last N messages), `HISTORY_TTL_S` (default 600), `PRESENCE` (`1`: members, join and leave
+//! notices, `GET /rooms/NAME/presence`), `PRESENCE_TTL_S` (default 30: how long a crashed
+//! node's members stay listed), `RUST_LOG` (default `info`). Outside the contract: `REDIS_CLUSTER`
 //! (comma-separated node URLs of a Redis Cluster, used instead of `REDIS_URL`; needs
 //! `--features cluster`) and `FLUSH_INTERVAL_MS` (the writer's flush interval).
 

@@ -4,7 +4,7 @@
 //! reconnect backoff capped at 2000 ms) and are otherwise chosen for many small, mostly idle
 //! sockets.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::num::{NonZeroU16, NonZeroU32, NonZeroUsize};
 use std::time::Duration;
 
@@ -81,6 +81,10 @@ pub(crate) struct Config {
     pub(crate) pong_timeout: Duration,
     pub(crate) probe_timeout: Duration,
     pub(crate) shutdown_timeout: Duration,
+    /// Presence for every room, or only for `presence_rooms` (see `presence`).
+    pub(crate) presence_all: bool,
+    pub(crate) presence_rooms: HashSet<String>,
+    pub(crate) presence_ttl: Duration,
     /// Durable rooms (`durable`): every room's settings, or none.
     pub(crate) durable: Option<Durability>,
     /// Per-room durable settings, overriding `durable`.
@@ -97,6 +101,16 @@ impl Config {
             .get(room)
             .copied()
             .unwrap_or(self.overflow)
+    }
+
+    /// Whether sockets of `room` may join it as members (presence is opted in for it).
+    pub(crate) fn has_presence(&self, room: &str) -> bool {
+        self.presence_all || self.presence_rooms.contains(room)
+    }
+
+    /// Whether any room may have presence: the node then keeps a lease in Redis.
+    pub(crate) fn uses_presence(&self) -> bool {
+        self.presence_all || !self.presence_rooms.is_empty()
     }
 
     /// The durable settings of `room`, `None` for a plain room. One branch when no room is
@@ -285,6 +299,9 @@ impl FanoutBuilder {
                 pong_timeout: Duration::from_secs(10),
                 probe_timeout: Duration::from_secs(2),
                 shutdown_timeout: Duration::from_secs(5),
+                presence_all: false,
+                presence_rooms: HashSet::new(),
+                presence_ttl: Duration::from_secs(30),
                 durable: None,
                 durable_rooms: HashMap::new(),
             },
@@ -583,6 +600,37 @@ impl FanoutBuilder {
     /// Defaults to 5 seconds.
     pub fn shutdown_timeout(mut self, timeout: Duration) -> Self {
         self.config.shutdown_timeout = timeout;
+        self
+    }
+
+    /// Presence for every room: sockets may join rooms as a [`Member`](crate::Member) with
+    /// [`FanoutSocket::join_as`](crate::FanoutSocket::join_as), every socket of a room
+    /// receives join and leave events, and
+    /// [`RoomHandle::presence`](crate::RoomHandle::presence) lists the members of the whole
+    /// fleet. See the README's "Presence" section.
+    ///
+    /// Defaults to off: rooms without presence cost nothing extra.
+    pub fn presence(mut self, on: bool) -> Self {
+        self.config.presence_all = on;
+        self
+    }
+
+    /// Presence for `room` only (as [`presence`](FanoutBuilder::presence) does for all).
+    ///
+    /// Defaults to no rooms.
+    pub fn room_presence(mut self, room: impl Into<String>) -> Self {
+        self.config.presence_rooms.insert(room.into());
+        self
+    }
+
+    /// How long the members of a node that stopped answering (killed, frozen, cut off from
+    /// Redis) stay listed before the surviving nodes remove them and send their leave events.
+    /// Each node renews one lease of this length every third of it, whatever its number of
+    /// rooms and members; survivors look for expired leases every second.
+    ///
+    /// Defaults to 30 seconds (at least 1 second).
+    pub fn presence_ttl(mut self, ttl: Duration) -> Self {
+        self.config.presence_ttl = ttl.max(Duration::from_secs(1));
         self
     }
 

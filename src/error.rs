@@ -35,6 +35,10 @@ enum Kind {
     WebSocket,
     /// A per-socket limit was reached (rooms per socket, messages per second).
     Limit,
+    /// A presence member (user id or info) failed validation.
+    InvalidMember,
+    /// Presence was asked of a room (or a deployment) that does not have it.
+    PresenceOff,
     /// A history operation on a room that is not durable.
     NotDurable,
 }
@@ -132,6 +136,26 @@ impl Error {
         Self::with(Kind::Limit, reason)
     }
 
+    /// A presence [`Member`](crate::Member) was rejected: an empty, too long or odd user id,
+    /// or info that is not small JSON.
+    pub(crate) fn invalid_member(why: impl Into<BoxError>) -> Self {
+        Self::with(Kind::InvalidMember, why)
+    }
+
+    /// Presence asked of a room that was not opted in (`FanoutBuilder::presence`), or of a
+    /// Redis Cluster (presence needs one server, with or without replicas).
+    pub(crate) fn presence_off(why: impl Into<BoxError>) -> Self {
+        Self::with(Kind::PresenceOff, why)
+    }
+
+    /// A presence change or query Redis did not confirm within the subscribe timeout.
+    pub(crate) fn presence_timeout(room: &str) -> Self {
+        Self::with(
+            Kind::Timeout,
+            format!("redis did not confirm the presence of room {room:?} in time"),
+        )
+    }
+
     /// A history operation (a durable join, a history read) on a room that is not durable:
     /// see [`FanoutBuilder::durable`](crate::FanoutBuilder::durable).
     pub(crate) fn not_durable(room: &str) -> Self {
@@ -195,6 +219,19 @@ impl Error {
         self.kind == Kind::Limit
     }
 
+    /// A presence [`Member`](crate::Member) was rejected (user id or info).
+    pub fn is_invalid_member(&self) -> bool {
+        self.kind == Kind::InvalidMember
+    }
+
+    /// Presence was asked of a room without it: opt the room in with
+    /// [`FanoutBuilder::presence`](crate::FanoutBuilder::presence) or
+    /// [`FanoutBuilder::room_presence`](crate::FanoutBuilder::room_presence). Also returned on a
+    /// Redis Cluster, where presence is not available.
+    pub fn is_presence_off(&self) -> bool {
+        self.kind == Kind::PresenceOff
+    }
+
     fn description(&self) -> &'static str {
         match self.kind {
             Kind::InvalidUrl => "invalid redis url",
@@ -206,6 +243,8 @@ impl Error {
             Kind::MessageTooBig => "message exceeds the size limit",
             Kind::WebSocket => "websocket transport error",
             Kind::Limit => "limit reached",
+            Kind::InvalidMember => "invalid presence member",
+            Kind::PresenceOff => "presence is off for this room",
             Kind::NotDurable => "room is not durable",
         }
     }

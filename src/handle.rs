@@ -19,6 +19,7 @@ use crate::error::Error;
 use crate::listener::FanoutListener;
 use crate::node::Shared;
 use crate::position::Position;
+use crate::presence::{Count, Snapshot};
 use crate::room::RoomName;
 use crate::socket::FanoutSocket;
 use crate::stats::Stats;
@@ -159,7 +160,9 @@ impl RoomHandle {
     /// (`"server shutting down"`), and its [`recv`](FanoutSocket::recv) returns `None`; new
     /// sockets are closed at once and new joins fail. It then waits, up to the shutdown timeout
     /// (default 5 s), until every socket has left its rooms, every writer has flushed and the
-    /// node's UNSUBSCRIBEs were confirmed. Returns `true` when all of that happened in time.
+    /// node's UNSUBSCRIBEs were confirmed (and, with presence, Redis counted every leave, so
+    /// the other nodes' sockets got their leave events). Returns `true` when all of that
+    /// happened in time.
     ///
     /// ```no_run
     /// # async fn run(app: axum::Router, rooms: axum_fanout::RoomHandle) -> std::io::Result<()> {
@@ -179,7 +182,12 @@ impl RoomHandle {
             outbox.close_after_flush(Some(going_away()));
         }
         let deadline = tokio::time::Instant::now() + node.config.shutdown_timeout;
-        let clean = node.registry.wait_quiet(deadline).await;
+        let mut clean = node.registry.wait_quiet(deadline).await;
+        if node.config.uses_presence() {
+            // Members leave with events now, rather than when the lease runs out.
+            clean &= node.presence.wait_all_synced(deadline).await;
+            node.bus.presence_release().await;
+        }
         tracing::info!(
             node = %node.config.node_id,
             sockets = sockets.len(),
@@ -187,6 +195,35 @@ impl RoomHandle {
             "fanout node shut down"
         );
         clean
+    }
+
+    /// The members of `room` on every live node, sorted by user id, and the room's presence
+    /// version: one script call to Redis, which first removes the members of any node whose
+    /// lease ran out (so it never lists them).
+    ///
+    /// Fails with [`Error::is_presence_off`] for a room without presence,
+    /// [`Error::is_invalid_room`] for an invalid name, and [`Error::is_timeout`] or
+    /// [`Error::is_redis`] when Redis does not answer.
+    ///
+    /// ```no_run
+    /// use axum::{Json, extract::Path, http::StatusCode};
+    /// use axum_fanout::{RoomHandle, Snapshot};
+    ///
+    /// async fn who(Path(room): Path<String>, rooms: RoomHandle) -> Result<Json<Snapshot>, StatusCode> {
+    ///     rooms.presence(&room).await.map(Json).map_err(|e| {
+    ///         if e.is_presence_off() { StatusCode::NOT_FOUND } else { StatusCode::SERVICE_UNAVAILABLE }
+    ///     })
+    /// }
+    /// ```
+    pub async fn presence(&self, room: impl AsRef<str>) -> Result<Snapshot, Error> {
+        self.shared.node.bus.presence_snapshot(room.as_ref()).await
+    }
+
+    /// How many members `room` has on every live node, and its version: like
+    /// [`presence`](RoomHandle::presence), without the list. Costs O(1) in Redis whatever the
+    /// room's size (`HLEN`), besides removing the members of dead nodes first.
+    pub async fn presence_count(&self, room: impl AsRef<str>) -> Result<Count, Error> {
+        self.shared.node.bus.presence_count(room.as_ref()).await
     }
 
     /// Wraps the node's TCP listener for `axum::serve`: `TCP_NODELAY` on every connection, and

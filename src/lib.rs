@@ -24,7 +24,10 @@
 //! - `bus`: everything Redis, and the only place that names it. `bus::publisher` (pipelined
 //!   PUBLISH), `bus::subscriber` (the shared subscriber link: reconcile, probe, reconnect),
 //!   `bus::backend` (one server or a Redis Cluster; client building, TLS, URL redaction),
-//!   `bus::backoff` (jittered reconnect pauses).
+//!   `bus::backoff` (jittered reconnect pauses), `bus::presence` (presence keys, Lua scripts,
+//!   the per-node lease, syncing and reaping, the member query).
+//! - `presence`: the node's presence table (which user each local socket is in each presence
+//!   room, and what Redis has not been told yet), [`Member`], [`Snapshot`], [`Count`].
 //! - `dispatch`: the bounded hop from the subscriber connection, and the dispatcher that
 //!   decodes each envelope once and offers the frame to the room's local sockets.
 //! - `durable`: durable rooms on this node: delivery in seq order, gaps held and repaired,
@@ -62,6 +65,10 @@
 //!   few field updates.
 //! - **Lifetimes end by `Drop`**: dropping a [`FanoutSocket`] leaves its rooms; dropping the
 //!   last layer or handle stops the background tasks.
+//! - **Presence changes and their notices are one step** (`bus::presence`): the Lua script
+//!   that changes a room's counts publishes the join or leave on the room's channel, so
+//!   notices take the one delivery path, in order with the messages; the node only ever sends
+//!   its current counts (`presence`), so a retry or a re-assertion cannot count twice.
 
 mod broadcast;
 mod bus;
@@ -71,6 +78,7 @@ mod handle;
 mod layer;
 mod listener;
 mod node;
+mod presence;
 mod queue;
 mod registry;
 mod socket;
@@ -97,6 +105,7 @@ pub use layer::{FanoutLayer, FanoutService};
 pub use listener::FanoutListener;
 pub use missed::Missed;
 pub use position::{InvalidPosition, Position, Unrecoverable};
+pub use presence::{Count, MAX_INFO_LEN, MAX_USER_LEN, Member, MemberEntry, Snapshot};
 pub use queue::SLOW_CONSUMER_REASON;
 pub use registry::SocketId;
 pub use room::{InvalidRoomName, MAX_ROOM_LEN, RoomName};

@@ -14,6 +14,7 @@ use crate::bus::{Backend, Bus};
 use crate::config::Config;
 use crate::dispatch::{self, Dispatcher, Inbox};
 use crate::durable::Durable;
+use crate::presence;
 use crate::registry::Registry;
 use crate::stats::{Counters, Stats};
 use crate::writer::heartbeat;
@@ -25,6 +26,8 @@ pub(crate) struct Node {
     pub(crate) registry: Arc<Registry>,
     pub(crate) counters: Arc<Counters>,
     pub(crate) bus: Arc<Bus>,
+    /// This node's presence members, synced to Redis by a task of the bus.
+    pub(crate) presence: Arc<presence::Table>,
     pub(crate) durable: Arc<Durable>,
 }
 
@@ -77,6 +80,7 @@ impl Shared {
                 registry,
                 counters,
                 bus,
+                presence: Arc::default(),
                 durable,
             },
             unstarted: Mutex::new(Some((inbox, dispatcher))),
@@ -118,6 +122,8 @@ impl Shared {
         if let Some((inbox, dispatcher)) = unstarted {
             runtime.spawn(dispatcher.run());
             node.bus.start(&runtime, inbox, &self.stop);
+            node.bus
+                .start_presence(&runtime, node.presence.clone(), &self.stop);
         }
     }
 }

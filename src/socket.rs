@@ -17,6 +17,7 @@ use crate::error::Error;
 use crate::missed::Missed;
 use crate::node::Shared;
 use crate::position::Position;
+use crate::presence::Member;
 use crate::queue::{Limits, Notice, Offer, Outbox};
 use crate::registry::SocketId;
 use crate::room::RoomName;
@@ -207,6 +208,57 @@ impl FanoutSocket {
         Ok(())
     }
 
+    /// Joins `room` as `member`, in a room with presence (see the README's "Presence"): like
+    /// [`join`](FanoutSocket::join), and the socket counts as one connection of
+    /// `member.user()` in the room's member list, on every node. When it is the user's first
+    /// connection in the fleet, every socket of the room (this one included) receives
+    /// `{"type":"fanout.join","room":..,"user":..,"version":..}`; when the user's last
+    /// connection leaves the room, closes or its node dies, a `fanout.leave`.
+    ///
+    /// Returns once Redis counted the connection: a [`RoomHandle::presence`](crate::RoomHandle::presence)
+    /// made afterwards, on any node, lists the user, and anything this socket broadcasts
+    /// afterwards reaches every socket after the join event. Joining a room the socket is
+    /// already in as a member is a no-op.
+    ///
+    /// Fails like `join`, and with [`Error::is_presence_off`] for a room without presence or
+    /// [`Error::is_timeout`] when Redis does not count the connection in time (the socket is
+    /// then not left in the room).
+    ///
+    /// ```no_run
+    /// use axum::extract::ws::Message;
+    /// use axum_fanout::{FanoutSocket, Member};
+    ///
+    /// async fn chat(mut socket: FanoutSocket, user: String) {
+    ///     let Ok(member) = Member::new(user) else { return socket.close(1008, "bad user") };
+    ///     if socket.join_as("lobby", &member).await.is_err() {
+    ///         return socket.close(1011, "try again later");
+    ///     }
+    ///     while let Some(Ok(Message::Text(_))) = socket.recv().await {}
+    ///     // Dropping the socket leaves: the others get a leave if it was the user's last.
+    /// }
+    /// ```
+    ///
+    /// # Cancel safety
+    /// As for `join`: the socket may or may not be in the room and counted; dropping the socket
+    /// undoes both either way.
+    pub async fn join_as(&mut self, room: impl AsRef<str>, member: &Member) -> Result<(), Error> {
+        let room = RoomName::new(room)?;
+        self.shared.node.bus.check_presence(&room)?;
+        self.join(&room).await?;
+        let node = &self.shared.node;
+        let deadline = Instant::now() + node.config.subscribe_timeout;
+        let generation = node.presence.add(&room, self.id, member);
+        let counted = node
+            .presence
+            .wait_synced(&room, member.user(), generation, deadline);
+        if let Err(e) = counted.await {
+            self.leave(room.as_str());
+            tracing::warn!(room = %room, socket = %self.id, error = %e, "join as a member failed");
+            return Err(e);
+        }
+        Ok(())
+    }
+
     /// Joins durable `room` with positions, resuming after `since` when given.
     ///
     /// This socket's deliveries of the room become `{"seq":S,"payload":V}` text frames
@@ -280,6 +332,7 @@ impl FanoutSocket {
             return false;
         };
         let room = self.rooms.swap_remove(at);
+        self.leave_presence(&room);
         let node = &self.shared.node;
         node.registry.remove(&room, self.id);
         if node.durable.is_durable(room.as_str()) {
@@ -429,6 +482,16 @@ impl FanoutSocket {
     }
 }
 
+impl FanoutSocket {
+    /// Uncounts the socket from `room`'s members, if it joined as one.
+    fn leave_presence(&self, room: &RoomName) {
+        let node = &self.shared.node;
+        if node.config.has_presence(room.as_str()) {
+            node.presence.remove(room, self.id);
+        }
+    }
+}
+
 fn truncate_reason(reason: &str) -> &str {
     const MAX: usize = 123;
     if reason.len() <= MAX {
@@ -445,7 +508,8 @@ impl Drop for FanoutSocket {
     fn drop(&mut self) {
         let node = &self.shared.node;
         let registry = &node.registry;
-        for room in self.rooms.drain(..) {
+        for room in std::mem::take(&mut self.rooms) {
+            self.leave_presence(&room);
             registry.remove(&room, self.id);
             if node.durable.is_durable(room.as_str()) {
                 node.durable.forget(&room, self.id);

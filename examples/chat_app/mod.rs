@@ -11,7 +11,13 @@
 //!   `GET /ws?room=NAME&positions=1[&since=E:S]` numbers deliveries and resumes, and
 //!   `GET /rooms/{room}/history?limit=K[&since=E:S]` reads the room's history;
 //! - `GET /healthz` is 200 when the node's Redis link is up, 503 otherwise;
-//! - `GET /stats` returns the node's counters as JSON.
+//! - `GET /stats` returns the node's counters as JSON;
+//! - with presence (`PRESENCE=1`): `GET /ws?room=NAME&user=USER` joins as member USER (default:
+//!   a per-socket id), every socket of the room gets `fanout.join` / `fanout.leave` notices,
+//!   and `GET /rooms/{room}/presence` lists the members of every live node. Once the socket is
+//!   counted and subscribed it gets `{"type":"fanout.member","room":NAME,"user":USER}` (its
+//!   own user id): a list fetched after that, plus the notices newer than its `version`, is
+//!   exact.
 
 use std::collections::HashMap;
 use std::num::NonZeroU32;
@@ -24,7 +30,8 @@ use axum::http::StatusCode;
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use axum_fanout::{
-    Durability, Event, FanoutLayer, FanoutSocket, Missed, Payload, Position, RoomHandle, RoomName,
+    Durability, Event, FanoutLayer, FanoutSocket, Member, Missed, Payload, Position, RoomHandle,
+    RoomName,
 };
 
 /// The chat app's routes, wrapped in `layer`.
@@ -33,6 +40,7 @@ pub(crate) fn app(layer: FanoutLayer) -> Router {
         .route("/", get(page))
         .route("/ws", get(ws))
         .route("/rooms/{room}/messages", post(http_push))
+        .route("/rooms/{room}/presence", get(presence))
         .route("/rooms/{room}/history", get(history))
         .route("/healthz", get(healthz))
         .route("/stats", get(stats))
@@ -85,19 +93,54 @@ async fn ws(
     rooms: RoomHandle,
 ) -> Response {
     let room = query.get("room").map_or("lobby", String::as_str).to_owned();
+    let user = query.get("user").filter(|u| !u.is_empty()).cloned();
+    let node = rooms.node_id().to_owned();
     // `positions=1` (and `since=E:S`) only mean something in a durable room (HISTORY > 0).
     let positions = query.get("positions").is_some_and(|p| p == "1");
     // A `since` that does not parse names no history of this room: not recovered.
     let since = query
         .get("since")
         .map(|s| s.parse().unwrap_or_else(|_| Position::new(s.as_str(), 0)));
-    rooms.on_upgrade(upgrade, move |socket| serve(socket, room, positions, since))
+    let join = Join {
+        room,
+        user,
+        node,
+        positions,
+        since,
+    };
+    rooms.on_upgrade(upgrade, move |socket| serve(socket, join))
 }
 
-async fn serve(mut socket: FanoutSocket, room: String, positions: bool, since: Option<Position>) {
+/// What the client asked for in `GET /ws`.
+struct Join {
+    room: String,
+    user: Option<String>,
+    node: String,
+    positions: bool,
+    since: Option<Position>,
+}
+
+async fn serve(mut socket: FanoutSocket, join: Join) {
+    let Join {
+        room,
+        user,
+        node,
+        positions,
+        since,
+    } = join;
     let room = match RoomName::new(&room) {
         Ok(room) => room,
         Err(e) => return socket.close(close_code::POLICY, &e.to_string()),
+    };
+    // With presence the socket joins as a member (a per-socket id when no user is given);
+    // without, `join_as` says so at once and the plain join stands.
+    let user = user.unwrap_or_else(|| format!("guest-{node}-{}", socket.id()));
+    let member = match Member::new(user) {
+        Ok(member) => member,
+        Err(e) => {
+            let reason = std::error::Error::source(&e).map(ToString::to_string);
+            return socket.close(close_code::POLICY, &reason.unwrap_or_default());
+        }
     };
     let joined = if positions {
         match socket.join_durable(&room, since).await {
@@ -108,6 +151,21 @@ async fn serve(mut socket: FanoutSocket, room: String, positions: bool, since: O
         }
     } else {
         socket.join(&room).await
+    };
+    let joined = match joined {
+        Ok(()) => match socket.join_as(&room, &member).await {
+            // Counted, and subscribed: tell the client its user id (it may be a default one),
+            // and that a presence list it asks for from now on is followed by every later
+            // notice.
+            Ok(()) => socket.send(serde_json::json!({
+                "type": "fanout.member",
+                "room": room.as_str(),
+                "user": member.user(),
+            })),
+            Err(e) if e.is_presence_off() => Ok(()),
+            Err(e) => Err(e),
+        },
+        Err(e) => Err(e),
     };
     if let Err(e) = joined {
         tracing::warn!(room = %room, error = %e, "join failed");
@@ -147,6 +205,26 @@ async fn serve(mut socket: FanoutSocket, room: String, positions: bool, since: O
             // failure: either way the connection is done.
             Err(_) => return,
         }
+    }
+}
+
+/// `{"room":NAME,"version":V,"members":[{"user":USER,"connections":N},...]}`, sorted by user;
+/// 404 when the node runs without presence.
+async fn presence(Path(room): Path<String>, rooms: RoomHandle) -> Response {
+    match rooms.presence(&room).await {
+        Ok(snapshot) => Json(snapshot).into_response(),
+        Err(e) if e.is_presence_off() => {
+            (StatusCode::NOT_FOUND, "presence is off (PRESENCE=1)\n").into_response()
+        }
+        Err(e) if e.is_invalid_room() => {
+            let reason = std::error::Error::source(&e).map(ToString::to_string);
+            (
+                StatusCode::BAD_REQUEST,
+                format!("{}\n", reason.unwrap_or_default()),
+            )
+                .into_response()
+        }
+        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n")).into_response(),
     }
 }
 
@@ -254,6 +332,16 @@ pub(crate) fn layer_from_env() -> Result<FanoutLayer, String> {
             .parse()
             .map_err(|e| format!("SHARD_COUNT must be a whole number from 1 to 65535: {e}"))?;
         builder = builder.shard_count(shards);
+    }
+    if std::env::var("PRESENCE").is_ok_and(|p| p.trim() == "1") {
+        builder = builder.presence(true);
+    }
+    if let Ok(ttl) = std::env::var("PRESENCE_TTL_S") {
+        let secs: u64 = ttl
+            .trim()
+            .parse()
+            .map_err(|e| format!("PRESENCE_TTL_S must be a whole number of seconds: {e}"))?;
+        builder = builder.presence_ttl(std::time::Duration::from_secs(secs));
     }
     // HISTORY=N (N > 0) makes every room durable; HISTORY_TTL_S its idle lifetime.
     let history: usize = env_number("HISTORY", 0)?;

@@ -10,6 +10,8 @@
 //! - `subscriber`: the subscriber link. Reconciles subscriptions with the registry, probes the
 //!   link end to end, and hands every received message to the dispatcher's inbox.
 //! - `backoff`: jittered pauses between reconnect attempts.
+//! - `presence`: presence in Redis: keys, Lua scripts, the per-node lease, the task that syncs
+//!   the node's presence table and reaps the members of dead nodes, and the member query.
 //! - `history`: durable rooms' keys, the atomic store-and-publish script, history reads, and
 //!   the task that reads back the gaps of durable rooms.
 //!
@@ -22,6 +24,7 @@ mod backend;
 mod backoff;
 mod client;
 mod history;
+mod presence;
 mod publisher;
 mod slots;
 mod subscriber;
