@@ -9,6 +9,10 @@
 //! the demo starts a private `redis-server` on a free port (if one is installed) and stops it
 //! on exit. `DEMO_PORT` (default 3001): the first node's port, the others follow; a busy port
 //! falls back to any free one. `RUST_LOG` (default `info`).
+//!
+//! Every room is durable (its last 256 messages kept for 10 minutes: a page that reconnects
+//! gets what it missed, and a page that joins sees the recent past) and tracks presence (who
+//! is in the room, on any node), as the chat example does with `HISTORY=256 PRESENCE=1`.
 
 mod chat_app;
 
@@ -60,6 +64,8 @@ async fn main() {
     for i in 0..3u16 {
         let layer = axum_fanout::FanoutLayer::builder(url.clone())
             .node_id(format!("demo-{}", i + 1))
+            .durable(axum_fanout::Durability::default())
+            .presence(true)
             .build()
             .unwrap_or_else(|e| exit(&format!("REDIS_URL {url}: {e}")));
         let listener = match tokio::net::TcpListener::bind(("127.0.0.1", first_port + i)).await {
@@ -93,7 +99,9 @@ async fn main() {
          Watch the bus:   redis-cli -p {port} PUBSUB CHANNELS 'ws:room:*'\n\
          \x20                redis-cli -p {port} PUBSUB NUMSUB ws:room:lobby\n\
          Push from Redis: redis-cli -p {port} PUBLISH ws:room:lobby '{{\"payload\":{{\"type\":\"ping\"}}}}'\n\
-         Push from HTTP:  curl -d '{{\"type\":\"news\"}}' http://{}/rooms/lobby/messages\n\
+         Push from HTTP:  curl -d '{{\"type\":\"news\"}}' http://{0}/rooms/lobby/messages\n\
+         Who is there:    curl http://{0}/rooms/lobby/presence\n\
+         Recent history:  curl http://{0}/rooms/lobby/history?limit=10\n\
          Ctrl-C stops everything.\n",
         first_addr.map_or_else(String::new, |a| a.to_string())
     );
