@@ -180,9 +180,17 @@ async fn refused(layer: FanoutBuilder, logs: &Logs, reason: &str) {
         .lines()
         .filter(|l| l.contains("cannot connect to redis"))
         .collect();
+    // On a loaded machine an attempt can also time out before the TLS handshake; every other
+    // refusal must name the certificate's problem, and at least one does.
     assert!(
-        refusals.iter().all(|l| l.contains(reason)),
+        refusals
+            .iter()
+            .all(|l| l.contains(reason) || l.contains("timed out")),
         "every refusal says {reason:?}: {text}"
+    );
+    assert!(
+        refusals.iter().any(|l| l.contains(reason)),
+        "a refusal says {reason:?}: {text}"
     );
 }
 
