@@ -17,6 +17,7 @@
 //! | `ts`      | publish time, milliseconds since the Unix epoch (optional on input)      |
 //! | `except`  | socket id on the `origin` node that must not receive it (optional)       |
 //! | `pos`     | `{"epoch":E,"seq":S}`: the message's place in a durable room's history, written by the store-and-publish script (`bus::history`); absent on plain rooms and from seed nodes |
+//! | `control` | `true` on a node's own `fanout.*` notice (presence join and leave): sockets that asked for positions get it as it is, not wrapped as a delivery |
 //!
 //! Exactly one of `payload`, `text`, `binary` must be present. Unknown fields are ignored, so a
 //! newer node can add fields without breaking older ones. The minimal envelope
@@ -243,6 +244,8 @@ struct Incoming<'a> {
     except: Option<u64>,
     #[serde(default, borrow)]
     pos: Option<IncomingPos<'a>>,
+    #[serde(default)]
+    control: bool,
 }
 
 #[derive(Deserialize)]
@@ -265,6 +268,9 @@ pub(crate) struct Decoded {
     pub(crate) pos: Option<Position>,
     /// Whether `frame` holds JSON (`payload`) rather than plain text or bytes.
     pub(crate) json: bool,
+    /// A `fanout.*` notice from a node itself (`"control": true`, e.g. a presence join): every
+    /// socket gets it as it is, even one that asked for positions.
+    pub(crate) control: bool,
 }
 
 impl Decoded {
@@ -272,6 +278,9 @@ impl Decoded {
     /// `"binary"` in place of `"payload"` for those payloads), without `"seq"` when the message
     /// has no position (a seed node's).
     pub(crate) fn positioned(&self) -> Message {
+        if self.control {
+            return self.frame.clone();
+        }
         let mut out = String::with_capacity(frame_text_len(&self.frame) + 32);
         out.push('{');
         if let Some(pos) = &self.pos {
@@ -395,6 +404,7 @@ pub(crate) fn decode(
         except,
         pos,
         json,
+        control: env.control,
     })
 }
 
@@ -455,6 +465,10 @@ mod tests {
         let seed = decode(br#"{"text":"hi"}"#, "r", "n", MAX).unwrap();
         assert_eq!(seed.pos, None);
         assert_eq!(text_of(&seed.positioned()), r#"{"text":"hi"}"#);
+        // A node's own notice (presence) is never wrapped.
+        let notice = br#"{"control":true,"payload":{"type":"fanout.join","user":"a"}}"#;
+        let d = decode(notice, "r", "n", MAX).unwrap();
+        assert_eq!(text_of(&d.positioned()), r#"{"type":"fanout.join","user":"a"}"#);
     }
 
     #[test]

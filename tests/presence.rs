@@ -772,3 +772,32 @@ async fn a_chat_process_killed_with_sigkill_leaves_no_ghosts() {
     let seen = notices_until_marker(&mut watcher, 2, post_marker(2)).await;
     assert!(seen.is_empty(), "{seen:?}");
 }
+
+#[tokio::test]
+async fn in_a_durable_room_a_positions_socket_gets_presence_notices_as_they_are() {
+    // Presence notices travel as envelopes on the room's channel; in a durable room a socket
+    // that asked for positions must still get them as `fanout.*` notices, not as deliveries.
+    let redis = RedisServer::start();
+    let layer = FanoutLayer::builder(redis.url())
+        .presence(true)
+        .durable(axum_fanout::Durability::default())
+        .build()
+        .expect("valid url");
+    let handle = layer.handle();
+    let server = TestServer::start(chat_app::app(layer)).await;
+    wait_until("node ready", || async { handle.is_ready() }).await;
+    let url = |user: &str| server.ws_url(&format!("/ws?room=both&user={user}&positions=1"));
+    let mut a = connect(&url("a")).await;
+    wait_members(&handle, "both", &[("a", 1)]).await;
+    let _b = connect(&url("b")).await;
+    loop {
+        let frame = json_of(&recv_text(&mut a, "b's join").await);
+        assert!(
+            frame.get("payload").is_none_or(|p| p.get("type").is_none()),
+            "a notice wrapped as a delivery: {frame}"
+        );
+        if frame["type"] == "fanout.join" && frame["user"] == "b" {
+            break;
+        }
+    }
+}

@@ -82,8 +82,9 @@ local function publish(R, kind, user, info)
   local p = '{"type":"fanout.' .. kind .. '","room":' .. cjson.encode(R.room) ..
     ',"user":' .. cjson.encode(user) .. ',"version":' .. string.format('%d', v)
   if info and info ~= '' then p = p .. ',"info":' .. info end
+  -- "control": a notice of the node's, which sockets that asked for positions get unwrapped.
   redis.call('PUBLISH', R.channel, '{"v":1,"origin":' .. cjson.encode(R.origin) ..
-    ',"room":' .. cjson.encode(R.room) .. ',"payload":' .. p .. '}}')
+    ',"room":' .. cjson.encode(R.room) .. ',"control":true,"payload":' .. p .. '}}')
 end
 
 -- Sets one node's connection count of `user` (its share is the hash `mine`) and the user's
