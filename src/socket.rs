@@ -1,7 +1,7 @@
 //! A WebSocket attached to the node: its room memberships and its reading half. The writing
 //! half is a task of its own (`writer`), fed through the socket's bounded queue.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, close_code};
 use futures_util::StreamExt;
@@ -63,8 +63,9 @@ pub struct FanoutSocket {
     rooms: Vec<RoomName>,
     stream: SplitStream<WebSocket>,
     bucket: TokenBucket,
-    /// Slots for this socket's broadcasts in flight (`broadcasts_in_flight`).
-    in_flight: Arc<Semaphore>,
+    /// Slots for this socket's broadcasts in flight (`broadcasts_in_flight`), made on its
+    /// first broadcast: most sockets of a big fleet only listen, and idle memory counts.
+    in_flight: OnceLock<Arc<Semaphore>>,
 }
 
 /// The per-socket message rate limit: refills at `rate` tokens per second up to `burst`.
@@ -126,7 +127,6 @@ impl FanoutSocket {
             node.registry.writer_started(),
         ));
         let bucket = TokenBucket::new(cfg.messages_per_second.get(), cfg.message_burst.get());
-        let in_flight = Arc::new(Semaphore::new(cfg.broadcasts_in_flight.get()));
         outbox.touch();
         Self {
             id,
@@ -135,7 +135,7 @@ impl FanoutSocket {
             rooms: Vec::new(),
             stream,
             bucket,
-            in_flight,
+            in_flight: OnceLock::new(),
         }
     }
 
@@ -166,7 +166,14 @@ impl FanoutSocket {
     pub fn broadcast(&self, room: impl AsRef<str>, payload: impl Into<Payload>) -> Broadcast {
         Broadcast::new(self.shared.clone(), room.as_ref(), payload.into())
             .sender(self.id)
-            .with_origin(self.outbox.clone(), self.in_flight.clone())
+            .with_origin(self.outbox.clone(), self.slots())
+    }
+
+    fn slots(&self) -> Arc<Semaphore> {
+        let max = self.shared.node.config.broadcasts_in_flight.get();
+        self.in_flight
+            .get_or_init(|| Arc::new(Semaphore::new(max)))
+            .clone()
     }
 
     /// Joins `room`. Returns once this node receives the room's messages: when the socket is
