@@ -238,7 +238,7 @@ async fn a_page_whose_node_restarts_resumes_a_durable_room_without_gap_or_duplic
         // missed, once, in order, then live messages.
         s.fleet.start_again(1).await;
         let back = bob.until_state("recovered").await;
-        has_notice(&back, "shown above").expect("bob is told the gap was filled");
+        has_notice(&back, "messages sent while you were away follow").expect("bob is told the gap was filled");
         until_said(&bob, "the missed messages, once, in order", &expected).await;
         bob.say("back again").await;
         alice.say("welcome back").await;
@@ -266,7 +266,7 @@ async fn a_page_whose_node_restarts_resumes_a_durable_room_without_gap_or_duplic
         // persistence: a new epoch): bob's page cannot recover, and says so clearly.
         s.fleet.stop(1).await;
         bob.until_state("reconnecting").await;
-        s.fleet.restart_redis();
+        s.fleet.restart_redis().await;
         alice.say("after the history was lost").await;
         alice
             .until("alice's own message after Redis restarted", |v| {

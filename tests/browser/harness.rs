@@ -239,8 +239,17 @@ impl Fleet {
 
     /// Restarts Redis on the same port without persistence: every room's history and every
     /// presence lease is lost (a new epoch for each durable room).
-    pub fn restart_redis(&mut self) {
+    /// Waits until every running node's link is up again.
+    pub async fn restart_redis(&mut self) {
         self.redis.restart();
+        for node in self.nodes.iter().filter(|n| n.running.is_some()) {
+            let addr = node.addr;
+            eventually(&format!("node {} ready again", node.id), || async move {
+                let (status, body) = http(addr, "GET", "/healthz", "").await;
+                (status == 200).then_some(()).ok_or(body)
+            })
+            .await;
+        }
     }
 
     /// Broadcasts `body` (one JSON value) to `room` through node `i`'s HTTP push route, as a
