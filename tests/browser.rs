@@ -238,7 +238,8 @@ async fn a_page_whose_node_restarts_resumes_a_durable_room_without_gap_or_duplic
         // missed, once, in order, then live messages.
         s.fleet.start_again(1).await;
         let back = bob.until_state("recovered").await;
-        has_notice(&back, "messages sent while you were away follow").expect("bob is told the gap was filled");
+        has_notice(&back, "messages sent while you were away follow")
+            .expect("bob is told the gap was filled");
         until_said(&bob, "the missed messages, once, in order", &expected).await;
         bob.say("back again").await;
         alice.say("welcome back").await;
