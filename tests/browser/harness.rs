@@ -772,9 +772,12 @@ impl Scene {
     /// Closes `page` (its Chromium quits, as a person closing the tab): it is no longer
     /// checked or photographed.
     pub async fn close(&mut self, page: Arc<Page>) {
-        page.take_console_errors().await.iter().for_each(|e| {
-            panic!("{}: console error before closing: {e}", page.label);
-        });
+        let errors = page.take_console_errors().await;
+        assert!(
+            errors.is_empty(),
+            "{}: console errors before closing: {errors:?}",
+            page.label
+        );
         self.pages.retain(|p| !Arc::ptr_eq(p, &page));
         let page = Arc::try_unwrap(page).unwrap_or_else(|_| panic!("the page is still in use"));
         page.close().await;
