@@ -10,8 +10,9 @@
 //! `cargo test --test browser -- --ignored readme_screenshot` regenerates `docs/chat.png`, the
 //! README's picture of the demo.
 //!
-//! Durable rooms (resume) and presence are not implemented yet: their cases go here, each as
-//! one more `run(..)` that opens pages on the fleet.
+//! The cases on plain nodes use `run(..)`; those of durable rooms (history, resume) and
+//! presence use `run_durable(..)`, whose nodes keep 256 messages per room and list members
+//! with a 3 s presence bound.
 
 #[allow(dead_code, unreachable_pub)]
 #[path = "../examples/chat_app/mod.rs"]
@@ -21,7 +22,7 @@ mod chat_app;
 mod harness;
 mod support;
 
-use harness::{DESKTOP, PHONE, View, eventually, run, run_on};
+use harness::{DESKTOP, DURABLE, PHONE, PLAIN, View, eventually, run, run_durable, run_on};
 
 /// The page's own size limit, the server's `max_message_size` (its 1009 close).
 const LIMIT: usize = 64 * 1024;
@@ -187,6 +188,228 @@ async fn a_page_whose_node_restarts_reconnects_and_says_what_may_be_missing() {
     .await;
 }
 
+/// Waits until `page` shows exactly `expected` (sender, text), in that order.
+async fn until_said(page: &harness::Page, what: &str, expected: &[(&str, &str)]) -> View {
+    let expected: Vec<(String, String)> = expected
+        .iter()
+        .map(|(w, t)| ((*w).to_owned(), (*t).to_owned()))
+        .collect();
+    page.until(what, |v| {
+        (v.said() == expected)
+            .then(|| v.clone())
+            .ok_or_else(|| format!("{:?}", v.said()))
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_page_whose_node_restarts_resumes_a_durable_room_without_gap_or_duplicate() {
+    run_durable("resume", async |s| {
+        let [alice, bob] = s
+            .open_all([("alice on n1", 0, DESKTOP), ("bob on n2", 1, PHONE)])
+            .await;
+        alice.join("standup", "alice").await;
+        bob.join("standup", "bob").await;
+        alice.say("before the restart").await;
+        until_said(
+            &bob,
+            "the first message",
+            &[("alice", "before the restart")],
+        )
+        .await;
+
+        // n2 goes away; alice (on n1) goes on talking meanwhile.
+        bob.allow_socket_failures();
+        s.fleet.stop(1).await;
+        bob.until_state("reconnecting").await;
+        let away = [
+            "while bob is away 1",
+            "while bob is away 2",
+            "while bob is away 3",
+        ];
+        for text in away {
+            alice.say(text).await;
+        }
+        let mut expected = vec![("alice", "before the restart")];
+        expected.extend(away.iter().map(|t| ("alice", *t)));
+        until_said(&alice, "alice's messages", &expected).await;
+
+        // n2 is back: bob's page resumes from its last position by itself and shows what it
+        // missed, once, in order, then live messages.
+        s.fleet.start_again(1).await;
+        let back = bob.until_state("recovered").await;
+        has_notice(&back, "messages sent while you were away follow")
+            .expect("bob is told the gap was filled");
+        until_said(&bob, "the missed messages, once, in order", &expected).await;
+        bob.say("back again").await;
+        alice.say("welcome back").await;
+        let mut both = expected.clone();
+        both.extend([("bob", "back again"), ("alice", "welcome back")]);
+        for page in [&alice, &bob] {
+            page.until("the live messages after the resume, once", |v| {
+                let said = v.said();
+                let n = said.len();
+                let once = |t: &str| said.iter().filter(|(_, x)| x == t).count() == 1;
+                (n == both.len()
+                    && once("back again")
+                    && once("welcome back")
+                    && said[..expected.len()]
+                        .iter()
+                        .map(|(w, t)| (w.as_str(), t.as_str()))
+                        .eq(expected.iter().copied()))
+                .then_some(())
+                .ok_or_else(|| format!("{said:?}"))
+            })
+            .await;
+        }
+
+        // Now the history itself is lost while bob is away (Redis restarted without
+        // persistence: a new epoch): bob's page cannot recover, and says so clearly.
+        s.fleet.stop(1).await;
+        bob.until_state("reconnecting").await;
+        s.fleet.restart_redis().await;
+        alice.say("after the history was lost").await;
+        alice
+            .until("alice's own message after Redis restarted", |v| {
+                let said = v.said();
+                (said
+                    .iter()
+                    .filter(|(_, t)| t == "after the history was lost")
+                    .count()
+                    == 1)
+                    .then_some(())
+                    .ok_or_else(|| format!("{said:?}"))
+            })
+            .await;
+        s.fleet.start_again(1).await;
+        let lost = bob
+            .until("the could-not-recover notice", |v| {
+                has_notice(v, "could not be recovered").map(|()| v.clone())
+            })
+            .await;
+        assert_eq!(lost.state, "connected", "not \"recovered\"");
+        assert!(
+            !lost
+                .said()
+                .iter()
+                .any(|(_, t)| t == "after the history was lost"),
+            "nothing replayed from a lost history: {:?}",
+            lost.said()
+        );
+        bob.say("still here").await;
+        for page in [&alice, &bob] {
+            page.until("a live message in the new history, once", |v| {
+                let said = v.said();
+                (said.iter().filter(|(_, t)| t == "still here").count() == 1)
+                    .then_some(())
+                    .ok_or_else(|| format!("{said:?}"))
+            })
+            .await;
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_page_joining_a_durable_room_shows_its_recent_history_once() {
+    run_durable("history", async |s| {
+        let [alice] = s.open_all([("alice on n1", 0, DESKTOP)]).await;
+        alice.join("book-club", "alice").await;
+        let lines = [
+            "chapter 1 is slow",
+            "chapter 2 is better",
+            "<i>no spoilers</i>",
+        ];
+        for text in lines {
+            alice.say(text).await;
+        }
+        let past: Vec<(&str, &str)> = lines.iter().map(|t| ("alice", *t)).collect();
+        until_said(&alice, "alice's messages", &past).await;
+
+        // Bob joins afterwards, on another node: he sees them, once, in order, marked as
+        // history, then live messages.
+        let bob = s.open("bob on n3", 2, PHONE).await;
+        bob.join("book-club", "bob").await;
+        let view = until_said(&bob, "the room's recent history", &past).await;
+        has_notice(&view, "The last 3 message").expect("the history is introduced");
+        assert!(view.messages().iter().all(|m| !m.mine));
+        bob.say("I just joined").await;
+        let mut all = past.clone();
+        all.push(("bob", "I just joined"));
+        for page in [&alice, &bob] {
+            until_said(page, "bob's message after the history", &all).await;
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn the_presence_list_follows_joins_leaves_and_a_killed_node() {
+    run_durable("presence", async |s| {
+        let [alice, bob] = s
+            .open_all([("alice on n1", 0, DESKTOP), ("bob on n2", 1, DESKTOP)])
+            .await;
+        alice.join("team", "alice").await;
+        let members = |want: &'static [&'static str]| {
+            move |v: &View| {
+                (v.members() == want)
+                    .then(|| v.clone())
+                    .ok_or_else(|| format!("members {:?}", v.members))
+            }
+        };
+        // Alone first, so that bob's arrival is a change she sees.
+        alice.until("alice alone", members(&["alice"])).await;
+        bob.join("team", "bob").await;
+        for page in [&alice, &bob] {
+            page.until("alice and bob listed", members(&["alice", "bob"]))
+                .await;
+        }
+
+        // Carol joins on n3, then closes her page: both lists follow, with a notice.
+        let carol = s.open("carol on n3", 2, PHONE).await;
+        carol.join("team", "carol").await;
+        carol
+            .until("carol sees all three", members(&["alice", "bob", "carol"]))
+            .await;
+        for page in [&alice, &bob] {
+            let v = page
+                .until("carol listed", members(&["alice", "bob", "carol"]))
+                .await;
+            has_notice(&v, "carol joined").expect("a join notice");
+        }
+        s.close(carol).await;
+        for page in [&alice, &bob] {
+            let v = page.until("carol gone", members(&["alice", "bob"])).await;
+            has_notice(&v, "carol left").expect("a leave notice");
+        }
+
+        // Bob's node is killed (no goodbye): alice's list drops bob within the presence bound
+        // (3 s) plus the second or two the survivors take to notice.
+        bob.allow_socket_failures();
+        let killed = tokio::time::Instant::now();
+        s.fleet.kill(1);
+        let v = alice.until("bob gone", members(&["alice"])).await;
+        let took = killed.elapsed();
+        has_notice(&v, "bob left").expect("a leave notice for bob");
+        let ttl = DURABLE.presence_ttl.expect("presence on");
+        assert!(
+            took <= ttl + std::time::Duration::from_secs(3),
+            "bob dropped after {took:?}, bound {ttl:?} + 3 s"
+        );
+        eprintln!("a killed node's member left after {took:.1?}");
+        assert!(
+            v.notices()
+                .iter()
+                .filter(|n| n.ends_with(" joined."))
+                .count()
+                == 2,
+            "one join notice per other user (bob's and carol's), none for alice herself: {:?}",
+            v.notices()
+        );
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn odd_or_oversized_input_never_breaks_the_page() {
     run("bad_input", async |s| {
@@ -326,38 +549,43 @@ async fn the_console_check_sees_errors() {
 #[tokio::test]
 #[ignore = "writes docs/chat.png; run with --ignored readme_screenshot"]
 async fn readme_screenshot() {
-    run_on("readme", &["demo-1", "demo-2", "demo-3"], async |s| {
-        let [alice, bob] = s
-            .open_all([
-                ("demo-1, desktop", 0, (760, 560)),
-                ("demo-2, phone", 1, (390, 560)),
-            ])
-            .await;
-        alice.join("lobby", "alice").await;
-        bob.join("lobby", "bob").await;
-        let lines = [
-            ("alice", "hi bob, I'm on node demo-1"),
-            ("bob", "hello! demo-2 here, on my phone"),
-            ("alice", "so this crossed Redis once and reached both of us"),
-            ("bob", "nice ✓"),
-        ];
-        for (i, (who, text)) in lines.into_iter().enumerate() {
-            let page = if who == "alice" { &alice } else { &bob };
-            page.say(text).await;
-            for page in [&alice, &bob] {
-                page.until("the conversation so far", |v| {
-                    (v.said().len() == i + 1)
-                        .then_some(())
-                        .ok_or_else(|| format!("{:?}", v.said()))
-                })
+    run_on(
+        "readme",
+        &["demo-1", "demo-2", "demo-3"],
+        PLAIN,
+        async |s| {
+            let [alice, bob] = s
+                .open_all([
+                    ("demo-1, desktop", 0, (760, 560)),
+                    ("demo-2, phone", 1, (390, 560)),
+                ])
                 .await;
+            alice.join("lobby", "alice").await;
+            bob.join("lobby", "bob").await;
+            let lines = [
+                ("alice", "hi bob, I'm on node demo-1"),
+                ("bob", "hello! demo-2 here, on my phone"),
+                ("alice", "so this crossed Redis once and reached both of us"),
+                ("bob", "nice ✓"),
+            ];
+            for (i, (who, text)) in lines.into_iter().enumerate() {
+                let page = if who == "alice" { &alice } else { &bob };
+                page.say(text).await;
+                for page in [&alice, &bob] {
+                    page.until("the conversation so far", |v| {
+                        (v.said().len() == i + 1)
+                            .then_some(())
+                            .ok_or_else(|| format!("{:?}", v.said()))
+                    })
+                    .await;
+                }
             }
-        }
-        let png = s.screenshot().await;
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/chat.png");
-        std::fs::create_dir_all(path.parent().expect("docs/")).expect("create docs/");
-        std::fs::write(&path, png).expect("write docs/chat.png");
-        eprintln!("wrote {}", path.display());
-    })
+            let png = s.screenshot().await;
+            let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/chat.png");
+            std::fs::create_dir_all(path.parent().expect("docs/")).expect("create docs/");
+            std::fs::write(&path, png).expect("write docs/chat.png");
+            eprintln!("wrote {}", path.display());
+        },
+    )
     .await;
 }

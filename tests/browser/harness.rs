@@ -13,7 +13,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use axum_fanout::FanoutLayer;
+use axum_fanout::{Durability, FanoutLayer};
 use base64::Engine as _;
 use fantoccini::wd::WebDriverCompatibleCommand;
 use fantoccini::{Client, ClientBuilder, Locator, key::Key};
@@ -57,8 +57,33 @@ where
 // The fleet
 // ---------------------------------------------------------------------------------------------
 
-/// One in-process chat node (`examples/chat_app`). Its port is kept when it is stopped, so
-/// that it can be started again where its pages reconnect.
+/// How the fleet's nodes run: plain pub/sub ([`PLAIN`], the default) or with durable rooms and
+/// presence ([`DURABLE`]).
+#[derive(Debug, Clone, Copy)]
+pub struct Settings {
+    /// `HISTORY`: every room keeps its last N messages (0: plain pub/sub).
+    pub history: usize,
+    /// `PRESENCE=1` with this `PRESENCE_TTL_S`.
+    pub presence_ttl: Option<Duration>,
+}
+
+/// Plain pub/sub nodes: no positions, no history, no presence.
+pub const PLAIN: Settings = Settings {
+    history: 0,
+    presence_ttl: None,
+};
+
+/// Durable rooms (`HISTORY=256`) and presence with a short bound (`PRESENCE_TTL_S=3`), so a
+/// killed node's members leave within seconds.
+pub const DURABLE: Settings = Settings {
+    history: 256,
+    presence_ttl: Some(Duration::from_secs(3)),
+};
+
+/// One in-process chat node (`examples/chat_app`), on a Tokio runtime of its own so that it
+/// can be killed like a crashed process: [`Node::kill`] drops every task of it (server,
+/// connections, the layer's background tasks) at once, with no graceful step. Its port is
+/// kept when it is stopped, so that it can be started again where its pages reconnect.
 pub struct Node {
     id: String,
     addr: SocketAddr,
@@ -68,40 +93,65 @@ pub struct Node {
 struct Running {
     stop: tokio::sync::oneshot::Sender<()>,
     task: tokio::task::JoinHandle<std::io::Result<()>>,
+    runtime: tokio::runtime::Runtime,
 }
 
 impl Node {
-    async fn start(redis_url: &str, id: &str, port: u16) -> Self {
-        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
-            .await
-            .unwrap_or_else(|e| panic!("node {id}: cannot listen on 127.0.0.1:{port}: {e}"));
-        let addr = listener.local_addr().expect("a local address");
-        let layer = FanoutLayer::builder(redis_url)
-            .node_id(id)
+    async fn start(redis_url: &str, id: &str, port: u16, settings: Settings) -> Self {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name(format!("node-{id}"))
+            .enable_all()
             .build()
-            .expect("a valid Redis URL");
-        let handle = layer.handle();
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let closer = handle.clone();
-        let task = tokio::spawn(chat_app::serve_app(
-            handle.listener(listener),
-            chat_app::app(layer),
-            async move {
-                let _ = stopped.await;
-                // Close every socket with 1001 (going away), as a node being restarted does.
-                closer.shutdown().await;
-            },
-        ));
+            .expect("a runtime for the node");
+        // Built inside the node's runtime: the listener, the server and the layer's background
+        // tasks all live there (and die with it).
+        let (addr, handle, stop, task) = {
+            let _inside = runtime.enter();
+            let listener = std::net::TcpListener::bind(("127.0.0.1", port))
+                .and_then(|l| l.set_nonblocking(true).map(|()| l))
+                .and_then(tokio::net::TcpListener::from_std)
+                .unwrap_or_else(|e| panic!("node {id}: cannot listen on 127.0.0.1:{port}: {e}"));
+            let addr = listener.local_addr().expect("a local address");
+            let mut builder = FanoutLayer::builder(redis_url).node_id(id);
+            if let Some(n) = std::num::NonZeroUsize::new(settings.history) {
+                builder = builder.durable(Durability::default().history(n));
+            }
+            if let Some(ttl) = settings.presence_ttl {
+                builder = builder.presence(true).presence_ttl(ttl);
+            }
+            let layer = builder.build().expect("a valid Redis URL");
+            let handle = layer.handle();
+            let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+            let closer = handle.clone();
+            let task = runtime.spawn(chat_app::serve_app(
+                handle.listener(listener),
+                chat_app::app(layer),
+                async move {
+                    let _ = stopped.await;
+                    // Close every socket with 1001 (going away), as a node being restarted
+                    // does.
+                    closer.shutdown().await;
+                },
+            ));
+            (addr, handle, stop, task)
+        };
         let ready = handle.clone();
+        drop(handle);
         eventually(&format!("node {id} ready"), || {
             let ready = ready.clone();
             async move { ready.is_ready().then_some(()).ok_or("not ready".to_owned()) }
         })
         .await;
+        drop(ready);
         Self {
             id: id.to_owned(),
             addr,
-            running: Some(Running { stop, task }),
+            running: Some(Running {
+                stop,
+                task,
+                runtime,
+            }),
         }
     }
 
@@ -112,22 +162,36 @@ impl Node {
 
     /// Stops the node: its sockets are closed with 1001 and its port stops answering.
     pub async fn stop(&mut self) {
-        if let Some(Running { stop, task }) = self.running.take() {
+        if let Some(Running {
+            stop,
+            task,
+            runtime,
+        }) = self.running.take()
+        {
             let _ = stop.send(());
             let abort = task.abort_handle();
-            if tokio::time::timeout(DEADLINE, task).await.is_err() {
+            let stopped = tokio::time::timeout(DEADLINE, task).await;
+            runtime.shutdown_background();
+            if stopped.is_err() {
                 abort.abort();
                 panic!("node {} did not stop within {DEADLINE:?}", self.id);
             }
+        }
+    }
+
+    /// Kills the node, as SIGKILL kills a process: every task of its runtime is dropped at
+    /// once (no close frame, no unsubscribe, no presence cleanup); its TCP connections, to
+    /// browsers and to Redis, just end. Its members stay listed until their lease expires.
+    pub fn kill(&mut self) {
+        if let Some(running) = self.running.take() {
+            running.runtime.shutdown_background();
         }
     }
 }
 
 impl Drop for Node {
     fn drop(&mut self) {
-        if let Some(running) = self.running.take() {
-            running.task.abort();
-        }
+        self.kill();
     }
 }
 
@@ -135,17 +199,22 @@ impl Drop for Node {
 pub struct Fleet {
     redis: RedisServer,
     nodes: Vec<Node>,
+    settings: Settings,
 }
 
 impl Fleet {
     /// Starts a Redis and one node per id, and waits until every node's link is up.
-    pub async fn start(ids: &[&str]) -> Self {
+    pub async fn start(ids: &[&str], settings: Settings) -> Self {
         let redis = RedisServer::start();
         let mut nodes = Vec::new();
         for id in ids {
-            nodes.push(Node::start(&redis.url(), id, 0).await);
+            nodes.push(Node::start(&redis.url(), id, 0, settings).await);
         }
-        Self { redis, nodes }
+        Self {
+            redis,
+            nodes,
+            settings,
+        }
     }
 
     pub fn node(&self, i: usize) -> &Node {
@@ -160,7 +229,27 @@ impl Fleet {
     /// Starts node `i` again, same id and port.
     pub async fn start_again(&mut self, i: usize) {
         let (id, port) = (self.nodes[i].id.clone(), self.nodes[i].addr.port());
-        self.nodes[i] = Node::start(&self.redis.url(), &id, port).await;
+        self.nodes[i] = Node::start(&self.redis.url(), &id, port, self.settings).await;
+    }
+
+    /// Kills node `i` (see [`Node::kill`]).
+    pub fn kill(&mut self, i: usize) {
+        self.nodes[i].kill();
+    }
+
+    /// Restarts Redis on the same port without persistence: every room's history and every
+    /// presence lease is lost (a new epoch for each durable room).
+    /// Waits until every running node's link is up again.
+    pub async fn restart_redis(&mut self) {
+        self.redis.restart();
+        for node in self.nodes.iter().filter(|n| n.running.is_some()) {
+            let addr = node.addr;
+            eventually(&format!("node {} ready again", node.id), || async move {
+                let (status, body) = http(addr, "GET", "/healthz", "").await;
+                (status == 200).then_some(()).ok_or(body)
+            })
+            .await;
+        }
     }
 
     /// Broadcasts `body` (one JSON value) to `room` through node `i`'s HTTP push route, as a
@@ -321,6 +410,9 @@ pub struct View {
     pub node: String,
     /// The message list, oldest first.
     pub items: Vec<Item>,
+    /// Who is in the room, as the page lists them ("alice, bob"); `None` while the list is
+    /// hidden (no presence, or not loaded yet).
+    pub members: Option<String>,
 }
 
 /// One line of the message list.
@@ -338,6 +430,14 @@ pub struct Item {
 }
 
 impl View {
+    /// The members the page lists, sorted as shown; empty while the list is hidden.
+    pub fn members(&self) -> Vec<&str> {
+        self.members
+            .as_deref()
+            .map(|m| m.split(", ").filter(|u| !u.is_empty()).collect())
+            .unwrap_or_default()
+    }
+
     pub fn messages(&self) -> Vec<&Item> {
         self.items.iter().filter(|i| i.kind == "msg").collect()
     }
@@ -373,6 +473,8 @@ return {
     time: text(li.querySelector("time")),
     mine: li.classList.contains("mine"),
   })),
+  members: document.getElementById("who").hidden
+    ? null : text(document.getElementById("members")),
 };
 "##;
 
@@ -667,6 +769,20 @@ impl Scene {
         pages.try_into().unwrap_or_else(|_| unreachable!())
     }
 
+    /// Closes `page` (its Chromium quits, as a person closing the tab): it is no longer
+    /// checked or photographed.
+    pub async fn close(&mut self, page: Arc<Page>) {
+        let errors = page.take_console_errors().await;
+        assert!(
+            errors.is_empty(),
+            "{}: console errors before closing: {errors:?}",
+            page.label
+        );
+        self.pages.retain(|p| !Arc::ptr_eq(p, &page));
+        let page = Arc::try_unwrap(page).unwrap_or_else(|_| panic!("the page is still in use"));
+        page.close().await;
+    }
+
     /// Every page's screenshot, side by side, as one PNG.
     pub async fn screenshot(&self) -> Vec<u8> {
         let mut shots = Vec::new();
@@ -705,15 +821,25 @@ pub fn artifacts() -> PathBuf {
 /// On failure it saves every page side by side as `target/tmp/browser/<name>.png`, prints
 /// the path and what each page showed, and fails with the case's own message.
 pub async fn run(name: &str, body: impl AsyncFnOnce(&mut Scene)) {
-    run_on(name, &["n1", "n2", "n3"], body).await;
+    run_on(name, &["n1", "n2", "n3"], PLAIN, body).await;
 }
 
-/// Like [`run`], with the given node ids.
-pub async fn run_on(name: &str, ids: &[&str], body: impl AsyncFnOnce(&mut Scene)) {
+/// Like [`run`], on nodes running with durable rooms and presence ([`DURABLE`]).
+pub async fn run_durable(name: &str, body: impl AsyncFnOnce(&mut Scene)) {
+    run_on(name, &["n1", "n2", "n3"], DURABLE, body).await;
+}
+
+/// Like [`run`], with the given node ids and settings.
+pub async fn run_on(
+    name: &str,
+    ids: &[&str],
+    settings: Settings,
+    body: impl AsyncFnOnce(&mut Scene),
+) {
     let _one = ONE_CASE_AT_A_TIME.lock().await;
     let started = Instant::now();
     let mut scene = Scene {
-        fleet: Fleet::start(ids).await,
+        fleet: Fleet::start(ids, settings).await,
         driver: Driver::start().await,
         pages: Vec::new(),
     };
