@@ -468,7 +468,10 @@ mod tests {
         // A node's own notice (presence) is never wrapped.
         let notice = br#"{"control":true,"payload":{"type":"fanout.join","user":"a"}}"#;
         let d = decode(notice, "r", "n", MAX).unwrap();
-        assert_eq!(text_of(&d.positioned()), r#"{"type":"fanout.join","user":"a"}"#);
+        assert_eq!(
+            text_of(&d.positioned()),
+            r#"{"type":"fanout.join","user":"a"}"#
+        );
     }
 
     #[test]

@@ -192,3 +192,24 @@ async fn a_socket_has_at_most_its_bound_of_broadcasts_in_flight() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn the_chat_example_tells_a_client_whose_message_could_not_be_sent() {
+    let mut redis = RedisServer::start();
+    let layer = FanoutLayer::builder(redis.url())
+        .publish_timeout(Duration::from_millis(300))
+        .build()
+        .expect("layer");
+    let handle = layer.handle();
+    ready(&handle).await;
+    let server = TestServer::start(chat_app::app(layer)).await;
+    let mut ws = join(&server, &handle, "cut").await;
+    wait_until("subscribed", || async { redis.numsub("ws:room:cut") == 1 }).await;
+    redis.stop();
+    send_text(&mut ws, r#"{"type":"chat","text":"into the void"}"#).await;
+    let v: Value =
+        serde_json::from_str(&recv_text(&mut ws, "the unsent notice").await).expect("json");
+    assert_eq!(v["type"], "fanout.unsent", "{v}");
+    assert_eq!(v["room"], "cut");
+    assert!(v["reason"].as_str().is_some_and(|r| !r.is_empty()), "{v}");
+}

@@ -12,6 +12,8 @@
 //!   `GET /rooms/{room}/history?limit=K[&since=E:S]` reads the room's history;
 //! - `GET /healthz` is 200 when the node's Redis link is up, 503 otherwise;
 //! - `GET /stats` returns the node's counters as JSON;
+//! - a client frame is queued as a broadcast without waiting for Redis (its order holds);
+//!   when one fails later the client gets `{"type":"fanout.unsent","room":NAME,"reason":..}`;
 //! - with presence (`PRESENCE=1`): `GET /ws?room=NAME&user=USER` joins as member USER (default:
 //!   a per-socket id), every socket of the room gets `fanout.join` / `fanout.leave` notices,
 //!   and `GET /rooms/{room}/presence` lists the members of every live node. Once the socket is
@@ -186,8 +188,16 @@ async fn serve(mut socket: FanoutSocket, join: Join) {
                 }
             }
             Ok(Event::BroadcastFailed { room, error, .. }) => {
-                // Already logged and counted by the node; a real app might tell the client.
-                tracing::debug!(room = %room, error = %error, "a queued broadcast failed");
+                // Logged and counted by the node; the client is told too, since it believes
+                // its message went out.
+                let notice = serde_json::json!({
+                    "type": "fanout.unsent",
+                    "room": room.as_str(),
+                    "reason": error.to_string(),
+                });
+                if socket.send(notice).is_err() {
+                    return;
+                }
             }
             Ok(Event::Missed(missed)) => {
                 // Tell the client, so it can reload what it missed (README: "Missed messages").
