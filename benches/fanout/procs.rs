@@ -402,6 +402,39 @@ async fn wait_healthy(addr: SocketAddr, node: &mut ChildGuard) -> Result<()> {
     }
 }
 
+/// `GET path` of a node, as JSON (e.g. the chat example's `/stats`).
+pub(crate) async fn http_get_json(addr: SocketAddr, path: &str) -> Result<serde_json::Value> {
+    let fetch = async {
+        let mut s = TcpStream::connect(addr).await?;
+        let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+        s.write_all(req.as_bytes()).await?;
+        let mut out = Vec::new();
+        s.read_to_end(&mut out).await?;
+        Ok::<_, std::io::Error>(out)
+    };
+    let raw = tokio::time::timeout(Duration::from_secs(5), fetch)
+        .await
+        .ctx(|| format!("GET {path} of {addr} timed out"))?
+        .ctx(|| format!("GET {path} of {addr}"))?;
+    let text = String::from_utf8_lossy(&raw);
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .ctx(|| format!("GET {path} of {addr}: no header end"))?;
+    if !head.starts_with("HTTP/1.1 200") {
+        bail!(
+            "GET {path} of {addr}: {}",
+            head.lines().next().unwrap_or("")
+        );
+    }
+    // A chunked body (axum's Json sets a length, but be lenient): the JSON object is between
+    // the first `{` and the last `}`.
+    let json = match (body.find('{'), body.rfind('}')) {
+        (Some(a), Some(b)) if a < b => &body[a..=b],
+        _ => body,
+    };
+    serde_json::from_str(json).ctx(|| format!("GET {path} of {addr}: body is not JSON"))
+}
+
 /// Status code of `GET /healthz`.
 async fn http_get(addr: SocketAddr) -> std::io::Result<u16> {
     let mut s = TcpStream::connect(addr).await?;

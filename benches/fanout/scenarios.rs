@@ -1,10 +1,11 @@
-//! The five scenarios. Each starts a fresh cluster (Redis + nodes) for its run, so that no
+//! The scenarios (`c100k` lives in `c100k.rs`). Each starts a fresh cluster (Redis + nodes) for its run, so that no
 //! run inherits another's memory, backlog or subscriptions.
 
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
+use crate::c100k::{self, C100kParams};
 use crate::load::{self, Fleet, FleetSpec, StepResult, StepSpec};
 use crate::procs::{self, Cluster, ClusterConfig, Target};
 use crate::report::{Better, Figure, fig};
@@ -19,6 +20,8 @@ pub(crate) enum Scenario {
     Idle,
     Slow,
     Hot,
+    /// Opt-in (not in `ALL`): 100,000 connections held at once (`c100k.rs`).
+    C100k,
 }
 
 impl Scenario {
@@ -30,6 +33,9 @@ impl Scenario {
         Scenario::Hot,
     ];
 
+    /// Scenarios that run only when named in `--scenario` (not part of `all`).
+    pub(crate) const OPT_IN: [Scenario; 1] = [Scenario::C100k];
+
     pub(crate) fn name(self) -> &'static str {
         match self {
             Scenario::Sweep => "sweep",
@@ -37,11 +43,15 @@ impl Scenario {
             Scenario::Idle => "idle",
             Scenario::Slow => "slow",
             Scenario::Hot => "hot",
+            Scenario::C100k => "c100k",
         }
     }
 
     pub(crate) fn parse(s: &str) -> Option<Self> {
-        Self::ALL.into_iter().find(|sc| sc.name() == s)
+        Self::ALL
+            .into_iter()
+            .chain(Self::OPT_IN)
+            .find(|sc| sc.name() == s)
     }
 
     /// Whether `--publishers-per-room` applies (the scenario runs once per value).
@@ -94,6 +104,10 @@ impl Scenario {
                 p.max_loss * 100.0,
                 p.hot.max_p99_ms
             ),
+            Scenario::C100k => format!(
+                "c100k: {} connections in {} rooms, one message per room at once, {} B",
+                p.c100k.connections, p.c100k.rooms, p.msg_size
+            ),
         }
     }
 }
@@ -145,6 +159,7 @@ pub(crate) struct Params {
     pub(crate) slow_room_msgs_per_sec: f64,
     pub(crate) slow_rcvbuf: u32,
     pub(crate) hot: Ramp,
+    pub(crate) c100k: C100kParams,
 }
 
 impl Params {
@@ -203,6 +218,7 @@ impl Params {
                 retries: 1,
                 buf_size: 16 * 1024,
             },
+            c100k: C100kParams::new(quick),
         }
     }
 
@@ -227,6 +243,7 @@ impl Params {
                 "room_msgs_per_sec": self.slow_room_msgs_per_sec,
                 "stalled_rcvbuf": self.slow_rcvbuf,
             }),
+            Scenario::C100k => self.c100k.describe(),
         }
     }
 }
@@ -264,6 +281,10 @@ pub(crate) async fn run(
     p: &Params,
     tag: &str,
 ) -> Result<Outcome> {
+    if s == Scenario::C100k {
+        // Its own fleet of nodes and load-generator processes.
+        return c100k::run(target, cc, &p.c100k, p.msg_size, tag).await;
+    }
     let mut cluster = Cluster::start(target, cc).await?;
     let proto = target.proto;
     match s {
@@ -275,6 +296,7 @@ pub(crate) async fn run(
         }
         Scenario::Idle => idle(&mut cluster, p, proto, tag).await,
         Scenario::Slow => slow(&mut cluster, p, proto, tag).await,
+        Scenario::C100k => unreachable!("handled above"),
     }
 }
 

@@ -19,7 +19,7 @@
 //! (`2`) are answered with `3`; other packets (noop, namespace packets) are not deliveries and
 //! are ignored, and `1` (close) or `41` (namespace disconnect) end the connection.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -55,7 +55,7 @@ impl Proto {
         }
     }
 
-    fn path(self, room: &str) -> String {
+    pub(crate) fn path(self, room: &str) -> String {
         match self {
             Proto::Ws => format!("/ws?room={room}"),
             Proto::SocketIo => format!("/socket.io/?EIO=4&transport=websocket&room={room}"),
@@ -87,9 +87,23 @@ pub(crate) async fn connect(
     rcvbuf: Option<u32>,
     buf_size: usize,
 ) -> Result<Conn> {
+    connect_from(addr, None, &proto.path(room), proto, rcvbuf, buf_size).await
+}
+
+/// [`connect`] with a local source address (`c100k` spreads its 100,000 client sockets over
+/// several 127.0.0.x addresses, so that no address runs out of ephemeral ports) (the
+/// request path is explicit).
+pub(crate) async fn connect_from(
+    addr: SocketAddr,
+    source: Option<IpAddr>,
+    path: &str,
+    proto: Proto,
+    rcvbuf: Option<u32>,
+    buf_size: usize,
+) -> Result<Conn> {
     tokio::time::timeout(
         HANDSHAKE_TIMEOUT,
-        connect_inner(addr, room, proto, rcvbuf, buf_size),
+        connect_inner(addr, source, path, proto, rcvbuf, buf_size),
     )
     .await
     .ctx(|| format!("{} handshake with {addr} timed out", proto.name()))?
@@ -97,12 +111,18 @@ pub(crate) async fn connect(
 
 async fn connect_inner(
     addr: SocketAddr,
-    room: &str,
+    source: Option<IpAddr>,
+    path: &str,
     proto: Proto,
     rcvbuf: Option<u32>,
     buf_size: usize,
 ) -> Result<Conn> {
     let socket = TcpSocket::new_v4().ctx(|| "creating a TCP socket".to_string())?;
+    if let Some(ip) = source {
+        socket
+            .bind(SocketAddr::new(ip, 0))
+            .ctx(|| format!("binding a client socket to {ip}"))?;
+    }
     if let Some(size) = rcvbuf {
         socket
             .set_recv_buffer_size(size)
@@ -116,7 +136,6 @@ async fn connect_inner(
     stream
         .set_nodelay(true)
         .ctx(|| "setting TCP_NODELAY".to_string())?;
-    let path = proto.path(room);
     let request = format!(
         "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\n\
          Connection: Upgrade\r\nSec-WebSocket-Key: {KEY}\r\nSec-WebSocket-Version: 13\r\n\r\n"
