@@ -61,6 +61,21 @@
 //!   idle period), and each node's `/stats` (`connections`, `accepts_out_of_fds`, ...).
 //!   Every phase has a time limit and the scenario stops itself after 15 minutes. Only the
 //!   plain WebSocket contract.
+//! * `resume` (added by `--durable`, or `--scenario resume`): durable targets only. A client
+//!   of room `resume` (`positions=1`) reads the epoch from its `fanout.position` notice and
+//!   publishes 1,000 messages; then, 5 times, a new client connects to another node with
+//!   `positions=1&since=E:S0` and the time from its TCP connect until the 1,000th replayed
+//!   frame arrived is one sample (median and max reported; the replay must say
+//!   `recovered:true` and be in order). Its nodes keep `HISTORY` of at least 1,000 (with 256,
+//!   a resume of 1,000 is refused as trimmed).
+//!
+//! `--durable` adds the target `chat-durable`: the same chat binary with `HISTORY=256`, so
+//! every room is durable (each message stored in a Redis stream and published by one Lua
+//! script; CONTRACT.md "Durable rooms"); its clients join without `positions=1`, so they
+//! receive the same frames as in plain rooms. It alternates with `chat` like any target, and
+//! the tables' ratios (`chat / chat-durable`) compare plain with durable rooms in the same
+//! run; `sweep`, `latency` and `hot` also report Redis CPU per message published
+//! (`redis_us_per_msg`).
 //!
 //! # Method
 //!
@@ -134,9 +149,10 @@
 //!     --hot-publishers 12
 //! cargo bench --bench fanout -- --scenario c100k --rounds 1                 # 100,000 sockets
 //! cargo bench --bench fanout -- --scenario c100k --rounds 1 --c100k-connections 20000
+//! cargo bench --bench fanout -- --durable --scenario sweep,latency,hot --rounds 1
 //! ```
 //!
-//! Options: `--scenario sweep|latency|idle|slow|hot|all|c100k` (comma-separated list
+//! Options: `--scenario sweep|latency|idle|slow|hot|all|c100k|resume` (comma-separated list
 //! allowed; `all` is the first five),
 //! `--rounds N` (default 3), `--target-cmd [NAME=]CMD` (repeatable; run as `sh -c "exec CMD"`
 //! with the contract's environment variables), `--seed` (adds `../shared/peers/seed-node`,
@@ -156,7 +172,8 @@
 //! `--hot-publishers N` (publishing clients of `hot`, default 1: a room's shard is chosen per
 //! sender, so one publisher uses one shard whatever the shard count),
 //! `--msg-size N`, `--latency-rate DELIVERIES_PER_S`, `--slow-rooms N`, `--slow-mib F`,
-//! `--c100k-connections N` (default 100,000).
+//! `--c100k-connections N` (default 100,000), `--durable` (target `chat-durable` and the
+//! `resume` scenario).
 //! Unknown arguments (cargo passes `--bench`) are ignored. A round of sweep and latency with
 //! `--socketioxide` (2 targets, 2 publisher counts each) takes about 1.5 minutes on 2 cores,
 //! 2 minutes with `--seed` too (once the peers are built).
@@ -174,6 +191,8 @@
 // they live in benches/fanout/ to keep the benches directory for bench targets.
 #[path = "fanout/c100k.rs"]
 mod c100k;
+#[path = "fanout/durable.rs"]
+mod durable;
 #[path = "fanout/hist.rs"]
 mod hist;
 #[path = "fanout/load.rs"]
@@ -280,6 +299,9 @@ mod clock {
     }
 }
 
+/// `HISTORY` of the `chat-durable` target (`--durable`).
+const DURABLE_HISTORY: usize = 256;
+
 /// Command line.
 #[derive(Debug)]
 struct Args {
@@ -306,6 +328,7 @@ struct Args {
     slow_rooms: Option<usize>,
     slow_mib: Option<f64>,
     c100k_connections: Option<usize>,
+    durable: bool,
 }
 
 const USAGE: &str = "\
@@ -316,6 +339,8 @@ usage: cargo bench --bench fanout [-- OPTIONS]
   --target-cmd [NAME=]CMD
                         another target, started as `sh -c \"exec CMD\"` (repeatable)
   --seed                add the Node.js seed peer as target `seed`
+  --durable             add target chat-durable (the chat example with HISTORY=256: durable
+                        rooms), alternated with chat, and the `resume` scenario
   --seed-dir DIR        seed peer sources (default ../shared/peers/seed-node)
   --socketioxide        add the socketioxide peer (socket.io) as target `socketioxide`; the
                         bench builds it in target/socketioxide-peer (first time ~4 min)
@@ -369,6 +394,7 @@ impl Args {
             slow_rooms: None,
             slow_mib: None,
             c100k_connections: None,
+            durable: false,
         };
         let mut it = raw.into_iter();
         while let Some(arg) = it.next() {
@@ -404,6 +430,7 @@ impl Args {
                         .push(split_target_cmd(&v, a.target_cmds.len() + 1));
                 }
                 "--seed" => a.seed = true,
+                "--durable" => a.durable = true,
                 "--seed-dir" => a.seed_dir = Some(PathBuf::from(value("--seed-dir")?)),
                 "--socketioxide" => a.socketioxide = true,
                 "--socketioxide-dir" => {
@@ -470,6 +497,9 @@ impl Args {
                 "--bench" => {}
                 other => eprintln!("fanout: ignoring unknown argument {other:?}"),
             }
+        }
+        if a.durable && !a.scenarios.contains(&Scenario::Resume) {
+            a.scenarios.push(Scenario::Resume);
         }
         if a.rounds == 0 || a.shard_count == 0 || a.shard_counts.contains(&0) {
             bail!("--rounds, --shard-count and --shard-counts must be at least 1");
@@ -611,6 +641,14 @@ async fn run(args: Args) -> Result<bool> {
                 env: Vec::new(),
                 proto: Proto::Ws,
             });
+            if args.durable {
+                targets.push(Target {
+                    name: "chat-durable".to_string(),
+                    launch: Launch::Exec(bin.clone()),
+                    env: vec![("HISTORY".to_string(), DURABLE_HISTORY.to_string())],
+                    proto: Proto::Ws,
+                });
+            }
         }
         for n in &args.shard_counts {
             targets.push(Target {

@@ -451,6 +451,15 @@ impl StepResult {
         self.cpu.loadgen_secs * 1e6 / self.lat.delivered as f64
     }
 
+    /// CPU time of Redis per message published, in microseconds (a message is one PUBLISH,
+    /// or one script run storing and publishing it in a durable room).
+    pub(crate) fn redis_us_per_msg(&self) -> f64 {
+        if self.msgs_sent == 0 {
+            return f64::NAN;
+        }
+        self.cpu.redis_secs * 1e6 / self.msgs_sent as f64
+    }
+
     pub(crate) fn p_ms(&self, q: f64) -> f64 {
         self.lat.quantile_ms(q)
     }

@@ -476,6 +476,8 @@ pub(crate) struct CpuUsage {
     pub(crate) nodes_secs: f64,
     /// CPU seconds of the load generator (this process: pacer, clients, orchestration).
     pub(crate) loadgen_secs: f64,
+    /// CPU seconds of Redis (every master of a cluster).
+    pub(crate) redis_secs: f64,
     /// Average number of cores busy in each group (1.0 = one core fully used).
     pub(crate) nodes_cores: f64,
     pub(crate) redis_cores: f64,
@@ -491,13 +493,15 @@ impl CpuSample {
         let secs = |a: u64, b: u64| b.saturating_sub(a) as f64 / tck;
         let nodes_secs = secs(self.nodes, later.nodes);
         let loadgen_secs = secs(self.own, later.own);
+        let redis_secs = secs(self.redis, later.redis);
         let host_total = secs(self.host.total, later.host.total);
         let host_idle = secs(self.host.idle, later.host.idle);
         CpuUsage {
             wall_secs: wall,
             nodes_secs,
             nodes_cores: nodes_secs / wall,
-            redis_cores: secs(self.redis, later.redis) / wall,
+            redis_secs,
+            redis_cores: redis_secs / wall,
             loadgen_secs,
             loadgen_cores: loadgen_secs / wall,
             // /proc/stat counts ticks of every core; scale to "cores busy".

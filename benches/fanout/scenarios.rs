@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 
 use crate::c100k::{self, C100kParams};
+use crate::durable;
 use crate::load::{self, Fleet, FleetSpec, StepResult, StepSpec};
 use crate::procs::{self, Cluster, ClusterConfig, Target};
 use crate::report::{Better, Figure, fig};
@@ -22,6 +23,8 @@ pub(crate) enum Scenario {
     Hot,
     /// Opt-in (not in `ALL`): 100,000 connections held at once (`c100k.rs`).
     C100k,
+    /// Opt-in, added by `--durable`: a resume of 1,000 messages (`durable.rs`).
+    Resume,
 }
 
 impl Scenario {
@@ -34,7 +37,7 @@ impl Scenario {
     ];
 
     /// Scenarios that run only when named in `--scenario` (not part of `all`).
-    pub(crate) const OPT_IN: [Scenario; 1] = [Scenario::C100k];
+    pub(crate) const OPT_IN: [Scenario; 2] = [Scenario::C100k, Scenario::Resume];
 
     pub(crate) fn name(self) -> &'static str {
         match self {
@@ -44,6 +47,7 @@ impl Scenario {
             Scenario::Slow => "slow",
             Scenario::Hot => "hot",
             Scenario::C100k => "c100k",
+            Scenario::Resume => "resume",
         }
     }
 
@@ -108,6 +112,11 @@ impl Scenario {
                 "c100k: {} connections in {} rooms, one message per room at once, {} B",
                 p.c100k.connections, p.c100k.rooms, p.msg_size
             ),
+            Scenario::Resume => format!(
+                "resume: {} messages of a durable room replayed to a new socket from seq 0, \
+                 {} tries (durable targets only)",
+                p.resume_msgs, p.resume_tries
+            ),
         }
     }
 }
@@ -160,6 +169,8 @@ pub(crate) struct Params {
     pub(crate) slow_rcvbuf: u32,
     pub(crate) hot: Ramp,
     pub(crate) c100k: C100kParams,
+    pub(crate) resume_msgs: usize,
+    pub(crate) resume_tries: usize,
 }
 
 impl Params {
@@ -219,6 +230,8 @@ impl Params {
                 buf_size: 16 * 1024,
             },
             c100k: C100kParams::new(quick),
+            resume_msgs: 1000,
+            resume_tries: 5,
         }
     }
 
@@ -244,6 +257,9 @@ impl Params {
                 "stalled_rcvbuf": self.slow_rcvbuf,
             }),
             Scenario::C100k => self.c100k.describe(),
+            Scenario::Resume => {
+                json!({ "messages": self.resume_msgs, "tries": self.resume_tries })
+            }
         }
     }
 }
@@ -285,6 +301,9 @@ pub(crate) async fn run(
         // Its own fleet of nodes and load-generator processes.
         return c100k::run(target, cc, &p.c100k, p.msg_size, tag).await;
     }
+    if s == Scenario::Resume {
+        return durable::resume(target, cc, p.resume_msgs, p.resume_tries, tag).await;
+    }
     let mut cluster = Cluster::start(target, cc).await?;
     let proto = target.proto;
     match s {
@@ -296,7 +315,7 @@ pub(crate) async fn run(
         }
         Scenario::Idle => idle(&mut cluster, p, proto, tag).await,
         Scenario::Slow => slow(&mut cluster, p, proto, tag).await,
-        Scenario::C100k => unreachable!("handled above"),
+        Scenario::C100k | Scenario::Resume => unreachable!("handled above"),
     }
 }
 
@@ -325,6 +344,7 @@ fn step_json(r: &StepResult) -> Value {
         "max_ms": f(r.lat.max_ms()),
         "cpu_us_per_delivery": f(r.cpu_us_per_delivery()),
         "loadgen_us_per_delivery": f(r.loadgen_us_per_delivery()),
+        "redis_us_per_msg": f(r.redis_us_per_msg()),
         "nodes_cores": r.cpu.nodes_cores, "redis_cores": r.cpu.redis_cores,
         "loadgen_cores": r.cpu.loadgen_cores, "host_cores": r.cpu.host_cores,
         "failure": r.failure,
@@ -462,6 +482,12 @@ async fn ramp(
                 Better::Lower,
                 get(|s| s.p_ms(0.99)),
             ),
+            fig(
+                "redis_us_per_msg",
+                "Redis CPU/message @max (us)",
+                Better::Lower,
+                get(StepResult::redis_us_per_msg),
+            ),
             loadgen_fig(b),
             fig(
                 "loadgen_cores",
@@ -520,6 +546,12 @@ async fn latency(
                 "server CPU/delivery (us)",
                 Better::Lower,
                 step.cpu_us_per_delivery(),
+            ),
+            fig(
+                "redis_us_per_msg",
+                "Redis CPU/message (us)",
+                Better::Lower,
+                step.redis_us_per_msg(),
             ),
             loadgen_fig(Some(&step)),
             fig(

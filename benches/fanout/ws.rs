@@ -91,8 +91,8 @@ pub(crate) async fn connect(
 }
 
 /// [`connect`] with a local source address (`c100k` spreads its 100,000 client sockets over
-/// several 127.0.0.x addresses, so that no address runs out of ephemeral ports) (the
-/// request path is explicit).
+/// several 127.0.0.x addresses, so that no address runs out of ephemeral ports) and an
+/// explicit request path (`/ws?room=R&positions=1&since=E:S` for the durable resume).
 pub(crate) async fn connect_from(
     addr: SocketAddr,
     source: Option<IpAddr>,
@@ -207,6 +207,61 @@ fn complete_frame(avail: &[u8]) -> Option<(bool, u8, usize, usize)> {
         header += 4;
     }
     (avail.len() >= header.checked_add(len)?).then_some((b0 & 0x80 != 0, b0 & 0x0f, header, len))
+}
+
+/// Reads the text messages of a plain WebSocket connection one by one (control frames are
+/// skipped, pings unanswered: the callers read for well under the ping interval). For the
+/// durable resume measurement, where the frames' content matters: it walks the buffer with a
+/// cursor and moves the unread rest to the front only before a read, so a burst of frames
+/// costs no more than reading it.
+#[derive(Debug)]
+pub(crate) struct TextReader {
+    conn: Conn,
+    start: usize,
+}
+
+impl TextReader {
+    pub(crate) fn new(conn: Conn) -> Self {
+        Self { conn, start: 0 }
+    }
+
+    /// The socket, e.g. to write to it.
+    pub(crate) fn stream(&mut self) -> &mut TcpStream {
+        &mut self.conn.stream
+    }
+
+    /// The next complete text message (valid until the next call).
+    pub(crate) async fn next_text(&mut self) -> Result<&[u8]> {
+        loop {
+            let c = &mut self.conn;
+            if let Some((fin, opcode, header, len)) = complete_frame(&c.buf[self.start..c.filled]) {
+                let at = self.start + header;
+                self.start = at + len;
+                match opcode {
+                    0x1 if fin => return Ok(&self.conn.buf[at..at + len]),
+                    0x8 => bail!("the server closed the websocket"),
+                    0x9 | 0xa => continue,
+                    _ => bail!("unexpected frame (opcode {opcode}, fin {fin})"),
+                }
+            }
+            c.buf.copy_within(self.start..c.filled, 0);
+            c.filled -= self.start;
+            self.start = 0;
+            if c.filled == c.buf.len() {
+                let grow = c.buf.len() * 2;
+                c.buf.resize(grow, 0);
+            }
+            let n = c
+                .stream
+                .read(&mut c.buf[c.filled..])
+                .await
+                .ctx(|| "reading from a websocket".to_string())?;
+            if n == 0 {
+                bail!("the server closed the connection");
+            }
+            c.filled += n;
+        }
+    }
 }
 
 /// Engine.IO open (`0{..}` from the server), namespace connect (`40` from the client), and the
