@@ -310,8 +310,11 @@ async fn run_inner(
     loop {
         let mut sum = 0;
         for addr in &cluster.addrs {
-            let s = procs::http_get_json(*addr, "/stats").await?;
-            sum += s["memberships"].as_u64().unwrap_or(0) as usize;
+            // A node too busy to answer within the GET's limit counts as 0 this time.
+            match procs::http_get_json(*addr, "/stats").await {
+                Ok(s) => sum += s["memberships"].as_u64().unwrap_or(0) as usize,
+                Err(e) => println!("{tag} note: {e}"),
+            }
         }
         members = members.max(sum);
         if sum >= connected || Instant::now() > deadline {
@@ -378,7 +381,14 @@ async fn run_inner(
     let mut per_node = Vec::new();
     let mut out_of_fds = 0;
     for (i, addr) in cluster.addrs.iter().enumerate() {
-        let s = procs::http_get_json(*addr, "/stats").await?;
+        let s = match procs::http_get_json(*addr, "/stats").await {
+            Ok(s) => s,
+            Err(e) => {
+                println!("{tag} node n{}: {e}", i + 1);
+                per_node.push(json!({ "error": e.to_string() }));
+                continue;
+            }
+        };
         let n = |k: &str| s[k].as_u64().unwrap_or(0);
         out_of_fds += n("accepts_out_of_fds");
         println!(

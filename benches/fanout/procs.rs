@@ -412,7 +412,7 @@ pub(crate) async fn http_get_json(addr: SocketAddr, path: &str) -> Result<serde_
         s.read_to_end(&mut out).await?;
         Ok::<_, std::io::Error>(out)
     };
-    let raw = tokio::time::timeout(Duration::from_secs(5), fetch)
+    let raw = tokio::time::timeout(Duration::from_secs(10), fetch)
         .await
         .ctx(|| format!("GET {path} of {addr} timed out"))?
         .ctx(|| format!("GET {path} of {addr}"))?;
