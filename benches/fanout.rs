@@ -47,6 +47,35 @@
 //!   deliveries/s, with a p99 bound of 100 ms: one message is 1,000 socket writes per node
 //!   and 3,000 reads for the load generator, so spreading a single message takes 10-25 ms
 //!   on 2 cores even at low rates. Compare targets here rather than absolute latencies.
+//! * `c100k` (opt-in: `--scenario c100k`, not part of `all`): 100,000 WebSocket connections
+//!   held at once (`--c100k-connections N`, e.g. 20,000 for a quick check), 100 rooms of
+//!   1,000, then one message per room published at once. Every process here has a hard limit
+//!   of 20,000 open files, so the fleet is `ceil(N / 17,000)` nodes (6 for 100,000) and the
+//!   clients live in as many load-generator processes (this binary re-executed, coordinated
+//!   over their stdin/stdout; each binds its own 127.0.0.x source address so that ephemeral
+//!   ports do not run out); `c100k.rs` has the details. Reports: the time until every
+//!   connection was established and joined (the nodes' `/stats` `memberships` add up), node
+//!   RSS per connection (growth of the nodes' summed VmRSS / connections), the nodes' idle
+//!   CPU over 30 s (heartbeats included; % of one core, summed), the time from publishing
+//!   until the last of the N deliveries arrived (once right after joining, once after the
+//!   idle period), and each node's `/stats` (`connections`, `accepts_out_of_fds`, ...).
+//!   Every phase has a time limit and the scenario stops itself after 15 minutes. Only the
+//!   plain WebSocket contract.
+//! * `resume` (added by `--durable`, or `--scenario resume`): durable targets only. A client
+//!   of room `resume` (`positions=1`) reads the epoch from its `fanout.position` notice and
+//!   publishes 1,000 messages; then, 5 times, a new client connects to another node with
+//!   `positions=1&since=E:S0` and the time from its TCP connect until the 1,000th replayed
+//!   frame arrived is one sample (median and max reported; the replay must say
+//!   `recovered:true` and be in order). Its nodes keep `HISTORY` of at least 1,000 (with 256,
+//!   a resume of 1,000 is refused as trimmed).
+//!
+//! `--durable` adds the target `chat-durable`: the same chat binary with `HISTORY=256`, so
+//! every room is durable (each message stored in a Redis stream and published by one Lua
+//! script; CONTRACT.md "Durable rooms"); its clients join without `positions=1`, so they
+//! receive the same frames as in plain rooms. It alternates with `chat` like any target, and
+//! the tables' ratios (`chat / chat-durable`) compare plain with durable rooms in the same
+//! run; `sweep`, `latency` and `hot` also report Redis CPU per message published
+//! (`redis_us_per_msg`).
 //!
 //! # Method
 //!
@@ -118,9 +147,13 @@
 //! cargo bench --bench fanout -- --target-cmd other="node path/to/server.js"
 //! cargo bench --bench fanout -- --scenario hot --redis-cluster 3 --shard-counts 1,4,16 \
 //!     --hot-publishers 12
+//! cargo bench --bench fanout -- --scenario c100k --rounds 1                 # 100,000 sockets
+//! cargo bench --bench fanout -- --scenario c100k --rounds 1 --c100k-connections 20000
+//! cargo bench --bench fanout -- --durable --scenario sweep,latency,hot --rounds 1
 //! ```
 //!
-//! Options: `--scenario sweep|latency|idle|slow|hot|all` (comma-separated list allowed),
+//! Options: `--scenario sweep|latency|idle|slow|hot|all|c100k|resume` (comma-separated list
+//! allowed; `all` is the first five),
 //! `--rounds N` (default 3), `--target-cmd [NAME=]CMD` (repeatable; run as `sh -c "exec CMD"`
 //! with the contract's environment variables), `--seed` (adds `../shared/peers/seed-node`,
 //! copied to `target/seed-node`, as target `seed`), `--seed-dir DIR`, `--socketioxide` (adds
@@ -138,7 +171,9 @@
 //! no replicas, instead of one redis-server; the nodes get `REDIS_CLUSTER`),
 //! `--hot-publishers N` (publishing clients of `hot`, default 1: a room's shard is chosen per
 //! sender, so one publisher uses one shard whatever the shard count),
-//! `--msg-size N`, `--latency-rate DELIVERIES_PER_S`, `--slow-rooms N`, `--slow-mib F`.
+//! `--msg-size N`, `--latency-rate DELIVERIES_PER_S`, `--slow-rooms N`, `--slow-mib F`,
+//! `--c100k-connections N` (default 100,000), `--durable` (target `chat-durable` and the
+//! `resume` scenario).
 //! Unknown arguments (cargo passes `--bench`) are ignored. A round of sweep and latency with
 //! `--socketioxide` (2 targets, 2 publisher counts each) takes about 1.5 minutes on 2 cores,
 //! 2 minutes with `--seed` too (once the peers are built).
@@ -154,6 +189,10 @@
 
 // The crate root is benches/fanout.rs, so its modules would be looked up in benches/;
 // they live in benches/fanout/ to keep the benches directory for bench targets.
+#[path = "fanout/c100k.rs"]
+mod c100k;
+#[path = "fanout/durable.rs"]
+mod durable;
 #[path = "fanout/hist.rs"]
 mod hist;
 #[path = "fanout/load.rs"]
@@ -208,18 +247,40 @@ macro_rules! bail {
 pub(crate) use bail;
 
 /// Send stamps and the measurement window, on one process-wide monotonic clock.
+///
+/// The `c100k` load-generator child processes align their clock to the parent's
+/// ([`clock::align_to`]), so that stamps the parent writes read as latencies in a child.
 mod clock {
     use std::sync::LazyLock;
-    use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-    use std::time::Instant;
+    use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
+    use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
     static EPOCH: LazyLock<Instant> = LazyLock::new(Instant::now);
     static WINDOW_START: AtomicU64 = AtomicU64::new(0);
+    /// Added to every reading: 0 except in a child aligned to its parent.
+    static OFFSET: AtomicI64 = AtomicI64::new(0);
 
     /// Nanoseconds since the process-wide epoch.
     #[inline]
     pub(crate) fn now_ns() -> u64 {
-        EPOCH.elapsed().as_nanos() as u64
+        (EPOCH.elapsed().as_nanos() as i64).saturating_add(OFFSET.load(Relaxed)) as u64
+    }
+
+    /// Unix time (ns) at which `now_ns()` was 0, from a paired reading of both clocks (the
+    /// wall clock is shared by every process of the machine, `Instant` is not comparable
+    /// across processes in std).
+    pub(crate) fn zero_unix_ns() -> i128 {
+        let wall = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as i128);
+        wall - i128::from(now_ns())
+    }
+
+    /// Makes `now_ns()` read the clock of the process whose `zero_unix_ns()` was `parent`.
+    pub(crate) fn align_to(parent: i128) {
+        OFFSET.store(0, Relaxed);
+        let mine = zero_unix_ns();
+        OFFSET.store((mine - parent) as i64, Relaxed);
     }
 
     /// Starts a measurement window: from now on, only messages stamped from now count.
@@ -227,11 +288,19 @@ mod clock {
         WINDOW_START.store(now_ns(), Relaxed);
     }
 
+    /// Starts a window at a given instant (a child, told by its parent).
+    pub(crate) fn set_window_start(ns: u64) {
+        WINDOW_START.store(ns, Relaxed);
+    }
+
     #[inline]
     pub(crate) fn window_start_ns() -> u64 {
         WINDOW_START.load(Relaxed)
     }
 }
+
+/// `HISTORY` of the `chat-durable` target (`--durable`).
+const DURABLE_HISTORY: usize = 256;
 
 /// Command line.
 #[derive(Debug)]
@@ -258,15 +327,20 @@ struct Args {
     latency_rate: Option<f64>,
     slow_rooms: Option<usize>,
     slow_mib: Option<f64>,
+    c100k_connections: Option<usize>,
+    durable: bool,
 }
 
 const USAGE: &str = "\
 usage: cargo bench --bench fanout [-- OPTIONS]
-  --scenario S          sweep|latency|idle|slow|hot|all, or a comma-separated list (default all)
+  --scenario S          sweep|latency|idle|slow|hot|all, or a comma-separated list (default all);
+                        also c100k (opt-in, not part of all)
   --rounds N            rounds per target (default 3)
   --target-cmd [NAME=]CMD
                         another target, started as `sh -c \"exec CMD\"` (repeatable)
   --seed                add the Node.js seed peer as target `seed`
+  --durable             add target chat-durable (the chat example with HISTORY=256: durable
+                        rooms), alternated with chat, and the `resume` scenario
   --seed-dir DIR        seed peer sources (default ../shared/peers/seed-node)
   --socketioxide        add the socketioxide peer (socket.io) as target `socketioxide`; the
                         bench builds it in target/socketioxide-peer (first time ~4 min)
@@ -291,7 +365,8 @@ usage: cargo bench --bench fanout [-- OPTIONS]
   --msg-size N          message size in bytes of sweep, latency and hot (default 256)
   --latency-rate D      deliveries/s of `latency` (default 75000)
   --slow-rooms N        rooms of `slow` (default 3)
-  --slow-mib F          MiB sent toward each stalled client in `slow` (default 20)";
+  --slow-mib F          MiB sent toward each stalled client in `slow` (default 20)
+  --c100k-connections N connections of `c100k` (default 100000; e.g. 20000 for a quick check)";
 
 impl Args {
     fn parse(raw: impl IntoIterator<Item = String>) -> Result<Self> {
@@ -318,6 +393,8 @@ impl Args {
             latency_rate: None,
             slow_rooms: None,
             slow_mib: None,
+            c100k_connections: None,
+            durable: false,
         };
         let mut it = raw.into_iter();
         while let Some(arg) = it.next() {
@@ -353,6 +430,7 @@ impl Args {
                         .push(split_target_cmd(&v, a.target_cmds.len() + 1));
                 }
                 "--seed" => a.seed = true,
+                "--durable" => a.durable = true,
                 "--seed-dir" => a.seed_dir = Some(PathBuf::from(value("--seed-dir")?)),
                 "--socketioxide" => a.socketioxide = true,
                 "--socketioxide-dir" => {
@@ -405,6 +483,12 @@ impl Args {
                     a.slow_rooms = Some(parse_num(&value("--slow-rooms")?, "--slow-rooms")?)
                 }
                 "--slow-mib" => a.slow_mib = Some(parse_num(&value("--slow-mib")?, "--slow-mib")?),
+                "--c100k-connections" => {
+                    a.c100k_connections = Some(parse_num(
+                        &value("--c100k-connections")?,
+                        "--c100k-connections",
+                    )?);
+                }
                 "-h" | "--help" => {
                     println!("{USAGE}");
                     std::process::exit(0);
@@ -413,6 +497,9 @@ impl Args {
                 "--bench" => {}
                 other => eprintln!("fanout: ignoring unknown argument {other:?}"),
             }
+        }
+        if a.durable && !a.scenarios.contains(&Scenario::Resume) {
+            a.scenarios.push(Scenario::Resume);
         }
         if a.rounds == 0 || a.shard_count == 0 || a.shard_counts.contains(&0) {
             bail!("--rounds, --shard-count and --shard-counts must be at least 1");
@@ -471,7 +558,12 @@ fn target_dir() -> PathBuf {
 }
 
 fn main() -> ExitCode {
-    let args = match Args::parse(std::env::args().skip(1)) {
+    // `c100k` re-executes this binary as its load-generator processes.
+    let raw: Vec<String> = std::env::args().skip(1).collect();
+    if raw.first().map(String::as_str) == Some(c100k::CHILD_FLAG) {
+        return c100k::child_main(&raw[1..]);
+    }
+    let args = match Args::parse(raw) {
         Ok(a) => a,
         Err(e) => {
             eprintln!("fanout: {e}");
@@ -549,6 +641,14 @@ async fn run(args: Args) -> Result<bool> {
                 env: Vec::new(),
                 proto: Proto::Ws,
             });
+            if args.durable {
+                targets.push(Target {
+                    name: "chat-durable".to_string(),
+                    launch: Launch::Exec(bin.clone()),
+                    env: vec![("HISTORY".to_string(), DURABLE_HISTORY.to_string())],
+                    proto: Proto::Ws,
+                });
+            }
         }
         for n in &args.shard_counts {
             targets.push(Target {
@@ -608,6 +708,9 @@ async fn run(args: Args) -> Result<bool> {
     }
     if let Some(mib) = args.slow_mib {
         params.slow_mib = mib;
+    }
+    if let Some(n) = args.c100k_connections {
+        params.c100k.connections = n;
     }
     let positive = |v: f64| v.is_finite() && v > 0.0;
     if params.slow_rooms == 0

@@ -162,6 +162,53 @@ impl Summary {
         }
     }
 
+    /// Compact JSON form, for a `c100k` child to hand its counters to the parent: the
+    /// histogram as `[bucket, count]` pairs of its non-empty buckets.
+    pub(crate) fn to_json(&self) -> serde_json::Value {
+        let hist: Vec<[u64; 2]> = self
+            .hist
+            .iter()
+            .enumerate()
+            .filter(|(_, n)| **n > 0)
+            .map(|(i, n)| [i as u64, *n])
+            .collect();
+        serde_json::json!({
+            "hist": hist, "delivered": self.delivered, "stale": self.stale, "bad": self.bad,
+            "closed": self.closed,
+        })
+    }
+
+    /// Inverse of [`Self::to_json`] (missing or malformed parts read as 0).
+    pub(crate) fn from_json(v: &serde_json::Value) -> Self {
+        let mut hist = vec![0; BUCKETS];
+        for pair in v["hist"].as_array().into_iter().flatten() {
+            if let (Some(i), Some(n)) = (pair[0].as_u64(), pair[1].as_u64())
+                && let Some(slot) = hist.get_mut(i as usize)
+            {
+                *slot += n;
+            }
+        }
+        let n = |k: &str| v[k].as_u64().unwrap_or(0);
+        Summary {
+            hist,
+            delivered: n("delivered"),
+            stale: n("stale"),
+            bad: n("bad"),
+            closed: n("closed"),
+        }
+    }
+
+    /// Adds another set of connections (e.g. another process's).
+    pub(crate) fn add(&mut self, other: &Summary) {
+        for (a, b) in self.hist.iter_mut().zip(&other.hist) {
+            *a += b;
+        }
+        self.delivered += other.delivered;
+        self.stale += other.stale;
+        self.bad += other.bad;
+        self.closed += other.closed;
+    }
+
     /// Latency quantile (`q` in 0..=1) in milliseconds; NaN when nothing was recorded.
     pub(crate) fn quantile_ms(&self, q: f64) -> f64 {
         let total: u64 = self.hist.iter().sum();

@@ -219,7 +219,7 @@ impl Fleet {
         Summary::collect(self.stats.iter().map(|s| &**s))
     }
 
-    fn delivered_total(&self) -> u64 {
+    pub(crate) fn delivered_total(&self) -> u64 {
         self.stats.iter().map(|s| s.delivered()).sum()
     }
 
@@ -286,6 +286,28 @@ impl Fleet {
         }
         sent.secs = start.elapsed().as_secs_f64();
         sent
+    }
+
+    /// Sends one message from every publisher at once (one stamp for all), e.g. one message
+    /// per room in `c100k`. Returns the stamp.
+    pub(crate) fn publish_once(&mut self, size: usize) -> u64 {
+        let t = clock::now_ns();
+        for p in &mut self.publishers {
+            let mut frame = Vec::with_capacity(size + 16);
+            ws::push_message(
+                &mut frame,
+                &mut self.scratch,
+                self.proto,
+                t,
+                p.id,
+                p.seq,
+                size,
+            );
+            p.seq += 1;
+            // A closed channel means the writer died; the missing deliveries will show it.
+            let _ = p.tx.send(frame);
+        }
+        t
     }
 
     /// Sends one message from every publisher until a round reaches every receiver of its
@@ -427,6 +449,15 @@ impl StepResult {
             return f64::NAN;
         }
         self.cpu.loadgen_secs * 1e6 / self.lat.delivered as f64
+    }
+
+    /// CPU time of Redis per message published, in microseconds (a message is one PUBLISH,
+    /// or one script run storing and publishing it in a durable room).
+    pub(crate) fn redis_us_per_msg(&self) -> f64 {
+        if self.msgs_sent == 0 {
+            return f64::NAN;
+        }
+        self.cpu.redis_secs * 1e6 / self.msgs_sent as f64
     }
 
     pub(crate) fn p_ms(&self, q: f64) -> f64 {

@@ -402,6 +402,39 @@ async fn wait_healthy(addr: SocketAddr, node: &mut ChildGuard) -> Result<()> {
     }
 }
 
+/// `GET path` of a node, as JSON (e.g. the chat example's `/stats`).
+pub(crate) async fn http_get_json(addr: SocketAddr, path: &str) -> Result<serde_json::Value> {
+    let fetch = async {
+        let mut s = TcpStream::connect(addr).await?;
+        let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+        s.write_all(req.as_bytes()).await?;
+        let mut out = Vec::new();
+        s.read_to_end(&mut out).await?;
+        Ok::<_, std::io::Error>(out)
+    };
+    let raw = tokio::time::timeout(Duration::from_secs(10), fetch)
+        .await
+        .ctx(|| format!("GET {path} of {addr} timed out"))?
+        .ctx(|| format!("GET {path} of {addr}"))?;
+    let text = String::from_utf8_lossy(&raw);
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .ctx(|| format!("GET {path} of {addr}: no header end"))?;
+    if !head.starts_with("HTTP/1.1 200") {
+        bail!(
+            "GET {path} of {addr}: {}",
+            head.lines().next().unwrap_or("")
+        );
+    }
+    // A chunked body (axum's Json sets a length, but be lenient): the JSON object is between
+    // the first `{` and the last `}`.
+    let json = match (body.find('{'), body.rfind('}')) {
+        (Some(a), Some(b)) if a < b => &body[a..=b],
+        _ => body,
+    };
+    serde_json::from_str(json).ctx(|| format!("GET {path} of {addr}: body is not JSON"))
+}
+
 /// Status code of `GET /healthz`.
 async fn http_get(addr: SocketAddr) -> std::io::Result<u16> {
     let mut s = TcpStream::connect(addr).await?;
@@ -443,6 +476,8 @@ pub(crate) struct CpuUsage {
     pub(crate) nodes_secs: f64,
     /// CPU seconds of the load generator (this process: pacer, clients, orchestration).
     pub(crate) loadgen_secs: f64,
+    /// CPU seconds of Redis (every master of a cluster).
+    pub(crate) redis_secs: f64,
     /// Average number of cores busy in each group (1.0 = one core fully used).
     pub(crate) nodes_cores: f64,
     pub(crate) redis_cores: f64,
@@ -458,13 +493,15 @@ impl CpuSample {
         let secs = |a: u64, b: u64| b.saturating_sub(a) as f64 / tck;
         let nodes_secs = secs(self.nodes, later.nodes);
         let loadgen_secs = secs(self.own, later.own);
+        let redis_secs = secs(self.redis, later.redis);
         let host_total = secs(self.host.total, later.host.total);
         let host_idle = secs(self.host.idle, later.host.idle);
         CpuUsage {
             wall_secs: wall,
             nodes_secs,
             nodes_cores: nodes_secs / wall,
-            redis_cores: secs(self.redis, later.redis) / wall,
+            redis_secs,
+            redis_cores: redis_secs / wall,
             loadgen_secs,
             loadgen_cores: loadgen_secs / wall,
             // /proc/stat counts ticks of every core; scale to "cores busy".

@@ -1,10 +1,12 @@
-//! The five scenarios. Each starts a fresh cluster (Redis + nodes) for its run, so that no
+//! The scenarios (`c100k` lives in `c100k.rs`). Each starts a fresh cluster (Redis + nodes) for its run, so that no
 //! run inherits another's memory, backlog or subscriptions.
 
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
+use crate::c100k::{self, C100kParams};
+use crate::durable;
 use crate::load::{self, Fleet, FleetSpec, StepResult, StepSpec};
 use crate::procs::{self, Cluster, ClusterConfig, Target};
 use crate::report::{Better, Figure, fig};
@@ -19,6 +21,10 @@ pub(crate) enum Scenario {
     Idle,
     Slow,
     Hot,
+    /// Opt-in (not in `ALL`): 100,000 connections held at once (`c100k.rs`).
+    C100k,
+    /// Opt-in, added by `--durable`: a resume of 1,000 messages (`durable.rs`).
+    Resume,
 }
 
 impl Scenario {
@@ -30,6 +36,9 @@ impl Scenario {
         Scenario::Hot,
     ];
 
+    /// Scenarios that run only when named in `--scenario` (not part of `all`).
+    pub(crate) const OPT_IN: [Scenario; 2] = [Scenario::C100k, Scenario::Resume];
+
     pub(crate) fn name(self) -> &'static str {
         match self {
             Scenario::Sweep => "sweep",
@@ -37,11 +46,16 @@ impl Scenario {
             Scenario::Idle => "idle",
             Scenario::Slow => "slow",
             Scenario::Hot => "hot",
+            Scenario::C100k => "c100k",
+            Scenario::Resume => "resume",
         }
     }
 
     pub(crate) fn parse(s: &str) -> Option<Self> {
-        Self::ALL.into_iter().find(|sc| sc.name() == s)
+        Self::ALL
+            .into_iter()
+            .chain(Self::OPT_IN)
+            .find(|sc| sc.name() == s)
     }
 
     /// Whether `--publishers-per-room` applies (the scenario runs once per value).
@@ -94,6 +108,15 @@ impl Scenario {
                 p.max_loss * 100.0,
                 p.hot.max_p99_ms
             ),
+            Scenario::C100k => format!(
+                "c100k: {} connections in {} rooms, one message per room at once, {} B",
+                p.c100k.connections, p.c100k.rooms, p.msg_size
+            ),
+            Scenario::Resume => format!(
+                "resume: {} messages of a durable room replayed to a new socket from seq 0, \
+                 {} tries (durable targets only)",
+                p.resume_msgs, p.resume_tries
+            ),
         }
     }
 }
@@ -145,6 +168,9 @@ pub(crate) struct Params {
     pub(crate) slow_room_msgs_per_sec: f64,
     pub(crate) slow_rcvbuf: u32,
     pub(crate) hot: Ramp,
+    pub(crate) c100k: C100kParams,
+    pub(crate) resume_msgs: usize,
+    pub(crate) resume_tries: usize,
 }
 
 impl Params {
@@ -203,6 +229,9 @@ impl Params {
                 retries: 1,
                 buf_size: 16 * 1024,
             },
+            c100k: C100kParams::new(quick),
+            resume_msgs: 1000,
+            resume_tries: 5,
         }
     }
 
@@ -227,6 +256,10 @@ impl Params {
                 "room_msgs_per_sec": self.slow_room_msgs_per_sec,
                 "stalled_rcvbuf": self.slow_rcvbuf,
             }),
+            Scenario::C100k => self.c100k.describe(),
+            Scenario::Resume => {
+                json!({ "messages": self.resume_msgs, "tries": self.resume_tries })
+            }
         }
     }
 }
@@ -264,6 +297,13 @@ pub(crate) async fn run(
     p: &Params,
     tag: &str,
 ) -> Result<Outcome> {
+    if s == Scenario::C100k {
+        // Its own fleet of nodes and load-generator processes.
+        return c100k::run(target, cc, &p.c100k, p.msg_size, tag).await;
+    }
+    if s == Scenario::Resume {
+        return durable::resume(target, cc, p.resume_msgs, p.resume_tries, tag).await;
+    }
     let mut cluster = Cluster::start(target, cc).await?;
     let proto = target.proto;
     match s {
@@ -275,6 +315,7 @@ pub(crate) async fn run(
         }
         Scenario::Idle => idle(&mut cluster, p, proto, tag).await,
         Scenario::Slow => slow(&mut cluster, p, proto, tag).await,
+        Scenario::C100k | Scenario::Resume => unreachable!("handled above"),
     }
 }
 
@@ -303,6 +344,7 @@ fn step_json(r: &StepResult) -> Value {
         "max_ms": f(r.lat.max_ms()),
         "cpu_us_per_delivery": f(r.cpu_us_per_delivery()),
         "loadgen_us_per_delivery": f(r.loadgen_us_per_delivery()),
+        "redis_us_per_msg": f(r.redis_us_per_msg()),
         "nodes_cores": r.cpu.nodes_cores, "redis_cores": r.cpu.redis_cores,
         "loadgen_cores": r.cpu.loadgen_cores, "host_cores": r.cpu.host_cores,
         "failure": r.failure,
@@ -440,6 +482,12 @@ async fn ramp(
                 Better::Lower,
                 get(|s| s.p_ms(0.99)),
             ),
+            fig(
+                "redis_us_per_msg",
+                "Redis CPU/message @max (us)",
+                Better::Lower,
+                get(StepResult::redis_us_per_msg),
+            ),
             loadgen_fig(b),
             fig(
                 "loadgen_cores",
@@ -498,6 +546,12 @@ async fn latency(
                 "server CPU/delivery (us)",
                 Better::Lower,
                 step.cpu_us_per_delivery(),
+            ),
+            fig(
+                "redis_us_per_msg",
+                "Redis CPU/message (us)",
+                Better::Lower,
+                step.redis_us_per_msg(),
             ),
             loadgen_fig(Some(&step)),
             fig(

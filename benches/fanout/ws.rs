@@ -19,7 +19,7 @@
 //! (`2`) are answered with `3`; other packets (noop, namespace packets) are not deliveries and
 //! are ignored, and `1` (close) or `41` (namespace disconnect) end the connection.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -55,7 +55,7 @@ impl Proto {
         }
     }
 
-    fn path(self, room: &str) -> String {
+    pub(crate) fn path(self, room: &str) -> String {
         match self {
             Proto::Ws => format!("/ws?room={room}"),
             Proto::SocketIo => format!("/socket.io/?EIO=4&transport=websocket&room={room}"),
@@ -87,9 +87,23 @@ pub(crate) async fn connect(
     rcvbuf: Option<u32>,
     buf_size: usize,
 ) -> Result<Conn> {
+    connect_from(addr, None, &proto.path(room), proto, rcvbuf, buf_size).await
+}
+
+/// [`connect`] with a local source address (`c100k` spreads its 100,000 client sockets over
+/// several 127.0.0.x addresses, so that no address runs out of ephemeral ports) and an
+/// explicit request path (`/ws?room=R&positions=1&since=E:S` for the durable resume).
+pub(crate) async fn connect_from(
+    addr: SocketAddr,
+    source: Option<IpAddr>,
+    path: &str,
+    proto: Proto,
+    rcvbuf: Option<u32>,
+    buf_size: usize,
+) -> Result<Conn> {
     tokio::time::timeout(
         HANDSHAKE_TIMEOUT,
-        connect_inner(addr, room, proto, rcvbuf, buf_size),
+        connect_inner(addr, source, path, proto, rcvbuf, buf_size),
     )
     .await
     .ctx(|| format!("{} handshake with {addr} timed out", proto.name()))?
@@ -97,12 +111,18 @@ pub(crate) async fn connect(
 
 async fn connect_inner(
     addr: SocketAddr,
-    room: &str,
+    source: Option<IpAddr>,
+    path: &str,
     proto: Proto,
     rcvbuf: Option<u32>,
     buf_size: usize,
 ) -> Result<Conn> {
     let socket = TcpSocket::new_v4().ctx(|| "creating a TCP socket".to_string())?;
+    if let Some(ip) = source {
+        socket
+            .bind(SocketAddr::new(ip, 0))
+            .ctx(|| format!("binding a client socket to {ip}"))?;
+    }
     if let Some(size) = rcvbuf {
         socket
             .set_recv_buffer_size(size)
@@ -116,7 +136,6 @@ async fn connect_inner(
     stream
         .set_nodelay(true)
         .ctx(|| "setting TCP_NODELAY".to_string())?;
-    let path = proto.path(room);
     let request = format!(
         "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\n\
          Connection: Upgrade\r\nSec-WebSocket-Key: {KEY}\r\nSec-WebSocket-Version: 13\r\n\r\n"
@@ -188,6 +207,61 @@ fn complete_frame(avail: &[u8]) -> Option<(bool, u8, usize, usize)> {
         header += 4;
     }
     (avail.len() >= header.checked_add(len)?).then_some((b0 & 0x80 != 0, b0 & 0x0f, header, len))
+}
+
+/// Reads the text messages of a plain WebSocket connection one by one (control frames are
+/// skipped, pings unanswered: the callers read for well under the ping interval). For the
+/// durable resume measurement, where the frames' content matters: it walks the buffer with a
+/// cursor and moves the unread rest to the front only before a read, so a burst of frames
+/// costs no more than reading it.
+#[derive(Debug)]
+pub(crate) struct TextReader {
+    conn: Conn,
+    start: usize,
+}
+
+impl TextReader {
+    pub(crate) fn new(conn: Conn) -> Self {
+        Self { conn, start: 0 }
+    }
+
+    /// The socket, e.g. to write to it.
+    pub(crate) fn stream(&mut self) -> &mut TcpStream {
+        &mut self.conn.stream
+    }
+
+    /// The next complete text message (valid until the next call).
+    pub(crate) async fn next_text(&mut self) -> Result<&[u8]> {
+        loop {
+            let c = &mut self.conn;
+            if let Some((fin, opcode, header, len)) = complete_frame(&c.buf[self.start..c.filled]) {
+                let at = self.start + header;
+                self.start = at + len;
+                match opcode {
+                    0x1 if fin => return Ok(&self.conn.buf[at..at + len]),
+                    0x8 => bail!("the server closed the websocket"),
+                    0x9 | 0xa => continue,
+                    _ => bail!("unexpected frame (opcode {opcode}, fin {fin})"),
+                }
+            }
+            c.buf.copy_within(self.start..c.filled, 0);
+            c.filled -= self.start;
+            self.start = 0;
+            if c.filled == c.buf.len() {
+                let grow = c.buf.len() * 2;
+                c.buf.resize(grow, 0);
+            }
+            let n = c
+                .stream
+                .read(&mut c.buf[c.filled..])
+                .await
+                .ctx(|| "reading from a websocket".to_string())?;
+            if n == 0 {
+                bail!("the server closed the connection");
+            }
+            c.filled += n;
+        }
+    }
 }
 
 /// Engine.IO open (`0{..}` from the server), namespace connect (`40` from the client), and the
