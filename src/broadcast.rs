@@ -105,9 +105,9 @@ impl Broadcast {
         // A durable room's message is stored and published in one step, numbered by Redis;
         // it takes its place in the same queue, so the order still holds.
         let durable = node.config.durable_for(room.as_str()).copied();
-        node.bus
-            .enqueue(room, sender, bytes, self.origin, durable)
-            .await
+        // Boxed: it may wait under a deadline (a timer), and a socket handler that awaits it
+        // would otherwise carry that size for the socket's whole life.
+        Box::pin(node.bus.enqueue(room, sender, bytes, self.origin, durable)).await
     }
 
     /// Leaves out one socket of this node (usually the sender). It also counts as the

@@ -255,9 +255,13 @@ impl FanoutSocket {
         let node = &self.shared.node;
         let deadline = Instant::now() + node.config.subscribe_timeout;
         let generation = node.presence.add(&room, self.id, member);
-        let counted = node
-            .presence
-            .wait_synced(&room, member.user(), generation, deadline);
+        // Boxed, like the history read below: a socket's task keeps the size of its largest
+        // await for its whole life, and most of that life is spent idle in `recv`.
+        let counted =
+            Box::pin(
+                node.presence
+                    .wait_synced(&room, member.user(), generation, deadline),
+            );
         if let Err(e) = counted.await {
             self.leave(room.as_str());
             tracing::warn!(room = %room, socket = %self.id, error = %e, "join as a member failed");
@@ -322,7 +326,9 @@ impl FanoutSocket {
             Some(since) => Read::After(since.clone(), settings.replay_limit.get()),
             None => Read::Top,
         };
-        match node.bus.read_history(&room, &settings, read).await {
+        // Boxed: the read's futures (a script call under a deadline) are large, and a socket's
+        // task would keep their size for its whole life.
+        match Box::pin(node.bus.read_history(&room, &settings, read)).await {
             Ok(page) => Ok(node
                 .durable
                 .finish_resume(&room, self.id, &self.outbox, since, page)),

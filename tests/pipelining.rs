@@ -204,7 +204,10 @@ async fn the_chat_example_tells_a_client_whose_message_could_not_be_sent() {
     ready(&handle).await;
     let server = TestServer::start(chat_app::app(layer)).await;
     let mut ws = join(&server, &handle, "cut").await;
+    // A message that comes back proves the join completed (not only that Redis subscribed).
     wait_until("subscribed", || async { redis.numsub("ws:room:cut") == 1 }).await;
+    send_text(&mut ws, r#"{"n":0}"#).await;
+    assert_eq!(recv_text(&mut ws, "the echo").await, r#"{"n":0}"#);
     redis.stop();
     send_text(&mut ws, r#"{"type":"chat","text":"into the void"}"#).await;
     let v: Value =
