@@ -131,9 +131,9 @@ impl Config {
 /// use std::time::Duration;
 /// use axum_fanout::{Durability, FanoutLayer};
 ///
-/// # fn main() -> Result<(), axum_fanout::Error> {
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
 /// let layer = FanoutLayer::builder("redis://127.0.0.1:6379")
-///     .durable_room("support", Durability::default().history(NonZeroUsize::new(1000).unwrap()))
+///     .durable_room("support", Durability::default().history(NonZeroUsize::try_from(1000)?))
 ///     .durable_room("alerts", Durability::default().ttl(Duration::from_secs(3600)))
 ///     .build()?;
 /// # let _ = layer; Ok(()) }
