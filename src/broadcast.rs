@@ -22,6 +22,10 @@ use crate::room::RoomName;
 /// reply). Every node delivers it from its subscriber, this one included: local sockets never
 /// receive it inline, so each socket gets each message once and all see one order.
 ///
+/// ## Cancel safety
+/// Dropping an awaited broadcast before it was written to Redis cancels it. A broadcast made
+/// with [`queue`](Broadcast::queue) is sent whether or not its [`Receipt`] is still held.
+///
 /// ## Order and pipelining
 /// Broadcasts reach Redis in the order they are *queued*, one publisher connection per node.
 /// Awaiting a broadcast waits for Redis's reply, a round trip: fine for a plain HTTP handler,
@@ -92,6 +96,11 @@ impl Broadcast {
     /// }
     /// ```
     pub async fn queue(self) -> Result<Receipt, Error> {
+        self.enqueue(false).await
+    }
+
+    /// Queues it; `abandonable`: see `bus::publisher::Outgoing`.
+    async fn enqueue(self, abandonable: bool) -> Result<Receipt, Error> {
         let room = self.room?;
         let node = &self.shared.node;
         let bytes = envelope::encode(
@@ -107,7 +116,11 @@ impl Broadcast {
         let durable = node.config.durable_for(room.as_str()).copied();
         // Boxed: it may wait under a deadline (a timer), and a socket handler that awaits it
         // would otherwise carry that size for the socket's whole life.
-        Box::pin(node.bus.enqueue(room, sender, bytes, self.origin, durable)).await
+        Box::pin(
+            node.bus
+                .enqueue(room, sender, bytes, self.origin, durable, abandonable),
+        )
+        .await
     }
 
     /// Leaves out one socket of this node (usually the sender). It also counts as the
@@ -140,6 +153,8 @@ impl IntoFuture for Broadcast {
     type IntoFuture = Pin<Box<dyn Future<Output = Self::Output> + Send>>;
 
     fn into_future(self) -> Self::IntoFuture {
-        Box::pin(async move { self.queue().await?.await })
+        // Awaited: if the caller stops waiting before Redis got it, it is not sent (as before
+        // `queue` existed); a queued broadcast is sent regardless.
+        Box::pin(async move { self.enqueue(true).await?.await })
     }
 }

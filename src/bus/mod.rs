@@ -69,6 +69,10 @@ pub(crate) struct Bus {
     outgoing: mpsc::Sender<Outgoing>,
     /// The publisher task's end of `outgoing`, until [`Bus::start`] hands it over.
     outgoing_rx: Mutex<Option<mpsc::Receiver<Outgoing>>>,
+    /// Told by the subscriber each time it reached Redis: the publisher, if it is pausing
+    /// between reconnect attempts, tries again at once (the two pause on independent,
+    /// jittered schedules, and a node reported ready must be able to publish).
+    reachable: tokio::sync::Notify,
     /// This node's private channel for link probes, outside the room prefix so that
     /// `PUBSUB CHANNELS <prefix>*` lists rooms only.
     probe_channel: String,
@@ -92,6 +96,7 @@ impl Bus {
             reads: tokio::sync::Semaphore::new(history::READS),
             backend,
             ready: AtomicBool::new(false),
+            reachable: tokio::sync::Notify::new(),
             publisher: watch::Sender::new(None),
             outgoing,
             outgoing_rx: Mutex::new(Some(outgoing_rx)),
@@ -147,6 +152,19 @@ impl Bus {
                 stop.subscribe(),
             ));
         }
+    }
+}
+
+/// Sleeps for `d`, or less when `early` is notified; returns `false` if the node is stopping.
+async fn pause_or(
+    d: Duration,
+    stop: &mut watch::Receiver<()>,
+    early: &tokio::sync::Notify,
+) -> bool {
+    tokio::select! {
+        _ = tokio::time::sleep(d) => true,
+        _ = early.notified() => true,
+        _ = stop.changed() => false,
     }
 }
 

@@ -13,7 +13,7 @@ use tokio::time::{Instant, timeout_at};
 use super::backend::{Backend, Conn};
 use super::backoff::Backoff;
 use super::history::{POS_BYTES, store_and_publish};
-use super::{Bus, pause};
+use super::{Bus, pause_or};
 use crate::channel;
 use crate::config::Durability;
 use crate::error::Error;
@@ -41,6 +41,10 @@ pub(super) struct Outgoing {
     origin: Option<Origin>,
     /// A durable room's message: stored and published by the history script.
     durable: Option<Durability>,
+    /// The caller awaits the reply (`Broadcast`'s `.await`): if it stops waiting before the
+    /// broadcast was sent, it is not sent. A queued broadcast (`Broadcast::queue`) is sent
+    /// whether or not its receipt is still held.
+    abandonable: bool,
 }
 
 /// The socket a broadcast was queued from (`FanoutSocket::broadcast`).
@@ -93,6 +97,7 @@ impl Bus {
         envelope: Vec<u8>,
         origin: Option<(Arc<Outbox>, Arc<Semaphore>)>,
         durable: Option<Durability>,
+        abandonable: bool,
     ) -> Result<Receipt, Error> {
         let cfg = &self.config;
         if self.backend.is_none() {
@@ -126,6 +131,7 @@ impl Bus {
             reply,
             origin,
             durable,
+            abandonable,
         };
         match timeout_at(deadline, self.outgoing.send(request)).await {
             Ok(Ok(())) => {}
@@ -236,7 +242,7 @@ pub(super) async fn run(
                 tracing::warn!(node = %cfg.node_id, error = %e, "publisher cannot connect to redis; retrying");
             }
         }
-        if !pause(backoff.next(), &mut stop).await {
+        if !pause_or(backoff.next(), &mut stop, &bus.reachable).await {
             return;
         }
     }
@@ -355,7 +361,9 @@ async fn send(bus: &Bus, conn: &mut Conn, batch: &mut Vec<Outgoing>, deadline: I
 
 /// Takes out of `batch` the requests whose deadline passed, telling their callers: a caller
 /// told "timed out" must never see its message published later.
+/// Requests whose awaiting caller went away (a cancelled `.await`) are dropped unsent.
 fn expire_due(batch: &mut Vec<Outgoing>, bus: &Bus) {
+    batch.retain(|o| !(o.abandonable && o.reply.is_closed()));
     let now = Instant::now();
     if batch.iter().all(|o| o.deadline > now) {
         return;

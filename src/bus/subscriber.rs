@@ -125,6 +125,8 @@ pub(super) async fn run(
             }
         };
         bus.registry.link_up();
+        // Redis is reachable again: the publisher need not wait out its own pause.
+        bus.reachable.notify_one();
         let outcome = serve_link(
             &bus,
             &mut conn,
