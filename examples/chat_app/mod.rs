@@ -77,16 +77,22 @@ async fn http_push(Path(room): Path<String>, rooms: RoomHandle, body: String) ->
     };
     match rooms.broadcast(&room, payload).await {
         Ok(nodes) => Json(serde_json::json!({ "nodes": nodes })).into_response(),
-        Err(e) if e.is_invalid_room() => {
-            let reason = std::error::Error::source(&e).map(ToString::to_string);
-            (
-                StatusCode::BAD_REQUEST,
-                format!("{}\n", reason.unwrap_or_default()),
-            )
-                .into_response()
-        }
-        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n")).into_response(),
+        Err(e) => failure(&e),
     }
+}
+
+/// The answer to a request the node could not serve: 400 with the rule a bad room name broke,
+/// 503 when Redis could not answer.
+fn failure(e: &axum_fanout::Error) -> Response {
+    if e.is_invalid_room() {
+        let reason = std::error::Error::source(e).map(ToString::to_string);
+        return (
+            StatusCode::BAD_REQUEST,
+            format!("{}\n", reason.unwrap_or_default()),
+        )
+            .into_response();
+    }
+    (StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n")).into_response()
 }
 
 async fn ws(
@@ -243,15 +249,7 @@ async fn presence(Path(room): Path<String>, rooms: RoomHandle) -> Response {
         Err(e) if e.is_presence_off() => {
             (StatusCode::NOT_FOUND, "presence is off (PRESENCE=1)\n").into_response()
         }
-        Err(e) if e.is_invalid_room() => {
-            let reason = std::error::Error::source(&e).map(ToString::to_string);
-            (
-                StatusCode::BAD_REQUEST,
-                format!("{}\n", reason.unwrap_or_default()),
-            )
-                .into_response()
-        }
-        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n")).into_response(),
+        Err(e) => failure(&e),
     }
 }
 
@@ -283,10 +281,7 @@ async fn history(
         Err(e) if e.is_not_durable() => {
             return (StatusCode::NOT_FOUND, "room history is off (HISTORY=0)\n").into_response();
         }
-        Err(e) if e.is_invalid_room() => {
-            return (StatusCode::BAD_REQUEST, format!("{e}\n")).into_response();
-        }
-        Err(e) => return (StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n")).into_response(),
+        Err(e) => return failure(&e),
     };
     let position = history.position();
     if let Some(why) = history.failure() {
