@@ -286,7 +286,7 @@ impl LogLimiter {
 mod tests {
     use super::*;
     use crate::config::{FanoutBuilder, OverflowPolicy};
-    use crate::queue::{Limits, Next};
+    use crate::queue::Limits;
     use crate::room::RoomName;
 
     /// A dispatcher with no connection behind it: the tests play the subscriber connection
@@ -326,17 +326,6 @@ mod tests {
         }
     }
 
-    async fn frames(outbox: &Outbox) -> Vec<String> {
-        let mut batch = Vec::new();
-        match outbox.next_batch(&mut batch, 100, None).await {
-            Next::Frames => batch
-                .into_iter()
-                .map(|m| m.into_text().expect("text").to_string())
-                .collect(),
-            Next::Close(_) => Vec::new(),
-        }
-    }
-
     #[tokio::test]
     async fn each_envelope_reaches_its_rooms_members_once_and_garbage_is_counted() {
         let (inbox, mut d, registry, counters) = dispatcher(64);
@@ -358,8 +347,8 @@ mod tests {
         d.rx.recv_many(&mut batch, 10).await;
         d.dispatch(&mut batch);
         assert!(batch.is_empty());
-        assert_eq!(frames(&a1).await, [r#"{"n":1}"#, "two"]);
-        assert_eq!(frames(&a2).await, [r#"{"n":1}"#, "two"]);
+        assert_eq!(a1.take_texts().await, [r#"{"n":1}"#, "two"]);
+        assert_eq!(a2.take_texts().await, [r#"{"n":1}"#, "two"]);
         assert!(b.held().0 == 0, "room b got nothing");
         let stats = counters.snapshot(registry.gauges());
         assert_eq!(
@@ -379,7 +368,7 @@ mod tests {
         let mut batch = Vec::new();
         d.rx.recv_many(&mut batch, 10).await;
         d.dispatch(&mut batch);
-        assert_eq!(frames(&a).await, ["0"]);
+        assert_eq!(a.take_texts().await, ["0"]);
         let missed = a.take_missed().expect("told of the shed messages");
         assert_eq!(missed.dropped(), Some(3));
         assert_eq!(missed.room().as_str(), "a");

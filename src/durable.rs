@@ -619,7 +619,7 @@ impl Durable {
 mod tests {
     use super::*;
     use crate::config::FanoutBuilder;
-    use crate::queue::{Limits, Next};
+    use crate::queue::Limits;
 
     fn setup() -> (Durable, Arc<Registry>) {
         let config = Arc::new(
@@ -647,17 +647,6 @@ mod tests {
         envelope::decode(&env(epoch, seq), "r", "n", 1 << 20).expect("valid")
     }
 
-    async fn texts(outbox: &Outbox) -> Vec<String> {
-        let mut batch = Vec::new();
-        match outbox.next_batch(&mut batch, 1000, None).await {
-            Next::Frames => batch
-                .into_iter()
-                .map(|m| m.into_text().expect("text").to_string())
-                .collect(),
-            Next::Close(_) => Vec::new(),
-        }
-    }
-
     #[tokio::test]
     async fn a_gap_is_held_and_repaired_once_then_duplicates_are_dropped() {
         let (durable, registry) = setup();
@@ -679,7 +668,7 @@ mod tests {
         durable.repaired(&room, &repair.after, Some(page));
         durable.on_live("r", decoded("e", 5), &mut wake); // a duplicate
         durable.on_live("r", decoded("e", 6), &mut wake);
-        assert_eq!(texts(&plain).await, ["1", "2", "3", "4", "5", "6"]);
+        assert_eq!(plain.take_texts().await, ["1", "2", "3", "4", "5", "6"]);
         assert!(plain.take_missed().is_none());
     }
 
@@ -702,7 +691,7 @@ mod tests {
         let resumed = durable.finish_resume(&room, socket, &out, Some(Position::new("e", 2)), page);
         assert_eq!(resumed.recovered(), Some(true));
         durable.on_live("r", decoded("e", 6), &mut wake);
-        let got = texts(&out).await;
+        let got = out.take_texts().await;
         assert_eq!(
             got[0],
             r#"{"type":"fanout.resumed","room":"r","recovered":true,"epoch":"e","seq":2}"#

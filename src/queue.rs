@@ -402,6 +402,20 @@ impl Outbox {
         s.writing_bytes = 0;
     }
 
+    /// The text of every frame queued now, as a writer would take them (tests of the paths
+    /// that feed queues: dispatcher, durable rooms).
+    #[cfg(test)]
+    pub(crate) async fn take_texts(&self) -> Vec<String> {
+        let mut batch = Vec::new();
+        match self.next_batch(&mut batch, usize::MAX, None).await {
+            Next::Frames => batch
+                .into_iter()
+                .map(|m| m.into_text().map(|t| t.to_string()).unwrap_or_default())
+                .collect(),
+            Next::Close(_) => Vec::new(),
+        }
+    }
+
     /// Frames and bytes held (queued plus unflushed), for tests and stats.
     #[cfg(test)]
     pub(crate) fn held(&self) -> (usize, usize) {
