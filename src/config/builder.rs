@@ -1,189 +1,14 @@
-//! Configuration: every knob, its default and why.
-//!
-//! Defaults follow the seed where it names a value (channel prefix `ws:room:`, one shard,
-//! reconnect backoff capped at 2000 ms) and are otherwise chosen for many small, mostly idle
-//! sockets.
+//! The builder: where the node connects, its identity and channels, its Redis-facing knobs
+//! (timeouts, backoff, probes), durable rooms and presence. The per-socket knobs are in
+//! `sockets`.
 
 use std::collections::{HashMap, HashSet};
-use std::num::{NonZeroU16, NonZeroU32, NonZeroUsize};
+use std::num::{NonZeroU16, NonZeroUsize};
 use std::time::Duration;
 
+use super::{Config, Connect, Durability, OverflowPolicy, Target, nz, nz32};
 #[cfg(doc)]
 use crate::error::Error;
-
-/// What to do when a socket's send queue is full (the client reads slower than its rooms talk).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-#[non_exhaustive]
-pub enum OverflowPolicy {
-    /// Close the socket with code 1013 and reason `"slow consumer"`.
-    ///
-    /// The default: a client that cannot keep up has already lost messages, and telling it (so
-    /// it reconnects and resyncs) beats feeding it a history with silent holes.
-    #[default]
-    Disconnect,
-    /// Drop the oldest queued frames to make room for the new one.
-    DropOldest,
-    /// Drop the new frame and keep what is queued.
-    DropNewest,
-}
-
-/// Where the node connects: the Redis deployment and what TLS trusts. Plain values; the
-/// backend (`bus::backend`) parses and checks them when the layer is built, and its `Debug`
-/// (there too, beside the URL parsing) never shows a password.
-#[derive(Clone)]
-pub(crate) struct Connect {
-    pub(crate) target: Target,
-    /// PEM root certificate(s) to trust instead of the system's store, for `rediss://`.
-    #[cfg(feature = "tls")]
-    pub(crate) tls_root_certificate: Option<Vec<u8>>,
-}
-
-/// One Redis server, or the seed nodes of a Redis Cluster.
-#[derive(Clone)]
-pub(crate) enum Target {
-    Server(String),
-    #[cfg(feature = "cluster")]
-    Cluster(Vec<String>),
-}
-
-/// The settings the running node reads; built by [`FanoutBuilder`].
-#[derive(Debug, Clone)]
-pub(crate) struct Config {
-    pub(crate) node_id: String,
-    pub(crate) channel_prefix: String,
-    pub(crate) shard_count: NonZeroU16,
-    /// Per-room overrides of `shard_count` (hot rooms only).
-    pub(crate) room_shards: HashMap<String, NonZeroU16>,
-    pub(crate) queue_frames: NonZeroUsize,
-    pub(crate) queue_bytes: NonZeroUsize,
-    pub(crate) overflow: OverflowPolicy,
-    /// Per-room overrides of `overflow` (hot rooms where dropping beats disconnecting).
-    pub(crate) room_overflow: HashMap<String, OverflowPolicy>,
-    pub(crate) batch_frames: NonZeroUsize,
-    pub(crate) write_timeout: Duration,
-    pub(crate) flush_interval: Duration,
-    pub(crate) read_buffer_size: usize,
-    pub(crate) write_buffer_size: usize,
-    pub(crate) max_message_size: NonZeroUsize,
-    pub(crate) publish_timeout: Duration,
-    pub(crate) subscribe_timeout: Duration,
-    pub(crate) backoff_min: Duration,
-    pub(crate) backoff_max: Duration,
-    pub(crate) inbound_capacity: NonZeroUsize,
-    pub(crate) probe_interval: Duration,
-    pub(crate) max_connections: NonZeroUsize,
-    pub(crate) max_envelope_bytes: NonZeroUsize,
-    pub(crate) max_rooms_per_socket: NonZeroUsize,
-    pub(crate) broadcasts_in_flight: NonZeroUsize,
-    pub(crate) messages_per_second: NonZeroU32,
-    pub(crate) message_burst: NonZeroU32,
-    pub(crate) ping_interval: Duration,
-    pub(crate) pong_timeout: Duration,
-    pub(crate) probe_timeout: Duration,
-    pub(crate) shutdown_timeout: Duration,
-    /// Presence for every room, or only for `presence_rooms` (see `presence`).
-    pub(crate) presence_all: bool,
-    pub(crate) presence_rooms: HashSet<String>,
-    pub(crate) presence_ttl: Duration,
-    /// Durable rooms (`durable`): every room's settings, or none.
-    pub(crate) durable: Option<Durability>,
-    /// Per-room durable settings, overriding `durable`.
-    pub(crate) durable_rooms: HashMap<String, Durability>,
-}
-
-impl Config {
-    /// The overflow policy for frames of `room`.
-    pub(crate) fn overflow_for(&self, room: &str) -> OverflowPolicy {
-        if self.room_overflow.is_empty() {
-            return self.overflow;
-        }
-        self.room_overflow
-            .get(room)
-            .copied()
-            .unwrap_or(self.overflow)
-    }
-
-    /// Whether sockets of `room` may join it as members (presence is opted in for it).
-    pub(crate) fn has_presence(&self, room: &str) -> bool {
-        self.presence_all || self.presence_rooms.contains(room)
-    }
-
-    /// Whether any room may have presence: the node then keeps a lease in Redis.
-    pub(crate) fn uses_presence(&self) -> bool {
-        self.presence_all || !self.presence_rooms.is_empty()
-    }
-
-    /// The durable settings of `room`, `None` for a plain room. One branch when no room is
-    /// durable: plain rooms pay nothing more.
-    pub(crate) fn durable_for(&self, room: &str) -> Option<&Durability> {
-        if self.durable_rooms.is_empty() {
-            return self.durable.as_ref();
-        }
-        self.durable_rooms.get(room).or(self.durable.as_ref())
-    }
-}
-
-/// The settings of a durable room: how much history Redis keeps, for how long, and how far
-/// back a resume may reach. See the README's "Durable rooms".
-///
-/// ```
-/// use std::num::NonZeroUsize;
-/// use std::time::Duration;
-/// use axum_fanout::{Durability, FanoutLayer};
-///
-/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
-/// let layer = FanoutLayer::builder("redis://127.0.0.1:6379")
-///     .durable_room("support", Durability::default().history(NonZeroUsize::try_from(1000)?))
-///     .durable_room("alerts", Durability::default().ttl(Duration::from_secs(3600)))
-///     .build()?;
-/// # let _ = layer; Ok(()) }
-/// ```
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Durability {
-    pub(crate) history: NonZeroUsize,
-    pub(crate) ttl: Duration,
-    pub(crate) replay_limit: NonZeroUsize,
-}
-
-impl Default for Durability {
-    fn default() -> Self {
-        Self {
-            history: nz(256),
-            ttl: Duration::from_secs(600),
-            replay_limit: nz(1000),
-        }
-    }
-}
-
-impl Durability {
-    /// Messages kept per room: at least this many of the latest (Redis trims approximately,
-    /// so a few more may stay). Each holds one envelope, at most `max_envelope_bytes`.
-    ///
-    /// Defaults to 256: a chat room's recent past.
-    pub fn history(mut self, messages: NonZeroUsize) -> Self {
-        self.history = messages;
-        self
-    }
-
-    /// How long a room's history is kept after its last message; an idle room's history then
-    /// expires, and its next message starts a new epoch.
-    ///
-    /// Defaults to 10 minutes: long enough for a reconnect after a deploy or a network blip.
-    pub fn ttl(mut self, ttl: Duration) -> Self {
-        self.ttl = ttl.max(Duration::from_millis(1));
-        self
-    }
-
-    /// Most messages one resume replays (and one history read returns). A socket further
-    /// behind is told it cannot be recovered (`too_far_behind`) and nothing is replayed; this
-    /// also bounds what a resuming socket holds while its replay is read.
-    ///
-    /// Defaults to 1,000.
-    pub fn replay_limit(mut self, messages: NonZeroUsize) -> Self {
-        self.replay_limit = messages;
-        self
-    }
-}
 
 /// Builds a [`FanoutLayer`](crate::FanoutLayer) with non-default settings.
 ///
@@ -220,23 +45,8 @@ impl Durability {
 /// builder for a Redis Cluster (sharded pub/sub); every setting here applies unchanged.
 #[derive(Clone, Debug)]
 pub struct FanoutBuilder {
-    connect: Connect,
-    config: Config,
-}
-
-// `NonZeroUsize::new(literal)` in a const: every literal passed below is non-zero.
-const fn nz(n: usize) -> NonZeroUsize {
-    match NonZeroUsize::new(n) {
-        Some(n) => n,
-        None => NonZeroUsize::MIN,
-    }
-}
-
-const fn nz32(n: u32) -> NonZeroU32 {
-    match NonZeroU32::new(n) {
-        Some(n) => n,
-        None => NonZeroU32::MIN,
-    }
+    pub(super) connect: Connect,
+    pub(super) config: Config,
 }
 
 impl FanoutBuilder {
@@ -367,99 +177,6 @@ impl FanoutBuilder {
         self
     }
 
-    /// Most frames queued for one socket (queued plus handed to the writer, not yet flushed).
-    ///
-    /// Defaults to 4096.
-    pub fn queue_frames(mut self, frames: NonZeroUsize) -> Self {
-        self.config.queue_frames = frames;
-        self
-    }
-
-    /// Most payload bytes queued for one socket (queued plus handed to the writer, not yet
-    /// flushed). A single frame larger than this is still accepted into an empty queue.
-    ///
-    /// Defaults to 1 MiB.
-    pub fn queue_bytes(mut self, bytes: NonZeroUsize) -> Self {
-        self.config.queue_bytes = bytes;
-        self
-    }
-
-    /// What happens to a socket whose queue is full.
-    ///
-    /// Defaults to [`OverflowPolicy::Disconnect`].
-    pub fn overflow(mut self, policy: OverflowPolicy) -> Self {
-        self.config.overflow = policy;
-        self
-    }
-
-    /// Overrides the overflow policy for one room: a frame of `room` offered to a full queue
-    /// gets `policy` instead of the layer's. A ticker room may prefer
-    /// [`OverflowPolicy::DropOldest`] while chat rooms keep `Disconnect`.
-    ///
-    /// Defaults to no overrides.
-    pub fn room_overflow(mut self, room: impl Into<String>, policy: OverflowPolicy) -> Self {
-        self.config.room_overflow.insert(room.into(), policy);
-        self
-    }
-
-    /// Most frames a socket's writer feeds before one flush.
-    ///
-    /// Defaults to 64.
-    pub fn batch_frames(mut self, frames: NonZeroUsize) -> Self {
-        self.config.batch_frames = frames;
-        self
-    }
-
-    /// How long a busy socket gathers frames between two writes.
-    ///
-    /// A socket that keeps up (each write carries one frame) writes every frame at once, so
-    /// light traffic gets no added latency. When a write carried several frames, traffic is
-    /// outrunning the socket, and the writer waits this long before the next write so that it
-    /// carries many frames: one syscall for many frames instead of one each, which is most of
-    /// a busy node's CPU. Zero writes as soon as the writer wakes, always.
-    ///
-    /// Defaults to 4 ms: long enough that a busy socket's write carries tens of frames, short
-    /// enough to stay well under what a person notices.
-    pub fn flush_interval(mut self, interval: Duration) -> Self {
-        self.config.flush_interval = interval;
-        self
-    }
-
-    /// How long one batched write may take before the client counts as a slow consumer and is
-    /// closed.
-    ///
-    /// Defaults to 5 seconds.
-    pub fn write_timeout(mut self, timeout: Duration) -> Self {
-        self.config.write_timeout = timeout;
-        self
-    }
-
-    /// WebSocket read buffer per socket, applied by [`RoomHandle::on_upgrade`](crate::RoomHandle::on_upgrade).
-    ///
-    /// Defaults to 2 KiB (axum's default is 128 KiB, allocated up front for every socket, idle
-    /// or not). It is allocated per socket and dominates an idle connection's cost; a larger
-    /// message grows the buffer to its size while it is read.
-    pub fn read_buffer_size(mut self, bytes: usize) -> Self {
-        self.config.read_buffer_size = bytes;
-        self
-    }
-
-    /// Bytes the WebSocket writer gathers before it writes to the TCP socket.
-    ///
-    /// Defaults to 16 KiB (axum's default is 128 KiB).
-    pub fn write_buffer_size(mut self, bytes: usize) -> Self {
-        self.config.write_buffer_size = bytes;
-        self
-    }
-
-    /// Largest client message (and frame) accepted; a larger one closes the socket with 1009.
-    ///
-    /// Defaults to 64 KiB (axum's default is 64 MiB).
-    pub fn max_message_size(mut self, bytes: NonZeroUsize) -> Self {
-        self.config.max_message_size = bytes;
-        self
-    }
-
     /// How long a broadcast waits for Redis (connection and reply) before it fails with
     /// [`Error::is_timeout`].
     ///
@@ -495,16 +212,6 @@ impl FanoutBuilder {
         self
     }
 
-    /// Most WebSocket connections this node accepts; beyond it,
-    /// [`RoomHandle::on_upgrade`](crate::RoomHandle::on_upgrade) answers 503 instead of
-    /// upgrading.
-    ///
-    /// Defaults to 100,000.
-    pub fn max_connections(mut self, connections: NonZeroUsize) -> Self {
-        self.config.max_connections = connections;
-        self
-    }
-
     /// Largest envelope this node publishes or accepts from Redis. A larger broadcast fails with
     /// [`Error::is_invalid_payload`]; a larger envelope on a room channel (from another
     /// publisher) is counted as malformed and dropped before it is parsed.
@@ -512,64 +219,6 @@ impl FanoutBuilder {
     /// Defaults to 1 MiB.
     pub fn max_envelope_bytes(mut self, bytes: NonZeroUsize) -> Self {
         self.config.max_envelope_bytes = bytes;
-        self
-    }
-
-    /// Most rooms one socket may be in; a join beyond it fails with [`Error::is_limit`].
-    ///
-    /// Defaults to 100.
-    pub fn max_rooms_per_socket(mut self, rooms: NonZeroUsize) -> Self {
-        self.config.max_rooms_per_socket = rooms;
-        self
-    }
-
-    /// Most broadcasts one socket may have queued and unanswered at once, with
-    /// [`Broadcast::queue`](crate::Broadcast::queue) from
-    /// [`FanoutSocket::broadcast`](crate::FanoutSocket::broadcast); beyond it, `queue` waits for
-    /// the oldest reply (backpressure on that client's reader).
-    ///
-    /// Defaults to 64.
-    pub fn broadcasts_in_flight(mut self, broadcasts: NonZeroUsize) -> Self {
-        self.config.broadcasts_in_flight = broadcasts;
-        self
-    }
-
-    /// Sustained client messages per second per socket (a token bucket that refills at this
-    /// rate and holds [`message_burst`](FanoutBuilder::message_burst) tokens). A client that
-    /// sends faster is closed with 1008 `"rate limit exceeded"`, and
-    /// [`recv`](crate::FanoutSocket::recv) yields an error for which [`Error::is_limit`] is true.
-    ///
-    /// Defaults to 1000 per second: a ceiling against floods that leaves machine clients alone;
-    /// a human chat wants far less.
-    pub fn messages_per_second(mut self, rate: NonZeroU32) -> Self {
-        self.config.messages_per_second = rate;
-        self
-    }
-
-    /// Messages a client may send in a burst above the sustained rate.
-    ///
-    /// Defaults to 2000.
-    pub fn message_burst(mut self, burst: NonZeroU32) -> Self {
-        self.config.message_burst = burst;
-        self
-    }
-
-    /// How often each socket is pinged. A client that sent nothing (not even a pong) for
-    /// `ping_interval + pong_timeout` is closed with 1001, so half-open TCP connections do not
-    /// stay in rooms forever. Pongs are read by [`recv`](crate::FanoutSocket::recv): keep the
-    /// handler reading.
-    ///
-    /// Defaults to 25 seconds; zero turns heartbeats off.
-    pub fn ping_interval(mut self, every: Duration) -> Self {
-        self.config.ping_interval = every;
-        self
-    }
-
-    /// How long after a ping a client may stay silent before it is closed.
-    ///
-    /// Defaults to 10 seconds.
-    pub fn pong_timeout(mut self, timeout: Duration) -> Self {
-        self.config.pong_timeout = timeout;
         self
     }
 
