@@ -17,7 +17,9 @@
 //! - `handle`: [`RoomHandle`] (the extractor) and [`MissingFanoutLayer`], its rejection.
 //! - `listener`: [`FanoutListener`], an accept loop for `axum::serve` that sets `TCP_NODELAY`
 //!   and tells when the node runs out of file descriptors.
-//! - `socket`: [`FanoutSocket`], a WebSocket's memberships and reading half; [`Event`].
+//! - `socket`: [`FanoutSocket`], a WebSocket attached to the node: its queue, its own
+//!   broadcasts and its closing; `socket::rooms` (joining, as a member or durable, and
+//!   leaving), `socket::read` (the reading half, the rate limit; [`Event`]).
 //! - `broadcast`: [`Broadcast`], one message on its way to a room.
 //! - `node`: the composition root. Builds the registry, counters, bus and dispatcher, and
 //!   starts and stops the background tasks.
@@ -34,12 +36,16 @@
 //!   resuming sockets' replay merged with live traffic; [`Resumed`], [`History`]. Never waits:
 //!   the Redis side of it is `bus::history`.
 //! - `writer`: each socket's batched writer task, and the node's heartbeat.
-//! - `registry`: room -> local sockets, [`SocketId`], and which rooms Redis confirmed.
+//! - `registry`: room -> local sockets and [`SocketId`]; `registry::subscriptions` (which
+//!   rooms need a SUBSCRIBE or UNSUBSCRIBE, what Redis confirmed, a lost link),
+//!   `registry::fanout` (a frame offered to a room's local sockets, gap notices).
 //! - `queue`: one socket's bounded send queue and its overflow policy.
 //!
 //! Leaves, used from anywhere above: `envelope` (the JSON wire format shared with the seed's
 //! nodes; [`Payload`]), `channel` (Redis channel names for rooms and shards, injective),
-//! `config` ([`FanoutBuilder`]'s settings, [`OverflowPolicy`]; every default and why), `room`
+//! `config` (the settings the node reads, [`OverflowPolicy`]; `config::builder`: [`FanoutBuilder`]
+//! and its Redis-facing knobs, every default and why; `config::sockets`: its per-socket knobs;
+//! `config::durability`: [`Durability`]), `room`
 //! ([`RoomName`], validated once at the edge), `missed` ([`Missed`], how a socket learns that
 //! messages may have been lost), `stats` ([`Stats`] and the counters), `error` ([`Error`]),
 //! `time` (milliseconds since the epoch), `position` ([`Position`], [`Unrecoverable`]).

@@ -16,16 +16,20 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::SystemTime;
 
-use axum::extract::ws::Message;
 use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 
-use crate::config::OverflowPolicy;
 use crate::error::Error;
-use crate::missed::Missed;
-use crate::queue::{Offer, Outbox};
+use crate::queue::Outbox;
 use crate::room::RoomName;
 use crate::stats::Gauges;
+
+mod fanout;
+mod subscriptions;
+
+pub(crate) use fanout::Dispatched;
+use fanout::tell_gap;
+pub(crate) use subscriptions::Changes;
 
 /// Identifies a socket within one node, unique for the node's lifetime: from
 /// [`FanoutSocket::id`](crate::FanoutSocket::id), for
@@ -81,27 +85,6 @@ impl Drop for WriterGuard {
     }
 }
 
-/// What the subscription task must send to Redis next.
-#[derive(Debug, Default)]
-pub(crate) struct Changes {
-    pub(crate) subscribe: Vec<RoomName>,
-    pub(crate) unsubscribe: Vec<RoomName>,
-}
-
-impl Changes {
-    pub(crate) fn is_empty(&self) -> bool {
-        self.subscribe.is_empty() && self.unsubscribe.is_empty()
-    }
-}
-
-/// The outcome of dispatching one frame to a room's local sockets.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Dispatched {
-    pub(crate) delivered: u64,
-    pub(crate) dropped: u64,
-    pub(crate) overflowed: u64,
-}
-
 #[derive(Debug)]
 pub(crate) struct Registry {
     inner: Mutex<Inner>,
@@ -113,14 +96,6 @@ pub(crate) struct Registry {
     next_socket: AtomicU64,
     /// Writer tasks still running: a shutdown waits for them to flush and send their close.
     writers: AtomicU64,
-}
-
-impl std::ops::AddAssign for Dispatched {
-    fn add_assign(&mut self, rhs: Self) {
-        self.delivered += rhs.delivered;
-        self.dropped += rhs.dropped;
-        self.overflowed += rhs.overflowed;
-    }
 }
 
 impl Default for Registry {
@@ -275,207 +250,9 @@ impl Registry {
         }
     }
 
-    /// Takes the pending rooms that need a command. Rooms to unsubscribe stop counting as
-    /// subscribed right away. Returns nothing while the link is down.
-    pub(crate) fn take_pending(&self, max: usize) -> Changes {
-        let mut inner = self.lock();
-        let mut changes = Changes::default();
-        if !inner.link_up {
-            return changes;
-        }
-        let batch: Vec<RoomName> = inner.pending.iter().take(max).cloned().collect();
-        for room in batch {
-            inner.pending.remove(&room);
-            let wanted = inner.rooms.contains_key(&room);
-            let subscribed = inner.subscribed.contains(&room);
-            if wanted && !subscribed {
-                changes.subscribe.push(room);
-            } else if !wanted && subscribed {
-                inner.subscribed.remove(&room);
-                changes.unsubscribe.push(room);
-            }
-        }
-        changes
-    }
-
-    /// Redis confirmed SUBSCRIBE for `rooms`.
-    pub(crate) fn confirm_subscribed(&self, rooms: Vec<RoomName>) {
-        let mut inner = self.lock();
-        for room in rooms {
-            // Everyone may have left while the command was in flight: look again.
-            if !inner.rooms.contains_key(&room) {
-                inner.pending.insert(room.clone());
-            }
-            inner.subscribed.insert(room);
-        }
-        drop(inner);
-        self.confirmed.send_modify(|n| *n += 1);
-    }
-
-    /// Redis confirmed UNSUBSCRIBE for `rooms`.
-    pub(crate) fn confirm_unsubscribed(&self, rooms: Vec<RoomName>) {
-        let mut inner = self.lock();
-        for room in rooms {
-            // Someone may have joined while the command was in flight: subscribe again.
-            if inner.rooms.contains_key(&room) {
-                inner.pending.insert(room);
-            }
-        }
-        drop(inner);
-        self.confirmed.send_modify(|n| *n += 1);
-    }
-
-    /// A new link is up: every local room must be subscribed on it.
-    pub(crate) fn link_up(&self) {
-        let mut inner = self.lock();
-        inner.link_up = true;
-        inner.subscribed.clear();
-        let rooms: Vec<RoomName> = inner.rooms.keys().cloned().collect();
-        inner.pending.extend(rooms);
-    }
-
-    /// The link is gone, and with it every subscription.
-    pub(crate) fn link_down(&self) {
-        let mut inner = self.lock();
-        inner.link_up = false;
-        let was_subscribed = std::mem::take(&mut inner.subscribed);
-        if !was_subscribed.is_empty() {
-            inner.down_since.get_or_insert_with(SystemTime::now);
-            inner.lost.extend(was_subscribed);
-        }
-        drop(inner);
-        self.confirmed.send_modify(|n| *n += 1);
-    }
-
-    /// The link is back and every room resubscribed: tell the members of each room that was
-    /// subscribed when it dropped, except the rooms for which `repairs` is true (durable
-    /// rooms, whose gap the node reads back from history): those are returned. Also returns
-    /// the number of memberships told.
-    pub(crate) fn link_restored(&self, repairs: impl Fn(&str) -> bool) -> (usize, Vec<RoomName>) {
-        let mut inner = self.lock();
-        let Some(since) = inner.down_since.take() else {
-            return (0, Vec::new());
-        };
-        let until = SystemTime::now();
-        let (repair, lost): (Vec<RoomName>, Vec<RoomName>) = std::mem::take(&mut inner.lost)
-            .into_iter()
-            .partition(|room| repairs(room.as_str()));
-        let told = lost
-            .iter()
-            .map(|room| tell_gap(&inner, room.as_str(), since, until, None))
-            .sum();
-        (told, repair)
-    }
-
-    /// Tells the members of `room` that messages may be missing (`dropped` of them, when
-    /// known): a durable room's gap that its history could not fill.
-    pub(crate) fn tell_missed(&self, room: &str, dropped: Option<u64>) {
-        let now = SystemTime::now();
-        tell_gap(&self.lock(), room, now, now, dropped);
-    }
-
     /// Whether `room` has a local socket.
     pub(crate) fn has_members(&self, room: &str) -> bool {
         self.lock().rooms.contains_key(room)
-    }
-
-    /// The node dropped `n` messages of `room` before dispatching them: tell its members.
-    pub(crate) fn shed(&self, room: &str, since: SystemTime, until: SystemTime, n: u64) {
-        tell_gap(&self.lock(), room, since, until, Some(n));
-    }
-
-    /// Redis ended the subscription of `room` on its own (a cluster slot moved). Returns
-    /// `true` when the room was subscribed and still has members: it is then pending again
-    /// (not subscribed, so joins wait for the new confirmation) and its members are told that
-    /// messages may have been missed. Returns `false` for a room being unsubscribed on purpose.
-    pub(crate) fn subscription_lost(&self, room: &str) -> bool {
-        let mut inner = self.lock();
-        let Some(room) = inner.subscribed.get(room).cloned() else {
-            return false;
-        };
-        if !inner.rooms.contains_key(&room) {
-            return false;
-        }
-        let now = SystemTime::now();
-        tell_gap(&inner, room.as_str(), now, now, None);
-        inner.subscribed.remove(&room);
-        inner.pending.insert(room);
-        drop(inner);
-        self.changed.notify_one();
-        true
-    }
-
-    /// Every room that has a local socket, for a final UNSUBSCRIBE.
-    pub(crate) fn subscribed_rooms(&self) -> Vec<RoomName> {
-        self.lock().subscribed.iter().cloned().collect()
-    }
-
-    /// Offers `frame` to every local socket of `room` except `except`. Never waits.
-    ///
-    /// Writers are not woken here: the outboxes that need a wake-up are pushed to `to_wake`,
-    /// for the caller to wake once it has dispatched its whole batch.
-    pub(crate) fn dispatch(
-        &self,
-        room: &str,
-        frame: &Message,
-        except: Option<SocketId>,
-        policy: OverflowPolicy,
-        to_wake: &mut Vec<Arc<Outbox>>,
-    ) -> Dispatched {
-        // A clone of a `Message` shares its payload (reference-counted `Bytes`).
-        self.dispatch_with(room, except, policy, to_wake, |_| Some(frame.clone()))
-    }
-
-    /// Like [`dispatch`](Registry::dispatch), with the frame chosen per socket by `frame_for`
-    /// (`None`: this socket takes it some other way). Durable rooms use it: sockets that
-    /// asked for positions get their own frame, and a resuming socket's frames are held.
-    pub(crate) fn dispatch_with(
-        &self,
-        room: &str,
-        except: Option<SocketId>,
-        policy: OverflowPolicy,
-        to_wake: &mut Vec<Arc<Outbox>>,
-        mut frame_for: impl FnMut(SocketId) -> Option<Message>,
-    ) -> Dispatched {
-        let mut out = Dispatched::default();
-        let inner = self.lock();
-        let Some((room, members)) = inner.rooms.get_key_value(room) else {
-            return out;
-        };
-        let missed = |n: u64| {
-            let now = SystemTime::now();
-            Missed::new(room.clone(), now, now, Some(n))
-        };
-        for (&id, outbox) in members {
-            if Some(id) == except {
-                continue;
-            }
-            let Some(frame) = frame_for(id) else {
-                continue;
-            };
-            let (offer, wake) = outbox.offer_deferred(frame, policy);
-            if wake {
-                to_wake.push(outbox.clone());
-            }
-            match offer {
-                Offer::Queued => out.delivered += 1,
-                Offer::QueuedDroppingOldest(n) => {
-                    out.delivered += 1;
-                    out.dropped += n as u64;
-                    outbox.record_missed(missed(n as u64));
-                }
-                Offer::Dropped => {
-                    out.dropped += 1;
-                    outbox.record_missed(missed(1));
-                }
-                Offer::Overflowed => {
-                    out.dropped += 1;
-                    out.overflowed += 1;
-                }
-                Offer::Closed => {}
-            }
-        }
-        out
     }
 
     /// The registry's current sizes, for [`Stats`](crate::Stats).
@@ -490,29 +267,12 @@ impl Registry {
     }
 }
 
-/// Tells every local member of `room` that its messages between `since` and `until` may be
-/// missing (`dropped` of them, when known); returns how many members were told. Every kind of
-/// gap (link loss, load shed, a lost sharded subscription, a queue overflow) goes through here.
-fn tell_gap(
-    inner: &Inner,
-    room: &str,
-    since: SystemTime,
-    until: SystemTime,
-    dropped: Option<u64>,
-) -> usize {
-    let Some((room, members)) = inner.rooms.get_key_value(room) else {
-        return 0;
-    };
-    for outbox in members.values() {
-        outbox.record_missed(Missed::new(room.clone(), since, until, dropped));
-    }
-    members.len()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::OverflowPolicy;
     use crate::queue::Limits;
+    use axum::extract::ws::Message;
 
     fn outbox() -> Arc<Outbox> {
         Arc::new(Outbox::new(Limits {

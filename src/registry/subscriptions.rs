@@ -1,0 +1,140 @@
+//! Reconciling the registry with Redis: which rooms need a SUBSCRIBE or UNSUBSCRIBE, what
+//! Redis confirmed, and what a lost link or a lost subscription means for the rooms' members.
+
+use std::time::SystemTime;
+
+use super::{Registry, tell_gap};
+use crate::room::RoomName;
+
+/// What the subscription task must send to Redis next.
+#[derive(Debug, Default)]
+pub(crate) struct Changes {
+    pub(crate) subscribe: Vec<RoomName>,
+    pub(crate) unsubscribe: Vec<RoomName>,
+}
+
+impl Changes {
+    pub(crate) fn is_empty(&self) -> bool {
+        self.subscribe.is_empty() && self.unsubscribe.is_empty()
+    }
+}
+
+impl Registry {
+    /// Takes the pending rooms that need a command. Rooms to unsubscribe stop counting as
+    /// subscribed right away. Returns nothing while the link is down.
+    pub(crate) fn take_pending(&self, max: usize) -> Changes {
+        let mut inner = self.lock();
+        let mut changes = Changes::default();
+        if !inner.link_up {
+            return changes;
+        }
+        let batch: Vec<RoomName> = inner.pending.iter().take(max).cloned().collect();
+        for room in batch {
+            inner.pending.remove(&room);
+            let wanted = inner.rooms.contains_key(&room);
+            let subscribed = inner.subscribed.contains(&room);
+            if wanted && !subscribed {
+                changes.subscribe.push(room);
+            } else if !wanted && subscribed {
+                inner.subscribed.remove(&room);
+                changes.unsubscribe.push(room);
+            }
+        }
+        changes
+    }
+
+    /// Redis confirmed SUBSCRIBE for `rooms`.
+    pub(crate) fn confirm_subscribed(&self, rooms: Vec<RoomName>) {
+        let mut inner = self.lock();
+        for room in rooms {
+            // Everyone may have left while the command was in flight: look again.
+            if !inner.rooms.contains_key(&room) {
+                inner.pending.insert(room.clone());
+            }
+            inner.subscribed.insert(room);
+        }
+        drop(inner);
+        self.confirmed.send_modify(|n| *n += 1);
+    }
+
+    /// Redis confirmed UNSUBSCRIBE for `rooms`.
+    pub(crate) fn confirm_unsubscribed(&self, rooms: Vec<RoomName>) {
+        let mut inner = self.lock();
+        for room in rooms {
+            // Someone may have joined while the command was in flight: subscribe again.
+            if inner.rooms.contains_key(&room) {
+                inner.pending.insert(room);
+            }
+        }
+        drop(inner);
+        self.confirmed.send_modify(|n| *n += 1);
+    }
+
+    /// A new link is up: every local room must be subscribed on it.
+    pub(crate) fn link_up(&self) {
+        let mut inner = self.lock();
+        inner.link_up = true;
+        inner.subscribed.clear();
+        let rooms: Vec<RoomName> = inner.rooms.keys().cloned().collect();
+        inner.pending.extend(rooms);
+    }
+
+    /// The link is gone, and with it every subscription.
+    pub(crate) fn link_down(&self) {
+        let mut inner = self.lock();
+        inner.link_up = false;
+        let was_subscribed = std::mem::take(&mut inner.subscribed);
+        if !was_subscribed.is_empty() {
+            inner.down_since.get_or_insert_with(SystemTime::now);
+            inner.lost.extend(was_subscribed);
+        }
+        drop(inner);
+        self.confirmed.send_modify(|n| *n += 1);
+    }
+
+    /// The link is back and every room resubscribed: tell the members of each room that was
+    /// subscribed when it dropped, except the rooms for which `repairs` is true (durable
+    /// rooms, whose gap the node reads back from history): those are returned. Also returns
+    /// the number of memberships told.
+    pub(crate) fn link_restored(&self, repairs: impl Fn(&str) -> bool) -> (usize, Vec<RoomName>) {
+        let mut inner = self.lock();
+        let Some(since) = inner.down_since.take() else {
+            return (0, Vec::new());
+        };
+        let until = SystemTime::now();
+        let (repair, lost): (Vec<RoomName>, Vec<RoomName>) = std::mem::take(&mut inner.lost)
+            .into_iter()
+            .partition(|room| repairs(room.as_str()));
+        let told = lost
+            .iter()
+            .map(|room| tell_gap(&inner, room.as_str(), since, until, None))
+            .sum();
+        (told, repair)
+    }
+
+    /// Redis ended the subscription of `room` on its own (a cluster slot moved). Returns
+    /// `true` when the room was subscribed and still has members: it is then pending again
+    /// (not subscribed, so joins wait for the new confirmation) and its members are told that
+    /// messages may have been missed. Returns `false` for a room being unsubscribed on purpose.
+    pub(crate) fn subscription_lost(&self, room: &str) -> bool {
+        let mut inner = self.lock();
+        let Some(room) = inner.subscribed.get(room).cloned() else {
+            return false;
+        };
+        if !inner.rooms.contains_key(&room) {
+            return false;
+        }
+        let now = SystemTime::now();
+        tell_gap(&inner, room.as_str(), now, now, None);
+        inner.subscribed.remove(&room);
+        inner.pending.insert(room);
+        drop(inner);
+        self.changed.notify_one();
+        true
+    }
+
+    /// Every room that has a local socket, for a final UNSUBSCRIBE.
+    pub(crate) fn subscribed_rooms(&self) -> Vec<RoomName> {
+        self.lock().subscribed.iter().cloned().collect()
+    }
+}
