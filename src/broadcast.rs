@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use tokio::sync::Semaphore;
 
-use crate::bus::Receipt;
+use crate::bus::{Published, Receipt};
 use crate::channel;
 use crate::envelope::{self, Payload};
 use crate::error::Error;
@@ -19,7 +19,7 @@ use crate::room::RoomName;
 /// [`FanoutSocket::broadcast`](crate::FanoutSocket::broadcast).
 ///
 /// It resolves, after Redis replied, to the number of nodes subscribed to the room (PUBLISH's
-/// reply). Every node delivers it from its subscriber, this one included: local sockets never
+/// reply); [`send`](Broadcast::send) also gives a durable room's position. Every node delivers it from its subscriber, this one included: local sockets never
 /// receive it inline, so each socket gets each message once and all see one order.
 ///
 /// ## Cancel safety
@@ -99,6 +99,35 @@ impl Broadcast {
         self.enqueue(false).await
     }
 
+    /// Publishes it and waits for Redis's answer, like `.await`, with the message's position
+    /// when the room is durable: what the client that sent it can keep, to resume after its
+    /// own message. Dropping the future before the broadcast was written to Redis cancels it.
+    ///
+    /// ```no_run
+    /// use axum::Json;
+    /// use axum::extract::Path;
+    /// use axum_fanout::{Error, RoomHandle};
+    /// use serde_json::{Value, json};
+    ///
+    /// // POST /rooms/{room}: answers with the message's position in a durable room.
+    /// async fn post(
+    ///     fanout: RoomHandle,
+    ///     Path(room): Path<String>,
+    ///     Json(body): Json<Value>,
+    /// ) -> Result<Json<Value>, String> {
+    ///     let published = fanout
+    ///         .broadcast(&room, body)
+    ///         .send()
+    ///         .await
+    ///         .map_err(|e: Error| e.to_string())?;
+    ///     let position = published.position().map(ToString::to_string);
+    ///     Ok(Json(json!({ "nodes": published.nodes(), "position": position })))
+    /// }
+    /// ```
+    pub async fn send(self) -> Result<Published, Error> {
+        self.enqueue(true).await?.published().await
+    }
+
     /// Queues it; `abandonable`: see `bus::publisher::Outgoing`.
     async fn enqueue(self, abandonable: bool) -> Result<Receipt, Error> {
         let room = self.room?;
@@ -155,6 +184,6 @@ impl IntoFuture for Broadcast {
     fn into_future(self) -> Self::IntoFuture {
         // Awaited: if the caller stops waiting before Redis got it, it is not sent (as before
         // `queue` existed); a queued broadcast is sent regardless.
-        Box::pin(async move { self.enqueue(true).await?.await })
+        Box::pin(async move { self.send().await.map(|p| p.nodes()) })
     }
 }

@@ -101,7 +101,7 @@ mod stats;
 mod time;
 
 pub use broadcast::Broadcast;
-pub use bus::Receipt;
+pub use bus::{Published, Receipt};
 pub use config::{Durability, FanoutBuilder, OverflowPolicy};
 pub use durable::{History, Resumed};
 pub use envelope::Payload;

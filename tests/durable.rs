@@ -387,6 +387,97 @@ async fn a_seed_envelope_from_redis_cli_still_reaches_a_durable_room() {
     assert_eq!(seqs_until(&mut ws, 1).await, [1]);
 }
 
+/// Redis forgets its scripts (`SCRIPT FLUSH` here; a restart or a failover does the same):
+/// the publisher loads the script again and sends the refused calls of its pipeline once more,
+/// in order. Every broadcast succeeds, and its position, as `send` and the receipts report
+/// it, is the next seq in the order the broadcasts were queued. One flush comes between runs
+/// (the whole run is refused), others while a run is on its way (its tail is refused).
+#[tokio::test]
+async fn durable_broadcasts_survive_redis_forgetting_the_script() {
+    let redis = RedisServer::start();
+    let (a, ha) = node(&redis, "a", Durability::default(), &[]).await;
+    let (mut ws, notice) = join(&a, "f", None).await;
+    let epoch = position_of(&notice).epoch().to_owned();
+
+    let first = ha
+        .broadcast("f", json!({ "n": 1 }))
+        .send()
+        .await
+        .expect("durable broadcast");
+    assert_eq!(first.position(), Some(&Position::new(epoch.as_str(), 1)));
+    assert_eq!(first.nodes(), 1);
+
+    const ROUND: u64 = 60;
+    let mut positions = vec![Position::new(epoch.as_str(), 1)];
+    for round in 0..3u64 {
+        redis.cli(&["SCRIPT", "FLUSH"]);
+        let mut receipts = Vec::new();
+        let mut flush = None;
+        for n in 2 + round * ROUND..2 + (round + 1) * ROUND {
+            if n == 2 + round * ROUND + ROUND / 2 {
+                // Flushes again while the runs queued so far are on their way, or just after.
+                let port = redis.port().to_string();
+                flush = Some(tokio::task::spawn_blocking(move || {
+                    std::process::Command::new("redis-cli")
+                        .args(["-p", &port, "SCRIPT", "FLUSH"])
+                        .output()
+                }));
+            }
+            let receipt = ha
+                .broadcast("f", json!({ "n": n }))
+                .queue()
+                .await
+                .expect("queued");
+            receipts.push(receipt);
+        }
+        for receipt in receipts {
+            let published = receipt.published().await.expect("published after NOSCRIPT");
+            positions.push(published.position().expect("a durable room's").clone());
+        }
+        if let Some(flush) = flush {
+            let _ = flush.await; // this round's flush is over before the next round's
+        }
+    }
+    let last = 1 + 3 * ROUND;
+    let want: Vec<Position> = (1..=last)
+        .map(|s| Position::new(epoch.as_str(), s))
+        .collect();
+    assert_eq!(positions, want, "seq order is queue order");
+    assert_eq!(
+        seqs_until(&mut ws, last).await,
+        (1..=last).collect::<Vec<_>>()
+    );
+    // Each round's first run was refused, and the script loaded again.
+    let stat = |section: &str, name: &str, field: &str| -> u64 {
+        let info = redis.cli(&["INFO", section]);
+        info.lines()
+            .find_map(|l| {
+                l.strip_prefix(name)?
+                    .split(',')
+                    .find_map(|kv| kv.strip_prefix(field))
+            })
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    assert!(stat("errorstats", "errorstat_NOSCRIPT:", "count=") >= 3);
+    assert!(stat("commandstats", "cmdstat_script|load:", "calls=") >= 3);
+    assert_eq!(ha.stats().publish_errors, 0);
+
+    // A plain room's broadcast has no position.
+    let plain = FanoutLayer::builder(redis.url())
+        .node_id("p")
+        .build()
+        .expect("valid url")
+        .handle();
+    wait_until("plain node ready", || async { plain.is_ready() }).await;
+    let published = plain
+        .broadcast("plain", json!(1))
+        .send()
+        .await
+        .expect("plain broadcast");
+    assert_eq!(published.position(), None);
+}
+
 /// On a Redis Cluster the script runs on the master of the room's slot (its keys carry the
 /// channel's hash tag) and SPUBLISHes there; resume and history work as on one server, for a
 /// room name with a hash tag of its own too.

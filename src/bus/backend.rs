@@ -215,6 +215,63 @@ impl Conn {
         }
     }
 
+    /// Sends every `(channel, command)` in order and returns each command's own reply; `Err`
+    /// only when the connection failed (then nobody knows which commands ran). On one server
+    /// they go out as one pipeline. On a cluster, as [`publish_many`](Conn::publish_many):
+    /// each channel's commands in order, channels concurrently, routed by their first key.
+    pub(crate) async fn pipeline(
+        &mut self,
+        commands: Vec<(&str, redis::Cmd)>,
+    ) -> Result<Vec<Result<redis::Value, RedisError>>, RedisError> {
+        match self {
+            Conn::Server(conn) => {
+                let mut pipe = redis::pipe();
+                // A refused command (NOSCRIPT, OOM, ...) answers for itself, not for the run.
+                pipe.ignore_errors();
+                for (_, cmd) in commands {
+                    pipe.add_command(cmd);
+                }
+                pipe.query_async(conn).await
+            }
+            #[cfg(feature = "cluster")]
+            Conn::Cluster(conn) => {
+                let len = commands.len();
+                let mut by_channel: std::collections::HashMap<&str, Vec<(usize, redis::Cmd)>> =
+                    std::collections::HashMap::new();
+                for (i, (channel, cmd)) in commands.into_iter().enumerate() {
+                    by_channel.entry(channel).or_default().push((i, cmd));
+                }
+                let sends = by_channel.into_values().map(|group| {
+                    let mut conn = conn.clone();
+                    async move {
+                        let mut replies = Vec::with_capacity(group.len());
+                        for (i, cmd) in group {
+                            replies.push((i, cmd.query_async(&mut conn).await));
+                        }
+                        replies
+                    }
+                });
+                let mut replies: Vec<Result<redis::Value, RedisError>> =
+                    (0..len).map(|_| Ok(redis::Value::Nil)).collect();
+                for group in futures_util::future::join_all(sends).await {
+                    for (i, reply) in group {
+                        replies[i] = reply;
+                    }
+                }
+                Ok(replies)
+            }
+        }
+    }
+
+    /// SCRIPT LOAD `script` (on a cluster: on every node).
+    pub(crate) async fn load_script(&mut self, script: &redis::Script) -> Result<(), RedisError> {
+        match self {
+            Conn::Server(conn) => script.load_async(conn).await.map(drop),
+            #[cfg(feature = "cluster")]
+            Conn::Cluster(conn) => script.load_async(conn).await.map(drop),
+        }
+    }
+
     /// SUBSCRIBE (SSUBSCRIBE on a cluster, one command per hash slot); returns once Redis
     /// confirmed every channel.
     pub(crate) async fn subscribe(&mut self, channels: &[String]) -> Result<(), RedisError> {

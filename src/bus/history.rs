@@ -22,12 +22,14 @@
 //! live without being in the history, nor stored without being published, and seq order is
 //! publish order. `READ_SCRIPT` reads the position and entries in one step, creating the
 //! epoch the same way, so every node reports the same epoch even for a room with no message.
-//! Both run with EVALSHA and fall back to EVAL on NOSCRIPT (a restarted Redis forgot them).
+//! Both run with EVALSHA. A read is one call that loads the script and retries on NOSCRIPT (a
+//! restarted Redis forgot it); publishes are pipelined by the publisher, which loads the
+//! script and sends the refused calls again (see [`to_retry`] for why not always all of them).
 
 use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
-use redis::{RedisError, Script, ScriptInvocation, Value};
+use redis::{Cmd, ErrorKind, RedisError, Script, ScriptInvocation, ServerErrorKind, Value};
 use tokio::sync::{mpsc, watch};
 use tokio::time::{Instant, timeout_at};
 
@@ -304,27 +306,45 @@ pub(super) async fn repair_loop(
     }
 }
 
-/// Stores and publishes one envelope of the durable room on `channel` in one atomic step, on
-/// `conn`; returns the message's position and the number of nodes subscribed to the room.
-/// The publisher calls it in queue order (see `publisher::send_loop`).
-pub(super) async fn store_and_publish(
-    conn: &mut Conn,
-    publish_command: &str,
-    channel: &str,
-    settings: &Durability,
-    envelope: &[u8],
-) -> Result<(Position, usize), Error> {
-    let (meta, stream) = keys(channel);
-    let mut script = PUBLISH_SCRIPT.key(meta);
-    script
-        .key(stream)
+/// One durable message for [`publish_call`]: stored and published on `channel`.
+pub(super) struct Message<'a> {
+    pub(super) channel: &'a str,
+    pub(super) settings: &'a Durability,
+    pub(super) envelope: &'a [u8],
+}
+
+/// The script call that stores and publishes `message` in one atomic step: an `EVALSHA` of
+/// `PUBLISH_SCRIPT`, so that many of them can share a pipeline (the publisher sends a run of
+/// them in queue order; Redis runs them in that order, so seq order is queue order). When
+/// Redis does not know the script any more, each call fails with NOSCRIPT: see
+/// [`to_retry`] and [`load_publish_script`].
+pub(super) fn publish_call(publish_command: &str, message: &Message<'_>) -> Cmd {
+    let (meta, stream) = keys(message.channel);
+    let mut cmd = redis::cmd("EVALSHA");
+    cmd.arg(PUBLISH_SCRIPT.get_hash())
+        .arg(2)
+        .arg(meta)
+        .arg(stream)
         .arg(new_epoch())
-        .arg(envelope)
-        .arg(settings.history.get())
-        .arg(ttl_ms(settings.ttl))
+        .arg(message.envelope)
+        .arg(message.settings.history.get())
+        .arg(ttl_ms(message.settings.ttl))
         .arg(publish_command)
-        .arg(channel);
-    match invoke(conn, &script).await {
+        .arg(message.channel);
+    cmd
+}
+
+/// Teaches Redis the publish script again (every master of a cluster), after a call failed
+/// with NOSCRIPT: Redis restarted, failed over to a replica that never ran it, or someone ran
+/// `SCRIPT FLUSH`.
+pub(super) async fn load_publish_script(conn: &mut Conn) -> Result<(), RedisError> {
+    conn.load_script(&PUBLISH_SCRIPT).await
+}
+
+/// The reply to one [`publish_call`]: the message's position and the number of nodes
+/// subscribed to the room.
+pub(super) fn published(reply: Result<Value, RedisError>) -> Result<(Position, usize), Error> {
+    match reply {
         Ok(Value::Array(reply)) => match reply.as_slice() {
             [epoch, seq, nodes] => text(epoch)
                 .zip(int(seq))
@@ -336,6 +356,30 @@ pub(super) async fn store_and_publish(
         Ok(_) => Err(unexpected("publish")),
         Err(e) => Err(Error::redis(e)),
     }
+}
+
+/// Which calls of a pipeline of [`publish_call`]s (on `channels`, in order) to send again
+/// once the script is loaded: those refused with NOSCRIPT, unless a later call on the same
+/// channel succeeded. That one already took the next seq: sent again, the refused message
+/// would be numbered after it, out of queue order, so it fails instead. A script cache that
+/// empties (a flush) refuses a run's tail; one that fills meanwhile (another node loaded the
+/// script) refuses its head, and only then is anything refused for good.
+pub(super) fn to_retry<T>(channels: &[&str], replies: &[Result<T, RedisError>]) -> Vec<bool> {
+    let mut later_success = std::collections::HashSet::new();
+    let mut retry = vec![false; replies.len()];
+    for (i, (channel, reply)) in channels.iter().zip(replies).enumerate().rev() {
+        match reply {
+            Ok(_) => {
+                later_success.insert(*channel);
+            }
+            Err(e) => retry[i] = is_noscript(e) && !later_success.contains(channel),
+        }
+    }
+    retry
+}
+
+fn is_noscript(e: &RedisError) -> bool {
+    e.kind() == ErrorKind::Server(ServerErrorKind::NoScript)
 }
 
 #[cfg(test)]
@@ -355,6 +399,32 @@ mod tests {
         assert_eq!(hash_tag("ws:room:a{}b"), "ws:room:a{}b");
         assert_eq!(hash_tag(&keys("ws:room:x{y}").1), "y");
         assert_eq!(hash_tag(&keys("ws:room:lobby").1), "ws:room:lobby");
+    }
+
+    #[test]
+    fn only_refused_calls_no_later_call_of_their_room_overtook_are_sent_again() {
+        let noscript = || -> Result<(), RedisError> {
+            Err((ErrorKind::Server(ServerErrorKind::NoScript), "NOSCRIPT").into())
+        };
+        let other = || -> Result<(), RedisError> {
+            Err((ErrorKind::Server(ServerErrorKind::ResponseError), "OOM").into())
+        };
+        // A flush mid-run: the tail is refused and sent again.
+        assert_eq!(
+            to_retry(
+                &["a", "b", "a", "b"],
+                &[Ok(()), Ok(()), noscript(), noscript()]
+            ),
+            [false, false, true, true]
+        );
+        // Another node loaded the script mid-run: `a`'s first message cannot follow its
+        // second (numbered already), `b`'s can.
+        assert_eq!(
+            to_retry(&["a", "b", "a"], &[noscript(), noscript(), Ok(())]),
+            [false, true, false]
+        );
+        // Other errors are final.
+        assert_eq!(to_retry(&["a", "a"], &[other(), noscript()]), [false, true]);
     }
 
     #[test]

@@ -38,7 +38,7 @@ use tokio::sync::{mpsc, watch};
 pub(crate) use backend::Backend;
 pub(crate) use client::redacted_target;
 pub(crate) use history::Read;
-pub use publisher::Receipt;
+pub use publisher::{Published, Receipt};
 
 use crate::config::Config;
 use crate::dispatch::Inbox;
