@@ -24,7 +24,10 @@
 //! - `node`: the composition root. Builds the registry, counters, bus and dispatcher, and
 //!   starts and stops the background tasks.
 //! - `bus`: everything Redis, and the only place that names it. `bus::publisher` (pipelined
-//!   PUBLISH), `bus::subscriber` (the shared subscriber link: reconcile, probe, reconnect),
+//!   PUBLISH, and the durable rooms' script calls, pipelined too), `bus::receipt` (what a
+//!   broadcast's caller gets back: [`Receipt`], [`Published`]),
+//!   `bus::history` (the durable rooms' store-and-publish script, history reads, gap reads),
+//!   `bus::subscriber` (the shared subscriber link: reconcile, probe, reconnect),
 //!   `bus::backend` (one server or a Redis Cluster; client building, TLS, URL redaction),
 //!   `bus::backoff` (jittered reconnect pauses), `bus::presence` (presence keys, Lua scripts,
 //!   the per-node lease, syncing and reaping, the member query).
@@ -32,9 +35,11 @@
 //!   room, and what Redis has not been told yet), [`Member`], [`Snapshot`], [`Count`].
 //! - `dispatch`: the bounded hop from the subscriber connection, and the dispatcher that
 //!   decodes each envelope once and offers the frame to the room's local sockets.
-//! - `durable`: durable rooms on this node: delivery in seq order, gaps held and repaired,
-//!   resuming sockets' replay merged with live traffic; [`Resumed`], [`History`]. Never waits:
-//!   the Redis side of it is `bus::history`.
+//! - `durable`: durable rooms on this node, and never waits: the Redis side of them is
+//!   `bus::history`. `durable::sequencer` (live delivery in seq order, gaps held and repaired
+//!   once per room), `durable::resume` (a resuming socket's replay merged with the live
+//!   frames held meanwhile; [`Resumed`]), `durable::history` (what a history read found;
+//!   [`History`]), `durable::rooms` (their shared state under one lock).
 //! - `writer`: each socket's batched writer task, and the node's heartbeat.
 //! - `registry`: room -> local sockets and [`SocketId`]; `registry::subscriptions` (which
 //!   rooms need a SUBSCRIBE or UNSUBSCRIBE, what Redis confirmed, a lost link),

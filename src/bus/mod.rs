@@ -26,6 +26,7 @@ mod client;
 mod history;
 mod presence;
 mod publisher;
+mod receipt;
 mod slots;
 mod subscriber;
 
@@ -38,7 +39,7 @@ use tokio::sync::{mpsc, watch};
 pub(crate) use backend::Backend;
 pub(crate) use client::redacted_target;
 pub(crate) use history::Read;
-pub use publisher::{Published, Receipt};
+pub use receipt::{Published, Receipt};
 
 use crate::config::Config;
 use crate::dispatch::Inbox;

@@ -1,0 +1,32 @@
+//! Durable rooms on this node: messages delivered in `seq` order with no gap, resumes merged
+//! with live traffic, and gaps repaired from the room's history.
+//!
+//! Everything here runs under one `std::sync::Mutex` and never waits: the dispatcher calls
+//! [`Durable::on_live`] for each positioned envelope, and the Redis reads (a resume's replay,
+//! a gap's repair) happen elsewhere (`bus::history`, `socket`) and hand their results back
+//! through [`Durable::finish_resume`] and [`Durable::repaired`]. Delivering under the lock is
+//! what keeps one order: live, replayed and repaired messages reach each socket in `seq` order,
+//! whichever task delivers them.
+//!
+//! # Layout
+//!
+//! - `sequencer`: the room's sequencer, live delivery in seq order and the node's own gap
+//!   repair.
+//! - `resume`: a resuming socket, its replay merged with the live frames held meanwhile;
+//!   [`Resumed`].
+//! - `history`: what a history read found, and whether it covers a position; [`History`].
+//! - `rooms`: the state both share, under the one lock: each room's last position and the
+//!   gates of its positioned members.
+//!
+//! Listed from the top down (rustfmt declares them alphabetically): each imports only modules
+//! listed after it.
+
+mod history;
+mod resume;
+mod rooms;
+mod sequencer;
+
+pub use history::History;
+pub(crate) use history::Page;
+pub use resume::Resumed;
+pub(crate) use rooms::{Durable, Repair};

@@ -1,0 +1,220 @@
+//! A resuming socket.
+//!
+//! [`Durable::hold`] registers the socket *before* it joins: from its first live message on,
+//! its frames are held (at most the replay limit) instead of queued. The socket then joins,
+//! the history after its position is read, and [`Durable::finish_resume`] queues, in order:
+//! the notice, the replay, the held frames not already replayed (by seq). From then on its
+//! frames go straight to its queue. The hand-off has no gap because the read starts after the
+//! subscription was confirmed (every later message reaches the held frames) and no duplicate
+//! because held frames at or below the last replayed seq are skipped.
+
+use std::collections::VecDeque;
+
+use axum::extract::ws::Message;
+
+use super::history::Page;
+use super::rooms::{Durable, Gate, state_of};
+use crate::position::{Position, Unrecoverable};
+use crate::queue::Outbox;
+use crate::registry::SocketId;
+use crate::room::RoomName;
+
+/// What a durable join found: the socket's position and, when it asked to resume, whether the
+/// messages it missed were replayed. From [`FanoutSocket::join_durable`](crate::FanoutSocket::join_durable).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Resumed {
+    room: RoomName,
+    position: Position,
+    since: Option<Position>,
+    failure: Option<Unrecoverable>,
+    replayed: u64,
+}
+
+impl Resumed {
+    /// The room joined.
+    pub fn room(&self) -> &RoomName {
+        &self.room
+    }
+
+    /// The position of the last message before this socket's first delivery: the socket's
+    /// `since` when it was recovered (the replay starts right after it), else the room's
+    /// position when the socket joined.
+    pub fn position(&self) -> &Position {
+        &self.position
+    }
+
+    /// `None` for a join without `since`; else whether every message after it was replayed.
+    pub fn recovered(&self) -> Option<bool> {
+        self.since.as_ref().map(|_| self.failure.is_none())
+    }
+
+    /// Why the messages after `since` could not be replayed.
+    pub fn failure(&self) -> Option<Unrecoverable> {
+        self.failure
+    }
+
+    /// How many messages were replayed.
+    pub fn replayed(&self) -> u64 {
+        self.replayed
+    }
+
+    /// The control notice a client receives first, as the wire contract spells it:
+    /// `{"type":"fanout.position","room":R,"epoch":E,"seq":S}` after a join without `since`,
+    /// `{"type":"fanout.resumed","room":R,"recovered":B,"epoch":E,"seq":S}` (with `"reason"`
+    /// when not recovered) after a resume.
+    pub fn notice(&self) -> String {
+        let (room, epoch, seq) = (
+            json_string(self.room.as_str()),
+            json_string(self.position.epoch()),
+            self.position.seq(),
+        );
+        match (&self.since, self.failure) {
+            (None, _) => {
+                format!(r#"{{"type":"fanout.position","room":{room},"epoch":{epoch},"seq":{seq}}}"#)
+            }
+            (Some(_), None) => format!(
+                r#"{{"type":"fanout.resumed","room":{room},"recovered":true,"epoch":{epoch},"seq":{seq}}}"#
+            ),
+            (Some(_), Some(why)) => format!(
+                r#"{{"type":"fanout.resumed","room":{room},"recovered":false,"reason":"{why}","epoch":{epoch},"seq":{seq}}}"#
+            ),
+        }
+    }
+}
+
+fn json_string(s: &str) -> String {
+    serde_json::to_string(s).unwrap_or_else(|_| "\"\"".to_owned())
+}
+
+impl Durable {
+    /// `socket` is about to join `room` with positions: its frames are held from now on until
+    /// [`finish_resume`](Durable::finish_resume).
+    pub(crate) fn hold(&self, room: &RoomName, socket: SocketId) {
+        let mut rooms = self.lock();
+        let state = state_of(&mut rooms, room);
+        if state.repairing.is_none() && !self.registry.has_members(room.as_str()) {
+            // The node is not following the room (or stops now): what it last delivered says
+            // nothing about the gap-free sequence of the subscription to come.
+            state.last = None;
+        }
+        state.members.insert(
+            socket,
+            Gate::Held {
+                frames: VecDeque::new(),
+                overflowed: None,
+            },
+        );
+    }
+
+    /// Ends `socket`'s resume in `room`: queues the notice, the replay (`page`'s entries
+    /// after `since` when they are all there) and the held frames after them, then opens the
+    /// socket's gate. Returns what was decided.
+    pub(crate) fn finish_resume(
+        &self,
+        room: &RoomName,
+        socket: SocketId,
+        outbox: &Outbox,
+        since: Option<Position>,
+        page: Page,
+    ) -> Resumed {
+        let limit = self.settings(room.as_str()).replay_limit.get();
+        let policy = self.config.overflow_for(room.as_str());
+        let mut rooms = self.lock();
+        let state = state_of(&mut rooms, room);
+        let gate = state.members.remove(&socket);
+        let (held, overflowed) = match gate {
+            Some(Gate::Held { frames, overflowed }) => (frames, overflowed),
+            _ => (VecDeque::new(), None),
+        };
+        let failure = since.as_ref().and_then(|s| page.covers(s, limit).err());
+        let mut resumed = Resumed {
+            room: room.clone(),
+            position: match (&since, failure) {
+                (Some(since), None) => since.clone(),
+                _ => page.top.clone(),
+            },
+            since,
+            failure,
+            replayed: 0,
+        };
+        if let Some(dropped) = overflowed {
+            // More arrived during the read than the socket may hold: continue after the last.
+            resumed.position = dropped;
+            resumed.failure = Some(Unrecoverable::TooFarBehind);
+            resumed.replayed = 0;
+            outbox.offer(Message::Text(resumed.notice().into()), policy);
+            let through = Some(resumed.position.clone());
+            state.members.insert(socket, Gate::Open { through });
+            return resumed;
+        }
+        let mut frames = vec![Message::Text(resumed.notice().into())];
+        let mut last = resumed.position.clone();
+        if resumed.since.is_some() && failure.is_none() {
+            for (seq, raw) in &page.entries {
+                if let Some(decoded) = self.decode(room, raw) {
+                    frames.push(decoded.positioned());
+                }
+                last = last.at(*seq);
+                resumed.replayed += 1;
+            }
+        }
+        for (pos, frame) in held {
+            let Some(pos) = pos else {
+                frames.push(frame); // no position: a seed node's message, in arrival order
+                continue;
+            };
+            if pos.epoch() == last.epoch() && pos.seq() <= last.seq() {
+                continue; // replayed, or before the position the socket was told
+            }
+            last = pos;
+            frames.push(frame);
+        }
+        // Queued under the lock, so that no live frame overtakes them.
+        let n = frames.len() as u64;
+        for frame in frames {
+            outbox.offer(frame, policy);
+        }
+        let through = Some(last);
+        state.members.insert(socket, Gate::Open { through });
+        drop(rooms);
+        self.counters.delivered.add(n.saturating_sub(1));
+        resumed
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::durable::rooms::testing::{decoded, env, outbox, setup};
+
+    #[tokio::test]
+    async fn a_resume_merges_the_replay_with_held_live_frames_by_seq() {
+        let (durable, registry) = setup();
+        let room = RoomName::new("r").expect("valid");
+        let socket = SocketId::from_wire(2);
+        let out = outbox();
+        let mut wake = Vec::new();
+        durable.on_live("r", decoded("e", 3), &mut wake);
+        durable.hold(&room, socket);
+        registry.insert(&room, socket, out.clone());
+        durable.on_live("r", decoded("e", 4), &mut wake); // before the read: replayed too
+        durable.on_live("r", decoded("e", 5), &mut wake); // after the read: held only
+        let page = Page {
+            top: Position::new("e", 4),
+            entries: (3..=4).map(|s| (s, env("e", s))).collect(),
+        };
+        let resumed = durable.finish_resume(&room, socket, &out, Some(Position::new("e", 2)), page);
+        assert_eq!(resumed.recovered(), Some(true));
+        durable.on_live("r", decoded("e", 6), &mut wake);
+        let got = out.take_texts().await;
+        assert_eq!(
+            got[0],
+            r#"{"type":"fanout.resumed","room":"r","recovered":true,"epoch":"e","seq":2}"#
+        );
+        let seqs: Vec<&str> = got[1..].iter().map(String::as_str).collect();
+        assert_eq!(
+            seqs,
+            [3, 4, 5, 6].map(|s| format!(r#"{{"seq":{s},"payload":{s}}}"#))
+        );
+    }
+}

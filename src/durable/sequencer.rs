@@ -1,0 +1,248 @@
+//! The room's sequencer.
+//!
+//! Per room the node remembers the last position it delivered. A live message with the next
+//! seq is delivered; one with a seq already delivered is a duplicate and dropped; one further
+//! ahead reveals a gap: the room's live messages are then held (at most the replay limit; more
+//! are dropped and read back later, as they are in the history too), *one* read of the missing
+//! range is asked of the bus, and when it comes back the range and then the held messages are
+//! delivered in order. A gap the history cannot fill (trimmed, or the history was lost) is
+//! reported to the room's members as [`Missed`](crate::Missed), as on a plain room. After the
+//! subscriber link comes back, the bus asks for the same repair for every durable room the
+//! node held ([`Durable::repair_after_link_loss`]).
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use super::history::Page;
+use super::rooms::{Durable, Gate, Repair, RoomState, state_of};
+use crate::envelope::Decoded;
+use crate::position::{Position, Unrecoverable};
+use crate::queue::Outbox;
+use crate::registry::{Dispatched, SocketId};
+use crate::room::RoomName;
+
+impl Durable {
+    /// A live envelope of durable `room`, from the dispatcher: delivered in seq order, or held
+    /// while a gap is read back. Never waits.
+    pub(crate) fn on_live(
+        &self,
+        room: &str,
+        decoded: Decoded,
+        to_wake: &mut Vec<Arc<Outbox>>,
+    ) -> Dispatched {
+        let mut rooms = self.lock();
+        if let Some(state) = rooms.get_mut(room) {
+            return self.sequence(state, decoded, to_wake);
+        }
+        // No local member: a message still on its way after the last one left. Remembering
+        // its position would make the next subscription see a gap that no member missed.
+        if !self.registry.has_members(room) {
+            return Dispatched::default();
+        }
+        // The channel's room is a valid name (the dispatcher found it on a room channel).
+        let Ok(name) = RoomName::new(room) else {
+            return Dispatched::default();
+        };
+        self.sequence(state_of(&mut rooms, &name), decoded, to_wake)
+    }
+
+    fn sequence(
+        &self,
+        state: &mut RoomState,
+        decoded: Decoded,
+        to_wake: &mut Vec<Arc<Outbox>>,
+    ) -> Dispatched {
+        let room = &state.name.clone();
+        if let Some(held) = &mut state.repairing {
+            if held.len() < self.settings(room.as_str()).replay_limit.get() {
+                held.push_back(decoded);
+            }
+            // Else dropped here: it is in the history, and the next live message after the
+            // repair reveals the gap again.
+            return Dispatched::default();
+        }
+        let Some(pos) = decoded.pos.clone() else {
+            // A seed node's envelope: delivered, not sequenced (it has no seq).
+            return self.emit(state, &decoded, to_wake);
+        };
+        match &state.last {
+            Some(last) if last.epoch() == pos.epoch() && pos.seq() <= last.seq() => {
+                Dispatched::default() // already delivered (replayed by a repair)
+            }
+            Some(last) if last.epoch() == pos.epoch() && pos.seq() > last.seq() + 1 => {
+                let after = last.clone();
+                state.repairing = Some(VecDeque::from([decoded]));
+                self.request_repair(room, after);
+                Dispatched::default()
+            }
+            Some(last) if last.epoch() != pos.epoch() => {
+                // The room's history was lost: what this node delivered before cannot be
+                // related to what comes now.
+                tracing::warn!(room = %room, old = %last, new = %pos, "durable room's history was lost (new epoch)");
+                self.registry.tell_missed(room.as_str(), None);
+                state.last = Some(pos);
+                self.emit(state, &decoded, to_wake)
+            }
+            _ => {
+                state.last = Some(pos);
+                self.emit(state, &decoded, to_wake)
+            }
+        }
+    }
+
+    fn request_repair(&self, room: &RoomName, after: Position) {
+        tracing::debug!(room = %room, after = %after, "reading a durable room's gap from its history");
+        // The receiver lives as long as the node's bus; without it there is no one to read.
+        let _ = self.repairs.send(Repair {
+            room: room.clone(),
+            after,
+        });
+    }
+
+    /// Offers one message to every local member of `room`: the plain frame, or the positioned
+    /// one, or into a resuming socket's held frames.
+    fn emit(
+        &self,
+        state: &mut RoomState,
+        decoded: &Decoded,
+        to_wake: &mut Vec<Arc<Outbox>>,
+    ) -> Dispatched {
+        let room = &state.name;
+        let positioned = (!state.members.is_empty()).then(|| decoded.positioned());
+        let limit = self.settings(room.as_str()).replay_limit.get();
+        let members = &mut state.members;
+        self.registry.dispatch_with(
+            room.as_str(),
+            decoded.except.map(SocketId::from_wire),
+            self.config.overflow_for(room.as_str()),
+            to_wake,
+            |id| match members.get_mut(&id) {
+                None => Some(decoded.frame.clone()),
+                Some(Gate::Open { through }) => {
+                    if let (Some(t), Some(pos)) = (through.as_ref(), decoded.pos.as_ref()) {
+                        if t.epoch() == pos.epoch() && pos.seq() <= t.seq() {
+                            return None;
+                        }
+                        *through = None;
+                    }
+                    positioned.clone()
+                }
+                Some(Gate::Held { frames, overflowed }) => {
+                    if frames.len() < limit {
+                        if let Some(frame) = &positioned {
+                            frames.push_back((decoded.pos.clone(), frame.clone()));
+                        }
+                    } else {
+                        *overflowed = decoded.pos.clone().or(overflowed.take());
+                    }
+                    None
+                }
+            },
+        )
+    }
+
+    /// The bus read the gap after `after` (or failed to): deliver it, then what was held.
+    pub(crate) fn repaired(&self, room: &RoomName, after: &Position, page: Option<Page>) {
+        let mut to_wake = Vec::new();
+        let mut total = Dispatched::default();
+        {
+            let mut rooms = self.lock();
+            let Some(state) = rooms.get_mut(room.as_str()) else {
+                return; // everyone left meanwhile
+            };
+            let held = state.repairing.take().unwrap_or_default();
+            let limit = self.settings(room.as_str()).replay_limit.get();
+            match page.as_ref().map(|p| (p, p.covers(after, limit))) {
+                Some((page, Ok(()))) => {
+                    for (_, raw) in &page.entries {
+                        if let Some(decoded) = self.decode(room, raw) {
+                            state.last = decoded.pos.clone();
+                            total += self.emit(state, &decoded, &mut to_wake);
+                        }
+                    }
+                    tracing::info!(room = %room, after = %after, messages = page.entries.len(), "repaired a durable room's gap from its history");
+                }
+                outcome => {
+                    let why = outcome.map_or("the history could not be read", |(_, r)| {
+                        r.err().map_or("", Unrecoverable::as_str)
+                    });
+                    tracing::warn!(room = %room, after = %after, reason = why, "a durable room's gap cannot be repaired; members are told");
+                    self.registry.tell_missed(room.as_str(), None);
+                    // Start over from whatever comes next.
+                    state.last = None;
+                }
+            }
+            for decoded in held {
+                total += self.sequence(state, decoded, &mut to_wake);
+            }
+        }
+        self.finish_delivery(total, to_wake);
+    }
+
+    fn finish_delivery(&self, total: Dispatched, to_wake: Vec<Arc<Outbox>>) {
+        let c = &self.counters;
+        c.delivered.add(total.delivered);
+        c.dropped.add(total.dropped);
+        c.slow_disconnects.add(total.overflowed);
+        for outbox in to_wake {
+            outbox.wake();
+        }
+    }
+
+    /// The subscriber link is back: read back what `rooms` may have missed meanwhile, one read
+    /// per room (none when a repair is already in flight, or nothing was delivered yet).
+    pub(crate) fn repair_after_link_loss(&self, rooms: &[RoomName]) {
+        let mut state = self.lock();
+        for room in rooms {
+            let Some(room_state) = state.get_mut(room.as_str()) else {
+                continue;
+            };
+            if room_state.repairing.is_some() {
+                continue;
+            }
+            let Some(after) = room_state.last.clone() else {
+                continue;
+            };
+            room_state.repairing = Some(VecDeque::new());
+            self.request_repair(room, after);
+        }
+    }
+
+    /// The dispatcher shed messages of `room` before decoding them: read them back.
+    pub(crate) fn repair_shed(&self, room: &str) {
+        if let Ok(room) = RoomName::new(room) {
+            self.repair_after_link_loss(&[room]);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::durable::rooms::testing::{decoded, env, outbox, setup};
+
+    #[tokio::test]
+    async fn a_gap_is_held_and_repaired_once_then_duplicates_are_dropped() {
+        let (durable, registry) = setup();
+        let room = RoomName::new("r").expect("valid");
+        let plain = outbox();
+        registry.insert(&room, SocketId::from_wire(1), plain.clone());
+        let mut wake = Vec::new();
+        durable.on_live("r", decoded("e", 1), &mut wake);
+        durable.on_live("r", decoded("e", 4), &mut wake); // 2 and 3 lost
+        durable.on_live("r", decoded("e", 5), &mut wake);
+        let mut rx = durable.take_repairs().expect("once");
+        let repair = rx.try_recv().expect("one repair");
+        assert_eq!(repair.after, Position::new("e", 1));
+        assert!(rx.try_recv().is_err(), "one read per gap");
+        let page = Page {
+            top: Position::new("e", 4),
+            entries: (2..=4).map(|s| (s, env("e", s))).collect(),
+        };
+        durable.repaired(&room, &repair.after, Some(page));
+        durable.on_live("r", decoded("e", 5), &mut wake); // a duplicate
+        durable.on_live("r", decoded("e", 6), &mut wake);
+        assert_eq!(plain.take_texts().await, ["1", "2", "3", "4", "5", "6"]);
+        assert!(plain.take_missed().is_none());
+    }
+}
