@@ -355,8 +355,8 @@ impl Outbox {
     /// Waits for work and moves up to `max` queued frames into `batch`.
     ///
     /// Frames are not taken before `not_before`: a writer that flushed a moment ago waits out
-    /// its flush interval, letting frames gather for one write. A writer that has been idle
-    /// passes `None` and takes the first frame at once.
+    /// its flush interval, letting frames gather for one write, unless a full batch is already
+    /// queued. A writer that has been idle passes `None` and takes the first frame at once.
     pub(crate) async fn next_batch(
         &self,
         batch: &mut Vec<Message>,
@@ -371,9 +371,14 @@ impl Outbox {
                     let frame = s.close.as_mut().and_then(|c| c.frame.take());
                     return Next::Close(frame);
                 }
+                // A full batch already waiting gains nothing from the flush interval (a write
+                // carries at most `max` frames): a burst, such as a resume's replay, goes out
+                // back to back instead of one batch per interval.
                 if s.queued.is_empty() {
                     None
-                } else if let Some(at) = not_before.filter(|at| Instant::now() < *at) {
+                } else if let Some(at) =
+                    not_before.filter(|at| s.queued.len() < max && Instant::now() < *at)
+                {
                     Some(at)
                 } else {
                     let n = s.queued.len().min(max);
@@ -565,6 +570,39 @@ mod tests {
             fut.await
         };
         assert!(matches!(next, Next::Frames));
+        assert_eq!(batch.len(), 2);
+        assert!(Instant::now() >= not_before);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_full_batch_is_taken_without_waiting_out_the_interval() {
+        let o = outbox(100, 1 << 20, OverflowPolicy::Disconnect);
+        for i in 0..10 {
+            o.offer(text(&i.to_string()));
+        }
+        let start = Instant::now();
+        let not_before = start + std::time::Duration::from_millis(4);
+        let mut batch = Vec::new();
+        // Four frames make a full batch of four: a burst (a resume's replay) must not pay the
+        // flush interval once per batch.
+        assert!(matches!(
+            o.next_batch(&mut batch, 4, Some(not_before)).await,
+            Next::Frames
+        ));
+        assert_eq!(batch.len(), 4);
+        assert_eq!(Instant::now(), start, "a full batch waited for the interval");
+        // Fewer than a batch left: the interval holds again.
+        batch.clear();
+        o.flushed();
+        let mut rest = Vec::new();
+        let _ = o.next_batch(&mut rest, 4, None).await;
+        assert_eq!(rest.len(), 4);
+        o.flushed();
+        let not_before = Instant::now() + std::time::Duration::from_millis(4);
+        assert!(matches!(
+            o.next_batch(&mut batch, 4, Some(not_before)).await,
+            Next::Frames
+        ));
         assert_eq!(batch.len(), 2);
         assert!(Instant::now() >= not_before);
     }
