@@ -58,7 +58,9 @@ impl FanoutBuilder {
     /// light traffic gets no added latency. When a write carried several frames, traffic is
     /// outrunning the socket, and the writer waits this long before the next write so that it
     /// carries many frames: one syscall for many frames instead of one each, which is most of
-    /// a busy node's CPU. Zero writes as soon as the writer wakes, always.
+    /// a busy node's CPU. A full batch ([`batch_frames`](FanoutBuilder::batch_frames)) already
+    /// queued goes out at once: a burst such as a resume's replay is not slowed down. Zero
+    /// writes as soon as the writer wakes, always.
     ///
     /// Defaults to 4 ms: long enough that a busy socket's write carries tens of frames, short
     /// enough to stay well under what a person notices.
