@@ -485,13 +485,15 @@ async fn ten_thousand_members_cost_of_listing_counting_and_reaping() {
     }
 }
 
-/// Lists and counts a room of `members` members many times, then lets their node die, and
-/// prints what each cost the caller and Redis.
-async fn big_room_costs(redis: &RedisServer, handle: &RoomHandle, members: usize) {
-    let room = format!("big{members}");
-    let room = room.as_str();
-    let bulk = format!("bulk{members}");
-    // A node holds the members, written straight into Redis as its sync script would.
+/// A node `holder` with `members` users (`user-00000`, ...) in `room`, written straight into
+/// Redis as its sync script would, with a lease that does not run out. Returns a connection to
+/// change the lease with.
+async fn populate_share(
+    redis: &RedisServer,
+    room: &str,
+    holder: &str,
+    members: usize,
+) -> redis::aio::MultiplexedConnection {
     let client = redis::Client::open(redis.url()).expect("url");
     let mut conn = client
         .get_multiplexed_async_connection()
@@ -501,7 +503,7 @@ async fn big_room_costs(redis: &RedisServer, handle: &RoomHandle, members: usize
     let mut members_cmd = redis::cmd("HSET");
     let mut share_cmd = redis::cmd("HSET");
     members_cmd.arg(format!("{tag}:members"));
-    share_cmd.arg(format!("{tag}:node:{bulk}"));
+    share_cmd.arg(format!("{tag}:node:{holder}"));
     for i in 0..members {
         let user = format!("user-{i:05}");
         members_cmd.arg(&user).arg(1);
@@ -515,20 +517,31 @@ async fn big_room_costs(redis: &RedisServer, handle: &RoomHandle, members: usize
         .ignore()
         .cmd("SADD")
         .arg(format!("{tag}:nodes"))
-        .arg(&bulk)
+        .arg(holder)
         .ignore()
         .cmd("SADD")
-        .arg(format!("{fleet_base}rooms:{bulk}"))
+        .arg(format!("{fleet_base}rooms:{holder}"))
         .arg(room)
         .ignore()
         .cmd("ZADD")
         .arg(format!("{fleet_base}leases"))
         .arg(i64::MAX / 2)
-        .arg(&bulk)
+        .arg(holder)
         .ignore()
         .query_async(&mut conn)
         .await
         .expect("populate");
+    conn
+}
+
+/// Lists and counts a room of `members` members many times, then lets their node die, and
+/// prints what each cost the caller and Redis.
+async fn big_room_costs(redis: &RedisServer, handle: &RoomHandle, members: usize) {
+    let room = format!("big{members}");
+    let room = room.as_str();
+    let bulk = format!("bulk{members}");
+    let mut conn = populate_share(redis, room, &bulk, members).await;
+    let fleet_base = "__axum_fanout:presence:ws:room:";
 
     // Redis's own time (every command, `INFO commandstats`) since the last reset, in us.
     let redis_usec = |redis: &RedisServer| -> f64 {
@@ -588,6 +601,83 @@ async fn big_room_costs(redis: &RedisServer, handle: &RoomHandle, members: usize
         reap.as_secs_f64() * 1e3,
         reap_redis,
     );
+}
+
+#[tokio::test]
+async fn a_dead_nodes_share_larger_than_a_chunk_leaves_once_per_user_in_version_order() {
+    // The dead node's 1,000 users are taken out a bounded chunk per script call (so Redis is
+    // never blocked for long), by two nodes racing through their reapers and their queries:
+    // every user still leaves exactly once, and the versions of the leaves follow one another.
+    let redis = RedisServer::start();
+    let fleet = nodes(&redis, 2, Duration::from_secs(30)).await;
+    let room = "huge";
+    let users = 1_000;
+    let mut conn = populate_share(&redis, room, "gone", users).await;
+    let mut watcher = member(fleet[0].server.addr, room, "watcher").await;
+    let (own_join, _) = first_notices(&mut watcher).await;
+    let mut version = own_join["version"].as_u64().expect("version");
+    assert_eq!(
+        fleet[1]
+            .handle
+            .presence_count(room)
+            .await
+            .expect("count")
+            .members,
+        users as u64 + 1
+    );
+
+    let _: () = redis::cmd("ZADD")
+        .arg("__axum_fanout:presence:ws:room:leases")
+        .arg(0)
+        .arg("gone")
+        .query_async(&mut conn)
+        .await
+        .expect("expire the lease");
+    let _ = redis.cli(&["CONFIG", "RESETSTAT"]);
+    // Both nodes' reapers notice within a second; meanwhile both nodes' queries race them.
+    let queries = fleet.iter().map(|n| {
+        let h = n.handle.clone();
+        async move { h.presence(room).await.expect("list") }
+    });
+    for snapshot in futures_util::future::join_all(queries).await {
+        let users: Vec<&str> = snapshot.members.iter().map(|m| m.user.as_str()).collect();
+        assert_eq!(
+            users,
+            ["watcher"],
+            "a listing never shows the dead node's users"
+        );
+    }
+    let mut left = BTreeSet::new();
+    while left.len() < users {
+        let frame = json_of(&recv_text(&mut watcher, "the dead node's leaves").await);
+        assert_eq!(frame["type"], "fanout.leave", "{frame}");
+        let v = frame["version"].as_u64().expect("version");
+        assert_eq!(v, version + 1, "versions follow one another: {frame}");
+        version = v;
+        let user = frame["user"].as_str().expect("user").to_owned();
+        assert!(left.insert(user), "left twice: {frame}");
+    }
+    let evalsha_calls: u64 = redis
+        .cli(&["INFO", "commandstats"])
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("cmdstat_evalsha:calls="))
+        .and_then(|rest| rest.split(',').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    assert!(
+        evalsha_calls >= 4,
+        "1,000 users take several bounded calls, not one: {evalsha_calls} script calls"
+    );
+    let h = fleet[1].handle.clone();
+    let rest = notices_until_marker(&mut watcher, 1, || async move {
+        h.broadcast(room, json!({ "marker": 1 }))
+            .await
+            .expect("marker");
+    })
+    .await;
+    assert!(rest.is_empty(), "nothing after the last leave: {rest:?}");
+    let count = fleet[0].handle.presence_count(room).await.expect("count");
+    assert_eq!((count.members, count.version), (1, version));
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -112,14 +112,41 @@ local function set_count(R, mine, user, count, info, announce)
   end
 end
 
--- Takes a dead node's share out of a room.
+-- A dead node's share is gone from the room: forget that it held one.
+local function forget(R, dead, their_rooms)
+  redis.call('SREM', R.nodes, dead)
+  redis.call('SREM', their_rooms, R.room)
+end
+
+-- Takes a dead node's whole share out of a room (callers check that it is small).
 local function reap(R, dead, theirs, their_rooms)
   local entries = redis.call('HGETALL', theirs)
   for i = 1, #entries, 2 do set_count(R, theirs, entries[i], 0, '', true) end
   redis.call('DEL', theirs)
-  redis.call('SREM', R.nodes, dead)
-  redis.call('SREM', their_rooms, R.room)
+  forget(R, dead, their_rooms)
   return #entries / 2
+end
+
+-- Takes at most `limit` users of a dead node's share out of a room, from HSCAN `cursor`, so
+-- that no call blocks Redis for long whatever the share's size. Returns {users taken out,
+-- the cursor to go on from, 1 once the share is gone}. Users taken out are deleted from the
+-- share, so racing callers (each with its own cursor) never take a user out twice.
+local function reap_some(R, dead, theirs, their_rooms, cursor, limit)
+  local page = redis.call('HSCAN', theirs, cursor, 'COUNT', limit)
+  local entries = page[2]
+  local n = 0
+  for i = 1, #entries, 2 do
+    if n >= limit then break end
+    set_count(R, theirs, entries[i], 0, '', true)
+    n = n + 1
+  end
+  if redis.call('EXISTS', theirs) == 0 then
+    forget(R, dead, their_rooms)
+    return { n, '0', 1 }
+  end
+  -- A page larger than `limit` (HSCAN's COUNT is a hint): scan its cursor again.
+  if n * 2 < #entries then return { n, cursor, 0 } end
+  return { n, page[1], 0 }
 end
 "#;
 
@@ -183,26 +210,40 @@ return rooms
 "#;
 
 /// KEYS: members, info, version, nodes, theirs, leases, their rooms.
-/// ARGV: dead node, channel, room, origin. Returns the number of users taken out.
+/// ARGV: dead node, channel, room, origin, cursor, limit. Returns {users taken out, next
+/// cursor, 1 when done} (done at once when the node is alive again).
 const REAP: &str = r#"
-if alive(KEYS[6], ARGV[1], now_ms()) then return 0 end
+if alive(KEYS[6], ARGV[1], now_ms()) then return { 0, '0', 1 } end
 local R = { members = KEYS[1], info = KEYS[2], version = KEYS[3], nodes = KEYS[4],
             channel = ARGV[2], room = ARGV[3], origin = ARGV[4] }
-return reap(R, ARGV[1], KEYS[5], KEYS[7])
+return reap_some(R, ARGV[1], KEYS[5], KEYS[7], ARGV[5], tonumber(ARGV[6]))
 "#;
 
 /// KEYS: members, info, version, nodes, leases.
-/// ARGV: channel, room, origin, per-node key prefix, per-node rooms prefix, 'count' | 'reap'.
-/// Reaps dead nodes met in the room first, so the answer never counts their members; returns
-/// {version, member count} or the version alone (a listing reads the hashes after it, in the
-/// same transaction).
+/// ARGV: channel, room, origin, per-node key prefix, per-node rooms prefix, 'count' | 'reap',
+/// limit. Reaps the dead nodes met in the room first, so the answer never counts their
+/// members, as long as that is at most `limit` users; returns {version, member count} or the
+/// version alone (a listing reads the hashes after it, in the same transaction), or
+/// {'dead', node, ...}: nodes whose larger shares the caller must reap (`REAP`) before
+/// asking again.
 const QUERY: &str = r#"
 local now = now_ms()
 local R = { members = KEYS[1], info = KEYS[2], version = KEYS[3], nodes = KEYS[4],
             channel = ARGV[1], room = ARGV[2], origin = ARGV[3] }
+local budget = tonumber(ARGV[7])
+local pending = { 'dead' }
 for _, n in ipairs(redis.call('SMEMBERS', KEYS[4])) do
-  if not alive(KEYS[5], n, now) then reap(R, n, ARGV[4] .. n, ARGV[5] .. n) end
+  if not alive(KEYS[5], n, now) then
+    local theirs = ARGV[4] .. n
+    local size = redis.call('HLEN', theirs)
+    if size <= budget then
+      budget = budget - reap(R, n, theirs, ARGV[5] .. n)
+    else
+      pending[#pending + 1] = n
+    end
+  end
 end
+if #pending > 1 then return pending end
 local v = version(KEYS[3])
 if ARGV[6] == 'count' then return { v, redis.call('HLEN', KEYS[1]) } end
 return v
@@ -409,6 +450,37 @@ async fn loaded(
     Ok(sha)
 }
 
+/// The query script in a transaction with the two `HGETALL`s that read the members and their
+/// info: [script reply, members, info].
+async fn list(conn: &mut Conn, query: &Invocation, keys: &RoomKeys) -> Result<Value, Failure> {
+    let c = server(conn)?;
+    for fresh in [false, true] {
+        let sha = loaded(c, query.script, fresh).await?;
+        let mut pipe = redis::pipe();
+        pipe.atomic()
+            .add_command(query.evalsha(&sha))
+            .cmd("HGETALL")
+            .arg(&keys.members)
+            .cmd("HGETALL")
+            .arg(&keys.info);
+        match pipe.query_async::<Value>(c).await {
+            Err(e) if !fresh && is_noscript(&e) => {}
+            other => return other.map_err(Failure::Redis),
+        }
+    }
+    Err(Failure::Unavailable)
+}
+
+/// The nodes a query script left for the caller to reap (its `{'dead', node, ...}` reply).
+fn dead_nodes(reply: &Value) -> Vec<String> {
+    match items(reply).split_first() {
+        Some((first, rest)) if text(first).as_deref() == Some("dead") => {
+            rest.iter().filter_map(text).collect()
+        }
+        _ => Vec::new(),
+    }
+}
+
 fn is_noscript(e: &RedisError) -> bool {
     e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript)
         || e.to_string().contains("NOSCRIPT")
@@ -544,26 +616,28 @@ impl Bus {
                 .arg(&cfg.node_id)
                 .arg(&keys.node_prefix)
                 .arg(&fleet.rooms_prefix)
-                .arg(mode);
-            if mode != "reap" {
-                return invoke::<Value>(&mut conn, &inv).await;
-            }
-            let c = server(&mut conn)?;
-            for fresh in [false, true] {
-                let sha = loaded(c, &SCRIPTS.query, fresh).await?;
-                let mut pipe = redis::pipe();
-                pipe.atomic()
-                    .add_command(inv.evalsha(&sha))
-                    .cmd("HGETALL")
-                    .arg(&keys.members)
-                    .cmd("HGETALL")
-                    .arg(&keys.info);
-                match pipe.query_async::<Value>(c).await {
-                    Err(e) if !fresh && is_noscript(&e) => {}
-                    other => return other.map_err(Failure::Redis),
+                .arg(mode)
+                .arg(REAP_CHUNK);
+            loop {
+                let reply = if mode == "reap" {
+                    list(&mut conn, &inv, &keys).await?
+                } else {
+                    invoke::<Value>(&mut conn, &inv).await?
+                };
+                let script_reply = if mode == "reap" {
+                    items(&reply).first().unwrap_or(&Value::Nil)
+                } else {
+                    &reply
+                };
+                let dead = dead_nodes(script_reply);
+                if dead.is_empty() {
+                    return Ok::<_, Failure>(reply);
+                }
+                // Dead nodes with large shares: reap them a chunk at a time, then ask again.
+                for node in dead {
+                    reap_room(cfg, &fleet, &mut conn, &room, &node).await?;
                 }
             }
-            Err(Failure::Unavailable)
         };
         match timeout(wait, run).await {
             Ok(Ok(v)) => Ok(v),
@@ -885,21 +959,7 @@ async fn reap_dead(cfg: &Config, fleet: &FleetKeys, conn: &mut Conn) -> Result<(
                 let Ok(name) = RoomName::new(room) else {
                     continue;
                 };
-                let keys = RoomKeys::new(cfg, room);
-                let mut inv = SCRIPTS.reap.prepare_invoke();
-                inv.key(&keys.members)
-                    .key(&keys.info)
-                    .key(&keys.version)
-                    .key(&keys.nodes)
-                    .key(keys.node(&dead))
-                    .key(&fleet.leases)
-                    .key(&their_rooms)
-                    .arg(&dead)
-                    .arg(event_channel(cfg, &name))
-                    .arg(room)
-                    .arg(&cfg.node_id);
-                let n: Value = invoke(conn, &inv).await?;
-                left += int(&n);
+                left += reap_room(cfg, fleet, conn, &name, &dead).await?;
             }
             tracing::info!(node = %cfg.node_id, dead = %dead, rooms = rooms.len(), members = left, "removed the presence of a node whose lease ran out");
             if rooms.len() < 256 {
@@ -908,6 +968,55 @@ async fn reap_dead(cfg: &Config, fleet: &FleetKeys, conn: &mut Conn) -> Result<(
         }
     }
     Ok(())
+}
+
+/// Most users one reap script call takes out of a room (at about 10 us each, leave event
+/// included, a call holds Redis for a few milliseconds; a dead node's 10,000 members in one
+/// call held it for 100 ms).
+const REAP_CHUNK: usize = 256;
+
+/// Takes `dead`'s members out of `room`, `REAP_CHUNK` at a time, until its share is gone (or
+/// its lease is alive again). Returns how many users it took out. Safe to run from several
+/// nodes at once: each user leaves once.
+async fn reap_room(
+    cfg: &Config,
+    fleet: &FleetKeys,
+    conn: &mut Conn,
+    room: &RoomName,
+    dead: &str,
+) -> Result<u64, Failure> {
+    let keys = RoomKeys::new(cfg, room.as_str());
+    let their_rooms = fleet.rooms(dead);
+    let theirs = keys.node(dead);
+    let channel = event_channel(cfg, room);
+    let mut cursor = String::from("0");
+    let mut left = 0;
+    loop {
+        let mut inv = SCRIPTS.reap.prepare_invoke();
+        inv.key(&keys.members)
+            .key(&keys.info)
+            .key(&keys.version)
+            .key(&keys.nodes)
+            .key(&theirs)
+            .key(&fleet.leases)
+            .key(&their_rooms)
+            .arg(dead)
+            .arg(&channel)
+            .arg(room.as_str())
+            .arg(&cfg.node_id)
+            .arg(&cursor)
+            .arg(REAP_CHUNK);
+        let reply: Value = invoke(conn, &inv).await?;
+        let parts = items(&reply);
+        left += parts.first().map_or(0, int);
+        if parts.get(2).map(int) != Some(0) {
+            return Ok(left); // done (or a reply we cannot follow: the next round retries)
+        }
+        cursor = parts
+            .get(1)
+            .and_then(text)
+            .unwrap_or_else(|| String::from("0"));
+    }
 }
 
 /// A random number for a new epoch id (std's randomly seeded hasher; no extra dependency).
