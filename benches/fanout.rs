@@ -69,6 +69,19 @@
 //!   `recovered:true` and be in order). Its nodes keep `HISTORY` of at least 1,000 (with 256,
 //!   a resume of 1,000 is refused as trimmed).
 //!
+//! * `presence` (opt-in: `--scenario presence`): the chat example with `PRESENCE=1`
+//!   (CONTRACT.md "Presence"), in four phases, each on fresh processes (`presence.rs` has the
+//!   details): join/leave *churn* through WebSocket `user=` joins (joins + leaves per second
+//!   held by 32 closed loops without an error, notices missing at watcher sockets, and Redis
+//!   CPU per join read from its own `INFO cpu`, nodes' and load generator's CPU per join);
+//!   *list* latency of `GET /rooms/NAME/presence` at 1,000 and 10,000 members (median, p99,
+//!   Redis CPU per list); *lease* refresh cost (Redis and nodes' CPU per refresh period, with
+//!   no member and with one node holding 10,000 rooms); *kill*: a node holding 10,000 members
+//!   killed with SIGKILL, and the time until the other nodes' watchers saw the last leave.
+//!   Nodes run with `PRESENCE_TTL_S=10` (`--presence-ttl`). Scale it down with `--quick`
+//!   (TTL 3 s, hundreds of members) or `--presence-lists`, `--presence-rooms`,
+//!   `--presence-kill-members`, `--presence-churn-workers`, `--duration-scale`.
+//!
 //! `--durable` adds the target `chat-durable`: the same chat binary with `HISTORY=256`, so
 //! every room is durable (each message stored in a Redis stream and published by one Lua
 //! script; CONTRACT.md "Durable rooms"); its clients join without `positions=1`, so they
@@ -150,9 +163,11 @@
 //! cargo bench --bench fanout -- --scenario c100k --rounds 1                 # 100,000 sockets
 //! cargo bench --bench fanout -- --scenario c100k --rounds 1 --c100k-connections 20000
 //! cargo bench --bench fanout -- --durable --scenario sweep,latency,hot --rounds 1
+//! cargo bench --bench fanout -- --scenario presence --rounds 1
+//! cargo bench --bench fanout -- --scenario presence --rounds 1 --quick   # smoke run
 //! ```
 //!
-//! Options: `--scenario sweep|latency|idle|slow|hot|all|c100k|resume` (comma-separated list
+//! Options: `--scenario sweep|latency|idle|slow|hot|all|c100k|resume|presence` (comma-separated list
 //! allowed; `all` is the first five),
 //! `--rounds N` (default 3), `--target-cmd [NAME=]CMD` (repeatable; run as `sh -c "exec CMD"`
 //! with the contract's environment variables), `--seed` (adds `../shared/peers/seed-node`,
@@ -173,7 +188,8 @@
 //! sender, so one publisher uses one shard whatever the shard count),
 //! `--msg-size N`, `--latency-rate DELIVERIES_PER_S`, `--slow-rooms N`, `--slow-mib F`,
 //! `--c100k-connections N` (default 100,000), `--durable` (target `chat-durable` and the
-//! `resume` scenario).
+//! `resume` scenario), `--presence-ttl S`, `--presence-lists A,B`, `--presence-rooms N`,
+//! `--presence-kill-members N`, `--presence-churn-workers N` (the `presence` scenario).
 //! Unknown arguments (cargo passes `--bench`) are ignored. A round of sweep and latency with
 //! `--socketioxide` (2 targets, 2 publisher counts each) takes about 1.5 minutes on 2 cores,
 //! 2 minutes with `--seed` too (once the peers are built).
@@ -197,6 +213,8 @@ mod durable;
 mod hist;
 #[path = "fanout/load.rs"]
 mod load;
+#[path = "fanout/presence.rs"]
+mod presence;
 #[path = "fanout/procs.rs"]
 mod procs;
 #[path = "fanout/report.rs"]
@@ -329,12 +347,17 @@ struct Args {
     slow_mib: Option<f64>,
     c100k_connections: Option<usize>,
     durable: bool,
+    presence_ttl: Option<u64>,
+    presence_lists: Option<Vec<usize>>,
+    presence_rooms: Option<usize>,
+    presence_kill_members: Option<usize>,
+    presence_churn_workers: Option<usize>,
 }
 
 const USAGE: &str = "\
 usage: cargo bench --bench fanout [-- OPTIONS]
   --scenario S          sweep|latency|idle|slow|hot|all, or a comma-separated list (default all);
-                        also c100k (opt-in, not part of all)
+                        also c100k and presence (opt-in, not part of all)
   --rounds N            rounds per target (default 3)
   --target-cmd [NAME=]CMD
                         another target, started as `sh -c \"exec CMD\"` (repeatable)
@@ -366,7 +389,14 @@ usage: cargo bench --bench fanout [-- OPTIONS]
   --latency-rate D      deliveries/s of `latency` (default 75000)
   --slow-rooms N        rooms of `slow` (default 3)
   --slow-mib F          MiB sent toward each stalled client in `slow` (default 20)
-  --c100k-connections N connections of `c100k` (default 100000; e.g. 20000 for a quick check)";
+  --c100k-connections N connections of `c100k` (default 100000; e.g. 20000 for a quick check)
+  --presence-ttl S      PRESENCE_TTL_S of the nodes in `presence` (default 10; quick 3)
+  --presence-lists A,B  members of the listed room in `presence` (default 1000,10000)
+  --presence-rooms N    rooms held by one node in the lease phase of `presence` (default 10000)
+  --presence-kill-members N
+                        members on the node killed with SIGKILL in `presence` (default 10000)
+  --presence-churn-workers N
+                        concurrent join/leave loops of `presence` (default 32)";
 
 impl Args {
     fn parse(raw: impl IntoIterator<Item = String>) -> Result<Self> {
@@ -395,6 +425,11 @@ impl Args {
             slow_mib: None,
             c100k_connections: None,
             durable: false,
+            presence_ttl: None,
+            presence_lists: None,
+            presence_rooms: None,
+            presence_kill_members: None,
+            presence_churn_workers: None,
         };
         let mut it = raw.into_iter();
         while let Some(arg) = it.next() {
@@ -488,6 +523,33 @@ impl Args {
                         &value("--c100k-connections")?,
                         "--c100k-connections",
                     )?);
+                }
+                "--presence-ttl" => {
+                    a.presence_ttl = Some(parse_num(&value("--presence-ttl")?, "--presence-ttl")?)
+                }
+                "--presence-lists" => {
+                    let mut sizes: Vec<usize> = value("--presence-lists")?
+                        .split(',')
+                        .map(|n| parse_num(n.trim(), "--presence-lists"))
+                        .collect::<Result<_>>()?;
+                    sizes.sort_unstable();
+                    a.presence_lists = Some(sizes);
+                }
+                "--presence-rooms" => {
+                    a.presence_rooms =
+                        Some(parse_num(&value("--presence-rooms")?, "--presence-rooms")?)
+                }
+                "--presence-kill-members" => {
+                    a.presence_kill_members = Some(parse_num(
+                        &value("--presence-kill-members")?,
+                        "--presence-kill-members",
+                    )?)
+                }
+                "--presence-churn-workers" => {
+                    a.presence_churn_workers = Some(parse_num(
+                        &value("--presence-churn-workers")?,
+                        "--presence-churn-workers",
+                    )?)
                 }
                 "-h" | "--help" => {
                     println!("{USAGE}");
@@ -711,6 +773,25 @@ async fn run(args: Args) -> Result<bool> {
     }
     if let Some(n) = args.c100k_connections {
         params.c100k.connections = n;
+    }
+    let pp = &mut params.presence;
+    if let Some(ttl) = args.presence_ttl {
+        pp.ttl_s = ttl;
+    }
+    if let Some(sizes) = &args.presence_lists {
+        pp.list_sizes.clone_from(sizes);
+    }
+    if let Some(n) = args.presence_rooms {
+        pp.lease_rooms = n;
+    }
+    if let Some(n) = args.presence_kill_members {
+        pp.kill_members = n;
+    }
+    if let Some(n) = args.presence_churn_workers {
+        pp.churn_workers = n;
+    }
+    if pp.ttl_s == 0 || pp.churn_workers == 0 || pp.list_sizes.contains(&0) {
+        bail!("--presence-ttl, --presence-churn-workers and --presence-lists must be positive");
     }
     let positive = |v: f64| v.is_finite() && v > 0.0;
     if params.slow_rooms == 0

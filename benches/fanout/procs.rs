@@ -131,6 +131,8 @@ pub(crate) struct Cluster {
     nodes: Vec<ChildGuard>,
     /// One redis-server, or the masters of a Redis Cluster.
     redis: Vec<ChildGuard>,
+    /// Port of each redis-server (one, or every master of a cluster), e.g. for `INFO`.
+    pub(crate) redis_ports: Vec<u16>,
     /// Listening address of each node.
     pub(crate) addrs: Vec<SocketAddr>,
     /// PIDs whose CPU and RSS count as "server": each node and its descendants.
@@ -167,10 +169,11 @@ impl Cluster {
                 )?;
                 wait_redis(port, &mut redis).await?;
                 let url = format!("redis://127.0.0.1:{port}");
-                (vec![redis], vec![("REDIS_URL", url)])
+                (vec![(redis, port)], vec![("REDIS_URL", url)])
             }
             Some(masters) => start_redis_cluster(masters, &cfg.log_dir).await?,
         };
+        let (redis, redis_ports): (Vec<ChildGuard>, Vec<u16>) = redis.into_iter().unzip();
 
         let ports = free_ports(cfg.nodes)?;
         let mut nodes = Vec::with_capacity(cfg.nodes);
@@ -221,6 +224,7 @@ impl Cluster {
         Ok(Self {
             nodes,
             redis,
+            redis_ports,
             addrs,
             node_pids,
         })
@@ -231,6 +235,14 @@ impl Cluster {
         for n in self.nodes.iter_mut().chain(&mut self.redis) {
             n.check_alive()?;
         }
+        Ok(())
+    }
+
+    /// Kills node `i` with SIGKILL (a crash: no shutdown, no goodbye to Redis) and reaps it.
+    pub(crate) fn kill_node(&mut self, i: usize) -> Result<()> {
+        let node = self.nodes.get_mut(i).ctx(|| format!("no node {i}"))?;
+        node.child.kill().ctx(|| format!("kill -9 {}", node.name))?;
+        let _ = node.child.wait();
         Ok(())
     }
 
@@ -288,12 +300,12 @@ fn redis_command(port: u16) -> Command {
 }
 
 /// Starts `masters` cluster-enabled redis-servers, joins them with `redis-cli --cluster
-/// create` and waits for `cluster_state:ok` on each. Returns the processes and the nodes'
-/// environment (`REDIS_CLUSTER`: every master's URL, comma-separated).
+/// create` and waits for `cluster_state:ok` on each. Returns the processes with their ports
+/// and the nodes' environment (`REDIS_CLUSTER`: every master's URL, comma-separated).
 async fn start_redis_cluster(
     masters: usize,
     log_dir: &Path,
-) -> Result<(Vec<ChildGuard>, Vec<(&'static str, String)>)> {
+) -> Result<(Vec<(ChildGuard, u16)>, Vec<(&'static str, String)>)> {
     // A cluster node also listens on port + 10000 (the cluster bus).
     let ports: Vec<u16> = free_ports(masters * 4)?
         .into_iter()
@@ -322,7 +334,7 @@ async fn start_redis_cluster(
         let log = log_dir.join(format!("redis-{port}.log"));
         let mut guard = ChildGuard::spawn(&format!("redis-server :{port}"), cmd, &log)?;
         wait_redis(port, &mut guard).await?;
-        redis.push(guard);
+        redis.push((guard, port));
     }
     let addrs: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
     let out = Command::new("redis-cli")
@@ -379,6 +391,67 @@ async fn redis_ping(port: u16) -> std::io::Result<bool> {
     let mut buf = [0u8; 64];
     let n = s.read(&mut buf).await?;
     Ok(buf[..n].starts_with(b"+PONG"))
+}
+
+/// One command to the redis-server on `port` over a fresh connection; the reply's bytes (a
+/// status, an error, an integer or a bulk string: no arrays).
+pub(crate) async fn redis_call(port: u16, args: &[&[u8]]) -> Result<Vec<u8>> {
+    let mut req = format!("*{}\r\n", args.len()).into_bytes();
+    for a in args {
+        req.extend_from_slice(format!("${}\r\n", a.len()).as_bytes());
+        req.extend_from_slice(a);
+        req.extend_from_slice(b"\r\n");
+    }
+    let call = async {
+        let mut s = TcpStream::connect(("127.0.0.1", port)).await?;
+        s.write_all(&req).await?;
+        let mut out = Vec::new();
+        let mut buf = [0u8; 16 * 1024];
+        loop {
+            let n = s.read(&mut buf).await?;
+            if n == 0 {
+                return Ok::<_, std::io::Error>(out);
+            }
+            out.extend_from_slice(&buf[..n]);
+            let Some(eol) = out.windows(2).position(|w| w == b"\r\n") else {
+                continue;
+            };
+            if out[0] != b'$' {
+                return Ok(out);
+            }
+            let len: i64 = std::str::from_utf8(&out[1..eol])
+                .ok()
+                .and_then(|l| l.parse().ok())
+                .unwrap_or(-1);
+            if len < 0 || out.len() >= eol + 2 + len as usize + 2 {
+                return Ok(out);
+            }
+        }
+    };
+    let reply = tokio::time::timeout(Duration::from_secs(30), call)
+        .await
+        .ctx(|| format!("redis on port {port} did not answer in time"))?
+        .ctx(|| format!("talking to redis on port {port}"))?;
+    if reply.first() == Some(&b'-') {
+        bail!("redis: {}", String::from_utf8_lossy(&reply));
+    }
+    Ok(reply)
+}
+
+/// CPU seconds Redis has used (`INFO cpu`: `used_cpu_sys` + `used_cpu_user`, every thread of
+/// the server), as Redis itself counts them.
+pub(crate) async fn redis_cpu_secs(port: u16) -> Result<f64> {
+    let info = redis_call(port, &[b"INFO", b"cpu"]).await?;
+    let text = String::from_utf8_lossy(&info);
+    let field = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+    };
+    match (field("used_cpu_sys"), field("used_cpu_user")) {
+        (Some(sys), Some(user)) => Ok(sys + user),
+        _ => bail!("no used_cpu_sys/used_cpu_user in INFO cpu of port {port}"),
+    }
 }
 
 async fn wait_healthy(addr: SocketAddr, node: &mut ChildGuard) -> Result<()> {

@@ -8,6 +8,7 @@ use serde_json::{Value, json};
 use crate::c100k::{self, C100kParams};
 use crate::durable;
 use crate::load::{self, Fleet, FleetSpec, StepResult, StepSpec};
+use crate::presence::{self, PresenceParams};
 use crate::procs::{self, Cluster, ClusterConfig, Target};
 use crate::report::{Better, Figure, fig};
 use crate::ws::Proto;
@@ -25,6 +26,8 @@ pub(crate) enum Scenario {
     C100k,
     /// Opt-in, added by `--durable`: a resume of 1,000 messages (`durable.rs`).
     Resume,
+    /// Opt-in: presence churn, lists, leases and a crash (`presence.rs`).
+    Presence,
 }
 
 impl Scenario {
@@ -37,7 +40,8 @@ impl Scenario {
     ];
 
     /// Scenarios that run only when named in `--scenario` (not part of `all`).
-    pub(crate) const OPT_IN: [Scenario; 2] = [Scenario::C100k, Scenario::Resume];
+    pub(crate) const OPT_IN: [Scenario; 3] =
+        [Scenario::C100k, Scenario::Resume, Scenario::Presence];
 
     pub(crate) fn name(self) -> &'static str {
         match self {
@@ -48,6 +52,7 @@ impl Scenario {
             Scenario::Hot => "hot",
             Scenario::C100k => "c100k",
             Scenario::Resume => "resume",
+            Scenario::Presence => "presence",
         }
     }
 
@@ -117,6 +122,17 @@ impl Scenario {
                  {} tries (durable targets only)",
                 p.resume_msgs, p.resume_tries
             ),
+            Scenario::Presence => format!(
+                "presence (PRESENCE_TTL_S={}): churn of {} loops over {} rooms for {:.0} s, \
+                 lists of {:?} members, leases with {} rooms, kill -9 of a node with {} members",
+                p.presence.ttl_s,
+                p.presence.churn_workers,
+                p.presence.churn_rooms,
+                p.presence.churn_duration.as_secs_f64(),
+                p.presence.list_sizes,
+                p.presence.lease_rooms,
+                p.presence.kill_members
+            ),
         }
     }
 }
@@ -171,6 +187,7 @@ pub(crate) struct Params {
     pub(crate) c100k: C100kParams,
     pub(crate) resume_msgs: usize,
     pub(crate) resume_tries: usize,
+    pub(crate) presence: PresenceParams,
 }
 
 impl Params {
@@ -232,6 +249,7 @@ impl Params {
             c100k: C100kParams::new(quick),
             resume_msgs: 1000,
             resume_tries: 5,
+            presence: PresenceParams::new(quick, scale),
         }
     }
 
@@ -260,6 +278,7 @@ impl Params {
             Scenario::Resume => {
                 json!({ "messages": self.resume_msgs, "tries": self.resume_tries })
             }
+            Scenario::Presence => self.presence.describe(),
         }
     }
 }
@@ -304,6 +323,10 @@ pub(crate) async fn run(
     if s == Scenario::Resume {
         return durable::resume(target, cc, p.resume_msgs, p.resume_tries, tag).await;
     }
+    if s == Scenario::Presence {
+        // A fresh cluster per phase.
+        return presence::run(target, cc, &p.presence, tag).await;
+    }
     let mut cluster = Cluster::start(target, cc).await?;
     let proto = target.proto;
     match s {
@@ -315,7 +338,9 @@ pub(crate) async fn run(
         }
         Scenario::Idle => idle(&mut cluster, p, proto, tag).await,
         Scenario::Slow => slow(&mut cluster, p, proto, tag).await,
-        Scenario::C100k | Scenario::Resume => unreachable!("handled above"),
+        Scenario::C100k | Scenario::Resume | Scenario::Presence => {
+            unreachable!("handled above")
+        }
     }
 }
 

@@ -209,11 +209,11 @@ fn complete_frame(avail: &[u8]) -> Option<(bool, u8, usize, usize)> {
     (avail.len() >= header.checked_add(len)?).then_some((b0 & 0x80 != 0, b0 & 0x0f, header, len))
 }
 
-/// Reads the text messages of a plain WebSocket connection one by one (control frames are
-/// skipped, pings unanswered: the callers read for well under the ping interval). For the
-/// durable resume measurement, where the frames' content matters: it walks the buffer with a
-/// cursor and moves the unread rest to the front only before a read, so a burst of frames
-/// costs no more than reading it.
+/// Reads the text messages of a plain WebSocket connection one by one (pings are answered, so
+/// a socket held for longer than the server's ping interval stays open; other control frames
+/// are skipped). For the durable resume and the presence measurements, where the frames'
+/// content matters: it walks the buffer with a cursor and moves the unread rest to the front
+/// only before a read, so a burst of frames costs no more than reading it.
 #[derive(Debug)]
 pub(crate) struct TextReader {
     conn: Conn,
@@ -240,7 +240,15 @@ impl TextReader {
                 match opcode {
                     0x1 if fin => return Ok(&self.conn.buf[at..at + len]),
                     0x8 => bail!("the server closed the websocket"),
-                    0x9 | 0xa => continue,
+                    0x9 => {
+                        let pong = pong_frame(&c.buf[at..at + len]);
+                        c.stream
+                            .write_all(&pong)
+                            .await
+                            .ctx(|| "answering a ping".to_string())?;
+                        continue;
+                    }
+                    0xa => continue,
                     _ => bail!("unexpected frame (opcode {opcode}, fin {fin})"),
                 }
             }
