@@ -29,10 +29,13 @@
 //!   `bus::history` (the durable rooms' store-and-publish script, history reads, gap reads),
 //!   `bus::subscriber` (the shared subscriber link: reconcile, probe, reconnect),
 //!   `bus::backend` (one server or a Redis Cluster; client building, TLS, URL redaction),
-//!   `bus::backoff` (jittered reconnect pauses), `bus::presence` (presence keys, Lua scripts,
-//!   the per-node lease, syncing and reaping, the member query).
-//! - `presence`: the node's presence table (which user each local socket is in each presence
-//!   room, and what Redis has not been told yet), [`Member`], [`Snapshot`], [`Count`].
+//!   `bus::backoff` (jittered reconnect pauses), `bus::presence` (presence keys; under it
+//!   `scripts` (the Lua scripts and their invocation), `queries` (the member list and count),
+//!   `leases` (the presence task and the per-node lease), `sync` (the table sent to Redis),
+//!   `reaper` (dead nodes' members taken out, a bounded chunk per call)).
+//! - `presence`: `presence::member` ([`Member`], [`Snapshot`], [`Count`]: what the presence
+//!   API takes and gives) and `presence::table` (the node's presence table: which user each
+//!   local socket is in each presence room, and what Redis has not been told yet).
 //! - `dispatch`: the bounded hop from the subscriber connection, and the dispatcher that
 //!   decodes each envelope once and offers the frame to the room's local sockets.
 //! - `durable`: durable rooms on this node, and never waits: the Redis side of them is

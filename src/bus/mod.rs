@@ -10,8 +10,10 @@
 //! - `subscriber`: the subscriber link. Reconciles subscriptions with the registry, probes the
 //!   link end to end, and hands every received message to the dispatcher's inbox.
 //! - `backoff`: jittered pauses between reconnect attempts.
-//! - `presence`: presence in Redis: keys, Lua scripts, the per-node lease, the task that syncs
-//!   the node's presence table and reaps the members of dead nodes, and the member query.
+//! - `presence`: presence in Redis: keys, Lua scripts (`presence::scripts`), the member query
+//!   (`presence::queries`), the per-node lease and its task (`presence::leases`), syncing the
+//!   node's presence table (`presence::sync`) and reaping the members of dead nodes
+//!   (`presence::reaper`).
 //! - `history`: durable rooms' keys, the atomic store-and-publish script, history reads, and
 //!   the task that reads back the gaps of durable rooms.
 //!

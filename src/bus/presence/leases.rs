@@ -1,0 +1,201 @@
+//! The presence task of a node: it renews the node's lease (one `ZADD`, every third of the
+//! TTL, whatever the node's rooms and members), tells from the fleet's epoch whether Redis
+//! lost its data (then re-asserts the node's members), and between renewals syncs the node's
+//! table (`sync`) and reaps dead nodes (`reaper`).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use redis::Value;
+use tokio::sync::watch;
+use tokio::time::{Instant, timeout};
+
+use super::reaper::reap_dead;
+use super::scripts::{SCRIPTS, invoke};
+use super::sync::{leave_if_absent, sync_dirty};
+use super::{Failure, FleetKeys, int, items, text};
+use crate::bus::backend::Conn;
+use crate::bus::backoff::Backoff;
+use crate::bus::{Bus, pause};
+use crate::config::Config;
+use crate::presence::Table;
+use crate::room::RoomName;
+
+impl Bus {
+    /// Drops this node's lease if none of its connections is left in Redis (a clean
+    /// shutdown, after every leave was synced).
+    pub(crate) async fn presence_release(&self) {
+        let cfg = &self.config;
+        let fleet = FleetKeys::new(cfg);
+        let run = async {
+            let mut conn = self.presence_conn(Duration::from_secs(1)).await?;
+            let mut inv = SCRIPTS.release.prepare_invoke();
+            inv.key(&fleet.leases)
+                .key(fleet.rooms(&cfg.node_id))
+                .arg(&cfg.node_id);
+            invoke::<Value>(&mut conn, &inv).await
+        };
+        let _ = timeout(Duration::from_secs(1), run).await;
+    }
+
+    /// Spawns the presence task when any room has presence.
+    pub(crate) fn start_presence(
+        self: &Arc<Self>,
+        runtime: &tokio::runtime::Handle,
+        table: Arc<Table>,
+        stop: &watch::Sender<()>,
+    ) {
+        if self.backend.is_none() || !self.config.uses_presence() {
+            return;
+        }
+        runtime.spawn(run(self.clone(), table, stop.subscribe()));
+    }
+}
+
+/// How often survivors look for expired leases: the "second or two to notice" on top of the
+/// TTL.
+fn reap_every(config: &Config) -> Duration {
+    (config.presence_ttl / 3).min(Duration::from_secs(1))
+}
+
+/// Keeps this node's lease, syncs its table to Redis, and reaps dead nodes.
+async fn run(bus: Arc<Bus>, table: Arc<Table>, mut stop: watch::Receiver<()>) {
+    let cfg = bus.config.clone();
+    let fleet = FleetKeys::new(&cfg);
+    let renew_every = cfg.presence_ttl / 3;
+    let mut conns = bus.publisher.subscribe();
+    let mut backoff = Backoff::new(cfg.backoff_min, cfg.backoff_max);
+    // The epoch this node last saw: `None` until the first lease.
+    let mut epoch: Option<String> = None;
+    let mut leased_until: Option<Instant> = None;
+    let mut next_reap = Instant::now();
+    loop {
+        let conn = conns.borrow_and_update().clone();
+        let Some(mut conn) = conn else {
+            leased_until = None;
+            tokio::select! {
+                r = conns.changed() => if r.is_err() { return },
+                _ = stop.changed() => return,
+            }
+            continue;
+        };
+        let now = Instant::now();
+        if leased_until.is_none_or(|t| now + renew_every * 2 >= t) {
+            match renew(&cfg, &fleet, &mut conn, &table, &mut epoch).await {
+                Ok(()) => leased_until = Some(now + cfg.presence_ttl),
+                Err(f) => {
+                    tracing::warn!(node = %cfg.node_id, reason = %f, "cannot renew the presence lease; retrying");
+                    leased_until = None;
+                    if !pause(backoff.next(), &mut stop).await {
+                        return;
+                    }
+                    continue;
+                }
+            }
+        }
+        if let Err(f) = sync_dirty(&cfg, &fleet, &mut conn, &table).await {
+            if matches!(f, Failure::NoLease) {
+                leased_until = None;
+            } else {
+                tracing::warn!(node = %cfg.node_id, reason = %f, "presence sync failed; retrying");
+            }
+            if !pause(backoff.next(), &mut stop).await {
+                return;
+            }
+            continue;
+        }
+        let (departed, next_departure) = table.take_departed(Instant::now());
+        for (room, user) in departed {
+            if let Err(f) = leave_if_absent(&cfg, &mut conn, &room, &user).await {
+                tracing::warn!(node = %cfg.node_id, %room, reason = %f, "could not announce a leave from a redis outage");
+            }
+        }
+        if Instant::now() >= next_reap {
+            next_reap = Instant::now() + reap_every(&cfg);
+            if let Err(f) = reap_dead(&cfg, &fleet, &mut conn).await {
+                tracing::warn!(node = %cfg.node_id, reason = %f, "presence reaping failed");
+            }
+        }
+        backoff.reset();
+        let renew_at = leased_until.map_or(Instant::now(), |t| t - renew_every * 2);
+        tokio::select! {
+            _ = table.changed() => {}
+            _ = tokio::time::sleep_until(
+                renew_at.min(next_reap).min(next_departure.unwrap_or(next_reap))
+            ) => {}
+            // A new publisher connection: Redis may have restarted; renew at once, which
+            // tells whether it lost its data.
+            r = conns.changed() => {
+                if r.is_err() { return }
+                leased_until = None;
+            }
+            _ = stop.changed() => return,
+        }
+    }
+}
+
+/// Renews the lease, and starts a re-assertion when Redis lost its data (a new epoch) or this
+/// node's lease had run out (others took its members out).
+async fn renew(
+    cfg: &Config,
+    fleet: &FleetKeys,
+    conn: &mut Conn,
+    table: &Table,
+    epoch: &mut Option<String>,
+) -> Result<(), Failure> {
+    let first = epoch.is_none();
+    let fresh = format!("{:016x}", rand_u64());
+    let mut inv = SCRIPTS.lease.prepare_invoke();
+    inv.key(&fleet.leases)
+        .key(&fleet.epoch)
+        .key(fleet.rooms(&cfg.node_id))
+        .arg(&cfg.node_id)
+        .arg(u64::try_from(cfg.presence_ttl.as_millis()).unwrap_or(u64::MAX))
+        .arg(&fresh)
+        .arg(if first { "1" } else { "0" });
+    let reply: Value = timeout(cfg.subscribe_timeout, invoke(conn, &inv))
+        .await
+        .map_err(|_| Failure::Unavailable)??;
+    let parts = items(&reply);
+    let seen = parts.first().and_then(text).unwrap_or_default();
+    let was_alive = parts.get(1).map(int) == Some(1);
+    if first {
+        // Rooms an earlier run under this node id left behind: re-assert them empty.
+        let leftover: Vec<RoomName> = parts
+            .get(2)
+            .map(items)
+            .unwrap_or_default()
+            .iter()
+            .filter_map(text)
+            .filter_map(|r| RoomName::new(r).ok())
+            .collect();
+        if !leftover.is_empty() {
+            tracing::info!(node = %cfg.node_id, rooms = leftover.len(), "removing presence left by an earlier run of this node");
+        }
+        table.reassert_all(false, leftover, Duration::ZERO);
+    } else if epoch.as_deref() != Some(seen.as_str()) {
+        tracing::warn!(node = %cfg.node_id, "redis lost its presence data; re-asserting this node's members");
+        // Every live node renews within a third of the TTL, sees the new epoch and re-asserts:
+        // only then can a user who left meanwhile be told apart from one not re-asserted yet.
+        let leave_after = cfg.presence_ttl / 3 + reap_every(cfg);
+        table.reassert_all(true, Vec::new(), leave_after);
+    } else if !was_alive {
+        tracing::warn!(node = %cfg.node_id, "this node's presence lease had run out; re-asserting its members");
+        table.reassert_all(false, Vec::new(), Duration::ZERO);
+    }
+    *epoch = Some(seen);
+    Ok(())
+}
+
+/// A random number for a new epoch id (std's randomly seeded hasher; no extra dependency).
+fn rand_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0),
+    );
+    h.finish()
+}

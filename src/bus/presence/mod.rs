@@ -1,0 +1,194 @@
+//! Presence in Redis: the keys, the Lua scripts that change them atomically, the per-node
+//! lease, and the task that syncs this node's table (`crate::presence`) and removes the
+//! members of dead nodes.
+//!
+//! # Keys
+//!
+//! Per room, under the hash tag of its channel name `{<prefix><room>}` (so that one room's
+//! keys and channel share a slot):
+//!
+//! | key | type | holds |
+//! |---|---|---|
+//! | `{..}:members` | hash | user -> connections over the fleet (`HLEN` is the member count) |
+//! | `{..}:info` | hash | user -> application info (JSON text), for users that have some |
+//! | `{..}:version` | string | the version of the room's last join or leave event |
+//! | `{..}:nodes` | set | nodes that hold connections in the room |
+//! | `{..}:node:<node>` | hash | user -> connections on that node: what its death takes away |
+//!
+//! Per fleet, under `__axum_fanout:presence:<prefix>` (`<prefix>` is the channel prefix, so
+//! two fleets with different prefixes share nothing): `leases`, a sorted set node -> expiry
+//! (ms, Redis's clock); `epoch`, a random id written once, that changes only when Redis loses
+//! its data; `rooms:<node>`, the rooms a node holds connections in (for the reaper).
+//!
+//! # Leases
+//!
+//! A node renews one lease (one `ZADD`) every third of the TTL, whatever its number of rooms
+//! and members: O(1) per node. Every second each node asks for expired leases (a range of the
+//! sorted set); for each it runs the reap script once per room of the dead node. The script
+//! checks the lease again, takes the dead node's share out of the members, publishes the leave
+//! events and deletes the share, atomically: with several survivors racing, each room is
+//! reaped once, and the later scripts find nothing. A query that meets a dead node in a room
+//! reaps it on the spot, so no listing ever shows a member of a node whose lease ran out.
+//!
+//! # Events
+//!
+//! Join and leave events are published by the same script that changes the counts, on the
+//! room's channel (shard 0 of a sharded room), as ordinary envelopes: they reach sockets
+//! through the one delivery path, in Redis's order with the room's messages. A user's
+//! messages are published after the join that made them a member returned, so no client sees
+//! them before the join.
+
+//!
+//! # Layout
+//!
+//! - `scripts`: the Lua scripts and how they are invoked (loaded once, run by SHA1);
+//! - `queries`: the member list and count a handler asks for, and the checks before them;
+//! - `leases`: the presence task: this node's lease, the epoch that tells a Redis data loss;
+//! - `sync`: sending this node's table (`crate::presence`) to Redis;
+//! - `reaper`: taking the members of nodes whose lease ran out out of their rooms.
+
+mod leases;
+mod queries;
+mod reaper;
+mod scripts;
+mod sync;
+
+use redis::{RedisError, Value};
+
+use crate::channel;
+use crate::config::Config;
+use crate::error::Error;
+use crate::room::RoomName;
+
+/// The key names of one room.
+struct RoomKeys {
+    members: String,
+    info: String,
+    version: String,
+    nodes: String,
+    /// Prefix of the per-node shares: `<tag>:node:` + node id.
+    node_prefix: String,
+}
+
+impl RoomKeys {
+    fn new(config: &Config, room: &str) -> Self {
+        let tag = format!("{{{}{room}}}", config.channel_prefix);
+        Self {
+            members: format!("{tag}:members"),
+            info: format!("{tag}:info"),
+            version: format!("{tag}:version"),
+            nodes: format!("{tag}:nodes"),
+            node_prefix: format!("{tag}:node:"),
+        }
+    }
+
+    fn node(&self, node: &str) -> String {
+        format!("{}{node}", self.node_prefix)
+    }
+}
+
+/// The fleet-wide key names.
+struct FleetKeys {
+    leases: String,
+    epoch: String,
+    /// Prefix of each node's room set: + node id.
+    rooms_prefix: String,
+}
+
+impl FleetKeys {
+    fn new(config: &Config) -> Self {
+        let base = format!("__axum_fanout:presence:{}", config.channel_prefix);
+        Self {
+            leases: format!("{base}leases"),
+            epoch: format!("{base}epoch"),
+            rooms_prefix: format!("{base}rooms:"),
+        }
+    }
+
+    fn rooms(&self, node: &str) -> String {
+        format!("{}{node}", self.rooms_prefix)
+    }
+}
+
+/// The channel presence events of `room` go to: the room's own (shard 0 when sharded).
+fn event_channel(config: &Config, room: &RoomName) -> String {
+    channel::for_sender(config, room, 0)
+}
+
+/// Why a presence command did not go through.
+#[derive(Debug)]
+enum Failure {
+    Redis(RedisError),
+    /// No connection, or no reply in time.
+    Unavailable,
+    /// This node's lease is gone: renew it (and re-assert) before syncing again.
+    NoLease,
+    #[cfg(feature = "cluster")]
+    Cluster,
+}
+
+impl Failure {
+    fn into_error(self, room: &str) -> Error {
+        match self {
+            Failure::Redis(e) => Error::redis(e),
+            Failure::Unavailable | Failure::NoLease => Error::presence_timeout(room),
+            #[cfg(feature = "cluster")]
+            Failure::Cluster => Error::presence_off("presence needs a single redis server"),
+        }
+    }
+
+    fn classify(self) -> Self {
+        match self {
+            Failure::Redis(e) if e.to_string().contains("NOLEASE") => Failure::NoLease,
+            other => other,
+        }
+    }
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Failure::Redis(e) => write!(f, "{e}"),
+            Failure::Unavailable => f.write_str("no connection to redis"),
+            Failure::NoLease => f.write_str("this node's presence lease ran out"),
+            #[cfg(feature = "cluster")]
+            Failure::Cluster => f.write_str("presence needs a single redis server"),
+        }
+    }
+}
+
+/// Parses a reply element as an integer (Redis integers, or the digits of a bulk string).
+fn int(v: &Value) -> u64 {
+    match v {
+        Value::Int(n) => u64::try_from(*n).unwrap_or(0),
+        Value::BulkString(b) => std::str::from_utf8(b)
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0),
+        Value::SimpleString(s) => s.parse().unwrap_or(0),
+        _ => 0,
+    }
+}
+
+fn text(v: &Value) -> Option<String> {
+    match v {
+        Value::BulkString(b) => String::from_utf8(b.clone()).ok(),
+        Value::SimpleString(s) => Some(s.clone()),
+        _ => None,
+    }
+}
+
+fn items(v: &Value) -> &[Value] {
+    match v {
+        Value::Array(items) => items,
+        _ => &[],
+    }
+}
+
+/// An `HGETALL` reply as (field, value) pairs: a map (RESP3) or a flat array (RESP2).
+fn pairs(v: &Value) -> Vec<(&Value, &Value)> {
+    match v {
+        Value::Map(map) => map.iter().map(|(k, v)| (k, v)).collect(),
+        _ => items(v).chunks_exact(2).map(|p| (&p[0], &p[1])).collect(),
+    }
+}

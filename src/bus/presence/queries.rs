@@ -1,0 +1,179 @@
+//! What a handler asks about a room's presence: whether it may have members, the member list
+//! and the member count, each read from Redis in one round trip (plus the reaping of a dead
+//! node's large share, when a query meets one).
+
+use std::time::Duration;
+
+use redis::Value;
+use tokio::time::timeout;
+
+use super::reaper::{REAP_CHUNK, reap_room};
+use super::scripts::{Invocation, SCRIPTS, invoke, is_noscript, loaded, server};
+use super::{Failure, FleetKeys, RoomKeys, event_channel, int, items, pairs, text};
+use crate::bus::Bus;
+use crate::bus::backend::{Backend, Conn};
+use crate::error::Error;
+use crate::presence::{Count, MemberEntry, Snapshot};
+use crate::room::RoomName;
+
+impl Bus {
+    /// The publisher connection, waiting (up to `wait`) for one while Redis is away.
+    pub(super) async fn presence_conn(&self, wait: Duration) -> Result<Conn, Failure> {
+        let mut conns = self.publisher.subscribe();
+        match timeout(wait, conns.wait_for(Option::is_some)).await {
+            Ok(Ok(conn)) => conn.clone().ok_or(Failure::Unavailable),
+            Ok(Err(_)) | Err(_) => Err(Failure::Unavailable),
+        }
+    }
+
+    /// Whether `room` may have members: presence opted in for it, on a single Redis server.
+    pub(crate) fn check_presence(&self, room: &RoomName) -> Result<(), Error> {
+        if !self.config.has_presence(room.as_str()) {
+            return Err(Error::presence_off(format!(
+                "room {:?} has no presence (FanoutBuilder::presence)",
+                room.as_str()
+            )));
+        }
+        match &self.backend {
+            None => Err(Error::no_redis()),
+            Some(Backend::Server(_)) => Ok(()),
+            #[cfg(feature = "cluster")]
+            Some(Backend::Cluster(_)) => Err(Error::presence_off(
+                "presence needs a single redis server, not a cluster",
+            )),
+        }
+    }
+
+    /// Runs the query script for `room` in `mode`: `count` (it returns the version and the
+    /// member count) or `reap` (the version only; within the same transaction, two native
+    /// `HGETALL`s read the members and their info: three times cheaper for Redis than
+    /// returning them through Lua, 1.4 against 4.7 ms for 10,000 members).
+    async fn presence_query(&self, room: &str, mode: &str) -> Result<Value, Error> {
+        let room = RoomName::new(room)?;
+        let cfg = &self.config;
+        self.check_presence(&room)?;
+        let wait = cfg.subscribe_timeout;
+        let keys = RoomKeys::new(cfg, room.as_str());
+        let fleet = FleetKeys::new(cfg);
+        let run = async {
+            let mut conn = self.presence_conn(wait).await?;
+            let mut inv = SCRIPTS.query.prepare_invoke();
+            inv.key(&keys.members)
+                .key(&keys.info)
+                .key(&keys.version)
+                .key(&keys.nodes)
+                .key(&fleet.leases)
+                .arg(event_channel(cfg, &room))
+                .arg(room.as_str())
+                .arg(&cfg.node_id)
+                .arg(&keys.node_prefix)
+                .arg(&fleet.rooms_prefix)
+                .arg(mode)
+                .arg(REAP_CHUNK);
+            loop {
+                let reply = if mode == "reap" {
+                    list(&mut conn, &inv, &keys).await?
+                } else {
+                    invoke::<Value>(&mut conn, &inv).await?
+                };
+                let script_reply = if mode == "reap" {
+                    items(&reply).first().unwrap_or(&Value::Nil)
+                } else {
+                    &reply
+                };
+                let dead = dead_nodes(script_reply);
+                if dead.is_empty() {
+                    return Ok::<_, Failure>(reply);
+                }
+                // Dead nodes with large shares: reap them a chunk at a time, then ask again.
+                for node in dead {
+                    reap_room(cfg, &fleet, &mut conn, &room, &node).await?;
+                }
+            }
+        };
+        match timeout(wait, run).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(f)) => Err(f.into_error(room.as_str())),
+            Err(_) => Err(Error::presence_timeout(room.as_str())),
+        }
+    }
+
+    /// Every member of `room` on every live node, with the room's version: one script call.
+    pub(crate) async fn presence_snapshot(&self, room: &str) -> Result<Snapshot, Error> {
+        let reply = self.presence_query(room, "reap").await?;
+        let parts = items(&reply);
+        let (Some(version), Some(members), info) = (parts.first(), parts.get(1), parts.get(2))
+        else {
+            return Err(Error::redis("unexpected reply to the presence query"));
+        };
+        let mut infos: std::collections::HashMap<String, String> = info
+            .map(|i| {
+                pairs(i)
+                    .into_iter()
+                    .filter_map(|(u, v)| Some((text(u)?, text(v)?)))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let mut members: Vec<MemberEntry> = pairs(members)
+            .into_iter()
+            .filter_map(|(user, n)| {
+                let user = text(user)?;
+                Some(MemberEntry {
+                    info: infos.remove(&user),
+                    user,
+                    connections: int(n),
+                })
+            })
+            .collect();
+        members.sort_unstable_by(|a, b| a.user.cmp(&b.user));
+        Ok(Snapshot {
+            room: room.to_owned(),
+            version: int(version),
+            members,
+        })
+    }
+
+    /// The number of members of `room` on every live node, with the room's version.
+    pub(crate) async fn presence_count(&self, room: &str) -> Result<Count, Error> {
+        let reply = self.presence_query(room, "count").await?;
+        let parts = items(&reply);
+        match (parts.first(), parts.get(1)) {
+            (Some(version), Some(members)) => Ok(Count {
+                members: int(members),
+                version: int(version),
+            }),
+            _ => Err(Error::redis("unexpected reply to the presence count")),
+        }
+    }
+}
+
+/// The query script in a transaction with the two `HGETALL`s that read the members and their
+/// info: [script reply, members, info].
+async fn list(conn: &mut Conn, query: &Invocation, keys: &RoomKeys) -> Result<Value, Failure> {
+    let c = server(conn)?;
+    for fresh in [false, true] {
+        let sha = loaded(c, query.script, fresh).await?;
+        let mut pipe = redis::pipe();
+        pipe.atomic()
+            .add_command(query.evalsha(&sha))
+            .cmd("HGETALL")
+            .arg(&keys.members)
+            .cmd("HGETALL")
+            .arg(&keys.info);
+        match pipe.query_async::<Value>(c).await {
+            Err(e) if !fresh && is_noscript(&e) => {}
+            other => return other.map_err(Failure::Redis),
+        }
+    }
+    Err(Failure::Unavailable)
+}
+
+/// The nodes a query script left for the caller to reap (its `{'dead', node, ...}` reply).
+fn dead_nodes(reply: &Value) -> Vec<String> {
+    match items(reply).split_first() {
+        Some((first, rest)) if text(first).as_deref() == Some("dead") => {
+            rest.iter().filter_map(text).collect()
+        }
+        _ => Vec::new(),
+    }
+}
