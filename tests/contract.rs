@@ -9,8 +9,6 @@ mod chat_app;
 mod support;
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use axum::extract::ws::close_code;
@@ -492,156 +490,6 @@ async fn stats_returns_the_counters_as_json() {
 // The `chat` example as separate processes
 // ---------------------------------------------------------------------------------------------
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
-
-fn newest_mtime(path: &Path) -> Option<std::time::SystemTime> {
-    let meta = std::fs::metadata(path).ok()?;
-    if !meta.is_dir() {
-        return meta.modified().ok();
-    }
-    std::fs::read_dir(path)
-        .ok()?
-        .filter_map(|e| e.ok())
-        .filter_map(|e| newest_mtime(&e.path()))
-        .max()
-}
-
-/// The built `chat` example next to this test executable (`target/<profile>/examples/chat`),
-/// built first when it is missing or older than its sources.
-fn chat_binary() -> PathBuf {
-    let exe = std::env::current_exe().expect("path of the test executable");
-    // target/<profile>/deps/contract-<hash>
-    let profile_dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("the test executable is in target/<profile>/deps");
-    let bin = profile_dir
-        .join("examples")
-        .join(format!("chat{}", std::env::consts::EXE_SUFFIX));
-    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let sources = ["src", "examples/chat.rs", "examples/chat_app", "Cargo.toml"]
-        .iter()
-        .filter_map(|p| newest_mtime(&manifest.join(p)))
-        .max();
-    let fresh = match (std::fs::metadata(&bin).and_then(|m| m.modified()), sources) {
-        (Ok(built), Some(sources)) => built >= sources,
-        (Ok(_), None) => true,
-        (Err(_), _) => false,
-    };
-    if !fresh {
-        let mut cmd = Command::new(env!("CARGO"));
-        cmd.args(["build", "--example", "chat"])
-            .current_dir(manifest);
-        if profile_dir.file_name().is_some_and(|n| n == "release") {
-            cmd.arg("--release");
-        }
-        let out = cmd.output().expect("run cargo build --example chat");
-        assert!(
-            out.status.success(),
-            "cargo build --example chat failed:\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    assert!(bin.exists(), "{} exists after the build", bin.display());
-    bin
-}
-
-/// A `chat` example process, killed on drop. Its output goes to a log file in
-/// `CARGO_TARGET_TMPDIR`, kept when the test fails.
-struct ChatProcess {
-    child: Child,
-    addr: SocketAddr,
-    node_id: String,
-    log: PathBuf,
-}
-
-impl ChatProcess {
-    /// Starts the process and waits until its `/healthz` answers 200.
-    async fn start(bin: &Path, redis: &RedisServer, node_id: &str, prefix: Option<&str>) -> Self {
-        for _ in 0..3 {
-            let port = free_port();
-            let log = Path::new(env!("CARGO_TARGET_TMPDIR"))
-                .join(format!("contract-chat-{node_id}-{port}.log"));
-            let out = std::fs::File::create(&log).expect("create the log file");
-            let err = out.try_clone().expect("clone the log file");
-            let mut cmd = Command::new(bin);
-            cmd.env("PORT", port.to_string())
-                .env("REDIS_URL", redis.url())
-                .env("NODE_ID", node_id)
-                .env("RUST_LOG", "info")
-                .env_remove("SHARD_COUNT")
-                .env_remove("CHANNEL_PREFIX")
-                .stdin(Stdio::null())
-                .stdout(out)
-                .stderr(err);
-            if let Some(prefix) = prefix {
-                cmd.env("CHANNEL_PREFIX", prefix);
-            }
-            let child = cmd.spawn().expect("spawn the chat example");
-            let mut p = Self {
-                child,
-                addr: SocketAddr::from(([127, 0, 0, 1], port)),
-                node_id: node_id.to_owned(),
-                log,
-            };
-            if p.wait_healthy().await {
-                return p;
-            }
-            // Exited: most likely the port was taken in the meantime; try another.
-        }
-        panic!("the chat example did not start on any of 3 ports");
-    }
-
-    /// `true` once `/healthz` is 200; `false` if the process exited first.
-    async fn wait_healthy(&mut self) -> bool {
-        let deadline = Instant::now() + SOON;
-        loop {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                let log = std::fs::read_to_string(&self.log).unwrap_or_default();
-                assert!(
-                    log.contains("cannot listen"),
-                    "chat {} exited ({status}):\n{log}",
-                    self.node_id
-                );
-                return false;
-            }
-            if tokio::net::TcpStream::connect(self.addr).await.is_ok()
-                && healthz(self.addr).await == 200
-            {
-                return true;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "chat {} not healthy in time; log {}:\n{}",
-                self.node_id,
-                self.log.display(),
-                std::fs::read_to_string(&self.log).unwrap_or_default()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await; // deadline: polling interval
-        }
-    }
-
-    fn ws_url(&self, room: &str) -> String {
-        format!("ws://{}/ws?room={room}", self.addr)
-    }
-}
-
-impl Drop for ChatProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        // Keep the log only when the test failed.
-        if !std::thread::panicking() {
-            let _ = std::fs::remove_file(&self.log);
-        }
-    }
-}
-
 /// Three `chat` processes on one Redis, one client each in one room: a message from one client
 /// reaches every client (the sender included) exactly once, over the channel `prefix + room`.
 async fn three_chat_processes(prefix: Option<&str>) {
@@ -651,7 +499,8 @@ async fn three_chat_processes(prefix: Option<&str>) {
     let channel = format!("{}{room}", prefix.unwrap_or("ws:room:"));
     let mut nodes = Vec::new();
     for i in 1..=3 {
-        nodes.push(ChatProcess::start(&bin, &redis, &format!("proc{i}"), prefix).await);
+        let env: Vec<(&str, &str)> = prefix.map(|p| ("CHANNEL_PREFIX", p)).into_iter().collect();
+        nodes.push(ChatProcess::start(&bin, &redis, &format!("proc{i}"), &env).await);
     }
     for p in &nodes {
         let (status, stats) = get_json(p.addr, "/stats").await;

@@ -11,8 +11,6 @@ mod support;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use axum_fanout::{FanoutLayer, RoomHandle};
@@ -684,120 +682,16 @@ async fn a_dead_nodes_share_larger_than_a_chunk_leaves_once_per_user_in_version_
 // The `chat` example as separate processes: a node killed with SIGKILL
 // ---------------------------------------------------------------------------------------------
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
-
-/// The `chat` example next to this test executable, built first when missing or stale.
-fn chat_binary() -> PathBuf {
-    let exe = std::env::current_exe().expect("path of the test executable");
-    let profile_dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("the test executable is in target/<profile>/deps");
-    let bin = profile_dir
-        .join("examples")
-        .join(format!("chat{}", std::env::consts::EXE_SUFFIX));
-    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let mut cmd = Command::new(env!("CARGO"));
-    cmd.args(["build", "--example", "chat"])
-        .current_dir(manifest);
-    if profile_dir.file_name().is_some_and(|n| n == "release") {
-        cmd.arg("--release");
-    }
-    // Cargo itself decides whether the example is stale.
-    let out = cmd.output().expect("run cargo build --example chat");
-    assert!(
-        out.status.success(),
-        "cargo build --example chat failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    bin
-}
-
-/// A `chat` process with `PRESENCE=1`, killed on drop.
-struct ChatProcess {
-    child: Child,
-    addr: SocketAddr,
-    log: PathBuf,
-}
-
-impl ChatProcess {
-    async fn start(bin: &Path, redis: &RedisServer, node_id: &str, ttl_s: u64) -> Self {
-        for _ in 0..3 {
-            let port = free_port();
-            let log = Path::new(env!("CARGO_TARGET_TMPDIR"))
-                .join(format!("presence-chat-{node_id}-{port}.log"));
-            let out = std::fs::File::create(&log).expect("create the log file");
-            let err = out.try_clone().expect("clone the log file");
-            let child = Command::new(bin)
-                .env("PORT", port.to_string())
-                .env("REDIS_URL", redis.url())
-                .env("NODE_ID", node_id)
-                .env("PRESENCE", "1")
-                .env("PRESENCE_TTL_S", ttl_s.to_string())
-                .env("RUST_LOG", "info")
-                .env_remove("SHARD_COUNT")
-                .env_remove("CHANNEL_PREFIX")
-                .stdin(Stdio::null())
-                .stdout(out)
-                .stderr(err)
-                .spawn()
-                .expect("spawn the chat example");
-            let mut p = Self {
-                child,
-                addr: SocketAddr::from(([127, 0, 0, 1], port)),
-                log,
-            };
-            if p.wait_healthy().await {
-                return p;
-            }
-        }
-        panic!("the chat example did not start on any of 3 ports");
-    }
-
-    async fn wait_healthy(&mut self) -> bool {
-        let deadline = Instant::now() + SOON;
-        loop {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return false; // most likely the port was taken meanwhile
-            }
-            if tokio::net::TcpStream::connect(self.addr).await.is_ok()
-                && http(self.addr, "GET", "/healthz", "").await.0 == 200
-            {
-                return true;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "chat not healthy in time: {}",
-                std::fs::read_to_string(&self.log).unwrap_or_default()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await; // deadline: polling interval
-        }
-    }
-}
-
-impl Drop for ChatProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        if !std::thread::panicking() {
-            let _ = std::fs::remove_file(&self.log);
-        }
-    }
-}
-
 #[tokio::test]
 async fn a_chat_process_killed_with_sigkill_leaves_no_ghosts() {
     let bin = chat_binary();
     let redis = RedisServer::start();
     let ttl_s = 2;
+    let ttl = ttl_s.to_string();
     let mut procs = Vec::new();
     for i in 1..=3 {
-        procs.push(ChatProcess::start(&bin, &redis, &format!("p{i}"), ttl_s).await);
+        let env = [("PRESENCE", "1"), ("PRESENCE_TTL_S", ttl.as_str())];
+        procs.push(ChatProcess::start(&bin, &redis, &format!("p{i}"), &env).await);
     }
     let room = "crash";
     let addrs: Vec<SocketAddr> = procs.iter().map(|p| p.addr).collect();
@@ -831,8 +725,7 @@ async fn a_chat_process_killed_with_sigkill_leaves_no_ghosts() {
     notices_until_marker(&mut watcher, 1, post_marker(1)).await;
 
     // SIGKILL: no shutdown, no leave sent by the node itself.
-    procs[2].child.kill().expect("kill -9");
-    procs[2].child.wait().expect("reaped");
+    procs[2].kill();
     let killed = Instant::now();
     let bound = Duration::from_secs(ttl_s) + Duration::from_secs(3);
     let leave = loop {

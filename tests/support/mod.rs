@@ -8,6 +8,7 @@
 use std::future::Future;
 use std::io::Write;
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
@@ -328,6 +329,161 @@ pub async fn http(addr: SocketAddr, method: &str, path: &str, body: &str) -> (u1
         .expect("status line");
     let body = text.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
     (status, body.to_owned())
+}
+
+/// The built `chat` example next to this test executable (`target/<profile>/examples/chat`),
+/// built first when it is missing or older than its sources.
+pub fn chat_binary() -> PathBuf {
+    let exe = std::env::current_exe().expect("path of the test executable");
+    // target/<profile>/deps/<test>-<hash>
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("the test executable is in target/<profile>/deps");
+    let bin = profile_dir
+        .join("examples")
+        .join(format!("chat{}", std::env::consts::EXE_SUFFIX));
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let sources = ["src", "examples/chat.rs", "examples/chat_app", "Cargo.toml"]
+        .iter()
+        .filter_map(|p| newest_mtime(&manifest.join(p)))
+        .max();
+    let fresh = match (std::fs::metadata(&bin).and_then(|m| m.modified()), sources) {
+        (Ok(built), Some(sources)) => built >= sources,
+        (Ok(_), None) => true,
+        (Err(_), _) => false,
+    };
+    if !fresh {
+        let mut cmd = Command::new(env!("CARGO"));
+        cmd.args(["build", "--example", "chat"])
+            .current_dir(manifest);
+        if profile_dir.file_name().is_some_and(|n| n == "release") {
+            cmd.arg("--release");
+        }
+        let out = cmd.output().expect("run cargo build --example chat");
+        assert!(
+            out.status.success(),
+            "cargo build --example chat failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    assert!(bin.exists(), "{} exists after the build", bin.display());
+    bin
+}
+
+fn newest_mtime(path: &Path) -> Option<std::time::SystemTime> {
+    let meta = std::fs::metadata(path).ok()?;
+    if !meta.is_dir() {
+        return meta.modified().ok();
+    }
+    std::fs::read_dir(path)
+        .ok()?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| newest_mtime(&e.path()))
+        .max()
+}
+
+/// A `chat` example process on `redis`, killed on drop. Its output goes to a log file in
+/// `CARGO_TARGET_TMPDIR`, kept when the test fails.
+pub struct ChatProcess {
+    child: Child,
+    pub addr: SocketAddr,
+    pub node_id: String,
+    log: PathBuf,
+}
+
+impl ChatProcess {
+    /// Starts `bin` as node `node_id` with the contract's environment (no `SHARD_COUNT` or
+    /// `CHANNEL_PREFIX` inherited) plus `env`, and waits until its `/healthz` answers 200.
+    pub async fn start(
+        bin: &Path,
+        redis: &RedisServer,
+        node_id: &str,
+        env: &[(&str, &str)],
+    ) -> Self {
+        for _ in 0..3 {
+            let port = free_port();
+            let log =
+                Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("chat-{node_id}-{port}.log"));
+            let out = std::fs::File::create(&log).expect("create the log file");
+            let err = out.try_clone().expect("clone the log file");
+            let child = Command::new(bin)
+                .env("PORT", port.to_string())
+                .env("REDIS_URL", redis.url())
+                .env("NODE_ID", node_id)
+                .env("RUST_LOG", "info")
+                .env_remove("SHARD_COUNT")
+                .env_remove("CHANNEL_PREFIX")
+                .envs(env.iter().copied())
+                .stdin(Stdio::null())
+                .stdout(out)
+                .stderr(err)
+                .spawn()
+                .expect("spawn the chat example");
+            let mut p = Self {
+                child,
+                addr: SocketAddr::from(([127, 0, 0, 1], port)),
+                node_id: node_id.to_owned(),
+                log,
+            };
+            if p.wait_healthy().await {
+                return p;
+            }
+            // Exited: most likely the port was taken in the meantime; try another.
+        }
+        panic!("the chat example did not start on any of 3 ports");
+    }
+
+    /// `true` once `/healthz` is 200; `false` if the process exited first.
+    async fn wait_healthy(&mut self) -> bool {
+        let deadline = Instant::now() + SOON;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+                assert!(
+                    log.contains("cannot listen"),
+                    "chat {} exited ({status}):\n{log}",
+                    self.node_id
+                );
+                return false;
+            }
+            if TcpStream::connect(self.addr).await.is_ok()
+                && http(self.addr, "GET", "/healthz", "").await.0 == 200
+            {
+                return true;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "chat {} not healthy in time; log {}:\n{}",
+                self.node_id,
+                self.log.display(),
+                std::fs::read_to_string(&self.log).unwrap_or_default()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await; // deadline: polling interval
+        }
+    }
+
+    /// `ws://ADDR/ws?room=ROOM`.
+    pub fn ws_url(&self, room: &str) -> String {
+        format!("ws://{}/ws?room={room}", self.addr)
+    }
+
+    /// SIGKILL: no shutdown, nothing said to Redis. Returns once the process is reaped.
+    pub fn kill(&mut self) {
+        self.child.kill().expect("kill -9");
+        self.child.wait().expect("reaped");
+    }
+}
+
+impl Drop for ChatProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        // Keep the log only when the test failed.
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_file(&self.log);
+        }
+    }
 }
 
 /// Captured logs: everything logged on this thread while [`capture`](Logs::capture)'s guard
