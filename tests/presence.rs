@@ -574,7 +574,11 @@ async fn big_room_costs(redis: &RedisServer, handle: &RoomHandle, members: usize
     }
     let count = t.elapsed() / rounds;
     let count_redis = redis_usec(redis) / f64::from(rounds);
-    // The bulk node dies: the next query takes its 10,000 members out (10,000 leave events).
+    // The bulk node dies: the next query takes its 10,000 members out (10,000 leave events),
+    // a chunk per script call; the slow log keeps the calls over 1 ms.
+    let _ = redis.cli(&["CONFIG", "SET", "slowlog-log-slower-than", "1000"]);
+    let _ = redis.cli(&["CONFIG", "SET", "slowlog-max-len", "1000"]);
+    let _ = redis.cli(&["SLOWLOG", "RESET"]);
     let _: () = redis::cmd("ZADD")
         .arg(format!("{fleet_base}leases"))
         .arg(0)
@@ -588,16 +592,45 @@ async fn big_room_costs(redis: &RedisServer, handle: &RoomHandle, members: usize
     let reap = t.elapsed();
     let reap_redis = redis_usec(redis);
     assert_eq!(after.members, 0, "no ghost of the dead node");
+    // Slow log entries: [id, time, duration (us), [command, args..], ..].
+    let log: Vec<Vec<redis::Value>> = redis::cmd("SLOWLOG")
+        .arg("GET")
+        .arg(1000)
+        .query_async(&mut conn)
+        .await
+        .expect("slowlog");
+    let _ = redis.cli(&["CONFIG", "SET", "slowlog-log-slower-than", "10000"]);
+    let calls = redis
+        .cli(&["INFO", "commandstats"])
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("cmdstat_evalsha:calls="))
+        .and_then(|rest| rest.split(',').next())
+        .and_then(|n| n.parse::<u64>().ok())
+        .unwrap_or(0);
+    let scripts: Vec<i64> = log
+        .iter()
+        .filter(|e| {
+            matches!(e.get(3), Some(redis::Value::Array(args))
+                if matches!(args.first(), Some(redis::Value::BulkString(c)) if c.eq_ignore_ascii_case(b"evalsha")))
+        })
+        .filter_map(|e| match e.get(2) {
+            Some(redis::Value::Int(us)) => Some(*us),
+            _ => None,
+        })
+        .collect();
+    let slowest = scripts.iter().copied().max().unwrap_or(0);
     println!(
         "presence, {members} members in one room: list {:.2} ms per call (redis {:.0} us), \
          count {:.3} ms per call (redis {:.1} us), reaping a dead node's {members} members \
-         {:.1} ms (redis {:.0} us, {members} leave events)",
+         {:.1} ms (redis {:.0} us in {} script calls, the longest {slowest} us; {members} leave \
+         events)",
         list.as_secs_f64() * 1e3,
         list_redis,
         count.as_secs_f64() * 1e3,
         count_redis,
         reap.as_secs_f64() * 1e3,
         reap_redis,
+        calls,
     );
 }
 
