@@ -1,7 +1,7 @@
 //! Presence, the node's side: who this node's sockets are in each presence room, and what
 //! Redis has not been told yet.
 //!
-//! The table here is to presence what the registry is to subscriptions: the single source of
+//! The table (`table`) is to presence what the registry is to subscriptions: the single source of
 //! truth for this node's contribution. Joins and leaves only edit it and mark the user
 //! *changed*; one task (`bus::presence`) takes the changed rooms, hands Redis this node's
 //! current connection count for each changed user in one atomic script per room, and confirms.
@@ -14,6 +14,8 @@
 //! node's share can be taken back out. Join and leave events are published by those scripts on
 //! the room's own channel, so they reach sockets through the ordinary delivery path, in order
 //! with the room's messages.
+//!
+//! # Layout
 //!
 //! - `member`: what the API takes and gives: [`Member`] (who a socket is), [`Snapshot`] and
 //!   [`MemberEntry`] (a room's members), [`Count`].

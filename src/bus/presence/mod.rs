@@ -24,11 +24,13 @@
 //!
 //! A node renews one lease (one `ZADD`) every third of the TTL, whatever its number of rooms
 //! and members: O(1) per node. Every second each node asks for expired leases (a range of the
-//! sorted set); for each it runs the reap script once per room of the dead node. The script
-//! checks the lease again, takes the dead node's share out of the members, publishes the leave
-//! events and deletes the share, atomically: with several survivors racing, each room is
-//! reaped once, and the later scripts find nothing. A query that meets a dead node in a room
-//! reaps it on the spot, so no listing ever shows a member of a node whose lease ran out.
+//! sorted set); for each it runs the reap script on every room of the dead node, at most 256
+//! users per call (`reaper`), so that a share of 10,000 users never holds Redis for more than
+//! a few milliseconds at a time. Each call checks the lease again, takes users out of the dead
+//! node's share and the members, and publishes their leave events, atomically: with several
+//! survivors racing, each user leaves once. A query that meets a dead node in a room reaps it
+//! first (a small share in the query script itself, a larger one chunk by chunk before the
+//! query runs again), so no listing ever shows a member of a node whose lease ran out.
 //!
 //! # Events
 //!
@@ -37,7 +39,6 @@
 //! through the one delivery path, in Redis's order with the room's messages. A user's
 //! messages are published after the join that made them a member returned, so no client sees
 //! them before the join.
-
 //!
 //! # Layout
 //!
