@@ -590,7 +590,11 @@ mod tests {
             Next::Frames
         ));
         assert_eq!(batch.len(), 4);
-        assert_eq!(Instant::now(), start, "a full batch waited for the interval");
+        assert_eq!(
+            Instant::now(),
+            start,
+            "a full batch waited for the interval"
+        );
         // Fewer than a batch left: the interval holds again.
         batch.clear();
         o.flushed();
