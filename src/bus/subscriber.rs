@@ -108,7 +108,7 @@ pub(super) async fn run(
                         on_message(&bus.probe_channel, &signals, &inbox, info)
                     }
                     PushKind::Disconnection => signals.lost.notify_one(),
-                    PushKind::SUnsubscribe => on_sunsubscribe(&bus.config, &bus.registry, &info),
+                    PushKind::SUnsubscribe => on_sunsubscribe(&bus, &info),
                     _ => {}
                 }
                 Ok(())
@@ -223,19 +223,22 @@ fn is_probe(base: &str, channel: &[u8]) -> bool {
 
 /// A sharded subscription ended. Redis sends this unasked when the channel's hash slot moved
 /// to another master (resharding, or a failover seen by this connection): if the room is
-/// still wanted, it must be subscribed again, where the slot now lives.
+/// still wanted, it must be subscribed again, where the slot now lives. A plain room's members
+/// are told of the gap; a durable room's gap is read back from its history once the new
+/// subscription is confirmed (see `serve_link`).
 ///
 /// Our own SUNSUBSCRIBEs are confirmed the same way; they are told apart by the registry, which
 /// no longer counts a room as subscribed once its SUNSUBSCRIBE is sent. The check runs here, in
 /// the connection's order, so a confirmation is never mistaken for a later subscription's loss.
-fn on_sunsubscribe(config: &Config, registry: &Registry, info: &PushInfo) {
+fn on_sunsubscribe(bus: &Bus, info: &PushInfo) {
     let Some(Value::BulkString(channel)) = info.data.first() else {
         return;
     };
-    let Some(room) = channel::room_of(config, channel) else {
+    let Some(room) = channel::room_of(&bus.config, channel) else {
         return;
     };
-    if registry.subscription_lost(room) {
+    let repairs = |room: &str| bus.durable.is_durable(room);
+    if bus.registry.subscription_lost(room, repairs) {
         tracing::warn!(
             room,
             "redis ended a sharded subscription (its slot moved); subscribing again"
@@ -267,14 +270,15 @@ async fn serve_link(
         if let Err(loss) = reconcile(cfg, &bus.registry, conn).await {
             return LinkEnd::Lost(loss);
         }
+        // Rooms lost with the link or a moved slot and now subscribed again: tell the gap
+        // before reporting ready, so nothing that sees the node ready can deliver a message
+        // ahead of the notice; read back the durable rooms' gaps.
+        let (told, durable) = bus
+            .registry
+            .resubscribed(|room| bus.durable.is_durable(room));
+        bus.durable.repair_resubscribed(&durable);
         if !bus.is_ready() {
             backoff.reset();
-            // Tell the gap before reporting ready, so nothing that sees the node ready can
-            // deliver a message ahead of the notice.
-            let (told, durable) = bus
-                .registry
-                .link_restored(|room| bus.durable.is_durable(room));
-            bus.durable.repair_after_link_loss(&durable);
             bus.ready.store(true, Ordering::Release);
             let gauges = bus.registry.gauges();
             tracing::info!(

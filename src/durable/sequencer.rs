@@ -7,8 +7,14 @@
 //! range is asked of the bus, and when it comes back the range and then the held messages are
 //! delivered in order. A gap the history cannot fill (trimmed, or the history was lost) is
 //! reported to the room's members as [`Missed`](crate::Missed), as on a plain room. After the
-//! subscriber link comes back, the bus asks for the same repair for every durable room the
-//! node held ([`Durable::repair_after_link_loss`]).
+//! subscriber link comes back, or a room's sharded subscription that Redis ended (its cluster
+//! slot moved) is confirmed again where the slot now lives, the bus asks for the same repair
+//! for each durable room that lost its subscription ([`Durable::repair_resubscribed`]).
+//!
+//! A history behind what the node delivered (a failover to a replica that had not received
+//! the last writes: Redis replicates asynchronously) cannot fill the gap either: the repair
+//! finds the room's top seq below the one asked after, reports it as unrecoverable, and
+//! delivery starts over from the next live message.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -189,9 +195,10 @@ impl Durable {
         }
     }
 
-    /// The subscriber link is back: read back what `rooms` may have missed meanwhile, one read
-    /// per room (none when a repair is already in flight, or nothing was delivered yet).
-    pub(crate) fn repair_after_link_loss(&self, rooms: &[RoomName]) {
+    /// `rooms` lost their subscription (the link dropped, or a cluster slot moved) and are
+    /// subscribed again: read back what they may have missed meanwhile, one read per room
+    /// (none when a repair is already in flight, or nothing was delivered yet).
+    pub(crate) fn repair_resubscribed(&self, rooms: &[RoomName]) {
         let mut state = self.lock();
         for room in rooms {
             let Some(room_state) = state.get_mut(room.as_str()) else {
@@ -211,7 +218,7 @@ impl Durable {
     /// The dispatcher shed messages of `room` before decoding them: read them back.
     pub(crate) fn repair_shed(&self, room: &str) {
         if let Ok(room) = RoomName::new(room) {
-            self.repair_after_link_loss(&[room]);
+            self.repair_resubscribed(&[room]);
         }
     }
 }
@@ -244,5 +251,37 @@ mod tests {
         durable.on_live("r", decoded("e", 6), &mut wake);
         assert_eq!(plain.take_texts().await, ["1", "2", "3", "4", "5", "6"]);
         assert!(plain.take_missed().is_none());
+    }
+
+    /// A failover to a replica that had not received the last writes: the history's top is
+    /// below what the node delivered. The repair tells the members and delivers nothing from
+    /// the page; the messages that now take those seqs are delivered, not dropped as
+    /// duplicates of the lost ones.
+    #[tokio::test]
+    async fn a_history_behind_what_was_delivered_is_told_not_replayed() {
+        let (durable, registry) = setup();
+        let room = RoomName::new("r").expect("valid");
+        let plain = outbox();
+        registry.insert(&room, SocketId::from_wire(1), plain.clone());
+        let mut wake = Vec::new();
+        for seq in 1..=5 {
+            durable.on_live("r", decoded("e", seq), &mut wake);
+        }
+        assert_eq!(plain.take_texts().await, ["1", "2", "3", "4", "5"]);
+        durable.repair_resubscribed(std::slice::from_ref(&room));
+        let mut rx = durable.take_repairs().expect("once");
+        let repair = rx.try_recv().expect("one repair");
+        assert_eq!(repair.after, Position::new("e", 5));
+        // The promoted replica only has 1 to 3; 4 arrives live meanwhile (the new 4).
+        durable.on_live("r", decoded("e", 4), &mut wake);
+        let page = Page {
+            top: Position::new("e", 3),
+            entries: Vec::new(),
+        };
+        durable.repaired(&room, &repair.after, Some(page));
+        assert!(plain.take_missed().is_some(), "told it cannot be recovered");
+        durable.on_live("r", decoded("e", 5), &mut wake);
+        assert_eq!(plain.take_texts().await, ["4", "5"]);
+        assert!(rx.try_recv().is_err(), "no further read");
     }
 }

@@ -66,9 +66,11 @@ struct Inner {
     link_up: bool,
     /// Every attached socket, joined to rooms or not: what a shutdown must close.
     attached: HashMap<SocketId, Arc<Outbox>>,
-    /// Rooms that were subscribed when the link dropped, and when it dropped: their members
-    /// are told about the gap once the link is back.
+    /// Rooms whose subscription ended without being asked to (the link dropped, or a cluster
+    /// slot moved), whose members are neither told of the gap nor repaired yet: that happens
+    /// once the room is subscribed again (see `resubscribed`).
     lost: HashSet<RoomName>,
+    /// When the link dropped, while rooms it took are in `lost`: the start of their gap.
     down_since: Option<SystemTime>,
     /// Set by a shutdown: no new joins, new sockets are closed at once.
     shutting_down: bool,
@@ -338,6 +340,61 @@ mod tests {
         let mut again = r.take_pending(100).subscribe;
         again.sort();
         assert_eq!(again, ["a", "b", "c", "d"].map(room));
+    }
+
+    #[test]
+    fn a_lost_sharded_subscription_tells_a_plain_room_and_hands_a_durable_one_over_once_resubscribed()
+     {
+        let r = Registry::default();
+        r.link_up();
+        let (plain, durable) = (room("plain"), room("durable"));
+        let (p, d) = (outbox(), outbox());
+        r.insert(&plain, SocketId(1), p.clone());
+        r.insert(&durable, SocketId(2), d.clone());
+        r.confirm_subscribed(r.take_pending(100).subscribe);
+        let repairs = |room: &str| room == "durable";
+
+        // Redis ends both subscriptions (their slot moved): both must be subscribed again.
+        assert!(r.subscription_lost("plain", repairs));
+        assert!(r.subscription_lost("durable", repairs));
+        assert!(p.take_missed().is_some(), "a plain room is told at once");
+        assert!(d.take_missed().is_none(), "a durable room is not told");
+        assert_eq!(
+            r.resubscribed(repairs),
+            (0, Vec::new()),
+            "not subscribed yet"
+        );
+
+        let mut again = r.take_pending(100).subscribe;
+        again.sort();
+        assert_eq!(again, [durable.clone(), plain.clone()]);
+        r.confirm_subscribed(again);
+        assert_eq!(r.resubscribed(repairs), (0, vec![durable.clone()]));
+        assert_eq!(r.resubscribed(repairs), (0, Vec::new()), "handed over once");
+        assert!(d.take_missed().is_none());
+
+        // Our own SUNSUBSCRIBE's confirmation is not a loss.
+        r.remove(&plain, SocketId(1));
+        assert_eq!(r.take_pending(100).unsubscribe, [plain]);
+        assert!(!r.subscription_lost("plain", repairs));
+    }
+
+    #[test]
+    fn a_link_loss_tells_plain_rooms_and_hands_durable_ones_over_when_resubscribed() {
+        let r = Registry::default();
+        r.link_up();
+        let (plain, durable) = (room("plain"), room("durable"));
+        let (p, d) = (outbox(), outbox());
+        r.insert(&plain, SocketId(1), p.clone());
+        r.insert(&durable, SocketId(2), d.clone());
+        r.confirm_subscribed(r.take_pending(100).subscribe);
+        let repairs = |room: &str| room == "durable";
+        r.link_down();
+        r.link_up();
+        r.confirm_subscribed(r.take_pending(100).subscribe);
+        assert_eq!(r.resubscribed(repairs), (1, vec![durable]));
+        assert!(p.take_missed().is_some());
+        assert!(d.take_missed().is_none());
     }
 
     #[test]

@@ -92,31 +92,50 @@ impl Registry {
         self.confirmed.send_modify(|n| *n += 1);
     }
 
-    /// The link is back and every room resubscribed: tell the members of each room that was
-    /// subscribed when it dropped, except the rooms for which `repairs` is true (durable
-    /// rooms, whose gap the node reads back from history): those are returned. Also returns
-    /// the number of memberships told.
-    pub(crate) fn link_restored(&self, repairs: impl Fn(&str) -> bool) -> (usize, Vec<RoomName>) {
+    /// Rooms lost with the link or a sharded subscription are handled once they are
+    /// subscribed again: the members of each are told of the gap, except in the rooms for
+    /// which `repairs` is true (durable rooms, whose gap the node reads back from history):
+    /// those are returned, each once, for their repair. Also returns the number of memberships
+    /// told. Rooms not subscribed yet wait for a later call; rooms nobody is in any more are
+    /// forgotten.
+    ///
+    /// Called after each reconciliation: the gap is told before the node reports ready again,
+    /// and a durable room is read back only after the new subscription was confirmed, so
+    /// whatever the read misses arrives live.
+    pub(crate) fn resubscribed(&self, repairs: impl Fn(&str) -> bool) -> (usize, Vec<RoomName>) {
         let mut inner = self.lock();
-        let Some(since) = inner.down_since.take() else {
+        if inner.lost.is_empty() {
             return (0, Vec::new());
-        };
+        }
         let until = SystemTime::now();
-        let (repair, lost): (Vec<RoomName>, Vec<RoomName>) = std::mem::take(&mut inner.lost)
-            .into_iter()
-            .partition(|room| repairs(room.as_str()));
-        let told = lost
-            .iter()
-            .map(|room| tell_gap(&inner, room.as_str(), since, until, None))
-            .sum();
+        let since = inner.down_since.unwrap_or(until);
+        let (mut told, mut repair) = (0, Vec::new());
+        for room in std::mem::take(&mut inner.lost) {
+            if !inner.rooms.contains_key(&room) {
+                continue;
+            }
+            if !inner.subscribed.contains(&room) {
+                inner.lost.insert(room);
+            } else if repairs(room.as_str()) {
+                repair.push(room);
+            } else {
+                told += tell_gap(&inner, room.as_str(), since, until, None);
+            }
+        }
+        if inner.lost.is_empty() {
+            inner.down_since = None;
+        }
         (told, repair)
     }
 
     /// Redis ended the subscription of `room` on its own (a cluster slot moved). Returns
     /// `true` when the room was subscribed and still has members: it is then pending again
-    /// (not subscribed, so joins wait for the new confirmation) and its members are told that
-    /// messages may have been missed. Returns `false` for a room being unsubscribed on purpose.
-    pub(crate) fn subscription_lost(&self, room: &str) -> bool {
+    /// (not subscribed, so joins wait for the new confirmation). Its members are told at once
+    /// that messages may have been missed, unless `repairs` is true for it (a durable room):
+    /// its gap is then read back once it is subscribed again (see
+    /// [`resubscribed`](Registry::resubscribed)). Returns `false` for a room being
+    /// unsubscribed on purpose.
+    pub(crate) fn subscription_lost(&self, room: &str, repairs: impl Fn(&str) -> bool) -> bool {
         let mut inner = self.lock();
         let Some(room) = inner.subscribed.get(room).cloned() else {
             return false;
@@ -124,8 +143,12 @@ impl Registry {
         if !inner.rooms.contains_key(&room) {
             return false;
         }
-        let now = SystemTime::now();
-        tell_gap(&inner, room.as_str(), now, now, None);
+        if repairs(room.as_str()) {
+            inner.lost.insert(room.clone());
+        } else {
+            let now = SystemTime::now();
+            tell_gap(&inner, room.as_str(), now, now, None);
+        }
         inner.subscribed.remove(&room);
         inner.pending.insert(room);
         drop(inner);
