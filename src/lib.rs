@@ -45,7 +45,8 @@
 //!   [`History`]), `durable::rooms` (their shared state under one lock).
 //! - `writer`: each socket's batched writer task, and the node's heartbeat.
 //! - `registry`: room -> local sockets and [`SocketId`]; `registry::subscriptions` (which
-//!   rooms need a SUBSCRIBE or UNSUBSCRIBE, what Redis confirmed, a lost link),
+//!   rooms need a SUBSCRIBE or UNSUBSCRIBE, what Redis confirmed, a lost link or sharded
+//!   subscription and what becomes of it once the room is subscribed again),
 //!   `registry::fanout` (a frame offered to a room's local sockets, gap notices).
 //! - `queue`: one socket's bounded send queue and its overflow policy.
 //!

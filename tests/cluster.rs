@@ -1,15 +1,22 @@
 //! Redis Cluster mode against a real local cluster of `redis-server` processes: sharded
-//! pub/sub across masters, a hot room's shards spread over them, and delivery that resumes
-//! after a master dies and its replica takes over.
+//! pub/sub across masters, a hot room's shards spread over them, delivery that resumes after a
+//! master dies and its replica takes over, and a durable room whose slot moves with its
+//! history while it is busy.
 #![cfg(feature = "cluster")]
 
+#[allow(dead_code, unreachable_pub)]
+#[path = "../examples/chat_app/mod.rs"]
+mod chat_app;
 mod support;
 
 use std::collections::BTreeSet;
-use std::num::NonZeroU16;
+use std::num::{NonZeroU16, NonZeroUsize};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use axum_fanout::{FanoutBuilder, FanoutLayer, RoomHandle};
+use axum_fanout::{Durability, FanoutBuilder, FanoutLayer, Position, RoomHandle};
+use serde_json::{Value, json};
 use support::*;
 
 /// `n` nodes on the cluster, each built with `configure`, once all are ready.
@@ -213,6 +220,206 @@ async fn a_room_follows_its_slot_to_another_master() {
     send_text(&mut a, "moved").await;
     assert_eq!(recv_text(&mut b, "after the move").await, "moved");
     assert_eq!(recv_text(&mut a, "after the move").await, "moved");
+}
+
+async fn recv_json(ws: &mut Ws, what: &str) -> Value {
+    let text = recv_text(ws, what).await;
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"))
+}
+
+/// A durable room and a plain one share a slot (their names' hash tag), and the slot moves to
+/// another master with its keys while a publisher keeps broadcasting to the durable room, and
+/// while more broadcasts land on the new master before the nodes subscribe there (redirected
+/// with ASK, they reach no subscriber live). Redis ends both rooms' sharded subscriptions; the
+/// nodes subscribe again on the new master. The durable room's members are not told of a gap:
+/// each node reads it back from the room's history, once, so every positioned socket gets
+/// every seq exactly once, in order. The plain room's members are told.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_durable_rooms_slot_moves_with_its_history_and_its_members_miss_nothing() {
+    let cluster = RedisCluster::start(3, 0);
+    // The whole run fits in the history and in one repair: nothing is trimmed.
+    let whole = NonZeroUsize::new(100_000).expect("non-zero");
+    let settings = Durability::default().history(whole).replay_limit(whole);
+    let (durable, plain) = ("d{m}", "p{m}");
+    let mut fleet = Vec::new();
+    for id in ["k1", "k2"] {
+        let layer = FanoutLayer::cluster_builder(cluster.urls())
+            .node_id(id)
+            .durable_room(durable, settings)
+            .build()
+            .expect("layer");
+        let handle = layer.handle();
+        fleet.push((TestServer::start(chat_app::app(layer)).await, handle));
+    }
+    for (_, h) in &fleet {
+        wait_until("node ready on the cluster", || async { h.is_ready() }).await;
+    }
+    let channel = format!("ws:room:{durable}");
+    let slot = cluster.slot_of(&channel);
+    assert_eq!(slot, cluster.slot_of(&format!("ws:room:{plain}")));
+
+    // A positioned socket of the durable room and a plain room's socket on each node.
+    let mut watchers = Vec::new();
+    let mut plains = Vec::new();
+    for (server, handle) in &fleet {
+        let url = server.ws_url(&format!("/ws?room={durable}&positions=1"));
+        let mut ws = connect(&url).await;
+        let notice = recv_json(&mut ws, "the join notice").await;
+        assert_eq!(notice["type"], "fanout.position", "{notice}");
+        watchers.push((ws, notice["seq"].as_u64().expect("seq")));
+        let before = handle.stats().memberships;
+        plains.push(connect(&server.ws_url(&format!("/ws?room={plain}"))).await);
+        wait_until("plain socket joined", || async {
+            handle.stats().memberships > before
+        })
+        .await;
+    }
+    wait_until("both rooms subscribed by both nodes", || async {
+        cluster.shard_numsub(&channel) == 2
+            && cluster.shard_numsub(&format!("ws:room:{plain}")) == 2
+    })
+    .await;
+
+    // The publisher broadcasts one message after another until told to stop; each must
+    // succeed, through the redirections of the move.
+    let stop = Arc::new(AtomicBool::new(false));
+    let publisher = {
+        let (handle, stop) = (fleet[0].1.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut positions = Vec::new();
+            for n in 1u64.. {
+                if stop.load(Ordering::Acquire) {
+                    break;
+                }
+                let published = handle
+                    .broadcast(durable, json!({ "n": n }))
+                    .send()
+                    .await
+                    .unwrap_or_else(|e| panic!("broadcast {n} during the move: {e}"));
+                positions.push(published.position().expect("durable").clone());
+            }
+            positions
+        })
+    };
+    // The nodes have delivered some before the move starts.
+    for (ws, at) in &mut watchers {
+        loop {
+            let frame = recv_json(ws, "a delivery before the move").await;
+            let seq = frame["seq"].as_u64().expect("a numbered delivery");
+            assert_eq!(seq, *at + 1, "before the move: {frame}");
+            *at = seq;
+            if seq >= 20 {
+                break;
+            }
+        }
+    }
+
+    // First move, the publisher running throughout.
+    let from = cluster.master_of_slot(slot).port();
+    let to = *cluster
+        .master_ports()
+        .iter()
+        .find(|&&p| p != from)
+        .expect("another master");
+    let mut gap = move_durable_slot(&cluster, &fleet[1].1, slot, to, durable).await;
+    stop.store(true, Ordering::Release);
+    let mut positions = publisher.await.expect("publisher");
+    positions.append(&mut gap);
+    let epoch = positions[0].epoch().to_owned();
+    assert!(
+        positions.iter().all(|p| p.epoch() == epoch),
+        "one epoch: the history moved with the slot"
+    );
+    let top = positions
+        .iter()
+        .map(Position::seq)
+        .max()
+        .expect("published");
+    assert_eq!(
+        top as usize,
+        positions.len(),
+        "each broadcast got its own seq"
+    );
+    expect_every_seq(&mut watchers, top).await;
+    for ws in &mut plains {
+        expect_missed(ws, plain).await;
+    }
+
+    // Back again with nobody publishing once the nodes follow the slot: what was published
+    // on the new master before they subscribed there reaches the sockets only if each node
+    // reads it back once its new subscription is confirmed (no later live seq reveals it).
+    let gap = move_durable_slot(&cluster, &fleet[1].1, slot, from, durable).await;
+    let top = gap.last().expect("published in the gap").seq();
+    expect_every_seq(&mut watchers, top).await;
+    for ws in &mut plains {
+        expect_missed(ws, plain).await;
+    }
+    let tail = fleet[0]
+        .1
+        .broadcast(durable, json!({ "n": "tail" }))
+        .send()
+        .await
+        .expect("broadcast after the moves");
+    assert_eq!(
+        tail.position(),
+        Some(&Position::new(epoch.as_str(), top + 1))
+    );
+    expect_every_seq(&mut watchers, top + 1).await;
+}
+
+/// Moves `slot` to the master on `to` with its keys, broadcasting five messages to `room`
+/// while its keys are on the new master and the nodes still subscribed on the old one (the
+/// broadcasts are redirected with ASK; no subscriber gets them live). Returns their positions
+/// once both nodes subscribed again on `to`.
+async fn move_durable_slot(
+    cluster: &RedisCluster,
+    handle: &RoomHandle,
+    slot: u16,
+    to: u16,
+    room: &str,
+) -> Vec<Position> {
+    // Blocking (redis-cli processes): the runtime hands this worker's tasks to another.
+    let moving = tokio::task::block_in_place(|| cluster.begin_slot_move(slot, to));
+    let mut in_the_gap = Vec::new();
+    for n in 0..5 {
+        let published = handle
+            .broadcast(room, json!({ "gap": n }))
+            .send()
+            .await
+            .expect("broadcast redirected with ASK");
+        in_the_gap.push(published.position().expect("durable").clone());
+    }
+    tokio::task::block_in_place(|| cluster.finish_slot_move(&moving));
+    wait_until("every room subscribed again on the new master", || async {
+        let channels = cluster.shard_channels("ws:room:*");
+        !channels.is_empty()
+            && channels.iter().all(|(port, _)| *port == to)
+            && channels.len() == 2
+            && cluster.shard_numsub(&format!("ws:room:{room}")) == 2
+    })
+    .await;
+    in_the_gap
+}
+
+/// Reads each positioned socket up to seq `top`: every seq once, in order, and no loss notice.
+async fn expect_every_seq(watchers: &mut [(Ws, u64)], top: u64) {
+    for (i, (ws, at)) in watchers.iter_mut().enumerate() {
+        while *at < top {
+            let frame = recv_json(ws, &format!("socket {i}: seq {} of {top}", *at + 1)).await;
+            assert_ne!(frame["type"], "fanout.missed", "socket {i}: {frame}");
+            let seq = frame["seq"]
+                .as_u64()
+                .unwrap_or_else(|| panic!("socket {i}: {frame}"));
+            assert_eq!(seq, *at + 1, "socket {i}: a gap or a duplicate: {frame}");
+            *at = seq;
+        }
+    }
+}
+
+async fn expect_missed(ws: &mut Ws, room: &str) {
+    let notice = recv_json(ws, "the plain room's loss notice").await;
+    assert_eq!(notice["type"], "fanout.missed", "{notice}");
+    assert_eq!(notice["room"], room, "{notice}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

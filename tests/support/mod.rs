@@ -757,29 +757,74 @@ impl RedisCluster {
             })
     }
 
-    /// Moves `slot` (holding no keys) to the master on `to_port`, as `redis-cli --cluster
-    /// reshard` does: IMPORTING on the target, MIGRATING on the source, then NODE everywhere.
+    /// Moves `slot` and its keys to the master on `to_port`, as `redis-cli --cluster reshard`
+    /// does: [`begin_slot_move`](RedisCluster::begin_slot_move), then
+    /// [`finish_slot_move`](RedisCluster::finish_slot_move).
     pub fn migrate_slot(&self, slot: u16, to_port: u16) {
+        let moving = self.begin_slot_move(slot, to_port);
+        self.finish_slot_move(&moving);
+    }
+
+    /// Starts moving `slot` to the master on `to_port`: IMPORTING on the target, MIGRATING on
+    /// the source, then every key of the slot MIGRATEd (a few at a time, each batch
+    /// atomically). The source still owns the slot: a command for a key that moved is
+    /// redirected to the target with ASK, and the source's sharded subscriptions stay.
+    pub fn begin_slot_move(&self, slot: u16, to_port: u16) -> SlotMove {
         let from = self.master_of_slot(slot);
-        let to = self
-            .nodes
-            .iter()
-            .find(|n| n.port() == to_port)
-            .expect("target node");
+        let to = self.node(to_port);
         let id = |n: &RedisServer| n.cli(&["CLUSTER", "MYID"]).trim().to_owned();
-        let (from_id, to_id) = (id(from), id(to));
+        let moving = SlotMove {
+            slot,
+            from: from.port(),
+            to: to_port,
+            to_id: id(to),
+        };
         let slot = slot.to_string();
-        let ok = |out: String| assert_eq!(out.trim(), "OK", "CLUSTER SETSLOT");
-        ok(to.cli(&["CLUSTER", "SETSLOT", &slot, "IMPORTING", &from_id]));
-        ok(from.cli(&["CLUSTER", "SETSLOT", &slot, "MIGRATING", &to_id]));
-        ok(to.cli(&["CLUSTER", "SETSLOT", &slot, "NODE", &to_id]));
-        ok(from.cli(&["CLUSTER", "SETSLOT", &slot, "NODE", &to_id]));
+        let ok = |out: String, what: &str| assert_eq!(out.trim(), "OK", "{what}");
+        ok(
+            to.cli(&["CLUSTER", "SETSLOT", &slot, "IMPORTING", &id(from)]),
+            "SETSLOT IMPORTING",
+        );
+        ok(
+            from.cli(&["CLUSTER", "SETSLOT", &slot, "MIGRATING", &moving.to_id]),
+            "SETSLOT MIGRATING",
+        );
+        let port = to_port.to_string();
+        loop {
+            let keys = from.cli(&["CLUSTER", "GETKEYSINSLOT", &slot, "100"]);
+            let keys: Vec<&str> = keys.lines().filter(|k| !k.is_empty()).collect();
+            if keys.is_empty() {
+                return moving;
+            }
+            let mut migrate = vec!["MIGRATE", "127.0.0.1", &port, "", "0", "5000", "KEYS"];
+            migrate.extend(&keys);
+            ok(from.cli(&migrate), "MIGRATE");
+        }
+    }
+
+    /// Ends a move: the slot belongs to the target, told to the target, the source (which
+    /// then ends the slot's sharded subscriptions) and every other node, as `redis-cli
+    /// --cluster reshard` does; then waits until the cluster agrees.
+    pub fn finish_slot_move(&self, moving: &SlotMove) {
+        let slot = moving.slot.to_string();
+        let ok = |out: String| assert_eq!(out.trim(), "OK", "CLUSTER SETSLOT NODE");
+        let setslot = ["CLUSTER", "SETSLOT", &slot, "NODE", &moving.to_id];
+        ok(self.node(moving.to).cli(&setslot));
+        ok(self.node(moving.from).cli(&setslot));
         for node in self.nodes.iter().filter(|n| n.is_running()) {
-            if node.port() != from.port() && node.port() != to.port() {
-                let _ = node.cli(&["CLUSTER", "SETSLOT", &slot, "NODE", &to_id]);
+            if node.port() != moving.from && node.port() != moving.to {
+                let _ = node.cli(&setslot);
             }
         }
         self.wait_ok();
+    }
+
+    /// The node on `port`.
+    fn node(&self, port: u16) -> &RedisServer {
+        self.nodes
+            .iter()
+            .find(|n| n.port() == port)
+            .expect("one of our nodes")
     }
 
     /// The ports of the running masters.
@@ -841,6 +886,14 @@ impl RedisCluster {
             .map(|n| n.channels(pattern).len())
             .sum()
     }
+}
+
+/// A slot on its way from one master to another: see [`RedisCluster::begin_slot_move`].
+pub struct SlotMove {
+    slot: u16,
+    from: u16,
+    to: u16,
+    to_id: String,
 }
 
 impl Drop for RedisCluster {
