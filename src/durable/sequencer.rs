@@ -169,9 +169,18 @@ impl Durable {
                     tracing::info!(room = %room, after = %after, messages = page.entries.len(), "repaired a durable room's gap from its history");
                 }
                 outcome => {
-                    let why = outcome.map_or("the history could not be read", |(_, r)| {
-                        r.err().map_or("", Unrecoverable::as_str)
-                    });
+                    let why = match outcome {
+                        None => "the history could not be read",
+                        // Same epoch, fewer messages than delivered: a failover to a replica
+                        // that had not received the last writes.
+                        Some((page, _))
+                            if page.top.epoch() == after.epoch()
+                                && page.top.seq() < after.seq() =>
+                        {
+                            "the history is behind what this node delivered"
+                        }
+                        Some((_, r)) => r.err().map_or("", Unrecoverable::as_str),
+                    };
                     tracing::warn!(room = %room, after = %after, reason = why, "a durable room's gap cannot be repaired; members are told");
                     self.registry.tell_missed(room.as_str(), None);
                     // Start over from whatever comes next.

@@ -819,6 +819,38 @@ impl RedisCluster {
         self.wait_ok();
     }
 
+    /// The port of a replica of the master on `master_port`.
+    pub fn replica_of(&self, master_port: u16) -> u16 {
+        let info = self.node(master_port).cli(&["INFO", "replication"]);
+        info.lines()
+            .filter(|l| l.starts_with("slave"))
+            .find_map(|l| {
+                let port = l.split(',').find_map(|kv| kv.strip_prefix("port="))?;
+                port.trim().parse().ok()
+            })
+            .unwrap_or_else(|| panic!("no replica of {master_port}: {info}"))
+    }
+
+    /// Whether the replica on `replica_port` has everything the master on `master_port` wrote.
+    pub fn replicated(&self, master_port: u16, replica_port: u16) -> bool {
+        let offset = |port: u16, field: &str| -> Option<u64> {
+            let info = self.node(port).cli(&["INFO", "replication"]);
+            info.lines()
+                .find_map(|l| l.strip_prefix(field))
+                .and_then(|n| n.trim().parse().ok())
+        };
+        let master = offset(master_port, "master_repl_offset:");
+        master.is_some() && master == offset(replica_port, "slave_repl_offset:")
+    }
+
+    /// The node on `port`, to stop, restart or signal.
+    pub fn node_mut(&mut self, port: u16) -> &mut RedisServer {
+        self.nodes
+            .iter_mut()
+            .find(|n| n.port() == port)
+            .expect("one of our nodes")
+    }
+
     /// The node on `port`.
     fn node(&self, port: u16) -> &RedisServer {
         self.nodes
