@@ -619,7 +619,12 @@ impl RedisCluster {
         let dir_arg = dir.to_string_lossy().into_owned();
         let nodes: Vec<RedisServer> = (0..masters * (1 + replicas))
             .map(|_| {
+                // The cluster bus port is chosen free too: Redis's default, the port plus
+                // 10,000, may be held by a socket in TIME_WAIT after a busy test run.
+                let bus = free_port().to_string();
                 RedisServer::start_with(&[
+                    "--cluster-port",
+                    &bus,
                     "--cluster-enabled",
                     "yes",
                     "--cluster-config-file",
