@@ -267,6 +267,11 @@ impl Outbox {
         self.last_seen_ms.store(ms, Ordering::Relaxed);
     }
 
+    /// How long ago the socket was attached.
+    pub(crate) fn age(&self) -> std::time::Duration {
+        self.created.elapsed()
+    }
+
     /// How long the client has been silent.
     pub(crate) fn silent_for(&self) -> std::time::Duration {
         let last = std::time::Duration::from_millis(self.last_seen_ms.load(Ordering::Relaxed));

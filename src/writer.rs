@@ -49,9 +49,14 @@ pub(crate) async fn heartbeat(
             _ = stop.changed() => return,
         }
         for outbox in registry.attached() {
-            if outbox.silent_for() > limit {
+            let silent = outbox.silent_for();
+            if silent > limit {
                 counters.heartbeat_timeouts.add(1);
-                tracing::debug!("no pong from a client in {limit:?}; closing it");
+                tracing::debug!(
+                    silent_ms = silent.as_millis() as u64,
+                    age_ms = outbox.age().as_millis() as u64,
+                    "no pong from a client in {limit:?}; closing it"
+                );
                 outbox.close_now(close_code::AWAY, "no pong received");
             } else {
                 // A ping that finds the queue full is dropped: that socket is already busy.
