@@ -90,9 +90,8 @@ pub(crate) async fn connect(
     connect_from(addr, None, &proto.path(room), proto, rcvbuf, buf_size).await
 }
 
-/// [`connect`] with a local source address (`c100k` spreads its 100,000 client sockets over
-/// several 127.0.0.x addresses, so that no address runs out of ephemeral ports) and an
-/// explicit request path (`/ws?room=R&positions=1&since=E:S` for the durable resume).
+/// [`connect`] with an optional local source address (a `bind()` before `connect()`: costly
+/// with many sockets on one address, see `c100k`) and an explicit request path (`/ws?room=R&positions=1&since=E:S` for the durable resume).
 pub(crate) async fn connect_from(
     addr: SocketAddr,
     source: Option<IpAddr>,
