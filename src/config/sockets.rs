@@ -55,8 +55,10 @@ impl FanoutBuilder {
     /// How long a busy socket gathers frames between two writes.
     ///
     /// A socket that keeps up (each write carries one frame) writes every frame at once, so
-    /// light traffic gets no added latency. When a write carried several frames, traffic is
-    /// outrunning the socket, and the writer waits this long before the next write so that it
+    /// light traffic gets no added latency, and so does a short burst (a write of a few
+    /// frames). When a write carried many frames (8, or a full batch when
+    /// [`batch_frames`](FanoutBuilder::batch_frames) is smaller), traffic is outrunning the
+    /// socket, and the writer waits this long before the next write so that it
     /// carries many frames: one syscall for many frames instead of one each, which is most of
     /// a busy node's CPU. A full batch ([`batch_frames`](FanoutBuilder::batch_frames)) already
     /// queued goes out at once: a burst such as a resume's replay is not slowed down. Zero
