@@ -370,8 +370,9 @@ async fn a_durable_rooms_slot_moves_with_its_history_and_its_members_miss_nothin
 /// A failover to a replica that had not received the last messages (Redis replicates
 /// asynchronously; here the replica is stopped while they are stored): the room's history on
 /// the new master is behind what the node delivered. The node's repair finds that out and
-/// tells the members, instead of waiting or delivering anything twice, and delivery goes on
-/// with the next message, which takes the first seq the new master has not used.
+/// tells the members, instead of waiting or delivering anything twice, and moves the room to
+/// a new epoch: the lost seqs never name other messages, and a client resuming from one of
+/// them is told its position is gone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failover_that_lost_the_last_messages_is_told_not_hidden() {
     let mut cluster = RedisCluster::start(3, 1);
@@ -441,10 +442,27 @@ async fn a_failover_that_lost_the_last_messages_is_told_not_hidden() {
         handle.is_ready()
     })
     .await;
+    // 4 to 6 are gone, and the socket saw them: the room goes on in a new epoch, so that no
+    // later message takes their seqs under the old one.
+    wait_until("the room moved to a new epoch", || async {
+        handle
+            .history("lag", 1)
+            .await
+            .is_ok_and(|h| h.position().epoch() != epoch)
+    })
+    .await;
     let next = publish_and_read(7, &mut ws).await;
-    assert_eq!(next, 4, "the new master numbers on from what it has");
+    assert_eq!(next, 1, "the new epoch numbers from 1");
     let top = handle.history("lag", 10).await.expect("history");
-    assert_eq!(top.position(), &Position::new(epoch.as_str(), 4));
+    assert_ne!(top.position().epoch(), epoch);
+    assert_eq!(top.position().seq(), 1);
+    // A client that saw the lost 6 and resumes from it is told, not fed another message 6.
+    let mut late =
+        connect(&server.ws_url(&format!("/ws?room=lag&positions=1&since={epoch}:6"))).await;
+    let resumed = recv_json(&mut late, "the resume notice").await;
+    assert_eq!(resumed["type"], "fanout.resumed", "{resumed}");
+    assert_eq!(resumed["recovered"], false, "{resumed}");
+    assert_eq!(resumed["reason"], "epoch_changed", "{resumed}");
 }
 
 /// Moves `slot` to the master on `to` with its keys, broadcasting five messages to `room`

@@ -98,6 +98,28 @@ return {epoch, top, entries}
     )
 });
 
+/// Starts a new epoch for a room whose history lost messages that were delivered: when the
+/// room is still at epoch `ARGV[1]` and its last seq is below `ARGV[2]` (a failover to a
+/// replica that had not received the last writes), the history is dropped and the room
+/// numbers on from seq 1 in epoch `ARGV[3]`. Otherwise (another node forked it already, or
+/// the history caught up) nothing changes. Returns the room's epoch after the call.
+static FORK_SCRIPT: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local meta, stream = KEYS[1], KEYS[2]
+local epoch = redis.call('HGET', meta, 'epoch')
+local top = tonumber(redis.call('HGET', meta, 'seq') or '0')
+if epoch == ARGV[1] and top < tonumber(ARGV[2]) then
+  epoch = ARGV[3]
+  redis.call('DEL', stream)
+  redis.call('HSET', meta, 'epoch', epoch, 'seq', 0)
+  redis.call('PEXPIRE', meta, ARGV[4])
+end
+return epoch
+"#,
+    )
+});
+
 /// What to read from a room's history.
 #[derive(Debug, Clone)]
 pub(crate) enum Read {
@@ -271,6 +293,33 @@ impl Bus {
             entries,
         })
     }
+
+    /// Gives durable `room` a new epoch if its history is still at `delivered`'s epoch but
+    /// behind it (see [`FORK_SCRIPT`]): the seqs the history lost would otherwise be numbered
+    /// again for other messages, and a socket resuming from one of them would skip those
+    /// without being told. Returns the room's epoch afterwards.
+    async fn fork_epoch(
+        &self,
+        room: &RoomName,
+        settings: &Durability,
+        delivered: &Position,
+    ) -> Result<String, Error> {
+        let deadline = Instant::now() + self.config.subscribe_timeout;
+        let (meta, stream) = keys(&channel::for_sender(&self.config, room, 0));
+        let mut script = FORK_SCRIPT.key(meta);
+        script
+            .key(stream)
+            .arg(delivered.epoch())
+            .arg(delivered.seq())
+            .arg(new_epoch())
+            .arg(ttl_ms(settings.ttl));
+        let mut conn = self.history_conn(deadline).await?;
+        match timeout_at(deadline, invoke(&mut conn, &script)).await {
+            Ok(Ok(reply)) => text(&reply).ok_or_else(|| unexpected("fork")),
+            Ok(Err(e)) => Err(Error::redis(e)),
+            Err(_) => Err(Error::publish_timeout(true, "EVALSHA")),
+        }
+    }
 }
 
 /// Reads back the gaps the node's durable rooms asked for, each in a task of its own (the
@@ -301,7 +350,18 @@ pub(super) async fn repair_loop(
                 .await
                 .inspect_err(|e| tracing::warn!(room = %room, error = %e, "could not read a durable room's gap"))
                 .ok();
-            bus.durable.repaired(&room, &after, page);
+            let Some(lost) = bus.durable.repaired(&room, &after, page) else {
+                return;
+            };
+            match bus.fork_epoch(&room, &settings, &lost).await {
+                Ok(epoch) => {
+                    tracing::warn!(room = %room, delivered = %lost, epoch, "a durable room's history lost delivered messages; it goes on in a new epoch")
+                }
+                // The next repair that finds the history behind tries again.
+                Err(e) => {
+                    tracing::warn!(room = %room, error = %e, "could not start a new epoch for a durable room whose history lost messages")
+                }
+            }
         });
     }
 }

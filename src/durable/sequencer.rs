@@ -13,8 +13,9 @@
 //!
 //! A history behind what the node delivered (a failover to a replica that had not received
 //! the last writes: Redis replicates asynchronously) cannot fill the gap either: the repair
-//! finds the room's top seq below the one asked after, reports it as unrecoverable, and
-//! delivery starts over from the next live message.
+//! finds the room's top seq below the one asked after, reports it as unrecoverable, delivery
+//! starts over from the next live message, and the bus moves the room to a new epoch (so the
+//! lost seqs never name other messages).
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -148,13 +149,23 @@ impl Durable {
     }
 
     /// The bus read the gap after `after` (or failed to): deliver it, then what was held.
-    pub(crate) fn repaired(&self, room: &RoomName, after: &Position, page: Option<Page>) {
+    ///
+    /// Returns `after` when the history is behind it in the same epoch: messages this node
+    /// delivered are gone from Redis (a failover to a replica that had not received them),
+    /// and the bus must move the room to a new epoch (see `bus::history`).
+    pub(crate) fn repaired(
+        &self,
+        room: &RoomName,
+        after: &Position,
+        page: Option<Page>,
+    ) -> Option<Position> {
+        let mut lost = None;
         let mut to_wake = Vec::new();
         let mut total = Dispatched::default();
         {
             let mut rooms = self.lock();
             let Some(state) = rooms.get_mut(room.as_str()) else {
-                return; // everyone left meanwhile
+                return None; // everyone left meanwhile
             };
             let held = state.repairing.take().unwrap_or_default();
             let limit = self.settings(room.as_str()).replay_limit.get();
@@ -177,6 +188,7 @@ impl Durable {
                             if page.top.epoch() == after.epoch()
                                 && page.top.seq() < after.seq() =>
                         {
+                            lost = Some(after.clone());
                             "the history is behind what this node delivered"
                         }
                         Some((_, r)) => r.err().map_or("", Unrecoverable::as_str),
@@ -192,6 +204,7 @@ impl Durable {
             }
         }
         self.finish_delivery(total, to_wake);
+        lost
     }
 
     fn finish_delivery(&self, total: Dispatched, to_wake: Vec<Arc<Outbox>>) {
@@ -255,7 +268,7 @@ mod tests {
             top: Position::new("e", 4),
             entries: (2..=4).map(|s| (s, env("e", s))).collect(),
         };
-        durable.repaired(&room, &repair.after, Some(page));
+        assert_eq!(durable.repaired(&room, &repair.after, Some(page)), None);
         durable.on_live("r", decoded("e", 5), &mut wake); // a duplicate
         durable.on_live("r", decoded("e", 6), &mut wake);
         assert_eq!(plain.take_texts().await, ["1", "2", "3", "4", "5", "6"]);
@@ -263,9 +276,9 @@ mod tests {
     }
 
     /// A failover to a replica that had not received the last writes: the history's top is
-    /// below what the node delivered. The repair tells the members and delivers nothing from
-    /// the page; the messages that now take those seqs are delivered, not dropped as
-    /// duplicates of the lost ones.
+    /// below what the node delivered. The repair tells the members, delivers nothing from the
+    /// page and asks for a new epoch; the messages that take those seqs before the new epoch
+    /// are delivered, not dropped as duplicates of the lost ones.
     #[tokio::test]
     async fn a_history_behind_what_was_delivered_is_told_not_replayed() {
         let (durable, registry) = setup();
@@ -287,7 +300,12 @@ mod tests {
             top: Position::new("e", 3),
             entries: Vec::new(),
         };
-        durable.repaired(&room, &repair.after, Some(page));
+        // The bus is asked to move the room to a new epoch: the lost seqs must not name other
+        // messages for a socket resuming from one of them.
+        assert_eq!(
+            durable.repaired(&room, &repair.after, Some(page)),
+            Some(Position::new("e", 5))
+        );
         assert!(plain.take_missed().is_some(), "told it cannot be recovered");
         durable.on_live("r", decoded("e", 5), &mut wake);
         assert_eq!(plain.take_texts().await, ["4", "5"]);
