@@ -95,8 +95,11 @@ impl Broadcast {
     ///     }
     /// }
     /// ```
-    pub async fn queue(self) -> Result<Receipt, Error> {
-        self.enqueue(false).await
+    pub fn queue(self) -> impl Future<Output = Result<Receipt, Error>> + Send {
+        // Boxed whole (one allocation per broadcast, as before): a socket's read loop awaits
+        // this, and a task keeps the size of its largest await for its whole life, which for
+        // most sockets is spent idle in `recv`.
+        Box::pin(self.enqueue(false))
     }
 
     /// Publishes it and waits for Redis's answer, like `.await`, with the message's position
@@ -124,7 +127,12 @@ impl Broadcast {
     ///     Ok(Json(json!({ "nodes": published.nodes(), "position": position })))
     /// }
     /// ```
-    pub async fn send(self) -> Result<Published, Error> {
+    pub fn send(self) -> impl Future<Output = Result<Published, Error>> + Send {
+        // Boxed whole, like `queue`.
+        Box::pin(self.publish())
+    }
+
+    async fn publish(self) -> Result<Published, Error> {
         self.enqueue(true).await?.published().await
     }
 
@@ -143,13 +151,10 @@ impl Broadcast {
         // A durable room's message is stored and published in one step, numbered by Redis;
         // it takes its place in the same queue, so the order still holds.
         let durable = node.config.durable_for(room.as_str()).copied();
-        // Boxed: it may wait under a deadline (a timer), and a socket handler that awaits it
-        // would otherwise carry that size for the socket's whole life.
-        Box::pin(
-            node.bus
-                .enqueue(room, sender, bytes, self.origin, durable, abandonable),
-        )
-        .await
+        // Not boxed here: `queue`, `send` and `.await` box the whole broadcast once.
+        node.bus
+            .enqueue(room, sender, bytes, self.origin, durable, abandonable)
+            .await
     }
 
     /// Leaves out one socket of this node (usually the sender). It also counts as the
@@ -184,6 +189,6 @@ impl IntoFuture for Broadcast {
     fn into_future(self) -> Self::IntoFuture {
         // Awaited: if the caller stops waiting before Redis got it, it is not sent (as before
         // `queue` existed); a queued broadcast is sent regardless.
-        Box::pin(async move { self.send().await.map(|p| p.nodes()) })
+        Box::pin(async move { self.publish().await.map(|p| p.nodes()) })
     }
 }
