@@ -57,7 +57,8 @@
 //! `config::durability`: [`Durability`]), `room`
 //! ([`RoomName`], validated once at the edge), `missed` ([`Missed`], how a socket learns that
 //! messages may have been lost), `stats` ([`Stats`] and the counters), `error` ([`Error`]),
-//! `time` (milliseconds since the epoch), `position` ([`Position`], [`Unrecoverable`]).
+//! `time` (milliseconds since the epoch), `position` ([`Position`], [`Unrecoverable`]),
+//! `random` (random ids: node ids, epochs, backoff seeds).
 //!
 //! # Invariants
 //!
@@ -105,6 +106,7 @@ mod envelope;
 mod error;
 mod missed;
 mod position;
+mod random;
 mod room;
 mod stats;
 mod time;

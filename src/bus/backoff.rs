@@ -6,8 +6,9 @@
 //! pause uniform between zero and the exponential ceiling) spreads them over the whole window
 //! while keeping the expected time to notice a returned Redis at half the ceiling.
 
-use std::hash::{BuildHasher, Hasher};
 use std::time::Duration;
+
+use crate::random;
 
 #[derive(Debug)]
 pub(crate) struct Backoff {
@@ -21,15 +22,13 @@ pub(crate) struct Backoff {
 
 impl Backoff {
     pub(crate) fn new(base: Duration, cap: Duration) -> Self {
-        // `RandomState` is seeded from the OS once per process and varied per instance, so two
-        // nodes (or two connections of one node) never share a schedule.
-        let mut seed = std::collections::hash_map::RandomState::new().build_hasher();
-        seed.write_u32(std::process::id());
+        // Seeded per instance, so two nodes (or two connections of one node) never share a
+        // schedule.
         Self {
             base,
             cap: cap.max(base),
             ceiling: base,
-            rng: seed.finish() | 1,
+            rng: random::u64() | 1,
         }
     }
 

@@ -40,6 +40,7 @@ use crate::config::Durability;
 use crate::durable::{Page, Repair};
 use crate::error::Error;
 use crate::position::Position;
+use crate::random;
 use crate::room::RoomName;
 
 /// Concurrent history reads per node, at most: a flood of resumes (every client of a node
@@ -154,22 +155,6 @@ fn hash_tag(name: &str) -> &str {
     name
 }
 
-/// A fresh epoch: 16 hex digits, random per process and call.
-fn new_epoch() -> String {
-    use std::hash::{BuildHasher, Hasher};
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static CALLS: AtomicU64 = AtomicU64::new(0);
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u64(CALLS.fetch_add(1, Ordering::Relaxed));
-    h.write_u128(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0),
-    );
-    format!("{:016x}", h.finish())
-}
-
 async fn invoke(conn: &mut Conn, script: &ScriptInvocation<'_>) -> Result<Value, RedisError> {
     match conn {
         Conn::Server(conn) => script.invoke_async(conn).await,
@@ -259,7 +244,7 @@ impl Bus {
         let mut script = READ_SCRIPT.key(meta);
         script
             .key(stream)
-            .arg(new_epoch())
+            .arg(random::hex_id())
             .arg(ttl_ms(settings.ttl));
         let newest_first = matches!(read, Read::Last(_));
         match read {
@@ -311,7 +296,7 @@ impl Bus {
             .key(stream)
             .arg(delivered.epoch())
             .arg(delivered.seq())
-            .arg(new_epoch())
+            .arg(random::hex_id())
             .arg(ttl_ms(settings.ttl));
         let mut conn = self.history_conn(deadline).await?;
         match timeout_at(deadline, invoke(&mut conn, &script)).await {
@@ -369,6 +354,9 @@ pub(super) async fn repair_loop(
 /// One durable message for [`publish_call`]: stored and published on `channel`.
 pub(super) struct Message<'a> {
     pub(super) channel: &'a str,
+    /// The epoch the room starts if it has none (new, or its history was lost). One per
+    /// pipeline is enough: within one, a room's history is created at most once.
+    pub(super) epoch: &'a str,
     pub(super) settings: &'a Durability,
     pub(super) envelope: &'a [u8],
 }
@@ -385,7 +373,7 @@ pub(super) fn publish_call(publish_command: &str, message: &Message<'_>) -> Cmd 
         .arg(2)
         .arg(meta)
         .arg(stream)
-        .arg(new_epoch())
+        .arg(message.epoch)
         .arg(message.envelope)
         .arg(message.settings.history.get())
         .arg(ttl_ms(message.settings.ttl))
@@ -485,11 +473,5 @@ mod tests {
         );
         // Other errors are final.
         assert_eq!(to_retry(&["a", "a"], &[other(), noscript()]), [false, true]);
-    }
-
-    #[test]
-    fn epochs_differ() {
-        assert_ne!(new_epoch(), new_epoch());
-        assert_eq!(new_epoch().len(), 16);
     }
 }

@@ -16,6 +16,7 @@ use crate::channel;
 use crate::config::Durability;
 use crate::error::Error;
 use crate::queue::Outbox;
+use crate::random;
 use crate::room::RoomName;
 
 /// Broadcasts waiting for the publisher, at most. A caller that finds the queue full waits
@@ -335,12 +336,15 @@ async fn send_durable(bus: &Bus, conn: &mut Conn, mut run: Vec<Outgoing>, deadli
         .as_ref()
         .map_or("PUBLISH", Backend::publish_command);
     let mut loads = 0;
+    // Not one per message: a random id is a hash and a string, on the per-message path.
+    let epoch = random::hex_id();
     while !run.is_empty() {
         let commands = run
             .iter()
             .filter_map(|o| {
                 let message = Message {
                     channel: &o.channel,
+                    epoch: &epoch,
                     settings: o.durable.as_ref()?,
                     envelope: &o.envelope,
                 };

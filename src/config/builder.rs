@@ -72,7 +72,7 @@ impl FanoutBuilder {
                 tls_root_certificate: None,
             },
             config: Config {
-                node_id: random_node_id(),
+                node_id: crate::random::hex_id(),
                 channel_prefix: "ws:room:".to_owned(),
                 shard_count: NonZeroU16::MIN,
                 room_shards: HashMap::new(),
@@ -316,31 +316,5 @@ impl FanoutBuilder {
     #[cfg(test)]
     pub(crate) fn into_config_for_tests(self) -> Config {
         self.config
-    }
-}
-
-fn random_node_id() -> String {
-    use std::hash::{BuildHasher, Hasher};
-    // `RandomState` is seeded from the OS per process; mixing in pid and time keeps ids apart
-    // even for processes that start at the same instant.
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u32(std::process::id());
-    h.write_u128(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0),
-    );
-    format!("{:016x}", h.finish())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn node_ids_differ() {
-        assert_ne!(random_node_id(), random_node_id());
-        assert_eq!(random_node_id().len(), 16);
     }
 }

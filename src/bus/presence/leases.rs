@@ -19,6 +19,7 @@ use crate::bus::backoff::Backoff;
 use crate::bus::{Bus, pause};
 use crate::config::Config;
 use crate::presence::Table;
+use crate::random;
 use crate::room::RoomName;
 
 impl Bus {
@@ -144,7 +145,7 @@ async fn renew(
     epoch: &mut Option<String>,
 ) -> Result<(), Failure> {
     let first = epoch.is_none();
-    let fresh = format!("{:016x}", rand_u64());
+    let fresh = random::hex_id();
     let mut inv = SCRIPTS.lease.prepare_invoke();
     inv.key(&fleet.leases)
         .key(&fleet.epoch)
@@ -185,17 +186,4 @@ async fn renew(
     }
     *epoch = Some(seen);
     Ok(())
-}
-
-/// A random number for a new epoch id (std's randomly seeded hasher; no extra dependency).
-fn rand_u64() -> u64 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0),
-    );
-    h.finish()
 }
