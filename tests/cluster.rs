@@ -241,19 +241,14 @@ async fn a_durable_rooms_slot_moves_with_its_history_and_its_members_miss_nothin
     let whole = NonZeroUsize::new(100_000).expect("non-zero");
     let settings = Durability::default().history(whole).replay_limit(whole);
     let (durable, plain) = ("d{m}", "p{m}");
-    let mut fleet = Vec::new();
-    for id in ["k1", "k2"] {
-        let layer = FanoutLayer::cluster_builder(cluster.urls())
+    let layers = ["k1", "k2"].map(|id| {
+        FanoutLayer::cluster_builder(cluster.urls())
             .node_id(id)
             .durable_room(durable, settings)
             .build()
-            .expect("layer");
-        let handle = layer.handle();
-        fleet.push((TestServer::start(chat_app::app(layer)).await, handle));
-    }
-    for (_, h) in &fleet {
-        wait_until("node ready on the cluster", || async { h.is_ready() }).await;
-    }
+            .expect("layer")
+    });
+    let fleet = start_nodes(layers, chat_app::app).await;
     let channel = format!("ws:room:{durable}");
     let slot = cluster.slot_of(&channel);
     assert_eq!(slot, cluster.slot_of(&format!("ws:room:{plain}")));

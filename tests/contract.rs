@@ -37,19 +37,17 @@ struct Cluster {
 impl Cluster {
     async fn start(n: usize) -> Self {
         let redis = RedisServer::start();
-        let mut nodes = Vec::new();
-        for i in 1..=n {
-            let layer = FanoutLayer::builder(redis.url())
+        let layers = (1..=n).map(|i| {
+            FanoutLayer::builder(redis.url())
                 .node_id(format!("n{i}"))
                 .build()
-                .expect("valid url");
-            let handle = layer.handle();
-            let server = TestServer::start(chat_app::app(layer)).await;
-            nodes.push(Node { server, handle });
-        }
-        for node in &nodes {
-            wait_until("node ready", || async { node.handle.is_ready() }).await;
-        }
+                .expect("valid url")
+        });
+        let nodes = start_nodes(layers, chat_app::app)
+            .await
+            .into_iter()
+            .map(|(server, handle)| Node { server, handle })
+            .collect();
         Self { redis, nodes }
     }
 

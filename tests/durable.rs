@@ -485,19 +485,14 @@ async fn durable_broadcasts_survive_redis_forgetting_the_script() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn durable_rooms_work_on_a_redis_cluster() {
     let cluster = RedisCluster::start(3, 0);
-    let mut fleet = Vec::new();
-    for id in ["k1", "k2"] {
-        let layer = FanoutLayer::cluster_builder(cluster.urls())
+    let layers = ["k1", "k2"].map(|id| {
+        FanoutLayer::cluster_builder(cluster.urls())
             .node_id(id)
             .durable(Durability::default())
             .build()
-            .expect("layer");
-        let handle = layer.handle();
-        fleet.push((TestServer::start(chat_app::app(layer)).await, handle));
-    }
-    for (_, h) in &fleet {
-        wait_until("node ready on the cluster", || async { h.is_ready() }).await;
-    }
+            .expect("layer")
+    });
+    let fleet = start_nodes(layers, chat_app::app).await;
     for room in ["lobby", "team{7}"] {
         let (mut ws, notice) = join(&fleet[0].0, room, None).await;
         let epoch = position_of(&notice).epoch().to_owned();

@@ -28,22 +28,19 @@ struct Node {
 
 /// `n` in-process chat nodes with presence for every room (ids `n1`, `n2`, ...).
 async fn nodes(redis: &RedisServer, n: usize, ttl: Duration) -> Vec<Node> {
-    let mut nodes = Vec::new();
-    for i in 1..=n {
-        let layer = FanoutLayer::builder(redis.url())
+    let layers = (1..=n).map(|i| {
+        FanoutLayer::builder(redis.url())
             .node_id(format!("n{i}"))
             .presence(true)
             .presence_ttl(ttl)
             .build()
-            .expect("valid url");
-        let handle = layer.handle();
-        let server = TestServer::start(chat_app::app(layer)).await;
-        nodes.push(Node { server, handle });
-    }
-    for node in &nodes {
-        wait_until("node ready", || async { node.handle.is_ready() }).await;
-    }
-    nodes
+            .expect("valid url")
+    });
+    start_nodes(layers, chat_app::app)
+        .await
+        .into_iter()
+        .map(|(server, handle)| Node { server, handle })
+        .collect()
 }
 
 fn json_of(text: &str) -> Value {

@@ -264,6 +264,23 @@ impl Drop for TestServer {
 
 pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
+/// Starts one in-process node per layer, each serving `app(layer)`, and waits until every one
+/// is ready (subscriber link up): the fleet of a multi-node test.
+pub async fn start_nodes(
+    layers: impl IntoIterator<Item = axum_fanout::FanoutLayer>,
+    app: impl Fn(axum_fanout::FanoutLayer) -> Router,
+) -> Vec<(TestServer, axum_fanout::RoomHandle)> {
+    let mut nodes = Vec::new();
+    for layer in layers {
+        let handle = layer.handle();
+        nodes.push((TestServer::start(app(layer)).await, handle));
+    }
+    for (_, handle) in &nodes {
+        wait_until("node ready", || async { handle.is_ready() }).await;
+    }
+    nodes
+}
+
 /// Connects a WebSocket client.
 pub async fn connect(url: &str) -> Ws {
     let (ws, _) = tokio::time::timeout(SOON, tokio_tungstenite::connect_async(url))
