@@ -41,6 +41,11 @@ pub(super) struct RoomState {
     pub(super) name: RoomName,
     /// The last position delivered to this node's members of the room.
     pub(super) last: Option<Position>,
+    /// While nothing was delivered live (`last` is `None`): the furthest position a socket
+    /// that joined with positions was brought to. Only for finding gaps (a live seq that skips
+    /// past it, a lost link): unlike `last`, nothing at or before it is dropped, since a
+    /// member without positions may still be waiting for it.
+    pub(super) told: Option<Position>,
     /// Members that asked for positions (the others get plain frames and are not here).
     pub(super) members: HashMap<SocketId, Gate>,
     /// A repair is in flight: the live messages that arrived since, in order (bounded by the
@@ -49,10 +54,23 @@ pub(super) struct RoomState {
 }
 
 impl RoomState {
+    /// `pos` was delivered live (or from a repair) to the room's members.
+    pub(super) fn delivered(&mut self, pos: Position) {
+        self.last = Some(pos);
+        self.told = None;
+    }
+
+    /// Where the node stands in the room: what it delivered, else what a joining socket was
+    /// told. Gaps are read back after it.
+    pub(super) fn known(&self) -> Option<&Position> {
+        self.last.as_ref().or(self.told.as_ref())
+    }
+
     pub(super) fn new(name: RoomName) -> Self {
         Self {
             name,
             last: None,
+            told: None,
             members: HashMap::new(),
             repairing: None,
         }

@@ -72,26 +72,29 @@ impl Durable {
             // A seed node's envelope: delivered, not sequenced (it has no seq).
             return self.emit(state, &decoded, to_wake);
         };
+        let skipped = state
+            .known()
+            .filter(|known| known.epoch() == pos.epoch() && pos.seq() > known.seq() + 1)
+            .cloned();
+        if let Some(after) = skipped {
+            state.repairing = Some(VecDeque::from([decoded]));
+            self.request_repair(room, after);
+            return Dispatched::default();
+        }
         match &state.last {
             Some(last) if last.epoch() == pos.epoch() && pos.seq() <= last.seq() => {
                 Dispatched::default() // already delivered (replayed by a repair)
-            }
-            Some(last) if last.epoch() == pos.epoch() && pos.seq() > last.seq() + 1 => {
-                let after = last.clone();
-                state.repairing = Some(VecDeque::from([decoded]));
-                self.request_repair(room, after);
-                Dispatched::default()
             }
             Some(last) if last.epoch() != pos.epoch() => {
                 // The room's history was lost: what this node delivered before cannot be
                 // related to what comes now.
                 tracing::warn!(room = %room, old = %last, new = %pos, "durable room's history was lost (new epoch)");
                 self.registry.tell_missed(room.as_str(), None);
-                state.last = Some(pos);
+                state.delivered(pos);
                 self.emit(state, &decoded, to_wake)
             }
             _ => {
-                state.last = Some(pos);
+                state.delivered(pos);
                 self.emit(state, &decoded, to_wake)
             }
         }
@@ -173,7 +176,9 @@ impl Durable {
                 Some((page, Ok(()))) => {
                     for (_, raw) in &page.entries {
                         if let Some(decoded) = self.decode(room, raw) {
-                            state.last = decoded.pos.clone();
+                            if let Some(pos) = decoded.pos.clone() {
+                                state.delivered(pos);
+                            }
                             total += self.emit(state, &decoded, &mut to_wake);
                         }
                     }
@@ -197,6 +202,7 @@ impl Durable {
                     self.registry.tell_missed(room.as_str(), None);
                     // Start over from whatever comes next.
                     state.last = None;
+                    state.told = None;
                 }
             }
             for decoded in held {
@@ -229,7 +235,7 @@ impl Durable {
             if room_state.repairing.is_some() {
                 continue;
             }
-            let Some(after) = room_state.last.clone() else {
+            let Some(after) = room_state.known().cloned() else {
                 continue;
             };
             room_state.repairing = Some(VecDeque::new());
