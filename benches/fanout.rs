@@ -52,8 +52,8 @@
 //!   1,000, then one message per room published at once. Every process here has a hard limit
 //!   of 20,000 open files, so the fleet is `ceil(N / 17,000)` nodes (6 for 100,000) and the
 //!   clients live in as many load-generator processes (this binary re-executed, coordinated
-//!   over their stdin/stdout; each binds its own 127.0.0.x source address so that ephemeral
-//!   ports do not run out); `c100k.rs` has the details. Reports: the time until every
+//!   over their stdin/stdout; `connect()` picks each client's port per node address, so that
+//!   ephemeral ports do not run out); `c100k.rs` has the details. Reports: the time until every
 //!   connection was established and joined (the nodes' `/stats` `memberships` add up), node
 //!   RSS per connection (growth of the nodes' summed VmRSS / connections), the nodes' idle
 //!   CPU over 30 s (heartbeats included; % of one core, summed), the time from publishing

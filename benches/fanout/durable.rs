@@ -71,9 +71,8 @@ async fn measure(
 ) -> Result<(Vec<Figure>, Value)> {
     let room = "resume";
     let mut a = ws::TextReader::new(
-        ws::connect_from(
+        ws::connect_path(
             addrs[0],
-            None,
             &format!("/ws?room={room}&positions=1"),
             Proto::Ws,
             None,
@@ -116,9 +115,8 @@ async fn measure(
         let addr = addrs[(i + 1) % addrs.len()];
         let t0 = Instant::now();
         let mut b = ws::TextReader::new(
-            ws::connect_from(
+            ws::connect_path(
                 addr,
-                None,
                 &format!("/ws?room={room}&positions=1&since={epoch}:{s0}"),
                 Proto::Ws,
                 None,

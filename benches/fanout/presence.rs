@@ -168,7 +168,7 @@ impl Drop for Held {
 /// counted (`fanout.member`).
 async fn join(addr: SocketAddr, room: &str, user: &str) -> Result<Held> {
     let path = format!("/ws?room={room}&user={user}");
-    let conn = ws::connect_from(addr, None, &path, Proto::Ws, None, 4096).await?;
+    let conn = ws::connect_path(addr, &path, Proto::Ws, None, 4096).await?;
     let mut reader = ws::TextReader::new(conn);
     let notices = Arc::new(Notices::default());
     let counted = async {

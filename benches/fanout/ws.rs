@@ -19,7 +19,7 @@
 //! (`2`) are answered with `3`; other packets (noop, namespace packets) are not deliveries and
 //! are ignored, and `1` (close) or `41` (namespace disconnect) end the connection.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -87,14 +87,12 @@ pub(crate) async fn connect(
     rcvbuf: Option<u32>,
     buf_size: usize,
 ) -> Result<Conn> {
-    connect_from(addr, None, &proto.path(room), proto, rcvbuf, buf_size).await
+    connect_path(addr, &proto.path(room), proto, rcvbuf, buf_size).await
 }
 
-/// [`connect`] with an optional local source address (a `bind()` before `connect()`: costly
-/// with many sockets on one address, see `c100k`) and an explicit request path (`/ws?room=R&positions=1&since=E:S` for the durable resume).
-pub(crate) async fn connect_from(
+/// [`connect`] with an explicit request path (`/ws?room=R&positions=1&since=E:S` for the durable resume).
+pub(crate) async fn connect_path(
     addr: SocketAddr,
-    source: Option<IpAddr>,
     path: &str,
     proto: Proto,
     rcvbuf: Option<u32>,
@@ -102,7 +100,7 @@ pub(crate) async fn connect_from(
 ) -> Result<Conn> {
     tokio::time::timeout(
         HANDSHAKE_TIMEOUT,
-        connect_inner(addr, source, path, proto, rcvbuf, buf_size),
+        connect_inner(addr, path, proto, rcvbuf, buf_size),
     )
     .await
     .ctx(|| format!("{} handshake with {addr} timed out", proto.name()))?
@@ -110,18 +108,12 @@ pub(crate) async fn connect_from(
 
 async fn connect_inner(
     addr: SocketAddr,
-    source: Option<IpAddr>,
     path: &str,
     proto: Proto,
     rcvbuf: Option<u32>,
     buf_size: usize,
 ) -> Result<Conn> {
     let socket = TcpSocket::new_v4().ctx(|| "creating a TCP socket".to_string())?;
-    if let Some(ip) = source {
-        socket
-            .bind(SocketAddr::new(ip, 0))
-            .ctx(|| format!("binding a client socket to {ip}"))?;
-    }
     if let Some(size) = rcvbuf {
         socket
             .set_recv_buffer_size(size)
