@@ -16,7 +16,7 @@
 //! | `room`    | room name (optional on input; when present it must match the channel)    |
 //! | `ts`      | publish time, milliseconds since the Unix epoch (optional on input)      |
 //! | `except`  | socket id on the `origin` node that must not receive it (optional)       |
-//! | `pos`     | `{"epoch":E,"seq":S}`: the message's place in a durable room's history, written by the store-and-publish script (`bus::history`); absent on plain rooms and from seed nodes |
+//! | `pos`     | `{"epoch":E,"seq":S}`: the message's place in a durable room's history, written by the store-and-publish script (`bus::store`); absent on plain rooms and from seed nodes |
 //! | `control` | `true` on a node's own `fanout.*` notice (presence join and leave): sockets that asked for positions get it as it is, not wrapped as a delivery |
 //!
 //! Exactly one of `payload`, `text`, `binary` must be present. Unknown fields are ignored, so a

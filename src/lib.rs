@@ -26,7 +26,8 @@
 //! - `bus`: everything Redis, and the only place that names it. `bus::publisher` (pipelined
 //!   PUBLISH, and the durable rooms' script calls, pipelined too), `bus::receipt` (what a
 //!   broadcast's caller gets back: [`Receipt`], [`Published`]),
-//!   `bus::history` (the durable rooms' store-and-publish script, history reads, gap reads),
+//!   `bus::store` (the durable rooms' store-and-publish script, a call per group of a room's
+//!   messages), `bus::history` (history reads, gap reads, the epoch fork),
 //!   `bus::subscriber` (the shared subscriber link: reconcile, probe, reconnect),
 //!   `bus::backend` (one server or a Redis Cluster; client building, TLS, URL redaction),
 //!   `bus::backoff` (jittered reconnect pauses), `bus::presence` (presence keys; under it

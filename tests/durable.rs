@@ -478,6 +478,40 @@ async fn durable_broadcasts_survive_redis_forgetting_the_script() {
     assert_eq!(published.position(), None);
 }
 
+/// A message the stream refuses (here: an entry someone wrote with a later id) fails with
+/// Redis's error, as does every message queued behind it in the same script call; the seqs
+/// they took are given back, so the room goes on with no hole once the stream accepts writes
+/// again.
+#[tokio::test]
+async fn a_message_redis_refuses_to_store_fails_and_leaves_no_hole() {
+    let redis = RedisServer::start();
+    let (a, ha) = node(&redis, "a", Durability::default(), &[]).await;
+    let (mut ws, _) = join(&a, "g", None).await;
+    publish(&ha, "g", 1).await;
+    let stream = "{ws:room:g}:history";
+    redis.cli(&["XADD", stream, "1000-0", "e", "not ours"]);
+
+    let mut receipts = Vec::new();
+    for n in 2..=6 {
+        let receipt = ha.broadcast("g", json!({ "n": n })).queue().await;
+        receipts.push(receipt.expect("queued"));
+    }
+    for receipt in receipts {
+        let error = receipt
+            .published()
+            .await
+            .expect_err("refused by the stream");
+        assert!(error.is_redis(), "{error}");
+    }
+    assert_eq!(redis.cli(&["HGET", "{ws:room:g}:meta", "seq"]).trim(), "1");
+    assert_eq!(ha.stats().publish_errors, 5);
+
+    redis.cli(&["XDEL", stream, "1000-0"]);
+    redis.cli(&["XSETID", stream, "1-0"]);
+    publish(&ha, "g", 2).await;
+    assert_eq!(seqs_until(&mut ws, 2).await, [1, 2]);
+}
+
 /// On a Redis Cluster the script runs on the master of the room's slot (its keys carry the
 /// channel's hash tag) and SPUBLISHes there; resume and history work as on one server, for a
 /// room name with a hash tag of its own too.

@@ -1,35 +1,28 @@
-//! Durable rooms in Redis: one atomic store-and-publish script, history reads, and the task
-//! that reads back the gaps the node's members missed.
+//! Durable rooms in Redis: history reads, the epoch fork, and the task that reads back the
+//! gaps the node's members missed. Storing and publishing is `store`'s.
 //!
 //! # Keys
 //!
 //! A durable room on channel `C` keeps two keys: `{C}:meta`, a hash with the room's `epoch`
 //! and last `seq`, and `{C}:history`, a stream whose entry `S-0` holds the envelope of message
 //! `S` (field `e`). The braces are a Redis Cluster hash tag: both keys hash like the channel
-//! itself, so they live in the channel's slot and the script may SPUBLISH on it. When `C`
-//! holds a hash tag of its own (a room or prefix with `{tag}`), the keys use that tag instead
-//! (`{tag}C:meta`), which Redis hashes the same way. A channel Redis hashes whole but that
-//! holds a `}` (e.g. room `a}b`) cannot share a slot with any key: on a cluster, such a durable
-//! room's broadcasts fail (CROSSSLOT); on one server it does not matter.
+//! itself, so they live in the channel's slot and the store script may SPUBLISH on it. When
+//! `C` holds a hash tag of its own (a room or prefix with `{tag}`), the keys use that tag
+//! instead (`{tag}C:meta`), which Redis hashes the same way. A channel Redis hashes whole but
+//! that holds a `}` (e.g. room `a}b`) cannot share a slot with any key: on a cluster, such a
+//! durable room's broadcasts fail (CROSSSLOT); on one server it does not matter.
 //!
-//! # The script
+//! # Reads
 //!
-//! `PUBLISH_SCRIPT` runs atomically in Redis: it creates the epoch when the meta key is
-//! missing (the history was lost, or the room is new; the stream is then deleted, so no
-//! entry of a lost epoch survives into the new one), increments `seq`, writes the envelope
-//! with its position into the stream (`XADD ... MAXLEN ~ N`), refreshes the idle TTL of both
-//! keys, and publishes the same envelope on the room's channel. So no message is delivered
-//! live without being in the history, nor stored without being published, and seq order is
-//! publish order. `READ_SCRIPT` reads the position and entries in one step, creating the
-//! epoch the same way, so every node reports the same epoch even for a room with no message.
-//! Both run with EVALSHA. A read is one call that loads the script and retries on NOSCRIPT (a
-//! restarted Redis forgot it); publishes are pipelined by the publisher, which loads the
-//! script and sends the refused calls again (see [`to_retry`] for why not always all of them).
+//! `READ_SCRIPT` reads the position and entries in one step, creating the epoch when the meta
+//! key is missing as the store script does, so every node reports the same epoch even for a
+//! room with no message. A read is one EVALSHA that loads the script and retries on NOSCRIPT
+//! (a restarted Redis forgot it).
 
 use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
-use redis::{Cmd, ErrorKind, RedisError, Script, ScriptInvocation, ServerErrorKind, Value};
+use redis::{RedisError, Script, ScriptInvocation, Value};
 use tokio::sync::{mpsc, watch};
 use tokio::time::{Instant, timeout_at};
 
@@ -48,40 +41,25 @@ use crate::room::RoomName;
 /// most the replay limit of entries.
 pub(super) const READS: usize = 16;
 
-/// Room for the position the script writes in front of an envelope:
-/// `{"pos":{"epoch":"<16 hex>","seq":<up to 20 digits>},`.
-pub(super) const POS_BYTES: usize = 64;
-
-static PUBLISH_SCRIPT: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r#"
+/// The start of the scripts that write or read a room's history: the room's epoch, created
+/// (`ARGV[1]`) when the meta key is missing, the room being new or its history lost. The
+/// stream is then deleted, so no entry of a lost epoch survives into the new one.
+pub(super) const EPOCH_LUA: &str = r#"
 local meta, stream = KEYS[1], KEYS[2]
 local epoch = redis.call('HGET', meta, 'epoch')
-if not epoch then
+local created = not epoch
+if created then
   epoch = ARGV[1]
   redis.call('DEL', stream)
   redis.call('HSET', meta, 'epoch', epoch, 'seq', 0)
 end
-local seq = redis.call('HINCRBY', meta, 'seq', 1)
-local env = '{"pos":{"epoch":"' .. epoch .. '","seq":' .. seq .. '},' .. string.sub(ARGV[2], 2)
-redis.call('XADD', stream, 'MAXLEN', '~', ARGV[3], seq .. '-0', 'e', env)
-redis.call('PEXPIRE', meta, ARGV[4])
-redis.call('PEXPIRE', stream, ARGV[4])
-local nodes = redis.call(ARGV[5], ARGV[6], env)
-return {epoch, seq, nodes}
-"#,
-    )
-});
+"#;
 
 static READ_SCRIPT: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
+    Script::new(&format!(
+        "{EPOCH_LUA}{}",
         r#"
-local meta, stream = KEYS[1], KEYS[2]
-local epoch = redis.call('HGET', meta, 'epoch')
-if not epoch then
-  epoch = ARGV[1]
-  redis.call('DEL', stream)
-  redis.call('HSET', meta, 'epoch', epoch, 'seq', 0)
+if created then
   redis.call('PEXPIRE', meta, ARGV[2])
 end
 local top = tonumber(redis.call('HGET', meta, 'seq'))
@@ -95,8 +73,8 @@ elseif ARGV[3] == 'after' then
   end
 end
 return {epoch, top, entries}
-"#,
-    )
+"#
+    ))
 });
 
 /// Starts a new epoch for a room whose history lost messages that were delivered: when the
@@ -133,7 +111,7 @@ pub(crate) enum Read {
 }
 
 /// The keys of the room on `channel`: `(meta, stream)` (see the module docs).
-fn keys(channel: &str) -> (String, String) {
+pub(super) fn keys(channel: &str) -> (String, String) {
     let tag = hash_tag(channel);
     let base = if tag.len() == channel.len() {
         format!("{{{channel}}}")
@@ -163,15 +141,15 @@ async fn invoke(conn: &mut Conn, script: &ScriptInvocation<'_>) -> Result<Value,
     }
 }
 
-fn ttl_ms(ttl: Duration) -> u64 {
+pub(super) fn ttl_ms(ttl: Duration) -> u64 {
     u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1)
 }
 
-fn unexpected(what: &str) -> Error {
+pub(super) fn unexpected(what: &str) -> Error {
     Error::redis(format!("unexpected reply from the {what} script"))
 }
 
-fn text(value: &Value) -> Option<String> {
+pub(super) fn text(value: &Value) -> Option<String> {
     match value {
         Value::BulkString(b) => String::from_utf8(b.clone()).ok(),
         Value::SimpleString(s) => Some(s.clone()),
@@ -179,7 +157,7 @@ fn text(value: &Value) -> Option<String> {
     }
 }
 
-fn int(value: &Value) -> Option<u64> {
+pub(super) fn int(value: &Value) -> Option<u64> {
     match value {
         Value::Int(n) => u64::try_from(*n).ok(),
         _ => None,
@@ -351,85 +329,6 @@ pub(super) async fn repair_loop(
     }
 }
 
-/// One durable message for [`publish_call`]: stored and published on `channel`.
-pub(super) struct Message<'a> {
-    pub(super) channel: &'a str,
-    /// The epoch the room starts if it has none (new, or its history was lost). One per
-    /// pipeline is enough: within one, a room's history is created at most once.
-    pub(super) epoch: &'a str,
-    pub(super) settings: &'a Durability,
-    pub(super) envelope: &'a [u8],
-}
-
-/// The script call that stores and publishes `message` in one atomic step: an `EVALSHA` of
-/// `PUBLISH_SCRIPT`, so that many of them can share a pipeline (the publisher sends a run of
-/// them in queue order; Redis runs them in that order, so seq order is queue order). When
-/// Redis does not know the script any more, each call fails with NOSCRIPT: see
-/// [`to_retry`] and [`load_publish_script`].
-pub(super) fn publish_call(publish_command: &str, message: &Message<'_>) -> Cmd {
-    let (meta, stream) = keys(message.channel);
-    let mut cmd = redis::cmd("EVALSHA");
-    cmd.arg(PUBLISH_SCRIPT.get_hash())
-        .arg(2)
-        .arg(meta)
-        .arg(stream)
-        .arg(message.epoch)
-        .arg(message.envelope)
-        .arg(message.settings.history.get())
-        .arg(ttl_ms(message.settings.ttl))
-        .arg(publish_command)
-        .arg(message.channel);
-    cmd
-}
-
-/// Teaches Redis the publish script again (every master of a cluster), after a call failed
-/// with NOSCRIPT: Redis restarted, failed over to a replica that never ran it, or someone ran
-/// `SCRIPT FLUSH`.
-pub(super) async fn load_publish_script(conn: &mut Conn) -> Result<(), RedisError> {
-    conn.load_script(&PUBLISH_SCRIPT).await
-}
-
-/// The reply to one [`publish_call`]: the message's position and the number of nodes
-/// subscribed to the room.
-pub(super) fn published(reply: Result<Value, RedisError>) -> Result<(Position, usize), Error> {
-    match reply {
-        Ok(Value::Array(reply)) => match reply.as_slice() {
-            [epoch, seq, nodes] => text(epoch)
-                .zip(int(seq))
-                .zip(int(nodes))
-                .map(|((e, s), n)| (Position::new(e, s), n as usize))
-                .ok_or_else(|| unexpected("publish")),
-            _ => Err(unexpected("publish")),
-        },
-        Ok(_) => Err(unexpected("publish")),
-        Err(e) => Err(Error::redis(e)),
-    }
-}
-
-/// Which calls of a pipeline of [`publish_call`]s (on `channels`, in order) to send again
-/// once the script is loaded: those refused with NOSCRIPT, unless a later call on the same
-/// channel succeeded. That one already took the next seq: sent again, the refused message
-/// would be numbered after it, out of queue order, so it fails instead. A script cache that
-/// empties (a flush) refuses a run's tail; one that fills meanwhile (another node loaded the
-/// script) refuses its head, and only then is anything refused for good.
-pub(super) fn to_retry<T>(channels: &[&str], replies: &[Result<T, RedisError>]) -> Vec<bool> {
-    let mut later_success = std::collections::HashSet::new();
-    let mut retry = vec![false; replies.len()];
-    for (i, (channel, reply)) in channels.iter().zip(replies).enumerate().rev() {
-        match reply {
-            Ok(_) => {
-                later_success.insert(*channel);
-            }
-            Err(e) => retry[i] = is_noscript(e) && !later_success.contains(channel),
-        }
-    }
-    retry
-}
-
-fn is_noscript(e: &RedisError) -> bool {
-    e.kind() == ErrorKind::Server(ServerErrorKind::NoScript)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -447,31 +346,5 @@ mod tests {
         assert_eq!(hash_tag("ws:room:a{}b"), "ws:room:a{}b");
         assert_eq!(hash_tag(&keys("ws:room:x{y}").1), "y");
         assert_eq!(hash_tag(&keys("ws:room:lobby").1), "ws:room:lobby");
-    }
-
-    #[test]
-    fn only_refused_calls_no_later_call_of_their_room_overtook_are_sent_again() {
-        let noscript = || -> Result<(), RedisError> {
-            Err((ErrorKind::Server(ServerErrorKind::NoScript), "NOSCRIPT").into())
-        };
-        let other = || -> Result<(), RedisError> {
-            Err((ErrorKind::Server(ServerErrorKind::ResponseError), "OOM").into())
-        };
-        // A flush mid-run: the tail is refused and sent again.
-        assert_eq!(
-            to_retry(
-                &["a", "b", "a", "b"],
-                &[Ok(()), Ok(()), noscript(), noscript()]
-            ),
-            [false, false, true, true]
-        );
-        // Another node loaded the script mid-run: `a`'s first message cannot follow its
-        // second (numbered already), `b`'s can.
-        assert_eq!(
-            to_retry(&["a", "b", "a"], &[noscript(), noscript(), Ok(())]),
-            [false, true, false]
-        );
-        // Other errors are final.
-        assert_eq!(to_retry(&["a", "a"], &[other(), noscript()]), [false, true]);
     }
 }

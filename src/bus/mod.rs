@@ -14,8 +14,10 @@
 //!   (`presence::queries`), the per-node lease and its task (`presence::leases`), syncing the
 //!   node's presence table (`presence::sync`) and reaping the members of dead nodes
 //!   (`presence::reaper`).
-//! - `history`: durable rooms' keys, the atomic store-and-publish script, history reads, and
-//!   the task that reads back the gaps of durable rooms.
+//! - `store`: the atomic store-and-publish script of durable rooms, one call per group of a
+//!   room's messages, and the NOSCRIPT retry rule.
+//! - `history`: durable rooms' keys, history reads, the epoch fork, and the task that reads
+//!   back the gaps of durable rooms.
 //!
 //! Both connections are RESP3 multiplexed connections that this module reconnects itself,
 //! forever. The client library's own memory of subscriptions is not relied on: after every
@@ -30,6 +32,7 @@ mod presence;
 mod publisher;
 mod receipt;
 mod slots;
+mod store;
 mod subscriber;
 
 use std::sync::atomic::{AtomicBool, Ordering};

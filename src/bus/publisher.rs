@@ -3,14 +3,16 @@
 
 use std::sync::Arc;
 
-use redis::{PushInfo, PushKind};
+use redis::{ErrorKind, PushInfo, PushKind};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch};
 use tokio::time::{Instant, timeout_at};
 
 use super::backend::{Backend, Conn};
 use super::backoff::Backoff;
-use super::history::{Message, POS_BYTES, load_publish_script, publish_call, published, to_retry};
-use super::receipt::{Published, Receipt};
+use super::receipt::{Published, Receipt, SharedCause};
+use super::store::{
+    GROUP, Group, POS_BYTES, group_by_channel, load_store_script, store_call, stored, to_retry,
+};
 use super::{Bus, pause_or};
 use crate::channel;
 use crate::config::Durability;
@@ -326,11 +328,11 @@ async fn send_plain(bus: &Bus, conn: &mut Conn, run: Vec<Outgoing>, deadline: In
     }
 }
 
-/// Sends durable rooms' messages as one pipeline of script calls. When Redis forgot the
-/// script (NOSCRIPT: it restarted, failed over, or was told `SCRIPT FLUSH`), loads it and
-/// sends the refused calls again in their order, at most [`LOADS`] times; [`to_retry`] says
-/// which may be sent again.
-async fn send_durable(bus: &Bus, conn: &mut Conn, mut run: Vec<Outgoing>, deadline: Instant) {
+/// Sends durable rooms' messages as one pipeline of script calls, one call per group of a
+/// room's messages (see `store`). When Redis forgot the script (NOSCRIPT: it restarted, failed
+/// over, or was told `SCRIPT FLUSH`), loads it and sends the refused groups again in their
+/// order, at most [`LOADS`] times; [`to_retry`] says which may be sent again.
+async fn send_durable(bus: &Bus, conn: &mut Conn, run: Vec<Outgoing>, deadline: Instant) {
     let publish_command = bus
         .backend
         .as_ref()
@@ -338,44 +340,54 @@ async fn send_durable(bus: &Bus, conn: &mut Conn, mut run: Vec<Outgoing>, deadli
     let mut loads = 0;
     // Not one per message: a random id is a hash and a string, on the per-message path.
     let epoch = random::hex_id();
-    while !run.is_empty() {
-        let commands = run
+    let mut groups = group_by_channel(run, |o| o.channel.as_str(), GROUP);
+    while !groups.is_empty() {
+        let commands = groups
             .iter()
-            .filter_map(|o| {
-                let message = Message {
-                    channel: &o.channel,
+            .filter_map(|group| {
+                let first = group.first()?;
+                let call = Group {
+                    channel: &first.channel,
                     epoch: &epoch,
-                    settings: o.durable.as_ref()?,
-                    envelope: &o.envelope,
+                    settings: first.durable.as_ref()?,
+                    envelopes: group.iter().map(|o| o.envelope.as_slice()).collect(),
                 };
-                Some((o.channel.as_str(), publish_call(publish_command, &message)))
+                Some((first.channel.as_str(), store_call(publish_command, &call)))
             })
             .collect();
         let replies = match timeout_at(deadline, conn.pipeline(commands)).await {
-            Ok(Ok(replies)) if replies.len() == run.len() => replies,
+            Ok(Ok(replies)) if replies.len() == groups.len() => replies,
             Ok(Ok(_)) => {
-                for o in run {
-                    let e = Error::redis("a pipeline's replies do not match its commands");
-                    o.finish(Err(e), bus);
-                }
-                return;
+                let e = (
+                    ErrorKind::Client,
+                    "a pipeline's replies do not match its commands",
+                );
+                return fail_all(groups.into_iter().flatten(), e.into(), bus);
             }
-            Ok(Err(e)) => return fail_all(run, e, bus),
-            Err(_) => return expire_all(run, bus),
+            Ok(Err(e)) => return fail_all(groups.into_iter().flatten(), e, bus),
+            Err(_) => return expire_all(groups.into_iter().flatten(), bus),
         };
         let retry = if loads < LOADS {
-            let channels: Vec<&str> = run.iter().map(|o| o.channel.as_str()).collect();
+            let channels: Vec<&str> = groups
+                .iter()
+                .map(|g| g.first().map_or("", |o| o.channel.as_str()))
+                .collect();
             to_retry(&channels, &replies)
         } else {
-            vec![false; run.len()]
+            vec![false; groups.len()]
         };
         let mut again = Vec::new();
-        for ((o, reply), retry) in run.into_iter().zip(replies).zip(retry) {
-            if retry {
-                again.push(o);
-            } else {
-                let sent = published(reply).map(|(pos, nodes)| Published::new(nodes, Some(pos)));
-                o.finish(sent, bus);
+        for ((group, reply), retry) in groups.into_iter().zip(replies).zip(retry) {
+            match reply {
+                _ if retry => again.extend(group),
+                Ok(reply) => {
+                    let results = stored(&reply, group.len());
+                    for (o, result) in group.into_iter().zip(results) {
+                        let sent = result.map(|(pos, nodes)| Published::new(nodes, Some(pos)));
+                        o.finish(sent, bus);
+                    }
+                }
+                Err(e) => fail_all(group, e, bus),
             }
         }
         if again.is_empty() {
@@ -386,7 +398,7 @@ async fn send_durable(bus: &Bus, conn: &mut Conn, mut run: Vec<Outgoing>, deadli
             messages = again.len(),
             "redis did not know the durable rooms' script; loading it"
         );
-        match timeout_at(deadline, load_publish_script(conn)).await {
+        match timeout_at(deadline, load_store_script(conn)).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => return fail_all(again, e, bus),
             Err(_) => return expire_all(again, bus),
@@ -394,19 +406,19 @@ async fn send_durable(bus: &Bus, conn: &mut Conn, mut run: Vec<Outgoing>, deadli
         // Refused, so not sent: a caller that stopped waiting meanwhile cancels it as usual.
         expire_due(&mut again, bus);
         loads += 1;
-        run = again;
+        groups = group_by_channel(again, |o| o.channel.as_str(), GROUP);
     }
 }
 
 /// Reports one Redis error to every caller of a run.
-fn fail_all(run: Vec<Outgoing>, error: redis::RedisError, bus: &Bus) {
+fn fail_all(run: impl IntoIterator<Item = Outgoing>, error: redis::RedisError, bus: &Bus) {
     let error = Arc::new(error);
     for o in run {
         o.finish(Err(Error::redis(SharedCause(error.clone()))), bus);
     }
 }
 
-fn expire_all(run: Vec<Outgoing>, bus: &Bus) {
+fn expire_all(run: impl IntoIterator<Item = Outgoing>, bus: &Bus) {
     for o in run {
         o.expire(bus);
     }
@@ -428,15 +440,3 @@ fn expire_due(batch: &mut Vec<Outgoing>, bus: &Bus) {
         o.expire(bus);
     }
 }
-
-/// One Redis error reported to every caller of a failed pipeline.
-#[derive(Debug)]
-struct SharedCause(Arc<redis::RedisError>);
-
-impl std::fmt::Display for SharedCause {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        self.0.fmt(f)
-    }
-}
-
-impl std::error::Error for SharedCause {}

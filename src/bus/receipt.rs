@@ -70,3 +70,15 @@ impl Future for Receipt {
             .map(|result| result.map(|p| p.nodes))
     }
 }
+
+/// One Redis error reported to every caller of a failed pipeline.
+#[derive(Debug)]
+pub(super) struct SharedCause(pub(super) std::sync::Arc<redis::RedisError>);
+
+impl std::fmt::Display for SharedCause {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl std::error::Error for SharedCause {}
