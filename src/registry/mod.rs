@@ -143,9 +143,15 @@ impl Registry {
         WriterGuard(self.clone())
     }
 
-    /// Every attached socket, for the heartbeat's round.
-    pub(crate) fn attached(&self) -> Vec<Arc<Outbox>> {
-        self.lock().attached.values().cloned().collect()
+    /// The attached sockets of slice `slice` of `slices` (by id), for one heartbeat tick.
+    pub(crate) fn attached_slice(&self, slice: u32, slices: u32) -> Vec<Arc<Outbox>> {
+        let slices = u64::from(slices.max(1));
+        self.lock()
+            .attached
+            .iter()
+            .filter(|(id, _)| id.0 % slices == u64::from(slice))
+            .map(|(_, outbox)| outbox.clone())
+            .collect()
     }
 
     /// Sockets attached right now.
@@ -285,6 +291,24 @@ mod tests {
 
     fn room(s: &str) -> RoomName {
         RoomName::new(s).expect("valid")
+    }
+
+    #[test]
+    fn heartbeat_slices_cover_every_attached_socket_once() {
+        let r = Registry::default();
+        let all: Vec<Arc<Outbox>> = (0..10).map(|_| outbox()).collect();
+        for o in &all {
+            assert!(r.attach(o.clone()).1);
+        }
+        let mut seen: Vec<*const Outbox> = (0..3)
+            .flat_map(|k| r.attached_slice(k, 3))
+            .map(|o| Arc::as_ptr(&o))
+            .collect();
+        seen.sort();
+        let mut want: Vec<*const Outbox> = all.iter().map(Arc::as_ptr).collect();
+        want.sort();
+        assert_eq!(seen, want);
+        assert_eq!(r.attached_slice(0, 1).len(), 10);
     }
 
     #[test]
