@@ -346,6 +346,7 @@ struct Args {
     slow_rooms: Option<usize>,
     slow_mib: Option<f64>,
     c100k_connections: Option<usize>,
+    c100k_idle_s: Option<u64>,
     durable: bool,
     presence_ttl: Option<u64>,
     presence_lists: Option<Vec<usize>>,
@@ -390,6 +391,8 @@ usage: cargo bench --bench fanout [-- OPTIONS]
   --slow-rooms N        rooms of `slow` (default 3)
   --slow-mib F          MiB sent toward each stalled client in `slow` (default 20)
   --c100k-connections N connections of `c100k` (default 100000; e.g. 20000 for a quick check)
+  --c100k-idle S        idle window of `c100k` in seconds (default 30; a multiple of the nodes'
+                        25 s ping interval, e.g. 50, holds whole heartbeat rounds)
   --presence-ttl S      PRESENCE_TTL_S of the nodes in `presence` (default 10; quick 3)
   --presence-lists A,B  members of the listed room in `presence` (default 1000,10000)
   --presence-rooms N    rooms held by one node in the lease phase of `presence` (default 10000)
@@ -424,6 +427,7 @@ impl Args {
             slow_rooms: None,
             slow_mib: None,
             c100k_connections: None,
+            c100k_idle_s: None,
             durable: false,
             presence_ttl: None,
             presence_lists: None,
@@ -523,6 +527,9 @@ impl Args {
                         &value("--c100k-connections")?,
                         "--c100k-connections",
                     )?);
+                }
+                "--c100k-idle" => {
+                    a.c100k_idle_s = Some(parse_num(&value("--c100k-idle")?, "--c100k-idle")?);
                 }
                 "--presence-ttl" => {
                     a.presence_ttl = Some(parse_num(&value("--presence-ttl")?, "--presence-ttl")?)
@@ -773,6 +780,9 @@ async fn run(args: Args) -> Result<bool> {
     }
     if let Some(n) = args.c100k_connections {
         params.c100k.connections = n;
+    }
+    if let Some(s) = args.c100k_idle_s {
+        params.c100k.idle_window = Duration::from_secs(s);
     }
     let pp = &mut params.presence;
     if let Some(ttl) = args.presence_ttl {

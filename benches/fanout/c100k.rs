@@ -509,7 +509,12 @@ async fn deliver(
 
 /// Entry point of a load-generator child (`CHILD_FLAG ZERO ADDRS ROOMS FROM TO`).
 pub(crate) fn child_main(args: &[String]) -> ExitCode {
-    let rt = match tokio::runtime::Builder::new_current_thread()
+    // The connect loop runs on this thread (`block_on`) and the sockets' reads on a worker:
+    // with ~17,000 sockets per destination, `connect()` itself spends up to milliseconds
+    // finding a free source port, and a single thread doing both left sockets that had
+    // connected early unable to answer the nodes' pings for tens of seconds.
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
         .enable_all()
         .build()
     {
