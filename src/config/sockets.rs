@@ -158,7 +158,8 @@ impl FanoutBuilder {
     /// How often each socket is pinged. A client that sent nothing (not even a pong) for
     /// `ping_interval + pong_timeout` is closed with 1001, so half-open TCP connections do not
     /// stay in rooms forever. Pongs are read by [`recv`](crate::FanoutSocket::recv): keep the
-    /// handler reading.
+    /// handler reading. The node pings its sockets a slice at a time (25 slices per interval),
+    /// so that 100,000 sockets make a steady 4,000 pings a second, not a burst every interval.
     ///
     /// Defaults to 25 seconds; zero turns heartbeats off.
     pub fn ping_interval(mut self, every: Duration) -> Self {
