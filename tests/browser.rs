@@ -383,6 +383,19 @@ async fn the_presence_list_follows_joins_leaves_and_a_killed_node() {
             has_notice(&v, "carol left").expect("a leave notice");
         }
 
+        // A link that names the room and the user joins as that user, without typing.
+        let dana = s
+            .open_with("dana on n3", 2, "?room=team&user=dana", PHONE)
+            .await;
+        for page in [&alice, &bob, &dana] {
+            page.until("dana listed", members(&["alice", "bob", "dana"]))
+                .await;
+        }
+        s.close(dana).await;
+        for page in [&alice, &bob] {
+            page.until("dana gone", members(&["alice", "bob"])).await;
+        }
+
         // Bob's node is killed (no goodbye): alice's list drops bob within the presence bound
         // (3 s) plus the second or two the survivors take to notice.
         bob.allow_socket_failures();
@@ -402,8 +415,9 @@ async fn the_presence_list_follows_joins_leaves_and_a_killed_node() {
                 .iter()
                 .filter(|n| n.ends_with(" joined."))
                 .count()
-                == 2,
-            "one join notice per other user (bob's and carol's), none for alice herself: {:?}",
+                == 3,
+            "one join notice per other user (bob's, carol's and dana's), none for alice herself: \
+             {:?}",
             v.notices()
         );
     })

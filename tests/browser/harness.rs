@@ -740,7 +740,18 @@ pub struct Scene {
 impl Scene {
     /// Opens a page on node `node` (window `size`) and waits until it is connected.
     pub async fn open(&mut self, label: &str, node: usize, size: (u32, u32)) -> Arc<Page> {
-        let url = self.fleet.node(node).url();
+        self.open_with(label, node, "", size).await
+    }
+
+    /// As [`Scene::open`], with `query` (e.g. `?room=team&user=dana`) after the page's address.
+    pub async fn open_with(
+        &mut self,
+        label: &str,
+        node: usize,
+        query: &str,
+        size: (u32, u32),
+    ) -> Arc<Page> {
+        let url = format!("{}{query}", self.fleet.node(node).url());
         let page = Arc::new(self.driver.open(label, &url, size).await);
         self.pages.push(page.clone());
         page.until_state("connected").await;
