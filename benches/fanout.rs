@@ -170,8 +170,9 @@
 //! Options: `--scenario sweep|latency|idle|slow|hot|all|c100k|resume|presence` (comma-separated list
 //! allowed; `all` is the first five),
 //! `--rounds N` (default 3), `--target-cmd [NAME=]CMD` (repeatable; run as `sh -c "exec CMD"`
-//! with the contract's environment variables), `--seed` (adds `../shared/peers/seed-node`,
-//! copied to `target/seed-node`, as target `seed`), `--seed-dir DIR`, `--socketioxide` (adds
+//! with the contract's environment variables; CMD's leading `KEY=VALUE` words are added to
+//! them), `--seed` (adds `../shared/peers/seed-node`, copied to `target/seed-node`, as target
+//! `seed`), `--seed-dir DIR`, `--socketioxide` (adds
 //! `../shared/peers/socketioxide`, copied to `target/socketioxide-peer` and built there with
 //! `cargo build --release`, about 4 minutes on 2 cores the first time and reused afterwards,
 //! as target `socketioxide`), `--socketioxide-dir DIR`, `--socketioxide-bin PATH` (use that
@@ -361,7 +362,8 @@ usage: cargo bench --bench fanout [-- OPTIONS]
                         also c100k and presence (opt-in, not part of all)
   --rounds N            rounds per target (default 3)
   --target-cmd [NAME=]CMD
-                        another target, started as `sh -c \"exec CMD\"` (repeatable)
+                        another target, started as `sh -c \"exec CMD\"` (repeatable); leading
+                        KEY=VALUE words are its environment (e.g. HISTORY=1000: durable)
   --seed                add the Node.js seed peer as target `seed`
   --durable             add target chat-durable (the chat example with HISTORY=256: durable
                         rooms), alternated with chat, and the `resume` scenario
@@ -596,7 +598,8 @@ fn parse_num<T: std::str::FromStr>(v: &str, name: &str) -> Result<T> {
 }
 
 /// `NAME=CMD` when the text before the first `=` is a plain word, else an unnamed `CMD`.
-/// (So `FOO=1 node s.js` is unnamed; name it explicitly: `x=FOO=1 node s.js`.)
+/// (So `FOO=1 node s.js` is unnamed, with `FOO=1` in its environment; name it explicitly:
+/// `x=FOO=1 node s.js`.)
 fn split_target_cmd(v: &str, n: usize) -> (String, String) {
     if let Some((name, cmd)) = v.split_once('=') {
         let plain = !name.is_empty()
@@ -609,6 +612,24 @@ fn split_target_cmd(v: &str, n: usize) -> (String, String) {
         }
     }
     (format!("cmd{n}"), v.to_string())
+}
+
+/// The `KEY=VALUE` words at the start of a `--target-cmd` (as in a shell command line), as the
+/// target's environment, and the command after them: the bench then sees them as it sees
+/// `chat-durable`'s `HISTORY` (a durable target, whose `resume` raises `HISTORY`).
+fn leading_env(cmd: &str) -> (Vec<(String, String)>, String) {
+    let mut env = Vec::new();
+    let mut rest = cmd.trim_start();
+    while let Some((word, after)) = rest.split_once(char::is_whitespace)
+        && let Some((key, value)) = word.split_once('=')
+        && !key.is_empty()
+        && !key.starts_with(|c: char| c.is_ascii_digit())
+        && key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+    {
+        env.push((key.to_string(), value.to_string()));
+        rest = after.trim_start();
+    }
+    (env, rest.to_string())
 }
 
 /// `target/` of this build: the bench binary lives in `target/<profile>/deps/`.
@@ -729,10 +750,11 @@ async fn run(args: Args) -> Result<bool> {
         }
     }
     for (name, cmd) in &args.target_cmds {
+        let (env, cmd) = leading_env(cmd);
         targets.push(Target {
             name: name.clone(),
-            launch: Launch::Shell(cmd.clone()),
-            env: Vec::new(),
+            launch: Launch::Shell(cmd),
+            env,
             proto: Proto::Ws,
         });
     }

@@ -16,22 +16,18 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 use tokio::io::AsyncWriteExt as _;
 
-use crate::procs::{Cluster, ClusterConfig, Launch, Target};
+use crate::procs::{Cluster, ClusterConfig, Target};
 use crate::report::{Better, Figure, fig};
 use crate::ws::{self, Proto};
 use crate::{Context, Result, bail};
 
-/// Whether a target runs durable rooms: `HISTORY` > 0 in its environment, or set in its
-/// `--target-cmd` (e.g. `prev=env HISTORY=1000 /tmp/chat-prev`, to compare builds).
+/// Whether a target runs durable rooms (`HISTORY` > 0 in its environment; a `--target-cmd`
+/// gets it from a leading `HISTORY=N`).
 pub(crate) fn is_durable(target: &Target) -> bool {
-    let durable = |v: &str| v.trim().parse::<u64>().is_ok_and(|n| n > 0);
-    let in_cmd = match &target.launch {
-        Launch::Shell(cmd) => cmd
-            .split_whitespace()
-            .any(|word| word.strip_prefix("HISTORY=").is_some_and(durable)),
-        Launch::Exec(_) => false,
-    };
-    in_cmd || target.env.iter().any(|(k, v)| k == "HISTORY" && durable(v))
+    target
+        .env
+        .iter()
+        .any(|(k, v)| k == "HISTORY" && v.trim().parse::<u64>().is_ok_and(|n| n > 0))
 }
 
 /// Runs `resume` against a durable target (a plain one gets no figures and a note).
