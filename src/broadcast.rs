@@ -19,8 +19,9 @@ use crate::room::RoomName;
 /// [`FanoutSocket::broadcast`](crate::FanoutSocket::broadcast).
 ///
 /// It resolves, after Redis replied, to the number of nodes subscribed to the room (PUBLISH's
-/// reply); [`send`](Broadcast::send) also gives a durable room's position. Every node delivers it from its subscriber, this one included: local sockets never
-/// receive it inline, so each socket gets each message once and all see one order.
+/// reply); [`send`](Broadcast::send) also gives a durable room's position. Every node
+/// delivers it from its subscriber, this one included: local sockets never receive it
+/// inline, so each socket gets each message once and all see one order.
 ///
 /// ## Cancel safety
 /// Dropping an awaited broadcast before it was written to Redis cancels it. A broadcast made

@@ -200,11 +200,7 @@ async fn a_room_follows_its_slot_to_another_master() {
     // slot now lives and tell their sockets.
     let slot = cluster.slot_of("ws:room:moving");
     let from = cluster.master_of_slot(slot).port();
-    let to = *cluster
-        .master_ports()
-        .iter()
-        .find(|&&p| p != from)
-        .expect("another master");
+    let to = cluster.other_master(from);
     cluster.migrate_slot(slot, to);
     for ws in [&mut a, &mut b] {
         assert_eq!(
@@ -311,11 +307,7 @@ async fn a_durable_rooms_slot_moves_with_its_history_and_its_members_miss_nothin
 
     // First move, the publisher running throughout.
     let from = cluster.master_of_slot(slot).port();
-    let to = *cluster
-        .master_ports()
-        .iter()
-        .find(|&&p| p != from)
-        .expect("another master");
+    let to = cluster.other_master(from);
     let mut gap = move_durable_slot(&cluster, &fleet[1].1, slot, to, durable).await;
     stop.store(true, Ordering::Release);
     let mut positions = publisher.await.expect("publisher");

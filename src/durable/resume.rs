@@ -196,7 +196,7 @@ impl Durable {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::durable::rooms::testing::{decoded, env, outbox, setup};
+    use crate::durable::rooms::testing::{decoded, outbox, page, setup};
 
     #[tokio::test]
     async fn a_resume_merges_the_replay_with_held_live_frames_by_seq() {
@@ -210,10 +210,7 @@ mod tests {
         registry.insert(&room, socket, out.clone());
         durable.on_live("r", decoded("e", 4), &mut wake); // before the read: replayed too
         durable.on_live("r", decoded("e", 5), &mut wake); // after the read: held only
-        let page = Page {
-            top: Position::new("e", 4),
-            entries: (3..=4).map(|s| (s, env("e", s))).collect(),
-        };
+        let page = page("e", 4, 3..=4);
         let resumed = durable.finish_resume(&room, socket, &out, Some(Position::new("e", 2)), page);
         assert_eq!(resumed.recovered(), Some(true));
         durable.on_live("r", decoded("e", 6), &mut wake);
@@ -242,10 +239,7 @@ mod tests {
         let mut wake = Vec::new();
         durable.hold(&room, socket);
         registry.insert(&room, socket, out.clone());
-        let top = Page {
-            top: Position::new("e", 0),
-            entries: Vec::new(),
-        };
+        let top = page("e", 0, []);
         let resumed = durable.finish_resume(&room, socket, &out, None, top);
         assert_eq!(resumed.position(), &Position::new("e", 0));
         let mut rx = durable.take_repairs().expect("once");
@@ -255,10 +249,7 @@ mod tests {
         assert_eq!(repair.after, Position::new("e", 0));
         // Meanwhile 10 arrives live: held until the repair, never delivered ahead of 1 to 9.
         durable.on_live("r", decoded("e", 10), &mut wake);
-        let page = Page {
-            top: Position::new("e", 10),
-            entries: (1..=10).map(|s| (s, env("e", s))).collect(),
-        };
+        let page = page("e", 10, 1..=10);
         assert_eq!(durable.repaired(&room, &repair.after, Some(page)), None);
         let got = out.take_texts().await;
         let seqs: Vec<&str> = got[1..].iter().map(String::as_str).collect();

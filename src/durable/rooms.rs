@@ -171,6 +171,7 @@ pub(super) mod testing {
 
     use super::*;
     use crate::config::FanoutBuilder;
+    use crate::durable::Page;
     use crate::queue::{Limits, Outbox};
 
     pub(in crate::durable) fn setup() -> (Durable, Arc<Registry>) {
@@ -193,6 +194,18 @@ pub(super) mod testing {
 
     pub(in crate::durable) fn env(epoch: &str, seq: u64) -> Vec<u8> {
         format!(r#"{{"pos":{{"epoch":"{epoch}","seq":{seq}}},"payload":{seq}}}"#).into_bytes()
+    }
+
+    /// A history page at `epoch:top` holding the messages `seqs`.
+    pub(in crate::durable) fn page(
+        epoch: &str,
+        top: u64,
+        seqs: impl IntoIterator<Item = u64>,
+    ) -> Page {
+        Page {
+            top: Position::new(epoch, top),
+            entries: seqs.into_iter().map(|s| (s, env(epoch, s))).collect(),
+        }
     }
 
     pub(in crate::durable) fn decoded(epoch: &str, seq: u64) -> Decoded {

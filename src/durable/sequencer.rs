@@ -254,7 +254,7 @@ impl Durable {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::durable::rooms::testing::{decoded, env, outbox, setup};
+    use crate::durable::rooms::testing::{decoded, outbox, page, setup};
 
     #[tokio::test]
     async fn a_gap_is_held_and_repaired_once_then_duplicates_are_dropped() {
@@ -270,10 +270,7 @@ mod tests {
         let repair = rx.try_recv().expect("one repair");
         assert_eq!(repair.after, Position::new("e", 1));
         assert!(rx.try_recv().is_err(), "one read per gap");
-        let page = Page {
-            top: Position::new("e", 4),
-            entries: (2..=4).map(|s| (s, env("e", s))).collect(),
-        };
+        let page = page("e", 4, 2..=4);
         assert_eq!(durable.repaired(&room, &repair.after, Some(page)), None);
         durable.on_live("r", decoded("e", 5), &mut wake); // a duplicate
         durable.on_live("r", decoded("e", 6), &mut wake);
@@ -302,10 +299,7 @@ mod tests {
         assert_eq!(repair.after, Position::new("e", 5));
         // The promoted replica only has 1 to 3; 4 arrives live meanwhile (the new 4).
         durable.on_live("r", decoded("e", 4), &mut wake);
-        let page = Page {
-            top: Position::new("e", 3),
-            entries: Vec::new(),
-        };
+        let page = page("e", 3, []);
         // The bus is asked to move the room to a new epoch: the lost seqs must not name other
         // messages for a socket resuming from one of them.
         assert_eq!(

@@ -366,9 +366,8 @@ mod tests {
         assert_eq!(again, ["a", "b", "c", "d"].map(room));
     }
 
-    #[test]
-    fn a_lost_sharded_subscription_tells_a_plain_room_and_hands_a_durable_one_over_once_resubscribed()
-     {
+    /// A linked registry with one socket each in rooms `plain` and `durable`, both subscribed.
+    fn plain_and_durable_subscribed() -> (Registry, [RoomName; 2], [Arc<Outbox>; 2]) {
         let r = Registry::default();
         r.link_up();
         let (plain, durable) = (room("plain"), room("durable"));
@@ -376,6 +375,13 @@ mod tests {
         r.insert(&plain, SocketId(1), p.clone());
         r.insert(&durable, SocketId(2), d.clone());
         r.confirm_subscribed(r.take_pending(100).subscribe);
+        (r, [plain, durable], [p, d])
+    }
+
+    #[test]
+    fn a_lost_sharded_subscription_tells_a_plain_room_and_hands_a_durable_one_over_once_resubscribed()
+     {
+        let (r, [plain, durable], [p, d]) = plain_and_durable_subscribed();
         let repairs = |room: &str| room == "durable";
 
         // Redis ends both subscriptions (their slot moved): both must be subscribed again.
@@ -405,13 +411,7 @@ mod tests {
 
     #[test]
     fn a_link_loss_tells_plain_rooms_and_hands_durable_ones_over_when_resubscribed() {
-        let r = Registry::default();
-        r.link_up();
-        let (plain, durable) = (room("plain"), room("durable"));
-        let (p, d) = (outbox(), outbox());
-        r.insert(&plain, SocketId(1), p.clone());
-        r.insert(&durable, SocketId(2), d.clone());
-        r.confirm_subscribed(r.take_pending(100).subscribe);
+        let (r, [_, durable], [p, d]) = plain_and_durable_subscribed();
         let repairs = |room: &str| room == "durable";
         r.link_down();
         r.link_up();

@@ -886,6 +886,14 @@ impl RedisCluster {
         self.masters_seen_by(self.live())
     }
 
+    /// A running master other than the one on `port`.
+    pub fn other_master(&self, port: u16) -> u16 {
+        self.master_ports()
+            .into_iter()
+            .find(|&p| p != port)
+            .expect("another master")
+    }
+
     /// Some running node, to ask about the cluster.
     fn live(&self) -> &RedisServer {
         self.nodes
