@@ -19,8 +19,7 @@ use crate::channel;
 use crate::config::Config;
 use crate::durable::Durable;
 use crate::envelope;
-use crate::queue::Outbox;
-use crate::registry::{Dispatched, Registry, SocketId};
+use crate::registry::{Dispatched, Offers, Registry, SocketId};
 use crate::stats::Counters;
 
 /// One message as the subscriber connection received it.
@@ -92,6 +91,16 @@ impl Inbox {
 /// is light a batch is a single envelope and nothing waits.
 const DISPATCH_BATCH: usize = 256;
 
+/// A batch of at most this many envelopes is light load: the dispatcher writes its frames
+/// straight to idle sockets (at most [`WRITE_BUDGET`] of them) rather than waking their
+/// writers. A longer batch means the dispatcher is behind, and frames are only queued: the
+/// writers, spread over the runtime's workers, then write many frames per flush.
+const WRITE_FROM_BATCH: usize = 2;
+
+/// Most frames one light batch writes itself: a big room's other members are queued, so that
+/// the dispatcher does not spend longer writing than the writers would take to wake.
+const WRITE_BUDGET: usize = 64;
+
 /// The receiving side: one task per node.
 #[derive(Debug)]
 pub(crate) struct Dispatcher {
@@ -105,7 +114,6 @@ pub(crate) struct Dispatcher {
     malformed_log: LogLimiter,
     dropped_log: LogLimiter,
     shed_log: LogLimiter,
-    to_wake: Vec<Arc<Outbox>>,
 }
 
 /// The hop between the subscriber connection and the dispatcher, `capacity` messages deep.
@@ -136,7 +144,6 @@ pub(crate) fn channel(
         malformed_log: LogLimiter::new(every),
         dropped_log: LogLimiter::new(every),
         shed_log: LogLimiter::new(every),
-        to_wake: Vec::new(),
     };
     (inbox, dispatcher)
 }
@@ -158,6 +165,11 @@ impl Dispatcher {
         let mut total = Dispatched::default();
         let (mut received, mut malformed) = (0, 0);
         let any_durable = config.durable.is_some() || !config.durable_rooms.is_empty();
+        let mut offers = if batch.len() <= WRITE_FROM_BATCH {
+            Offers::writing(WRITE_BUDGET)
+        } else {
+            Offers::queueing()
+        };
         for Received {
             channel,
             envelope: raw,
@@ -189,7 +201,7 @@ impl Dispatcher {
             };
             received += 1;
             if any_durable && self.durable.is_durable(room) {
-                total += self.durable.on_live(room, decoded, &mut self.to_wake);
+                total += self.durable.on_live(room, decoded, &mut offers);
                 continue;
             }
             let out = registry.dispatch(
@@ -197,7 +209,7 @@ impl Dispatcher {
                 &decoded.frame,
                 decoded.except.map(SocketId::from_wire),
                 config.overflow_for(room),
-                &mut self.to_wake,
+                &mut offers,
             );
             if out.overflowed > 0 {
                 tracing::warn!(
@@ -224,9 +236,9 @@ impl Dispatcher {
         c.delivered.add(total.delivered);
         c.dropped.add(total.dropped);
         c.slow_disconnects.add(total.overflowed);
-        for outbox in self.to_wake.drain(..) {
-            outbox.wake();
-        }
+        c.socket_writes.add(total.written);
+        c.frames_written.add(total.written);
+        offers.wake();
     }
 
     fn tell_shed(&mut self) {
@@ -286,7 +298,7 @@ impl LogLimiter {
 mod tests {
     use super::*;
     use crate::config::{FanoutBuilder, OverflowPolicy};
-    use crate::queue::Limits;
+    use crate::queue::{Limits, Outbox};
     use crate::room::RoomName;
 
     /// A dispatcher with no connection behind it: the tests play the subscriber connection

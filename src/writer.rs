@@ -3,7 +3,8 @@
 //!
 //! The writer waits for one frame, takes everything queued (up to a batch cap), `feed`s each
 //! and flushes once, as socketioxide's engine does: many frames per write under load, no added
-//! latency when idle.
+//! latency when idle. While it waits, its sink is parked in the socket's queue, where the
+//! dispatcher (or the heartbeat) may write a frame at once without waking it.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,7 +16,7 @@ use tokio::sync::watch;
 use tokio::time::{Instant, timeout};
 
 use crate::config::{Config, OverflowPolicy};
-use crate::queue::{Next, Outbox};
+use crate::queue::{Next, Offer, Outbox};
 use crate::registry::{Registry, SocketId, WriterGuard};
 use crate::stats::Counters;
 
@@ -80,8 +81,17 @@ pub(crate) async fn heartbeat(
                 );
                 outbox.close_now(close_code::AWAY, "no pong received");
             } else {
-                // A ping that finds the queue full is dropped: that socket is already busy.
-                outbox.offer(Message::Ping(Bytes::new()), OverflowPolicy::DropNewest);
+                // Written at once to an idle socket (one wake-up less per ping); a ping that
+                // finds the queue full is dropped: that socket is already busy.
+                let ping = Message::Ping(Bytes::new());
+                match outbox.offer_or_write(ping, OverflowPolicy::DropNewest) {
+                    (Offer::Written, _) => {
+                        counters.socket_writes.add(1);
+                        counters.frames_written.add(1);
+                    }
+                    (_, true) => outbox.wake(),
+                    (_, false) => {}
+                }
             }
         }
         slice = (slice + 1) % slices;
@@ -93,15 +103,16 @@ pub(crate) async fn heartbeat(
 ///
 /// `_running` is dropped when the loop ends, however it ends: a shutdown waits for that.
 pub(crate) async fn write_loop<S>(
-    mut sink: S,
+    sink: S,
     outbox: Arc<Outbox>,
     config: Arc<Config>,
     counters: Arc<Counters>,
     id: SocketId,
     _running: WriterGuard,
 ) where
-    S: Sink<Message, Error = axum::Error> + Unpin,
+    S: Sink<Message, Error = axum::Error> + Send + 'static,
 {
+    outbox.park(Box::pin(sink));
     let max = config.batch_frames.get();
     let write_timeout = config.write_timeout;
     let interval = config.flush_interval;
@@ -113,9 +124,15 @@ pub(crate) async fn write_loop<S>(
     let mut gather_after: Option<Instant> = None;
     loop {
         let next = outbox.next_batch(&mut batch, max, gather_after).await;
+        // Only this task takes the sink out; it is back in the slot whenever the task waits
+        // in `next_batch`, so it is there unless a bug lost it.
+        let Some(mut sink) = outbox.unpark() else {
+            tracing::error!(socket = %id, "the socket's writing half is missing; closing");
+            outbox.close_now(close_code::ERROR, "internal error");
+            break;
+        };
         match next {
             Next::Frames => {
-                let frames = batch.len();
                 let written = timeout(write_timeout, async {
                     for frame in batch.drain(..) {
                         sink.feed(frame).await?;
@@ -124,18 +141,21 @@ pub(crate) async fn write_loop<S>(
                 })
                 .await;
                 batch.clear();
-                outbox.flushed();
+                // Includes a frame the dispatcher wrote but could not flush.
+                let frames = outbox.flushed();
                 gather_after = (frames >= gather_from && !interval.is_zero())
                     .then(|| Instant::now() + interval);
                 match written {
                     Ok(Ok(())) => {
                         counters.socket_writes.add(1);
                         counters.frames_written.add(frames as u64);
+                        outbox.park(sink);
                     }
                     Ok(Err(e)) => {
                         // The client is gone; nothing more can be written.
                         tracing::debug!(socket = %id, error = %e, "write failed; closing");
                         outbox.close_after_flush(None);
+                        let _ = timeout(CLOSE_TIMEOUT, sink.close()).await;
                         break;
                     }
                     Err(_) => {
@@ -146,6 +166,8 @@ pub(crate) async fn write_loop<S>(
                             "write timed out; closing slow consumer"
                         );
                         outbox.close_slow_consumer();
+                        // Parked for the close frame, which `next_batch` returns next.
+                        outbox.park(sink);
                     }
                 }
             }
@@ -153,53 +175,21 @@ pub(crate) async fn write_loop<S>(
                 if let Some(frame) = frame {
                     let _ = timeout(CLOSE_TIMEOUT, sink.send(Message::Close(Some(frame)))).await;
                 }
+                let _ = timeout(CLOSE_TIMEOUT, sink.close()).await;
                 break;
             }
         }
     }
-    let _ = timeout(CLOSE_TIMEOUT, sink.close()).await;
 }
 
 #[cfg(test)]
 mod tests {
-    use std::pin::Pin;
-    use std::sync::Mutex;
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    use std::task::{Context, Poll};
+    use std::sync::atomic::Ordering;
 
     use super::*;
     use crate::config::FanoutBuilder;
     use crate::queue::Limits;
-
-    /// An in-memory sink: records every frame and every flush; `stall` makes flushes hang, like
-    /// a client that stopped reading once the TCP buffers are full.
-    #[derive(Clone, Default)]
-    struct Recorder {
-        frames: Arc<Mutex<Vec<Message>>>,
-        flushes: Arc<AtomicUsize>,
-        stall: bool,
-    }
-
-    impl Sink<Message> for Recorder {
-        type Error = axum::Error;
-        fn poll_ready(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-            Poll::Ready(Ok(()))
-        }
-        fn start_send(self: Pin<&mut Self>, item: Message) -> Result<(), Self::Error> {
-            self.frames.lock().unwrap().push(item);
-            Ok(())
-        }
-        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-            if self.stall {
-                return Poll::Pending;
-            }
-            self.flushes.fetch_add(1, Ordering::SeqCst);
-            Poll::Ready(Ok(()))
-        }
-        fn poll_close(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-            Poll::Ready(Ok(()))
-        }
-    }
+    use crate::queue::testing::Recorder;
 
     /// What a writer needs of its node: settings, counters, and the registry that counts it.
     struct Node {
@@ -223,7 +213,7 @@ mod tests {
         id: u64,
     ) -> impl Future<Output = ()> + use<S>
     where
-        S: Sink<Message, Error = axum::Error> + Unpin,
+        S: Sink<Message, Error = axum::Error> + Send + 'static,
     {
         write_loop(
             sink,

@@ -197,6 +197,7 @@ impl Durable {
 mod tests {
     use super::*;
     use crate::durable::rooms::testing::{decoded, outbox, page, setup};
+    use crate::registry::Offers;
 
     #[tokio::test]
     async fn a_resume_merges_the_replay_with_held_live_frames_by_seq() {
@@ -204,7 +205,7 @@ mod tests {
         let room = RoomName::new("r").expect("valid");
         let socket = SocketId::from_wire(2);
         let out = outbox();
-        let mut wake = Vec::new();
+        let mut wake = Offers::queueing();
         durable.on_live("r", decoded("e", 3), &mut wake);
         durable.hold(&room, socket);
         registry.insert(&room, socket, out.clone());
@@ -236,7 +237,7 @@ mod tests {
         let room = RoomName::new("r").expect("valid");
         let socket = SocketId::from_wire(2);
         let out = outbox();
-        let mut wake = Vec::new();
+        let mut wake = Offers::queueing();
         durable.hold(&room, socket);
         registry.insert(&room, socket, out.clone());
         let top = page("e", 0, []);

@@ -18,28 +18,21 @@
 //! lost seqs never name other messages).
 
 use std::collections::VecDeque;
-use std::sync::Arc;
 
 use super::history::Page;
 use super::rooms::{Durable, Gate, Repair, RoomState, state_of};
 use crate::envelope::Decoded;
 use crate::position::{Position, Unrecoverable};
-use crate::queue::Outbox;
-use crate::registry::{Dispatched, SocketId};
+use crate::registry::{Dispatched, Offers, SocketId};
 use crate::room::RoomName;
 
 impl Durable {
     /// A live envelope of durable `room`, from the dispatcher: delivered in seq order, or held
     /// while a gap is read back. Never waits.
-    pub(crate) fn on_live(
-        &self,
-        room: &str,
-        decoded: Decoded,
-        to_wake: &mut Vec<Arc<Outbox>>,
-    ) -> Dispatched {
+    pub(crate) fn on_live(&self, room: &str, decoded: Decoded, offers: &mut Offers) -> Dispatched {
         let mut rooms = self.lock();
         if let Some(state) = rooms.get_mut(room) {
-            return self.sequence(state, decoded, to_wake);
+            return self.sequence(state, decoded, offers);
         }
         // No local member: a message still on its way after the last one left. Remembering
         // its position would make the next subscription see a gap that no member missed.
@@ -50,15 +43,10 @@ impl Durable {
         let Ok(name) = RoomName::new(room) else {
             return Dispatched::default();
         };
-        self.sequence(state_of(&mut rooms, &name), decoded, to_wake)
+        self.sequence(state_of(&mut rooms, &name), decoded, offers)
     }
 
-    fn sequence(
-        &self,
-        state: &mut RoomState,
-        decoded: Decoded,
-        to_wake: &mut Vec<Arc<Outbox>>,
-    ) -> Dispatched {
+    fn sequence(&self, state: &mut RoomState, decoded: Decoded, offers: &mut Offers) -> Dispatched {
         let room = &state.name.clone();
         if let Some(held) = &mut state.repairing {
             if held.len() < self.settings(room.as_str()).replay_limit.get() {
@@ -70,7 +58,7 @@ impl Durable {
         }
         let Some(pos) = decoded.pos.clone() else {
             // A seed node's envelope: delivered, not sequenced (it has no seq).
-            return self.emit(state, &decoded, to_wake);
+            return self.emit(state, &decoded, offers);
         };
         let skipped = state
             .known()
@@ -91,11 +79,11 @@ impl Durable {
                 tracing::warn!(room = %room, old = %last, new = %pos, "durable room's history was lost (new epoch)");
                 self.registry.tell_missed(room.as_str(), None);
                 state.delivered(pos);
-                self.emit(state, &decoded, to_wake)
+                self.emit(state, &decoded, offers)
             }
             _ => {
                 state.delivered(pos);
-                self.emit(state, &decoded, to_wake)
+                self.emit(state, &decoded, offers)
             }
         }
     }
@@ -111,12 +99,7 @@ impl Durable {
 
     /// Offers one message to every local member of `room`: the plain frame, or the positioned
     /// one, or into a resuming socket's held frames.
-    fn emit(
-        &self,
-        state: &mut RoomState,
-        decoded: &Decoded,
-        to_wake: &mut Vec<Arc<Outbox>>,
-    ) -> Dispatched {
+    fn emit(&self, state: &mut RoomState, decoded: &Decoded, offers: &mut Offers) -> Dispatched {
         let room = &state.name;
         let positioned = (!state.members.is_empty()).then(|| decoded.positioned());
         let limit = self.settings(room.as_str()).replay_limit.get();
@@ -125,7 +108,7 @@ impl Durable {
             room.as_str(),
             decoded.except.map(SocketId::from_wire),
             self.config.overflow_for(room.as_str()),
-            to_wake,
+            offers,
             |id| match members.get_mut(&id) {
                 None => Some(decoded.frame.clone()),
                 Some(Gate::Open { through }) => {
@@ -163,7 +146,7 @@ impl Durable {
         page: Option<Page>,
     ) -> Option<Position> {
         let mut lost = None;
-        let mut to_wake = Vec::new();
+        let mut offers = Offers::queueing();
         let mut total = Dispatched::default();
         {
             let mut rooms = self.lock();
@@ -179,7 +162,7 @@ impl Durable {
                             if let Some(pos) = decoded.pos.clone() {
                                 state.delivered(pos);
                             }
-                            total += self.emit(state, &decoded, &mut to_wake);
+                            total += self.emit(state, &decoded, &mut offers);
                         }
                     }
                     tracing::info!(room = %room, after = %after, messages = page.entries.len(), "repaired a durable room's gap from its history");
@@ -206,21 +189,19 @@ impl Durable {
                 }
             }
             for decoded in held {
-                total += self.sequence(state, decoded, &mut to_wake);
+                total += self.sequence(state, decoded, &mut offers);
             }
         }
-        self.finish_delivery(total, to_wake);
+        self.finish_delivery(total, offers);
         lost
     }
 
-    fn finish_delivery(&self, total: Dispatched, to_wake: Vec<Arc<Outbox>>) {
+    fn finish_delivery(&self, total: Dispatched, mut offers: Offers) {
         let c = &self.counters;
         c.delivered.add(total.delivered);
         c.dropped.add(total.dropped);
         c.slow_disconnects.add(total.overflowed);
-        for outbox in to_wake {
-            outbox.wake();
-        }
+        offers.wake();
     }
 
     /// `rooms` lost their subscription (the link dropped, or a cluster slot moved) and are
@@ -262,7 +243,7 @@ mod tests {
         let room = RoomName::new("r").expect("valid");
         let plain = outbox();
         registry.insert(&room, SocketId::from_wire(1), plain.clone());
-        let mut wake = Vec::new();
+        let mut wake = Offers::queueing();
         durable.on_live("r", decoded("e", 1), &mut wake);
         durable.on_live("r", decoded("e", 4), &mut wake); // 2 and 3 lost
         durable.on_live("r", decoded("e", 5), &mut wake);
@@ -288,7 +269,7 @@ mod tests {
         let room = RoomName::new("r").expect("valid");
         let plain = outbox();
         registry.insert(&room, SocketId::from_wire(1), plain.clone());
-        let mut wake = Vec::new();
+        let mut wake = Offers::queueing();
         for seq in 1..=5 {
             durable.on_live("r", decoded("e", seq), &mut wake);
         }

@@ -15,6 +15,8 @@ use crate::queue::{Offer, Outbox};
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Dispatched {
     pub(crate) delivered: u64,
+    /// Of those delivered, written straight to the socket (one write each).
+    pub(crate) written: u64,
     pub(crate) dropped: u64,
     pub(crate) overflowed: u64,
 }
@@ -22,26 +24,87 @@ pub(crate) struct Dispatched {
 impl std::ops::AddAssign for Dispatched {
     fn add_assign(&mut self, rhs: Self) {
         self.delivered += rhs.delivered;
+        self.written += rhs.written;
         self.dropped += rhs.dropped;
         self.overflowed += rhs.overflowed;
+    }
+}
+
+/// One batch of offers to sockets' queues: how many frames may still be written straight to
+/// idle sockets, and the writers to wake once the batch is done.
+///
+/// A batch that writes frames itself saves each idle socket's writer a wake-up; one that
+/// queues them lets many frames go out per write. The dispatcher chooses per batch: small
+/// batches (light load) write, big ones (the dispatcher is behind) only queue.
+#[derive(Debug, Default)]
+pub(crate) struct Offers {
+    write_budget: usize,
+    to_wake: Vec<Arc<Outbox>>,
+}
+
+impl Offers {
+    /// Offers that write at most `budget` frames themselves and queue the rest.
+    pub(crate) fn writing(budget: usize) -> Self {
+        Self {
+            write_budget: budget,
+            to_wake: Vec::new(),
+        }
+    }
+
+    /// Offers that only queue.
+    pub(crate) fn queueing() -> Self {
+        Self::default()
+    }
+
+    /// Offers `frame` to `outbox` (see [`Outbox::offer_or_write`]); its writer is woken by
+    /// [`wake`](Offers::wake) if needed.
+    pub(crate) fn offer(
+        &mut self,
+        outbox: &Arc<Outbox>,
+        frame: Message,
+        policy: OverflowPolicy,
+    ) -> Offer {
+        let (offer, wake) = if self.write_budget > 0 {
+            self.write_budget -= 1;
+            outbox.offer_or_write(frame, policy)
+        } else {
+            outbox.offer_deferred(frame, policy)
+        };
+        if wake {
+            self.to_wake.push(outbox.clone());
+        }
+        offer
+    }
+
+    /// Wakes every writer the batch's offers asked for, once.
+    pub(crate) fn wake(&mut self) {
+        for outbox in self.to_wake.drain(..) {
+            outbox.wake();
+        }
+    }
+
+    /// Writers waiting for [`wake`](Offers::wake) (tests).
+    #[cfg(test)]
+    pub(crate) fn to_wake(&self) -> usize {
+        self.to_wake.len()
     }
 }
 
 impl Registry {
     /// Offers `frame` to every local socket of `room` except `except`. Never waits.
     ///
-    /// Writers are not woken here: the outboxes that need a wake-up are pushed to `to_wake`,
-    /// for the caller to wake once it has dispatched its whole batch.
+    /// Writers are not woken here: `offers` keeps the ones that need a wake-up, for the caller
+    /// to wake once it has dispatched its whole batch.
     pub(crate) fn dispatch(
         &self,
         room: &str,
         frame: &Message,
         except: Option<SocketId>,
         policy: OverflowPolicy,
-        to_wake: &mut Vec<Arc<Outbox>>,
+        offers: &mut Offers,
     ) -> Dispatched {
         // A clone of a `Message` shares its payload (reference-counted `Bytes`).
-        self.dispatch_with(room, except, policy, to_wake, |_| Some(frame.clone()))
+        self.dispatch_with(room, except, policy, offers, |_| Some(frame.clone()))
     }
 
     /// Like [`dispatch`](Registry::dispatch), with the frame chosen per socket by `frame_for`
@@ -52,7 +115,7 @@ impl Registry {
         room: &str,
         except: Option<SocketId>,
         policy: OverflowPolicy,
-        to_wake: &mut Vec<Arc<Outbox>>,
+        offers: &mut Offers,
         mut frame_for: impl FnMut(SocketId) -> Option<Message>,
     ) -> Dispatched {
         let mut out = Dispatched::default();
@@ -71,11 +134,11 @@ impl Registry {
             let Some(frame) = frame_for(id) else {
                 continue;
             };
-            let (offer, wake) = outbox.offer_deferred(frame, policy);
-            if wake {
-                to_wake.push(outbox.clone());
-            }
-            match offer {
+            match offers.offer(outbox, frame, policy) {
+                Offer::Written => {
+                    out.delivered += 1;
+                    out.written += 1;
+                }
                 Offer::Queued => out.delivered += 1,
                 Offer::QueuedDroppingOldest(n) => {
                     out.delivered += 1;

@@ -27,8 +27,8 @@ use crate::stats::Gauges;
 mod fanout;
 mod subscriptions;
 
-pub(crate) use fanout::Dispatched;
 use fanout::tell_gap;
+pub(crate) use fanout::{Dispatched, Offers};
 pub(crate) use subscriptions::Changes;
 
 /// Identifies a socket within one node, unique for the node's lifetime: from
@@ -428,15 +428,15 @@ mod tests {
         let (o1, o2) = (outbox(), outbox());
         r.insert(&a, SocketId(1), o1.clone());
         r.insert(&a, SocketId(2), o2.clone());
-        let mut to_wake = Vec::new();
+        let mut offers = Offers::queueing();
         let d = r.dispatch(
             "a",
             &Message::Text("hi".into()),
             Some(SocketId(1)),
             OverflowPolicy::Disconnect,
-            &mut to_wake,
+            &mut offers,
         );
-        assert_eq!(to_wake.len(), 1, "only socket 2 needs its writer woken");
+        assert_eq!(offers.to_wake(), 1, "only socket 2 needs its writer woken");
         assert_eq!(d.delivered, 1);
         assert_eq!(o1.held().0, 0);
         assert_eq!(o2.held().0, 1);
@@ -446,7 +446,7 @@ mod tests {
                 &Message::Text("x".into()),
                 None,
                 OverflowPolicy::Disconnect,
-                &mut to_wake,
+                &mut offers,
             )
             .delivered,
             0

@@ -127,7 +127,7 @@ impl FanoutSocket {
     pub fn send(&self, msg: impl Into<Payload>) -> Result<(), Error> {
         let frame = msg.into().into_frame();
         match self.outbox.offer(frame, self.shared.node.config.overflow) {
-            Offer::Queued | Offer::QueuedDroppingOldest(_) => Ok(()),
+            Offer::Written | Offer::Queued | Offer::QueuedDroppingOldest(_) => Ok(()),
             Offer::Dropped => {
                 self.shared.node.counters.dropped.add(1);
                 Ok(())
