@@ -49,7 +49,8 @@
 //!   rooms need a SUBSCRIBE or UNSUBSCRIBE, what Redis confirmed, a lost link or sharded
 //!   subscription and what becomes of it once the room is subscribed again),
 //!   `registry::fanout` (a frame offered to a room's local sockets, gap notices).
-//! - `queue`: one socket's bounded send queue and its overflow policy.
+//! - `queue`: one socket's bounded send queue and its overflow policy, and the writer's sink
+//!   parked there while it waits, for a frame written at once to an idle socket.
 //!
 //! Leaves, used from anywhere above: `envelope` (the JSON wire format shared with the seed's
 //! nodes; [`Payload`]), `channel` (Redis channel names for rooms and shards, injective),
@@ -74,7 +75,9 @@
 //!   unsubscribed member.
 //! - **The subscriber never awaits a socket** (`dispatch`, `queue`): the connection's push
 //!   callback only offers to a bounded hop, and the dispatcher offers each frame to a bounded
-//!   per-socket queue and applies the overflow policy to that socket alone.
+//!   per-socket queue and applies the overflow policy to that socket alone. At light load it
+//!   writes a frame straight to an idle socket instead, with a no-op waker: a socket that is
+//!   not ready gets the frame queued, and its writer finishes what could not be flushed.
 //! - **Durable rooms in seq order** (`durable`): live, replayed and repaired messages of a
 //!   durable room reach each socket under one lock, in seq order, each once; the Redis reads
 //!   behind them run elsewhere (`bus::history`), so the dispatcher never waits on Redis.
