@@ -298,6 +298,7 @@ impl LogLimiter {
 mod tests {
     use super::*;
     use crate::config::{FanoutBuilder, OverflowPolicy};
+    use crate::queue::testing::Recorder;
     use crate::queue::{Limits, Outbox};
     use crate::room::RoomName;
 
@@ -384,6 +385,48 @@ mod tests {
         let missed = a.take_missed().expect("told of the shed messages");
         assert_eq!(missed.dropped(), Some(3));
         assert_eq!(missed.room().as_str(), "a");
+    }
+
+    #[tokio::test]
+    async fn light_batches_write_to_idle_sockets_and_long_ones_only_queue() {
+        let (inbox, mut d, registry, counters) = dispatcher(64);
+        let a = member(&registry, "a");
+        let sink = Recorder::default();
+        a.park(Box::pin(sink.clone()));
+        let mut dispatch = |n: usize| {
+            for i in 0..n {
+                inbox.offer(received("ws:room:a", &format!(r#"{{"payload":{i}}}"#)));
+            }
+            let mut batch = Vec::new();
+            while let Ok(m) = d.rx.try_recv() {
+                batch.push(m);
+            }
+            d.dispatch(&mut batch);
+        };
+        dispatch(1);
+        assert_eq!(sink.texts(), ["0"], "written by the dispatcher");
+        assert_eq!(a.held(), (0, 0));
+        dispatch(WRITE_FROM_BATCH + 1);
+        assert_eq!(sink.texts(), ["0"], "a long batch only queues");
+        assert_eq!(a.take_texts().await, ["0", "1", "2"]);
+        let stats = counters.snapshot(registry.gauges());
+        assert_eq!(
+            (stats.delivered, stats.socket_writes, stats.frames_written),
+            (4, 1, 1)
+        );
+        // A room with more local members than a batch may write: its writers write.
+        let big: Vec<_> = (0..=WRITE_BUDGET)
+            .map(|_| member(&registry, "big"))
+            .collect();
+        for outbox in &big {
+            outbox.park(Box::pin(Recorder::default()));
+        }
+        inbox.offer(received("ws:room:big", r#"{"payload":"x"}"#));
+        let mut batch = vec![d.rx.try_recv().expect("offered")];
+        d.dispatch(&mut batch);
+        for outbox in &big {
+            assert_eq!(outbox.take_texts().await, [r#""x""#]);
+        }
     }
 
     #[tokio::test]

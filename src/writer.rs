@@ -4,7 +4,7 @@
 //! The writer waits for one frame, takes everything queued (up to a batch cap), `feed`s each
 //! and flushes once, as socketioxide's engine does: many frames per write under load, no added
 //! latency when idle. While it waits, its sink is parked in the socket's queue, where the
-//! dispatcher (or the heartbeat) may write a frame at once without waking it.
+//! dispatcher may write a frame at once without waking it.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,7 +16,7 @@ use tokio::sync::watch;
 use tokio::time::{Instant, timeout};
 
 use crate::config::{Config, OverflowPolicy};
-use crate::queue::{Next, Offer, Outbox};
+use crate::queue::{Next, Outbox};
 use crate::registry::{Registry, SocketId, WriterGuard};
 use crate::stats::Counters;
 
@@ -81,17 +81,8 @@ pub(crate) async fn heartbeat(
                 );
                 outbox.close_now(close_code::AWAY, "no pong received");
             } else {
-                // Written at once to an idle socket (one wake-up less per ping); a ping that
-                // finds the queue full is dropped: that socket is already busy.
-                let ping = Message::Ping(Bytes::new());
-                match outbox.offer_or_write(ping, OverflowPolicy::DropNewest) {
-                    (Offer::Written, _) => {
-                        counters.socket_writes.add(1);
-                        counters.frames_written.add(1);
-                    }
-                    (_, true) => outbox.wake(),
-                    (_, false) => {}
-                }
+                // A ping that finds the queue full is dropped: that socket is already busy.
+                outbox.offer(Message::Ping(Bytes::new()), OverflowPolicy::DropNewest);
             }
         }
         slice = (slice + 1) % slices;

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use axum::extract::ws::Message;
+use tokio::time::Instant;
 
 use super::{Inner, Registry, SocketId};
 use crate::config::OverflowPolicy;
@@ -33,12 +34,15 @@ impl std::ops::AddAssign for Dispatched {
 /// One batch of offers to sockets' queues: how many frames may still be written straight to
 /// idle sockets, and the writers to wake once the batch is done.
 ///
-/// A batch that writes frames itself saves each idle socket's writer a wake-up; one that
-/// queues them lets many frames go out per write. The dispatcher chooses per batch: small
-/// batches (light load) write, big ones (the dispatcher is behind) only queue.
-#[derive(Debug, Default)]
+/// A batch that writes frames itself saves each idle socket's writer a wake-up (and, on a
+/// multi-threaded runtime, the sibling worker's); one that queues them lets writers on every
+/// worker send many frames per flush. The dispatcher chooses per batch: small batches (light
+/// load) write, big ones (the dispatcher is behind) only queue; a room with more local members
+/// than the batch may still write is queued whole, as its writers then run on every worker.
+#[derive(Debug)]
 pub(crate) struct Offers {
     write_budget: usize,
+    now: Instant,
     to_wake: Vec<Arc<Outbox>>,
 }
 
@@ -47,26 +51,37 @@ impl Offers {
     pub(crate) fn writing(budget: usize) -> Self {
         Self {
             write_budget: budget,
+            now: Instant::now(),
             to_wake: Vec::new(),
         }
     }
 
     /// Offers that only queue.
     pub(crate) fn queueing() -> Self {
-        Self::default()
+        Self::writing(0)
     }
 
-    /// Offers `frame` to `outbox` (see [`Outbox::offer_or_write`]); its writer is woken by
-    /// [`wake`](Offers::wake) if needed.
-    pub(crate) fn offer(
+    /// Whether a room of `members` local sockets is written to (and counted against the
+    /// budget) rather than queued.
+    fn may_write(&mut self, members: usize) -> bool {
+        let write = members <= self.write_budget;
+        if write {
+            self.write_budget -= members;
+        }
+        write
+    }
+
+    /// Offers `frame` to `outbox`, first trying to write it when `write` (see
+    /// [`Outbox::offer_or_write`]); its writer is woken by [`wake`](Offers::wake) if needed.
+    fn offer(
         &mut self,
         outbox: &Arc<Outbox>,
         frame: Message,
         policy: OverflowPolicy,
+        write: bool,
     ) -> Offer {
-        let (offer, wake) = if self.write_budget > 0 {
-            self.write_budget -= 1;
-            outbox.offer_or_write(frame, policy)
+        let (offer, wake) = if write {
+            outbox.offer_or_write(frame, policy, self.now)
         } else {
             outbox.offer_deferred(frame, policy)
         };
@@ -127,6 +142,7 @@ impl Registry {
             let now = SystemTime::now();
             Missed::new(room.clone(), now, now, Some(n))
         };
+        let write = offers.may_write(members.len());
         for (&id, outbox) in members {
             if Some(id) == except {
                 continue;
@@ -134,7 +150,7 @@ impl Registry {
             let Some(frame) = frame_for(id) else {
                 continue;
             };
-            match offers.offer(outbox, frame, policy) {
+            match offers.offer(outbox, frame, policy, write) {
                 Offer::Written => {
                     out.delivered += 1;
                     out.written += 1;
