@@ -91,15 +91,26 @@ impl Inbox {
 /// is light a batch is a single envelope and nothing waits.
 const DISPATCH_BATCH: usize = 256;
 
-/// A batch of at most this many envelopes is light load: the dispatcher writes its frames
-/// straight to idle sockets (at most [`WRITE_BUDGET`] of them) rather than waking their
-/// writers. A longer batch means the dispatcher is behind, and frames are only queued: the
-/// writers, spread over the runtime's workers, then write many frames per flush.
+/// A batch of at most this many envelopes, at a light rate ([`LIGHT_PER_WINDOW`]), is light
+/// load: the dispatcher writes its frames straight to idle sockets (at most [`WRITE_BUDGET`]
+/// of them) rather than waking their writers. A longer batch means the dispatcher is behind,
+/// and frames are only queued: the writers, spread over the runtime's workers, then write
+/// many frames per flush.
 const WRITE_FROM_BATCH: usize = 2;
 
 /// Most frames one light batch writes itself: a big room's other members are queued, so that
 /// the dispatcher does not spend longer writing than the writers would take to wake.
 const WRITE_BUDGET: usize = 64;
+
+/// The window over which the dispatcher's rate is measured.
+const LOAD_WINDOW: Duration = Duration::from_millis(10);
+
+/// Most deliveries per [`LOAD_WINDOW`] that count as a light rate: 50,000 a second, twice a
+/// node's share of the bench's latency scenario (75,000 deliveries/s on 3 nodes), or about a
+/// sixth of one core in `send`s on the dispatcher's thread. Faster, even in short batches,
+/// frames are queued: writing them all on that one thread, one `send` each, cost the sweep
+/// 18 % at its ceiling against writers that batch on every worker (BENCHMARKS.md).
+const LIGHT_PER_WINDOW: u64 = 500;
 
 /// The receiving side: one task per node.
 #[derive(Debug)]
@@ -114,6 +125,7 @@ pub(crate) struct Dispatcher {
     malformed_log: LogLimiter,
     dropped_log: LogLimiter,
     shed_log: LogLimiter,
+    load: Load,
 }
 
 /// The hop between the subscriber connection and the dispatcher, `capacity` messages deep.
@@ -144,6 +156,7 @@ pub(crate) fn channel(
         malformed_log: LogLimiter::new(every),
         dropped_log: LogLimiter::new(every),
         shed_log: LogLimiter::new(every),
+        load: Load::default(),
     };
     (inbox, dispatcher)
 }
@@ -165,7 +178,8 @@ impl Dispatcher {
         let mut total = Dispatched::default();
         let (mut received, mut malformed) = (0, 0);
         let any_durable = config.durable.is_some() || !config.durable_rooms.is_empty();
-        let mut offers = if batch.len() <= WRITE_FROM_BATCH {
+        let light = self.load.is_light(Instant::now());
+        let mut offers = if light && batch.len() <= WRITE_FROM_BATCH {
             Offers::writing(WRITE_BUDGET)
         } else {
             Offers::queueing()
@@ -238,6 +252,7 @@ impl Dispatcher {
         c.slow_disconnects.add(total.overflowed);
         c.socket_writes.add(total.written);
         c.frames_written.add(total.written);
+        self.load.count(total.delivered);
         offers.wake();
     }
 
@@ -261,6 +276,48 @@ impl Dispatcher {
             } else {
                 self.registry.shed(&room, w.first, w.last, w.count);
             }
+        }
+    }
+}
+
+/// The dispatcher's recent rate: deliveries in the current [`LOAD_WINDOW`].
+#[derive(Debug)]
+struct Load {
+    since: Instant,
+    deliveries: u64,
+    light: bool,
+}
+
+impl Default for Load {
+    fn default() -> Self {
+        Self {
+            since: Instant::now(),
+            deliveries: 0,
+            light: true,
+        }
+    }
+}
+
+impl Load {
+    /// Whether the rate is light at `now`: the last window held at most [`LIGHT_PER_WINDOW`]
+    /// deliveries (per window, after an idle stretch), and the current one does not hold more
+    /// already.
+    fn is_light(&mut self, now: Instant) -> bool {
+        let elapsed = now.saturating_duration_since(self.since);
+        if elapsed >= LOAD_WINDOW {
+            let windows = (elapsed.as_micros() / LOAD_WINDOW.as_micros()) as u64;
+            self.light = self.deliveries <= LIGHT_PER_WINDOW.saturating_mul(windows);
+            self.since = now;
+            self.deliveries = 0;
+        }
+        self.light
+    }
+
+    /// Counts a batch's deliveries.
+    fn count(&mut self, deliveries: u64) {
+        self.deliveries += deliveries;
+        if self.deliveries > LIGHT_PER_WINDOW {
+            self.light = false;
         }
     }
 }
@@ -443,6 +500,29 @@ mod tests {
             .into_config_for_tests();
         assert_eq!(config.overflow_for("ticker"), OverflowPolicy::DropOldest);
         assert_eq!(config.overflow_for("chat"), OverflowPolicy::Disconnect);
+    }
+
+    #[test]
+    fn the_rate_is_light_until_a_window_holds_more_than_its_share() {
+        let mut load = Load::default();
+        let t0 = load.since;
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        assert!(load.is_light(at(0)), "a fresh dispatcher is light");
+        load.count(LIGHT_PER_WINDOW);
+        assert!(load.is_light(at(5)));
+        load.count(1);
+        assert!(
+            !load.is_light(at(6)),
+            "more than its share within the window"
+        );
+        // The window closes heavy; the next one, with few deliveries, closes light.
+        assert!(!load.is_light(at(10)));
+        load.count(1);
+        assert!(!load.is_light(at(15)), "still the heavy window's verdict");
+        assert!(load.is_light(at(20)));
+        // After an idle second, a burst of twice the share is light: per window.
+        load.count(2 * LIGHT_PER_WINDOW);
+        assert!(load.is_light(at(1_020)));
     }
 
     #[tokio::test]

@@ -60,13 +60,6 @@ pub(crate) enum Offer {
     Closed,
 }
 
-/// A socket written to less than this long ago gets its next frame queued, not written
-/// straight away: frames that come this often are better batched by its writer (many per
-/// flush, on any worker) than written one per `send` on the dispatcher's thread, which at the
-/// sweep's ceiling cost 18 % more CPU per delivery. A socket of a 250-messages-a-second room
-/// (the latency scenario) still gets every frame at once.
-const WRITE_AGAIN_AFTER: std::time::Duration = std::time::Duration::from_millis(1);
-
 /// Most unread broadcast failures one socket keeps for its reader.
 const MAX_FAILED: usize = 256;
 
@@ -106,8 +99,6 @@ struct State {
     /// A frame written to the parked sink could not be flushed at once: the writer must flush
     /// it (it is counted in `writing_*` until then).
     unflushed: bool,
-    /// When the socket was last written to (by its writer or straight to its sink).
-    last_write: Option<Instant>,
     /// Loss notices for the reader, at most one per room (windows are merged).
     missed: Vec<Missed>,
     /// Broadcasts queued from this socket that failed after nobody awaited their receipt,
@@ -252,20 +243,14 @@ impl Outbox {
 
     /// Like [`offer_deferred`](Outbox::offer_deferred), but first tries to write the frame
     /// straight to the socket: when the writer is idle (nothing queued, nothing being written,
-    /// its sink parked), the socket was not written to in the last [`WRITE_AGAIN_AFTER`]
-    /// (as of `now`), and the sink takes the frame and flushes without waiting, the result is
+    /// its sink parked) and the sink takes the frame and flushes without waiting, the result is
     /// [`Offer::Written`]. Otherwise the frame is queued as usual; a frame the sink took but
     /// could not flush at once is left to the writer (`Offer::Queued`, wake it).
     ///
     /// The write runs on the caller's thread: callers use it at light load only, where it saves
     /// a task wake-up per frame, and queue under load, where writers batch.
-    pub(crate) fn offer_or_write(
-        &self,
-        frame: Message,
-        policy: OverflowPolicy,
-        now: Instant,
-    ) -> (Offer, bool) {
-        match self.try_write(frame, now) {
+    pub(crate) fn offer_or_write(&self, frame: Message, policy: OverflowPolicy) -> (Offer, bool) {
+        match self.try_write(frame) {
             Ok(done) => done,
             Err(frame) => self.offer_deferred(frame, policy),
         }
@@ -273,7 +258,7 @@ impl Outbox {
 
     /// The write of [`offer_or_write`](Outbox::offer_or_write); gives the frame back when the
     /// writer is not idle or the sink is not ready.
-    fn try_write(&self, frame: Message, now: Instant) -> Result<(Offer, bool), Message> {
+    fn try_write(&self, frame: Message) -> Result<(Offer, bool), Message> {
         // `try_lock`: the writer may be taking its sink right now; then it will find the frame
         // queued.
         let mut parked = match self.sink.0.try_lock() {
@@ -289,13 +274,9 @@ impl Outbox {
             if s.close.is_some() || s.unflushed || !s.queued.is_empty() || s.writing_frames > 0 {
                 return Err(frame); // older frames first
             }
-            if s.last_write.is_some_and(|at| now < at + WRITE_AGAIN_AFTER) {
-                return Err(frame); // a busy socket: let its writer batch
-            }
             // Counted against the bound until flushed, like a writer's batch.
             s.writing_frames = 1;
             s.writing_bytes = len;
-            s.last_write = Some(now);
         }
         // Nothing may wait here: a `Pending` hands the work to the writer, whose own waker then
         // registers when it polls.
@@ -559,7 +540,6 @@ impl Outbox {
         let mut s = self.lock();
         s.writing_bytes = 0;
         s.unflushed = false;
-        s.last_write = Some(Instant::now());
         std::mem::take(&mut s.writing_frames)
     }
 
@@ -860,39 +840,26 @@ mod tests {
     async fn an_idle_writers_sink_takes_a_frame_at_once() {
         let o = outbox(10, 1 << 20, OverflowPolicy::Disconnect);
         let p = OverflowPolicy::Disconnect;
-        // Later than any write so far, so that only the writer's state decides.
-        let later = Instant::now() + std::time::Duration::from_secs(1);
         // No sink parked: the writer is writing, so the frame is queued.
-        assert_eq!(o.offer_or_write(text("1"), p, later), (Offer::Queued, true));
+        assert_eq!(o.offer_or_write(text("1"), p), (Offer::Queued, true));
         assert_eq!(take(&o, 10).await, ["1"]);
         let sink = testing::Recorder::default();
         o.park(Box::pin(sink.clone()));
         // Taken by the writer and not flushed yet: the next frame must wait behind it.
-        assert_eq!(o.offer_or_write(text("2"), p, later), (Offer::Queued, true));
+        assert_eq!(o.offer_or_write(text("2"), p), (Offer::Queued, true));
         assert!(sink.texts().is_empty());
         o.flushed();
         assert_eq!(take(&o, 10).await, ["2"]);
         o.flushed();
         // Idle: written and flushed at once, nothing held against the bound.
-        assert_eq!(
-            o.offer_or_write(text("3"), p, later),
-            (Offer::Written, false)
-        );
+        assert_eq!(o.offer_or_write(text("3"), p), (Offer::Written, false));
         assert_eq!(sink.texts(), ["3"]);
         assert_eq!(sink.flushes.load(std::sync::atomic::Ordering::SeqCst), 1);
         assert_eq!(o.held(), (0, 0));
-        // Written to a moment ago: a busy socket, whose writer batches what follows.
-        assert_eq!(o.offer_or_write(text("4"), p, later), (Offer::Queued, true));
-        assert_eq!(take(&o, 10).await, ["4"]);
-        o.flushed();
         // Something queued: the new frame goes behind it.
-        let much_later = later + std::time::Duration::from_secs(1);
-        o.offer(text("5"));
-        assert_eq!(
-            o.offer_or_write(text("6"), p, much_later),
-            (Offer::Queued, false)
-        );
-        assert_eq!(take(&o, 10).await, ["5", "6"]);
+        o.offer(text("4"));
+        assert_eq!(o.offer_or_write(text("5"), p), (Offer::Queued, false));
+        assert_eq!(take(&o, 10).await, ["4", "5"]);
         assert_eq!(sink.texts(), ["3"]);
     }
 
@@ -900,29 +867,21 @@ mod tests {
     async fn a_flush_that_cannot_finish_at_once_is_left_to_the_writer() {
         let o = outbox(2, 1 << 20, OverflowPolicy::DropNewest);
         let p = OverflowPolicy::DropNewest;
-        let later = Instant::now() + std::time::Duration::from_secs(1);
         let sink = testing::Recorder {
             stall: true,
             ..Default::default()
         };
         o.park(Box::pin(sink.clone()));
-        assert_eq!(o.offer_or_write(text("a"), p, later), (Offer::Queued, true));
+        assert_eq!(o.offer_or_write(text("a"), p), (Offer::Queued, true));
         assert_eq!(sink.texts(), ["a"], "in the sink, not flushed");
         assert_eq!(o.held(), (1, 1), "held against the bound until flushed");
         // The next frame queues behind it, and the bound (2 frames) counts both.
-        assert_eq!(o.offer_or_write(text("b"), p, later), (Offer::Queued, true));
-        assert_eq!(
-            o.offer_or_write(text("c"), p, later),
-            (Offer::Dropped, false)
-        );
+        assert_eq!(o.offer_or_write(text("b"), p), (Offer::Queued, true));
+        assert_eq!(o.offer_or_write(text("c"), p), (Offer::Dropped, false));
         assert_eq!(take(&o, 10).await, ["b"]);
         assert_eq!(o.flushed(), 2, "the writer's flush carried both");
         // With nothing queued, the writer is still told to flush.
-        let much_later = later + std::time::Duration::from_secs(1);
-        assert_eq!(
-            o.offer_or_write(text("d"), p, much_later),
-            (Offer::Queued, true)
-        );
+        assert_eq!(o.offer_or_write(text("d"), p), (Offer::Queued, true));
         let mut batch = Vec::new();
         assert!(matches!(
             o.next_batch(&mut batch, 10, None).await,
@@ -936,20 +895,13 @@ mod tests {
     fn a_failed_write_closes_the_socket_and_a_closing_one_takes_nothing() {
         let o = outbox(10, 1 << 20, OverflowPolicy::Disconnect);
         let p = OverflowPolicy::Disconnect;
-        let later = Instant::now() + std::time::Duration::from_secs(1);
         o.park(Box::pin(testing::Recorder {
             broken: true,
             ..Default::default()
         }));
-        assert_eq!(
-            o.offer_or_write(text("a"), p, later),
-            (Offer::Closed, false)
-        );
+        assert_eq!(o.offer_or_write(text("a"), p), (Offer::Closed, false));
         assert!(o.is_closing());
         assert_eq!(o.held(), (0, 0));
-        assert_eq!(
-            o.offer_or_write(text("b"), p, later),
-            (Offer::Closed, false)
-        );
+        assert_eq!(o.offer_or_write(text("b"), p), (Offer::Closed, false));
     }
 }

@@ -5,7 +5,6 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use axum::extract::ws::Message;
-use tokio::time::Instant;
 
 use super::{Inner, Registry, SocketId};
 use crate::config::OverflowPolicy;
@@ -36,13 +35,12 @@ impl std::ops::AddAssign for Dispatched {
 ///
 /// A batch that writes frames itself saves each idle socket's writer a wake-up (and, on a
 /// multi-threaded runtime, the sibling worker's); one that queues them lets writers on every
-/// worker send many frames per flush. The dispatcher chooses per batch: small batches (light
-/// load) write, big ones (the dispatcher is behind) only queue; a room with more local members
-/// than the batch may still write is queued whole, as its writers then run on every worker.
+/// worker send many frames per flush. The dispatcher chooses per batch (see `dispatch`); a
+/// room with more local members than the batch may still write is queued whole, as its
+/// writers then run on every worker.
 #[derive(Debug)]
 pub(crate) struct Offers {
     write_budget: usize,
-    now: Instant,
     to_wake: Vec<Arc<Outbox>>,
 }
 
@@ -51,7 +49,6 @@ impl Offers {
     pub(crate) fn writing(budget: usize) -> Self {
         Self {
             write_budget: budget,
-            now: Instant::now(),
             to_wake: Vec::new(),
         }
     }
@@ -81,7 +78,7 @@ impl Offers {
         write: bool,
     ) -> Offer {
         let (offer, wake) = if write {
-            outbox.offer_or_write(frame, policy, self.now)
+            outbox.offer_or_write(frame, policy)
         } else {
             outbox.offer_deferred(frame, policy)
         };
