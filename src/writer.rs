@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, close_code};
-use futures_util::{Sink, SinkExt};
+use futures_util::SinkExt;
 use tokio::sync::watch;
 use tokio::time::{Instant, timeout};
 
@@ -90,20 +90,18 @@ pub(crate) async fn heartbeat(
 }
 
 /// Drains the socket's queue: take everything queued (up to the batch cap), `feed` each frame,
-/// flush once. Generic over the sink so that tests can drive it with an in-memory one.
+/// flush once, through the sink parked in `outbox` ([`Outbox::park`]) before the loop starts.
+/// Taking the sink from there, rather than as an argument, keeps it out of this task's own
+/// state: one boxed sink per socket, not a second slot for it in every idle writer.
 ///
 /// `_running` is dropped when the loop ends, however it ends: a shutdown waits for that.
-pub(crate) async fn write_loop<S>(
-    sink: S,
+pub(crate) async fn write_loop(
     outbox: Arc<Outbox>,
     config: Arc<Config>,
     counters: Arc<Counters>,
     id: SocketId,
     _running: WriterGuard,
-) where
-    S: Sink<Message, Error = axum::Error> + Send + 'static,
-{
-    outbox.park(Box::pin(sink));
+) {
     let max = config.batch_frames.get();
     let write_timeout = config.write_timeout;
     let interval = config.flush_interval;
@@ -197,17 +195,14 @@ mod tests {
         }
     }
 
-    fn writer<S>(
+    fn writer(
         node: &Node,
-        sink: S,
+        sink: Recorder,
         ob: &Arc<Outbox>,
         id: u64,
-    ) -> impl Future<Output = ()> + use<S>
-    where
-        S: Sink<Message, Error = axum::Error> + Send + 'static,
-    {
+    ) -> impl Future<Output = ()> + use<> {
+        ob.park(Box::pin(sink));
         write_loop(
-            sink,
             ob.clone(),
             node.config.clone(),
             node.counters.clone(),

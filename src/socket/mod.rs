@@ -63,8 +63,8 @@ impl FanoutSocket {
             outbox.close_after_flush(Some(going_away()));
         }
         let (sink, stream) = socket.split();
+        outbox.park(Box::pin(sink));
         tokio::spawn(write_loop(
-            sink,
             outbox.clone(),
             node.config.clone(),
             node.counters.clone(),
