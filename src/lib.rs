@@ -49,8 +49,8 @@
 //!   rooms need a SUBSCRIBE or UNSUBSCRIBE, what Redis confirmed, a lost link or sharded
 //!   subscription and what becomes of it once the room is subscribed again),
 //!   `registry::fanout` (a frame offered to a room's local sockets, gap notices).
-//! - `queue`: one socket's bounded send queue and its overflow policy, and the writer's sink
-//!   parked there while it waits, for a frame written at once to an idle socket.
+//! - `queue`: one socket's bounded send queue and its overflow policy; `queue::parked` (the
+//!   writer's sink parked there while it waits, and a frame written at once to an idle socket).
 //!
 //! Leaves, used from anywhere above: `envelope` (the JSON wire format shared with the seed's
 //! nodes; [`Payload`]), `channel` (Redis channel names for rooms and shards, injective),
