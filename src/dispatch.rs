@@ -126,6 +126,8 @@ pub(crate) struct Dispatcher {
     dropped_log: LogLimiter,
     shed_log: LogLimiter,
     load: Load,
+    /// Reused batch after batch (its list of writers to wake keeps its capacity).
+    offers: Offers,
 }
 
 /// The hop between the subscriber connection and the dispatcher, `capacity` messages deep.
@@ -157,6 +159,7 @@ pub(crate) fn channel(
         dropped_log: LogLimiter::new(every),
         shed_log: LogLimiter::new(every),
         load: Load::default(),
+        offers: Offers::queueing(),
     };
     (inbox, dispatcher)
 }
@@ -178,12 +181,8 @@ impl Dispatcher {
         let mut total = Dispatched::default();
         let (mut received, mut malformed) = (0, 0);
         let any_durable = config.durable.is_some() || !config.durable_rooms.is_empty();
-        let light = self.load.is_light(Instant::now());
-        let mut offers = if light && batch.len() <= WRITE_FROM_BATCH {
-            Offers::writing(WRITE_BUDGET)
-        } else {
-            Offers::queueing()
-        };
+        let light = self.load.is_light(Instant::now()) && batch.len() <= WRITE_FROM_BATCH;
+        self.offers.start(if light { WRITE_BUDGET } else { 0 });
         for Received {
             channel,
             envelope: raw,
@@ -215,7 +214,7 @@ impl Dispatcher {
             };
             received += 1;
             if any_durable && self.durable.is_durable(room) {
-                total += self.durable.on_live(room, decoded, &mut offers);
+                total += self.durable.on_live(room, decoded, &mut self.offers);
                 continue;
             }
             let out = registry.dispatch(
@@ -223,7 +222,7 @@ impl Dispatcher {
                 &decoded.frame,
                 decoded.except.map(SocketId::from_wire),
                 config.overflow_for(room),
-                &mut offers,
+                &mut self.offers,
             );
             if out.overflowed > 0 {
                 tracing::warn!(
@@ -243,17 +242,14 @@ impl Dispatcher {
                 "dropped frames for sockets whose send queue is full (overflow policy)"
             );
         }
-        // Count before waking, so that whoever sees a frame also sees it counted.
+        // Count before waking, so that whoever sees a queued frame also sees it counted (a
+        // frame written straight to a socket is counted a moment after its write).
         let c = &self.counters;
         c.received.add(received);
         c.malformed.add(malformed);
-        c.delivered.add(total.delivered);
-        c.dropped.add(total.dropped);
-        c.slow_disconnects.add(total.overflowed);
-        c.socket_writes.add(total.written);
-        c.frames_written.add(total.written);
+        total.count(c);
         self.load.count(total.delivered);
-        offers.wake();
+        self.offers.wake();
     }
 
     fn tell_shed(&mut self) {

@@ -197,10 +197,7 @@ impl Durable {
     }
 
     fn finish_delivery(&self, total: Dispatched, mut offers: Offers) {
-        let c = &self.counters;
-        c.delivered.add(total.delivered);
-        c.dropped.add(total.dropped);
-        c.slow_disconnects.add(total.overflowed);
+        total.count(&self.counters);
         offers.wake();
     }
 

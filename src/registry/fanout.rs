@@ -10,6 +10,7 @@ use super::{Inner, Registry, SocketId};
 use crate::config::OverflowPolicy;
 use crate::missed::Missed;
 use crate::queue::{Offer, Outbox};
+use crate::stats::Counters;
 
 /// The outcome of dispatching one frame to a room's local sockets.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -19,6 +20,18 @@ pub(crate) struct Dispatched {
     pub(crate) written: u64,
     pub(crate) dropped: u64,
     pub(crate) overflowed: u64,
+}
+
+impl Dispatched {
+    /// Adds these outcomes to the node's counters (a frame written straight to a socket is one
+    /// socket write of one frame).
+    pub(crate) fn count(&self, c: &Counters) {
+        c.delivered.add(self.delivered);
+        c.dropped.add(self.dropped);
+        c.slow_disconnects.add(self.overflowed);
+        c.socket_writes.add(self.written);
+        c.frames_written.add(self.written);
+    }
 }
 
 impl std::ops::AddAssign for Dispatched {
@@ -45,17 +58,19 @@ pub(crate) struct Offers {
 }
 
 impl Offers {
-    /// Offers that write at most `budget` frames themselves and queue the rest.
-    pub(crate) fn writing(budget: usize) -> Self {
+    /// Offers that only queue (until [`start`](Offers::start) gives them a budget).
+    pub(crate) fn queueing() -> Self {
         Self {
-            write_budget: budget,
+            write_budget: 0,
             to_wake: Vec::new(),
         }
     }
 
-    /// Offers that only queue.
-    pub(crate) fn queueing() -> Self {
-        Self::writing(0)
+    /// Starts the next batch with a budget of `budget` frames to write, keeping the list of
+    /// writers to wake (empty after [`wake`](Offers::wake)) and its capacity: the dispatcher
+    /// reuses one `Offers` for every batch rather than allocate a list per message.
+    pub(crate) fn start(&mut self, budget: usize) {
+        self.write_budget = budget;
     }
 
     /// Whether a room of `members` local sockets is written to (and counted against the
