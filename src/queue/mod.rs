@@ -442,10 +442,7 @@ impl Outbox {
     pub(crate) async fn take_texts(&self) -> Vec<String> {
         let mut batch = Vec::new();
         match self.next_batch(&mut batch, usize::MAX, None).await {
-            Next::Frames => batch
-                .into_iter()
-                .map(|m| m.into_text().map(|t| t.to_string()).unwrap_or_default())
-                .collect(),
+            Next::Frames => batch.into_iter().map(testing::text_of).collect(),
             Next::Close(_) => Vec::new(),
         }
     }
@@ -483,16 +480,13 @@ pub(crate) mod testing {
     impl Recorder {
         pub(crate) fn texts(&self) -> Vec<String> {
             let frames = self.frames.lock().expect("not poisoned");
-            frames
-                .iter()
-                .map(|m| {
-                    m.clone()
-                        .into_text()
-                        .map(|t| t.to_string())
-                        .unwrap_or_default()
-                })
-                .collect()
+            frames.iter().cloned().map(text_of).collect()
         }
+    }
+
+    /// The text of a frame; empty for one that is not text.
+    pub(crate) fn text_of(frame: Message) -> String {
+        frame.into_text().map(|t| t.to_string()).unwrap_or_default()
     }
 
     impl Sink<Message> for Recorder {

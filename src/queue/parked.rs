@@ -57,7 +57,8 @@ impl Outbox {
         let len = frame_len(&frame);
         {
             let mut s = self.lock();
-            if s.close.is_some() || s.unflushed || !s.queued.is_empty() || s.writing_frames > 0 {
+            // (A frame left unflushed is still counted in `writing_frames`.)
+            if s.close.is_some() || !s.queued.is_empty() || s.writing_frames > 0 {
                 return Err(frame); // older frames first
             }
             // Counted against the bound until flushed, like a writer's batch.
