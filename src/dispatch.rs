@@ -9,8 +9,9 @@
 //! batch. It knows nothing of Redis: a received message is a channel name and its bytes.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -21,6 +22,7 @@ use crate::durable::Durable;
 use crate::envelope;
 use crate::registry::{Dispatched, Offers, Registry, SocketId};
 use crate::stats::Counters;
+use crate::time::unix_ms;
 
 /// One message as the subscriber connection received it.
 #[derive(Debug)]
@@ -43,11 +45,13 @@ struct ShedWindow {
 struct Shed(Mutex<HashMap<String, ShedWindow>>);
 
 impl Shed {
-    fn note(&self, room: &str) {
+    /// Notes one message of `room` dropped now; `since` is where a new window starts (see
+    /// [`Inbox::loss_since`]).
+    fn note(&self, room: &str, since: SystemTime) {
         let now = SystemTime::now();
         let mut shed = self.0.lock().unwrap_or_else(PoisonError::into_inner);
         let window = shed.entry(room.to_owned()).or_insert(ShedWindow {
-            first: now,
+            first: since,
             last: now,
             count: 0,
         });
@@ -64,11 +68,33 @@ impl Shed {
     }
 }
 
+/// The latest instant the subscriber link is known to have delivered, in ms since the Unix
+/// epoch: the publisher's stamp of the newest envelope dispatched, or the send instant of the
+/// newest probe that came back, whichever is later. Both are at or before the moment Redis
+/// sent the message down the link, so they hold even when the node read them late (after a
+/// pause, from its socket's buffer).
+#[derive(Debug, Default)]
+struct Delivered(AtomicU64);
+
+impl Delivered {
+    /// Notes a stamp; a stamp from the future (a skewed clock, a forged envelope) counts as now,
+    /// so that a window never starts after the loss it reports.
+    fn note(&self, stamp_ms: u64) {
+        let now = unix_ms(SystemTime::now());
+        self.0.fetch_max(stamp_ms.min(now), Ordering::Relaxed);
+    }
+
+    fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
 /// The sending side of the hop, held by the subscriber connection's push callback.
 #[derive(Debug)]
 pub(crate) struct Inbox {
     tx: mpsc::Sender<Received>,
     shed: Arc<Shed>,
+    delivered: Arc<Delivered>,
     config: Arc<Config>,
     counters: Arc<Counters>,
 }
@@ -80,9 +106,32 @@ impl Inbox {
         if let Err(mpsc::error::TrySendError::Full(message)) = self.tx.try_send(message) {
             self.counters.inbound_dropped.add(1);
             if let Some(room) = channel::room_of(&self.config, &message.channel) {
-                self.shed.note(room);
+                self.shed.note(room, self.loss_since());
             }
         }
+    }
+
+    /// The link was known to deliver at `at` (a probe sent then came back, or the link was
+    /// just set up).
+    pub(crate) fn delivered_at(&self, at: SystemTime) {
+        self.delivered.note(unix_ms(at));
+    }
+
+    /// Where a window of messages lost from now on starts: the last instant the link was known
+    /// to deliver (see [`Delivered`]), less the publish timeout.
+    ///
+    /// Why less the timeout: a message that was not delivered reached Redis after the last one
+    /// that was, but its publisher stamped it before queueing it, and a broadcast waits in its
+    /// publisher's queue for at most the publish timeout before it is written or given up.
+    /// So a lost message's stamp is no earlier than this, as long as the fleet's clocks agree
+    /// and share the timeout. Never later than now.
+    pub(crate) fn loss_since(&self) -> SystemTime {
+        let now = SystemTime::now();
+        let delivered = UNIX_EPOCH + Duration::from_millis(self.delivered.get());
+        delivered
+            .checked_sub(self.config.publish_timeout)
+            .unwrap_or(UNIX_EPOCH)
+            .min(now)
     }
 }
 
@@ -117,6 +166,7 @@ const LIGHT_PER_WINDOW: u64 = 500;
 pub(crate) struct Dispatcher {
     rx: mpsc::Receiver<Received>,
     shed: Arc<Shed>,
+    delivered: Arc<Delivered>,
     config: Arc<Config>,
     registry: Arc<Registry>,
     counters: Arc<Counters>,
@@ -141,16 +191,19 @@ pub(crate) fn channel(
 ) -> (Inbox, Dispatcher) {
     let (tx, rx) = mpsc::channel(capacity);
     let shed = Arc::new(Shed::default());
+    let delivered = Arc::new(Delivered::default());
     let every = Duration::from_secs(10);
     let inbox = Inbox {
         tx,
         shed: shed.clone(),
+        delivered: delivered.clone(),
         config: config.clone(),
         counters: counters.clone(),
     };
     let dispatcher = Dispatcher {
         rx,
         shed,
+        delivered,
         config,
         registry,
         counters,
@@ -180,6 +233,7 @@ impl Dispatcher {
         let (config, registry) = (&*self.config, &*self.registry);
         let mut total = Dispatched::default();
         let (mut received, mut malformed) = (0, 0);
+        let mut newest_stamp = 0;
         let any_durable = config.durable.is_some() || !config.durable_rooms.is_empty();
         let light = self.load.is_light(Instant::now()) && batch.len() <= WRITE_FROM_BATCH;
         self.offers.start(if light { WRITE_BUDGET } else { 0 });
@@ -213,6 +267,7 @@ impl Dispatcher {
                 }
             };
             received += 1;
+            newest_stamp = newest_stamp.max(decoded.ts.unwrap_or(0));
             if any_durable && self.durable.is_durable(room) {
                 total += self.durable.on_live(room, decoded, &mut self.offers);
                 continue;
@@ -248,6 +303,9 @@ impl Dispatcher {
         c.received.add(received);
         c.malformed.add(malformed);
         total.count(c);
+        if newest_stamp > 0 {
+            self.delivered.note(newest_stamp);
+        }
         self.load.count(total.delivered);
         self.offers.wake();
     }
@@ -390,6 +448,41 @@ mod tests {
             channel: channel.as_bytes().to_vec(),
             envelope: envelope.as_bytes().to_vec(),
         }
+    }
+
+    #[tokio::test]
+    async fn a_loss_starts_the_publish_timeout_before_the_newest_stamp_dispatched() {
+        let (inbox, mut d, registry, _) = dispatcher(64);
+        let _member = member(&registry, "a");
+        let timeout = d.config.publish_timeout;
+        let ms = |t: SystemTime| unix_ms(t);
+        let now = SystemTime::now();
+        // The link came up an hour ago and nothing was read since: the window starts there.
+        inbox.delivered_at(now - Duration::from_secs(3600));
+        assert_eq!(
+            ms(inbox.loss_since()),
+            ms(now - Duration::from_secs(3600) - timeout)
+        );
+        // An envelope stamped a minute ago, read now (late, say after a pause): its stamp
+        // counts, not the instant it was read. Garbage and envelopes without a stamp do not.
+        let stamp = ms(now) - 60_000;
+        let mut batch = vec![
+            received("ws:room:a", &format!(r#"{{"payload":1,"ts":{stamp}}}"#)),
+            received("ws:room:a", r#"{"payload":2}"#),
+            received("ws:room:a", r#"{"ts":99999999999999}"#),
+        ];
+        d.dispatch(&mut batch);
+        assert_eq!(ms(inbox.loss_since()), stamp - timeout.as_millis() as u64);
+        // A stamp from the future (a skewed clock) counts as now: a window never starts
+        // after the loss it reports.
+        let mut batch = vec![received(
+            "ws:room:a",
+            &format!(r#"{{"payload":3,"ts":{}}}"#, ms(now) + 3_600_000),
+        )];
+        d.dispatch(&mut batch);
+        let since = inbox.loss_since();
+        assert!(since <= SystemTime::now() - timeout + Duration::from_millis(5));
+        assert!(since >= now - timeout - Duration::from_millis(5));
     }
 
     #[tokio::test]

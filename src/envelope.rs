@@ -242,6 +242,8 @@ struct Incoming<'a> {
     binary: Option<Cow<'a, str>>,
     #[serde(default)]
     except: Option<u64>,
+    #[serde(default)]
+    ts: Option<u64>,
     #[serde(default, borrow)]
     pos: Option<IncomingPos<'a>>,
     #[serde(default)]
@@ -271,6 +273,8 @@ pub(crate) struct Decoded {
     /// A `fanout.*` notice from a node itself (`"control": true`, e.g. a presence join): every
     /// socket gets it as it is, even one that asked for positions.
     pub(crate) control: bool,
+    /// The publisher's stamp (`ts`, ms since the Unix epoch), when the envelope has one.
+    pub(crate) ts: Option<u64>,
 }
 
 impl Decoded {
@@ -405,6 +409,7 @@ pub(crate) fn decode(
         pos,
         json,
         control: env.control,
+        ts: env.ts,
     })
 }
 

@@ -192,8 +192,11 @@ impl Error {
 
     /// Redis did not confirm in time: it is down, unreachable or overloaded.
     ///
-    /// Nothing was delivered for a timed-out `join`; a timed-out broadcast may or may not have
-    /// reached Redis (pub/sub is at-most-once either way).
+    /// Nothing was delivered for a timed-out `join`. A timed-out broadcast is an unknown
+    /// outcome, not a failure to deliver: one still queued at its deadline is never sent, but
+    /// one already written to a Redis that froze runs when Redis wakes and reaches the sockets
+    /// of the nodes whose link survived (the others are told a [`Missed`](crate::Missed) window
+    /// that covers it). Retry only what receivers can tell apart.
     pub fn is_timeout(&self) -> bool {
         self.kind == Kind::Timeout
     }

@@ -14,9 +14,19 @@ use crate::time::unix_ms;
 
 /// Messages of `room` between `since` and `until` may not have reached this socket.
 ///
-/// Causes: the node's Redis link was down (then `dropped` is `None`: nobody knows how many
-/// were published meanwhile), the node shed load, or this socket's queue was full and its
-/// overflow policy dropped frames (then `dropped` counts them).
+/// Causes: the node's Redis link was down, stalled or dropped by Redis, or the node itself was
+/// paused (then `dropped` is `None`: nobody knows how many were published meanwhile), the node
+/// shed load, or this socket's queue was full and its overflow policy dropped frames (then
+/// `dropped` counts them).
+///
+/// # The window covers the loss
+/// Times are publish stamps (the envelope's `ts`, the publisher's wall clock). A link loss's
+/// window starts no later than the last instant the node knew its link was delivering (the
+/// stamp of the newest message it read, or the send time of the newest probe that came back),
+/// less the publish timeout, the longest a broadcast waits in its publisher's queue; not when
+/// the loss was noticed, which may be seconds later. It ends once the room's subscription is
+/// confirmed again. So every message lost for this socket has its stamp inside the window, as
+/// long as the fleet's clocks agree and its nodes share the publish timeout.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Missed {
     room: RoomName,
@@ -45,7 +55,8 @@ impl Missed {
         &self.room
     }
 
-    /// Start of the window (when the link dropped, or the first drop).
+    /// Start of the window (no later than the last instant the link was known to deliver, or
+    /// the first drop).
     pub fn since(&self) -> SystemTime {
         self.since
     }

@@ -7,7 +7,7 @@
 use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use redis::{PushInfo, PushKind, RedisError, Value};
 use tokio::sync::{Notify, watch};
@@ -96,8 +96,10 @@ pub(super) async fn run(
 ) {
     let inbox = Arc::new(inbox);
     let cfg = &bus.config;
-    let mut backoff = Backoff::new(cfg.backoff_min, cfg.backoff_max);
-    let mut ever_up = false;
+    let mut retry = Retry {
+        backoff: Backoff::new(cfg.backoff_min, cfg.backoff_max),
+        ever_up: false,
+    };
     loop {
         let signals = Arc::new(LinkSignals::default());
         let on_push = {
@@ -108,7 +110,7 @@ pub(super) async fn run(
                         on_message(&bus.probe_channel, &signals, &inbox, info)
                     }
                     PushKind::Disconnection => signals.lost.notify_one(),
-                    PushKind::SUnsubscribe => on_sunsubscribe(&bus, &info),
+                    PushKind::SUnsubscribe => on_sunsubscribe(&bus, &inbox, &info),
                     _ => {}
                 }
                 Ok(())
@@ -118,7 +120,7 @@ pub(super) async fn run(
             Ok(link) => link,
             Err(loss) => {
                 tracing::warn!(node = %cfg.node_id, reason = %loss, "subscriber cannot connect to redis; retrying");
-                if !pause(backoff.next(), &mut stop).await {
+                if !pause(retry.backoff.next(), &mut stop).await {
                     return;
                 }
                 continue;
@@ -128,13 +130,7 @@ pub(super) async fn run(
         // Redis is reachable again: the publisher need not wait out its own pause.
         bus.reachable.notify_one();
         let outcome = serve_link(
-            &bus,
-            &mut conn,
-            &probes,
-            &signals,
-            &mut stop,
-            &mut ever_up,
-            &mut backoff,
+            &bus, &mut conn, &probes, &signals, &inbox, &mut stop, &mut retry,
         )
         .await;
         bus.ready.store(false, Ordering::Release);
@@ -148,17 +144,17 @@ pub(super) async fn run(
                     .collect();
                 channels.extend(probes);
                 let _ = timeout(Duration::from_secs(1), conn.unsubscribe(&channels)).await;
-                bus.registry.link_down();
+                bus.registry.link_down(inbox.loss_since());
                 return;
             }
             LinkEnd::Lost(reason) => {
-                bus.registry.link_down();
+                bus.registry.link_down(inbox.loss_since());
                 bus.counters.reconnects.add(1);
                 tracing::warn!(node = %cfg.node_id, %reason, "subscriber link lost; reconnecting and resubscribing");
             }
         }
         drop(conn);
-        if !pause(backoff.next(), &mut stop).await {
+        if !pause(retry.backoff.next(), &mut stop).await {
             return;
         }
     }
@@ -230,7 +226,7 @@ fn is_probe(base: &str, channel: &[u8]) -> bool {
 /// Our own SUNSUBSCRIBEs are confirmed the same way; they are told apart by the registry, which
 /// no longer counts a room as subscribed once its SUNSUBSCRIBE is sent. The check runs here, in
 /// the connection's order, so a confirmation is never mistaken for a later subscription's loss.
-fn on_sunsubscribe(bus: &Bus, info: &PushInfo) {
+fn on_sunsubscribe(bus: &Bus, inbox: &Inbox, info: &PushInfo) {
     let Some(Value::BulkString(channel)) = info.data.first() else {
         return;
     };
@@ -238,12 +234,23 @@ fn on_sunsubscribe(bus: &Bus, info: &PushInfo) {
         return;
     };
     let repairs = |room: &str| bus.durable.is_durable(room);
-    if bus.registry.subscription_lost(room, repairs) {
+    if bus
+        .registry
+        .subscription_lost(room, inbox.loss_since(), repairs)
+    {
         tracing::warn!(
             room,
             "redis ended a sharded subscription (its slot moved); subscribing again"
         );
     }
+}
+
+/// The reconnect schedule, across links: the pause before the next attempt, and whether a
+/// link was ever up (a new one is then "restored").
+#[derive(Debug)]
+struct Retry {
+    backoff: Backoff,
+    ever_up: bool,
 }
 
 enum LinkEnd {
@@ -256,16 +263,23 @@ async fn serve_link(
     conn: &mut Conn,
     probes: &[String],
     signals: &LinkSignals,
+    inbox: &Inbox,
     stop: &mut watch::Receiver<()>,
-    ever_up: &mut bool,
-    backoff: &mut Backoff,
+    retry: &mut Retry,
 ) -> LinkEnd {
     let cfg = &bus.config;
+    // The link was set up just now: it delivers from here on.
+    inbox.delivered_at(SystemTime::now());
     let mut probe_every = tokio::time::interval(cfg.probe_interval);
     probe_every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     probe_every.reset(); // the first probe one interval after connecting, not at once
+    let mut clock = tokio::time::interval(PAUSE_CHECK);
+    clock.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut token = 0u64;
-    let mut awaiting: Option<Instant> = None;
+    let mut awaiting: Option<Probe> = None;
+    let mut up = false;
+    // After a pause of the node's own: the link is not trusted until a probe comes back.
+    let mut suspect = false;
     loop {
         if let Err(loss) = reconcile(cfg, &bus.registry, conn).await {
             return LinkEnd::Lost(loss);
@@ -277,53 +291,113 @@ async fn serve_link(
             .registry
             .resubscribed(|room| bus.durable.is_durable(room));
         bus.durable.repair_resubscribed(&durable);
-        if !bus.is_ready() {
-            backoff.reset();
-            bus.ready.store(true, Ordering::Release);
+        if !up {
+            up = true;
+            retry.backoff.reset();
             let gauges = bus.registry.gauges();
             tracing::info!(
                 node = %cfg.node_id,
                 rooms = gauges.rooms,
                 subscribed = gauges.subscriptions,
                 memberships_told_of_gap = told,
-                "subscriber link {}", if *ever_up { "restored" } else { "up" }
+                "subscriber link {}", if retry.ever_up { "restored" } else { "up" }
             );
-            *ever_up = true;
+            retry.ever_up = true;
         }
-        let probe_deadline = awaiting;
+        bus.ready.store(!suspect, Ordering::Release);
+        let probe_deadline = awaiting.as_ref().map(|p| p.deadline);
+        let mut probe_now = false;
         tokio::select! {
             _ = bus.registry.changed() => {}
             _ = signals.lost.notified() => return LinkEnd::Lost(LinkLoss::Closed),
             _ = stop.changed() => return LinkEnd::Stopped,
-            _ = probe_every.tick(), if awaiting.is_none() => {
-                token += 1;
-                // Armed before publishing, so no echo can arrive uncounted.
-                signals.probe_echoes.store(0, Ordering::Release);
-                signals.probe_token.store(token, Ordering::Release);
-                let deadline = Instant::now() + cfg.probe_timeout;
-                // PUBLISH on this very connection, on every probe channel (a cluster has one
-                // per master): each echo proves that the connection still receives what is
-                // published there, not merely that TCP is up.
-                for probe in probes {
-                    match timeout_at(deadline, conn.publish(probe, token)).await {
-                        Ok(Ok(n)) if n >= 1 => {}
-                        Ok(Ok(_)) => return LinkEnd::Lost(LinkLoss::ProbeUnheard(probe.clone())),
-                        Ok(Err(e)) => return LinkEnd::Lost(LinkLoss::ProbeFailed(e)),
-                        Err(_) => return LinkEnd::Lost(LinkLoss::ProbeUnanswered),
-                    }
-                }
-                awaiting = Some(deadline);
-            }
+            _ = probe_every.tick(), if awaiting.is_none() => probe_now = true,
             _ = signals.probe_echo.notified() => {
-                if signals.probe_echoes.load(Ordering::Acquire) >= probes.len() {
-                    awaiting = None;
+                if signals.probe_echoes.load(Ordering::Acquire) >= probes.len()
+                    && let Some(probe) = awaiting.take()
+                {
+                    inbox.delivered_at(probe.sent);
+                    if std::mem::take(&mut suspect) {
+                        tracing::info!(node = %cfg.node_id, "subscriber link confirmed by a probe after the pause");
+                    }
                 }
             }
             _ = sleep_until_opt(probe_deadline), if probe_deadline.is_some() => {
-                return LinkEnd::Lost(LinkLoss::ProbeLate);
+                let late = probe_deadline.map_or(Duration::ZERO, |d| d.elapsed());
+                if late < PAUSE {
+                    return LinkEnd::Lost(LinkLoss::ProbeLate);
+                }
+                // The deadline passed while the node itself was paused: the echo may be
+                // waiting unread in the socket. Not trusted either way: probe again.
+                paused(bus, late, &mut suspect);
+                probe_now = true;
+            }
+            scheduled = clock.tick() => {
+                let late = scheduled.elapsed();
+                if late >= PAUSE {
+                    paused(bus, late, &mut suspect);
+                    probe_now = true;
+                }
+            }
+        }
+        if probe_now {
+            token += 1;
+            match send_probe(cfg.probe_timeout, conn, probes, signals, token).await {
+                Ok(probe) => awaiting = Some(probe),
+                Err(loss) => return LinkEnd::Lost(loss),
             }
         }
     }
+}
+
+/// How often the link task looks at the clock, and how late a timer must fire for the node to
+/// count as paused (stopped, frozen, starved of CPU): then every timer that fired meanwhile
+/// is late, and what the link did meanwhile is unknown until a probe comes back.
+const PAUSE_CHECK: Duration = Duration::from_millis(250);
+const PAUSE: Duration = Duration::from_secs(1);
+
+/// Marks the link suspect after the node was paused for about `late`.
+fn paused(bus: &Bus, late: Duration, suspect: &mut bool) {
+    tracing::warn!(
+        node = %bus.config.node_id,
+        paused_ms = late.as_millis() as u64,
+        "the node was paused (its timers fired late): probing the subscriber link before trusting it"
+    );
+    *suspect = true;
+    bus.ready.store(false, Ordering::Release);
+}
+
+/// A probe on its way: when it was published, and when its echo is due.
+#[derive(Debug)]
+struct Probe {
+    sent: SystemTime,
+    deadline: Instant,
+}
+
+/// PUBLISHes `token` on this very connection, on every probe channel (a cluster has one per
+/// master): each echo proves that the connection still receives what is published there, not
+/// merely that TCP is up.
+async fn send_probe(
+    wait: Duration,
+    conn: &mut Conn,
+    probes: &[String],
+    signals: &LinkSignals,
+    token: u64,
+) -> Result<Probe, LinkLoss> {
+    // Armed before publishing, so no echo can arrive uncounted.
+    signals.probe_echoes.store(0, Ordering::Release);
+    signals.probe_token.store(token, Ordering::Release);
+    let sent = SystemTime::now();
+    let deadline = Instant::now() + wait;
+    for probe in probes {
+        match timeout_at(deadline, conn.publish(probe, token)).await {
+            Ok(Ok(n)) if n >= 1 => {}
+            Ok(Ok(_)) => return Err(LinkLoss::ProbeUnheard(probe.clone())),
+            Ok(Err(e)) => return Err(LinkLoss::ProbeFailed(e)),
+            Err(_) => return Err(LinkLoss::ProbeUnanswered),
+        }
+    }
+    Ok(Probe { sent, deadline })
 }
 
 async fn sleep_until_opt(deadline: Option<Instant>) {
@@ -503,7 +577,7 @@ mod tests {
             ),
             "{loss}"
         );
-        registry.link_down();
+        registry.link_down(std::time::SystemTime::now());
         registry.insert(&room("c"), SocketId::from_wire(5), outbox());
         let mut fresh = FakeLink::default();
         reconcile(&config, &registry, &mut fresh)

@@ -357,7 +357,7 @@ mod tests {
             r.insert(&room(name), SocketId(i as u64), outbox());
         }
         r.confirm_subscribed(r.take_pending(100).subscribe);
-        r.link_down();
+        r.link_down(SystemTime::now());
         r.insert(&room("d"), SocketId(9), outbox());
         assert!(r.take_pending(100).is_empty(), "no commands while down");
         r.link_up();
@@ -385,8 +385,8 @@ mod tests {
         let repairs = |room: &str| room == "durable";
 
         // Redis ends both subscriptions (their slot moved): both must be subscribed again.
-        assert!(r.subscription_lost("plain", repairs));
-        assert!(r.subscription_lost("durable", repairs));
+        assert!(r.subscription_lost("plain", SystemTime::now(), repairs));
+        assert!(r.subscription_lost("durable", SystemTime::now(), repairs));
         assert!(p.take_missed().is_some(), "a plain room is told at once");
         assert!(d.take_missed().is_none(), "a durable room is not told");
         assert_eq!(
@@ -406,14 +406,14 @@ mod tests {
         // Our own SUNSUBSCRIBE's confirmation is not a loss.
         r.remove(&plain, SocketId(1));
         assert_eq!(r.take_pending(100).unsubscribe, [plain]);
-        assert!(!r.subscription_lost("plain", repairs));
+        assert!(!r.subscription_lost("plain", SystemTime::now(), repairs));
     }
 
     #[test]
     fn a_link_loss_tells_plain_rooms_and_hands_durable_ones_over_when_resubscribed() {
         let (r, [_, durable], [p, d]) = plain_and_durable_subscribed();
         let repairs = |room: &str| room == "durable";
-        r.link_down();
+        r.link_down(SystemTime::now());
         r.link_up();
         r.confirm_subscribed(r.take_pending(100).subscribe);
         assert_eq!(r.resubscribed(repairs), (1, vec![durable]));

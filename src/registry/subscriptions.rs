@@ -79,13 +79,16 @@ impl Registry {
         inner.pending.extend(rooms);
     }
 
-    /// The link is gone, and with it every subscription.
-    pub(crate) fn link_down(&self) {
+    /// The link is gone, and with it every subscription. `since` is where the loss may have
+    /// begun: no later than the last instant the link was known to deliver (the subscriber
+    /// knows it), not the instant the loss was noticed, which may come seconds later.
+    pub(crate) fn link_down(&self, since: SystemTime) {
         let mut inner = self.lock();
         inner.link_up = false;
         let was_subscribed = std::mem::take(&mut inner.subscribed);
         if !was_subscribed.is_empty() {
-            inner.down_since.get_or_insert_with(SystemTime::now);
+            // An outage that began before the previous one was told keeps the earlier start.
+            inner.down_since = Some(inner.down_since.map_or(since, |s| s.min(since)));
             inner.lost.extend(was_subscribed);
         }
         drop(inner);
@@ -108,7 +111,7 @@ impl Registry {
             return (0, Vec::new());
         }
         let until = SystemTime::now();
-        let since = inner.down_since.unwrap_or(until);
+        let since = inner.down_since.unwrap_or(until).min(until);
         let (mut told, mut repair) = (0, Vec::new());
         for room in std::mem::take(&mut inner.lost) {
             if !inner.rooms.contains_key(&room) {
@@ -134,8 +137,14 @@ impl Registry {
     /// that messages may have been missed, unless `repairs` is true for it (a durable room):
     /// its gap is then read back once it is subscribed again (see
     /// [`resubscribed`](Registry::resubscribed)). Returns `false` for a room being
-    /// unsubscribed on purpose.
-    pub(crate) fn subscription_lost(&self, room: &str, repairs: impl Fn(&str) -> bool) -> bool {
+    /// unsubscribed on purpose. The window told starts at `since`, the last instant the link
+    /// was known to deliver.
+    pub(crate) fn subscription_lost(
+        &self,
+        room: &str,
+        since: SystemTime,
+        repairs: impl Fn(&str) -> bool,
+    ) -> bool {
         let mut inner = self.lock();
         let Some(room) = inner.subscribed.get(room).cloned() else {
             return false;
@@ -147,7 +156,7 @@ impl Registry {
             inner.lost.insert(room.clone());
         } else {
             let now = SystemTime::now();
-            tell_gap(&inner, room.as_str(), now, now, None);
+            tell_gap(&inner, room.as_str(), since.min(now), now, None);
         }
         inner.subscribed.remove(&room);
         inner.pending.insert(room);
