@@ -13,8 +13,13 @@ use axum::extract::ws::WebSocketUpgrade;
 use axum::response::Response;
 use axum::routing::get;
 use axum_fanout::{Event, FanoutLayer, RoomHandle};
+use futures_util::stream::SplitSink;
+use futures_util::{SinkExt, StreamExt};
 use serde_json::json;
 use support::*;
+use tokio_tungstenite::tungstenite::Message;
+
+type WsSink = SplitSink<Ws, Message>;
 
 const ROOM: &str = "feed";
 
@@ -237,4 +242,310 @@ async fn a_frozen_redis_leaves_no_loss_outside_the_windows_told() {
             seen.windows
         );
     }
+}
+
+/// A client of the chat example: what it read until `{"end":true}`, as payload `seq`s (in a
+/// durable room, with `positions=1`, each frame's own `seq` too) and loss windows.
+async fn read_chat_to_end(ws: &mut Ws) -> (Vec<u64>, Vec<(u64, u64)>) {
+    let (mut seqs, mut windows) = (Vec::new(), Vec::new());
+    loop {
+        let text = recv_text(ws, "the end marker").await;
+        let v: serde_json::Value = serde_json::from_str(&text).expect("JSON frames");
+        if v["type"] == "fanout.missed" {
+            windows.push((
+                v["since"].as_u64().expect("since"),
+                v["until"].as_u64().expect("until"),
+            ));
+            continue;
+        }
+        if v["type"].as_str().is_some_and(|t| t.starts_with("fanout.")) {
+            continue;
+        }
+        // `{"seq":S,"payload":V}` with positions, V without.
+        let payload = if v.get("payload").is_some() {
+            &v["payload"]
+        } else {
+            &v
+        };
+        if payload["end"] == true {
+            return (seqs, windows);
+        }
+        seqs.push(payload["n"].as_u64().expect("n"));
+    }
+}
+
+/// A chat node stopped with SIGSTOP for a few seconds while its room keeps publishing, on a
+/// Redis whose pub/sub output buffer limit is low: Redis drops the node's subscriber. When it
+/// wakes, the node reads what its socket buffered, finds the link closed, reconnects and tells
+/// its socket a window that covers every message it lacks (in a durable room: it loses none).
+async fn pause_a_node_under_traffic(durable: bool) {
+    let redis = RedisServer::start_with(&["--client-output-buffer-limit", "pubsub 64kb 32kb 1"]);
+    let bin = chat_binary();
+    // Queues big enough for the backlog the node delivers when it wakes: this test is about
+    // what Redis dropped, not about the socket's own bound.
+    let mut env = vec![("QUEUE_FRAMES", "1000000"), ("QUEUE_BYTES", "1000000000")];
+    if durable {
+        env.push(("HISTORY", "100000"));
+    }
+    let env = env.as_slice();
+    let sender = ChatProcess::start(&bin, &redis, "sender", env).await;
+    let sleeper = ChatProcess::start(&bin, &redis, "sleeper", env).await;
+    let query = if durable { "&positions=1" } else { "" };
+    let publisher = connect(&format!("{}{query}", sender.ws_url("busy"))).await;
+    let mut reader = connect(&format!("{}{query}", sleeper.ws_url("busy"))).await;
+    wait_until("both nodes subscribed", || async {
+        redis.numsub("ws:room:busy") == 2
+    })
+    .await;
+    // Both clients read all along (the publisher gets its own messages back): only the
+    // paused node falls behind.
+    let (mut publisher, mut echoes) = publisher.split();
+    tokio::spawn(async move { while let Some(Ok(_)) = echoes.next().await {} });
+    let reader = tokio::spawn(async move { read_chat_to_end(&mut reader).await });
+
+    // ~6 MB/s of 16 kB messages, stamped (`before_ms`) as they are sent: well over what the
+    // sockets' buffers and the 64 kB limit hold while the node sleeps.
+    let pad = "x".repeat(16 * 1024);
+    let mut sent_at = Vec::new();
+    let mut n = 0u64;
+    let mut send_for = async |ws: &mut WsSink, how_long: Duration, sent_at: &mut Vec<u64>| {
+        let until = tokio::time::Instant::now() + how_long;
+        while tokio::time::Instant::now() < until {
+            sent_at.push(now_ms());
+            let text = json!({ "n": n, "pad": pad }).to_string();
+            ws.send(Message::text(text)).await.expect("send");
+            n += 1;
+            tokio::time::sleep(Duration::from_millis(2)).await; // ok: a paced publisher, not a wait
+        }
+    };
+    send_for(&mut publisher, Duration::from_millis(300), &mut sent_at).await;
+    sleeper.signal("STOP");
+    send_for(&mut publisher, Duration::from_secs(4), &mut sent_at).await;
+    sleeper.signal("CONT");
+    // The node recovers by itself: Redis dropped it, it reconnects and resubscribes.
+    wait_until("the sleeper resubscribed", || async {
+        redis.numsub("ws:room:busy") == 2
+            && http(sleeper.addr, "GET", "/healthz", "").await.0 == 200
+    })
+    .await;
+    send_for(&mut publisher, Duration::from_millis(200), &mut sent_at).await;
+    publisher
+        .send(Message::text(r#"{"end":true}"#))
+        .await
+        .expect("send");
+
+    let (seqs, windows) = reader.await.expect("reader");
+    let (_, stats) = http(sleeper.addr, "GET", "/stats", "").await;
+    let stats: serde_json::Value = serde_json::from_str(&stats).expect("stats JSON");
+    assert!(
+        stats["reconnects"].as_u64() >= Some(1),
+        "Redis never dropped the paused node's subscriber: the pause proved nothing ({stats})"
+    );
+    let got: BTreeSet<u64> = seqs.iter().copied().collect();
+    eprintln!(
+        "paused node: {} of {} messages reached its socket; windows {windows:?}",
+        got.len(),
+        sent_at.len()
+    );
+    if durable {
+        let want: Vec<u64> = (0..sent_at.len() as u64).collect();
+        assert_eq!(
+            seqs, want,
+            "a durable room loses nothing and repeats nothing"
+        );
+        return;
+    }
+    assert_eq!(got.len(), seqs.len(), "no message twice");
+    let uncovered: Vec<(u64, u64)> = (0..sent_at.len() as u64)
+        .filter(|n| !got.contains(n))
+        .map(|n| (n, sent_at[n as usize]))
+        .filter(|(_, at)| !windows.iter().any(|(s, u)| s <= at && at <= u))
+        .collect();
+    assert!(
+        uncovered.is_empty(),
+        "messages (n, sent at ms) missing and outside every window told {windows:?}: \
+         {uncovered:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_paused_node_tells_every_loss_and_recovers_by_itself() {
+    pause_a_node_under_traffic(false).await;
+}
+
+#[tokio::test]
+async fn a_paused_node_loses_nothing_of_a_durable_room() {
+    pause_a_node_under_traffic(true).await;
+}
+
+/// A TCP proxy in front of Redis whose established connections can be stalled: bytes stop
+/// flowing both ways and nothing is closed, as with a dead NAT entry or a black-holed route.
+/// Connections made after the stall flow normally.
+struct StallingProxy {
+    addr: std::net::SocketAddr,
+    /// Connections born before this generation are stalled.
+    stall_before: Arc<std::sync::atomic::AtomicU64>,
+    born: Arc<std::sync::atomic::AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl StallingProxy {
+    async fn start(redis_port: u16) -> Self {
+        use std::sync::atomic::Ordering;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let stall_before = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let born = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let task = tokio::spawn({
+            let (stall_before, born) = (stall_before.clone(), born.clone());
+            async move {
+                while let Ok((client, _)) = listener.accept().await {
+                    let generation = born.fetch_add(1, Ordering::SeqCst);
+                    let Ok(server) =
+                        tokio::net::TcpStream::connect(("127.0.0.1", redis_port)).await
+                    else {
+                        continue;
+                    };
+                    let (cr, cw) = client.into_split();
+                    let (sr, sw) = server.into_split();
+                    for (mut from, mut to) in [(cr, sw), (sr, cw)] {
+                        let stall_before = stall_before.clone();
+                        tokio::spawn(async move {
+                            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                            let mut buf = vec![0u8; 64 * 1024];
+                            loop {
+                                let n = match from.read(&mut buf).await {
+                                    Ok(0) | Err(_) => return,
+                                    Ok(n) => n,
+                                };
+                                if generation < stall_before.load(Ordering::SeqCst) {
+                                    // Black hole: hold the connection open, forward nothing.
+                                    std::future::pending::<()>().await;
+                                }
+                                if to.write_all(&buf[..n]).await.is_err() {
+                                    return;
+                                }
+                            }
+                        });
+                    }
+                }
+            }
+        });
+        Self {
+            addr,
+            stall_before,
+            born,
+            task,
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("redis://{}", self.addr)
+    }
+
+    /// Stalls every connection made so far.
+    fn stall(&self) {
+        use std::sync::atomic::Ordering;
+        self.stall_before
+            .store(self.born.load(Ordering::SeqCst), Ordering::SeqCst);
+    }
+}
+
+impl Drop for StallingProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// The link to Redis stalls without a reset under traffic: the probe declares it dead within
+/// its timeout, the node comes back through a fresh connection, and the window it tells covers
+/// every message its socket lacks.
+#[tokio::test]
+async fn a_stalled_link_is_declared_dead_by_the_probe_and_the_window_covers_the_stall() {
+    let redis = RedisServer::start();
+    let proxy = StallingProxy::start(redis.port()).await;
+    let through_proxy = FanoutLayer::builder(proxy.url())
+        .node_id("behind-proxy")
+        .probe_interval(Duration::from_millis(200))
+        .probe_timeout(Duration::from_millis(500))
+        .publish_timeout(Duration::from_millis(500))
+        .subscribe_timeout(Duration::from_secs(2))
+        .build()
+        .expect("layer");
+    let nodes = start_nodes(
+        [
+            through_proxy,
+            layer(&redis, "direct", Duration::from_millis(200)),
+        ],
+        window_app,
+    )
+    .await;
+    let mut ws = connect(&nodes[0].0.ws_url("/ws")).await;
+    assert_eq!(recv_text(&mut ws, "join ack").await, "joined");
+    let reader = tokio::spawn(async move { read_to_end(&mut ws).await });
+    wait_until("subscribed", || async {
+        redis.numsub(&format!("ws:room:{ROOM}")) == 1
+    })
+    .await;
+
+    let publisher = nodes[1].1.clone();
+    let mut sent_at = Vec::new();
+    let publish_for = async |how_long: Duration, sent_at: &mut Vec<u64>| {
+        let until = tokio::time::Instant::now() + how_long;
+        while tokio::time::Instant::now() < until {
+            let seq = sent_at.len() as u64;
+            sent_at.push(now_ms());
+            publisher
+                .broadcast(ROOM, json!({ "seq": seq }))
+                .await
+                .expect("the publisher's own link is healthy");
+            tokio::time::sleep(Duration::from_millis(3)).await; // ok: a paced publisher, not a wait
+        }
+    };
+    publish_for(Duration::from_millis(300), &mut sent_at).await;
+    proxy.stall();
+    let stalled = std::time::Instant::now();
+    let behind = nodes[0].1.clone();
+    let detected = tokio::spawn(async move {
+        wait_until("the stall is detected", || async { !behind.is_ready() }).await;
+        stalled.elapsed()
+    });
+    // Traffic all through: the node detects the stall and comes back on a fresh connection
+    // while messages keep coming.
+    publish_for(Duration::from_secs(2), &mut sent_at).await;
+    let detected = detected.await.expect("detection");
+    wait_until("the node is back", || async { nodes[0].1.is_ready() }).await;
+    publish_for(Duration::from_millis(300), &mut sent_at).await;
+    publisher
+        .broadcast(ROOM, json!({ "end": true }))
+        .await
+        .expect("end marker");
+    let seen = reader.await.expect("reader");
+
+    eprintln!(
+        "stall detected after {detected:?} (probe every 200 ms, timeout 500 ms); {} of {} \
+         messages reached the socket; windows {:?}",
+        seen.seqs.len(),
+        sent_at.len(),
+        seen.windows
+    );
+    assert!(
+        detected < Duration::from_secs(3),
+        "the probe declares a stalled link dead within its interval and timeout (plus slack)"
+    );
+    assert!(
+        seen.seqs.len() < sent_at.len(),
+        "the stall lost nothing: it proved nothing"
+    );
+    let uncovered: Vec<(u64, u64)> = (0..sent_at.len() as u64)
+        .filter(|seq| !seen.seqs.contains(seq))
+        .map(|seq| (seq, sent_at[seq as usize]))
+        .filter(|(_, at)| !seen.windows.iter().any(|(s, u)| s <= at && at <= u))
+        .collect();
+    assert!(
+        uncovered.is_empty(),
+        "messages (seq, sent at ms) missing and outside every window told: {uncovered:?}"
+    );
 }

@@ -378,6 +378,14 @@ pub(crate) fn layer_from_env() -> Result<FanoutLayer, String> {
     {
         builder = builder.flush_interval(std::time::Duration::from_millis(ms));
     }
+    // Not part of the wire contract: each socket's queue bound (frames, bytes), for operators
+    // whose clients take bursts (a node that wakes from a pause delivers its backlog at once).
+    if let Some(frames) = std::num::NonZeroUsize::new(env_number("QUEUE_FRAMES", 0)?) {
+        builder = builder.queue_frames(frames);
+    }
+    if let Some(bytes) = std::num::NonZeroUsize::new(env_number("QUEUE_BYTES", 0)?) {
+        builder = builder.queue_bytes(bytes);
+    }
     builder.build().map_err(|e| {
         let cause = std::error::Error::source(&e).map(ToString::to_string);
         format!("{source}: {e}: {}", cause.unwrap_or_default())

@@ -485,6 +485,15 @@ impl ChatProcess {
         format!("ws://{}/ws?room={room}", self.addr)
     }
 
+    /// Sends a signal (`STOP`, `CONT`, `TERM`, ...) to the process with `kill -<sig>`.
+    pub fn signal(&self, sig: &str) {
+        let status = Command::new("kill")
+            .args([&format!("-{sig}"), &self.child.id().to_string()])
+            .status()
+            .expect("kill");
+        assert!(status.success(), "kill -{sig}");
+    }
+
     /// SIGKILL: no shutdown, nothing said to Redis. Returns once the process is reaped.
     pub fn kill(&mut self) {
         self.child.kill().expect("kill -9");
