@@ -16,7 +16,7 @@ use tokio::sync::watch;
 use tokio::time::{Instant, timeout};
 
 use crate::config::{Config, OverflowPolicy};
-use crate::queue::{Next, Outbox};
+use crate::queue::{IdleRead, Next, Outbox};
 use crate::registry::{Registry, SocketId, WriterGuard};
 use crate::stats::Counters;
 
@@ -112,7 +112,16 @@ pub(crate) async fn write_loop(
     let gather_from = GATHER_FROM_FRAMES.min(max).max(2);
     let mut gather_after: Option<Instant> = None;
     loop {
-        let next = outbox.next_batch(&mut batch, max, gather_after).await;
+        // While waiting for frames, the writer also reads the client when its handler does
+        // not (see `queue::reading`): pongs keep a push-only socket alive, and a close or a
+        // dead connection ends it at once.
+        let next = tokio::select! {
+            next = outbox.next_batch(&mut batch, max, gather_after) => next,
+            read = std::future::poll_fn(|cx| outbox.poll_idle_read(cx)) => {
+                heard(&outbox, id, read);
+                continue;
+            }
+        };
         // Only this task takes the sink out; it is back in the slot whenever the task waits
         // in `next_batch`, so it is there unless a bug lost it.
         let Some(mut sink) = outbox.unpark() else {
@@ -167,6 +176,29 @@ pub(crate) async fn write_loop(
                 let _ = timeout(CLOSE_TIMEOUT, sink.close()).await;
                 break;
             }
+        }
+    }
+}
+
+/// Acts on what the writer read while the socket's handler was not reading.
+fn heard(outbox: &Outbox, id: SocketId, read: IdleRead) {
+    outbox.touch();
+    match read {
+        IdleRead::Heard => {}
+        IdleRead::Closed => {
+            tracing::debug!(socket = %id, "the client closed the connection");
+            outbox.close_after_flush(None);
+        }
+        IdleRead::Failed { too_big: true } => {
+            tracing::debug!(socket = %id, "client message over the size limit; closing with 1009");
+            outbox.close_after_flush(Some(CloseFrame {
+                code: close_code::SIZE,
+                reason: Utf8Bytes::from_static("message too big"),
+            }));
+        }
+        IdleRead::Failed { too_big: false } => {
+            tracing::debug!(socket = %id, "read failed; closing");
+            outbox.close_after_flush(None);
         }
     }
 }

@@ -157,8 +157,9 @@ impl FanoutBuilder {
 
     /// How often each socket is pinged. A client that sent nothing (not even a pong) for
     /// `ping_interval + pong_timeout` is closed with 1001, so half-open TCP connections do not
-    /// stay in rooms forever. Pongs are read by [`recv`](crate::FanoutSocket::recv): keep the
-    /// handler reading. The node pings its sockets a slice at a time (25 slices per interval),
+    /// stay in rooms forever. The node reads the client's pongs itself whenever the handler is
+    /// not in [`recv`](crate::FanoutSocket::recv), so a handler that only pushes keeps its
+    /// client alive without reading. The node pings its sockets a slice at a time (25 slices per interval),
     /// so that 100,000 sockets make a steady 4,000 pings a second, not a burst every interval.
     ///
     /// Defaults to 25 seconds; zero turns heartbeats off.

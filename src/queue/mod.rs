@@ -25,8 +25,12 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 mod parked;
+mod reading;
 
 use parked::Parked;
+use reading::Reading;
+
+pub(crate) use reading::{BoxStream, IdleRead, ReadItem, is_too_big};
 
 use crate::config::OverflowPolicy;
 use crate::error::Error;
@@ -105,6 +109,9 @@ struct State {
     /// Broadcasts queued from this socket that failed after nobody awaited their receipt,
     /// for the reader; at most [`MAX_FAILED`].
     failed: VecDeque<(RoomName, Error)>,
+    /// The rooms the socket is in: kept here, not in the handler's `FanoutSocket`, so that
+    /// the node takes a closed socket out of them at once, whatever its handler is doing.
+    rooms: Vec<RoomName>,
 }
 
 impl State {
@@ -128,6 +135,8 @@ pub(crate) struct Outbox {
     state: Mutex<State>,
     /// Lock order: `sink` before `state`, and nobody waits for `sink` while holding `state`.
     sink: Parked,
+    /// The reading half between the handler's reads (its own lock, never held with another).
+    reading: Reading,
     limits: Limits,
     /// Wakes the writer: frames arrived or a close was requested. `notify_one` keeps a permit,
     /// so a wake-up between the writer's check and its wait is not lost.
@@ -158,6 +167,7 @@ impl Outbox {
         Self {
             state: Mutex::new(State::default()),
             sink: Parked::default(),
+            reading: Reading::default(),
             limits,
             writer_wake: Notify::new(),
             closing: AtomicBool::new(false),
@@ -425,6 +435,43 @@ impl Outbox {
                 None => self.writer_wake.notified().await,
             }
         }
+    }
+
+    /// Whether the socket is in `room`.
+    pub(crate) fn has_room(&self, room: &RoomName) -> bool {
+        self.lock().rooms.contains(room)
+    }
+
+    /// Counts `room` among the socket's rooms; `false` when it already was.
+    pub(crate) fn add_room(&self, room: &RoomName) -> bool {
+        let mut s = self.lock();
+        if s.rooms.contains(room) {
+            return false;
+        }
+        s.rooms.push(room.clone());
+        true
+    }
+
+    /// Takes `room` out of the socket's rooms; `None` when it was not in it.
+    pub(crate) fn remove_room(&self, room: &str) -> Option<RoomName> {
+        let mut s = self.lock();
+        let at = s.rooms.iter().position(|r| r.as_str() == room)?;
+        Some(s.rooms.swap_remove(at))
+    }
+
+    /// The socket's rooms.
+    pub(crate) fn rooms(&self) -> Vec<RoomName> {
+        self.lock().rooms.clone()
+    }
+
+    /// How many rooms the socket is in.
+    pub(crate) fn room_count(&self) -> usize {
+        self.lock().rooms.len()
+    }
+
+    /// Takes every room out, for leaving them all.
+    pub(crate) fn take_rooms(&self) -> Vec<RoomName> {
+        std::mem::take(&mut self.lock().rooms)
     }
 
     /// The writer flushed everything it took (and what was written straight to the sink

@@ -11,7 +11,6 @@ use std::sync::{Arc, OnceLock};
 
 use axum::extract::ws::{CloseFrame, Utf8Bytes, WebSocket, close_code};
 use futures_util::StreamExt;
-use futures_util::stream::SplitStream;
 use tokio::sync::Semaphore;
 
 use crate::broadcast::Broadcast;
@@ -20,7 +19,6 @@ use crate::error::Error;
 use crate::node::Shared;
 use crate::queue::{Limits, Offer, Outbox};
 use crate::registry::SocketId;
-use crate::room::RoomName;
 use crate::writer::{going_away, write_loop};
 
 use read::TokenBucket;
@@ -42,8 +40,6 @@ pub struct FanoutSocket {
     id: SocketId,
     shared: Arc<Shared>,
     outbox: Arc<Outbox>,
-    rooms: Vec<RoomName>,
-    stream: SplitStream<WebSocket>,
     bucket: TokenBucket,
     /// Slots for this socket's broadcasts in flight (`broadcasts_in_flight`), made on its
     /// first broadcast: most sockets of a big fleet only listen, and idle memory counts.
@@ -64,21 +60,27 @@ impl FanoutSocket {
         }
         let (sink, stream) = socket.split();
         outbox.park(Box::pin(sink));
-        tokio::spawn(write_loop(
+        outbox.park_stream(Box::pin(stream));
+        let writer = write_loop(
             outbox.clone(),
             node.config.clone(),
             node.counters.clone(),
             id,
             node.registry.writer_started(),
-        ));
+        );
+        let (closed_shared, closed_outbox) = (shared.clone(), outbox.clone());
+        tokio::spawn(async move {
+            writer.await;
+            // The connection is over (closed by either side, dead, or too slow): its rooms
+            // learn it now, not when the handler next reads or returns.
+            rooms::quit_all(&closed_shared, id, &closed_outbox, "connection closed");
+        });
         let bucket = TokenBucket::new(cfg.messages_per_second.get(), cfg.message_burst.get());
         outbox.touch();
         Self {
             id,
             shared,
             outbox,
-            rooms: Vec::new(),
-            stream,
             bucket,
             in_flight: OnceLock::new(),
         }
@@ -167,10 +169,7 @@ fn truncate_reason(reason: &str) -> &str {
 
 impl Drop for FanoutSocket {
     fn drop(&mut self) {
-        for room in std::mem::take(&mut self.rooms) {
-            self.quit(&room);
-            tracing::debug!(room = %room, socket = %self.id, "left (socket dropped)");
-        }
+        rooms::quit_all(&self.shared, self.id, &self.outbox, "socket dropped");
         self.shared.node.registry.detach(self.id);
         self.outbox.close_after_flush(Some(CloseFrame {
             code: close_code::NORMAL,

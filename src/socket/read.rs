@@ -8,7 +8,7 @@ use tokio::time::Instant;
 use super::FanoutSocket;
 use crate::error::Error;
 use crate::missed::Missed;
-use crate::queue::Notice;
+use crate::queue::{BoxStream, Notice, Outbox, ReadItem, is_too_big};
 use crate::room::RoomName;
 
 /// What [`FanoutSocket::recv_event`] yields.
@@ -114,15 +114,26 @@ impl FanoutSocket {
                 }
                 None => {}
             }
-            let next = tokio::select! {
-                biased;
-                _ = self.outbox.reader_event() => {
-                    if self.outbox.is_closing() {
-                        return None;
+            // The reading half is lent to this call and given back when it ends (returned or
+            // cancelled): in between, the node reads the client's control frames itself.
+            let next = match self.outbox.take_stream() {
+                Err(read_meanwhile) => read_meanwhile,
+                Ok(stream) => {
+                    let mut lent = Lent {
+                        outbox: &self.outbox,
+                        stream: Some(stream),
+                    };
+                    tokio::select! {
+                        biased;
+                        _ = self.outbox.reader_event() => {
+                            if self.outbox.is_closing() {
+                                return None;
+                            }
+                            continue;
+                        }
+                        next = lent.next() => next,
                     }
-                    continue;
                 }
-                next = self.stream.next() => next,
             };
             if let Some(Ok(_)) = &next {
                 self.outbox.touch();
@@ -152,10 +163,8 @@ impl FanoutSocket {
     }
 
     fn read_error(&mut self, e: axum::Error) -> Error {
+        let too_big = is_too_big(&e);
         let inner = e.into_inner();
-        let too_big = inner
-            .downcast_ref::<tungstenite::Error>()
-            .is_some_and(|e| matches!(e, tungstenite::Error::Capacity(_)));
         if too_big {
             tracing::debug!(
                 socket = %self.id,
@@ -166,6 +175,33 @@ impl FanoutSocket {
         } else {
             self.outbox.close_after_flush(None);
             Error::websocket(inner)
+        }
+    }
+}
+
+/// The socket's reading half, lent to one `recv` and given back to the node when dropped.
+struct Lent<'a> {
+    outbox: &'a Outbox,
+    stream: Option<BoxStream>,
+}
+
+impl Lent<'_> {
+    /// The next thing the client sent.
+    ///
+    /// # Cancel safety
+    /// Cancel safe, as the stream's `next`.
+    async fn next(&mut self) -> ReadItem {
+        match self.stream.as_mut() {
+            Some(stream) => stream.next().await,
+            None => None,
+        }
+    }
+}
+
+impl Drop for Lent<'_> {
+    fn drop(&mut self) {
+        if let Some(stream) = self.stream.take() {
+            self.outbox.return_stream(stream);
         }
     }
 }

@@ -5,8 +5,11 @@ use tokio::time::Instant;
 use crate::bus::Read;
 use crate::durable::Resumed;
 use crate::error::Error;
+use crate::node::Shared;
 use crate::position::Position;
 use crate::presence::Member;
+use crate::queue::Outbox;
+use crate::registry::SocketId;
 use crate::room::RoomName;
 
 use super::FanoutSocket;
@@ -25,7 +28,7 @@ impl FanoutSocket {
     /// [`rooms`](FanoutSocket::rooms) tells, and dropping the socket leaves it either way.
     pub async fn join(&mut self, room: impl AsRef<str>) -> Result<(), Error> {
         let room = RoomName::new(room)?;
-        if self.rooms.contains(&room) {
+        if self.outbox.has_room(&room) {
             return Ok(());
         }
         let node = &self.shared.node;
@@ -36,12 +39,17 @@ impl FanoutSocket {
             return Err(Error::closed());
         }
         let max = node.config.max_rooms_per_socket.get();
-        if self.rooms.len() >= max {
+        if self.outbox.room_count() >= max {
             return Err(Error::too_many_rooms(max));
         }
         let deadline = Instant::now() + node.config.subscribe_timeout;
         let subscribed = node.registry.insert(&room, self.id, self.outbox.clone());
-        self.rooms.push(room.clone());
+        self.outbox.add_room(&room);
+        if self.outbox.is_closing() {
+            // Closed meanwhile: the node may already have taken it out of its rooms.
+            self.leave(room.as_str());
+            return Err(Error::closed());
+        }
         if !subscribed && let Err(e) = node.registry.wait_subscribed(&room, deadline).await {
             self.leave(room.as_str());
             tracing::warn!(room = %room, socket = %self.id, error = %e, "join failed");
@@ -177,32 +185,40 @@ impl FanoutSocket {
 
     /// Leaves `room`. Returns whether the socket was in it.
     pub fn leave(&mut self, room: &str) -> bool {
-        let Some(at) = self.rooms.iter().position(|r| r.as_str() == room) else {
+        let Some(room) = self.outbox.remove_room(room) else {
             return false;
         };
-        let room = self.rooms.swap_remove(at);
-        self.quit(&room);
+        quit(&self.shared, self.id, &room);
         tracing::debug!(room = %room, socket = %self.id, "left");
         true
     }
 
-    /// The rooms this socket is in.
-    pub fn rooms(&self) -> impl Iterator<Item = &RoomName> {
-        self.rooms.iter()
+    /// The rooms this socket is in. A socket whose connection closed is in none: the node
+    /// takes it out of its rooms at once, whatever its handler is doing.
+    pub fn rooms(&self) -> Vec<RoomName> {
+        self.outbox.rooms()
     }
+}
 
-    /// Takes the socket out of `room` on this node: its membership (if it joined as a
-    /// member), its registry entry (the last local socket unsubscribes the node) and its
-    /// durable resume state. One home for [`leave`](FanoutSocket::leave) and for dropping the
-    /// socket.
-    pub(super) fn quit(&self, room: &RoomName) {
-        let node = &self.shared.node;
-        if node.config.has_presence(room.as_str()) {
-            node.presence.remove(room, self.id);
-        }
-        node.registry.remove(room, self.id);
-        if node.durable.is_durable(room.as_str()) {
-            node.durable.forget(room, self.id);
-        }
+/// Takes the socket out of every room it is in: its connection closed, or it was dropped.
+pub(super) fn quit_all(shared: &Shared, id: SocketId, outbox: &Outbox, why: &str) {
+    for room in outbox.take_rooms() {
+        quit(shared, id, &room);
+        tracing::debug!(room = %room, socket = %id, "left ({why})");
+    }
+}
+
+/// Takes the socket out of `room` on this node: its membership (if it joined as a member),
+/// its registry entry (the last local socket unsubscribes the node) and its durable resume
+/// state. One home for [`leave`](FanoutSocket::leave), for a closed connection and for
+/// dropping the socket.
+fn quit(shared: &Shared, id: SocketId, room: &RoomName) {
+    let node = &shared.node;
+    if node.config.has_presence(room.as_str()) {
+        node.presence.remove(room, id);
+    }
+    node.registry.remove(room, id);
+    if node.durable.is_durable(room.as_str()) {
+        node.durable.forget(room, id);
     }
 }

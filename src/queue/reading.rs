@@ -1,0 +1,135 @@
+//! The socket's reading half, kept here whenever the handler is not reading it, so that the
+//! node (the socket's writer task) reads the client's control frames itself: a handler that
+//! only pushes (a dashboard, a notification socket) and never calls `recv` still has its
+//! pongs read, its client's close answered and a dead client noticed.
+//!
+//! Whoever reads holds the half: the handler takes it for the length of one `recv` and puts it
+//! back when that call ends (returns or is cancelled); in between, the writer polls it. A data
+//! frame the writer reads is held here for the handler's next `recv`, and the writer reads no
+//! more until it is taken: the client's messages keep their order, and a client that sends to
+//! a handler that never reads meets TCP backpressure rather than growing a buffer.
+
+use std::pin::Pin;
+use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::task::{Context, Poll};
+
+use axum::extract::ws::Message;
+use futures_util::task::AtomicWaker;
+use futures_util::{Stream, StreamExt};
+
+use super::Outbox;
+
+/// A socket's reading half.
+pub(crate) type BoxStream = Pin<Box<dyn Stream<Item = Result<Message, axum::Error>> + Send>>;
+
+/// One thing read from the client: a frame, a read error, or `None` when the stream ended.
+pub(crate) type ReadItem = Option<Result<Message, axum::Error>>;
+
+/// What the writer read while the handler was not reading, for it to act on (the item itself,
+/// unless it was a ping or a pong, waits for the handler).
+#[derive(Debug)]
+pub(crate) enum IdleRead {
+    /// A ping, a pong or a data frame: the client is alive.
+    Heard,
+    /// The client sent a close frame, or the stream ended.
+    Closed,
+    /// A read error; `too_big` when the frame was over the size limit.
+    Failed { too_big: bool },
+}
+
+#[derive(Default)]
+struct Slot {
+    /// The half, unless the handler is reading it.
+    stream: Option<BoxStream>,
+    /// Read by the writer, not yet taken by the handler.
+    pending: Option<ReadItem>,
+    /// The stream ended or failed: nothing more to read.
+    ended: bool,
+}
+
+/// The reading half between the handler's reads.
+#[derive(Default)]
+pub(super) struct Reading {
+    slot: Mutex<Slot>,
+    /// Wakes the writer when it may read again: the half is back, or the pending item taken.
+    writer: AtomicWaker,
+}
+
+impl std::fmt::Debug for Reading {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Reading")
+    }
+}
+
+impl Reading {
+    fn lock(&self) -> MutexGuard<'_, Slot> {
+        // Held for a field update or one non-blocking poll; a panic there leaves it consistent.
+        self.slot.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+impl Outbox {
+    /// Hands the socket's reading half to the node, at attach.
+    pub(crate) fn park_stream(&self, stream: BoxStream) {
+        self.reading.lock().stream = Some(stream);
+        self.reading.writer.wake();
+    }
+
+    /// For the handler's `recv`: what the writer read meanwhile (`Err`), or else the reading
+    /// half itself (`Ok`), to be given back with [`return_stream`](Outbox::return_stream).
+    pub(crate) fn take_stream(&self) -> Result<BoxStream, ReadItem> {
+        let mut slot = self.reading.lock();
+        if let Some(item) = slot.pending.take() {
+            drop(slot);
+            self.reading.writer.wake();
+            return Err(item);
+        }
+        // Only the handler takes the half, and it gives it back whenever its `recv` ends; a
+        // missing half therefore means it is gone with the connection: read as the end.
+        slot.stream.take().ok_or(None)
+    }
+
+    /// Gives the reading half back when the handler's `recv` ends.
+    pub(crate) fn return_stream(&self, stream: BoxStream) {
+        self.reading.lock().stream = Some(stream);
+        self.reading.writer.wake();
+    }
+
+    /// For the writer: reads the next item while the handler is not reading. Pending while the
+    /// handler holds the half, an item waits for the handler, or the stream ended.
+    ///
+    /// The read and the hold happen under one lock, so a handler that takes the half right
+    /// after finds the item instead.
+    pub(crate) fn poll_idle_read(&self, cx: &mut Context<'_>) -> Poll<IdleRead> {
+        self.reading.writer.register(cx.waker());
+        let mut slot = self.reading.lock();
+        if slot.ended || slot.pending.is_some() {
+            return Poll::Pending;
+        }
+        let Some(stream) = slot.stream.as_mut() else {
+            return Poll::Pending;
+        };
+        let item = match stream.poll_next_unpin(cx) {
+            Poll::Ready(item) => item,
+            Poll::Pending => return Poll::Pending,
+        };
+        let read = match &item {
+            Some(Ok(Message::Ping(_) | Message::Pong(_))) => return Poll::Ready(IdleRead::Heard),
+            Some(Ok(Message::Text(_) | Message::Binary(_))) => IdleRead::Heard,
+            Some(Ok(Message::Close(_))) | None => IdleRead::Closed,
+            Some(Err(e)) => IdleRead::Failed {
+                too_big: is_too_big(e),
+            },
+        };
+        slot.ended = !matches!(read, IdleRead::Heard);
+        slot.pending = Some(item);
+        Poll::Ready(read)
+    }
+}
+
+/// Whether a read error is a frame over the size limit (closed with 1009, not as a failure).
+pub(crate) fn is_too_big(e: &axum::Error) -> bool {
+    std::error::Error::source(e)
+        .and_then(|s| s.downcast_ref::<tungstenite::Error>())
+        .is_some_and(|e| matches!(e, tungstenite::Error::Capacity(_)))
+}
