@@ -438,7 +438,9 @@ mod tests {
             frames: 16,
             bytes: 1 << 20,
         }));
-        let (id, _) = registry.attach(outbox.clone());
+        // Ids unique across the test binary, as a node's lifecycle hands them out.
+        static NEXT: AtomicU64 = AtomicU64::new(1);
+        let id = SocketId::from_wire(NEXT.fetch_add(1, Ordering::Relaxed));
         registry.insert(&RoomName::new(room).expect("valid"), id, outbox.clone());
         outbox
     }

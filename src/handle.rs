@@ -16,6 +16,7 @@ use crate::config::Durability;
 use crate::durable::History;
 use crate::envelope::Payload;
 use crate::error::Error;
+use crate::lifecycle::Refused;
 use crate::listener::FanoutListener;
 use crate::node::Shared;
 use crate::position::Position;
@@ -119,28 +120,36 @@ impl RoomHandle {
         Fut: Future<Output = ()> + Send + 'static,
     {
         let node = &self.shared.node;
-        let max = node.config.max_connections.get();
-        if node.registry.connections() >= max {
-            node.counters.rejected_connections.add(1);
-            tracing::warn!(
-                max_connections = max,
-                "refused a websocket upgrade: node is full"
-            );
-            return (
-                StatusCode::SERVICE_UNAVAILABLE,
-                "this node is at its connection limit; try again later or another node\n",
-            )
-                .into_response();
-        }
-        let handle = self.clone();
+        // The place is taken now, before the upgrade: a full node answers 503 and upgrades
+        // in flight count against the limit.
+        let admitted = match node.lifecycle.reserve() {
+            Err(Refused::Full) => {
+                let max = node.config.max_connections.get();
+                node.counters.rejected_connections.add(1);
+                tracing::warn!(
+                    max_connections = max,
+                    "refused a websocket upgrade: node is full"
+                );
+                return (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "this node is at its connection limit; try again later or another node\n",
+                )
+                    .into_response();
+            }
+            admitted => admitted,
+        };
+        let shared = self.shared.clone();
         self.configure(ws)
-            .on_upgrade(move |socket| callback(handle.attach(socket)))
+            .on_upgrade(move |socket| callback(FanoutSocket::attach(shared, socket, admitted)))
     }
 
     /// Attaches a WebSocket you upgraded yourself (use [`configure`](RoomHandle::configure) for
-    /// this node's buffer and size settings).
+    /// this node's buffer and size settings). The connection limit holds here too: when the
+    /// node already holds `max_connections` sockets, the socket is closed at once with 1013
+    /// (`"node full"`) and its [`recv`](FanoutSocket::recv) returns `None`.
     pub fn attach(&self, socket: WebSocket) -> FanoutSocket {
-        FanoutSocket::attach(self.shared.clone(), socket)
+        let admitted = self.shared.node.lifecycle.reserve();
+        FanoutSocket::attach(self.shared.clone(), socket, admitted)
     }
 
     /// Whether the subscriber link to Redis is up and every local room is subscribed on it:
@@ -177,12 +186,12 @@ impl RoomHandle {
     /// ```
     pub async fn shutdown(&self) -> bool {
         let node = &self.shared.node;
-        let sockets = node.registry.begin_shutdown();
+        let sockets = node.lifecycle.begin_shutdown();
         for outbox in &sockets {
             outbox.close_after_flush(Some(going_away()));
         }
         let deadline = tokio::time::Instant::now() + node.config.shutdown_timeout;
-        let mut clean = node.registry.wait_quiet(deadline).await;
+        let mut clean = node.lifecycle.wait_quiet(&node.registry, deadline).await;
         if node.config.uses_presence() {
             // Members leave with events now, rather than when the lease runs out.
             clean &= node.presence.wait_all_synced(deadline).await;

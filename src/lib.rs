@@ -21,8 +21,10 @@
 //!   broadcasts and its closing; `socket::rooms` (joining, as a member or durable, and
 //!   leaving), `socket::read` (the reading half, the rate limit; [`Event`]).
 //! - `broadcast`: [`Broadcast`], one message on its way to a room.
-//! - `node`: the composition root. Builds the registry, counters, bus and dispatcher, and
-//!   starts and stops the background tasks.
+//! - `node`: the composition root. Builds the lifecycle, registry, counters, bus and
+//!   dispatcher, and starts and stops the background tasks.
+//! - `lifecycle`: the node's sockets from attach to close: who is attached, the connection
+//!   limit (one check-and-insert on every attach path), the heartbeat, shutdown and drain.
 //! - `bus`: everything Redis, and the only place that names it. `bus::publisher` (pipelined
 //!   PUBLISH, and the durable rooms' script calls, pipelined too), `bus::receipt` (what a
 //!   broadcast's caller gets back: [`Receipt`], [`Published`]),
@@ -44,13 +46,15 @@
 //!   once per room), `durable::resume` (a resuming socket's replay merged with the live
 //!   frames held meanwhile; [`Resumed`]), `durable::history` (what a history read found;
 //!   [`History`]), `durable::rooms` (their shared state under one lock).
-//! - `writer`: each socket's batched writer task, and the node's heartbeat.
+//! - `writer`: each socket's batched writer task, which also reads the client's control frames
+//!   while its handler is not reading.
 //! - `registry`: room -> local sockets and [`SocketId`]; `registry::subscriptions` (which
 //!   rooms need a SUBSCRIBE or UNSUBSCRIBE, what Redis confirmed, a lost link or sharded
 //!   subscription and what becomes of it once the room is subscribed again),
 //!   `registry::fanout` (a frame offered to a room's local sockets, gap notices).
-//! - `queue`: one socket's bounded send queue and its overflow policy; `queue::parked` (the
-//!   writer's sink parked there while it waits, and a frame written at once to an idle socket).
+//! - `queue`: one socket's bounded send queue and its overflow policy, and the socket's rooms;
+//!   `queue::parked` (the writer's sink parked there while it waits, and a frame written at
+//!   once to an idle socket), `queue::reading` (the reading half between the handler's reads).
 //!
 //! Leaves, used from anywhere above: `envelope` (the JSON wire format shared with the seed's
 //! nodes; [`Payload`]), `channel` (Redis channel names for rooms and shards, injective),
@@ -81,8 +85,15 @@
 //! - **Durable rooms in seq order** (`durable`): live, replayed and repaired messages of a
 //!   durable room reach each socket under one lock, in seq order, each once; the Redis reads
 //!   behind them run elsewhere (`bus::history`), so the dispatcher never waits on Redis.
-//! - **No lock across `.await`**: registry and queue locks are `std::sync::Mutex`es held for a
-//!   few field updates.
+//! - **No lock across `.await`, one lock order** (outer first): a node's durable rooms
+//!   (`durable::rooms`) -> the registry (`registry`) -> a socket's parked sink
+//!   (`queue::parked`) -> that socket's queue state (`queue`). Every lock is a
+//!   `std::sync::Mutex` that nothing awaits under. Most are held for a few field updates, but
+//!   the registry's is held across a room's whole fan-out, including the dispatcher's direct
+//!   writes to idle sockets (each a `send` that never waits), and the durable rooms' across a
+//!   durable room's delivery. The others (the lifecycle's sockets, the presence table, a
+//!   socket's reading half, the shed windows, the bus's) are leaves: nothing else is taken
+//!   while one is held.
 //! - **Lifetimes end by `Drop`**: dropping a [`FanoutSocket`] leaves its rooms; dropping the
 //!   last layer or handle stops the background tasks.
 //! - **Presence changes and their notices are one step** (`bus::presence`): the Lua script
@@ -96,6 +107,7 @@ mod dispatch;
 mod durable;
 mod handle;
 mod layer;
+mod lifecycle;
 mod listener;
 mod node;
 mod presence;

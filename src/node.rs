@@ -1,6 +1,7 @@
 //! The composition root: one node's parts, wired together, and the lifetime of its tasks.
 //!
-//! A node is a [`Config`], a [`Registry`], [`Counters`], a [`Bus`] and its [`Durable`] rooms. This module builds them,
+//! A node is a [`Config`], its [`Lifecycle`] (sockets from attach to close), a [`Registry`],
+//! [`Counters`], a [`Bus`] and its [`Durable`] rooms. This module builds them,
 //! hands each background task the parts it needs (the subscriber and publisher of the bus, the
 //! dispatcher, the heartbeat) and stops them all when the last handle is gone. Nothing below it
 //! imports it back: the tasks hold the parts, never the node.
@@ -14,15 +15,17 @@ use crate::bus::{Backend, Bus};
 use crate::config::Config;
 use crate::dispatch::{self, Dispatcher, Inbox};
 use crate::durable::Durable;
+use crate::lifecycle::{Lifecycle, heartbeat};
 use crate::presence;
 use crate::registry::Registry;
 use crate::stats::{Counters, Stats};
-use crate::writer::heartbeat;
 
 /// One node's parts, shared by the layer, every handle and socket, and the background tasks.
 #[derive(Debug)]
 pub(crate) struct Node {
     pub(crate) config: Arc<Config>,
+    /// The attached sockets, the connection limit, shutdown.
+    pub(crate) lifecycle: Arc<Lifecycle>,
     pub(crate) registry: Arc<Registry>,
     pub(crate) counters: Arc<Counters>,
     pub(crate) bus: Arc<Bus>,
@@ -33,7 +36,9 @@ pub(crate) struct Node {
 
 impl Node {
     pub(crate) fn stats(&self) -> Stats {
-        self.counters.snapshot(self.registry.gauges())
+        let mut gauges = self.registry.gauges();
+        gauges.connections = self.lifecycle.connections();
+        self.counters.snapshot(gauges)
     }
 }
 
@@ -74,9 +79,11 @@ impl Shared {
             durable.clone(),
             backend,
         ));
+        let lifecycle = Arc::new(Lifecycle::new(config.max_connections.get()));
         let shared = Arc::new(Self {
             node: Node {
                 config,
+                lifecycle,
                 registry,
                 counters,
                 bus,
@@ -107,7 +114,7 @@ impl Shared {
         let node = &self.node;
         if !node.config.ping_interval.is_zero() {
             runtime.spawn(heartbeat(
-                node.registry.clone(),
+                node.lifecycle.clone(),
                 node.counters.clone(),
                 node.config.clone(),
                 self.stop.subscribe(),

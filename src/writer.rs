@@ -1,5 +1,4 @@
-//! The writing half of every socket: one task per socket that drains its queue in batches,
-//! and one heartbeat task per node.
+//! The writing half of every socket: one task per socket that drains its queue in batches.
 //!
 //! The writer waits for one frame, takes everything queued (up to a batch cap), `feed`s each
 //! and flushes once, as socketioxide's engine does: many frames per write under load, no added
@@ -9,15 +8,14 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::body::Bytes;
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, close_code};
 use futures_util::SinkExt;
-use tokio::sync::watch;
 use tokio::time::{Instant, timeout};
 
-use crate::config::{Config, OverflowPolicy};
+use crate::config::Config;
+use crate::lifecycle::WriterGuard;
 use crate::queue::{IdleRead, Next, Outbox};
-use crate::registry::{Registry, SocketId, WriterGuard};
+use crate::registry::SocketId;
 use crate::stats::Counters;
 
 /// Frames one write must carry before the writer waits out the flush interval (or a full
@@ -35,57 +33,6 @@ pub(crate) fn going_away() -> CloseFrame {
     CloseFrame {
         code: close_code::AWAY,
         reason: Utf8Bytes::from_static("server shutting down"),
-    }
-}
-
-/// Slices of a node's sockets the heartbeat pings one after the other, one per tick.
-const HEARTBEAT_SLICES: u32 = 25;
-
-/// Pings every socket each `ping_interval`, and closes (1001) those that sent nothing, not even
-/// a pong, for `ping_interval + pong_timeout`: half-open TCP connections do not stay in rooms
-/// forever. One task per node rather than a timer per socket keeps idle sockets cheap.
-///
-/// The sockets are pinged a slice at a time (by id, [`HEARTBEAT_SLICES`] ticks per interval,
-/// a tick no shorter than 10 ms): each still once per interval, but a node holding 17,000
-/// sockets writes ~700 pings a second rather than 17,000 at once every 25 s, a burst that held
-/// up the deliveries queued behind it and made the nodes' CPU depend on where a measurement
-/// window fell.
-pub(crate) async fn heartbeat(
-    registry: Arc<Registry>,
-    counters: Arc<Counters>,
-    config: Arc<Config>,
-    mut stop: watch::Receiver<()>,
-) {
-    let every = config.ping_interval.max(Duration::from_millis(10));
-    let limit = every + config.pong_timeout;
-    let slices = u32::try_from(every.as_millis() / 10)
-        .unwrap_or(u32::MAX)
-        .clamp(1, HEARTBEAT_SLICES);
-    let tick = every / slices;
-    let mut ticks = tokio::time::interval_at(Instant::now() + tick, tick);
-    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut slice = 0;
-    loop {
-        tokio::select! {
-            _ = ticks.tick() => {}
-            _ = stop.changed() => return,
-        }
-        for outbox in registry.attached_slice(slice, slices) {
-            let silent = outbox.silent_for();
-            if silent > limit {
-                counters.heartbeat_timeouts.add(1);
-                tracing::debug!(
-                    silent_ms = silent.as_millis() as u64,
-                    age_ms = outbox.age().as_millis() as u64,
-                    "no pong from a client in {limit:?}; closing it"
-                );
-                outbox.close_now(close_code::AWAY, "no pong received");
-            } else {
-                // A ping that finds the queue full is dropped: that socket is already busy.
-                outbox.offer(Message::Ping(Bytes::new()), OverflowPolicy::DropNewest);
-            }
-        }
-        slice = (slice + 1) % slices;
     }
 }
 
@@ -208,22 +155,23 @@ mod tests {
     use std::sync::atomic::Ordering;
 
     use super::*;
-    use crate::config::FanoutBuilder;
+    use crate::config::{FanoutBuilder, OverflowPolicy};
+    use crate::lifecycle::Lifecycle;
     use crate::queue::Limits;
     use crate::queue::testing::Recorder;
 
-    /// What a writer needs of its node: settings, counters, and the registry that counts it.
+    /// What a writer needs of its node: settings, counters, and the lifecycle that counts it.
     struct Node {
         config: Arc<Config>,
         counters: Arc<Counters>,
-        registry: Arc<Registry>,
+        lifecycle: Arc<Lifecycle>,
     }
 
     fn node(builder: FanoutBuilder) -> Node {
         Node {
             config: Arc::new(builder.into_config_for_tests()),
             counters: Arc::new(Counters::default()),
-            registry: Arc::new(Registry::default()),
+            lifecycle: Arc::new(Lifecycle::new(100)),
         }
     }
 
@@ -239,7 +187,7 @@ mod tests {
             node.config.clone(),
             node.counters.clone(),
             SocketId::from_wire(id),
-            node.registry.writer_started(),
+            node.lifecycle.writer_started(),
         )
     }
 

@@ -509,7 +509,12 @@ async fn a_stalled_link_is_declared_dead_by_the_probe_and_the_window_covers_the_
     let stalled = std::time::Instant::now();
     let behind = nodes[0].1.clone();
     let detected = tokio::spawn(async move {
-        wait_until("the stall is detected", || async { !behind.is_ready() }).await;
+        // The link is replaced: counted when it is declared dead (the not-ready spell that
+        // follows can be shorter than a poll).
+        wait_until("the stall is detected", || async {
+            behind.stats().reconnects >= 1
+        })
+        .await;
         stalled.elapsed()
     });
     // Traffic all through: the node detects the stall and comes back on a fresh connection

@@ -46,7 +46,18 @@ fn app(layer: FanoutLayer) -> Router {
                 }
             })
     }
-    Router::new().route("/ws", get(ws)).layer(layer)
+    /// The other attach path: the handler upgrades itself and attaches the socket.
+    async fn raw(upgrade: WebSocketUpgrade, rooms: RoomHandle) -> Response {
+        rooms.configure(upgrade).on_upgrade(move |ws| async move {
+            let mut socket = rooms.attach(ws);
+            let _ = socket.join("r").await;
+            while let Some(Ok(_)) = socket.recv().await {}
+        })
+    }
+    Router::new()
+        .route("/ws", get(ws))
+        .route("/raw", get(raw))
+        .layer(layer)
 }
 
 async fn node(
@@ -83,6 +94,25 @@ async fn a_full_node_refuses_the_upgrade_with_503() {
     })
     .await;
     let _c = connect(&server.ws_url("/ws?rooms=r")).await;
+}
+
+#[tokio::test]
+async fn a_socket_attached_by_hand_to_a_full_node_is_closed_with_1013() {
+    let redis = RedisServer::start();
+    let (server, handle) = node(&redis, |b| {
+        b.max_connections(NonZeroUsize::new(2).expect("2"))
+    })
+    .await;
+    let _a = connect(&server.ws_url("/ws?rooms=r")).await;
+    let _b = connect(&server.ws_url("/raw")).await;
+    wait_until("two attached", || async { handle.stats().connections == 2 }).await;
+    // `configure` + `attach` cannot answer 503 (the upgrade is done): the socket is closed.
+    let mut third = connect(&server.ws_url("/raw")).await;
+    let frame = recv_close(&mut third).await.expect("a close frame");
+    assert_eq!(u16::from(frame.code), close_code::AGAIN);
+    assert_eq!(frame.reason.as_str(), "node full");
+    assert_eq!(handle.stats().rejected_connections, 1);
+    assert_eq!(handle.stats().connections, 2);
 }
 
 #[tokio::test]

@@ -92,6 +92,8 @@ pub(crate) struct Durable {
     pub(super) config: Arc<Config>,
     pub(super) registry: Arc<Registry>,
     pub(super) counters: Arc<Counters>,
+    /// Every durable room's sequencing state. Lock order: the outermost of the node's locks;
+    /// the registry's and sockets' are taken under it, to deliver in seq order.
     pub(super) rooms: Mutex<HashMap<RoomName, RoomState>>,
     /// Gaps for the bus to read. At most one per room is outstanding, so the queue holds at
     /// most one request per durable room of this node.

@@ -12,7 +12,6 @@
 //! is *sent*, so a join never returns early on a subscription that is being torn down.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::SystemTime;
 
@@ -64,40 +63,24 @@ struct Inner {
     pending: HashSet<RoomName>,
     /// Whether the subscription task has a link to hand pending rooms to.
     link_up: bool,
-    /// Every attached socket, joined to rooms or not: what a shutdown must close.
-    attached: HashMap<SocketId, Arc<Outbox>>,
     /// Rooms whose subscription ended without being asked to (the link dropped, or a cluster
     /// slot moved), whose members are neither told of the gap nor repaired yet: that happens
     /// once the room is subscribed again (see `resubscribed`).
     lost: HashSet<RoomName>,
     /// When the link dropped, while rooms it took are in `lost`: the start of their gap.
     down_since: Option<SystemTime>,
-    /// Set by a shutdown: no new joins, new sockets are closed at once.
-    shutting_down: bool,
-}
-
-/// Held by a running writer task; dropping it (however the task ends) tells a waiting shutdown.
-#[derive(Debug)]
-pub(crate) struct WriterGuard(Arc<Registry>);
-
-impl Drop for WriterGuard {
-    fn drop(&mut self) {
-        self.0.writers.fetch_sub(1, Ordering::AcqRel);
-        self.0.confirmed.send_modify(|n| *n += 1);
-    }
 }
 
 #[derive(Debug)]
 pub(crate) struct Registry {
+    /// Lock order: taken after the durable rooms' lock and before any socket's (the dispatcher
+    /// holds it across a room's fan-out, writing to idle sockets' parked sinks under it).
     inner: Mutex<Inner>,
     /// Wakes the subscription task when a room gains its first or loses its last local socket.
     changed: Notify,
     /// Bumped whenever `subscribed` changes or a room empties, so joins waiting for a
     /// confirmation and shutdowns waiting for quiet re-check.
     confirmed: watch::Sender<u64>,
-    next_socket: AtomicU64,
-    /// Writer tasks still running: a shutdown waits for them to flush and send their close.
-    writers: AtomicU64,
 }
 
 impl Default for Registry {
@@ -106,8 +89,6 @@ impl Default for Registry {
             inner: Mutex::default(),
             changed: Notify::new(),
             confirmed: watch::Sender::new(0),
-            next_socket: AtomicU64::new(1),
-            writers: AtomicU64::new(0),
         }
     }
 }
@@ -119,82 +100,22 @@ impl Registry {
         self.inner.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Registers a new socket and returns its id; `false` when the node is shutting down (the
-    /// socket is then not registered and should be closed).
-    pub(crate) fn attach(&self, outbox: Arc<Outbox>) -> (SocketId, bool) {
-        let id = SocketId(self.next_socket.fetch_add(1, Ordering::Relaxed));
-        let mut inner = self.lock();
-        if inner.shutting_down {
-            return (id, false);
-        }
-        inner.attached.insert(id, outbox);
-        (id, true)
-    }
-
     /// Resolves when a room gained its first or lost its last local socket (or a sharded
     /// subscription was lost): there may be SUBSCRIBE / UNSUBSCRIBE work to do.
     pub(crate) fn changed(&self) -> tokio::sync::futures::Notified<'_> {
         self.changed.notified()
     }
 
-    /// A writer task starts; a shutdown waits for it until the returned guard is dropped.
-    pub(crate) fn writer_started(self: &Arc<Self>) -> WriterGuard {
-        self.writers.fetch_add(1, Ordering::AcqRel);
-        WriterGuard(self.clone())
+    /// Whether no socket is in any room and every UNSUBSCRIBE was confirmed: what a shutdown
+    /// waits for.
+    pub(crate) fn is_quiet(&self) -> bool {
+        let inner = self.lock();
+        inner.rooms.is_empty() && inner.subscribed.is_empty() && inner.pending.is_empty()
     }
 
-    /// The attached sockets of slice `slice` of `slices` (by id), for one heartbeat tick.
-    pub(crate) fn attached_slice(&self, slice: u32, slices: u32) -> Vec<Arc<Outbox>> {
-        let slices = u64::from(slices.max(1));
-        self.lock()
-            .attached
-            .iter()
-            .filter(|(id, _)| id.0 % slices == u64::from(slice))
-            .map(|(_, outbox)| outbox.clone())
-            .collect()
-    }
-
-    /// Sockets attached right now.
-    pub(crate) fn connections(&self) -> usize {
-        self.lock().attached.len()
-    }
-
-    /// Forgets a socket (after it left its rooms).
-    pub(crate) fn detach(&self, socket: SocketId) {
-        self.lock().attached.remove(&socket);
-    }
-
-    /// Stops new joins and returns every attached socket, to be closed.
-    pub(crate) fn begin_shutdown(&self) -> Vec<Arc<Outbox>> {
-        let mut inner = self.lock();
-        inner.shutting_down = true;
-        inner.attached.values().cloned().collect()
-    }
-
-    pub(crate) fn is_shutting_down(&self) -> bool {
-        self.lock().shutting_down
-    }
-
-    /// Waits until no socket is in any room, every writer has finished and every UNSUBSCRIBE
-    /// was confirmed, or `deadline`. Returns whether that state was reached.
-    pub(crate) async fn wait_quiet(&self, deadline: Instant) -> bool {
-        let mut rx = self.confirmed.subscribe();
-        loop {
-            {
-                let inner = self.lock();
-                if inner.rooms.is_empty()
-                    && inner.subscribed.is_empty()
-                    && inner.pending.is_empty()
-                    && self.writers.load(Ordering::Acquire) == 0
-                {
-                    return true;
-                }
-            }
-            match tokio::time::timeout_at(deadline, rx.changed()).await {
-                Ok(Ok(())) => {}
-                Ok(Err(_)) | Err(_) => return false,
-            }
-        }
+    /// Changes whenever a subscription is confirmed or a room empties.
+    pub(crate) fn watch_confirmed(&self) -> watch::Receiver<u64> {
+        self.confirmed.subscribe()
     }
 
     /// Adds a socket to a room. Returns `true` when the room is already subscribed (the join is
@@ -270,7 +191,8 @@ impl Registry {
             rooms: inner.rooms.len(),
             memberships: inner.rooms.values().map(HashMap::len).sum(),
             subscriptions: inner.subscribed.len(),
-            connections: inner.attached.len(),
+            // The node's lifecycle counts connections.
+            connections: 0,
         }
     }
 }
@@ -291,24 +213,6 @@ mod tests {
 
     fn room(s: &str) -> RoomName {
         RoomName::new(s).expect("valid")
-    }
-
-    #[test]
-    fn heartbeat_slices_cover_every_attached_socket_once() {
-        let r = Registry::default();
-        let all: Vec<Arc<Outbox>> = (0..10).map(|_| outbox()).collect();
-        for o in &all {
-            assert!(r.attach(o.clone()).1);
-        }
-        let mut seen: Vec<*const Outbox> = (0..3)
-            .flat_map(|k| r.attached_slice(k, 3))
-            .map(|o| Arc::as_ptr(&o))
-            .collect();
-        seen.sort();
-        let mut want: Vec<*const Outbox> = all.iter().map(Arc::as_ptr).collect();
-        want.sort();
-        assert_eq!(seen, want);
-        assert_eq!(r.attached_slice(0, 1).len(), 10);
     }
 
     #[test]

@@ -16,12 +16,17 @@ use tokio::sync::Semaphore;
 use crate::broadcast::Broadcast;
 use crate::envelope::Payload;
 use crate::error::Error;
+use crate::lifecycle::{Refused, Ticket};
 use crate::node::Shared;
 use crate::queue::{Limits, Offer, Outbox};
 use crate::registry::SocketId;
 use crate::writer::{going_away, write_loop};
 
 use read::TokenBucket;
+
+/// Close reason (with 1013, try again later) for a socket attached to a node that already
+/// holds `max_connections`.
+pub(crate) const NODE_FULL_REASON: &str = "node full";
 
 /// A WebSocket attached to a fan-out node, from [`RoomHandle::on_upgrade`](crate::RoomHandle::on_upgrade) or
 /// [`RoomHandle::attach`](crate::RoomHandle::attach).
@@ -47,16 +52,37 @@ pub struct FanoutSocket {
 }
 
 impl FanoutSocket {
-    pub(crate) fn attach(shared: Arc<Shared>, socket: WebSocket) -> Self {
+    /// Attaches an upgraded socket in the place `admitted` holds. A socket without one (the
+    /// node is full or shutting down) is closed at once, with 1013 or 1001.
+    pub(crate) fn attach(
+        shared: Arc<Shared>,
+        socket: WebSocket,
+        admitted: Result<Ticket, Refused>,
+    ) -> Self {
         let node = &shared.node;
         let cfg = &node.config;
         let outbox = Arc::new(Outbox::new(Limits {
             frames: cfg.queue_frames.get(),
             bytes: cfg.queue_bytes.get(),
         }));
-        let (id, accepted) = node.registry.attach(outbox.clone());
-        if !accepted {
-            outbox.close_after_flush(Some(going_away()));
+        let id = node.lifecycle.new_id();
+        let refused = match admitted {
+            Ok(ticket) => (!node.lifecycle.attach(ticket, id, outbox.clone())).then(going_away),
+            Err(Refused::ShuttingDown) => Some(going_away()),
+            Err(Refused::Full) => {
+                node.counters.rejected_connections.add(1);
+                tracing::warn!(
+                    max_connections = cfg.max_connections.get(),
+                    "closed an attached websocket: node is full"
+                );
+                Some(CloseFrame {
+                    code: close_code::AGAIN,
+                    reason: Utf8Bytes::from_static(NODE_FULL_REASON),
+                })
+            }
+        };
+        if let Some(frame) = refused {
+            outbox.close_after_flush(Some(frame));
         }
         let (sink, stream) = socket.split();
         outbox.park(Box::pin(sink));
@@ -66,7 +92,7 @@ impl FanoutSocket {
             node.config.clone(),
             node.counters.clone(),
             id,
-            node.registry.writer_started(),
+            node.lifecycle.writer_started(),
         );
         let (closed_shared, closed_outbox) = (shared.clone(), outbox.clone());
         tokio::spawn(async move {
@@ -170,7 +196,7 @@ fn truncate_reason(reason: &str) -> &str {
 impl Drop for FanoutSocket {
     fn drop(&mut self) {
         rooms::quit_all(&self.shared, self.id, &self.outbox, "socket dropped");
-        self.shared.node.registry.detach(self.id);
+        self.shared.node.lifecycle.detach(self.id);
         self.outbox.close_after_flush(Some(CloseFrame {
             code: close_code::NORMAL,
             reason: Utf8Bytes::from_static(""),

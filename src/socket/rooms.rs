@@ -35,7 +35,7 @@ impl FanoutSocket {
         if !node.bus.is_configured() {
             return Err(Error::no_redis());
         }
-        if self.outbox.is_closing() || node.registry.is_shutting_down() {
+        if self.outbox.is_closing() || node.lifecycle.is_shutting_down() {
             return Err(Error::closed());
         }
         let max = node.config.max_rooms_per_socket.get();
