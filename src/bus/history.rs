@@ -20,14 +20,14 @@
 //! (a restarted Redis forgot it).
 
 use std::sync::{Arc, LazyLock};
-use std::time::Duration;
 
-use redis::{RedisError, Script, ScriptInvocation, Value};
+use redis::Value;
 use tokio::sync::{mpsc, watch};
 use tokio::time::{Instant, timeout_at};
 
 use super::Bus;
 use super::backend::Conn;
+use super::script::{self, Script, int, room_key_base, text, ttl_ms, unexpected};
 use crate::channel;
 use crate::config::Durability;
 use crate::durable::{Page, Repair};
@@ -112,56 +112,8 @@ pub(crate) enum Read {
 
 /// The keys of the room on `channel`: `(meta, stream)` (see the module docs).
 pub(super) fn keys(channel: &str) -> (String, String) {
-    let tag = hash_tag(channel);
-    let base = if tag.len() == channel.len() {
-        format!("{{{channel}}}")
-    } else {
-        format!("{{{tag}}}{channel}")
-    };
+    let base = room_key_base(channel);
     (format!("{base}:meta"), format!("{base}:history"))
-}
-
-/// The part of `name` Redis Cluster hashes: the text between the first `{` and the first `}`
-/// after it when that is not empty, else the whole name.
-fn hash_tag(name: &str) -> &str {
-    if let Some(open) = name.find('{')
-        && let Some(len) = name[open + 1..].find('}')
-        && len > 0
-    {
-        return &name[open + 1..open + 1 + len];
-    }
-    name
-}
-
-async fn invoke(conn: &mut Conn, script: &ScriptInvocation<'_>) -> Result<Value, RedisError> {
-    match conn {
-        Conn::Server(conn) => script.invoke_async(conn).await,
-        #[cfg(feature = "cluster")]
-        Conn::Cluster(conn) => script.invoke_async(conn).await,
-    }
-}
-
-pub(super) fn ttl_ms(ttl: Duration) -> u64 {
-    u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1)
-}
-
-pub(super) fn unexpected(what: &str) -> Error {
-    Error::redis(format!("unexpected reply from the {what} script"))
-}
-
-pub(super) fn text(value: &Value) -> Option<String> {
-    match value {
-        Value::BulkString(b) => String::from_utf8(b.clone()).ok(),
-        Value::SimpleString(s) => Some(s.clone()),
-        _ => None,
-    }
-}
-
-pub(super) fn int(value: &Value) -> Option<u64> {
-    match value {
-        Value::Int(n) => u64::try_from(*n).ok(),
-        _ => None,
-    }
 }
 
 /// Stream entries `[[id, [field, value, ...]], ...]` as `(seq, envelope)`.
@@ -219,8 +171,9 @@ impl Bus {
         };
         let channel = channel::for_sender(cfg, room, 0);
         let (meta, stream) = keys(&channel);
-        let mut script = READ_SCRIPT.key(meta);
+        let mut script = READ_SCRIPT.call();
         script
+            .key(meta)
             .key(stream)
             .arg(random::hex_id())
             .arg(ttl_ms(settings.ttl));
@@ -235,7 +188,7 @@ impl Bus {
                 .arg(after.epoch()),
         };
         let mut conn = self.history_conn(deadline).await?;
-        let reply = match timeout_at(deadline, invoke(&mut conn, &script)).await {
+        let reply = match timeout_at(deadline, script::run(&mut conn, &script)).await {
             Ok(Ok(Value::Array(reply))) => reply,
             Ok(Ok(_)) => return Err(unexpected("read")),
             Ok(Err(e)) => return Err(Error::redis(e)),
@@ -269,15 +222,16 @@ impl Bus {
     ) -> Result<String, Error> {
         let deadline = Instant::now() + self.config.subscribe_timeout;
         let (meta, stream) = keys(&channel::for_sender(&self.config, room, 0));
-        let mut script = FORK_SCRIPT.key(meta);
+        let mut script = FORK_SCRIPT.call();
         script
+            .key(meta)
             .key(stream)
             .arg(delivered.epoch())
             .arg(delivered.seq())
             .arg(random::hex_id())
             .arg(ttl_ms(settings.ttl));
         let mut conn = self.history_conn(deadline).await?;
-        match timeout_at(deadline, invoke(&mut conn, &script)).await {
+        match timeout_at(deadline, script::run(&mut conn, &script)).await {
             Ok(Ok(reply)) => text(&reply).ok_or_else(|| unexpected("fork")),
             Ok(Err(e)) => Err(Error::redis(e)),
             Err(_) => Err(Error::publish_timeout(true, "EVALSHA")),
@@ -343,8 +297,5 @@ mod tests {
             )
         );
         assert_eq!(keys("ws:room:a{t}b").0, "{t}ws:room:a{t}b:meta");
-        assert_eq!(hash_tag("ws:room:a{}b"), "ws:room:a{}b");
-        assert_eq!(hash_tag(&keys("ws:room:x{y}").1), "y");
-        assert_eq!(hash_tag(&keys("ws:room:lobby").1), "ws:room:lobby");
     }
 }

@@ -31,6 +31,7 @@ mod history;
 mod presence;
 mod publisher;
 mod receipt;
+mod script;
 mod slots;
 mod store;
 mod subscriber;

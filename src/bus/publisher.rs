@@ -3,13 +3,14 @@
 
 use std::sync::Arc;
 
-use redis::{ErrorKind, PushInfo, PushKind};
+use redis::{Cmd, ErrorKind, PushInfo, PushKind, RedisError, Value};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch};
 use tokio::time::{Instant, timeout_at};
 
 use super::backend::{Backend, Conn};
 use super::backoff::Backoff;
 use super::receipt::{Published, Receipt, SharedCause};
+use super::script::Scripting;
 use super::store::{
     GROUP, Group, POS_BYTES, group_by_channel, load_store_script, store_call, stored, to_retry,
 };
@@ -33,6 +34,30 @@ const BATCH: usize = 256;
 /// it is flushed or fails over again between the load and the run sent again: rare, and
 /// repeated only by something wrong (the run then fails with NOSCRIPT rather than looping).
 const LOADS: usize = 3;
+
+/// What the publisher needs of its connection: [`Conn`], or the unit tests' stand-in, so that
+/// its batching, grouping and retry rules are tested without a Redis process.
+pub(super) trait Pipelines: Scripting {
+    /// PUBLISHes every `(channel, payload)` in order; each one's subscriber count.
+    async fn publish_many(&mut self, commands: &[(&str, &[u8])]) -> Result<Vec<usize>, RedisError>;
+    /// Sends every `(channel, command)` in order; each one's own reply.
+    async fn pipeline(
+        &mut self,
+        commands: Vec<(&str, Cmd)>,
+    ) -> Result<Vec<Result<Value, RedisError>>, RedisError>;
+}
+
+impl Pipelines for Conn {
+    async fn publish_many(&mut self, commands: &[(&str, &[u8])]) -> Result<Vec<usize>, RedisError> {
+        Conn::publish_many(self, commands).await
+    }
+    async fn pipeline(
+        &mut self,
+        commands: Vec<(&str, Cmd)>,
+    ) -> Result<Vec<Result<Value, RedisError>>, RedisError> {
+        Conn::pipeline(self, commands).await
+    }
+}
 
 /// One broadcast on its way to Redis.
 #[derive(Debug)]
@@ -295,7 +320,7 @@ async fn send_loop(
 /// calls. Redis runs a pipeline's commands in order, so a durable room's seqs follow the
 /// queue's order as its messages did when each call waited for the previous one's reply,
 /// which cost a round trip per message (a third to a sixth of a plain room's rate).
-async fn send(bus: &Bus, conn: &mut Conn, batch: &mut Vec<Outgoing>, deadline: Instant) {
+async fn send(bus: &Bus, conn: &mut impl Pipelines, batch: &mut Vec<Outgoing>, deadline: Instant) {
     let mut rest = std::mem::take(batch).into_iter().peekable();
     while let Some(first) = rest.peek() {
         let durable = first.durable.is_some();
@@ -311,7 +336,7 @@ async fn send(bus: &Bus, conn: &mut Conn, batch: &mut Vec<Outgoing>, deadline: I
     }
 }
 
-async fn send_plain(bus: &Bus, conn: &mut Conn, run: Vec<Outgoing>, deadline: Instant) {
+async fn send_plain(bus: &Bus, conn: &mut impl Pipelines, run: Vec<Outgoing>, deadline: Instant) {
     let commands: Vec<(&str, &[u8])> = run
         .iter()
         .map(|o| (o.channel.as_str(), o.envelope.as_slice()))
@@ -332,7 +357,7 @@ async fn send_plain(bus: &Bus, conn: &mut Conn, run: Vec<Outgoing>, deadline: In
 /// room's messages (see `store`). When Redis forgot the script (NOSCRIPT: it restarted, failed
 /// over, or was told `SCRIPT FLUSH`), loads it and sends the refused groups again in their
 /// order, at most [`LOADS`] times; [`to_retry`] says which may be sent again.
-async fn send_durable(bus: &Bus, conn: &mut Conn, run: Vec<Outgoing>, deadline: Instant) {
+async fn send_durable(bus: &Bus, conn: &mut impl Pipelines, run: Vec<Outgoing>, deadline: Instant) {
     let publish_command = bus
         .backend
         .as_ref()
@@ -439,4 +464,220 @@ fn expire_due(batch: &mut Vec<Outgoing>, bus: &Bus) {
     for o in due {
         o.expire(bus);
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::script::testing::{FakeRedis, noscript};
+    use super::*;
+    use crate::config::FanoutBuilder;
+    use crate::durable::Durable;
+    use crate::registry::Registry;
+    use crate::stats::Counters;
+
+    impl Pipelines for FakeRedis {
+        async fn publish_many(
+            &mut self,
+            commands: &[(&str, &[u8])],
+        ) -> Result<Vec<usize>, RedisError> {
+            for (channel, payload) in commands {
+                let payload = String::from_utf8_lossy(payload);
+                self.sent.push(format!("PUBLISH {channel} {payload}"));
+            }
+            Ok(vec![2; commands.len()])
+        }
+        async fn pipeline(
+            &mut self,
+            commands: Vec<(&str, Cmd)>,
+        ) -> Result<Vec<Result<Value, RedisError>>, RedisError> {
+            let mut replies = Vec::new();
+            for (_, cmd) in commands {
+                replies.push(self.query(&cmd).await);
+            }
+            Ok(replies)
+        }
+    }
+
+    fn bus() -> Arc<Bus> {
+        let config = Arc::new(
+            FanoutBuilder::new("redis://unused")
+                .durable_room("d", Durability::default())
+                .into_config_for_tests(),
+        );
+        let (registry, counters) = (Arc::new(Registry::default()), Arc::new(Counters::default()));
+        let durable = Arc::new(Durable::new(
+            config.clone(),
+            registry.clone(),
+            counters.clone(),
+        ));
+        Arc::new(Bus::new(config, registry, counters, durable, None))
+    }
+
+    type Reply = oneshot::Receiver<Result<Published, Error>>;
+
+    fn request(room: &str, text: &str, durable: bool, deadline: Instant) -> (Outgoing, Reply) {
+        let (reply, replied) = oneshot::channel();
+        let o = Outgoing {
+            room: RoomName::new(room).expect("valid"),
+            channel: format!("ws:room:{room}"),
+            envelope: text.as_bytes().to_vec(),
+            deadline,
+            reply,
+            origin: None,
+            durable: durable.then(Durability::default),
+            abandonable: false,
+        };
+        (o, replied)
+    }
+
+    /// The store script's reply for `n` messages from `first` in epoch `e`.
+    fn stored_reply(first: i64, n: usize) -> Result<Value, RedisError> {
+        let mut items = vec![Value::BulkString(b"e".to_vec()), Value::Int(first)];
+        items.extend((0..n).map(|_| Value::Int(1)));
+        Ok(Value::Array(items))
+    }
+
+    fn positions(replies: Vec<Reply>) -> Vec<String> {
+        replies
+            .into_iter()
+            .map(|mut r| match r.try_recv() {
+                Ok(Ok(p)) => p
+                    .position()
+                    .map_or("no position".into(), ToString::to_string),
+                Ok(Err(e)) => format!("error: {e}"),
+                Err(_) => "no reply".into(),
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_batch_goes_out_as_runs_in_queue_order_each_rooms_durable_messages_one_call() {
+        let bus = bus();
+        let later = Instant::now() + std::time::Duration::from_secs(5);
+        let mut redis = FakeRedis::default();
+        redis.known.insert(STORE_HASH.clone());
+        redis.replies.push_back(stored_reply(1, 2));
+        let (mut batch, mut replies) = (Vec::new(), Vec::new());
+        for (room, text, durable) in [
+            ("p", "p1", false),
+            ("d", "d1", true),
+            ("d", "d2", true),
+            ("p", "p2", false),
+        ] {
+            let (o, r) = request(room, text, durable, later);
+            batch.push(o);
+            replies.push(r);
+        }
+        send(&bus, &mut redis, &mut batch, later).await;
+        // The plain message, the room's two durable messages in one script call, the plain one.
+        assert_eq!(redis.sent.len(), 3, "{:?}", redis.sent);
+        assert_eq!(redis.sent[0], "PUBLISH ws:room:p p1");
+        assert!(redis.sent[1].starts_with("EVALSHA") && redis.sent[1].ends_with(" d1 d2"));
+        assert_eq!(redis.sent[2], "PUBLISH ws:room:p p2");
+        assert_eq!(
+            positions(replies),
+            ["no position", "e:1", "e:2", "no position"]
+        );
+        assert_eq!(bus.counters.published.get(), 4);
+    }
+
+    #[tokio::test]
+    async fn a_script_redis_forgot_mid_run_is_loaded_and_only_the_refused_calls_go_again() {
+        let bus = bus();
+        let later = Instant::now() + std::time::Duration::from_secs(5);
+        let mut redis = FakeRedis::default();
+        redis.known.insert(STORE_HASH.clone());
+        // Room `d`'s call is stored; then Redis is flushed and room `e`'s is refused.
+        redis.replies.push_back(stored_reply(7, 1));
+        redis.replies.push_back(Err(noscript()));
+        redis.replies.push_back(stored_reply(1, 1));
+        let (d, d_reply) = request("d", "d1", true, later);
+        let (mut e, e_reply) = request("e", "e1", true, later);
+        e.channel = "ws:room:e".into();
+        send(&bus, &mut redis, &mut vec![d, e], later).await;
+        assert_eq!(redis.loads, 1);
+        assert_eq!(redis.sent.len(), 3, "d once, e twice: {:?}", redis.sent);
+        assert!(redis.sent[2].ends_with(" e1"));
+        assert_eq!(positions(vec![d_reply, e_reply]), ["e:7", "e:1"]);
+    }
+
+    #[tokio::test]
+    async fn a_refused_call_behind_a_stored_one_of_its_room_fails_rather_than_go_out_of_order() {
+        let bus = bus();
+        let later = Instant::now() + std::time::Duration::from_secs(5);
+        let mut redis = FakeRedis::default();
+        redis.known.insert(STORE_HASH.clone());
+        // Two calls of room `d` (more than a group): the first refused (another node's load
+        // had not happened yet), the second stored, so the first may not follow it.
+        redis.replies.push_back(Err(noscript()));
+        redis.replies.push_back(stored_reply(1, 1));
+        let (mut batch, mut replies) = (Vec::new(), Vec::new());
+        for i in 0..=GROUP {
+            let (o, r) = request("d", &format!("m{i}"), true, later);
+            batch.push(o);
+            replies.push(r);
+        }
+        send(&bus, &mut redis, &mut batch, later).await;
+        assert_eq!(redis.loads, 0, "nothing to send again");
+        let got = positions(replies);
+        assert!(
+            got[..GROUP].iter().all(|p| p.starts_with("error")),
+            "{got:?}"
+        );
+        assert_eq!(got[GROUP], "e:1");
+    }
+
+    #[tokio::test]
+    async fn requests_past_their_deadline_or_abandoned_are_never_sent() {
+        let bus = bus();
+        let now = Instant::now();
+        let (due, due_reply) = request(
+            "p",
+            "late",
+            false,
+            now - std::time::Duration::from_millis(1),
+        );
+        let (keep, _keep_reply) = request(
+            "p",
+            "on time",
+            false,
+            now + std::time::Duration::from_secs(5),
+        );
+        let (mut gone, gone_reply) = request(
+            "p",
+            "abandoned",
+            false,
+            now + std::time::Duration::from_secs(5),
+        );
+        gone.abandonable = true;
+        drop(gone_reply);
+        let mut batch = vec![due, keep, gone];
+        expire_due(&mut batch, &bus);
+        assert_eq!(batch.len(), 1);
+        assert_eq!(batch[0].envelope, b"on time");
+        let told = positions(vec![due_reply]);
+        assert!(told[0].starts_with("error"), "{told:?}");
+        assert_eq!(
+            bus.counters.publish_errors.get(),
+            1,
+            "the abandoned one is not an error"
+        );
+    }
+
+    static STORE_HASH: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+        let group = Group {
+            channel: "c",
+            epoch: "e",
+            settings: &Durability::default(),
+            envelopes: Vec::new(),
+        };
+        let cmd = store_call("PUBLISH", &group);
+        cmd.args_iter()
+            .nth(1)
+            .map(|a| match a {
+                redis::Arg::Simple(b) => String::from_utf8_lossy(b).into_owned(),
+                _ => String::new(),
+            })
+            .unwrap_or_default()
+    });
 }

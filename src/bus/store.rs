@@ -26,10 +26,10 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::LazyLock;
 
-use redis::{Cmd, ErrorKind, RedisError, Script, ServerErrorKind, Value};
+use redis::{Cmd, RedisError, Value};
 
-use super::backend::Conn;
-use super::history::{EPOCH_LUA, int, keys, text, ttl_ms, unexpected};
+use super::history::{EPOCH_LUA, keys};
+use super::script::{Script, Scripting, int, is_noscript, text, ttl_ms, unexpected};
 use crate::config::Durability;
 use crate::error::Error;
 use crate::position::Position;
@@ -85,27 +85,25 @@ pub(super) struct Group<'a> {
 /// call fails with NOSCRIPT: see [`to_retry`] and [`load_store_script`].
 pub(super) fn store_call(publish_command: &str, group: &Group<'_>) -> Cmd {
     let (meta, stream) = keys(group.channel);
-    let mut cmd = redis::cmd("EVALSHA");
-    cmd.arg(STORE_SCRIPT.get_hash())
-        .arg(2)
-        .arg(meta)
-        .arg(stream)
+    let mut call = STORE_SCRIPT.call();
+    call.key(meta)
+        .key(stream)
         .arg(group.epoch)
         .arg(group.settings.history.get())
         .arg(ttl_ms(group.settings.ttl))
         .arg(publish_command)
         .arg(group.channel);
     for envelope in &group.envelopes {
-        cmd.arg(*envelope);
+        call.arg(*envelope);
     }
-    cmd
+    call.cmd()
 }
 
 /// Teaches Redis the store script again (every master of a cluster), after a call failed with
 /// NOSCRIPT: Redis restarted, failed over to a replica that never ran it, or someone ran
 /// `SCRIPT FLUSH`.
-pub(super) async fn load_store_script(conn: &mut Conn) -> Result<(), RedisError> {
-    conn.load_script(&STORE_SCRIPT).await
+pub(super) async fn load_store_script(conn: &mut impl Scripting) -> Result<(), RedisError> {
+    conn.load(&STORE_SCRIPT).await
 }
 
 /// The reply to a [`store_call`] of `n` messages, per message in their order: its position and
@@ -192,10 +190,6 @@ pub(super) fn to_retry<T>(channels: &[&str], replies: &[Result<T, RedisError>]) 
     retry
 }
 
-fn is_noscript(e: &RedisError) -> bool {
-    e.kind() == ErrorKind::Server(ServerErrorKind::NoScript)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -241,9 +235,9 @@ mod tests {
 
     #[test]
     fn only_refused_calls_no_later_call_of_their_room_overtook_are_sent_again() {
-        let noscript = || -> Result<(), RedisError> {
-            Err((ErrorKind::Server(ServerErrorKind::NoScript), "NOSCRIPT").into())
-        };
+        use redis::{ErrorKind, ServerErrorKind};
+        let noscript =
+            || -> Result<(), RedisError> { Err(super::super::script::testing::noscript()) };
         let other = || -> Result<(), RedisError> {
             Err((ErrorKind::Server(ServerErrorKind::ResponseError), "OOM").into())
         };

@@ -30,11 +30,11 @@ impl Bus {
         let fleet = FleetKeys::new(cfg);
         let run = async {
             let mut conn = self.presence_conn(Duration::from_secs(1)).await?;
-            let mut inv = SCRIPTS.release.prepare_invoke();
+            let mut inv = SCRIPTS.release.call();
             inv.key(&fleet.leases)
                 .key(fleet.rooms(&cfg.node_id))
                 .arg(&cfg.node_id);
-            invoke::<Value>(&mut conn, &inv).await
+            invoke(&mut conn, &inv).await
         };
         let _ = timeout(Duration::from_secs(1), run).await;
     }
@@ -146,7 +146,7 @@ async fn renew(
 ) -> Result<(), Failure> {
     let first = epoch.is_none();
     let fresh = random::hex_id();
-    let mut inv = SCRIPTS.lease.prepare_invoke();
+    let mut inv = SCRIPTS.lease.call();
     inv.key(&fleet.leases)
         .key(&fleet.epoch)
         .key(fleet.rooms(&cfg.node_id))

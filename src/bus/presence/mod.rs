@@ -56,6 +56,7 @@ mod sync;
 
 use redis::{RedisError, Value};
 
+use crate::bus::script::{self, items, text};
 use crate::channel;
 use crate::config::Config;
 use crate::error::Error;
@@ -73,7 +74,9 @@ struct RoomKeys {
 
 impl RoomKeys {
     fn new(config: &Config, room: &str) -> Self {
-        let tag = format!("{{{}{room}}}", config.channel_prefix);
+        // The room's own channel name (shard 0's base), as the durable rooms' keys are named:
+        // the keys live in its hash slot.
+        let tag = script::room_key_base(&format!("{}{room}", config.channel_prefix));
         Self {
             members: format!("{tag}:members"),
             info: format!("{tag}:info"),
@@ -158,32 +161,9 @@ impl std::fmt::Display for Failure {
     }
 }
 
-/// Parses a reply element as an integer (Redis integers, or the digits of a bulk string).
+/// A reply element as a count or version (0 when it is none: a missing field).
 fn int(v: &Value) -> u64 {
-    match v {
-        Value::Int(n) => u64::try_from(*n).unwrap_or(0),
-        Value::BulkString(b) => std::str::from_utf8(b)
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(0),
-        Value::SimpleString(s) => s.parse().unwrap_or(0),
-        _ => 0,
-    }
-}
-
-fn text(v: &Value) -> Option<String> {
-    match v {
-        Value::BulkString(b) => String::from_utf8(b.clone()).ok(),
-        Value::SimpleString(s) => Some(s.clone()),
-        _ => None,
-    }
-}
-
-fn items(v: &Value) -> &[Value] {
-    match v {
-        Value::Array(items) => items,
-        _ => &[],
-    }
+    script::int(v).unwrap_or(0)
 }
 
 /// An `HGETALL` reply as (field, value) pairs: a map (RESP3) or a flat array (RESP2).

@@ -8,10 +8,11 @@ use redis::Value;
 use tokio::time::timeout;
 
 use super::reaper::{REAP_CHUNK, reap_room};
-use super::scripts::{Invocation, SCRIPTS, invoke, is_noscript, loaded, server};
+use super::scripts::{SCRIPTS, invoke, single_server};
 use super::{Failure, FleetKeys, RoomKeys, event_channel, int, items, pairs, text};
 use crate::bus::Bus;
 use crate::bus::backend::{Backend, Conn};
+use crate::bus::script::{self, Call};
 use crate::error::Error;
 use crate::presence::{Count, MemberEntry, Snapshot};
 use crate::room::RoomName;
@@ -57,7 +58,7 @@ impl Bus {
         let fleet = FleetKeys::new(cfg);
         let run = async {
             let mut conn = self.presence_conn(wait).await?;
-            let mut inv = SCRIPTS.query.prepare_invoke();
+            let mut inv = SCRIPTS.query.call();
             inv.key(&keys.members)
                 .key(&keys.info)
                 .key(&keys.version)
@@ -74,7 +75,7 @@ impl Bus {
                 let reply = if mode == "reap" {
                     list(&mut conn, &inv, &keys).await?
                 } else {
-                    invoke::<Value>(&mut conn, &inv).await?
+                    invoke(&mut conn, &inv).await?
                 };
                 let script_reply = if mode == "reap" {
                     items(&reply).first().unwrap_or(&Value::Nil)
@@ -149,23 +150,18 @@ impl Bus {
 
 /// The query script in a transaction with the two `HGETALL`s that read the members and their
 /// info: [script reply, members, info].
-async fn list(conn: &mut Conn, query: &Invocation, keys: &RoomKeys) -> Result<Value, Failure> {
-    let c = server(conn)?;
-    for fresh in [false, true] {
-        let sha = loaded(c, query.script, fresh).await?;
-        let mut pipe = redis::pipe();
-        pipe.atomic()
-            .add_command(query.evalsha(&sha))
-            .cmd("HGETALL")
-            .arg(&keys.members)
-            .cmd("HGETALL")
-            .arg(&keys.info);
-        match pipe.query_async::<Value>(c).await {
-            Err(e) if !fresh && is_noscript(&e) => {}
-            other => return other.map_err(Failure::Redis),
-        }
-    }
-    Err(Failure::Unavailable)
+async fn list(conn: &mut Conn, query: &Call<'_>, keys: &RoomKeys) -> Result<Value, Failure> {
+    single_server(conn)?;
+    let mut pipe = redis::pipe();
+    pipe.atomic()
+        .add_command(query.cmd())
+        .cmd("HGETALL")
+        .arg(&keys.members)
+        .cmd("HGETALL")
+        .arg(&keys.info);
+    script::run_pipeline(conn, query.script(), &pipe)
+        .await
+        .map_err(Failure::Redis)
 }
 
 /// The nodes a query script left for the caller to reap (its `{'dead', node, ...}` reply).

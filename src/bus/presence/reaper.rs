@@ -15,13 +15,13 @@ pub(super) async fn reap_dead(
     fleet: &FleetKeys,
     conn: &mut Conn,
 ) -> Result<(), Failure> {
-    let mut inv = SCRIPTS.expired.prepare_invoke();
+    let mut inv = SCRIPTS.expired.call();
     inv.key(&fleet.leases);
     let expired: Value = invoke(conn, &inv).await?;
     for dead in items(&expired).iter().filter_map(text) {
         let their_rooms = fleet.rooms(&dead);
         loop {
-            let mut inv = SCRIPTS.dead_rooms.prepare_invoke();
+            let mut inv = SCRIPTS.dead_rooms.call();
             inv.key(&fleet.leases).key(&their_rooms).arg(&dead);
             let rooms: Value = invoke(conn, &inv).await?;
             let rooms: Vec<String> = items(&rooms).iter().filter_map(text).collect();
@@ -66,7 +66,7 @@ pub(super) async fn reap_room(
     let mut cursor = String::from("0");
     let mut left = 0;
     loop {
-        let mut inv = SCRIPTS.reap.prepare_invoke();
+        let mut inv = SCRIPTS.reap.call();
         inv.key(&keys.members)
             .key(&keys.info)
             .key(&keys.version)

@@ -1,12 +1,13 @@
-//! The presence scripts: their Lua text, and their invocation (loaded once per Redis with
-//! `SCRIPT LOAD`, then run by SHA1 with `EVALSHA`).
+//! The presence scripts: their Lua text, and their invocation through the bus's one script
+//! runner (`bus::script`: by SHA1, loaded again when Redis forgot them).
 
-use std::sync::{LazyLock, Mutex, PoisonError};
+use std::sync::LazyLock;
 
-use redis::{Cmd, RedisError};
+use redis::Value;
 
 use super::Failure;
 use crate::bus::backend::Conn;
+use crate::bus::script::{self, Call, Script};
 
 /// Shared by every script: the clock, leases, versions, events and the one way a count
 /// changes.
@@ -219,59 +220,6 @@ if redis.call('SCARD', KEYS[2]) == 0 then redis.call('ZREM', KEYS[1], ARGV[1]) e
 return 1
 "#;
 
-/// One Lua script: sent once per Redis (`SCRIPT LOAD`, which names its SHA1), then run by
-/// name (`EVALSHA`); loaded again when Redis forgot it (a restart).
-pub(super) struct Script {
-    body: String,
-    sha: Mutex<Option<String>>,
-}
-
-impl Script {
-    fn new(body: &str) -> Self {
-        Self {
-            body: format!("{PRELUDE}\n{body}"),
-            sha: Mutex::new(None),
-        }
-    }
-
-    /// An invocation to add keys and arguments to.
-    pub(super) fn prepare_invoke(&'static self) -> Invocation {
-        Invocation {
-            script: self,
-            keys: Vec::new(),
-            args: Vec::new(),
-        }
-    }
-}
-
-/// A script call being built: `KEYS` and `ARGV`.
-pub(super) struct Invocation {
-    pub(super) script: &'static Script,
-    keys: Vec<Vec<u8>>,
-    args: Vec<Vec<u8>>,
-}
-
-impl Invocation {
-    pub(super) fn key(&mut self, key: impl redis::ToRedisArgs) -> &mut Self {
-        self.keys.extend(key.to_redis_args());
-        self
-    }
-
-    pub(super) fn arg(&mut self, arg: impl redis::ToRedisArgs) -> &mut Self {
-        self.args.extend(arg.to_redis_args());
-        self
-    }
-
-    pub(super) fn evalsha(&self, sha: &str) -> Cmd {
-        let mut cmd = redis::cmd("EVALSHA");
-        cmd.arg(sha)
-            .arg(self.keys.len())
-            .arg(&self.keys)
-            .arg(&self.args);
-        cmd
-    }
-}
-
 pub(super) struct Scripts {
     pub(super) sync: Script,
     pub(super) lease: Script,
@@ -284,7 +232,7 @@ pub(super) struct Scripts {
 }
 
 pub(super) static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| {
-    let s = Script::new;
+    let s = |body: &str| Script::new(&format!("{PRELUDE}\n{body}"));
     Scripts {
         sync: s(SYNC),
         lease: s(LEASE),
@@ -297,59 +245,19 @@ pub(super) static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| {
     }
 });
 
-/// Runs one script invocation on `conn` (presence needs a single server: its scripts span a
-/// room's keys and the fleet's lease set).
-pub(super) async fn invoke<T: redis::FromRedisValue>(
-    conn: &mut Conn,
-    invocation: &Invocation,
-) -> Result<T, Failure> {
-    let c = server(conn)?;
-    let script = invocation.script;
-    for fresh in [false, true] {
-        let sha = loaded(c, script, fresh).await?;
-        match invocation.evalsha(&sha).query_async(c).await {
-            Err(e) if !fresh && is_noscript(&e) => {} // Redis restarted: load it again
-            other => return other.map_err(Failure::Redis),
-        }
-    }
-    Err(Failure::Unavailable)
+/// Runs one script call on `conn` (presence needs a single server: its scripts span a room's
+/// keys and the fleet's lease set).
+pub(super) async fn invoke(conn: &mut Conn, call: &Call<'_>) -> Result<Value, Failure> {
+    single_server(conn)?;
+    script::run(conn, call).await.map_err(Failure::Redis)
 }
 
-/// The multiplexed connection of a single server (presence needs one: its scripts span a
-/// room's keys and the fleet's lease set).
-pub(super) fn server(conn: &mut Conn) -> Result<&mut redis::aio::MultiplexedConnection, Failure> {
+/// Refuses a cluster connection (presence needs a single server: its scripts span a room's
+/// keys and the fleet's lease set).
+pub(super) fn single_server(conn: &Conn) -> Result<(), Failure> {
     match conn {
-        Conn::Server(c) => Ok(c),
+        Conn::Server(_) => Ok(()),
         #[cfg(feature = "cluster")]
         Conn::Cluster(_) => Err(Failure::Cluster),
     }
-}
-
-/// The SHA1 of `script` in Redis, loading it first when unknown or when `reload`.
-pub(super) async fn loaded(
-    c: &mut redis::aio::MultiplexedConnection,
-    script: &Script,
-    reload: bool,
-) -> Result<String, Failure> {
-    let known = script
-        .sha
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .clone();
-    if let Some(sha) = known.filter(|_| !reload) {
-        return Ok(sha);
-    }
-    let sha: String = redis::cmd("SCRIPT")
-        .arg("LOAD")
-        .arg(&script.body)
-        .query_async(c)
-        .await
-        .map_err(Failure::Redis)?;
-    *script.sha.lock().unwrap_or_else(PoisonError::into_inner) = Some(sha.clone());
-    Ok(sha)
-}
-
-pub(super) fn is_noscript(e: &RedisError) -> bool {
-    e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript)
-        || e.to_string().contains("NOSCRIPT")
 }

@@ -2,7 +2,6 @@
 //! script call (a batch of rooms at a time), and the leaves owed for users who left while
 //! Redis was away and lost its data.
 
-use redis::Value;
 use tokio::time::timeout;
 
 use super::scripts::{SCRIPTS, invoke};
@@ -30,7 +29,7 @@ pub(super) async fn sync_dirty(
             let my_rooms = &my_rooms;
             async move {
                 let keys = RoomKeys::new(cfg, sync.room.as_str());
-                let mut inv = SCRIPTS.sync.prepare_invoke();
+                let mut inv = SCRIPTS.sync.call();
                 inv.key(&keys.members)
                     .key(&keys.info)
                     .key(&keys.version)
@@ -48,7 +47,7 @@ pub(super) async fn sync_dirty(
                         .arg(e.info.as_deref().unwrap_or(""))
                         .arg(if e.announce { "1" } else { "0" });
                 }
-                match timeout(cfg.subscribe_timeout, invoke::<Value>(&mut conn, &inv)).await {
+                match timeout(cfg.subscribe_timeout, invoke(&mut conn, &inv)).await {
                     Ok(Ok(_)) => Ok(()),
                     Ok(Err(f)) => Err(f.classify()),
                     Err(_) => Err(Failure::Unavailable),
@@ -81,7 +80,7 @@ pub(super) async fn leave_if_absent(
     user: &str,
 ) -> Result<(), Failure> {
     let keys = RoomKeys::new(cfg, room.as_str());
-    let mut inv = SCRIPTS.leave_if_absent.prepare_invoke();
+    let mut inv = SCRIPTS.leave_if_absent.call();
     inv.key(&keys.members)
         .key(&keys.info)
         .key(&keys.version)
@@ -89,5 +88,5 @@ pub(super) async fn leave_if_absent(
         .arg(room.as_str())
         .arg(&cfg.node_id)
         .arg(user);
-    invoke::<Value>(conn, &inv).await.map(drop)
+    invoke(conn, &inv).await.map(drop)
 }
