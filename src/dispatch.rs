@@ -8,132 +8,18 @@
 //! every local socket of the room (never waiting for a socket) and wakes each writer once per
 //! batch. It knows nothing of Redis: a received message is a channel name and its bytes.
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::sync::Arc;
+use std::time::Duration;
 
-use tokio::sync::mpsc;
 use tokio::time::Instant;
 
+use crate::bus::{Delivered, Inbox, Outlet, Received, Shed, hop};
 use crate::channel;
 use crate::config::Config;
 use crate::durable::Durable;
 use crate::envelope;
 use crate::registry::{Dispatched, Offers, Registry, SocketId};
 use crate::stats::Counters;
-use crate::time::unix_ms;
-
-/// One message as the subscriber connection received it.
-#[derive(Debug)]
-pub(crate) struct Received {
-    pub(crate) channel: Vec<u8>,
-    pub(crate) envelope: Vec<u8>,
-}
-
-/// Messages of one room dropped before dispatch: the window and how many.
-#[derive(Debug, Clone, Copy)]
-struct ShedWindow {
-    first: SystemTime,
-    last: SystemTime,
-    count: u64,
-}
-
-/// What was shed, per room, between two dispatcher batches. Written by the push callback,
-/// drained by the dispatcher, which tells the rooms' members.
-#[derive(Debug, Default)]
-struct Shed(Mutex<HashMap<String, ShedWindow>>);
-
-impl Shed {
-    /// Notes one message of `room` dropped now; `since` is where a new window starts (see
-    /// [`Inbox::loss_since`]).
-    fn note(&self, room: &str, since: SystemTime) {
-        let now = SystemTime::now();
-        let mut shed = self.0.lock().unwrap_or_else(PoisonError::into_inner);
-        let window = shed.entry(room.to_owned()).or_insert(ShedWindow {
-            first: since,
-            last: now,
-            count: 0,
-        });
-        window.last = now;
-        window.count += 1;
-    }
-
-    fn take(&self) -> HashMap<String, ShedWindow> {
-        let mut shed = self.0.lock().unwrap_or_else(PoisonError::into_inner);
-        if shed.is_empty() {
-            return HashMap::new();
-        }
-        std::mem::take(&mut *shed)
-    }
-}
-
-/// The latest instant the subscriber link is known to have delivered, in ms since the Unix
-/// epoch: the publisher's stamp of the newest envelope dispatched, or the send instant of the
-/// newest probe that came back, whichever is later. Both are at or before the moment Redis
-/// sent the message down the link, so they hold even when the node read them late (after a
-/// pause, from its socket's buffer).
-#[derive(Debug, Default)]
-struct Delivered(AtomicU64);
-
-impl Delivered {
-    /// Notes a stamp; a stamp from the future (a skewed clock, a forged envelope) counts as now,
-    /// so that a window never starts after the loss it reports.
-    fn note(&self, stamp_ms: u64) {
-        let now = unix_ms(SystemTime::now());
-        self.0.fetch_max(stamp_ms.min(now), Ordering::Relaxed);
-    }
-
-    fn get(&self) -> u64 {
-        self.0.load(Ordering::Relaxed)
-    }
-}
-
-/// The sending side of the hop, held by the subscriber connection's push callback.
-#[derive(Debug)]
-pub(crate) struct Inbox {
-    tx: mpsc::Sender<Received>,
-    shed: Arc<Shed>,
-    delivered: Arc<Delivered>,
-    config: Arc<Config>,
-    counters: Arc<Counters>,
-}
-
-impl Inbox {
-    /// Hands `message` to the dispatcher without waiting: when the hop is full the message is
-    /// dropped, counted, and its room's members will be told.
-    pub(crate) fn offer(&self, message: Received) {
-        if let Err(mpsc::error::TrySendError::Full(message)) = self.tx.try_send(message) {
-            self.counters.inbound_dropped.add(1);
-            if let Some(room) = channel::room_of(&self.config, &message.channel) {
-                self.shed.note(room, self.loss_since());
-            }
-        }
-    }
-
-    /// The link was known to deliver at `at` (a probe sent then came back, or the link was
-    /// just set up).
-    pub(crate) fn delivered_at(&self, at: SystemTime) {
-        self.delivered.note(unix_ms(at));
-    }
-
-    /// Where a window of messages lost from now on starts: the last instant the link was known
-    /// to deliver (see [`Delivered`]), less the publish timeout.
-    ///
-    /// Why less the timeout: a message that was not delivered reached Redis after the last one
-    /// that was, but its publisher stamped it before queueing it, and a broadcast waits in its
-    /// publisher's queue for at most the publish timeout before it is written or given up.
-    /// So a lost message's stamp is no earlier than this, as long as the fleet's clocks agree
-    /// and share the timeout. Never later than now.
-    pub(crate) fn loss_since(&self) -> SystemTime {
-        let now = SystemTime::now();
-        let delivered = UNIX_EPOCH + Duration::from_millis(self.delivered.get());
-        delivered
-            .checked_sub(self.config.publish_timeout)
-            .unwrap_or(UNIX_EPOCH)
-            .min(now)
-    }
-}
 
 /// Most envelopes dispatched before the writers they fed are woken. Under load the hop holds
 /// many envelopes and each writer then finds many frames to send with one flush; when traffic
@@ -164,7 +50,7 @@ const LIGHT_PER_WINDOW: u64 = 500;
 /// The receiving side: one task per node.
 #[derive(Debug)]
 pub(crate) struct Dispatcher {
-    rx: mpsc::Receiver<Received>,
+    rx: tokio::sync::mpsc::Receiver<Received>,
     shed: Arc<Shed>,
     delivered: Arc<Delivered>,
     config: Arc<Config>,
@@ -189,17 +75,15 @@ pub(crate) fn channel(
     counters: Arc<Counters>,
     durable: Arc<Durable>,
 ) -> (Inbox, Dispatcher) {
-    let (tx, rx) = mpsc::channel(capacity);
-    let shed = Arc::new(Shed::default());
-    let delivered = Arc::new(Delivered::default());
+    let (
+        inbox,
+        Outlet {
+            rx,
+            shed,
+            delivered,
+        },
+    ) = hop(capacity, config.clone(), counters.clone());
     let every = Duration::from_secs(10);
-    let inbox = Inbox {
-        tx,
-        shed: shed.clone(),
-        delivered: delivered.clone(),
-        config: config.clone(),
-        counters: counters.clone(),
-    };
     let dispatcher = Dispatcher {
         rx,
         shed,
@@ -407,11 +291,15 @@ impl LogLimiter {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::time::SystemTime;
+
     use super::*;
     use crate::config::{FanoutBuilder, OverflowPolicy};
     use crate::queue::testing::Recorder;
     use crate::queue::{Limits, Outbox};
     use crate::room::RoomName;
+    use crate::time::unix_ms;
 
     /// A dispatcher with no connection behind it: the tests play the subscriber connection
     /// through the [`Inbox`], as `bus::subscriber` does with what Redis pushes.

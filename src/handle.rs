@@ -11,9 +11,9 @@ use axum::http::request::Parts;
 use axum::response::{IntoResponse, Response};
 
 use crate::broadcast::Broadcast;
-use crate::bus::Read;
 use crate::config::Durability;
 use crate::durable::History;
+use crate::durable::Read;
 use crate::envelope::Payload;
 use crate::error::Error;
 use crate::lifecycle::Refused;
@@ -195,7 +195,7 @@ impl RoomHandle {
         if node.config.uses_presence() {
             // Members leave with events now, rather than when the lease runs out.
             clean &= node.presence.wait_all_synced(deadline).await;
-            node.bus.presence_release().await;
+            crate::presence::release(&node.bus).await;
         }
         tracing::info!(
             node = %node.config.node_id,
@@ -225,14 +225,14 @@ impl RoomHandle {
     /// }
     /// ```
     pub async fn presence(&self, room: impl AsRef<str>) -> Result<Snapshot, Error> {
-        self.shared.node.bus.presence_snapshot(room.as_ref()).await
+        crate::presence::snapshot(&self.shared.node.bus, room.as_ref()).await
     }
 
     /// How many members `room` has on every live node, and its version: like
     /// [`presence`](RoomHandle::presence), without the list. Costs O(1) in Redis whatever the
     /// room's size (`HLEN`), besides removing the members of dead nodes first.
     pub async fn presence_count(&self, room: impl AsRef<str>) -> Result<Count, Error> {
-        self.shared.node.bus.presence_count(room.as_ref()).await
+        crate::presence::count(&self.shared.node.bus, room.as_ref()).await
     }
 
     /// Wraps the node's TCP listener for `axum::serve`: `TCP_NODELAY` on every connection, and
@@ -267,8 +267,8 @@ impl RoomHandle {
         let limit = limit.min(settings.replay_limit.get());
         let node = &self.shared.node;
         let page = node
-            .bus
-            .read_history(&room, &settings, Read::Last(limit))
+            .durable
+            .read(&node.bus, &room, &settings, Read::Last(limit))
             .await?;
         Ok(node.durable.history(&room, page, None))
     }
@@ -286,7 +286,7 @@ impl RoomHandle {
         let (room, settings) = self.durable_room(room.as_ref())?;
         let node = &self.shared.node;
         let read = Read::After(since.clone(), settings.replay_limit.get());
-        let page = node.bus.read_history(&room, &settings, read).await?;
+        let page = node.durable.read(&node.bus, &room, &settings, read).await?;
         Ok(node.durable.history(&room, page, Some(since)))
     }
 

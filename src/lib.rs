@@ -23,31 +23,32 @@
 //! - `broadcast`: [`Broadcast`], one message on its way to a room.
 //! - `node`: the composition root. Builds the lifecycle, registry, counters, bus and
 //!   dispatcher, and starts and stops the background tasks.
-//! - `lifecycle`: the node's sockets from attach to close: who is attached, the connection
-//!   limit (one check-and-insert on every attach path), the heartbeat, shutdown and drain.
-//! - `bus`: everything Redis, and the only place that names it. `bus::publisher` (pipelined
-//!   PUBLISH, and the durable rooms' script calls, pipelined too), `bus::receipt` (what a
-//!   broadcast's caller gets back: [`Receipt`], [`Published`]),
-//!   `bus::store` (the durable rooms' store-and-publish script, a call per group of a room's
-//!   messages), `bus::history` (history reads, gap reads, the epoch fork),
-//!   `bus::subscriber` (the shared subscriber link: reconcile, probe, reconnect),
-//!   `bus::backend` (one server or a Redis Cluster; client building, TLS, URL redaction),
-//!   `bus::backoff` (jittered reconnect pauses), `bus::presence` (presence keys; under it
-//!   `scripts` (the Lua scripts and their invocation), `queries` (the member list and count),
-//!   `leases` (the presence task and the per-node lease), `sync` (the table sent to Redis),
-//!   `reaper` (dead nodes' members taken out, a bounded chunk per call)).
-//! - `presence`: `presence::member` ([`Member`], [`Snapshot`], [`Count`]: what the presence
-//!   API takes and gives) and `presence::table` (the node's presence table: which user each
-//!   local socket is in each presence room, and what Redis has not been told yet).
-//! - `dispatch`: the bounded hop from the subscriber connection, and the dispatcher that
-//!   decodes each envelope once and offers the frame to the room's local sockets.
-//! - `durable`: durable rooms on this node, and never waits: the Redis side of them is
-//!   `bus::history`. `durable::sequencer` (live delivery in seq order, gaps held and repaired
-//!   once per room), `durable::resume` (a resuming socket's replay merged with the live
-//!   frames held meanwhile; [`Resumed`]), `durable::history` (what a history read found;
-//!   [`History`]), `durable::rooms` (their shared state under one lock).
+//! - `dispatch`: the dispatcher, which decodes each envelope once and offers the frame to the
+//!   room's local sockets (a durable room's through `durable`).
+//! - Features, each whole in its folder: its state, its Redis half (`redis`) and its tasks.
+//!   `presence`: `presence::member` ([`Member`], [`Snapshot`], [`Count`]: what the presence
+//!   API takes and gives), `presence::table` (which user each local socket is in each
+//!   presence room, and what Redis has not been told yet), `presence::redis` (keys, scripts,
+//!   the lease task, queries, the reaper). `durable`: durable rooms on this node, never
+//!   waiting: `durable::sequencer` (live delivery in seq order, gaps held and repaired once per
+//!   room), `durable::resume` (a resuming socket's replay merged with the live frames held
+//!   meanwhile; [`Resumed`]), `durable::history` (what a history read found; [`History`]),
+//!   `durable::rooms` (their shared state under one lock), `durable::redis` (keys, history
+//!   reads, the epoch fork, the repair task; `durable::redis::store`, the script that stores
+//!   and publishes a group of a room's messages).
+//! - `bus`: the transport, which knows no feature. `bus::publisher` (the publish queue and its
+//!   pipelines: PUBLISH, and a feature's store calls through the `Store` trait),
+//!   `bus::receipt` ([`Receipt`], [`Published`]), `bus::subscriber` (the shared subscriber
+//!   link: reconcile, probe, reconnect), `bus::inbox` (the bounded hop to the dispatcher, and
+//!   where a loss window starts), `bus::script` (the one script runner, reply parsers, room
+//!   key names), `bus::runs` (a pipeline of script calls: groups, what may go again),
+//!   `bus::backend` (one server or a Redis Cluster), `bus::client` (client building, TLS, URL
+//!   redaction), `bus::slots` (cluster hash slots), `bus::backoff` (jittered pauses). Redis's
+//!   types appear only in `bus/` and in each feature's `redis` module.
 //! - `writer`: each socket's batched writer task, which also reads the client's control frames
 //!   while its handler is not reading.
+//! - `lifecycle`: the node's sockets from attach to close: who is attached, the connection
+//!   limit (one check-and-insert on every attach path), the heartbeat, shutdown and drain.
 //! - `registry`: room -> local sockets and [`SocketId`]; `registry::subscriptions` (which
 //!   rooms need a SUBSCRIBE or UNSUBSCRIBE, what Redis confirmed, a lost link or sharded
 //!   subscription and what becomes of it once the room is subscribed again),
@@ -84,7 +85,7 @@
 //!   not ready gets the frame queued, and its writer finishes what could not be flushed.
 //! - **Durable rooms in seq order** (`durable`): live, replayed and repaired messages of a
 //!   durable room reach each socket under one lock, in seq order, each once; the Redis reads
-//!   behind them run elsewhere (`bus::history`), so the dispatcher never waits on Redis.
+//!   behind them run elsewhere (`durable::redis`), so the dispatcher never waits on Redis.
 //! - **No lock across `.await`, one lock order** (outer first): a node's durable rooms
 //!   (`durable::rooms`) -> the registry (`registry`) -> a socket's parked sink
 //!   (`queue::parked`) -> that socket's queue state (`queue`). Every lock is a
@@ -96,7 +97,7 @@
 //!   while one is held.
 //! - **Lifetimes end by `Drop`**: dropping a [`FanoutSocket`] leaves its rooms; dropping the
 //!   last layer or handle stops the background tasks.
-//! - **Presence changes and their notices are one step** (`bus::presence`): the Lua script
+//! - **Presence changes and their notices are one step** (`presence::redis`): the Lua script
 //!   that changes a room's counts publishes the join or leave on the room's channel, so
 //!   notices take the one delivery path, in order with the messages; the node only ever sends
 //!   its current counts (`presence`), so a retry or a re-assertion cannot count twice.

@@ -11,10 +11,11 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use tokio::sync::watch;
 
+use crate::bus::Inbox;
 use crate::bus::{Backend, Bus};
 use crate::config::Config;
-use crate::dispatch::{self, Dispatcher, Inbox};
-use crate::durable::Durable;
+use crate::dispatch::{self, Dispatcher};
+use crate::durable::{self, Durable};
 use crate::lifecycle::{Lifecycle, heartbeat};
 use crate::presence;
 use crate::registry::Registry;
@@ -77,6 +78,7 @@ impl Shared {
             registry.clone(),
             counters.clone(),
             durable.clone(),
+            Arc::new(durable::StoreScript),
             backend,
         ));
         let lifecycle = Arc::new(Lifecycle::new(config.max_connections.get()));
@@ -129,8 +131,8 @@ impl Shared {
         if let Some((inbox, dispatcher)) = unstarted {
             runtime.spawn(dispatcher.run());
             node.bus.start(&runtime, inbox, &self.stop);
-            node.bus
-                .start_presence(&runtime, node.presence.clone(), &self.stop);
+            durable::start(&node.durable, &node.bus, &runtime, &self.stop);
+            presence::start(&node.bus, &runtime, node.presence.clone(), &self.stop);
         }
     }
 }

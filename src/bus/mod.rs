@@ -8,17 +8,17 @@
 //! - `slots`: Redis Cluster hash slots, and commands split by slot.
 //! - `publisher`: broadcasts queue here and go out as pipelines on the publisher connection.
 //! - `subscriber`: the subscriber link. Reconciles subscriptions with the registry, probes the
-//!   link end to end, and hands every received message to the dispatcher's inbox.
+//!   link end to end, and hands every received message to the inbox.
+//! - `inbox`: the bounded hop from the subscriber connection to the dispatcher.
 //! - `backoff`: jittered pauses between reconnect attempts.
-//! - `presence`: presence in Redis: keys, Lua scripts (`presence::scripts`), the member query
-//!   (`presence::queries`), the per-node lease and its task (`presence::leases`), syncing the
-//!   node's presence table (`presence::sync`) and reaping the members of dead nodes
-//!   (`presence::reaper`).
-//! - `store`: the atomic store-and-publish script of durable rooms, one call per group of a
-//!   room's messages, and the NOSCRIPT retry rule.
-//! - `history`: durable rooms' keys, history reads, the epoch fork, and the task that reads
-//!   back the gaps of durable rooms.
+//! - `script`: the one way to run a Lua script (by SHA1, loaded again on NOSCRIPT), reply
+//!   parsers and room key names, for every feature that keeps state in Redis.
+//! - `runs`: the rules of a pipeline of script calls: groups per channel, which refused calls
+//!   may go again.
 //!
+//! The bus knows no feature. What it asks of one is two small traits the feature implements:
+//! [`Repairs`] (rooms that read their gaps back after a loss rather than tell them) and
+//! [`Store`] (a script that stores and publishes a group of a room's messages).//!
 //! Both connections are RESP3 multiplexed connections that this module reconnects itself,
 //! forever. The client library's own memory of subscriptions is not relied on: after every
 //! reconnect the registry marks every local room pending and the subscriber sends them again,
@@ -27,13 +27,12 @@
 mod backend;
 mod backoff;
 mod client;
-mod history;
-mod presence;
+mod inbox;
 mod publisher;
 mod receipt;
-mod script;
+mod runs;
+pub(crate) mod script;
 mod slots;
-mod store;
 mod subscriber;
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -42,18 +41,59 @@ use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
 
-pub(crate) use backend::Backend;
+pub(crate) use backend::{Backend, Conn};
+pub(crate) use backoff::Backoff;
 pub(crate) use client::redacted_target;
-pub(crate) use history::Read;
+pub(crate) use inbox::{Delivered, Inbox, Outlet, Received, Shed, hop};
 pub use receipt::{Published, Receipt};
 
-use crate::config::Config;
-use crate::dispatch::Inbox;
-use crate::durable::Durable;
+use redis::{Cmd, Value};
+
+use crate::config::{Config, Durability};
+use crate::error::Error;
+use crate::position::Position;
 use crate::registry::Registry;
+use crate::room::RoomName;
 use crate::stats::Counters;
-use backend::Conn;
 use publisher::Outgoing;
+use script::Script;
+
+/// What the bus asks of rooms that read their gaps back from a history after a loss, rather
+/// than tell their sockets (durable rooms).
+pub(crate) trait Repairs: Send + Sync + std::fmt::Debug {
+    /// Whether `room`'s gaps are read back rather than told.
+    fn repairs(&self, room: &str) -> bool;
+    /// `rooms` are subscribed again after a loss: their gaps may be read back now, and
+    /// whatever the read misses arrives live.
+    fn resubscribed(&self, rooms: &[RoomName]);
+}
+
+/// Messages of one room for one [`Store`] call: stored and published on `channel`, in order.
+#[derive(Debug)]
+pub(crate) struct Group<'a> {
+    pub(crate) channel: &'a str,
+    /// The epoch the room starts if it has none (new, or its history was lost). One per
+    /// pipeline is enough: within one, a room's history is created at most once.
+    pub(crate) epoch: &'a str,
+    pub(crate) settings: &'a Durability,
+    pub(crate) envelopes: Vec<&'a [u8]>,
+}
+
+/// How the publisher stores a run of messages that have a [`Durability`]: one call of a
+/// script per [`Group`], which stores and publishes them in one atomic step.
+pub(crate) trait Store: Send + Sync + std::fmt::Debug {
+    /// The script the calls run, loaded again when Redis forgot it.
+    fn script(&self) -> &Script;
+    /// Bytes a call adds to an envelope (its position), counted against the size limit.
+    fn added_bytes(&self) -> usize;
+    /// Most messages in one call.
+    fn group_max(&self) -> usize;
+    /// The call (`EVALSHA`) for `group`, publishing with `publish_command`.
+    fn call(&self, publish_command: &str, group: &Group<'_>) -> Cmd;
+    /// The reply to a call of `n` messages, per message: its position and the number of
+    /// nodes subscribed, or why it was not stored.
+    fn replies(&self, reply: &Value, n: usize) -> Vec<Result<(Position, usize), Error>>;
+}
 
 /// A node's link to Redis: what the handles publish through, and the state of the subscriber.
 #[derive(Debug)]
@@ -61,11 +101,10 @@ pub(crate) struct Bus {
     config: Arc<Config>,
     registry: Arc<Registry>,
     counters: Arc<Counters>,
-    /// Durable rooms: the subscriber asks it to repair after a link loss; the history task
-    /// hands it what it read.
-    durable: Arc<Durable>,
-    /// Turns for history reads (`history::READS` at once).
-    reads: tokio::sync::Semaphore,
+    /// Rooms that read their gaps back after a link loss (durable rooms).
+    repairs: Arc<dyn Repairs>,
+    /// How messages with a durability are stored and published.
+    store: Arc<dyn Store>,
     /// `None` when the layer was built leniently from an invalid URL: the node never connects.
     backend: Option<Backend>,
     /// The subscriber link is up and every local room is subscribed on it.
@@ -90,7 +129,8 @@ impl Bus {
         config: Arc<Config>,
         registry: Arc<Registry>,
         counters: Arc<Counters>,
-        durable: Arc<Durable>,
+        repairs: Arc<dyn Repairs>,
+        store: Arc<dyn Store>,
         backend: Option<Backend>,
     ) -> Self {
         let (outgoing, outgoing_rx) = mpsc::channel(publisher::QUEUE);
@@ -99,8 +139,8 @@ impl Bus {
             config,
             registry,
             counters,
-            durable,
-            reads: tokio::sync::Semaphore::new(history::READS),
+            repairs,
+            store,
             backend,
             ready: AtomicBool::new(false),
             reachable: tokio::sync::Notify::new(),
@@ -118,6 +158,34 @@ impl Bus {
     /// Whether the subscriber link is up and every local room is subscribed on it.
     pub(crate) fn is_ready(&self) -> bool {
         self.ready.load(Ordering::Acquire)
+    }
+
+    /// The node's settings.
+    pub(crate) fn config(&self) -> &Arc<Config> {
+        &self.config
+    }
+
+    /// Whether the node runs on a Redis Cluster (`None`: no Redis at all).
+    pub(crate) fn is_cluster(&self) -> Option<bool> {
+        self.backend
+            .as_ref()
+            .map(|b| b.publish_command() != "PUBLISH")
+    }
+
+    /// The publisher connection whenever there is one (`None` while it reconnects): features
+    /// run their scripts on it.
+    pub(crate) fn connections(&self) -> watch::Receiver<Option<Conn>> {
+        self.publisher.subscribe()
+    }
+
+    /// The publisher connection, waiting for one until `deadline`.
+    pub(crate) async fn connection(&self, deadline: tokio::time::Instant) -> Result<Conn, Error> {
+        let mut conns = self.publisher.subscribe();
+        match tokio::time::timeout_at(deadline, conns.wait_for(Option::is_some)).await {
+            Ok(Ok(conn)) => conn.clone().ok_or_else(Error::closed),
+            Ok(Err(_)) => Err(Error::closed()),
+            Err(_) => Err(Error::publish_timeout(false, "EVALSHA")),
+        }
     }
 
     /// Spawns the publisher and subscriber tasks; they end when `stop` changes or is dropped.
@@ -152,13 +220,6 @@ impl Bus {
             outgoing,
             stop.subscribe(),
         ));
-        if let Some(repairs) = self.durable.take_repairs() {
-            runtime.spawn(history::repair_loop(
-                self.clone(),
-                repairs,
-                stop.subscribe(),
-            ));
-        }
     }
 }
 
@@ -176,7 +237,7 @@ async fn pause_or(
 }
 
 /// Sleeps for `d`; returns `false` if the node is stopping.
-async fn pause(d: Duration, stop: &mut watch::Receiver<()>) -> bool {
+pub(crate) async fn pause(d: Duration, stop: &mut watch::Receiver<()>) -> bool {
     tokio::select! {
         _ = tokio::time::sleep(d) => true,
         _ = stop.changed() => false,

@@ -10,11 +10,9 @@ use tokio::time::{Instant, timeout_at};
 use super::backend::{Backend, Conn};
 use super::backoff::Backoff;
 use super::receipt::{Published, Receipt, SharedCause};
+use super::runs::{group_by_channel, to_retry};
 use super::script::Scripting;
-use super::store::{
-    GROUP, Group, POS_BYTES, group_by_channel, load_store_script, store_call, stored, to_retry,
-};
-use super::{Bus, pause_or};
+use super::{Bus, Group, pause_or};
 use crate::channel;
 use crate::config::Durability;
 use crate::error::Error;
@@ -111,7 +109,12 @@ impl Bus {
         }
         let max = cfg.max_envelope_bytes.get();
         // A durable envelope gets its position added by the script.
-        let len = envelope.len() + if durable.is_some() { POS_BYTES } else { 0 };
+        let len = envelope.len()
+            + if durable.is_some() {
+                self.store.added_bytes()
+            } else {
+                0
+            };
         if len > max {
             self.counters.publish_errors.add(1);
             return Err(Error::envelope_too_large(len, max));
@@ -365,7 +368,8 @@ async fn send_durable(bus: &Bus, conn: &mut impl Pipelines, run: Vec<Outgoing>, 
     let mut loads = 0;
     // Not one per message: a random id is a hash and a string, on the per-message path.
     let epoch = random::hex_id();
-    let mut groups = group_by_channel(run, |o| o.channel.as_str(), GROUP);
+    let store = &bus.store;
+    let mut groups = group_by_channel(run, |o| o.channel.as_str(), store.group_max());
     while !groups.is_empty() {
         let commands = groups
             .iter()
@@ -377,7 +381,7 @@ async fn send_durable(bus: &Bus, conn: &mut impl Pipelines, run: Vec<Outgoing>, 
                     settings: first.durable.as_ref()?,
                     envelopes: group.iter().map(|o| o.envelope.as_slice()).collect(),
                 };
-                Some((first.channel.as_str(), store_call(publish_command, &call)))
+                Some((first.channel.as_str(), store.call(publish_command, &call)))
             })
             .collect();
         let replies = match timeout_at(deadline, conn.pipeline(commands)).await {
@@ -406,7 +410,7 @@ async fn send_durable(bus: &Bus, conn: &mut impl Pipelines, run: Vec<Outgoing>, 
             match reply {
                 _ if retry => again.extend(group),
                 Ok(reply) => {
-                    let results = stored(&reply, group.len());
+                    let results = store.replies(&reply, group.len());
                     for (o, result) in group.into_iter().zip(results) {
                         let sent = result.map(|(pos, nodes)| Published::new(nodes, Some(pos)));
                         o.finish(sent, bus);
@@ -423,7 +427,7 @@ async fn send_durable(bus: &Bus, conn: &mut impl Pipelines, run: Vec<Outgoing>, 
             messages = again.len(),
             "redis did not know the durable rooms' script; loading it"
         );
-        match timeout_at(deadline, load_store_script(conn)).await {
+        match timeout_at(deadline, conn.load(store.script())).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => return fail_all(again, e, bus),
             Err(_) => return expire_all(again, bus),
@@ -431,7 +435,7 @@ async fn send_durable(bus: &Bus, conn: &mut impl Pipelines, run: Vec<Outgoing>, 
         // Refused, so not sent: a caller that stopped waiting meanwhile cancels it as usual.
         expire_due(&mut again, bus);
         loads += 1;
-        groups = group_by_channel(again, |o| o.channel.as_str(), GROUP);
+        groups = group_by_channel(again, |o| o.channel.as_str(), store.group_max());
     }
 }
 
@@ -469,11 +473,61 @@ fn expire_due(batch: &mut Vec<Outgoing>, bus: &Bus) {
 #[cfg(test)]
 mod tests {
     use super::super::script::testing::{FakeRedis, noscript};
+    use super::super::script::{Script, int, text};
+    use super::super::{Repairs, Store};
     use super::*;
     use crate::config::FanoutBuilder;
-    use crate::durable::Durable;
+    use crate::position::Position;
     use crate::registry::Registry;
     use crate::stats::Counters;
+
+    /// Most messages per call of the stand-in store.
+    const GROUP: usize = 64;
+
+    /// A store whose calls name the channel and carry the envelopes, and whose reply is the
+    /// real script's shape: `[epoch, first seq, nodes per message...]`.
+    #[derive(Debug)]
+    struct TestStore(Script);
+
+    impl Store for TestStore {
+        fn script(&self) -> &Script {
+            &self.0
+        }
+        fn added_bytes(&self) -> usize {
+            0
+        }
+        fn group_max(&self) -> usize {
+            GROUP
+        }
+        fn call(&self, _publish_command: &str, group: &Group<'_>) -> Cmd {
+            let mut call = self.0.call();
+            call.key(group.channel);
+            for envelope in &group.envelopes {
+                call.arg(*envelope);
+            }
+            call.cmd()
+        }
+        fn replies(&self, reply: &Value, n: usize) -> Vec<Result<(Position, usize), Error>> {
+            let Value::Array(items) = reply else {
+                return (0..n).map(|_| Err(Error::redis("bad reply"))).collect();
+            };
+            let epoch = text(&items[0]).unwrap_or_default();
+            let first = int(&items[1]).unwrap_or(0);
+            (0..n)
+                .map(|i| Ok((Position::new(epoch.as_str(), first + i as u64), 1)))
+                .collect()
+        }
+    }
+
+    #[derive(Debug)]
+    struct NoRepairs;
+
+    impl Repairs for NoRepairs {
+        fn repairs(&self, _room: &str) -> bool {
+            false
+        }
+        fn resubscribed(&self, _rooms: &[RoomName]) {}
+    }
 
     impl Pipelines for FakeRedis {
         async fn publish_many(
@@ -505,12 +559,15 @@ mod tests {
                 .into_config_for_tests(),
         );
         let (registry, counters) = (Arc::new(Registry::default()), Arc::new(Counters::default()));
-        let durable = Arc::new(Durable::new(
-            config.clone(),
-            registry.clone(),
-            counters.clone(),
-        ));
-        Arc::new(Bus::new(config, registry, counters, durable, None))
+        let store = Arc::new(TestStore(Script::new("return 'store'")));
+        Arc::new(Bus::new(
+            config,
+            registry,
+            counters,
+            Arc::new(NoRepairs),
+            store,
+            None,
+        ))
     }
 
     type Reply = oneshot::Receiver<Result<Published, Error>>;
@@ -555,7 +612,7 @@ mod tests {
         let bus = bus();
         let later = Instant::now() + std::time::Duration::from_secs(5);
         let mut redis = FakeRedis::default();
-        redis.known.insert(STORE_HASH.clone());
+        redis.known.insert(bus.store.script().hash().to_owned());
         redis.replies.push_back(stored_reply(1, 2));
         let (mut batch, mut replies) = (Vec::new(), Vec::new());
         for (room, text, durable) in [
@@ -586,7 +643,7 @@ mod tests {
         let bus = bus();
         let later = Instant::now() + std::time::Duration::from_secs(5);
         let mut redis = FakeRedis::default();
-        redis.known.insert(STORE_HASH.clone());
+        redis.known.insert(bus.store.script().hash().to_owned());
         // Room `d`'s call is stored; then Redis is flushed and room `e`'s is refused.
         redis.replies.push_back(stored_reply(7, 1));
         redis.replies.push_back(Err(noscript()));
@@ -606,7 +663,7 @@ mod tests {
         let bus = bus();
         let later = Instant::now() + std::time::Duration::from_secs(5);
         let mut redis = FakeRedis::default();
-        redis.known.insert(STORE_HASH.clone());
+        redis.known.insert(bus.store.script().hash().to_owned());
         // Two calls of room `d` (more than a group): the first refused (another node's load
         // had not happened yet), the second stored, so the first may not follow it.
         redis.replies.push_back(Err(noscript()));
@@ -663,21 +720,4 @@ mod tests {
             "the abandoned one is not an error"
         );
     }
-
-    static STORE_HASH: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
-        let group = Group {
-            channel: "c",
-            epoch: "e",
-            settings: &Durability::default(),
-            envelopes: Vec::new(),
-        };
-        let cmd = store_call("PUBLISH", &group);
-        cmd.args_iter()
-            .nth(1)
-            .map(|a| match a {
-                redis::Arg::Simple(b) => String::from_utf8_lossy(b).into_owned(),
-                _ => String::new(),
-            })
-            .unwrap_or_default()
-    });
 }

@@ -15,10 +15,10 @@ use tokio::time::{Instant, timeout, timeout_at};
 
 use super::backend::{Backend, Conn};
 use super::backoff::Backoff;
+use super::inbox::{Inbox, Received};
 use super::{Bus, pause};
 use crate::channel;
 use crate::config::Config;
-use crate::dispatch::{Inbox, Received};
 use crate::registry::{Changes, Registry};
 use crate::room::RoomName;
 
@@ -233,7 +233,7 @@ fn on_sunsubscribe(bus: &Bus, inbox: &Inbox, info: &PushInfo) {
     let Some(room) = channel::room_of(&bus.config, channel) else {
         return;
     };
-    let repairs = |room: &str| bus.durable.is_durable(room);
+    let repairs = |room: &str| bus.repairs.repairs(room);
     if bus
         .registry
         .subscription_lost(room, inbox.loss_since(), repairs)
@@ -287,10 +287,8 @@ async fn serve_link(
         // Rooms lost with the link or a moved slot and now subscribed again: tell the gap
         // before reporting ready, so nothing that sees the node ready can deliver a message
         // ahead of the notice; read back the durable rooms' gaps.
-        let (told, durable) = bus
-            .registry
-            .resubscribed(|room| bus.durable.is_durable(room));
-        bus.durable.repair_resubscribed(&durable);
+        let (told, durable) = bus.registry.resubscribed(|room| bus.repairs.repairs(room));
+        bus.repairs.resubscribed(&durable);
         if !up {
             up = true;
             retry.backoff.reset();

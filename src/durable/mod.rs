@@ -3,13 +3,15 @@
 //!
 //! Everything here runs under one `std::sync::Mutex` and never waits: the dispatcher calls
 //! [`Durable::on_live`] for each positioned envelope, and the Redis reads (a resume's replay,
-//! a gap's repair) happen elsewhere (`bus::history`, `socket`) and hand their results back
+//! a gap's repair) happen elsewhere (`redis`, `socket`) and hand their results back
 //! through [`Durable::finish_resume`] and [`Durable::repaired`]. Delivering under the lock is
 //! what keeps one order: live, replayed and repaired messages reach each socket in `seq` order,
 //! whichever task delivers them.
 //!
 //! # Layout
 //!
+//! - `redis`: durable rooms in Redis: keys, history reads, the epoch fork, the repair task,
+//!   and (`redis::store`) the script that stores and publishes a group of a room's messages.
 //! - `sequencer`: the room's sequencer, live delivery in seq order and the node's own gap
 //!   repair.
 //! - `resume`: a resuming socket, its replay merged with the live frames held meanwhile;
@@ -22,11 +24,13 @@
 //! listed after it.
 
 mod history;
+mod redis;
 mod resume;
 mod rooms;
 mod sequencer;
 
 pub use history::History;
 pub(crate) use history::Page;
+pub(crate) use redis::{Read, StoreScript, start};
 pub use resume::Resumed;
 pub(crate) use rooms::{Durable, Repair};

@@ -99,6 +99,8 @@ pub(crate) struct Durable {
     /// most one request per durable room of this node.
     pub(super) repairs: mpsc::UnboundedSender<Repair>,
     pub(super) repairs_rx: Mutex<Option<mpsc::UnboundedReceiver<Repair>>>,
+    /// Turns for history reads ([`READS`](super::redis::READS) at once).
+    pub(super) reads: tokio::sync::Semaphore,
 }
 
 impl Durable {
@@ -115,6 +117,7 @@ impl Durable {
             rooms: Mutex::default(),
             repairs,
             repairs_rx: Mutex::new(Some(repairs_rx)),
+            reads: tokio::sync::Semaphore::new(super::redis::READS),
         }
     }
 
@@ -123,7 +126,7 @@ impl Durable {
         self.rooms.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// The repair requests, for the bus's reader task (once).
+    /// The repair requests, for the repair task (once).
     pub(crate) fn take_repairs(&self) -> Option<mpsc::UnboundedReceiver<Repair>> {
         self.repairs_rx
             .lock()

@@ -2,7 +2,7 @@
 
 use tokio::time::Instant;
 
-use crate::bus::Read;
+use crate::durable::Read;
 use crate::durable::Resumed;
 use crate::error::Error;
 use crate::node::Shared;
@@ -94,7 +94,7 @@ impl FanoutSocket {
     /// undoes both either way.
     pub async fn join_as(&mut self, room: impl AsRef<str>, member: &Member) -> Result<(), Error> {
         let room = RoomName::new(room)?;
-        self.shared.node.bus.check_presence(&room)?;
+        crate::presence::check(&self.shared.node.bus, &room)?;
         self.join(&room).await?;
         let node = &self.shared.node;
         let deadline = Instant::now() + node.config.subscribe_timeout;
@@ -172,7 +172,7 @@ impl FanoutSocket {
         };
         // Boxed: the read's futures (a script call under a deadline) are large, and a socket's
         // task would keep their size for its whole life.
-        match Box::pin(node.bus.read_history(&room, &settings, read)).await {
+        match Box::pin(node.durable.read(&node.bus, &room, &settings, read)).await {
             Ok(page) => Ok(node
                 .durable
                 .finish_resume(&room, self.id, &self.outbox, since, page)),

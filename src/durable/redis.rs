@@ -1,5 +1,6 @@
 //! Durable rooms in Redis: history reads, the epoch fork, and the task that reads back the
-//! gaps the node's members missed. Storing and publishing is `store`'s.
+//! gaps the node's members missed. Storing and publishing is `store`'s (a script the bus's
+//! publisher runs). With `bus/`, the only place that names Redis for durable rooms.
 //!
 //! # Keys
 //!
@@ -25,12 +26,15 @@ use redis::Value;
 use tokio::sync::{mpsc, watch};
 use tokio::time::{Instant, timeout_at};
 
-use super::Bus;
-use super::backend::Conn;
-use super::script::{self, Script, int, room_key_base, text, ttl_ms, unexpected};
+mod store;
+
+pub(crate) use store::StoreScript;
+
+use super::{Durable, Page, Repair};
+use crate::bus::script::{self, Script, int, room_key_base, text, ttl_ms, unexpected};
+use crate::bus::{Bus, Repairs};
 use crate::channel;
 use crate::config::Durability;
-use crate::durable::{Page, Repair};
 use crate::error::Error;
 use crate::position::Position;
 use crate::random;
@@ -39,12 +43,12 @@ use crate::room::RoomName;
 /// Concurrent history reads per node, at most: a flood of resumes (every client of a node
 /// reconnecting at once) queues here instead of hitting Redis all at once. Each read returns at
 /// most the replay limit of entries.
-pub(super) const READS: usize = 16;
+pub(crate) const READS: usize = 16;
 
 /// The start of the scripts that write or read a room's history: the room's epoch, created
 /// (`ARGV[1]`) when the meta key is missing, the room being new or its history lost. The
 /// stream is then deleted, so no entry of a lost epoch survives into the new one.
-pub(super) const EPOCH_LUA: &str = r#"
+const EPOCH_LUA: &str = r#"
 local meta, stream = KEYS[1], KEYS[2]
 local epoch = redis.call('HGET', meta, 'epoch')
 local created = not epoch
@@ -111,7 +115,7 @@ pub(crate) enum Read {
 }
 
 /// The keys of the room on `channel`: `(meta, stream)` (see the module docs).
-pub(super) fn keys(channel: &str) -> (String, String) {
+fn keys(channel: &str) -> (String, String) {
     let base = room_key_base(channel);
     (format!("{base}:meta"), format!("{base}:history"))
 }
@@ -140,26 +144,26 @@ fn entries(value: &Value) -> Option<Vec<(u64, Vec<u8>)>> {
         .collect()
 }
 
-impl Bus {
-    /// The publisher connection, waiting for one until `deadline`.
-    async fn history_conn(&self, deadline: Instant) -> Result<Conn, Error> {
-        let mut conns = self.publisher.subscribe();
-        match timeout_at(deadline, conns.wait_for(Option::is_some)).await {
-            Ok(Ok(conn)) => conn.clone().ok_or_else(Error::closed),
-            Ok(Err(_)) => Err(Error::closed()),
-            Err(_) => Err(Error::publish_timeout(false, "EVALSHA")),
-        }
+impl Repairs for Durable {
+    fn repairs(&self, room: &str) -> bool {
+        self.is_durable(room)
     }
+    fn resubscribed(&self, rooms: &[RoomName]) {
+        self.repair_resubscribed(rooms);
+    }
+}
 
+impl Durable {
     /// Reads durable `room`'s position and the entries `read` asks for, oldest first. At most
     /// [`READS`] reads run at once per node; the others wait their turn.
-    pub(crate) async fn read_history(
+    pub(crate) async fn read(
         &self,
+        bus: &Bus,
         room: &RoomName,
         settings: &Durability,
         read: Read,
     ) -> Result<Page, Error> {
-        if self.backend.is_none() {
+        if !bus.is_configured() {
             return Err(Error::no_redis());
         }
         let cfg = &self.config;
@@ -187,7 +191,7 @@ impl Bus {
                 .arg(n)
                 .arg(after.epoch()),
         };
-        let mut conn = self.history_conn(deadline).await?;
+        let mut conn = bus.connection(deadline).await?;
         let reply = match timeout_at(deadline, script::run(&mut conn, &script)).await {
             Ok(Ok(Value::Array(reply))) => reply,
             Ok(Ok(_)) => return Err(unexpected("read")),
@@ -216,6 +220,7 @@ impl Bus {
     /// without being told. Returns the room's epoch afterwards.
     async fn fork_epoch(
         &self,
+        bus: &Bus,
         room: &RoomName,
         settings: &Durability,
         delivered: &Position,
@@ -230,7 +235,7 @@ impl Bus {
             .arg(delivered.seq())
             .arg(random::hex_id())
             .arg(ttl_ms(settings.ttl));
-        let mut conn = self.history_conn(deadline).await?;
+        let mut conn = bus.connection(deadline).await?;
         match timeout_at(deadline, script::run(&mut conn, &script)).await {
             Ok(Ok(reply)) => text(&reply).ok_or_else(|| unexpected("fork")),
             Ok(Err(e)) => Err(Error::redis(e)),
@@ -239,9 +244,31 @@ impl Bus {
     }
 }
 
+/// Spawns the task that reads back the gaps of the node's durable rooms (once; it ends when
+/// `stop` changes or is dropped).
+pub(crate) fn start(
+    durable: &Arc<Durable>,
+    bus: &Arc<Bus>,
+    runtime: &tokio::runtime::Handle,
+    stop: &watch::Sender<()>,
+) {
+    if !bus.is_configured() {
+        return;
+    }
+    if let Some(repairs) = durable.take_repairs() {
+        runtime.spawn(repair_loop(
+            durable.clone(),
+            bus.clone(),
+            repairs,
+            stop.subscribe(),
+        ));
+    }
+}
+
 /// Reads back the gaps the node's durable rooms asked for, each in a task of its own (the
 /// reads themselves wait for a turn, see [`READS`]), until the node stops.
-pub(super) async fn repair_loop(
+async fn repair_loop(
+    durable: Arc<Durable>,
     bus: Arc<Bus>,
     mut repairs: mpsc::UnboundedReceiver<Repair>,
     mut stop: watch::Receiver<()>,
@@ -254,23 +281,19 @@ pub(super) async fn repair_loop(
         let Some(Repair { room, after }) = repair else {
             return;
         };
-        let bus = bus.clone();
+        let (durable, bus) = (durable.clone(), bus.clone());
         tokio::spawn(async move {
-            let settings = bus
-                .config
-                .durable_for(room.as_str())
-                .copied()
-                .unwrap_or_default();
+            let settings = durable.settings(room.as_str());
             let read = Read::After(after.clone(), settings.replay_limit.get());
-            let page = bus
-                .read_history(&room, &settings, read)
+            let page = durable
+                .read(&bus, &room, &settings, read)
                 .await
                 .inspect_err(|e| tracing::warn!(room = %room, error = %e, "could not read a durable room's gap"))
                 .ok();
-            let Some(lost) = bus.durable.repaired(&room, &after, page) else {
+            let Some(lost) = durable.repaired(&room, &after, page) else {
                 return;
             };
-            match bus.fork_epoch(&room, &settings, &lost).await {
+            match durable.fork_epoch(&bus, &room, &settings, &lost).await {
                 Ok(epoch) => {
                     tracing::warn!(room = %room, delivered = %lost, epoch, "a durable room's history lost delivered messages; it goes on in a new epoch")
                 }

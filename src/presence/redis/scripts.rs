@@ -6,7 +6,7 @@ use std::sync::LazyLock;
 use redis::Value;
 
 use super::Failure;
-use crate::bus::backend::Conn;
+use crate::bus::Conn;
 use crate::bus::script::{self, Call, Script};
 
 /// Shared by every script: the clock, leases, versions, events and the one way a count

@@ -5,7 +5,7 @@ use redis::Value;
 
 use super::scripts::{SCRIPTS, invoke};
 use super::{Failure, FleetKeys, RoomKeys, event_channel, int, items, text};
-use crate::bus::backend::Conn;
+use crate::bus::Conn;
 use crate::config::Config;
 use crate::room::RoomName;
 

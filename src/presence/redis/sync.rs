@@ -6,7 +6,7 @@ use tokio::time::timeout;
 
 use super::scripts::{SCRIPTS, invoke};
 use super::{Failure, FleetKeys, RoomKeys, event_channel};
-use crate::bus::backend::Conn;
+use crate::bus::Conn;
 use crate::config::Config;
 use crate::presence::{ENTRIES_PER_SYNC, Table};
 use crate::room::RoomName;

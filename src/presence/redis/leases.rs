@@ -10,47 +10,46 @@ use redis::Value;
 use tokio::sync::watch;
 use tokio::time::{Instant, timeout};
 
+use super::queries::conn;
 use super::reaper::reap_dead;
 use super::scripts::{SCRIPTS, invoke};
 use super::sync::{leave_if_absent, sync_dirty};
 use super::{Failure, FleetKeys, int, items, text};
-use crate::bus::backend::Conn;
-use crate::bus::backoff::Backoff;
+use crate::bus::Backoff;
+use crate::bus::Conn;
 use crate::bus::{Bus, pause};
 use crate::config::Config;
 use crate::presence::Table;
 use crate::random;
 use crate::room::RoomName;
 
-impl Bus {
-    /// Drops this node's lease if none of its connections is left in Redis (a clean
-    /// shutdown, after every leave was synced).
-    pub(crate) async fn presence_release(&self) {
-        let cfg = &self.config;
-        let fleet = FleetKeys::new(cfg);
-        let run = async {
-            let mut conn = self.presence_conn(Duration::from_secs(1)).await?;
-            let mut inv = SCRIPTS.release.call();
-            inv.key(&fleet.leases)
-                .key(fleet.rooms(&cfg.node_id))
-                .arg(&cfg.node_id);
-            invoke(&mut conn, &inv).await
-        };
-        let _ = timeout(Duration::from_secs(1), run).await;
-    }
+/// Drops this node's lease if none of its connections is left in Redis (a clean shutdown,
+/// after every leave was synced).
+pub(crate) async fn release(bus: &Bus) {
+    let cfg = bus.config();
+    let fleet = FleetKeys::new(cfg);
+    let run = async {
+        let mut conn = conn(bus, Duration::from_secs(1)).await?;
+        let mut inv = SCRIPTS.release.call();
+        inv.key(&fleet.leases)
+            .key(fleet.rooms(&cfg.node_id))
+            .arg(&cfg.node_id);
+        invoke(&mut conn, &inv).await
+    };
+    let _ = timeout(Duration::from_secs(1), run).await;
+}
 
-    /// Spawns the presence task when any room has presence.
-    pub(crate) fn start_presence(
-        self: &Arc<Self>,
-        runtime: &tokio::runtime::Handle,
-        table: Arc<Table>,
-        stop: &watch::Sender<()>,
-    ) {
-        if self.backend.is_none() || !self.config.uses_presence() {
-            return;
-        }
-        runtime.spawn(run(self.clone(), table, stop.subscribe()));
+/// Spawns the presence task when any room has presence.
+pub(crate) fn start(
+    bus: &Arc<Bus>,
+    runtime: &tokio::runtime::Handle,
+    table: Arc<Table>,
+    stop: &watch::Sender<()>,
+) {
+    if !bus.is_configured() || !bus.config().uses_presence() {
+        return;
     }
+    runtime.spawn(run(bus.clone(), table, stop.subscribe()));
 }
 
 /// How often survivors look for expired leases: the "second or two to notice" on top of the
@@ -61,10 +60,10 @@ fn reap_every(config: &Config) -> Duration {
 
 /// Keeps this node's lease, syncs its table to Redis, and reaps dead nodes.
 async fn run(bus: Arc<Bus>, table: Arc<Table>, mut stop: watch::Receiver<()>) {
-    let cfg = bus.config.clone();
+    let cfg = bus.config().clone();
     let fleet = FleetKeys::new(&cfg);
     let renew_every = cfg.presence_ttl / 3;
-    let mut conns = bus.publisher.subscribe();
+    let mut conns = bus.connections();
     let mut backoff = Backoff::new(cfg.backoff_min, cfg.backoff_max);
     // The epoch this node last saw: `None` until the first lease.
     let mut epoch: Option<String> = None;

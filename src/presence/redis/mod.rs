@@ -1,6 +1,7 @@
-//! Presence in Redis: the keys, the Lua scripts that change them atomically, the per-node
-//! lease, and the task that syncs this node's table (`crate::presence`) and removes the
-//! members of dead nodes.
+//! Presence in Redis: the keys, the Lua scripts that change them atomically (run by the bus's
+//! one script runner, `bus::script`), the per-node lease, and the task that syncs this node's
+//! table (`super::table`) and removes the members of dead nodes. With `bus/`, the only place
+//! that names Redis.
 //!
 //! # Keys
 //!
@@ -53,6 +54,9 @@ mod queries;
 mod reaper;
 mod scripts;
 mod sync;
+
+pub(crate) use leases::{release, start};
+pub(crate) use queries::{check, count, snapshot};
 
 use redis::{RedisError, Value};
 
