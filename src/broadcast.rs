@@ -158,11 +158,13 @@ impl Broadcast {
             .await
     }
 
-    /// Leaves out one socket of this node (usually the sender). It also counts as the
-    /// [`sender`](Broadcast::sender) unless one was named.
+    /// Leaves out one socket of this node. Only that: it does not name the
+    /// [`sender`](Broadcast::sender), so in a sharded room the broadcast keeps this node's
+    /// shard for the room. Add `.sender(socket)` too when the socket is the one sending, or
+    /// broadcast from it with [`FanoutSocket::broadcast`](crate::FanoutSocket::broadcast) and
+    /// [`except_sender`](Broadcast::except_sender).
     pub fn except(mut self, socket: SocketId) -> Self {
         self.except = Some(socket);
-        self.sender.get_or_insert(socket);
         self
     }
 
@@ -191,5 +193,24 @@ impl IntoFuture for Broadcast {
         // Awaited: if the caller stops waiting before Redis got it, it is not sent (as before
         // `queue` existed); a queued broadcast is sent regardless.
         Box::pin(async move { self.publish().await.map(|p| p.nodes()) })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::FanoutLayer;
+    use crate::registry::SocketId;
+
+    #[tokio::test]
+    async fn except_leaves_a_socket_out_without_naming_the_sender() {
+        // Never connects (nothing listens on port 1): only the broadcast's fields are looked at.
+        let rooms = FanoutLayer::new("redis://127.0.0.1:1").handle();
+        let (a, b) = (SocketId::from_wire(1), SocketId::from_wire(2));
+        let only_except = rooms.broadcast("r", "x").except(a);
+        assert_eq!((only_except.except, only_except.sender), (Some(a), None));
+        let both = rooms.broadcast("r", "x").sender(b).except(a);
+        assert_eq!((both.except, both.sender), (Some(a), Some(b)));
+        let from_socket = rooms.broadcast("r", "x").sender(b).except_sender();
+        assert_eq!((from_socket.except, from_socket.sender), (Some(b), Some(b)));
     }
 }
