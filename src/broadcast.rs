@@ -23,6 +23,13 @@ use crate::room::RoomName;
 /// delivers it from its subscriber, this one included: local sockets never receive it
 /// inline, so each socket gets each message once and all see one order.
 ///
+/// ## Zero nodes
+/// The count is of the nodes that got it live, not of where it is kept. A plain room with no
+/// sockets anywhere answers 0 and the message is gone. A [durable](crate::FanoutBuilder::durable)
+/// room with no sockets also answers 0, yet its message was stored: a client that joins
+/// later reads it from the history. Tell the two apart with [`send`](Broadcast::send), whose
+/// [`position`](crate::Published::position) is `Some` once a durable message is stored.
+///
 /// ## Cancel safety
 /// Dropping an awaited broadcast before it was written to Redis cancels it. A broadcast made
 /// with [`queue`](Broadcast::queue) is sent whether or not its [`Receipt`] is still held.
@@ -189,6 +196,9 @@ impl IntoFuture for Broadcast {
     type Output = Result<usize, Error>;
     type IntoFuture = Pin<Box<dyn Future<Output = Self::Output> + Send>>;
 
+    /// Publishes and resolves to the number of nodes that got the broadcast live; 0 for a
+    /// durable room with no sockets, although its message was stored (see *Zero nodes* on
+    /// [`Broadcast`]).
     fn into_future(self) -> Self::IntoFuture {
         // Awaited: if the caller stops waiting before Redis got it, it is not sent (as before
         // `queue` existed); a queued broadcast is sent regardless.
