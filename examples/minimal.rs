@@ -34,6 +34,8 @@ async fn http_push(Path(room): Path<String>, rooms: RoomHandle, body: String) ->
         return "not sent: the body must be one JSON value\n".to_owned();
     };
     match rooms.broadcast(&room, payload).await {
+        // The nodes that got it live: 0 when no socket holds the room, even though a durable
+        // room's message is stored all the same (`Broadcast`'s "Zero nodes").
         Ok(nodes) => format!("sent to {nodes} node(s)\n"),
         Err(e) => format!("not sent: {e}\n"),
     }

@@ -23,6 +23,13 @@ use crate::room::RoomName;
 /// delivers it from its subscriber, this one included: local sockets never receive it
 /// inline, so each socket gets each message once and all see one order.
 ///
+/// ## Zero nodes
+/// The count is of the nodes that got it live, not of where it is kept. A plain room with no
+/// sockets anywhere answers 0 and the message is gone. A [durable](crate::FanoutBuilder::durable)
+/// room with no sockets also answers 0, yet its message was stored: a client that joins
+/// later reads it from the history. Tell the two apart with [`send`](Broadcast::send), whose
+/// [`position`](crate::Published::position) is `Some` once a durable message is stored.
+///
 /// ## Cancel safety
 /// Dropping an awaited broadcast before it was written to Redis cancels it. A broadcast made
 /// with [`queue`](Broadcast::queue) is sent whether or not its [`Receipt`] is still held.
@@ -158,11 +165,13 @@ impl Broadcast {
             .await
     }
 
-    /// Leaves out one socket of this node (usually the sender). It also counts as the
-    /// [`sender`](Broadcast::sender) unless one was named.
+    /// Leaves out one socket of this node. Only that: it does not name the
+    /// [`sender`](Broadcast::sender), so in a sharded room the broadcast keeps this node's
+    /// shard for the room. Add `.sender(socket)` too when the socket is the one sending, or
+    /// broadcast from it with [`FanoutSocket::broadcast`](crate::FanoutSocket::broadcast) and
+    /// [`except_sender`](Broadcast::except_sender).
     pub fn except(mut self, socket: SocketId) -> Self {
         self.except = Some(socket);
-        self.sender.get_or_insert(socket);
         self
     }
 
@@ -187,9 +196,31 @@ impl IntoFuture for Broadcast {
     type Output = Result<usize, Error>;
     type IntoFuture = Pin<Box<dyn Future<Output = Self::Output> + Send>>;
 
+    /// Publishes and resolves to the number of nodes that got the broadcast live; 0 for a
+    /// durable room with no sockets, although its message was stored (see *Zero nodes* on
+    /// [`Broadcast`]).
     fn into_future(self) -> Self::IntoFuture {
         // Awaited: if the caller stops waiting before Redis got it, it is not sent (as before
         // `queue` existed); a queued broadcast is sent regardless.
         Box::pin(async move { self.publish().await.map(|p| p.nodes()) })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::FanoutLayer;
+    use crate::registry::SocketId;
+
+    #[tokio::test]
+    async fn except_leaves_a_socket_out_without_naming_the_sender() {
+        // Never connects (nothing listens on port 1): only the broadcast's fields are looked at.
+        let rooms = FanoutLayer::new("redis://127.0.0.1:1").handle();
+        let (a, b) = (SocketId::from_wire(1), SocketId::from_wire(2));
+        let only_except = rooms.broadcast("r", "x").except(a);
+        assert_eq!((only_except.except, only_except.sender), (Some(a), None));
+        let both = rooms.broadcast("r", "x").sender(b).except(a);
+        assert_eq!((both.except, both.sender), (Some(a), Some(b)));
+        let from_socket = rooms.broadcast("r", "x").sender(b).except_sender();
+        assert_eq!((from_socket.except, from_socket.sender), (Some(b), Some(b)));
     }
 }

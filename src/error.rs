@@ -10,6 +10,10 @@ type BoxError = Box<dyn StdError + Send + Sync>;
 /// The error is opaque on purpose: match on it with the `is_*` predicates, which stay stable
 /// while the causes behind them change. [`source`](StdError::source) carries the underlying
 /// cause (a Redis error, an invalid room name, ...) when there is one.
+///
+/// Its `Display` says what failed and, when the cause is what the caller has to fix, why
+/// (`limit reached: a socket may be in at most 100 rooms`). A failure elsewhere (a Redis error,
+/// a timeout, the transport) is shown as what failed only, its cause left to `source`.
 pub struct Error {
     kind: Kind,
     source: Option<BoxError>,
@@ -67,7 +71,7 @@ impl Error {
     pub(crate) fn no_redis() -> Self {
         Self::with(
             Kind::InvalidUrl,
-            "the layer was built with an invalid redis url (FanoutLayer::try_new reports why)",
+            "the layer was built without a usable one (FanoutLayer::try_new reports why)",
         )
     }
 
@@ -161,7 +165,7 @@ impl Error {
     pub(crate) fn not_durable(room: &str) -> Self {
         Self::with(
             Kind::NotDurable,
-            format!("room {room:?} is not durable: it keeps no history (FanoutBuilder::durable)"),
+            format!("room {room:?} keeps no history (FanoutBuilder::durable)"),
         )
     }
 
@@ -235,6 +239,24 @@ impl Error {
         self.kind == Kind::PresenceOff
     }
 
+    /// Whether the cause is what the caller has to fix (a rule broken, a limit, a setting
+    /// missing): then `Display` shows it. The other kinds' causes are failures of something
+    /// else (Redis, the network, the transport), which `source` carries.
+    fn cause_explains(&self) -> bool {
+        match self.kind {
+            Kind::InvalidUrl
+            | Kind::InvalidRoom
+            | Kind::InvalidPayload
+            | Kind::Limit
+            | Kind::InvalidMember
+            | Kind::PresenceOff
+            | Kind::NotDurable => true,
+            Kind::Redis | Kind::Timeout | Kind::Closed | Kind::MessageTooBig | Kind::WebSocket => {
+                false
+            }
+        }
+    }
+
     fn description(&self) -> &'static str {
         match self.kind {
             Kind::InvalidUrl => "invalid redis url",
@@ -266,9 +288,18 @@ impl fmt::Debug for Error {
 
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        // Like hyper: Display says what failed; the cause is reachable through `source()`
-        // and is not repeated here.
-        f.write_str(self.description())
+        f.write_str(self.description())?;
+        // Hyper's rule, "Display never repeats its source", suits causes that are someone
+        // else's failure, which a reporter walking `source()` shows. It hid the answer here:
+        // most callers print `{e}` alone (a close reason, an HTTP body, a log field), and a
+        // client was told "invalid room name" for `a:shard1` with nothing saying which rule
+        // it broke. So a cause that is the caller's to fix is part of the message. `source()`
+        // still returns it (an `InvalidRoomName` stays reachable), so a reporter that prints
+        // the whole chain shows it twice for these kinds: the lesser cost.
+        match &self.source {
+            Some(cause) if self.cause_explains() => write!(f, ": {cause}"),
+            _ => Ok(()),
+        }
     }
 }
 
@@ -291,7 +322,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn display_does_not_repeat_the_source() {
+    fn display_leaves_a_failure_elsewhere_to_the_source() {
         let e = Error::redis("connection refused");
         assert_eq!(e.to_string(), "redis command failed");
         assert_eq!(
@@ -299,5 +330,35 @@ mod tests {
             Some("connection refused")
         );
         assert!(e.is_redis() && !e.is_timeout());
+        assert_eq!(
+            Error::publish_timeout(false, "PUBLISH").to_string(),
+            "redis did not answer in time"
+        );
+    }
+
+    #[test]
+    fn display_says_which_rule_a_caller_broke() {
+        let e = Error::from(crate::room::RoomName::new("a:shard1").expect_err("reserved"));
+        assert_eq!(
+            e.to_string(),
+            "invalid room name: room name \"a:shard1\" ends in `:shard<N>`, which is reserved \
+             for shard channels"
+        );
+        let cause = e.source().expect("the rule, as the source too");
+        assert!(cause.is::<crate::room::InvalidRoomName>(), "{cause:?}");
+
+        assert_eq!(
+            Error::too_many_rooms(2).to_string(),
+            "limit reached: a socket may be in at most 2 rooms"
+        );
+        assert_eq!(
+            Error::not_durable("chat").to_string(),
+            "room is not durable: room \"chat\" keeps no history (FanoutBuilder::durable)"
+        );
+        assert_eq!(
+            Error::envelope_too_large(10, 8).to_string(),
+            "invalid payload: the envelope would be 10 bytes; the limit is 8 (max_envelope_bytes)"
+        );
+        assert_eq!(Error::closed().to_string(), "socket closed");
     }
 }

@@ -158,8 +158,8 @@ impl FanoutBuilder {
             .inspect_err(|e| {
                 tracing::error!(
                     url = %redacted_target(&connect),
+                    // The error's message says why: the cause of an invalid url is part of it.
                     error = %e,
-                    cause = ?std::error::Error::source(e).map(ToString::to_string),
                     "axum-fanout: invalid redis url; this node will never be ready (use \
                      FanoutLayer::try_new to catch this at start-up)"
                 );

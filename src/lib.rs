@@ -64,6 +64,7 @@
 //! `config::durability`: [`Durability`]), `room`
 //! ([`RoomName`], validated once at the edge), `missed` ([`Missed`], how a socket learns that
 //! messages may have been lost), `stats` ([`Stats`] and the counters), `error` ([`Error`]),
+//! [`close`] (the close codes and reasons the node sends, public),
 //! `time` (milliseconds since the epoch), `position` ([`Position`], [`Unrecoverable`]),
 //! `random` (random ids: node ids, epochs, backoff seeds).
 //!
@@ -118,6 +119,7 @@ mod socket;
 mod writer;
 
 mod channel;
+pub mod close;
 mod config;
 mod envelope;
 mod error;
@@ -140,7 +142,6 @@ pub use listener::FanoutListener;
 pub use missed::Missed;
 pub use position::{InvalidPosition, Position, Unrecoverable};
 pub use presence::{Count, MAX_INFO_LEN, MAX_USER_LEN, Member, MemberEntry, Snapshot};
-pub use queue::SLOW_CONSUMER_REASON;
 pub use registry::SocketId;
 pub use room::{InvalidRoomName, MAX_ROOM_LEN, RoomName};
 pub use socket::{Event, FanoutSocket};

@@ -14,10 +14,11 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use axum::body::Bytes;
-use axum::extract::ws::{Message, close_code};
+use axum::extract::ws::Message;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
+use crate::close;
 use crate::config::{Config, OverflowPolicy};
 use crate::queue::Outbox;
 use crate::registry::{Registry, SocketId};
@@ -229,7 +230,7 @@ pub(crate) async fn heartbeat(
                     age_ms = outbox.age().as_millis() as u64,
                     "no pong from a client in {limit:?}; closing it"
                 );
-                outbox.close_now(close_code::AWAY, "no pong received");
+                outbox.close_now(close::GOING_AWAY, close::NO_PONG_REASON);
             } else {
                 // A ping that finds the queue full is dropped: that socket is already busy.
                 outbox.offer(Message::Ping(Bytes::new()), OverflowPolicy::DropNewest);

@@ -31,135 +31,178 @@ impl Counter {
     }
 }
 
-/// The counters of one node, shared by its tasks. Metric names are listed in [`Stats`].
-#[derive(Debug)]
-pub(crate) struct Counters {
-    pub(crate) published: Counter,
-    pub(crate) publish_errors: Counter,
-    pub(crate) received: Counter,
-    pub(crate) delivered: Counter,
-    pub(crate) dropped: Counter,
-    pub(crate) slow_disconnects: Counter,
-    pub(crate) malformed: Counter,
-    pub(crate) inbound_dropped: Counter,
-    pub(crate) reconnects: Counter,
-    pub(crate) rejected_connections: Counter,
-    pub(crate) rate_limited: Counter,
-    pub(crate) heartbeat_timeouts: Counter,
-    pub(crate) socket_writes: Counter,
-    pub(crate) frames_written: Counter,
-    pub(crate) accepts_out_of_fds: Counter,
+/// Declares every statistic once. Gauges are current sizes read from the registry and the
+/// lifecycle; counters are totals. From one list it makes the public [`Stats`] (field order is
+/// its serde order: gauges, then counters), [`Counters`] with each counter's metric name
+/// (`axum_fanout_<field>_total`, as [`Stats`] promises), [`Gauges`], and the snapshot, so a
+/// counter added here is counted, reported and exported alike.
+macro_rules! statistics {
+    (
+        gauges { $( $(#[$gauge_doc:meta])* $gauge:ident, )* }
+        counters { $( $(#[$counter_doc:meta])* $counter:ident, )* }
+    ) => {
+        /// A snapshot of one node's activity, from [`RoomHandle::stats`](crate::RoomHandle::stats).
+        ///
+        /// Counters are totals since the node started; `rooms`, `connections`, `memberships`
+        /// and `subscriptions` are current values. Each counter is also reported through the
+        /// [`metrics`] facade as `axum_fanout_<field>_total` (e.g.
+        /// `axum_fanout_delivered_total`), so an installed recorder such as a Prometheus
+        /// exporter collects them with no further code.
+        #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+        #[non_exhaustive]
+        pub struct Stats {
+            $( $(#[$gauge_doc])* pub $gauge: usize, )*
+            $( $(#[$counter_doc])* pub $counter: u64, )*
+        }
+
+        /// The counters of one node, shared by its tasks.
+        #[derive(Debug)]
+        pub(crate) struct Counters {
+            $( pub(crate) $counter: Counter, )*
+        }
+
+        impl Default for Counters {
+            fn default() -> Self {
+                Self {
+                    $( $counter: Counter::new(
+                        concat!("axum_fanout_", stringify!($counter), "_total"),
+                    ), )*
+                }
+            }
+        }
+
+        /// The current sizes of a node's registry and lifecycle: the part of [`Stats`] that is
+        /// not a counter.
+        #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+        pub(crate) struct Gauges {
+            $( pub(crate) $gauge: usize, )*
+        }
+
+        impl Counters {
+            pub(crate) fn snapshot(&self, gauges: Gauges) -> Stats {
+                Stats {
+                    $( $gauge: gauges.$gauge, )*
+                    $( $counter: self.$counter.get(), )*
+                }
+            }
+
+            /// Every counter's metric name, in declaration order.
+            #[cfg(test)]
+            fn metric_names(&self) -> Vec<&'static str> {
+                vec![$( self.$counter.name ),*]
+            }
+        }
+    };
 }
 
-impl Default for Counters {
-    fn default() -> Self {
-        Self {
-            published: Counter::new("axum_fanout_published_total"),
-            publish_errors: Counter::new("axum_fanout_publish_errors_total"),
-            received: Counter::new("axum_fanout_received_total"),
-            delivered: Counter::new("axum_fanout_delivered_total"),
-            dropped: Counter::new("axum_fanout_dropped_total"),
-            slow_disconnects: Counter::new("axum_fanout_slow_disconnects_total"),
-            malformed: Counter::new("axum_fanout_malformed_total"),
-            inbound_dropped: Counter::new("axum_fanout_inbound_dropped_total"),
-            reconnects: Counter::new("axum_fanout_reconnects_total"),
-            rejected_connections: Counter::new("axum_fanout_rejected_connections_total"),
-            rate_limited: Counter::new("axum_fanout_rate_limited_total"),
-            heartbeat_timeouts: Counter::new("axum_fanout_heartbeat_timeouts_total"),
-            socket_writes: Counter::new("axum_fanout_socket_writes_total"),
-            frames_written: Counter::new("axum_fanout_frames_written_total"),
-            accepts_out_of_fds: Counter::new("axum_fanout_accepts_out_of_fds_total"),
-        }
+statistics! {
+    gauges {
+        /// Rooms with at least one local socket.
+        rooms,
+        /// WebSocket connections attached to this node, in rooms or not.
+        connections,
+        /// (socket, room) memberships: a socket in two rooms counts twice.
+        memberships,
+        /// Room channels Redis confirmed for this node.
+        subscriptions,
+    }
+    counters {
+        /// Envelopes this node published (PUBLISH replied).
+        published,
+        /// Broadcasts that failed (Redis error or timeout).
+        publish_errors,
+        /// Envelopes received from Redis and decoded.
+        received,
+        /// Frames handed to local sockets' queues.
+        delivered,
+        /// Frames dropped because a socket's queue was full.
+        dropped,
+        /// Sockets closed because they could not keep up (queue full or write timeout).
+        slow_disconnects,
+        /// Envelopes dropped because they could not be decoded.
+        malformed,
+        /// Messages dropped between Redis and the dispatcher because it fell behind.
+        inbound_dropped,
+        /// Times the subscriber link was lost and re-established.
+        reconnects,
+        /// Upgrades refused with 503 because the node was at `max_connections`.
+        rejected_connections,
+        /// Sockets closed for sending faster than the message rate limit.
+        rate_limited,
+        /// Sockets closed because the client stopped answering pings.
+        heartbeat_timeouts,
+        /// Batched writes (one flush each) by the sockets' writers.
+        socket_writes,
+        /// Frames those writes carried: `frames_written / socket_writes` is the batching achieved.
+        frames_written,
+        /// Accepts that failed because the process or the system ran out of file descriptors
+        /// (with [`FanoutListener`](crate::FanoutListener)): each left a connection waiting.
+        accepts_out_of_fds,
     }
 }
 
-/// A snapshot of one node's activity, from [`RoomHandle::stats`](crate::RoomHandle::stats).
-///
-/// Counters are totals since the node started; `rooms`, `sockets` and `subscriptions` are
-/// current values. Each counter is also reported through the [`metrics`] facade as
-/// `axum_fanout_<field>_total` (e.g. `axum_fanout_delivered_total`), so an installed recorder
-/// such as a Prometheus exporter collects them with no further code.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
-#[non_exhaustive]
-pub struct Stats {
-    /// Rooms with at least one local socket.
-    pub rooms: usize,
-    /// WebSocket connections attached to this node, in rooms or not.
-    pub connections: usize,
-    /// (socket, room) memberships: a socket in two rooms counts twice.
-    pub memberships: usize,
-    /// Room channels Redis confirmed for this node.
-    pub subscriptions: usize,
-    /// Envelopes this node published (PUBLISH replied).
-    pub published: u64,
-    /// Broadcasts that failed (Redis error or timeout).
-    pub publish_errors: u64,
-    /// Envelopes received from Redis and decoded.
-    pub received: u64,
-    /// Frames handed to local sockets' queues.
-    pub delivered: u64,
-    /// Frames dropped because a socket's queue was full.
-    pub dropped: u64,
-    /// Sockets closed because they could not keep up (queue full or write timeout).
-    pub slow_disconnects: u64,
-    /// Envelopes dropped because they could not be decoded.
-    pub malformed: u64,
-    /// Messages dropped between Redis and the dispatcher because it fell behind.
-    pub inbound_dropped: u64,
-    /// Times the subscriber link was lost and re-established.
-    pub reconnects: u64,
-    /// Upgrades refused with 503 because the node was at `max_connections`.
-    pub rejected_connections: u64,
-    /// Sockets closed for sending faster than the message rate limit.
-    pub rate_limited: u64,
-    /// Sockets closed because the client stopped answering pings.
-    pub heartbeat_timeouts: u64,
-    /// Batched writes (one flush each) by the sockets' writers.
-    pub socket_writes: u64,
-    /// Frames those writes carried: `frames_written / socket_writes` is the batching achieved.
-    pub frames_written: u64,
-    /// Accepts that failed because the process or the system ran out of file descriptors
-    /// (with [`FanoutListener`](crate::FanoutListener)): each left a connection waiting.
-    pub accepts_out_of_fds: u64,
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-/// The current sizes of a node's registry: the part of [`Stats`] that is not a counter.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub(crate) struct Gauges {
-    pub(crate) rooms: usize,
-    pub(crate) connections: usize,
-    pub(crate) memberships: usize,
-    pub(crate) subscriptions: usize,
-}
+    // The JSON keys and the metric names are public contracts (dashboards, the chat example's
+    // /stats, alerts): written out here so that a change to the list above shows in a test.
 
-impl Counters {
-    pub(crate) fn snapshot(&self, gauges: Gauges) -> Stats {
-        let Gauges {
-            rooms,
-            connections,
-            memberships,
-            subscriptions,
-        } = gauges;
-        Stats {
-            rooms,
-            connections,
-            memberships,
-            subscriptions,
-            published: self.published.get(),
-            publish_errors: self.publish_errors.get(),
-            received: self.received.get(),
-            delivered: self.delivered.get(),
-            dropped: self.dropped.get(),
-            slow_disconnects: self.slow_disconnects.get(),
-            malformed: self.malformed.get(),
-            inbound_dropped: self.inbound_dropped.get(),
-            reconnects: self.reconnects.get(),
-            rejected_connections: self.rejected_connections.get(),
-            rate_limited: self.rate_limited.get(),
-            heartbeat_timeouts: self.heartbeat_timeouts.get(),
-            socket_writes: self.socket_writes.get(),
-            frames_written: self.frames_written.get(),
-            accepts_out_of_fds: self.accepts_out_of_fds.get(),
-        }
+    #[test]
+    fn stats_serialize_with_the_same_keys_in_the_same_order() {
+        let json = serde_json::to_string(&Stats::default()).expect("serializes");
+        assert_eq!(
+            json,
+            concat!(
+                r#"{"rooms":0,"connections":0,"memberships":0,"subscriptions":0,"#,
+                r#""published":0,"publish_errors":0,"received":0,"delivered":0,"dropped":0,"#,
+                r#""slow_disconnects":0,"malformed":0,"inbound_dropped":0,"reconnects":0,"#,
+                r#""rejected_connections":0,"rate_limited":0,"heartbeat_timeouts":0,"#,
+                r#""socket_writes":0,"frames_written":0,"accepts_out_of_fds":0}"#
+            )
+        );
+    }
+
+    #[test]
+    fn every_counter_keeps_its_metric_name() {
+        assert_eq!(
+            Counters::default().metric_names(),
+            [
+                "axum_fanout_published_total",
+                "axum_fanout_publish_errors_total",
+                "axum_fanout_received_total",
+                "axum_fanout_delivered_total",
+                "axum_fanout_dropped_total",
+                "axum_fanout_slow_disconnects_total",
+                "axum_fanout_malformed_total",
+                "axum_fanout_inbound_dropped_total",
+                "axum_fanout_reconnects_total",
+                "axum_fanout_rejected_connections_total",
+                "axum_fanout_rate_limited_total",
+                "axum_fanout_heartbeat_timeouts_total",
+                "axum_fanout_socket_writes_total",
+                "axum_fanout_frames_written_total",
+                "axum_fanout_accepts_out_of_fds_total",
+            ]
+        );
+    }
+
+    #[test]
+    fn a_snapshot_carries_the_gauges_and_every_counter() {
+        let counters = Counters::default();
+        counters.delivered.add(3);
+        counters.accepts_out_of_fds.add(1);
+        let gauges = Gauges {
+            rooms: 1,
+            connections: 2,
+            memberships: 3,
+            subscriptions: 4,
+        };
+        let s = counters.snapshot(gauges);
+        assert_eq!(
+            (s.rooms, s.connections, s.memberships, s.subscriptions),
+            (1, 2, 3, 4)
+        );
+        assert_eq!((s.delivered, s.accepts_out_of_fds, s.published), (3, 1, 0));
     }
 }

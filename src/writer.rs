@@ -8,10 +8,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, close_code};
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes};
 use futures_util::SinkExt;
 use tokio::time::{Instant, timeout};
 
+use crate::close;
 use crate::config::Config;
 use crate::lifecycle::WriterGuard;
 use crate::queue::{IdleRead, Next, Outbox};
@@ -31,8 +32,8 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 /// The close frame of a node that is shutting down (1001).
 pub(crate) fn going_away() -> CloseFrame {
     CloseFrame {
-        code: close_code::AWAY,
-        reason: Utf8Bytes::from_static("server shutting down"),
+        code: close::GOING_AWAY,
+        reason: Utf8Bytes::from_static(close::SHUTTING_DOWN_REASON),
     }
 }
 
@@ -73,7 +74,7 @@ pub(crate) async fn write_loop(
         // in `next_batch`, so it is there unless a bug lost it.
         let Some(mut sink) = outbox.unpark() else {
             tracing::error!(socket = %id, "the socket's writing half is missing; closing");
-            outbox.close_now(close_code::ERROR, "internal error");
+            outbox.close_now(close::INTERNAL_ERROR, close::INTERNAL_ERROR_REASON);
             break;
         };
         match next {
@@ -139,8 +140,8 @@ fn heard(outbox: &Outbox, id: SocketId, read: IdleRead) {
         IdleRead::Failed { too_big: true } => {
             tracing::debug!(socket = %id, "client message over the size limit; closing with 1009");
             outbox.close_after_flush(Some(CloseFrame {
-                code: close_code::SIZE,
-                reason: Utf8Bytes::from_static("message too big"),
+                code: close::MESSAGE_TOO_BIG,
+                reason: Utf8Bytes::from_static(close::MESSAGE_TOO_BIG_REASON),
             }));
         }
         IdleRead::Failed { too_big: false } => {
@@ -213,7 +214,7 @@ mod tests {
         writer(&node, sink.clone(), &ob, 1).await;
         let frames = sink.frames.lock().unwrap();
         assert_eq!(frames.len(), 11);
-        assert!(matches!(&frames[10], Message::Close(Some(c)) if c.code == close_code::AWAY));
+        assert!(matches!(&frames[10], Message::Close(Some(c)) if c.code == close::GOING_AWAY));
         // One flush for the ten frames, one for the close frame.
         assert_eq!(sink.flushes.load(Ordering::SeqCst), 2);
         assert_eq!(node.counters.socket_writes.get(), 1);
@@ -259,7 +260,7 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(2)).await;
         assert_eq!(flushes(), 5, "e, f, g in one flush");
         assert_eq!(sink.frames.lock().unwrap().len(), 7 + GATHER_FROM_FRAMES);
-        ob.close_now(1000, "bye");
+        ob.close_now(close::NORMAL, "bye");
         writer.await.expect("writer ends");
     }
 

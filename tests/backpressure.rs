@@ -106,7 +106,10 @@ async fn disconnect_policy_closes_the_stalled_client_with_1013_and_spares_the_ot
         }
     };
     assert_eq!(u16::from(close.code), close_code::AGAIN);
-    assert_eq!(close.reason.as_str(), axum_fanout::SLOW_CONSUMER_REASON);
+    assert_eq!(
+        close.reason.as_str(),
+        axum_fanout::close::SLOW_CONSUMER_REASON
+    );
 
     let s = handle.stats();
     assert_eq!(s.slow_disconnects, 1, "{s:?}");

@@ -386,10 +386,8 @@ pub(crate) fn layer_from_env() -> Result<FanoutLayer, String> {
     if let Some(bytes) = std::num::NonZeroUsize::new(env_number("QUEUE_BYTES", 0)?) {
         builder = builder.queue_bytes(bytes);
     }
-    builder.build().map_err(|e| {
-        let cause = std::error::Error::source(&e).map(ToString::to_string);
-        format!("{source}: {e}: {}", cause.unwrap_or_default())
-    })
+    // The error says what is wrong with the url and why.
+    builder.build().map_err(|e| format!("{source}: {e}"))
 }
 
 /// The whole number in environment variable `name`, or `default` when it is unset.

@@ -20,7 +20,7 @@ use std::collections::VecDeque;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, close_code};
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
@@ -32,14 +32,11 @@ use reading::Reading;
 
 pub(crate) use reading::{BoxStream, IdleRead, ReadItem, is_too_big};
 
+use crate::close;
 use crate::config::OverflowPolicy;
 use crate::error::Error;
 use crate::missed::Missed;
 use crate::room::RoomName;
-
-/// Close reason sent to a client that could not keep up, with code 1013
-/// ([`close_code::AGAIN`], "try again later").
-pub const SLOW_CONSUMER_REASON: &str = "slow consumer";
 
 /// The limits one queue enforces.
 #[derive(Debug, Clone, Copy)]
@@ -255,7 +252,7 @@ impl Outbox {
     /// Closes with 1013 `"slow consumer"` at once, discarding what is queued: the queue
     /// overflowed or a write timed out.
     pub(crate) fn close_slow_consumer(&self) {
-        self.close_now(close_code::AGAIN, SLOW_CONSUMER_REASON);
+        self.close_now(close::TRY_AGAIN_LATER, close::SLOW_CONSUMER_REASON);
     }
 
     /// Closes at once, discarding what is queued (overflow, write timeout).
@@ -661,8 +658,8 @@ mod tests {
         let mut batch = Vec::new();
         match o.next_batch(&mut batch, 10, None).await {
             Next::Close(Some(frame)) => {
-                assert_eq!(frame.code, close_code::AGAIN);
-                assert_eq!(frame.reason.as_str(), SLOW_CONSUMER_REASON);
+                assert_eq!(frame.code, close::TRY_AGAIN_LATER);
+                assert_eq!(frame.reason.as_str(), close::SLOW_CONSUMER_REASON);
             }
             other => panic!("{other:?}"),
         }

@@ -9,11 +9,12 @@ pub use read::Event;
 
 use std::sync::{Arc, OnceLock};
 
-use axum::extract::ws::{CloseFrame, Utf8Bytes, WebSocket, close_code};
+use axum::extract::ws::{CloseFrame, Utf8Bytes, WebSocket};
 use futures_util::StreamExt;
 use tokio::sync::Semaphore;
 
 use crate::broadcast::Broadcast;
+use crate::close;
 use crate::envelope::Payload;
 use crate::error::Error;
 use crate::lifecycle::{Refused, Ticket};
@@ -23,10 +24,6 @@ use crate::registry::SocketId;
 use crate::writer::{going_away, write_loop};
 
 use read::TokenBucket;
-
-/// Close reason (with 1013, try again later) for a socket attached to a node that already
-/// holds `max_connections`.
-pub(crate) const NODE_FULL_REASON: &str = "node full";
 
 /// A WebSocket attached to a fan-out node, from [`RoomHandle::on_upgrade`](crate::RoomHandle::on_upgrade) or
 /// [`RoomHandle::attach`](crate::RoomHandle::attach).
@@ -39,7 +36,8 @@ pub(crate) const NODE_FULL_REASON: &str = "node full";
 /// Dropping the socket leaves every room (the last local socket of a room unsubscribes the
 /// node from it), writes what is still queued and closes with 1000. [`close`](FanoutSocket::close)
 /// chooses the code. A socket that cannot keep up is closed by the node with 1013
-/// `"slow consumer"`; then [`recv`](FanoutSocket::recv) returns `None`.
+/// `"slow consumer"`; then [`recv`](FanoutSocket::recv) returns `None`. [`close`](crate::close)
+/// lists every code the node closes with.
 #[derive(Debug)]
 pub struct FanoutSocket {
     id: SocketId,
@@ -76,8 +74,8 @@ impl FanoutSocket {
                     "closed an attached websocket: node is full"
                 );
                 Some(CloseFrame {
-                    code: close_code::AGAIN,
-                    reason: Utf8Bytes::from_static(NODE_FULL_REASON),
+                    code: close::TRY_AGAIN_LATER,
+                    reason: Utf8Bytes::from_static(close::NODE_FULL_REASON),
                 })
             }
         };
@@ -198,7 +196,7 @@ impl Drop for FanoutSocket {
         rooms::quit_all(&self.shared, self.id, &self.outbox, "socket dropped");
         self.shared.node.lifecycle.detach(self.id);
         self.outbox.close_after_flush(Some(CloseFrame {
-            code: close_code::NORMAL,
+            code: close::NORMAL,
             reason: Utf8Bytes::from_static(""),
         }));
     }

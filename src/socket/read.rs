@@ -1,11 +1,12 @@
 //! The socket's reading half: the client's messages, loss notices and failed broadcasts, the
 //! per-socket rate limit, and what a read error means for the connection.
 
-use axum::extract::ws::{Message, close_code};
+use axum::extract::ws::Message;
 use futures_util::StreamExt;
 use tokio::time::Instant;
 
 use super::FanoutSocket;
+use crate::close;
 use crate::error::Error;
 use crate::missed::Missed;
 use crate::queue::{BoxStream, Notice, Outbox, ReadItem, is_too_big};
@@ -64,8 +65,6 @@ impl TokenBucket {
     }
 }
 
-/// Close reason for a client over the message rate limit (with 1008, [`close_code::POLICY`]).
-const RATE_LIMIT_REASON: &str = "rate limit exceeded";
 impl FanoutSocket {
     /// Receives the client's next text or binary message.
     ///
@@ -146,8 +145,8 @@ impl FanoutSocket {
                             socket = %self.id,
                             "client over the message rate limit; closing with 1008"
                         );
-                        self.close(close_code::POLICY, RATE_LIMIT_REASON);
-                        return Some(Err(Error::rate_limited(RATE_LIMIT_REASON)));
+                        self.close(close::POLICY_VIOLATION, close::RATE_LIMIT_REASON);
+                        return Some(Err(Error::rate_limited(close::RATE_LIMIT_REASON)));
                     }
                     return Some(Ok(Event::Message(msg)));
                 }
@@ -170,7 +169,7 @@ impl FanoutSocket {
                 socket = %self.id,
                 "client message over the size limit; closing with 1009"
             );
-            self.close(close_code::SIZE, "message too big");
+            self.close(close::MESSAGE_TOO_BIG, close::MESSAGE_TOO_BIG_REASON);
             Error::message_too_big(inner)
         } else {
             self.outbox.close_after_flush(None);
