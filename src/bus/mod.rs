@@ -6,10 +6,12 @@
 //! - `client`: builds the Redis clients from the builder's settings (URL, RESP3, TCP, TLS,
 //!   cluster) and redacts passwords from URLs for logs.
 //! - `slots`: Redis Cluster hash slots, and commands split by slot.
-//! - `publisher`: broadcasts queue here and go out as pipelines on the publisher connection.
+//! - `publisher`: broadcasts queue here; `pipeline`: they go out as pipelines on the
+//!   publisher connection.
 //! - `subscriber`: the subscriber link. Reconciles subscriptions with the registry, probes the
 //!   link end to end, and hands every received message to the inbox.
 //! - `inbox`: the bounded hop from the subscriber connection to the dispatcher.
+//! - `link`: what tells the subscriber link alive or lost: the probe, the pause check.
 //! - `backoff`: jittered pauses between reconnect attempts.
 //! - `script`: the one way to run a Lua script (by SHA1, loaded again on NOSCRIPT), reply
 //!   parsers and room key names, for every feature that keeps state in Redis.
@@ -28,6 +30,8 @@ mod backend;
 mod backoff;
 mod client;
 mod inbox;
+mod link;
+mod pipeline;
 mod publisher;
 mod receipt;
 mod runs;

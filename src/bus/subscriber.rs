@@ -4,18 +4,20 @@
 //! link end to end, and hands each received message to the dispatcher's [`Inbox`] from the
 //! connection's push callback, which never waits.
 
-use std::fmt;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, SystemTime};
 
 use redis::{PushInfo, PushKind, RedisError, Value};
-use tokio::sync::{Notify, watch};
-use tokio::time::{Instant, timeout, timeout_at};
+use tokio::sync::watch;
+use tokio::time::{Instant, timeout};
 
 use super::backend::{Backend, Conn};
 use super::backoff::Backoff;
 use super::inbox::{Inbox, Received};
+use super::link::{
+    LinkLoss, LinkSignals, PAUSE, PAUSE_CHECK, Probe, confirmed, is_probe, send_probe,
+};
 use super::{Bus, pause};
 use crate::channel;
 use crate::config::Config;
@@ -25,66 +27,6 @@ use crate::room::RoomName;
 /// Rooms per SUBSCRIBE / UNSUBSCRIBE command: large enough that resubscribing 10,000 rooms
 /// takes ten round trips, small enough to keep each command and its reply modest.
 const ROOMS_PER_COMMAND: usize = 1000;
-
-/// Why the link was dropped (or could not be set up); logged, then the link is replaced.
-#[derive(Debug)]
-enum LinkLoss {
-    Connect(RedisError),
-    Closed,
-    Command {
-        command: &'static str,
-        error: RedisError,
-    },
-    NotConfirmed(&'static str),
-    /// PUBLISH on a probe channel found no subscriber: the connection lost its subscriptions.
-    ProbeUnheard(String),
-    ProbeFailed(RedisError),
-    ProbeUnanswered,
-    /// The probe was published but never came back: the link is stale.
-    ProbeLate,
-}
-
-impl fmt::Display for LinkLoss {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            LinkLoss::Connect(e) => write!(f, "cannot connect: {e}"),
-            LinkLoss::Closed => f.write_str("connection closed"),
-            LinkLoss::Command { command, error } => write!(f, "{command} failed: {error}"),
-            LinkLoss::NotConfirmed(command) => write!(f, "{command} not confirmed in time"),
-            LinkLoss::ProbeUnheard(channel) => write!(
-                f,
-                "probe channel {channel} has no subscriber: the connection lost its subscriptions"
-            ),
-            LinkLoss::ProbeFailed(e) => write!(f, "probe PUBLISH failed: {e}"),
-            LinkLoss::ProbeUnanswered => f.write_str("redis did not answer the probe in time"),
-            LinkLoss::ProbeLate => f.write_str("probe was not received back in time: stale link"),
-        }
-    }
-}
-
-/// Turns a command's outcome under a deadline into the link's verdict.
-fn confirmed(
-    outcome: Result<Result<(), RedisError>, tokio::time::error::Elapsed>,
-    command: &'static str,
-) -> Result<(), LinkLoss> {
-    match outcome {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(error)) => Err(LinkLoss::Command { command, error }),
-        Err(_) => Err(LinkLoss::NotConfirmed(command)),
-    }
-}
-
-/// Per-link signals from the connection's push callback to the link task.
-#[derive(Debug, Default)]
-struct LinkSignals {
-    /// The connection closed.
-    lost: Notify,
-    /// A probe came back: `probe_echoes` counts the echoes of the token in `probe_token`
-    /// (one per probe channel; a cluster has one per master).
-    probe_echo: Notify,
-    probe_token: AtomicU64,
-    probe_echoes: AtomicUsize,
-}
 
 /// Keeps the subscriber link up, reconciles subscriptions with the registry, probes the link,
 /// and feeds the dispatcher.
@@ -207,14 +149,6 @@ fn on_message(probe_channel: &str, signals: &LinkSignals, inbox: &Inbox, info: P
         return;
     }
     inbox.offer(Received { channel, envelope });
-}
-
-/// Whether `channel` is one of this node's probe channels: `base` itself (one server), or
-/// `base:<n>` (one per master of a cluster).
-fn is_probe(base: &str, channel: &[u8]) -> bool {
-    channel
-        .strip_prefix(base.as_bytes())
-        .is_some_and(|rest| rest.is_empty() || rest.starts_with(b":"))
 }
 
 /// A sharded subscription ended. Redis sends this unasked when the channel's hash slot moved
@@ -348,12 +282,6 @@ async fn serve_link(
     }
 }
 
-/// How often the link task looks at the clock, and how late a timer must fire for the node to
-/// count as paused (stopped, frozen, starved of CPU): then every timer that fired meanwhile
-/// is late, and what the link did meanwhile is unknown until a probe comes back.
-const PAUSE_CHECK: Duration = Duration::from_millis(250);
-const PAUSE: Duration = Duration::from_secs(1);
-
 /// Marks the link suspect after the node was paused for about `late`.
 fn paused(bus: &Bus, late: Duration, suspect: &mut bool) {
     tracing::warn!(
@@ -363,39 +291,6 @@ fn paused(bus: &Bus, late: Duration, suspect: &mut bool) {
     );
     *suspect = true;
     bus.ready.store(false, Ordering::Release);
-}
-
-/// A probe on its way: when it was published, and when its echo is due.
-#[derive(Debug)]
-struct Probe {
-    sent: SystemTime,
-    deadline: Instant,
-}
-
-/// PUBLISHes `token` on this very connection, on every probe channel (a cluster has one per
-/// master): each echo proves that the connection still receives what is published there, not
-/// merely that TCP is up.
-async fn send_probe(
-    wait: Duration,
-    conn: &mut Conn,
-    probes: &[String],
-    signals: &LinkSignals,
-    token: u64,
-) -> Result<Probe, LinkLoss> {
-    // Armed before publishing, so no echo can arrive uncounted.
-    signals.probe_echoes.store(0, Ordering::Release);
-    signals.probe_token.store(token, Ordering::Release);
-    let sent = SystemTime::now();
-    let deadline = Instant::now() + wait;
-    for probe in probes {
-        match timeout_at(deadline, conn.publish(probe, token)).await {
-            Ok(Ok(n)) if n >= 1 => {}
-            Ok(Ok(_)) => return Err(LinkLoss::ProbeUnheard(probe.clone())),
-            Ok(Err(e)) => return Err(LinkLoss::ProbeFailed(e)),
-            Err(_) => return Err(LinkLoss::ProbeUnanswered),
-        }
-    }
-    Ok(Probe { sent, deadline })
 }
 
 async fn sleep_until_opt(deadline: Option<Instant>) {
@@ -596,22 +491,5 @@ mod tests {
                 "ws:room:hot:shard1"
             ])
         );
-    }
-
-    #[test]
-    fn probe_channels_are_told_apart_from_rooms() {
-        assert!(is_probe(
-            "__axum_fanout:probe:n1",
-            b"__axum_fanout:probe:n1"
-        ));
-        assert!(is_probe(
-            "__axum_fanout:probe:n1",
-            b"__axum_fanout:probe:n1:2"
-        ));
-        assert!(!is_probe(
-            "__axum_fanout:probe:n1",
-            b"__axum_fanout:probe:n12"
-        ));
-        assert!(!is_probe("__axum_fanout:probe:n1", b"ws:room:n1"));
     }
 }

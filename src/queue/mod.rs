@@ -24,12 +24,14 @@ use axum::extract::ws::{CloseFrame, Message, Utf8Bytes};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
+mod notices;
 mod parked;
 mod reading;
 
 use parked::Parked;
 use reading::Reading;
 
+pub(crate) use notices::Notice;
 pub(crate) use reading::{BoxStream, IdleRead, ReadItem, is_too_big};
 
 use crate::close;
@@ -62,18 +64,6 @@ pub(crate) enum Offer {
     Closed,
 }
 
-/// Most unread broadcast failures one socket keeps for its reader.
-const MAX_FAILED: usize = 256;
-
-/// Something the socket's reader should learn, from [`Outbox::take_notice`].
-#[derive(Debug)]
-pub(crate) enum Notice {
-    /// Messages of a room may not have reached the socket.
-    Missed(Missed),
-    /// A broadcast this socket queued failed: the room, and why.
-    BroadcastFailed(RoomName, Error),
-}
-
 /// What the writer should do next.
 #[derive(Debug)]
 pub(crate) enum Next {
@@ -104,7 +94,7 @@ struct State {
     /// Loss notices for the reader, at most one per room (windows are merged).
     missed: Vec<Missed>,
     /// Broadcasts queued from this socket that failed after nobody awaited their receipt,
-    /// for the reader; at most [`MAX_FAILED`].
+    /// for the reader; at most `notices::MAX_FAILED`.
     failed: VecDeque<(RoomName, Error)>,
     /// The rooms the socket is in: kept here, not in the handler's `FanoutSocket`, so that
     /// the node takes a closed socket out of them at once, whatever its handler is doing.
@@ -302,85 +292,6 @@ impl Outbox {
     pub(crate) fn silent_for(&self) -> std::time::Duration {
         let last = std::time::Duration::from_millis(self.last_seen_ms.load(Ordering::Relaxed));
         self.created.elapsed().saturating_sub(last)
-    }
-
-    /// Tells the reader that messages of a room may have been missed.
-    pub(crate) fn record_missed(&self, missed: Missed) {
-        let mut s = self.lock();
-        if s.close.is_some() {
-            return;
-        }
-        match s.missed.iter_mut().find(|m| m.room() == missed.room()) {
-            Some(earlier) => earlier.merge(&missed),
-            None => s.missed.push(missed),
-        }
-        drop(s);
-        self.has_notice.store(true, Ordering::Release);
-        self.reader_wake.notify_waiters();
-    }
-
-    /// Tells the reader that a broadcast queued from this socket failed, its receipt being
-    /// gone. Beyond [`MAX_FAILED`] unread failures, further ones are only logged (the
-    /// publisher counts every failure in `publish_errors`).
-    pub(crate) fn record_failed_broadcast(&self, room: RoomName, error: Error) {
-        let mut s = self.lock();
-        if s.close.is_some() {
-            return;
-        }
-        if s.failed.len() >= MAX_FAILED {
-            tracing::debug!(room = %room, error = %error, "broadcast failure not reported: too many unread");
-            return;
-        }
-        s.failed.push_back((room, error));
-        drop(s);
-        self.has_notice.store(true, Ordering::Release);
-        self.reader_wake.notify_waiters();
-    }
-
-    /// The oldest pending notice for the reader, if any: loss notices first.
-    pub(crate) fn take_notice(&self) -> Option<Notice> {
-        if !self.has_notice.load(Ordering::Acquire) {
-            return None;
-        }
-        let mut s = self.lock();
-        let notice = if s.missed.is_empty() {
-            s.failed
-                .pop_front()
-                .map(|(room, error)| Notice::BroadcastFailed(room, error))
-        } else {
-            Some(Notice::Missed(s.missed.remove(0)))
-        };
-        if s.missed.is_empty() && s.failed.is_empty() {
-            self.has_notice.store(false, Ordering::Release);
-        }
-        notice
-    }
-
-    /// The oldest pending loss notice, if any (tests of the loss paths).
-    #[cfg(test)]
-    pub(crate) fn take_missed(&self) -> Option<Missed> {
-        match self.take_notice() {
-            Some(Notice::Missed(missed)) => Some(missed),
-            _ => None,
-        }
-    }
-
-    /// Resolves once a close is requested or a notice is pending.
-    ///
-    /// # Cancel safety
-    /// Cancel safe: it only waits.
-    pub(crate) async fn reader_event(&self) {
-        loop {
-            let notified = self.reader_wake.notified();
-            tokio::pin!(notified);
-            // Register before checking the flags, so an event between the check and the wait
-            // still wakes us (`notify_waiters` stores no permit).
-            notified.as_mut().enable();
-            if self.is_closing() || self.has_notice.load(Ordering::Acquire) {
-                return;
-            }
-            notified.await;
-        }
     }
 
     /// Waits for work and moves up to `max` queued frames into `batch`.
