@@ -64,7 +64,7 @@ async fn main() {
     for i in 0..3u16 {
         let layer = axum_fanout::FanoutLayer::builder(url.clone())
             .node_id(format!("demo-{}", i + 1))
-            .durable(axum_fanout::Durability::default())
+            .durable(axum_fanout::durable::Durability::default())
             .presence(true)
             .build()
             .unwrap_or_else(|e| exit(&format!("REDIS_URL {url}: {e}")));

@@ -46,13 +46,20 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let redis_url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
     let port = std::env::var("PORT").unwrap_or_else(|_| "3000".into());
 
+    let fanout = FanoutLayer::try_new(redis_url)?;
+    let rooms = fanout.handle();
     let app = Router::new()
         .route("/ws/{room}", get(ws_handler))
         .route("/rooms/{room}/messages", post(http_push))
-        .layer(FanoutLayer::try_new(redis_url)?);
-
+        .layer(fanout);
     let listener = tokio::net::TcpListener::bind(format!("127.0.0.1:{port}")).await?;
     println!("listening on ws://{}/ws/<room>", listener.local_addr()?);
-    axum::serve(listener, app).await?;
+    // TCP_NODELAY on every connection, and a graceful shutdown on Ctrl-C.
+    axum::serve(rooms.listener(listener), app)
+        .with_graceful_shutdown(async move {
+            let _ = tokio::signal::ctrl_c().await;
+            rooms.shutdown().await;
+        })
+        .await?;
     Ok(())
 }

@@ -104,7 +104,7 @@ impl Broadcast {
     /// }
     /// ```
     pub fn queue(self) -> impl Future<Output = Result<Receipt, Error>> + Send {
-        // Boxed whole (one allocation per broadcast, as before): a socket's read loop awaits
+        // Boxed whole (one allocation per broadcast): a socket's read loop awaits
         // this, and a task keeps the size of its largest await for its whole life, which for
         // most sockets is spent idle in `recv`.
         Box::pin(self.enqueue(false))
@@ -200,8 +200,8 @@ impl IntoFuture for Broadcast {
     /// durable room with no sockets, although its message was stored (see *Zero nodes* on
     /// [`Broadcast`]).
     fn into_future(self) -> Self::IntoFuture {
-        // Awaited: if the caller stops waiting before Redis got it, it is not sent (as before
-        // `queue` existed); a queued broadcast is sent regardless.
+        // Awaited: if the caller stops waiting before Redis got it, it is not sent; a queued
+        // broadcast is sent regardless.
         Box::pin(async move { self.publish().await.map(|p| p.nodes()) })
     }
 }

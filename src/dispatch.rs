@@ -40,11 +40,10 @@ const WRITE_BUDGET: usize = 64;
 /// The window over which the dispatcher's rate is measured.
 const LOAD_WINDOW: Duration = Duration::from_millis(10);
 
-/// Most deliveries per [`LOAD_WINDOW`] that count as a light rate: 50,000 a second, twice a
-/// node's share of the bench's latency scenario (75,000 deliveries/s on 3 nodes), or about a
+/// Most deliveries per [`LOAD_WINDOW`] that count as a light rate: 50,000 a second, about a
 /// sixth of one core in `send`s on the dispatcher's thread. Faster, even in short batches,
-/// frames are queued: writing them all on that one thread, one `send` each, cost the sweep
-/// 18 % at its ceiling against writers that batch on every worker (BENCHMARKS.md).
+/// frames are queued: writing them all on that one thread, one `send` each, loses to writers
+/// that batch on every worker at the sweep's ceiling (BENCHMARKS.md).
 const LIGHT_PER_WINDOW: u64 = 500;
 
 /// The receiving side: one task per node.

@@ -140,7 +140,7 @@ impl Error {
         Self::with(Kind::Limit, reason)
     }
 
-    /// A presence [`Member`](crate::Member) was rejected: an empty, too long or odd user id,
+    /// A presence [`Member`](crate::presence::Member) was rejected: an empty, too long or odd user id,
     /// or info that is not small JSON.
     pub(crate) fn invalid_member(why: impl Into<BoxError>) -> Self {
         Self::with(Kind::InvalidMember, why)
@@ -226,7 +226,7 @@ impl Error {
         self.kind == Kind::Limit
     }
 
-    /// A presence [`Member`](crate::Member) was rejected (user id or info).
+    /// A presence [`Member`](crate::presence::Member) was rejected (user id or info).
     pub fn is_invalid_member(&self) -> bool {
         self.kind == Kind::InvalidMember
     }

@@ -216,7 +216,8 @@ impl RoomHandle {
     ///
     /// ```no_run
     /// use axum::{Json, extract::Path, http::StatusCode};
-    /// use axum_fanout::{RoomHandle, Snapshot};
+    /// use axum_fanout::RoomHandle;
+    /// use axum_fanout::presence::Snapshot;
     ///
     /// async fn who(Path(room): Path<String>, rooms: RoomHandle) -> Result<Json<Snapshot>, StatusCode> {
     ///     rooms.presence(&room).await.map(Json).map_err(|e| {

@@ -198,9 +198,9 @@ const HEARTBEAT_SLICES: u32 = 25;
 /// forever. One task per node rather than a timer per socket keeps idle sockets cheap.
 ///
 /// The sockets are pinged a slice at a time (by id, [`HEARTBEAT_SLICES`] ticks per interval,
-/// a tick no shorter than 10 ms): each still once per interval, but a node holding 17,000
-/// sockets writes ~700 pings a second rather than 17,000 at once every 25 s, a burst that held
-/// up the deliveries queued behind it.
+/// a tick no shorter than 10 ms): each still once per interval, but as a steady trickle rather
+/// than a burst of every socket's ping at once, which would hold up the deliveries queued
+/// behind it.
 pub(crate) async fn heartbeat(
     lifecycle: Arc<Lifecycle>,
     counters: Arc<Counters>,

@@ -15,13 +15,13 @@ use std::sync::Arc;
 /// `seq` 0 is the position of a room before its first message. The text form is `EPOCH:SEQ`:
 ///
 /// ```
-/// use axum_fanout::Position;
+/// use axum_fanout::durable::Position;
 ///
 /// let p: Position = "3f2a9c:42".parse()?;
 /// assert_eq!((p.epoch(), p.seq()), ("3f2a9c", 42));
 /// assert_eq!(p.to_string(), "3f2a9c:42");
 /// assert!("no-seq".parse::<Position>().is_err());
-/// # Ok::<(), axum_fanout::InvalidPosition>(())
+/// # Ok::<(), axum_fanout::durable::InvalidPosition>(())
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Position {

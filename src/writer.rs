@@ -14,16 +14,15 @@ use tokio::time::{Instant, timeout};
 
 use crate::close;
 use crate::config::Config;
-use crate::lifecycle::WriterGuard;
 use crate::queue::{IdleRead, Next, Outbox};
 use crate::registry::SocketId;
 use crate::stats::Counters;
 
 /// Frames one write must carry before the writer waits out the flush interval (or a full
 /// batch, when `batch_frames` is smaller). Two to seven frames are a short burst (three
-/// senders in a room at a moderate rate): waiting after them cost the latency scenario's p99
-/// 2x (5.6 against 2.7 ms at 75,000 deliveries/s, 3 publishers per room) and saved no CPU;
-/// under overload writes carry tens of frames and still gather. See BENCHMARKS.md.
+/// senders in a room at a moderate rate): waiting after them doubles the p99 of a moderate
+/// load and saves no CPU; under overload writes carry tens of frames and still gather
+/// (BENCHMARKS.md).
 const GATHER_FROM_FRAMES: usize = 8;
 
 /// How long the writer tries to deliver a close frame before it gives up on the client.
@@ -42,13 +41,14 @@ pub(crate) fn going_away() -> CloseFrame {
 /// Taking the sink from there, rather than as an argument, keeps it out of this task's own
 /// state: one boxed sink per socket, not a second slot for it in every idle writer.
 ///
-/// `_running` is dropped when the loop ends, however it ends: a shutdown waits for that.
+/// `_running` is dropped when the loop ends, however it ends: the connection is over then (a
+/// [`WriterGuard`](crate::lifecycle::WriterGuard) among it tells a waiting shutdown).
 pub(crate) async fn write_loop(
     outbox: Arc<Outbox>,
     config: Arc<Config>,
     counters: Arc<Counters>,
     id: SocketId,
-    _running: WriterGuard,
+    _running: impl Send,
 ) {
     let max = config.batch_frames.get();
     let write_timeout = config.write_timeout;

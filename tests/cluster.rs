@@ -15,7 +15,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use axum_fanout::{Durability, FanoutBuilder, FanoutLayer, Position, RoomHandle};
+use axum_fanout::durable::{Durability, Position};
+use axum_fanout::{FanoutBuilder, FanoutLayer, RoomHandle};
 use serde_json::{Value, json};
 use support::*;
 

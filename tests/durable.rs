@@ -10,7 +10,8 @@ mod support;
 
 use std::num::NonZeroUsize;
 
-use axum_fanout::{Durability, FanoutLayer, Position, RoomHandle};
+use axum_fanout::durable::{Durability, Position};
+use axum_fanout::{FanoutLayer, RoomHandle};
 use serde_json::{Value, json};
 use support::*;
 

@@ -793,7 +793,7 @@ async fn in_a_durable_room_a_positions_socket_gets_presence_notices_as_they_are(
     let redis = RedisServer::start();
     let layer = FanoutLayer::builder(redis.url())
         .presence(true)
-        .durable(axum_fanout::Durability::default())
+        .durable(axum_fanout::durable::Durability::default())
         .build()
         .expect("valid url");
     let handle = layer.handle();

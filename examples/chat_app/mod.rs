@@ -31,10 +31,9 @@ use axum::extract::{Path, Query};
 use axum::http::StatusCode;
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
-use axum_fanout::{
-    Durability, Event, FanoutLayer, FanoutSocket, Member, Missed, Payload, Position, RoomHandle,
-    RoomName,
-};
+use axum_fanout::durable::{Durability, Position};
+use axum_fanout::presence::Member;
+use axum_fanout::{Event, FanoutLayer, FanoutSocket, Missed, Payload, RoomHandle, RoomName};
 
 /// The chat app's routes, wrapped in `layer`.
 pub(crate) fn app(layer: FanoutLayer) -> Router {

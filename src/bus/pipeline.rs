@@ -55,8 +55,8 @@ impl Pipelines for Conn {
 /// one wake-up on Redis's.
 ///
 /// Why: redis-rs writes every command of a multiplexed connection with its own `writev`, and
-/// on loopback each one also pays for Redis's receive path and wake-up: 12 % of a node's CPU
-/// in a profile at a million deliveries per second (BENCHMARKS.md).
+/// each one also pays for Redis's receive path and wake-up: a visible share of a busy node's
+/// CPU (BENCHMARKS.md has the profile).
 ///
 /// A lone broadcast goes out at once; the only wait is one `yield_now`, so that broadcasts
 /// made ready by the same wake-up join the batch. One pipeline is in flight at a time, so a

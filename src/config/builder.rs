@@ -82,8 +82,9 @@ impl FanoutBuilder {
                 queue_bytes: nz(1024 * 1024),
                 overflow: OverflowPolicy::Disconnect,
                 room_overflow: HashMap::new(),
-                // One flush per up to 64 frames: measured ~4x the frames/s of a flush per frame,
-                // while a batch of 256-byte frames still fits one 16 KiB TCP write.
+                // One flush per up to 64 frames: far fewer writes than a flush per frame
+                // (BENCHMARKS.md), while a batch of 256-byte frames still fits one 16 KiB TCP
+                // write.
                 batch_frames: nz(64),
                 write_timeout: Duration::from_secs(5),
                 flush_interval: Duration::from_millis(4),
@@ -252,7 +253,7 @@ impl FanoutBuilder {
         self
     }
 
-    /// Presence for every room: sockets may join rooms as a [`Member`](crate::Member) with
+    /// Presence for every room: sockets may join rooms as a [`Member`](crate::presence::Member) with
     /// [`FanoutSocket::join_as`](crate::FanoutSocket::join_as), every socket of a room
     /// receives join and leave events, and
     /// [`RoomHandle::presence`](crate::RoomHandle::presence) lists the members of the whole

@@ -11,7 +11,8 @@ use super::nz;
 /// ```
 /// use std::num::NonZeroUsize;
 /// use std::time::Duration;
-/// use axum_fanout::{Durability, FanoutLayer};
+/// use axum_fanout::FanoutLayer;
+/// use axum_fanout::durable::Durability;
 ///
 /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
 /// let layer = FanoutLayer::builder("redis://127.0.0.1:6379")

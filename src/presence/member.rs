@@ -22,7 +22,7 @@ pub const MAX_INFO_LEN: usize = 1024;
 /// of the room, with a connection count.
 ///
 /// ```
-/// use axum_fanout::Member;
+/// use axum_fanout::presence::Member;
 ///
 /// # fn main() -> Result<(), axum_fanout::Error> {
 /// let alice = Member::new("alice")?.info(r##"{"name":"Alice","color":"#e33"}"##)?;

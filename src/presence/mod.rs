@@ -1,3 +1,12 @@
+//! Presence: who is in a room across the fleet, with join and leave events and no ghosts after
+//! a node dies (see the README's "Presence"). Turn it on with
+//! [`FanoutBuilder::presence`](crate::FanoutBuilder::presence); join as a [`Member`] with
+//! [`FanoutSocket::join_as`](crate::FanoutSocket::join_as); ask with
+//! [`RoomHandle::presence`](crate::RoomHandle::presence) ([`Snapshot`]) or
+//! [`RoomHandle::presence_count`](crate::RoomHandle::presence_count) ([`Count`]).
+//!
+//! # Inside
+//!
 //! Presence, the node's side: who this node's sockets are in each presence room, and what
 //! Redis has not been told yet.
 //!

@@ -12,8 +12,8 @@
 //! While the writer waits for work its sink is *parked* here, and the dispatcher may write a
 //! frame straight to it ([`Outbox::offer_or_write`]) when nothing is queued or being written:
 //! one `send` on the dispatcher's thread instead of waking the writer's task, which on a
-//! multi-threaded runtime means unparking a sibling worker to steal it (~2 us of CPU per
-//! delivery at light load, see BENCHMARKS.md). Nothing waits: a sink that is not ready, or
+//! multi-threaded runtime means unparking a sibling worker to steal it, a large share of a
+//! delivery's CPU at light load (BENCHMARKS.md). Nothing waits: a sink that is not ready, or
 //! a flush that cannot finish at once, is handed back to the writer.
 
 use std::collections::VecDeque;
@@ -32,7 +32,7 @@ use parked::Parked;
 use reading::Reading;
 
 pub(crate) use notices::Notice;
-pub(crate) use reading::{BoxStream, IdleRead, ReadItem, is_too_big};
+pub(crate) use reading::{IdleRead, ReadHalf, ReadItem, is_too_big};
 
 use crate::close;
 use crate::config::OverflowPolicy;

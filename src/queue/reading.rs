@@ -8,19 +8,27 @@
 //! frame the writer reads is held here for the handler's next `recv`, and the writer reads no
 //! more until it is taken: the client's messages keep their order, and a client that sends to
 //! a handler that never reads meets TCP backpressure rather than growing a buffer.
+//!
+//! Giving the half back does not wake the writer: a handler that reads in a loop takes it back
+//! at once, and a wake-up per client message would cost a busy node a task switch each. The
+//! writer polls the half whenever it wakes for anything else, and the heartbeat's ping wakes it
+//! once per interval: a handler that stopped reading has its client's pongs read within an
+//! interval, and once the writer has polled the half, the client's next frame (a pong, a
+//! close) wakes it directly. A socket attached by a handler that never reads is polled from
+//! the start.
 
-use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll};
 
-use axum::extract::ws::Message;
-use futures_util::task::AtomicWaker;
-use futures_util::{Stream, StreamExt};
+use axum::extract::ws::{Message, WebSocket};
+use futures_util::StreamExt;
+use futures_util::stream::SplitStream;
 
 use super::Outbox;
 
 /// A socket's reading half.
-pub(crate) type BoxStream = Pin<Box<dyn Stream<Item = Result<Message, axum::Error>> + Send>>;
+pub(crate) type ReadHalf = SplitStream<WebSocket>;
 
 /// One thing read from the client: a frame, a read error, or `None` when the stream ended.
 pub(crate) type ReadItem = Option<Result<Message, axum::Error>>;
@@ -40,9 +48,10 @@ pub(crate) enum IdleRead {
 #[derive(Default)]
 struct Slot {
     /// The half, unless the handler is reading it.
-    stream: Option<BoxStream>,
-    /// Read by the writer, not yet taken by the handler.
-    pending: Option<ReadItem>,
+    stream: Option<ReadHalf>,
+    /// Read by the writer, not yet taken by the handler (boxed: rare, and every idle socket
+    /// would otherwise keep room for a frame here).
+    pending: Option<Box<ReadItem>>,
     /// The stream ended or failed: nothing more to read.
     ended: bool,
 }
@@ -51,8 +60,8 @@ struct Slot {
 #[derive(Default)]
 pub(super) struct Reading {
     slot: Mutex<Slot>,
-    /// Wakes the writer when it may read again: the half is back, or the pending item taken.
-    writer: AtomicWaker,
+    /// The handler holds the half: the writer need not look (no lock).
+    lent: AtomicBool,
 }
 
 impl std::fmt::Debug for Reading {
@@ -70,29 +79,34 @@ impl Reading {
 
 impl Outbox {
     /// Hands the socket's reading half to the node, at attach.
-    pub(crate) fn park_stream(&self, stream: BoxStream) {
+    pub(crate) fn park_stream(&self, stream: ReadHalf) {
         self.reading.lock().stream = Some(stream);
-        self.reading.writer.wake();
+        self.writer_wake.notify_one();
     }
 
     /// For the handler's `recv`: what the writer read meanwhile (`Err`), or else the reading
     /// half itself (`Ok`), to be given back with [`return_stream`](Outbox::return_stream).
-    pub(crate) fn take_stream(&self) -> Result<BoxStream, ReadItem> {
+    pub(crate) fn take_stream(&self) -> Result<ReadHalf, ReadItem> {
         let mut slot = self.reading.lock();
         if let Some(item) = slot.pending.take() {
             drop(slot);
-            self.reading.writer.wake();
-            return Err(item);
+            // The writer may read again.
+            self.writer_wake.notify_one();
+            return Err(*item);
         }
         // Only the handler takes the half, and it gives it back whenever its `recv` ends; a
         // missing half therefore means it is gone with the connection: read as the end.
-        slot.stream.take().ok_or(None)
+        let stream = slot.stream.take().ok_or(None)?;
+        self.reading.lent.store(true, Ordering::Release);
+        Ok(stream)
     }
 
-    /// Gives the reading half back when the handler's `recv` ends.
-    pub(crate) fn return_stream(&self, stream: BoxStream) {
-        self.reading.lock().stream = Some(stream);
-        self.reading.writer.wake();
+    /// Gives the reading half back when the handler's `recv` ends (without waking the writer:
+    /// see the module docs).
+    pub(crate) fn return_stream(&self, stream: ReadHalf) {
+        let mut slot = self.reading.lock();
+        slot.stream = Some(stream);
+        self.reading.lent.store(false, Ordering::Release);
     }
 
     /// For the writer: reads the next item while the handler is not reading. Pending while the
@@ -101,7 +115,11 @@ impl Outbox {
     /// The read and the hold happen under one lock, so a handler that takes the half right
     /// after finds the item instead.
     pub(crate) fn poll_idle_read(&self, cx: &mut Context<'_>) -> Poll<IdleRead> {
-        self.reading.writer.register(cx.waker());
+        if self.reading.lent.load(Ordering::Acquire) {
+            // Whatever wakes the writer next (a frame, a ping, the half given back and
+            // another wake-up) makes it look again.
+            return Poll::Pending;
+        }
         let mut slot = self.reading.lock();
         if slot.ended || slot.pending.is_some() {
             return Poll::Pending;
@@ -122,7 +140,7 @@ impl Outbox {
             },
         };
         slot.ended = !matches!(read, IdleRead::Heard);
-        slot.pending = Some(item);
+        slot.pending = Some(Box::new(item));
         Poll::Ready(read)
     }
 }

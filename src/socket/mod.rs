@@ -84,21 +84,21 @@ impl FanoutSocket {
         }
         let (sink, stream) = socket.split();
         outbox.park(Box::pin(sink));
-        outbox.park_stream(Box::pin(stream));
-        let writer = write_loop(
+        outbox.park_stream(stream);
+        // The connection is over when the writer ends (closed by either side, dead, or too
+        // slow): its rooms learn it then, not when the handler next reads or returns.
+        let closed = rooms::LeaveOnClose {
+            shared: shared.clone(),
+            id,
+            outbox: outbox.clone(),
+        };
+        tokio::spawn(write_loop(
             outbox.clone(),
             node.config.clone(),
             node.counters.clone(),
             id,
-            node.lifecycle.writer_started(),
-        );
-        let (closed_shared, closed_outbox) = (shared.clone(), outbox.clone());
-        tokio::spawn(async move {
-            writer.await;
-            // The connection is over (closed by either side, dead, or too slow): its rooms
-            // learn it now, not when the handler next reads or returns.
-            rooms::quit_all(&closed_shared, id, &closed_outbox, "connection closed");
-        });
+            (closed, node.lifecycle.writer_started()),
+        ));
         let bucket = TokenBucket::new(cfg.messages_per_second.get(), cfg.message_burst.get());
         outbox.touch();
         Self {

@@ -9,7 +9,7 @@ use super::FanoutSocket;
 use crate::close;
 use crate::error::Error;
 use crate::missed::Missed;
-use crate::queue::{BoxStream, Notice, Outbox, ReadItem, is_too_big};
+use crate::queue::{Notice, Outbox, ReadHalf, ReadItem, is_too_big};
 use crate::room::RoomName;
 
 /// What [`FanoutSocket::recv_event`] yields.
@@ -181,7 +181,7 @@ impl FanoutSocket {
 /// The socket's reading half, lent to one `recv` and given back to the node when dropped.
 struct Lent<'a> {
     outbox: &'a Outbox,
-    stream: Option<BoxStream>,
+    stream: Option<ReadHalf>,
 }
 
 impl Lent<'_> {

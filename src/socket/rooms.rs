@@ -77,7 +77,8 @@ impl FanoutSocket {
     ///
     /// ```no_run
     /// use axum::extract::ws::Message;
-    /// use axum_fanout::{FanoutSocket, Member};
+    /// use axum_fanout::FanoutSocket;
+    /// use axum_fanout::presence::Member;
     ///
     /// async fn chat(mut socket: FanoutSocket, user: String) {
     ///     let Ok(member) = Member::new(user) else { return socket.close(1008, "bad user") };
@@ -133,7 +134,8 @@ impl FanoutSocket {
     /// socket is then not in the room).
     ///
     /// ```no_run
-    /// use axum_fanout::{FanoutSocket, Position};
+    /// use axum_fanout::FanoutSocket;
+    /// use axum_fanout::durable::Position;
     ///
     /// async fn serve(mut socket: FanoutSocket, since: Option<Position>) {
     ///     match socket.join_durable("lobby", since).await {
@@ -197,6 +199,21 @@ impl FanoutSocket {
     /// takes it out of its rooms at once, whatever its handler is doing.
     pub fn rooms(&self) -> Vec<RoomName> {
         self.outbox.rooms()
+    }
+}
+
+/// Takes the socket out of every room it is in when dropped: held by the socket's writer task,
+/// which ends with the connection.
+#[derive(Debug)]
+pub(super) struct LeaveOnClose {
+    pub(super) shared: std::sync::Arc<Shared>,
+    pub(super) id: SocketId,
+    pub(super) outbox: std::sync::Arc<Outbox>,
+}
+
+impl Drop for LeaveOnClose {
+    fn drop(&mut self) {
+        quit_all(&self.shared, self.id, &self.outbox, "connection closed");
     }
 }
 

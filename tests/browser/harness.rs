@@ -13,7 +13,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use axum_fanout::{Durability, FanoutLayer};
+use axum_fanout::FanoutLayer;
+use axum_fanout::durable::Durability;
 use base64::Engine as _;
 use fantoccini::wd::WebDriverCompatibleCommand;
 use fantoccini::{Client, ClientBuilder, Locator, key::Key};

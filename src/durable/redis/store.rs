@@ -14,9 +14,8 @@
 //! order is queue order.
 //!
 //! Why groups: the script's fixed part (the call itself, reading the epoch, taking the seqs, two
-//! `PEXPIRE`s) was most of its cost. Redis spent 14 us of CPU per message with a call each, 9.4
-//! with groups of 2 and 6.5 with groups of 8 (redis-benchmark, 256 B, 3 subscribers;
-//! BENCHMARKS.md). A busy room's messages queue up while the previous pipeline is in flight,
+//! `PEXPIRE`s) was most of its cost, so Redis's CPU per message falls as groups grow
+//! (BENCHMARKS.md has the measure). A busy room's messages queue up while the previous pipeline is in flight,
 //! so under load groups grow by themselves; a lone message is a group of one, sent at once.
 //!
 //! A message the stream refuses ends its group: those before it were stored and published and

@@ -44,9 +44,9 @@ pub(super) async fn reap_dead(
     Ok(())
 }
 
-/// Most users one reap script call takes out of a room (at about 10 us each, leave event
-/// included, a call holds Redis for a few milliseconds; a dead node's 10,000 members in one
-/// call held it for 100 ms).
+/// Most users one reap script call takes out of a room: Redis runs nothing else while a script
+/// runs, so a dead node's share is taken out a bounded chunk at a time (a call holds Redis
+/// for a few milliseconds), not in one call whose length grows with the share.
 pub(super) const REAP_CHUNK: usize = 256;
 
 /// Takes `dead`'s members out of `room`, `REAP_CHUNK` at a time, until its share is gone (or
