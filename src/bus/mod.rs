@@ -218,9 +218,9 @@ impl Bus {
             inbox,
             stop.subscribe(),
         ));
-        runtime.spawn(publisher::run(
+        runtime.spawn(publisher::run(self.clone(), backend, stop.subscribe()));
+        runtime.spawn(pipeline::send_loop(
             self.clone(),
-            backend,
             outgoing,
             stop.subscribe(),
         ));

@@ -4,13 +4,13 @@
 use std::sync::Arc;
 
 use redis::{PushInfo, PushKind};
-use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, oneshot, watch};
 use tokio::time::{Instant, timeout_at};
 
 use super::backend::Backend;
 use super::backoff::Backoff;
 use super::receipt::{Published, Receipt};
-use super::{Bus, pause_or, pipeline};
+use super::{Bus, pause_or};
 use crate::channel;
 use crate::config::Durability;
 use crate::error::Error;
@@ -175,14 +175,9 @@ impl Outgoing {
     }
 }
 
-/// Keeps the publisher connection up, and sends the queued broadcasts over it.
-pub(super) async fn run(
-    bus: Arc<Bus>,
-    backend: Backend,
-    outgoing: mpsc::Receiver<Outgoing>,
-    mut stop: watch::Receiver<()>,
-) {
-    tokio::spawn(pipeline::send_loop(bus.clone(), outgoing, stop.clone()));
+/// Keeps the publisher connection up (`pipeline::send_loop` sends the queued broadcasts over
+/// it).
+pub(super) async fn run(bus: Arc<Bus>, backend: Backend, mut stop: watch::Receiver<()>) {
     let cfg = &bus.config;
     let mut backoff = Backoff::new(cfg.backoff_min, cfg.backoff_max);
     loop {
