@@ -19,7 +19,7 @@ use crate::room::RoomName;
 /// [`FanoutSocket::broadcast`](crate::FanoutSocket::broadcast).
 ///
 /// It resolves, after Redis replied, to the number of nodes subscribed to the room (PUBLISH's
-/// reply); [`send`](Broadcast::send) also gives a durable room's position. Every node
+/// reply); [`publish`](Broadcast::publish) also gives a durable room's position. Every node
 /// delivers it from its subscriber, this one included: local sockets never receive it
 /// inline, so each socket gets each message once and all see one order.
 ///
@@ -27,7 +27,7 @@ use crate::room::RoomName;
 /// The count is of the nodes that got it live, not of where it is kept. A plain room with no
 /// sockets anywhere answers 0 and the message is gone. A [durable](crate::FanoutBuilder::durable)
 /// room with no sockets also answers 0, yet its message was stored: a client that joins
-/// later reads it from the history. Tell the two apart with [`send`](Broadcast::send), whose
+/// later reads it from the history. Tell the two apart with [`publish`](Broadcast::publish), whose
 /// [`position`](crate::Published::position) is `Some` once a durable message is stored.
 ///
 /// ## Cancel safety
@@ -128,19 +128,19 @@ impl Broadcast {
     /// ) -> Result<Json<Value>, String> {
     ///     let published = fanout
     ///         .broadcast(&room, body)
-    ///         .send()
+    ///         .publish()
     ///         .await
     ///         .map_err(|e: Error| e.to_string())?;
     ///     let position = published.position().map(ToString::to_string);
     ///     Ok(Json(json!({ "nodes": published.nodes(), "position": position })))
     /// }
     /// ```
-    pub fn send(self) -> impl Future<Output = Result<Published, Error>> + Send {
+    pub fn publish(self) -> impl Future<Output = Result<Published, Error>> + Send {
         // Boxed whole, like `queue`.
-        Box::pin(self.publish())
+        Box::pin(self.published())
     }
 
-    async fn publish(self) -> Result<Published, Error> {
+    async fn published(self) -> Result<Published, Error> {
         self.enqueue(true).await?.published().await
     }
 
@@ -202,7 +202,7 @@ impl IntoFuture for Broadcast {
     fn into_future(self) -> Self::IntoFuture {
         // Awaited: if the caller stops waiting before Redis got it, it is not sent; a queued
         // broadcast is sent regardless.
-        Box::pin(async move { self.publish().await.map(|p| p.nodes()) })
+        Box::pin(async move { self.published().await.map(|p| p.nodes()) })
     }
 }
 

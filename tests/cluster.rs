@@ -285,7 +285,7 @@ async fn a_durable_rooms_slot_moves_with_its_history_and_its_members_miss_nothin
                 }
                 let published = handle
                     .broadcast(durable, json!({ "n": n }))
-                    .send()
+                    .publish()
                     .await
                     .unwrap_or_else(|e| panic!("broadcast {n} during the move: {e}"));
                 positions.push(published.position().expect("durable").clone());
@@ -345,7 +345,7 @@ async fn a_durable_rooms_slot_moves_with_its_history_and_its_members_miss_nothin
     let tail = fleet[0]
         .1
         .broadcast(durable, json!({ "n": "tail" }))
-        .send()
+        .publish()
         .await
         .expect("broadcast after the moves");
     assert_eq!(
@@ -379,7 +379,7 @@ async fn a_failover_that_lost_the_last_messages_is_told_not_hidden() {
     let publish_and_read = async |n: u64, ws: &mut Ws| {
         let published = handle
             .broadcast("lag", json!({ "n": n }))
-            .send()
+            .publish()
             .await
             .expect("durable broadcast");
         let seq = published.position().expect("durable").seq();
@@ -470,7 +470,7 @@ async fn move_durable_slot(
     for n in 0..5 {
         let published = handle
             .broadcast(room, json!({ "gap": n }))
-            .send()
+            .publish()
             .await
             .expect("broadcast redirected with ASK");
         in_the_gap.push(published.position().expect("durable").clone());

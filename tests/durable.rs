@@ -402,7 +402,7 @@ async fn durable_broadcasts_survive_redis_forgetting_the_script() {
 
     let first = ha
         .broadcast("f", json!({ "n": 1 }))
-        .send()
+        .publish()
         .await
         .expect("durable broadcast");
     assert_eq!(first.position(), Some(&Position::new(epoch.as_str(), 1)));
@@ -473,7 +473,7 @@ async fn durable_broadcasts_survive_redis_forgetting_the_script() {
     wait_until("plain node ready", || async { plain.is_ready() }).await;
     let published = plain
         .broadcast("plain", json!(1))
-        .send()
+        .publish()
         .await
         .expect("plain broadcast");
     assert_eq!(published.position(), None);

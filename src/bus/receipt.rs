@@ -9,7 +9,7 @@ use crate::error::Error;
 use crate::position::Position;
 
 /// Redis's answer to a broadcast: how many nodes subscribe to the room and, in a durable
-/// room, the message's position. From [`Broadcast::send`](crate::Broadcast::send) and
+/// room, the message's position. From [`Broadcast::publish`](crate::Broadcast::publish) and
 /// [`Receipt::published`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Published {
