@@ -53,9 +53,10 @@ codes! {
     /// 1001, going away: the node is shutting down, or the client stopped answering pings.
     GOING_AWAY = 1001 {
         /// Sent with [`GOING_AWAY`] to every socket when the node shuts down
-        /// ([`RoomHandle::shutdown`](crate::RoomHandle::shutdown)), and to a socket attached
-        /// while it does.
-        SHUTTING_DOWN_REASON = "server shutting down",
+        /// ([`RoomHandle::shutdown`](crate::RoomHandle::shutdown), spread over the drain
+        /// window), and to a socket attached while it does: the server is restarting or going
+        /// away, reconnect (to another node) with the position you hold.
+        SHUTTING_DOWN_REASON = "server restarting; reconnect",
         /// Sent with [`GOING_AWAY`] to a client that sent nothing, not even a pong, for
         /// [`ping_interval`](crate::FanoutBuilder::ping_interval) +
         /// [`pong_timeout`](crate::FanoutBuilder::pong_timeout).

@@ -21,6 +21,7 @@ use crate::listener::FanoutListener;
 use crate::node::Shared;
 use crate::position::Position;
 use crate::presence::{Count, Snapshot};
+use crate::queue::Outbox;
 use crate::room::RoomName;
 use crate::socket::FanoutSocket;
 use crate::stats::Stats;
@@ -61,6 +62,21 @@ impl fmt::Debug for RoomHandle {
             .field("node_id", &self.node_id())
             .field("ready", &self.is_ready())
             .finish()
+    }
+}
+
+/// Closes `sockets` (1001, come back) spread evenly over `window`: the i-th of n at
+/// `i / n * window`, so their clients reconnect elsewhere as a stream, not all at once.
+async fn drain(sockets: &[Arc<Outbox>], window: std::time::Duration) {
+    let start = tokio::time::Instant::now();
+    let n = sockets.len() as u32;
+    for (i, outbox) in (0u32..).zip(sockets) {
+        let at = start + window.mul_f64(f64::from(i) / f64::from(n.max(1)));
+        // Timers are ms-grained: closes due within a millisecond go out together.
+        if at > tokio::time::Instant::now() + std::time::Duration::from_millis(1) {
+            tokio::time::sleep_until(at).await;
+        }
+        outbox.close_after_flush(Some(going_away()));
     }
 }
 
@@ -165,13 +181,16 @@ impl RoomHandle {
 
     /// Shuts this node down gracefully; call it from axum's `with_graceful_shutdown` signal.
     ///
-    /// Every local socket gets what is already queued, then a close frame 1001
-    /// (`"server shutting down"`), and its [`recv`](FanoutSocket::recv) returns `None`; new
-    /// sockets are closed at once and new joins fail. It then waits, up to the shutdown timeout
-    /// (default 5 s), until every socket has left its rooms, every writer has flushed and the
-    /// node's UNSUBSCRIBEs were confirmed (and, with presence, Redis counted every leave, so
-    /// the other nodes' sockets got their leave events). Returns `true` when all of that
-    /// happened in time.
+    /// New sockets are closed at once and new joins fail. Every local socket gets what is
+    /// already queued, then a close frame 1001 (`"server restarting; reconnect"`, see
+    /// [`close`](crate::close)), and its [`recv`](FanoutSocket::recv) returns `None`. The
+    /// closes are spread evenly over the drain window
+    /// ([`drain_window`](crate::FanoutBuilder::drain_window), default 3 s), so that a rolling
+    /// restart sends the other nodes a stream of reconnects rather than a herd. It then waits,
+    /// up to the shutdown timeout (default 5 s), until every socket has left its rooms, every
+    /// writer has flushed and the node's UNSUBSCRIBEs were confirmed (and, with presence,
+    /// Redis counted every leave, so the other nodes' sockets got their leave events). Returns
+    /// `true` when all of that happened in time.
     ///
     /// ```no_run
     /// # async fn run(app: axum::Router, rooms: axum_fanout::RoomHandle) -> std::io::Result<()> {
@@ -187,9 +206,7 @@ impl RoomHandle {
     pub async fn shutdown(&self) -> bool {
         let node = &self.shared.node;
         let sockets = node.lifecycle.begin_shutdown();
-        for outbox in &sockets {
-            outbox.close_after_flush(Some(going_away()));
-        }
+        drain(&sockets, node.config.drain_window).await;
         let deadline = tokio::time::Instant::now() + node.config.shutdown_timeout;
         let mut clean = node.lifecycle.wait_quiet(&node.registry, deadline).await;
         if node.config.uses_presence() {

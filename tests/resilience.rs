@@ -371,3 +371,49 @@ async fn graceful_shutdown_closes_sockets_with_1001_and_unsubscribes() {
     let close = recv_close(&mut late).await.expect("close frame");
     assert_eq!(u16::from(close.code), close_code::AWAY);
 }
+
+#[tokio::test]
+async fn a_shutdown_spreads_its_closes_over_the_drain_window() {
+    let redis = RedisServer::start();
+    let layer = FanoutLayer::builder(redis.url())
+        .node_id("draining")
+        .drain_window(Duration::from_secs(2))
+        .build()
+        .expect("layer");
+    let handle = layer.handle();
+    let server = TestServer::start(room_app(layer)).await;
+    wait_until("ready", || async { handle.is_ready() }).await;
+    let node = Node { server, handle };
+    let mut closed = Vec::new();
+    for _ in 0..20 {
+        let mut ws = join(&node, "herd").await;
+        closed.push(tokio::spawn(async move {
+            let frame = recv_close(&mut ws).await.expect("a close frame");
+            (
+                Instant::now(),
+                u16::from(frame.code),
+                frame.reason.to_string(),
+            )
+        }));
+    }
+    let start = Instant::now();
+    assert!(node.handle.shutdown().await, "clean shutdown in time");
+    let mut times = Vec::new();
+    for c in closed {
+        let (at, code, reason) = c.await.expect("reader");
+        assert_eq!(code, close_code::AWAY);
+        assert_eq!(reason, axum_fanout::close::SHUTTING_DOWN_REASON);
+        times.push(at.duration_since(start));
+    }
+    times.sort();
+    let (first, last) = (times[0], times[times.len() - 1]);
+    eprintln!("20 closes from {first:?} to {last:?} after the shutdown began (window 2 s)");
+    assert!(
+        last - first >= Duration::from_millis(1500),
+        "the closes are spread over the window, not sent at once: {times:?}"
+    );
+    assert!(
+        last < Duration::from_secs(4),
+        "and end within the window (plus slack): {times:?}"
+    );
+}

@@ -377,6 +377,17 @@ pub(crate) fn layer_from_env() -> Result<FanoutLayer, String> {
     {
         builder = builder.flush_interval(std::time::Duration::from_millis(ms));
     }
+    // DRAIN_S: the window a shutdown spreads its sockets' closes over (whole seconds; 0 closes
+    // them all at once; default 3).
+    if let Ok(drain) = std::env::var("DRAIN_S")
+        && !drain.trim().is_empty()
+    {
+        let secs: u64 = drain
+            .trim()
+            .parse()
+            .map_err(|e| format!("DRAIN_S must be a whole number of seconds: {e}"))?;
+        builder = builder.drain_window(std::time::Duration::from_secs(secs));
+    }
     // Not part of the wire contract: each socket's queue bound (frames, bytes), for operators
     // whose clients take bursts (a node that wakes from a pause delivers its backlog at once).
     if let Some(frames) = std::num::NonZeroUsize::new(env_number("QUEUE_FRAMES", 0)?) {

@@ -110,6 +110,7 @@ impl FanoutBuilder {
                 pong_timeout: Duration::from_secs(10),
                 probe_timeout: Duration::from_secs(2),
                 shutdown_timeout: Duration::from_secs(5),
+                drain_window: Duration::from_secs(3),
                 presence_all: false,
                 presence_rooms: HashSet::new(),
                 presence_ttl: Duration::from_secs(30),
@@ -244,12 +245,26 @@ impl FanoutBuilder {
         self
     }
 
-    /// How long [`RoomHandle::shutdown`](crate::RoomHandle::shutdown) waits for sockets to
-    /// flush and close and for the node's UNSUBSCRIBEs to be confirmed.
+    /// How long [`RoomHandle::shutdown`](crate::RoomHandle::shutdown) waits, after the drain
+    /// window, for sockets to flush and close and for the node's UNSUBSCRIBEs to be confirmed.
     ///
     /// Defaults to 5 seconds.
     pub fn shutdown_timeout(mut self, timeout: Duration) -> Self {
         self.config.shutdown_timeout = timeout;
+        self
+    }
+
+    /// How long [`RoomHandle::shutdown`](crate::RoomHandle::shutdown) spreads its sockets'
+    /// closes over. A rolling restart closes every socket of a node; closed all at once, they
+    /// all reconnect to the other nodes at once and resume at once, reading the same history
+    /// pages (a reconnect herd). Spread evenly over the window, they arrive as a stream. Each
+    /// socket is told to come back ([`close::GOING_AWAY`](crate::close::GOING_AWAY),
+    /// [`close::SHUTTING_DOWN_REASON`](crate::close::SHUTTING_DOWN_REASON)); clients should
+    /// still add their own jitter.
+    ///
+    /// Defaults to 3 seconds; zero closes every socket at once.
+    pub fn drain_window(mut self, window: Duration) -> Self {
+        self.config.drain_window = window;
         self
     }
 

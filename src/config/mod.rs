@@ -85,6 +85,8 @@ pub(crate) struct Config {
     pub(crate) pong_timeout: Duration,
     pub(crate) probe_timeout: Duration,
     pub(crate) shutdown_timeout: Duration,
+    /// How long a shutdown spreads its sockets' closes over.
+    pub(crate) drain_window: Duration,
     /// Presence for every room, or only for `presence_rooms` (see `presence`).
     pub(crate) presence_all: bool,
     pub(crate) presence_rooms: HashSet<String>,
