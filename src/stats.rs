@@ -138,6 +138,9 @@ statistics! {
         /// Accepts that failed because the process or the system ran out of file descriptors
         /// (with [`FanoutListener`](crate::FanoutListener)): each left a connection waiting.
         accepts_out_of_fds,
+        /// Durable rooms' history reads sent to Redis (resumes, gap repairs, history requests):
+        /// resumes of the same room and place at once share one.
+        history_reads,
     }
 }
 
@@ -158,7 +161,8 @@ mod tests {
                 r#""published":0,"publish_errors":0,"received":0,"delivered":0,"dropped":0,"#,
                 r#""slow_disconnects":0,"malformed":0,"inbound_dropped":0,"reconnects":0,"#,
                 r#""rejected_connections":0,"rate_limited":0,"heartbeat_timeouts":0,"#,
-                r#""socket_writes":0,"frames_written":0,"accepts_out_of_fds":0}"#
+                r#""socket_writes":0,"frames_written":0,"accepts_out_of_fds":0,"#,
+                r#""history_reads":0}"#
             )
         );
     }
@@ -183,6 +187,7 @@ mod tests {
                 "axum_fanout_socket_writes_total",
                 "axum_fanout_frames_written_total",
                 "axum_fanout_accepts_out_of_fds_total",
+                "axum_fanout_history_reads_total",
             ]
         );
     }

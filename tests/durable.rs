@@ -633,3 +633,41 @@ async fn chaos_publishers_resumes_and_link_kills_leave_no_silent_gap() {
         assert_eq!(seen, TOTAL, "client {c}");
     }
 }
+
+/// A resume storm: 1,000 clients of a restarted node resume the same room from the same place
+/// on another node at once. Each gets every message after its position once, and the node
+/// shares Redis reads between resumes that wait for their turn together.
+#[tokio::test]
+async fn a_resume_storm_shares_history_reads_and_every_client_gets_every_message_once() {
+    let redis = RedisServer::start();
+    let (a, handle) = node(&redis, "a", Durability::default(), &[]).await;
+    let (_first, notice) = join(&a, "storm", None).await;
+    let epoch = position_of(&notice).epoch().to_owned();
+    for n in 1..=50 {
+        publish(&handle, "storm", n).await;
+    }
+    let before = handle.stats().history_reads;
+    let since = format!("{epoch}:10");
+    let clients: Vec<_> = (0..1000)
+        .map(|_| {
+            let url = a.ws_url(&format!("/ws?room=storm&positions=1&since={since}"));
+            tokio::spawn(async move {
+                let mut ws = connect(&url).await;
+                let notice = recv_json(&mut ws, "the resume notice").await;
+                assert_eq!(notice["type"], "fanout.resumed", "{notice}");
+                assert_eq!(notice["recovered"], true, "{notice}");
+                seqs_until(&mut ws, 50).await
+            })
+        })
+        .collect();
+    for client in clients {
+        let seqs = client.await.expect("client");
+        assert_eq!(seqs, (11..=50).collect::<Vec<u64>>());
+    }
+    let reads = handle.stats().history_reads - before;
+    eprintln!("1000 resumes of one room and place: {reads} history reads on the node");
+    assert!(
+        reads < 500,
+        "resumes that wait for a turn together share a read: {reads} reads for 1000 resumes"
+    );
+}

@@ -20,10 +20,11 @@
 //! room with no message. A read is one EVALSHA that loads the script and retries on NOSCRIPT
 //! (a restarted Redis forgot it).
 
-use std::sync::{Arc, LazyLock};
+use std::collections::HashMap;
+use std::sync::{Arc, LazyLock, MutexGuard, PoisonError};
 
 use redis::Value;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{SemaphorePermit, mpsc, watch};
 use tokio::time::{Instant, timeout_at};
 
 mod store;
@@ -104,7 +105,7 @@ return epoch
 });
 
 /// What to read from a room's history.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub(crate) enum Read {
     /// Only the position.
     Top,
@@ -153,9 +154,41 @@ impl Repairs for Durable {
     }
 }
 
+/// A read being assembled: resumes of the same room from the same place that arrive before it
+/// is sent share it (see [`Durable::read`]).
+pub(crate) type OpenReads = HashMap<(RoomName, Read), watch::Receiver<Option<Option<Page>>>>;
+
+/// Takes a read out of the open ones when dropped: once sent (or given up), later resumes
+/// start their own.
+struct Closes<'a> {
+    durable: &'a Durable,
+    key: Option<(RoomName, Read)>,
+}
+
+impl Drop for Closes<'_> {
+    fn drop(&mut self) {
+        if let Some(key) = self.key.take() {
+            self.durable.open_reads().remove(&key);
+        }
+    }
+}
+
 impl Durable {
+    fn open_reads(&self) -> MutexGuard<'_, OpenReads> {
+        // A map insert or remove at a time: consistent whatever panicked.
+        self.open_reads
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
     /// Reads durable `room`'s position and the entries `read` asks for, oldest first. At most
     /// [`READS`] reads run at once per node; the others wait their turn.
+    ///
+    /// A resume storm (every client of a restarted node resuming the same room from the same
+    /// place on another) shares reads: a read of the same room and place that is still
+    /// waiting for its turn takes this one along, and both get its page. Only while it waits:
+    /// a read already sent may have been answered by Redis before this caller's socket began
+    /// holding the room's live messages, and sharing it could skip what came between.
     pub(crate) async fn read(
         &self,
         bus: &Bus,
@@ -166,13 +199,68 @@ impl Durable {
         if !bus.is_configured() {
             return Err(Error::no_redis());
         }
-        let cfg = &self.config;
-        let deadline = Instant::now() + cfg.subscribe_timeout;
-        let _turn = match timeout_at(deadline, self.reads.acquire()).await {
-            Ok(Ok(turn)) => turn,
-            Ok(Err(_)) => return Err(Error::closed()),
-            Err(_) => return Err(Error::publish_timeout(true, "EVALSHA")),
+        let deadline = Instant::now() + self.config.subscribe_timeout;
+        let key = (room.clone(), read.clone());
+        let joined = {
+            let mut open = self.open_reads();
+            match open.get(&key) {
+                Some(rx) => Err(rx.clone()),
+                None => {
+                    let (tx, rx) = watch::channel(None);
+                    open.insert(key.clone(), rx);
+                    Ok(tx)
+                }
+            }
         };
+        let shared = match joined {
+            Ok(shared) => shared,
+            Err(mut rx) => {
+                if let Ok(Ok(page)) = timeout_at(deadline, rx.wait_for(Option::is_some)).await
+                    && let Some(Some(page)) = page.as_ref()
+                {
+                    return Ok(page.clone());
+                }
+                // The read this one joined failed or was given up: read alone.
+                let turn = self.turn(deadline).await?;
+                return self
+                    .read_now(bus, room, settings, read, deadline, turn)
+                    .await;
+            }
+        };
+        let closes = Closes {
+            durable: self,
+            key: Some(key),
+        };
+        let turn = self.turn(deadline).await?;
+        drop(closes);
+        let result = self
+            .read_now(bus, room, settings, read, deadline, turn)
+            .await;
+        shared.send_replace(Some(result.as_ref().ok().cloned()));
+        result
+    }
+
+    /// A turn among the [`READS`] reads a node runs at once.
+    async fn turn(&self, deadline: Instant) -> Result<SemaphorePermit<'_>, Error> {
+        match timeout_at(deadline, self.reads.acquire()).await {
+            Ok(Ok(turn)) => Ok(turn),
+            Ok(Err(_)) => Err(Error::closed()),
+            Err(_) => Err(Error::publish_timeout(true, "EVALSHA")),
+        }
+    }
+
+    /// One read, sent now (the caller holds its turn).
+    async fn read_now(
+        &self,
+        bus: &Bus,
+        room: &RoomName,
+        settings: &Durability,
+        read: Read,
+        deadline: Instant,
+        _turn: SemaphorePermit<'_>,
+    ) -> Result<Page, Error> {
+        let cfg = &self.config;
+        self.counters.history_reads.add(1);
         let channel = channel::for_sender(cfg, room, 0);
         let (meta, stream) = keys(&channel);
         let mut script = READ_SCRIPT.call();

@@ -101,6 +101,8 @@ pub(crate) struct Durable {
     pub(super) repairs_rx: Mutex<Option<mpsc::UnboundedReceiver<Repair>>>,
     /// Turns for history reads ([`READS`](super::redis::READS) at once).
     pub(super) reads: tokio::sync::Semaphore,
+    /// Reads waiting for a turn, which resumes of the same room and place join.
+    pub(super) open_reads: Mutex<super::redis::OpenReads>,
 }
 
 impl Durable {
@@ -118,6 +120,7 @@ impl Durable {
             repairs,
             repairs_rx: Mutex::new(Some(repairs_rx)),
             reads: tokio::sync::Semaphore::new(super::redis::READS),
+            open_reads: Mutex::default(),
         }
     }
 
