@@ -29,6 +29,7 @@ async fn main() {
         Ok(Ok(port)) => port,
         Ok(Err(e)) => exit(&format!("PORT must be a port number: {e}")),
     };
+    chat_app::install_metrics().unwrap_or_else(|e| exit(&e));
     let layer = chat_app::layer_from_env().unwrap_or_else(|e| exit(&e));
     let node_id = layer.handle().node_id().to_owned();
     let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))

@@ -26,6 +26,9 @@ async fn main() {
     tracing_subscriber::fmt()
         .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .init();
+    if let Err(e) = chat_app::install_metrics() {
+        eprintln!("{e}");
+    }
 
     let configured = std::env::var("REDIS_URL").ok();
     let url = configured

@@ -9,7 +9,8 @@
 //! batch. It knows nothing of Redis: a received message is a channel name and its bytes.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime};
 
 use tokio::time::Instant;
 
@@ -20,6 +21,7 @@ use crate::durable::Durable;
 use crate::envelope;
 use crate::registry::{Dispatched, Offers, Registry, SocketId};
 use crate::stats::Counters;
+use crate::time::unix_ms;
 
 /// Most envelopes dispatched before the writers they fed are woken. Under load the hop holds
 /// many envelopes and each writer then finds many frames to send with one flush; when traffic
@@ -63,6 +65,8 @@ pub(crate) struct Dispatcher {
     load: Load,
     /// Reused batch after batch (its list of writers to wake keeps its capacity).
     offers: Offers,
+    /// The lag of the last message dispatched, in ms (`Stats::dispatch_lag_ms`).
+    lag_ms: Arc<AtomicU64>,
 }
 
 /// The hop between the subscriber connection and the dispatcher, `capacity` messages deep.
@@ -73,6 +77,7 @@ pub(crate) fn channel(
     registry: Arc<Registry>,
     counters: Arc<Counters>,
     durable: Arc<Durable>,
+    lag_ms: Arc<AtomicU64>,
 ) -> (Inbox, Dispatcher) {
     let (
         inbox,
@@ -96,6 +101,7 @@ pub(crate) fn channel(
         shed_log: LogLimiter::new(every),
         load: Load::default(),
         offers: Offers::queueing(),
+        lag_ms,
     };
     (inbox, dispatcher)
 }
@@ -117,6 +123,10 @@ impl Dispatcher {
         let mut total = Dispatched::default();
         let (mut received, mut malformed) = (0, 0);
         let mut newest_stamp = 0;
+        // One clock read and one look-up of the histogram per batch, one record per message.
+        let now_ms = unix_ms(SystemTime::now());
+        let lag = metrics::histogram!("axum_fanout_dispatch_lag_seconds");
+        let mut last_lag = None;
         let any_durable = config.durable.is_some() || !config.durable_rooms.is_empty();
         let light = self.load.is_light(Instant::now()) && batch.len() <= WRITE_FROM_BATCH;
         self.offers.start(if light { WRITE_BUDGET } else { 0 });
@@ -150,7 +160,12 @@ impl Dispatcher {
                 }
             };
             received += 1;
-            newest_stamp = newest_stamp.max(decoded.ts.unwrap_or(0));
+            if let Some(ts) = decoded.ts {
+                newest_stamp = newest_stamp.max(ts);
+                let ms = now_ms.saturating_sub(ts);
+                lag.record(ms as f64 / 1000.0);
+                last_lag = Some(ms);
+            }
             if any_durable && self.durable.is_durable(room) {
                 total += self.durable.on_live(room, decoded, &mut self.offers);
                 continue;
@@ -188,6 +203,9 @@ impl Dispatcher {
         total.count(c);
         if newest_stamp > 0 {
             self.delivered.note(newest_stamp);
+        }
+        if let Some(ms) = last_lag {
+            self.lag_ms.store(ms, Ordering::Relaxed);
         }
         self.load.count(total.delivered);
         self.offers.wake();
@@ -316,6 +334,7 @@ mod tests {
             registry.clone(),
             counters.clone(),
             durable,
+            Arc::default(),
         );
         (inbox, d, registry, counters)
     }

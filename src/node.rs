@@ -6,7 +6,7 @@
 //! dispatcher, the heartbeat) and stops them all when the last handle is gone. Nothing below it
 //! imports it back: the tasks hold the parts, never the node.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use tokio::sync::watch;
@@ -33,12 +33,17 @@ pub(crate) struct Node {
     /// This node's presence members, synced to Redis by a task of the bus.
     pub(crate) presence: Arc<presence::Table>,
     pub(crate) durable: Arc<Durable>,
+    /// The dispatcher's lag behind the publishers, in ms (`Stats::dispatch_lag_ms`).
+    pub(crate) dispatch_lag_ms: Arc<AtomicU64>,
 }
 
 impl Node {
     pub(crate) fn stats(&self) -> Stats {
         let mut gauges = self.registry.gauges();
         gauges.connections = self.lifecycle.connections();
+        gauges.dispatch_lag_ms =
+            usize::try_from(self.dispatch_lag_ms.load(Ordering::Relaxed)).unwrap_or(usize::MAX);
+        gauges.report(&self.config.node_id);
         self.counters.snapshot(gauges)
     }
 }
@@ -66,12 +71,14 @@ impl Shared {
             registry.clone(),
             counters.clone(),
         ));
+        let dispatch_lag_ms = Arc::new(AtomicU64::new(0));
         let (inbox, dispatcher) = dispatch::channel(
             config.inbound_capacity.get(),
             config.clone(),
             registry.clone(),
             counters.clone(),
             durable.clone(),
+            dispatch_lag_ms.clone(),
         );
         let bus = Arc::new(Bus::new(
             config.clone(),
@@ -91,6 +98,7 @@ impl Shared {
                 bus,
                 presence: Arc::default(),
                 durable,
+                dispatch_lag_ms,
             },
             unstarted: Mutex::new(Some((inbox, dispatcher))),
             stop: watch::Sender::new(()),

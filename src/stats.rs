@@ -43,8 +43,10 @@ macro_rules! statistics {
     ) => {
         /// A snapshot of one node's activity, from [`RoomHandle::stats`](crate::RoomHandle::stats).
         ///
-        /// Counters are totals since the node started; `rooms`, `connections`, `memberships`
-        /// and `subscriptions` are current values. Each counter is also reported through the
+        /// Counters are totals since the node started; `rooms`, `connections`, `memberships`,
+        /// `subscriptions` and `dispatch_lag_ms` are current values, also reported through the
+        /// [`metrics`] facade as gauges `axum_fanout_<field>` (label `node`) whenever a snapshot
+        /// is taken (a scrape that reads the stats first is current). Each counter is also reported through the
         /// [`metrics`] facade as `axum_fanout_<field>_total` (e.g.
         /// `axum_fanout_delivered_total`), so an installed recorder such as a Prometheus
         /// exporter collects them with no further code.
@@ -78,6 +80,20 @@ macro_rules! statistics {
             $( pub(crate) $gauge: usize, )*
         }
 
+        impl Gauges {
+            /// Reports every gauge through the [`metrics`] facade as `axum_fanout_<field>`,
+            /// labelled with the node's id (several nodes may share a process).
+            pub(crate) fn report(&self, node: &str) {
+                $(
+                    metrics::gauge!(
+                        concat!("axum_fanout_", stringify!($gauge)),
+                        "node" => node.to_owned()
+                    )
+                    .set(self.$gauge as f64);
+                )*
+            }
+        }
+
         impl Counters {
             pub(crate) fn snapshot(&self, gauges: Gauges) -> Stats {
                 Stats {
@@ -105,6 +121,11 @@ statistics! {
         memberships,
         /// Room channels Redis confirmed for this node.
         subscriptions,
+        /// Milliseconds from the publisher's stamp of the last message this node dispatched to
+        /// its dispatch (the histogram `axum_fanout_dispatch_lag_seconds` has every one): a
+        /// node falling behind shows here before Redis drops it. Includes the clock skew
+        /// between the publishing node and this one.
+        dispatch_lag_ms,
     }
     counters {
         /// Envelopes this node published (PUBLISH replied).
@@ -157,7 +178,7 @@ mod tests {
         assert_eq!(
             json,
             concat!(
-                r#"{"rooms":0,"connections":0,"memberships":0,"subscriptions":0,"#,
+                r#"{"rooms":0,"connections":0,"memberships":0,"subscriptions":0,"dispatch_lag_ms":0,"#,
                 r#""published":0,"publish_errors":0,"received":0,"delivered":0,"dropped":0,"#,
                 r#""slow_disconnects":0,"malformed":0,"inbound_dropped":0,"reconnects":0,"#,
                 r#""rejected_connections":0,"rate_limited":0,"heartbeat_timeouts":0,"#,
@@ -202,6 +223,7 @@ mod tests {
             connections: 2,
             memberships: 3,
             subscriptions: 4,
+            dispatch_lag_ms: 5,
         };
         let s = counters.snapshot(gauges);
         assert_eq!(

@@ -45,7 +45,37 @@ pub(crate) fn app(layer: FanoutLayer) -> Router {
         .route("/rooms/{room}/history", get(history))
         .route("/healthz", get(healthz))
         .route("/stats", get(stats))
+        .route("/metrics", get(metrics))
         .layer(layer)
+}
+
+/// The process's Prometheus recorder, once installed by [`install_metrics`].
+static METRICS: std::sync::OnceLock<metrics_exporter_prometheus::PrometheusHandle> =
+    std::sync::OnceLock::new();
+
+/// Installs a Prometheus recorder as the process's `metrics` recorder, so that `GET /metrics`
+/// serves every counter, gauge and histogram the library reports. Call it before building
+/// the layer. Process-wide: the demo's three nodes in one process add up.
+pub(crate) fn install_metrics() -> Result<(), String> {
+    let handle = metrics_exporter_prometheus::PrometheusBuilder::new()
+        .install_recorder()
+        .map_err(|e| format!("cannot install the Prometheus recorder: {e}"))?;
+    let _ = METRICS.set(handle);
+    Ok(())
+}
+
+/// `GET /metrics`: Prometheus's text format (404 when no recorder was installed). The node's
+/// gauges are reported when its stats are read: read them first, so the scrape is current.
+async fn metrics(rooms: RoomHandle) -> Response {
+    let _ = rooms.stats();
+    match METRICS.get() {
+        Some(handle) => (
+            [("content-type", "text/plain; version=0.0.4")],
+            handle.render(),
+        )
+            .into_response(),
+        None => (StatusCode::NOT_FOUND, "no metrics recorder installed\n").into_response(),
+    }
 }
 
 async fn page() -> Html<&'static str> {

@@ -191,8 +191,9 @@ impl Registry {
             rooms: inner.rooms.len(),
             memberships: inner.rooms.values().map(HashMap::len).sum(),
             subscriptions: inner.subscribed.len(),
-            // The node's lifecycle counts connections.
+            // The node's lifecycle counts connections, the dispatcher its lag.
             connections: 0,
+            dispatch_lag_ms: 0,
         }
     }
 }
