@@ -303,9 +303,16 @@ async fn pause_a_node_under_traffic(durable: bool) {
     tokio::spawn(async move { while let Some(Ok(_)) = echoes.next().await {} });
     let reader = tokio::spawn(async move { read_chat_to_end(&mut reader).await });
 
-    // ~6 MB/s of 16 kB messages, stamped (`before_ms`) as they are sent: well over what the
-    // sockets' buffers and the 64 kB limit hold while the node sleeps.
-    let pad = "x".repeat(16 * 1024);
+    // ~6 MB/s of 16 kB messages (40 kB in a durable room, so that what the pause loses stays
+    // within the replay limit of 1,000 messages the node reads back), stamped (`before_ms`) as
+    // they are sent: well over what the sockets' buffers and the 64 kB limit hold while the
+    // node sleeps.
+    let pad = "x".repeat(if durable { 40 * 1024 } else { 16 * 1024 });
+    let pause = if durable {
+        Duration::from_millis(2500)
+    } else {
+        Duration::from_secs(4)
+    };
     let mut sent_at = Vec::new();
     let mut n = 0u64;
     let mut send_for = async |ws: &mut WsSink, how_long: Duration, sent_at: &mut Vec<u64>| {
@@ -320,7 +327,7 @@ async fn pause_a_node_under_traffic(durable: bool) {
     };
     send_for(&mut publisher, Duration::from_millis(300), &mut sent_at).await;
     sleeper.signal("STOP");
-    send_for(&mut publisher, Duration::from_secs(4), &mut sent_at).await;
+    send_for(&mut publisher, pause, &mut sent_at).await;
     sleeper.signal("CONT");
     // The node recovers by itself: Redis dropped it, it reconnects and resubscribes.
     wait_until("the sleeper resubscribed", || async {
