@@ -4,17 +4,26 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 /// One monotonic counter, mirrored to the [`metrics`] facade under `name` so that any installed
 /// recorder (a Prometheus exporter, say) sees the same numbers as [`Stats`].
+///
+/// The facade's handle is taken once, when the node is built: looking it up on every count
+/// cost a recorder's registry look-up per broadcast and per socket write (BENCHMARKS.md). So
+/// install the recorder before building the layer, as the `metrics` crate advises; a node
+/// built before it counts in [`Stats`] only.
 #[derive(Debug)]
 pub(crate) struct Counter {
     value: AtomicU64,
+    // Read by the tests that pin the metric names (the handle does not give it back).
+    #[cfg_attr(not(test), allow(dead_code))]
     name: &'static str,
+    handle: metrics::Counter,
 }
 
 impl Counter {
-    const fn new(name: &'static str) -> Self {
+    fn new(name: &'static str) -> Self {
         Self {
             value: AtomicU64::new(0),
             name,
+            handle: metrics::counter!(name),
         }
     }
 
@@ -22,7 +31,7 @@ impl Counter {
         if n > 0 {
             // Relaxed: each counter is independent and only read for reporting.
             self.value.fetch_add(n, Relaxed);
-            metrics::counter!(self.name).increment(n);
+            self.handle.increment(n);
         }
     }
 
