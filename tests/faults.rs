@@ -561,3 +561,149 @@ async fn a_stalled_link_is_declared_dead_by_the_probe_and_the_window_covers_the_
         "messages (seq, sent at ms) missing and outside every window told: {uncovered:?}"
     );
 }
+
+/// A client of a durable room that follows a fleet through restarts: it reads positioned
+/// frames, and when its node closes it, reconnects to another live one with the position it
+/// holds. Returns the payloads' `n` in the order received, and each close it was sent.
+async fn follow(
+    nodes: Arc<Mutex<Vec<std::net::SocketAddr>>>,
+    first: usize,
+    last_n: u64,
+    joined: Arc<std::sync::atomic::AtomicUsize>,
+) -> (Vec<u64>, Vec<(u16, String)>) {
+    let (mut got, mut closes) = (Vec::new(), Vec::new());
+    let mut at: Option<String> = None;
+    let mut pick = first;
+    loop {
+        let addr = {
+            let live = nodes.lock().unwrap_or_else(PoisonError::into_inner);
+            live[pick % live.len()]
+        };
+        pick += 1;
+        let since = at
+            .as_ref()
+            .map(|p| format!("&since={p}"))
+            .unwrap_or_default();
+        let url = format!("ws://{addr}/ws?room=stream&positions=1{since}");
+        let Ok(Ok((mut ws, _))) =
+            tokio::time::timeout(SOON, tokio_tungstenite::connect_async(&url)).await
+        else {
+            continue; // that node is going away: the next one
+        };
+        let mut epoch = String::new();
+        loop {
+            match tokio::time::timeout(SOON, ws.next()).await {
+                Ok(Some(Ok(Message::Text(t)))) => {
+                    let v: serde_json::Value = serde_json::from_str(&t).expect("JSON");
+                    match v["type"].as_str() {
+                        Some("fanout.position") | Some("fanout.resumed") => {
+                            assert_ne!(v["recovered"], false, "a resume was refused: {v}");
+                            epoch = v["epoch"].as_str().expect("epoch").to_owned();
+                            if at.is_none() {
+                                at = Some(format!("{epoch}:{}", v["seq"]));
+                                joined.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                            }
+                        }
+                        Some(other) => panic!("unexpected notice {other}: {v}"),
+                        None => {
+                            let seq = v["seq"].as_u64().expect("seq");
+                            at = Some(format!("{epoch}:{seq}"));
+                            let n = v["payload"]["n"].as_u64().expect("n");
+                            got.push(n);
+                            if n == last_n {
+                                return (got, closes);
+                            }
+                        }
+                    }
+                }
+                Ok(Some(Ok(Message::Close(frame)))) => {
+                    if let Some(f) = frame {
+                        closes.push((u16::from(f.code), f.reason.to_string()));
+                    }
+                    break;
+                }
+                Ok(Some(Ok(_))) => {}
+                Ok(Some(Err(_)) | None) => break,
+                Err(_) => panic!("no frame in {SOON:?}"),
+            }
+        }
+    }
+}
+
+/// A rolling restart of three chat nodes under a durable stream: each node in turn is shut
+/// down gracefully (its closes spread over `DRAIN_S`) and started again; every client,
+/// reconnecting elsewhere with its position, ends with every message exactly once, in order.
+#[tokio::test]
+async fn a_rolling_restart_under_a_durable_stream_loses_and_repeats_nothing() {
+    let redis = RedisServer::start();
+    let bin = chat_binary();
+    let env: &[(&str, &str)] = &[("HISTORY", "10000"), ("DRAIN_S", "1")];
+    let mut chats = Vec::new();
+    for i in 0..3 {
+        chats.push(ChatProcess::start(&bin, &redis, &format!("roll{i}"), env).await);
+    }
+    let live: Arc<Mutex<Vec<std::net::SocketAddr>>> =
+        Arc::new(Mutex::new(chats.iter().map(|c| c.addr).collect()));
+    // The publisher: an in-process node with the same durability, outside the restarts.
+    let publisher = FanoutLayer::builder(redis.url())
+        .node_id("roll-publisher")
+        .durable(
+            axum_fanout::durable::Durability::default()
+                .history(std::num::NonZeroUsize::new(10000).expect("non-zero")),
+        )
+        .build()
+        .expect("layer");
+    let handle = publisher.handle();
+    wait_until("publisher ready", || async { handle.is_ready() }).await;
+    const TOTAL: u64 = 300;
+    let joined = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let clients: Vec<_> = (0..6)
+        .map(|i| tokio::spawn(follow(live.clone(), i, TOTAL - 1, joined.clone())))
+        .collect();
+    wait_until("every client joined", || async {
+        joined.load(std::sync::atomic::Ordering::SeqCst) == 6
+    })
+    .await;
+    let stream = tokio::spawn({
+        let handle = handle.clone();
+        async move {
+            for n in 0..TOTAL {
+                handle
+                    .broadcast("stream", json!({ "n": n }))
+                    .await
+                    .expect("durable broadcast");
+                tokio::time::sleep(Duration::from_millis(20)).await; // ok: a paced publisher, not a wait
+            }
+        }
+    });
+    for (i, chat) in chats.iter_mut().enumerate() {
+        let old = chat.addr;
+        chat.terminate(Duration::from_secs(1)).await;
+        let fresh = ChatProcess::start(&bin, &redis, &format!("roll{i}b"), env).await;
+        {
+            let mut nodes = live.lock().unwrap_or_else(PoisonError::into_inner);
+            nodes.retain(|a| *a != old);
+            nodes.push(fresh.addr);
+        }
+        *chat = fresh;
+    }
+    stream.await.expect("stream");
+    let want: Vec<u64> = (0..TOTAL).collect();
+    let mut closes = 0;
+    for client in clients {
+        let (got, told) = client.await.expect("client");
+        assert_eq!(
+            got, want,
+            "every message once, in order, across the restarts"
+        );
+        for (code, reason) in &told {
+            assert_eq!(*code, 1001);
+            assert_eq!(reason, axum_fanout::close::SHUTTING_DOWN_REASON);
+        }
+        closes += told.len();
+    }
+    assert!(
+        closes >= 6,
+        "each client was closed by at least one restart: {closes}"
+    );
+}

@@ -494,6 +494,21 @@ impl ChatProcess {
         assert!(status.success(), "kill -{sig}");
     }
 
+    /// SIGTERM: a graceful shutdown (the node drains its sockets). Returns once the process
+    /// exited, or panics after `SOON` plus `extra`.
+    pub async fn terminate(&mut self, extra: Duration) {
+        self.signal("TERM");
+        let deadline = Instant::now() + SOON + extra;
+        while self.child.try_wait().expect("try_wait").is_none() {
+            assert!(
+                Instant::now() < deadline,
+                "chat {} did not exit",
+                self.node_id
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await; // deadline: polling interval
+        }
+    }
+
     /// SIGKILL: no shutdown, nothing said to Redis. Returns once the process is reaped.
     pub fn kill(&mut self) {
         self.child.kill().expect("kill -9");
