@@ -26,7 +26,7 @@ fn push_only_app(layer: FanoutLayer) -> Router {
             }
             let _ = socket.send("joined");
             // The handler's own business, far longer than the test: it never reads.
-            tokio::time::sleep(Duration::from_secs(3600)).await;
+            tokio::time::sleep(Duration::from_secs(3600)).await; // ok: a handler that only waits, not a test wait
             drop(socket);
         })
     }
