@@ -176,7 +176,7 @@ pub(crate) fn app(layer: FanoutLayer, users: Users) -> Router {
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let redis_url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
     let port = std::env::var("PORT").unwrap_or_else(|_| "3000".into());
-    let app = app(FanoutLayer::try_new(redis_url)?, demo_users());
+    let app = app(FanoutLayer::builder(redis_url).build()?, demo_users());
     let listener = tokio::net::TcpListener::bind(format!("127.0.0.1:{port}")).await?;
     println!(
         "listening on ws://{}/ws?room=general&token=alice-token",

@@ -46,7 +46,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let redis_url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
     let port = std::env::var("PORT").unwrap_or_else(|_| "3000".into());
 
-    let fanout = FanoutLayer::try_new(redis_url)?;
+    let fanout = FanoutLayer::builder(redis_url).build()?;
     let rooms = fanout.handle();
     let app = Router::new()
         .route("/ws/{room}", get(ws_handler))

@@ -71,7 +71,7 @@ impl Error {
     pub(crate) fn no_redis() -> Self {
         Self::with(
             Kind::InvalidUrl,
-            "the layer was built without a usable one (FanoutLayer::try_new reports why)",
+            "the layer was built without a usable one (FanoutLayer::builder(..).build() reports why)",
         )
     }
 

@@ -10,6 +10,7 @@ use tower_service::Service;
 
 use crate::bus::{Backend, redacted_target};
 use crate::config::FanoutBuilder;
+use crate::config::RedisTarget;
 use crate::error::Error;
 use crate::handle::RoomHandle;
 use crate::node::Shared;
@@ -34,62 +35,36 @@ pub struct FanoutLayer {
 }
 
 impl FanoutLayer {
-    /// A layer with default settings for the Redis at `redis_url`.
+    /// A layer with default settings for the Redis at `redis` (a URL, or with the `cluster`
+    /// feature a Redis Cluster's node URLs: see [`RedisTarget`]).
     ///
     /// Never fails and never blocks: the node connects in the background and reports through
     /// [`RoomHandle::is_ready`]. An unparsable URL is logged and leaves the node never ready
     /// (every join and broadcast fails with [`Error::is_invalid_url`]); use
-    /// [`FanoutLayer::try_new`] to get the error instead.
-    pub fn new(redis_url: impl Into<String>) -> Self {
-        FanoutBuilder::new(redis_url).build_lenient()
-    }
-
-    /// Like [`FanoutLayer::new`], but returns an error for an unparsable URL.
-    pub fn try_new(redis_url: impl Into<String>) -> Result<Self, Error> {
-        FanoutBuilder::new(redis_url).build()
-    }
-
-    /// Starts a builder for non-default settings.
-    pub fn builder(redis_url: impl Into<String>) -> FanoutBuilder {
-        FanoutBuilder::new(redis_url)
-    }
-
-    /// A layer with default settings for the Redis Cluster reached through `nodes` (any
-    /// subset of its masters and replicas; the rest is discovered). Broadcasts use SPUBLISH and
-    /// rooms SSUBSCRIBE, Redis 7's sharded pub/sub: a message only travels to the shard that
-    /// owns its channel. Never fails and never blocks, like [`FanoutLayer::new`].
+    /// [`builder`](FanoutLayer::builder)`(..).`[`build`](FanoutBuilder::build)`()` to get the
+    /// error instead.
     ///
     /// ```no_run
     /// use axum::Router;
     /// use axum_fanout::FanoutLayer;
     ///
-    /// let app: Router = Router::new().layer(FanoutLayer::cluster([
+    /// let app: Router = Router::new().layer(FanoutLayer::new("redis://127.0.0.1:6379"));
+    /// # #[cfg(feature = "cluster")]
+    /// let on_a_cluster: Router = Router::new().layer(FanoutLayer::new([
     ///     "redis://10.0.0.1:6379",
     ///     "redis://10.0.0.2:6379",
     ///     "redis://10.0.0.3:6379",
     /// ]));
     /// ```
-    #[cfg(feature = "cluster")]
-    #[cfg_attr(docsrs, doc(cfg(feature = "cluster")))]
-    pub fn cluster<I>(nodes: I) -> Self
-    where
-        I: IntoIterator,
-        I::Item: Into<String>,
-    {
-        FanoutBuilder::new_cluster(nodes).build_lenient()
+    pub fn new(redis: impl Into<RedisTarget>) -> Self {
+        FanoutBuilder::new(redis).build_lenient()
     }
 
-    /// Starts a builder for a Redis Cluster (see [`FanoutLayer::cluster`]); every other
-    /// setting is the same as for a single server. [`build`](FanoutBuilder::build) fails with
-    /// [`Error::is_invalid_url`] when the list is empty or a URL is invalid.
-    #[cfg(feature = "cluster")]
-    #[cfg_attr(docsrs, doc(cfg(feature = "cluster")))]
-    pub fn cluster_builder<I>(nodes: I) -> FanoutBuilder
-    where
-        I: IntoIterator,
-        I::Item: Into<String>,
-    {
-        FanoutBuilder::new_cluster(nodes)
+    /// Starts a builder for non-default settings; [`build`](FanoutBuilder::build) fails with
+    /// [`Error::is_invalid_url`] for an unparsable URL (on a cluster: an empty list or an
+    /// invalid node URL).
+    pub fn builder(redis: impl Into<RedisTarget>) -> FanoutBuilder {
+        FanoutBuilder::new(redis)
     }
 
     /// A handle to this node, for code that runs outside requests (jobs, health checks).
@@ -161,7 +136,7 @@ impl FanoutBuilder {
                     // The error's message says why: the cause of an invalid url is part of it.
                     error = %e,
                     "axum-fanout: invalid redis url; this node will never be ready (use \
-                     FanoutLayer::try_new to catch this at start-up)"
+                     FanoutLayer::builder(..).build() to catch this at start-up)"
                 );
             })
             .ok();
@@ -191,7 +166,9 @@ mod tests {
     fn a_lenient_layer_with_a_bad_url_is_never_ready_and_says_why() {
         let layer = FanoutLayer::new("http//nope");
         assert!(!layer.handle().is_ready());
-        let err = FanoutLayer::try_new("http//nope").expect_err("invalid");
+        let err = FanoutLayer::builder("http//nope")
+            .build()
+            .expect_err("invalid");
         assert!(err.is_invalid_url());
     }
 }

@@ -175,7 +175,7 @@ mod time;
 
 pub use broadcast::Broadcast;
 pub use bus::{Published, Receipt};
-pub use config::{FanoutBuilder, OverflowPolicy};
+pub use config::{FanoutBuilder, OverflowPolicy, RedisTarget};
 pub use envelope::Payload;
 pub use error::Error;
 pub use handle::{MissingFanoutLayer, RoomHandle};

@@ -12,7 +12,7 @@ use support::*;
 use tokio_tungstenite::tungstenite;
 
 async fn server(redis: &RedisServer) -> (TestServer, axum_fanout::RoomHandle) {
-    let layer = FanoutLayer::try_new(redis.url()).expect("layer");
+    let layer = FanoutLayer::builder(redis.url()).build().expect("layer");
     let handle = layer.handle();
     let server = TestServer::start(auth::app(layer, auth::demo_users())).await;
     wait_until("ready", || async { handle.is_ready() }).await;

@@ -28,10 +28,9 @@ async fn nodes(
 ) -> Vec<(TestServer, RoomHandle)> {
     let mut nodes = Vec::new();
     for i in 1..=n {
-        let layer =
-            configure(FanoutLayer::cluster_builder(cluster.urls()).node_id(format!("k{i}")))
-                .build()
-                .expect("layer");
+        let layer = configure(FanoutLayer::builder(cluster.urls()).node_id(format!("k{i}")))
+            .build()
+            .expect("layer");
         let handle = layer.handle();
         nodes.push((TestServer::start(room_app(layer)).await, handle));
     }
@@ -239,7 +238,7 @@ async fn a_durable_rooms_slot_moves_with_its_history_and_its_members_miss_nothin
     let settings = Durability::default().history(whole).replay_limit(whole);
     let (durable, plain) = ("d{m}", "p{m}");
     let layers = ["k1", "k2"].map(|id| {
-        FanoutLayer::cluster_builder(cluster.urls())
+        FanoutLayer::builder(cluster.urls())
             .node_id(id)
             .durable_room(durable, settings)
             .build()
@@ -364,7 +363,7 @@ async fn a_durable_rooms_slot_moves_with_its_history_and_its_members_miss_nothin
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failover_that_lost_the_last_messages_is_told_not_hidden() {
     let mut cluster = RedisCluster::start(3, 1);
-    let layer = FanoutLayer::cluster_builder(cluster.urls())
+    let layer = FanoutLayer::builder(cluster.urls())
         .node_id("k1")
         .durable_room("lag", Durability::default())
         .build()
@@ -551,7 +550,7 @@ async fn a_frozen_master_is_caught_by_the_probe_whichever_master_it_is() {
 
 #[tokio::test]
 async fn an_empty_cluster_list_or_a_bad_node_url_is_a_clear_error() {
-    let empty = FanoutLayer::cluster_builder(Vec::<String>::new())
+    let empty = FanoutLayer::builder(Vec::<String>::new())
         .build()
         .expect_err("no nodes");
     assert!(empty.is_invalid_url());
@@ -559,7 +558,7 @@ async fn an_empty_cluster_list_or_a_bad_node_url_is_a_clear_error() {
         .expect("cause")
         .to_string();
     assert!(cause.contains("at least one node"), "{cause}");
-    let bad = FanoutLayer::cluster_builder(["redis://127.0.0.1:7000", "http://nope"])
+    let bad = FanoutLayer::builder(["redis://127.0.0.1:7000", "http://nope"])
         .build()
         .expect_err("bad url");
     assert!(bad.is_invalid_url(), "{bad}");

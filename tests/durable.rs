@@ -521,7 +521,7 @@ async fn a_message_redis_refuses_to_store_fails_and_leaves_no_hole() {
 async fn durable_rooms_work_on_a_redis_cluster() {
     let cluster = RedisCluster::start(3, 0);
     let layers = ["k1", "k2"].map(|id| {
-        FanoutLayer::cluster_builder(cluster.urls())
+        FanoutLayer::builder(cluster.urls())
             .node_id(id)
             .durable(Durability::default())
             .build()

@@ -253,7 +253,9 @@ fn tls_settings_that_cannot_work_are_invalid_url_errors() {
         assert!(cause.contains(hint), "{cause:?} should say {hint:?}");
     }
     // A well-formed rediss:// URL builds without a certificate (system store) or with one.
-    FanoutLayer::try_new("rediss://:pw@127.0.0.1:6380").expect("rediss without a root");
+    FanoutLayer::builder("rediss://:pw@127.0.0.1:6380")
+        .build()
+        .expect("rediss without a root");
     FanoutLayer::builder("rediss://127.0.0.1:6380")
         .tls_root_certificate(pki.ca_pem())
         .build()

@@ -447,9 +447,12 @@ where
 
 #[cfg(feature = "cluster")]
 fn cluster_builder(nodes: &str) -> Result<axum_fanout::FanoutBuilder, String> {
-    Ok(FanoutLayer::cluster_builder(
-        nodes.split(',').map(str::trim).filter(|n| !n.is_empty()),
-    ))
+    let nodes: Vec<&str> = nodes
+        .split(',')
+        .map(str::trim)
+        .filter(|n| !n.is_empty())
+        .collect();
+    Ok(FanoutLayer::builder(nodes))
 }
 
 #[cfg(not(feature = "cluster"))]

@@ -109,7 +109,7 @@ fn cluster_client(
 ) -> Result<redis::cluster::ClusterClient, Error> {
     if nodes.is_empty() {
         return Err(Error::invalid_url(
-            "FanoutLayer::cluster needs at least one node url, e.g. redis://127.0.0.1:7000",
+            "a Redis Cluster target needs at least one node url, e.g. redis://127.0.0.1:7000",
         ));
     }
     let mut infos = Vec::with_capacity(nodes.len());

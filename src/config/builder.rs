@@ -6,7 +6,7 @@ use std::collections::{HashMap, HashSet};
 use std::num::{NonZeroU16, NonZeroUsize};
 use std::time::Duration;
 
-use super::{Config, Connect, Durability, OverflowPolicy, Target, nz, nz32};
+use super::{Config, Connect, Durability, OverflowPolicy, RedisTarget, Target, nz, nz32};
 #[cfg(doc)]
 use crate::error::Error;
 
@@ -41,7 +41,7 @@ use crate::error::Error;
 ///
 /// # Redis Cluster
 ///
-/// With the `cluster` cargo feature, `FanoutLayer::cluster_builder(nodes)` starts the same
+/// With the `cluster` cargo feature, `FanoutLayer::builder([node URLs..])` starts the same
 /// builder for a Redis Cluster (sharded pub/sub); every setting here applies unchanged.
 #[derive(Clone, Debug)]
 pub struct FanoutBuilder {
@@ -50,18 +50,8 @@ pub struct FanoutBuilder {
 }
 
 impl FanoutBuilder {
-    pub(crate) fn new(url: impl Into<String>) -> Self {
-        Self::with_target(Target::Server(url.into()))
-    }
-
-    /// A cluster builder: the layer uses Redis Cluster's sharded pub/sub.
-    #[cfg(feature = "cluster")]
-    pub(crate) fn new_cluster<I>(nodes: I) -> Self
-    where
-        I: IntoIterator,
-        I::Item: Into<String>,
-    {
-        Self::with_target(Target::Cluster(nodes.into_iter().map(Into::into).collect()))
+    pub(crate) fn new(redis: impl Into<RedisTarget>) -> Self {
+        Self::with_target(redis.into().0)
     }
 
     fn with_target(target: Target) -> Self {

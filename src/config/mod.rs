@@ -50,6 +50,65 @@ pub(crate) enum Target {
     Cluster(Vec<String>),
 }
 
+/// Where a node's Redis is, as [`FanoutLayer::new`](crate::FanoutLayer::new) and
+/// [`FanoutLayer::builder`](crate::FanoutLayer::builder) take it: one server's URL (a `&str`
+/// or `String`), or, with the `cluster` feature, a Redis Cluster's nodes (an array or `Vec` of
+/// URLs: any subset of its masters and replicas, the rest is discovered; broadcasts then use
+/// Redis 7's sharded pub/sub).
+///
+/// ```
+/// use axum_fanout::FanoutLayer;
+///
+/// let one_server = FanoutLayer::builder("redis://127.0.0.1:6379");
+/// # #[cfg(feature = "cluster")]
+/// let cluster = FanoutLayer::builder(["redis://10.0.0.1:6379", "redis://10.0.0.2:6379"]);
+/// ```
+#[derive(Clone)]
+pub struct RedisTarget(pub(crate) Target);
+
+impl std::fmt::Debug for RedisTarget {
+    // No URL: it may carry a password (the layer's own Debug redacts it).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.0 {
+            Target::Server(_) => f.write_str("RedisTarget::Server(..)"),
+            #[cfg(feature = "cluster")]
+            Target::Cluster(nodes) => write!(f, "RedisTarget::Cluster({} nodes)", nodes.len()),
+        }
+    }
+}
+
+impl From<&str> for RedisTarget {
+    fn from(url: &str) -> Self {
+        Self(Target::Server(url.to_owned()))
+    }
+}
+
+impl From<String> for RedisTarget {
+    fn from(url: String) -> Self {
+        Self(Target::Server(url))
+    }
+}
+
+impl From<&String> for RedisTarget {
+    fn from(url: &String) -> Self {
+        Self(Target::Server(url.clone()))
+    }
+}
+
+#[cfg(feature = "cluster")]
+impl<S: Into<String>, const N: usize> From<[S; N]> for RedisTarget {
+    fn from(nodes: [S; N]) -> Self {
+        Self(Target::Cluster(nodes.into_iter().map(Into::into).collect()))
+    }
+}
+
+#[cfg(feature = "cluster")]
+impl<S: Into<String>> From<Vec<S>> for RedisTarget {
+    fn from(nodes: Vec<S>) -> Self {
+        Self(Target::Cluster(nodes.into_iter().map(Into::into).collect()))
+    }
+}
+
 /// The settings the running node reads; built by [`FanoutBuilder`].
 #[derive(Debug, Clone)]
 pub(crate) struct Config {
