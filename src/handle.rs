@@ -18,7 +18,7 @@ use crate::envelope::Payload;
 use crate::error::Error;
 use crate::lifecycle::Refused;
 use crate::listener::FanoutListener;
-use crate::node::Shared;
+use crate::node::{RoomHandle, Shared};
 use crate::position::Position;
 use crate::presence::{Count, Snapshot};
 use crate::queue::Outbox;
@@ -26,35 +26,6 @@ use crate::room::RoomName;
 use crate::socket::FanoutSocket;
 use crate::stats::Stats;
 use crate::writer::going_away;
-
-/// A cheap, cloneable handle to this node's fan-out: broadcast to rooms, attach WebSockets,
-/// ask for readiness and stats.
-///
-/// Extract it in any handler behind a [`FanoutLayer`](crate::FanoutLayer), or get one from
-/// [`FanoutLayer::handle`](crate::FanoutLayer::handle) for code outside requests.
-///
-/// ```no_run
-/// use axum::{Router, extract::Path, routing::post};
-/// use axum_fanout::{FanoutLayer, Payload, RoomHandle};
-///
-/// async fn push(Path(room): Path<String>, rooms: RoomHandle, body: String) -> String {
-///     let Ok(payload) = Payload::raw_json(body) else {
-///         return "the body must be one JSON value\n".to_owned();
-///     };
-///     match rooms.broadcast(&room, payload).await {
-///         Ok(nodes) => format!("delivered to {nodes} node(s)\n"),
-///         Err(e) => format!("failed: {e}\n"),
-///     }
-/// }
-///
-/// let app: Router = Router::new()
-///     .route("/rooms/{room}/messages", post(push))
-///     .layer(FanoutLayer::new("redis://127.0.0.1:6379"));
-/// ```
-#[derive(Clone)]
-pub struct RoomHandle {
-    shared: Arc<Shared>,
-}
 
 impl fmt::Debug for RoomHandle {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

@@ -12,7 +12,7 @@ use crate::bus::{Backend, redacted_target};
 use crate::config::FanoutBuilder;
 use crate::config::RedisTarget;
 use crate::error::Error;
-use crate::handle::RoomHandle;
+use crate::node::RoomHandle;
 use crate::node::Shared;
 
 /// Connects an axum `Router` to the Redis fan-out bus.

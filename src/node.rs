@@ -144,3 +144,36 @@ impl Shared {
         }
     }
 }
+
+/// A cheap, cloneable handle to this node's fan-out: broadcast to rooms, attach WebSockets,
+/// ask for readiness and stats.
+///
+/// Extract it in any handler behind a [`FanoutLayer`](crate::FanoutLayer), or get one from
+/// [`FanoutLayer::handle`](crate::FanoutLayer::handle) for code outside requests.
+///
+/// ```no_run
+/// use axum::{Router, extract::Path, routing::post};
+/// use axum_fanout::{FanoutLayer, Payload, RoomHandle};
+///
+/// async fn push(Path(room): Path<String>, rooms: RoomHandle, body: String) -> String {
+///     let Ok(payload) = Payload::raw_json(body) else {
+///         return "the body must be one JSON value\n".to_owned();
+///     };
+///     match rooms.broadcast(&room, payload).await {
+///         Ok(nodes) => format!("delivered to {nodes} node(s)\n"),
+///         Err(e) => format!("failed: {e}\n"),
+///     }
+/// }
+///
+/// let app: Router = Router::new()
+///     .route("/rooms/{room}/messages", post(push))
+///     .layer(FanoutLayer::new("redis://127.0.0.1:6379"));
+/// ```
+///
+/// The type is declared beside the node it holds, so that a [`FanoutSocket`](crate::FanoutSocket)
+/// can hand one out ([`FanoutSocket::handle`](crate::FanoutSocket::handle)); its methods and
+/// its extractor are in `handle`.
+#[derive(Clone)]
+pub struct RoomHandle {
+    pub(crate) shared: Arc<Shared>,
+}

@@ -18,7 +18,7 @@ use crate::close;
 use crate::envelope::Payload;
 use crate::error::Error;
 use crate::lifecycle::{Refused, Ticket};
-use crate::node::Shared;
+use crate::node::{RoomHandle, Shared};
 use crate::queue::{Limits, Offer, Outbox};
 use crate::registry::SocketId;
 use crate::writer::{going_away, write_loop};
@@ -108,6 +108,25 @@ impl FanoutSocket {
             bucket,
             in_flight: OnceLock::new(),
         }
+    }
+
+    /// A handle to this socket's node: to broadcast to other rooms, ask for presence or
+    /// history, from inside the socket's handler without cloning one into it first.
+    ///
+    /// ```no_run
+    /// use axum::{extract::ws::WebSocketUpgrade, response::Response};
+    /// use axum_fanout::RoomHandle;
+    ///
+    /// async fn ws(upgrade: WebSocketUpgrade, rooms: RoomHandle) -> Response {
+    ///     rooms.on_upgrade(upgrade, |mut socket| async move {
+    ///         let rooms = socket.handle();
+    ///         let _ = socket.join("lobby").await;
+    ///         let _ = rooms.broadcast("audit", "someone joined the lobby").await;
+    ///     })
+    /// }
+    /// ```
+    pub fn handle(&self) -> RoomHandle {
+        RoomHandle::from_shared(self.shared.clone())
     }
 
     /// This socket's id, unique within the node. [`broadcast`](FanoutSocket::broadcast) uses

@@ -578,29 +578,28 @@ pub fn room_app(layer: axum_fanout::FanoutLayer) -> Router {
         rooms: RoomHandle,
     ) -> Response {
         let room = q.get("room").cloned().unwrap_or_default();
-        rooms
-            .clone()
-            .on_upgrade(upgrade, move |mut socket| async move {
-                if let Err(e) = socket.join(&room).await {
-                    return socket.close(close_code::ERROR, &e.to_string());
-                }
-                let _ = socket.send("joined");
-                while let Some(Ok(event)) = socket.recv_event().await {
-                    match event {
-                        Event::Missed(m) => {
-                            let _ = socket.send(format!("missed:{}", m.room()));
-                        }
-                        Event::Message(WsMessage::Text(t)) if t.as_str() == "leave" => {
-                            socket.leave(&room);
-                            let _ = socket.send("left");
-                        }
-                        Event::Message(WsMessage::Text(t)) => {
-                            let _ = rooms.broadcast(&room, t.as_str()).await;
-                        }
-                        _ => {}
+        rooms.on_upgrade(upgrade, move |mut socket| async move {
+            let rooms = socket.handle();
+            if let Err(e) = socket.join(&room).await {
+                return socket.close(close_code::ERROR, &e.to_string());
+            }
+            let _ = socket.send("joined");
+            while let Some(Ok(event)) = socket.recv_event().await {
+                match event {
+                    Event::Missed(m) => {
+                        let _ = socket.send(format!("missed:{}", m.room()));
                     }
+                    Event::Message(WsMessage::Text(t)) if t.as_str() == "leave" => {
+                        socket.leave(&room);
+                        let _ = socket.send("left");
+                    }
+                    Event::Message(WsMessage::Text(t)) => {
+                        let _ = rooms.broadcast(&room, t.as_str()).await;
+                    }
+                    _ => {}
                 }
-            })
+            }
+        })
     }
     async fn healthz(rooms: RoomHandle) -> StatusCode {
         if rooms.is_ready() {
