@@ -204,7 +204,7 @@ impl Dispatcher {
         c.malformed.add(malformed);
         total.count(c);
         if newest_stamp > 0 {
-            self.delivered.note(newest_stamp);
+            self.delivered.note(newest_stamp, now_ms);
         }
         if let Some(ms) = last_lag {
             self.lag_ms.store(ms, Ordering::Relaxed);

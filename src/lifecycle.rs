@@ -243,14 +243,8 @@ pub(crate) async fn heartbeat(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::queue::Limits;
 
-    fn outbox() -> Arc<Outbox> {
-        Arc::new(Outbox::new(Limits {
-            frames: 8,
-            bytes: 1 << 20,
-        }))
-    }
+    use crate::queue::testing::outbox;
 
     #[test]
     fn heartbeat_slices_cover_every_attached_socket_once() {

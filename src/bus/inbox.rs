@@ -41,18 +41,25 @@ pub(crate) struct ShedWindow {
 pub(crate) struct Shed(Mutex<HashMap<String, ShedWindow>>);
 
 impl Shed {
-    /// Notes one message of `room` dropped now; `since` is where a new window starts (see
-    /// [`Inbox::loss_since`]).
-    fn note(&self, room: &str, since: SystemTime) {
+    /// Notes one message of `room` dropped now; a new window starts at `since()` (see
+    /// [`Inbox::loss_since`]), asked only then: a burst of drops extends one window.
+    fn note(&self, room: &str, since: impl FnOnce() -> SystemTime) {
         let now = SystemTime::now();
         let mut shed = self.0.lock().unwrap_or_else(PoisonError::into_inner);
-        let window = shed.entry(room.to_owned()).or_insert(ShedWindow {
-            first: since,
-            last: now,
-            count: 0,
-        });
-        window.last = now;
-        window.count += 1;
+        match shed.get_mut(room) {
+            Some(window) => {
+                window.last = now;
+                window.count += 1;
+            }
+            None => {
+                let window = ShedWindow {
+                    first: since(),
+                    last: now,
+                    count: 1,
+                };
+                shed.insert(room.to_owned(), window);
+            }
+        }
     }
 
     pub(crate) fn take(&self) -> HashMap<String, ShedWindow> {
@@ -73,11 +80,10 @@ impl Shed {
 pub(crate) struct Delivered(AtomicU64);
 
 impl Delivered {
-    /// Notes a stamp; a stamp from the future (a skewed clock, a forged envelope) counts as now,
-    /// so that a window never starts after the loss it reports.
-    pub(crate) fn note(&self, stamp_ms: u64) {
-        let now = unix_ms(SystemTime::now());
-        self.0.fetch_max(stamp_ms.min(now), Ordering::Relaxed);
+    /// Notes a stamp read at `now_ms`; a stamp from the future (a skewed clock, a forged
+    /// envelope) counts as now, so that a window never starts after the loss it reports.
+    pub(crate) fn note(&self, stamp_ms: u64, now_ms: u64) {
+        self.0.fetch_max(stamp_ms.min(now_ms), Ordering::Relaxed);
     }
 
     fn get(&self) -> u64 {
@@ -102,7 +108,7 @@ impl Inbox {
         if let Err(mpsc::error::TrySendError::Full(message)) = self.tx.try_send(message) {
             self.counters.inbound_dropped.add(1);
             if let Some(room) = channel::room_of(&self.config, &message.channel) {
-                self.shed.note(room, self.loss_since());
+                self.shed.note(room, || self.loss_since());
             }
         }
     }
@@ -110,7 +116,7 @@ impl Inbox {
     /// The link was known to deliver at `at` (a probe sent then came back, or the link was
     /// just set up).
     pub(crate) fn delivered_at(&self, at: SystemTime) {
-        self.delivered.note(unix_ms(at));
+        self.delivered.note(unix_ms(at), unix_ms(SystemTime::now()));
     }
 
     /// Where a window of messages lost from now on starts: the last instant the link was known

@@ -440,6 +440,14 @@ pub(crate) mod testing {
     }
 
     /// The text of a frame; empty for one that is not text.
+    /// A socket queue of 8 frames and 1 MiB, for tests of the structures that hold queues.
+    pub(crate) fn outbox() -> std::sync::Arc<super::Outbox> {
+        std::sync::Arc::new(super::Outbox::new(super::Limits {
+            frames: 8,
+            bytes: 1 << 20,
+        }))
+    }
+
     pub(crate) fn text_of(frame: Message) -> String {
         frame.into_text().map(|t| t.to_string()).unwrap_or_default()
     }

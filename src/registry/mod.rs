@@ -202,15 +202,9 @@ impl Registry {
 mod tests {
     use super::*;
     use crate::config::OverflowPolicy;
-    use crate::queue::Limits;
     use axum::extract::ws::Message;
 
-    fn outbox() -> Arc<Outbox> {
-        Arc::new(Outbox::new(Limits {
-            frames: 8,
-            bytes: 1 << 20,
-        }))
-    }
+    use crate::queue::testing::outbox;
 
     fn room(s: &str) -> RoomName {
         RoomName::new(s).expect("valid")
