@@ -14,7 +14,7 @@ use tokio::time::{Instant, timeout};
 
 use crate::close;
 use crate::config::Config;
-use crate::queue::{IdleRead, Next, Outbox};
+use crate::queue::{Next, Outbox};
 use crate::registry::SocketId;
 use crate::stats::Counters;
 
@@ -65,10 +65,7 @@ pub(crate) async fn write_loop(
         // dead connection ends it at once.
         let next = tokio::select! {
             next = outbox.next_batch(&mut batch, max, gather_after) => next,
-            read = std::future::poll_fn(|cx| outbox.poll_idle_read(cx)) => {
-                heard(&outbox, id, read);
-                continue;
-            }
+            () = std::future::poll_fn(|cx| outbox.poll_idle_read(cx)) => continue,
         };
         // Only this task takes the sink out; it is back in the slot whenever the task waits
         // in `next_batch`, so it is there unless a bug lost it.
@@ -124,29 +121,6 @@ pub(crate) async fn write_loop(
                 let _ = timeout(CLOSE_TIMEOUT, sink.close()).await;
                 break;
             }
-        }
-    }
-}
-
-/// Acts on what the writer read while the socket's handler was not reading.
-fn heard(outbox: &Outbox, id: SocketId, read: IdleRead) {
-    outbox.touch();
-    match read {
-        IdleRead::Heard => {}
-        IdleRead::Closed => {
-            tracing::debug!(socket = %id, "the client closed the connection");
-            outbox.close_after_flush(None);
-        }
-        IdleRead::Failed { too_big: true } => {
-            tracing::debug!(socket = %id, "client message over the size limit; closing with 1009");
-            outbox.close_after_flush(Some(CloseFrame {
-                code: close::MESSAGE_TOO_BIG,
-                reason: Utf8Bytes::from_static(close::MESSAGE_TOO_BIG_REASON),
-            }));
-        }
-        IdleRead::Failed { too_big: false } => {
-            tracing::debug!(socket = %id, "read failed; closing");
-            outbox.close_after_flush(None);
         }
     }
 }

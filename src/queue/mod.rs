@@ -32,7 +32,7 @@ use parked::Parked;
 use reading::Reading;
 
 pub(crate) use notices::Notice;
-pub(crate) use reading::{IdleRead, ReadHalf, ReadItem, is_too_big};
+pub(crate) use reading::{ReadHalf, ReadItem, is_too_big};
 
 use crate::close;
 use crate::config::OverflowPolicy;

@@ -21,11 +21,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll};
 
-use axum::extract::ws::{Message, WebSocket};
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use futures_util::StreamExt;
 use futures_util::stream::SplitStream;
 
 use super::Outbox;
+use crate::close;
 
 /// A socket's reading half.
 pub(crate) type ReadHalf = SplitStream<WebSocket>;
@@ -33,10 +34,10 @@ pub(crate) type ReadHalf = SplitStream<WebSocket>;
 /// One thing read from the client: a frame, a read error, or `None` when the stream ended.
 pub(crate) type ReadItem = Option<Result<Message, axum::Error>>;
 
-/// What the writer read while the handler was not reading, for it to act on (the item itself,
-/// unless it was a ping or a pong, waits for the handler).
-#[derive(Debug)]
-pub(crate) enum IdleRead {
+/// What a read means for the connection, whoever read it (the handler in `recv`, or the
+/// writer while the handler does not read): see [`Outbox::after_read`].
+#[derive(Debug, Clone, Copy)]
+enum IdleRead {
     /// A ping, a pong or a data frame: the client is alive.
     Heard,
     /// The client sent a close frame, or the stream ended.
@@ -114,7 +115,7 @@ impl Outbox {
     ///
     /// The read and the hold happen under one lock, so a handler that takes the half right
     /// after finds the item instead.
-    pub(crate) fn poll_idle_read(&self, cx: &mut Context<'_>) -> Poll<IdleRead> {
+    pub(crate) fn poll_idle_read(&self, cx: &mut Context<'_>) -> Poll<()> {
         if self.reading.lent.load(Ordering::Acquire) {
             // Whatever wakes the writer next (a frame, a ping, the half given back and
             // another wake-up) makes it look again.
@@ -131,17 +132,52 @@ impl Outbox {
             Poll::Ready(item) => item,
             Poll::Pending => return Poll::Pending,
         };
-        let read = match &item {
-            Some(Ok(Message::Ping(_) | Message::Pong(_))) => return Poll::Ready(IdleRead::Heard),
-            Some(Ok(Message::Text(_) | Message::Binary(_))) => IdleRead::Heard,
+        let read = IdleRead::of(&item);
+        if !matches!(item, Some(Ok(Message::Ping(_) | Message::Pong(_)))) {
+            // Anything but a ping or a pong waits for the handler.
+            slot.ended = !matches!(read, IdleRead::Heard);
+            slot.pending = Some(Box::new(item));
+        }
+        // Acted on outside the slot's lock: it is a leaf, and a close takes the queue's.
+        drop(slot);
+        self.act_on(read);
+        Poll::Ready(())
+    }
+
+    /// What a read means for the connection, whoever made it: the client was heard; a close
+    /// frame, the end of the stream or an error closes the socket (1009 for a frame over the
+    /// size limit). The one home of that rule: the handler's `recv` and the writer both call
+    /// it, and acting twice on one item is harmless (a second close request is ignored).
+    pub(crate) fn after_read(&self, item: &ReadItem) {
+        self.act_on(IdleRead::of(item));
+    }
+
+    fn act_on(&self, read: IdleRead) {
+        self.touch();
+        match read {
+            IdleRead::Heard => {}
+            IdleRead::Closed => self.close_after_flush(None),
+            IdleRead::Failed { too_big: true } => {
+                tracing::debug!("client message over the size limit; closing with 1009");
+                self.close_after_flush(Some(CloseFrame {
+                    code: close::MESSAGE_TOO_BIG,
+                    reason: Utf8Bytes::from_static(close::MESSAGE_TOO_BIG_REASON),
+                }));
+            }
+            IdleRead::Failed { too_big: false } => self.close_after_flush(None),
+        }
+    }
+}
+
+impl IdleRead {
+    fn of(item: &ReadItem) -> Self {
+        match item {
             Some(Ok(Message::Close(_))) | None => IdleRead::Closed,
+            Some(Ok(_)) => IdleRead::Heard,
             Some(Err(e)) => IdleRead::Failed {
                 too_big: is_too_big(e),
             },
-        };
-        slot.ended = !matches!(read, IdleRead::Heard);
-        slot.pending = Some(Box::new(item));
-        Poll::Ready(read)
+        }
     }
 }
 

@@ -134,9 +134,7 @@ impl FanoutSocket {
                     }
                 }
             };
-            if let Some(Ok(_)) = &next {
-                self.outbox.touch();
-            }
+            self.outbox.after_read(&next);
             match next? {
                 Ok(msg @ (Message::Text(_) | Message::Binary(_))) => {
                     if !self.bucket.take() {
@@ -151,29 +149,19 @@ impl FanoutSocket {
                     return Some(Ok(Event::Message(msg)));
                 }
                 Ok(Message::Ping(_) | Message::Pong(_)) => continue,
-                Ok(Message::Close(_)) => {
-                    // The transport answers the close handshake; stop the writer too.
-                    self.outbox.close_after_flush(None);
-                    return None;
-                }
+                // The transport answers the close handshake; `after_read` stopped the writer.
+                Ok(Message::Close(_)) => return None,
                 Err(e) => return Some(Err(self.read_error(e))),
             }
         }
     }
 
+    /// The handler's error for a failed read (`after_read` closed the socket already).
     fn read_error(&mut self, e: axum::Error) -> Error {
-        let too_big = is_too_big(&e);
-        let inner = e.into_inner();
-        if too_big {
-            tracing::debug!(
-                socket = %self.id,
-                "client message over the size limit; closing with 1009"
-            );
-            self.close(close::MESSAGE_TOO_BIG, close::MESSAGE_TOO_BIG_REASON);
-            Error::message_too_big(inner)
+        if is_too_big(&e) {
+            Error::message_too_big(e.into_inner())
         } else {
-            self.outbox.close_after_flush(None);
-            Error::websocket(inner)
+            Error::websocket(e.into_inner())
         }
     }
 }
