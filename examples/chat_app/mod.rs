@@ -358,11 +358,31 @@ fn missed_notice(missed: &Missed) -> serde_json::Value {
 #[allow(dead_code)] // used by `chat`, not by `demo` (which runs three nodes with fixed ids)
 pub(crate) fn layer_from_env() -> Result<FanoutLayer, String> {
     let url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
-    // Not part of the wire contract: REDIS_CLUSTER (comma-separated node URLs) runs the node
-    // on a Redis Cluster with sharded pub/sub instead of the server at REDIS_URL.
-    let (builder, source) = match std::env::var("REDIS_CLUSTER") {
-        Ok(nodes) if !nodes.trim().is_empty() => (cluster_builder(&nodes)?, "REDIS_CLUSTER"),
-        _ => (FanoutLayer::builder(url), "REDIS_URL"),
+    let set = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
+    // SENTINEL_URL (redis+sentinel://HOST:PORT[,HOST:PORT...]/MASTER) replaces REDIS_URL: the
+    // node asks the sentinels for the master and follows a failover. Not part of the wire
+    // contract: REDIS_CLUSTER (comma-separated node URLs) runs the node on a Redis Cluster
+    // with sharded pub/sub instead.
+    let (builder, source) = match (set("SENTINEL_URL"), set("REDIS_CLUSTER")) {
+        (Some(_), Some(_)) => {
+            return Err("set SENTINEL_URL or REDIS_CLUSTER, not both".to_owned());
+        }
+        (Some(sentinel), None) => {
+            let sentinel = sentinel.trim();
+            let scheme = sentinel.split_once("://").map_or("", |(s, _)| s);
+            if !scheme.eq_ignore_ascii_case("redis+sentinel")
+                && !scheme.eq_ignore_ascii_case("rediss+sentinel")
+            {
+                return Err(
+                    "SENTINEL_URL must be redis+sentinel://HOST:PORT[,HOST:PORT...]/MASTER \
+                     (rediss+sentinel:// for TLS)"
+                        .to_owned(),
+                );
+            }
+            (FanoutLayer::builder(sentinel), "SENTINEL_URL")
+        }
+        (None, Some(nodes)) => (cluster_builder(&nodes)?, "REDIS_CLUSTER"),
+        (None, None) => (FanoutLayer::builder(url), "REDIS_URL"),
     };
     // The contract app is driven by load generators that publish thousands of messages per
     // second on one connection: keep the flood guard, well above that.

@@ -214,6 +214,208 @@ impl Drop for RedisServer {
     }
 }
 
+impl RedisServer {
+    /// Clients an application made: every client but Sentinel's own (named `sentinel-...`),
+    /// replication links and this `CLIENT LIST` call.
+    pub fn app_clients(&self) -> usize {
+        self.cli(&["CLIENT", "LIST"])
+            .lines()
+            .filter(|l| l.starts_with("id="))
+            .filter(|l| !l.contains(" name=sentinel-") && !l.contains(" cmd=client|list "))
+            .filter(|l| {
+                let flags = l
+                    .split(' ')
+                    .find_map(|f| f.strip_prefix("flags="))
+                    .unwrap_or("");
+                !flags.contains('S') && !flags.contains('M')
+            })
+            .count()
+    }
+
+    /// `role` of `INFO replication`: `master` or `slave`.
+    pub fn role(&self) -> String {
+        self.cli(&["INFO", "replication"])
+            .lines()
+            .find_map(|l| l.strip_prefix("role:"))
+            .unwrap_or("")
+            .trim()
+            .to_owned()
+    }
+}
+
+/// The master name every [`SentinelGroup`] monitors.
+pub const SENTINEL_MASTER: &str = "m";
+
+/// A `redis-server --sentinel` process on a free port monitoring [`SENTINEL_MASTER`], killed
+/// on drop. Its configuration file (which Sentinel rewrites) is removed with it.
+pub struct SentinelProcess {
+    port: u16,
+    child: Option<Child>,
+    conf: PathBuf,
+}
+
+impl SentinelProcess {
+    /// Starts a sentinel monitoring the master on `master_port` with quorum 2, which it
+    /// judges down after `down_after_ms` without an answer.
+    pub fn start(master_port: u16, down_after_ms: u64) -> Self {
+        for _ in 0..5 {
+            let port = free_port();
+            let conf = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("sentinel-{port}.conf"));
+            let text = format!(
+                "port {port}\nbind 127.0.0.1\n\
+                 sentinel monitor {SENTINEL_MASTER} 127.0.0.1 {master_port} 2\n\
+                 sentinel down-after-milliseconds {SENTINEL_MASTER} {down_after_ms}\n\
+                 sentinel failover-timeout {SENTINEL_MASTER} 2000\n"
+            );
+            std::fs::write(&conf, text).expect("write the sentinel's configuration");
+            let child = Command::new("redis-server")
+                .arg(&conf)
+                .arg("--sentinel")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("redis-server on PATH (`apt-get install redis-server`)");
+            let mut sentinel = Self {
+                port,
+                child: Some(child),
+                conf,
+            };
+            let deadline = std::time::Instant::now() + SOON;
+            while std::time::Instant::now() < deadline {
+                if sentinel.cli(&["PING"]).trim() == "PONG" {
+                    return sentinel;
+                }
+                if let Some(child) = sentinel.child.as_mut()
+                    && let Ok(Some(_)) = child.try_wait()
+                {
+                    break; // most likely the port was taken in the meantime
+                }
+                std::thread::sleep(Duration::from_millis(20)); // deadline: polling interval
+            }
+            sentinel.stop();
+        }
+        panic!("could not start redis-server --sentinel");
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Runs `redis-cli` against this sentinel and returns its stdout.
+    pub fn cli(&self, args: &[&str]) -> String {
+        let out = Command::new("redis-cli")
+            .args(["-p", &self.port.to_string()])
+            .args(args)
+            .output()
+            .expect("redis-cli on PATH");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// The port of the master this sentinel names now.
+    pub fn named_master(&self) -> Option<u16> {
+        let out = self.cli(&["SENTINEL", "get-master-addr-by-name", SENTINEL_MASTER]);
+        out.lines().nth(1).and_then(|p| p.trim().parse().ok())
+    }
+
+    /// One field of `SENTINEL MASTER`, e.g. `num-slaves`.
+    pub fn master_field(&self, field: &str) -> String {
+        let out = self.cli(&["SENTINEL", "MASTER", SENTINEL_MASTER]);
+        let lines: Vec<&str> = out.lines().collect();
+        lines
+            .chunks(2)
+            .find(|kv| kv[0] == field)
+            .and_then(|kv| kv.get(1))
+            .map_or(String::new(), |v| v.to_string())
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for SentinelProcess {
+    fn drop(&mut self) {
+        self.stop();
+        let _ = std::fs::remove_file(&self.conf);
+    }
+}
+
+/// A master, one replica of it and three sentinels monitoring them as [`SENTINEL_MASTER`]
+/// (quorum 2), all on free ports and killed on drop: what a Sentinel deployment runs.
+pub struct SentinelGroup {
+    pub master: RedisServer,
+    pub replica: RedisServer,
+    pub sentinels: Vec<SentinelProcess>,
+}
+
+impl SentinelGroup {
+    /// Starts the five processes and waits until the replica is in sync and every sentinel
+    /// knows the replica and the two other sentinels (a failover needs their votes).
+    pub fn start(down_after_ms: u64) -> Self {
+        let master = RedisServer::start();
+        let replica =
+            RedisServer::start_with(&["--replicaof", "127.0.0.1", &master.port().to_string()]);
+        let sentinels = (0..3)
+            .map(|_| SentinelProcess::start(master.port(), down_after_ms))
+            .collect();
+        let group = Self {
+            master,
+            replica,
+            sentinels,
+        };
+        let deadline = std::time::Instant::now() + SOON * 2;
+        loop {
+            let synced = group
+                .replica
+                .cli(&["INFO", "replication"])
+                .contains("master_link_status:up");
+            let known = group.sentinels.iter().all(|s| {
+                s.master_field("num-slaves") == "1" && s.master_field("num-other-sentinels") == "2"
+            });
+            if synced && known {
+                return group;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the sentinels did not find the replica and each other in time"
+            );
+            std::thread::sleep(Duration::from_millis(50)); // deadline: polling interval
+        }
+    }
+
+    /// `redis+sentinel://127.0.0.1:P1,127.0.0.1:P2,127.0.0.1:P3/m`.
+    pub fn url(&self) -> String {
+        let hosts: Vec<String> = self
+            .sentinels
+            .iter()
+            .map(|s| format!("127.0.0.1:{}", s.port()))
+            .collect();
+        format!("redis+sentinel://{}/{SENTINEL_MASTER}", hosts.join(","))
+    }
+
+    /// Blocks until some sentinel names a master other than `old`, and returns its port.
+    pub fn wait_switch(&self, old: u16) -> u16 {
+        let deadline = std::time::Instant::now() + SOON * 2;
+        loop {
+            if let Some(new) = self
+                .sentinels
+                .iter()
+                .find_map(|s| s.named_master().filter(|p| *p != old))
+            {
+                return new;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no sentinel named a new master in time"
+            );
+            std::thread::sleep(Duration::from_millis(10)); // deadline: polling interval
+        }
+    }
+}
+
 /// An axum server on 127.0.0.1:0 in this process; stops on drop.
 pub struct TestServer {
     pub addr: SocketAddr,
