@@ -440,3 +440,137 @@ async fn the_chat_example_finds_the_master_through_sentinel_url() {
         assert_eq!(recv_text(ws, "the message").await, r#"{"hi":1}"#);
     }
 }
+
+async fn recv_json(ws: &mut Ws, what: &str) -> Value {
+    let text = recv_text(ws, what).await;
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"))
+}
+
+/// The replica is cut off from the master (it may not sync again) and the durable room's last
+/// messages are stored on the master only; then the master dies and Sentinel promotes the
+/// replica, which lacks them. The node neither waits for them nor numbers other messages with
+/// their seqs: it tells its members, and the room goes on in a new epoch, so that a client
+/// resuming from a lost position is told it is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failover_that_lost_the_last_messages_is_told_not_hidden() {
+    let mut group = tokio::task::block_in_place(|| SentinelGroup::start(1000));
+    let old = group.master.port();
+    let layer = layer(&group, "e1");
+    let handle = layer.handle();
+    let server = TestServer::start(chat_app::app(layer)).await;
+    wait_until("node ready", || async { handle.is_ready() }).await;
+    let mut ws = connect(&server.ws_url(&format!("/ws?room={DURABLE}&positions=1"))).await;
+    let notice = recv_json(&mut ws, "the join notice").await;
+    let epoch = notice["epoch"].as_str().expect("epoch").to_owned();
+    let publish_and_read = async |n: u64, ws: &mut Ws| {
+        let published = handle
+            .broadcast(DURABLE, json!({ "n": n }))
+            .publish()
+            .await
+            .expect("durable broadcast");
+        let seq = published.position().expect("durable").seq();
+        let frame = recv_json(ws, &format!("message {n}")).await;
+        assert_eq!(
+            (&frame["seq"], &frame["payload"]["n"]),
+            (&json!(seq), &json!(n))
+        );
+        seq
+    };
+    for n in 1..=3 {
+        assert_eq!(publish_and_read(n, &mut ws).await, n);
+    }
+    wait_until("the replica has caught up", || async { group.replicated() }).await;
+    // The replica loses its link and may not sync again: 4 to 6 are on the master only.
+    let denied = group
+        .master
+        .cli(&["ACL", "SETUSER", "default", "-psync", "-sync", "-replconf"]);
+    assert_eq!(denied.trim(), "OK");
+    group.master.cli(&["CLIENT", "KILL", "TYPE", "replica"]);
+    wait_until("the replica cut off", || async {
+        group
+            .master
+            .cli(&["INFO", "replication"])
+            .contains("connected_slaves:0")
+    })
+    .await;
+    for n in 4..=6 {
+        assert_eq!(publish_and_read(n, &mut ws).await, n);
+    }
+    group.master.stop();
+    let new = tokio::task::block_in_place(|| group.wait_switch(old));
+    assert_eq!(new, group.replica.port());
+
+    // The node reads after 6, finds the room at 3: the member is told.
+    let frame = recv_json(&mut ws, "the loss notice").await;
+    assert_eq!(frame["type"], "fanout.missed", "{frame}");
+    assert_eq!(frame["room"], DURABLE, "{frame}");
+    wait_until("the room moved to a new epoch", || async {
+        handle
+            .history(DURABLE, 1)
+            .await
+            .is_ok_and(|h| h.position().epoch() != epoch)
+    })
+    .await;
+    assert_eq!(
+        publish_and_read(7, &mut ws).await,
+        1,
+        "the new epoch numbers from 1"
+    );
+    let mut late =
+        connect(&server.ws_url(&format!("/ws?room={DURABLE}&positions=1&since={epoch}:6"))).await;
+    let resumed = recv_json(&mut late, "the resume notice").await;
+    assert_eq!(resumed["type"], "fanout.resumed", "{resumed}");
+    assert_eq!(resumed["recovered"], false, "{resumed}");
+    assert_eq!(resumed["reason"], "epoch_changed", "{resumed}");
+}
+
+/// An ACL user on the master and its replica (the default user off) and a password on the
+/// sentinels: the URL's user info logs in to the master, `sentinel_password` to the sentinels,
+/// and neither password shows in the layer's `Debug`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_master_and_the_sentinels_each_get_their_credentials() {
+    let auth = SentinelAuth {
+        user: "alice",
+        password: "s3cret",
+        sentinel_password: "p@ss",
+    };
+    let group = tokio::task::block_in_place(|| SentinelGroup::start_with(60_000, Some(&auth)));
+    let url = format!(
+        "redis+sentinel://alice:s3cret@{}/{SENTINEL_MASTER}?sentinel_password=p%40ss",
+        group.hosts()
+    );
+    let layer = FanoutLayer::builder(url)
+        .node_id("a1")
+        .build()
+        .expect("layer");
+    let shown = format!("{layer:?}");
+    assert!(shown.contains("alice:***@"), "{shown}");
+    assert!(
+        !shown.contains("s3cret") && !shown.contains("p%40ss"),
+        "{shown}"
+    );
+    let _server = assert_round_trip(&group.master, layer, "lobby").await;
+    // The sentinels and the replica log in as alice too: count the node's connections only.
+    let clients = group.master.cli(&["CLIENT", "LIST"]);
+    assert_eq!(
+        group.master.app_clients(),
+        2,
+        "publisher and subscriber: {clients}"
+    );
+
+    // Without the sentinels' password nobody tells the node where the master is.
+    let url = format!(
+        "redis+sentinel://alice:s3cret@{}/{SENTINEL_MASTER}",
+        group.hosts()
+    );
+    let layer = FanoutLayer::builder(url)
+        .node_id("a2")
+        .build()
+        .expect("layer");
+    let handle = layer.handle();
+    let _server = TestServer::start(room_app(layer)).await;
+    let refused = handle.broadcast("lobby", json!({ "n": 0 })).publish().await;
+    assert!(refused.is_err_and(|e| e.is_timeout()));
+    assert!(!handle.is_ready());
+    assert_eq!(group.master.app_clients(), 2, "only the first node's");
+}

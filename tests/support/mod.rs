@@ -252,12 +252,15 @@ pub struct SentinelProcess {
     port: u16,
     child: Option<Child>,
     conf: PathBuf,
+    /// Extra `redis-cli` arguments (the sentinel's password).
+    cli_args: Vec<String>,
 }
 
 impl SentinelProcess {
     /// Starts a sentinel monitoring the master on `master_port` with quorum 2, which it
-    /// judges down after `down_after_ms` without an answer.
-    pub fn start(master_port: u16, down_after_ms: u64) -> Self {
+    /// judges down after `down_after_ms` without an answer, logging in to it and to the other
+    /// sentinels as `auth` says.
+    pub fn start(master_port: u16, down_after_ms: u64, auth: Option<&SentinelAuth>) -> Self {
         for _ in 0..5 {
             let port = free_port();
             let conf = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("sentinel-{port}.conf"));
@@ -267,6 +270,14 @@ impl SentinelProcess {
                  sentinel down-after-milliseconds {SENTINEL_MASTER} {down_after_ms}\n\
                  sentinel failover-timeout {SENTINEL_MASTER} 2000\n"
             );
+            let text = match auth {
+                None => text,
+                Some(a) => format!(
+                    "{text}sentinel auth-user {SENTINEL_MASTER} {}\n\
+                     sentinel auth-pass {SENTINEL_MASTER} {}\nrequirepass {}\n",
+                    a.user, a.password, a.sentinel_password
+                ),
+            };
             std::fs::write(&conf, text).expect("write the sentinel's configuration");
             let child = Command::new("redis-server")
                 .arg(&conf)
@@ -279,6 +290,11 @@ impl SentinelProcess {
                 port,
                 child: Some(child),
                 conf,
+                cli_args: auth.map_or(Vec::new(), |a| {
+                    ["-a", a.sentinel_password, "--no-auth-warning"]
+                        .map(str::to_owned)
+                        .to_vec()
+                }),
             };
             let deadline = std::time::Instant::now() + SOON;
             while std::time::Instant::now() < deadline {
@@ -305,6 +321,7 @@ impl SentinelProcess {
     pub fn cli(&self, args: &[&str]) -> String {
         let out = Command::new("redis-cli")
             .args(["-p", &self.port.to_string()])
+            .args(&self.cli_args)
             .args(args)
             .output()
             .expect("redis-cli on PATH");
@@ -343,6 +360,14 @@ impl Drop for SentinelProcess {
     }
 }
 
+/// Credentials of a [`SentinelGroup`]: an ACL user (the only one) on the master and the
+/// replica, and a password on the sentinels.
+pub struct SentinelAuth {
+    pub user: &'static str,
+    pub password: &'static str,
+    pub sentinel_password: &'static str,
+}
+
 /// A master, one replica of it and three sentinels monitoring them as [`SENTINEL_MASTER`]
 /// (quorum 2), all on free ports and killed on drop: what a Sentinel deployment runs.
 pub struct SentinelGroup {
@@ -355,11 +380,33 @@ impl SentinelGroup {
     /// Starts the five processes and waits until the replica is in sync and every sentinel
     /// knows the replica and the two other sentinels (a failover needs their votes).
     pub fn start(down_after_ms: u64) -> Self {
-        let master = RedisServer::start();
-        let replica =
-            RedisServer::start_with(&["--replicaof", "127.0.0.1", &master.port().to_string()]);
+        Self::start_with(down_after_ms, None)
+    }
+
+    /// [`start`](SentinelGroup::start), with credentials everywhere when `auth` is given.
+    pub fn start_with(down_after_ms: u64, auth: Option<&SentinelAuth>) -> Self {
+        let mut args: Vec<String> = Vec::new();
+        let mut cli: Vec<String> = Vec::new();
+        if let Some(a) = auth {
+            let pass = format!(">{}", a.password);
+            let acl = ["--user", a.user, "on", &pass, "~*", "&*", "+@all"];
+            let replication = ["--masteruser", a.user, "--masterauth", a.password];
+            args.extend(acl.into_iter().map(str::to_owned));
+            // So that nothing works without logging in as the user.
+            args.extend(["--user", "default", "off"].map(str::to_owned));
+            args.extend(replication.into_iter().map(str::to_owned));
+            cli.extend(["--user", a.user, "--pass", a.password].map(str::to_owned));
+        }
+        fn borrow(v: &[String]) -> Vec<&str> {
+            v.iter().map(String::as_str).collect()
+        }
+        let master = RedisServer::start_with_cli(&borrow(&args), &borrow(&cli));
+        let mut replica_args = args.clone();
+        replica_args.extend(["--replicaof".to_owned(), "127.0.0.1".to_owned()]);
+        replica_args.push(master.port().to_string());
+        let replica = RedisServer::start_with_cli(&borrow(&replica_args), &borrow(&cli));
         let sentinels = (0..3)
-            .map(|_| SentinelProcess::start(master.port(), down_after_ms))
+            .map(|_| SentinelProcess::start(master.port(), down_after_ms, auth))
             .collect();
         let group = Self {
             master,
@@ -388,12 +435,30 @@ impl SentinelGroup {
 
     /// `redis+sentinel://127.0.0.1:P1,127.0.0.1:P2,127.0.0.1:P3/m`.
     pub fn url(&self) -> String {
+        format!("redis+sentinel://{}/{SENTINEL_MASTER}", self.hosts())
+    }
+
+    /// The sentinels' addresses, `127.0.0.1:P1,127.0.0.1:P2,127.0.0.1:P3`.
+    pub fn hosts(&self) -> String {
         let hosts: Vec<String> = self
             .sentinels
             .iter()
             .map(|s| format!("127.0.0.1:{}", s.port()))
             .collect();
-        format!("redis+sentinel://{}/{SENTINEL_MASTER}", hosts.join(","))
+        hosts.join(",")
+    }
+
+    /// Whether the replica has everything the master has (their replication offsets agree).
+    pub fn replicated(&self) -> bool {
+        let offset = |server: &RedisServer, field: &str| -> Option<u64> {
+            server
+                .cli(&["INFO", "replication"])
+                .lines()
+                .find_map(|l| l.strip_prefix(field))
+                .and_then(|n| n.trim().parse().ok())
+        };
+        let master = offset(&self.master, "master_repl_offset:");
+        master.is_some() && master == offset(&self.replica, "slave_repl_offset:")
     }
 
     /// Blocks until some sentinel names a master other than `old`, and returns its port.
