@@ -34,8 +34,9 @@
 //! # Guarantees and the rest
 //!
 //! The README is the guide: its *Guarantees* (delivery, order, loss windows, timeouts as unknown
-//! outcomes), *Configuration*, *Secure Redis*, *Redis Cluster*, *Presence*, *Durable rooms*,
-//! *Operations* and *Close codes* sections, and `BENCHMARKS.md` for measured figures.
+//! outcomes), *Configuration*, *Secure Redis*, *Redis Cluster*, *Redis Sentinel*, *Presence*,
+//! *Durable rooms*, *Operations* and *Close codes* sections, and `BENCHMARKS.md` for measured
+//! figures.
 #![forbid(unsafe_code)]
 
 // The README's code blocks compile as doc-tests, though the crate docs are the shorter text
@@ -85,9 +86,11 @@ struct ReadmeDoctests;
 //   link: reconcile, probe, reconnect), `bus::inbox` (the bounded hop to the dispatcher, and
 //   where a loss window starts), `bus::script` (the one script runner, reply parsers, room
 //   key names), `bus::runs` (a pipeline of script calls: groups, what may go again),
-//   `bus::backend` (one server or a Redis Cluster), `bus::client` (client building, TLS, URL
-//   redaction), `bus::slots` (cluster hash slots), `bus::backoff` (jittered pauses). Redis's
-//   types appear only in `bus/` and in each feature's `redis` module.
+//   `bus::backend` (one server, a master found through Sentinel, or a Redis Cluster),
+//   `bus::client` (client building, TLS, URL redaction), `bus::sentinel` (the sentinels asked
+//   for the master, a demoted master left), `bus::slots` (cluster hash slots), `bus::backoff`
+//   (jittered pauses). Redis's types appear only in `bus/` and in each feature's `redis`
+//   module.
 // - `writer`: each socket's batched writer task, which also reads the client's control frames
 //   while its handler is not reading.
 // - `lifecycle`: the node's sockets from attach to close: who is attached, the connection

@@ -52,14 +52,18 @@ pub(crate) enum Target {
 
 /// Where a node's Redis is, as [`FanoutLayer::new`](crate::FanoutLayer::new) and
 /// [`FanoutLayer::builder`](crate::FanoutLayer::builder) take it: one server's URL (a `&str`
-/// or `String`), or, with the `cluster` feature, a Redis Cluster's nodes (an array or `Vec` of
-/// URLs: any subset of its masters and replicas, the rest is discovered; broadcasts then use
-/// Redis 7's sharded pub/sub).
+/// or `String`); under Redis Sentinel, the sentinels and the master's name as
+/// `redis+sentinel://HOST:PORT[,HOST:PORT...]/MASTER` (the node asks them for the master and
+/// follows a failover: see the README's "Redis Sentinel"); or, with the `cluster` feature, a
+/// Redis Cluster's nodes (an array or `Vec` of URLs: any subset of its masters and replicas,
+/// the rest is discovered; broadcasts then use Redis 7's sharded pub/sub).
 ///
 /// ```
 /// use axum_fanout::FanoutLayer;
 ///
 /// let one_server = FanoutLayer::builder("redis://127.0.0.1:6379");
+/// let under_sentinel =
+///     FanoutLayer::builder("redis+sentinel://10.0.0.1:26379,10.0.0.2:26379/mymaster");
 /// # #[cfg(feature = "cluster")]
 /// let cluster = FanoutLayer::builder(["redis://10.0.0.1:6379", "redis://10.0.0.2:6379"]);
 /// ```
