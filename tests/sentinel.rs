@@ -208,6 +208,11 @@ async fn the_fleet_follows_a_failover_under_traffic_and_tells_every_loss() {
     })
     .await;
     let ready_at = now_ms();
+    // Both connections of every node, publisher and subscriber, are on the new master.
+    wait_until("six connections on the new master", || async {
+        group.replica.app_clients() == 6
+    })
+    .await;
     tokio::time::sleep(Duration::from_millis(500)).await; // ok: timed traffic after the failover, not a wait
 
     // The old master comes back (empty, and a master until Sentinel demotes it): the fleet
