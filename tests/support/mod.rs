@@ -385,7 +385,18 @@ impl SentinelGroup {
 
     /// [`start`](SentinelGroup::start), with credentials everywhere when `auth` is given.
     pub fn start_with(down_after_ms: u64, auth: Option<&SentinelAuth>) -> Self {
-        let mut args: Vec<String> = Vec::new();
+        // A replica writes what it syncs to `dir/dbfilename` unless it loads it straight from
+        // the socket: neither in the working tree, nor shared by concurrent tests.
+        let mut args: Vec<String> = [
+            "--dir",
+            env!("CARGO_TARGET_TMPDIR"),
+            "--dbfilename",
+            "sentinel-group-{port}.rdb",
+            "--repl-diskless-load",
+            "on-empty-db",
+        ]
+        .map(str::to_owned)
+        .to_vec();
         let mut cli: Vec<String> = Vec::new();
         if let Some(a) = auth {
             let pass = format!(">{}", a.password);
