@@ -54,6 +54,9 @@ impl std::fmt::Display for SocketId {
     }
 }
 
+/// A room's local sockets, as a list.
+pub(crate) type Members = Vec<(SocketId, Arc<Outbox>)>;
+
 #[derive(Debug, Default)]
 struct Inner {
     rooms: HashMap<RoomName, HashMap<SocketId, Arc<Outbox>>>,
@@ -134,6 +137,14 @@ impl Registry {
             self.changed.notify_one();
         }
         subscribed
+    }
+
+    /// The room's name and its local sockets, if it has any.
+    pub(crate) fn members(&self, room: &str) -> Option<(RoomName, Members)> {
+        let inner = self.lock();
+        let (name, members) = inner.rooms.get_key_value(room)?;
+        let members = members.iter().map(|(id, o)| (*id, o.clone())).collect();
+        Some((name.clone(), members))
     }
 
     /// Removes a socket from a room. Returns whether it was a member.
