@@ -492,3 +492,74 @@ async fn a_command_across_a_redis_restart_is_applied_once_or_reported() {
         assert_eq!(f["type"], "fanout.missed", "{f}");
     }
 }
+
+/// A handler that joins `a` and `b` as user `kim` with a 30 s expiry; the text `refresh`
+/// refreshes for 60 s with credentials that no longer allow `b`, and answers the rooms left.
+fn refresh_app(layer: FanoutLayer) -> axum::Router {
+    use axum::extract::ws::{Message as WsMessage, WebSocketUpgrade};
+    use axum::routing::get;
+    use axum_fanout::Event;
+
+    async fn ws(upgrade: WebSocketUpgrade, rooms: RoomHandle) -> axum::response::Response {
+        rooms.on_upgrade(upgrade, |mut socket| async move {
+            for room in ["a", "b"] {
+                socket.join(room).await.expect("join");
+            }
+            socket.identify("kim").await.expect("identify");
+            socket.expire_in(Duration::from_secs(30)).expect("expiry");
+            let _ = socket.send("ready");
+            while let Some(Ok(Event::Message(WsMessage::Text(t)))) = socket.recv_event().await {
+                if t.as_str() == "refresh" {
+                    socket.expire_in(Duration::from_secs(60)).expect("refresh");
+                    let left = socket.retain_rooms(|room| room != "b");
+                    let still = socket.expires_in().expect("an expiry");
+                    let left: Vec<&str> = left.iter().map(|r| r.as_str()).collect();
+                    let _ = socket.send(
+                        json!({ "left": left, "more_than_30s": still > Duration::from_secs(30) }),
+                    );
+                }
+            }
+        })
+    }
+    axum::Router::new().route("/ws", get(ws)).layer(layer)
+}
+
+#[tokio::test]
+async fn a_refresh_that_loses_a_room_leaves_that_room_only() {
+    let redis = RedisServer::start();
+    let layer = FanoutLayer::new(redis.url());
+    let handle = layer.handle();
+    let server = TestServer::start(refresh_app(layer)).await;
+    wait_until("node ready", || async { handle.is_ready() }).await;
+    let mut ws = connect(&server.ws_url("/ws")).await;
+    assert_eq!(recv_text(&mut ws, "ready").await, "ready");
+    send_text(&mut ws, "refresh").await;
+    assert_eq!(
+        json_of(&recv_text(&mut ws, "the rooms left").await),
+        json!({ "left": ["b"], "more_than_30s": true })
+    );
+    handle
+        .broadcast("b", json!({ "in": "b" }))
+        .await
+        .expect("b");
+    handle
+        .broadcast("a", json!({ "in": "a" }))
+        .await
+        .expect("a");
+    assert_eq!(
+        json_of(&recv_text(&mut ws, "a's message").await),
+        json!({ "in": "a" })
+    );
+    // Still the user's: direct messages reach it.
+    assert_eq!(
+        handle
+            .send_to_user("kim", json!({ "to": "kim" }))
+            .await
+            .expect("sent"),
+        1
+    );
+    assert_eq!(
+        json_of(&recv_text(&mut ws, "direct").await),
+        json!({ "to": "kim" })
+    );
+}
