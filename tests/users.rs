@@ -563,3 +563,64 @@ async fn a_refresh_that_loses_a_room_leaves_that_room_only() {
         json!({ "to": "kim" })
     );
 }
+
+#[tokio::test]
+async fn any_node_tells_where_a_user_is_and_which_nodes_are_alive() {
+    let redis = RedisServer::start();
+    let layers = ["n1", "n3"].map(|id| {
+        FanoutLayer::builder(redis.url())
+            .node_id(id)
+            .presence_ttl(Duration::from_secs(2))
+            .build()
+            .expect("valid url")
+    });
+    let nodes = start_nodes(layers, chat_app::app).await;
+    // n2 is a real process, so that it can die without a word (SIGKILL).
+    let mut n2 = ChatProcess::start(&chat_binary(), &redis, "n2", &[("PRESENCE_TTL_S", "2")]).await;
+    let _a = socket(&nodes[0].0, "lobby", "alice", "").await;
+    let _b = socket(&nodes[0].0, "other", "alice", "").await;
+    let _c = connect(&format!("ws://{}/ws?room=lobby&user=alice", n2.addr)).await;
+    let _d = socket(&nodes[1].0, "lobby", "bob", "").await;
+    let ask = nodes[1].1.clone();
+    let want = axum_fanout::users::Connected {
+        nodes: 2,
+        sockets: 3,
+    };
+    wait_until("alice on 2 nodes, 3 sockets", || async {
+        ask.connected("alice").await.ok() == Some(want)
+    })
+    .await;
+    let fleet = ask.fleet().await.expect("fleet");
+    let ids: Vec<&str> = fleet.iter().map(|n| n.node.as_str()).collect();
+    assert_eq!(ids, ["n1", "n2", "n3"]);
+    wait_until("n1's record counts its sockets", || async {
+        let fleet = ask.fleet().await.expect("fleet");
+        fleet[0].connections == 2 && fleet[0].users == 1 && fleet[0].rooms == 2
+    })
+    .await;
+    assert_eq!(
+        ask.connected("nobody").await.expect("asked"),
+        axum_fanout::users::Connected::default()
+    );
+    // n2 dies without a word: once its record expires, neither it nor its socket counts.
+    n2.kill();
+    wait_until("n2 gone from the fleet", || async {
+        let fleet = ask.fleet().await.expect("fleet");
+        fleet.iter().all(|n| n.node != "n2")
+    })
+    .await;
+    let left = ask.connected("alice").await.expect("asked");
+    assert_eq!(
+        left,
+        axum_fanout::users::Connected {
+            nodes: 1,
+            sockets: 2
+        }
+    );
+    assert!(
+        ask.connected("bad\nuser")
+            .await
+            .expect_err("invalid")
+            .is_invalid_member()
+    );
+}

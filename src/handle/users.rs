@@ -6,7 +6,7 @@ use std::pin::Pin;
 use crate::envelope::Payload;
 use crate::error::Error;
 use crate::node::RoomHandle;
-use crate::users::{self, Disconnect, UserCommand};
+use crate::users::{self, Connected, Disconnect, NodeInfo, UserCommand};
 
 impl RoomHandle {
     /// Sends `payload` to every socket of `user` on every node (sockets that
@@ -87,5 +87,25 @@ impl RoomHandle {
     fn user_command(&self, user: &str, room: &str, join: bool) -> UserCommand {
         let node = &self.shared.node;
         UserCommand::new(node.bus.clone(), &node.config.node_id, user, room, join)
+    }
+
+    /// Where `user` is connected: how many live nodes hold a socket of theirs, and how many
+    /// sockets. Read from the counts each node keeps in Redis (written within 100 ms of a
+    /// change, and again on every new link), counting only nodes whose record is alive: one
+    /// round trip or two, never a question to every node.
+    ///
+    /// Fails with [`Error::is_invalid_member`] for an invalid user id, and with
+    /// [`Error::is_timeout`] or [`Error::is_redis`] when Redis does not answer.
+    pub async fn connected(&self, user: impl AsRef<str>) -> Result<Connected, Error> {
+        crate::presence::Member::new(user.as_ref())?;
+        users::connected(&self.shared.node.bus, user.as_ref()).await
+    }
+
+    /// The fleet's live nodes, sorted by id, each with its connection, room and user counts as
+    /// it last wrote them (every third of
+    /// [`presence_ttl`](crate::FanoutBuilder::presence_ttl); a node gone for longer than that
+    /// TTL is not listed).
+    pub async fn fleet(&self) -> Result<Vec<NodeInfo>, Error> {
+        users::fleet(&self.shared.node.bus).await
     }
 }

@@ -29,13 +29,18 @@
 //! - `command`: the commands on the wire, [`FleetSocketId`];
 //! - `expiry`: the node's expiring sockets and the task that closes them;
 //! - `send`: the public calls ([`Disconnect`], [`UserCommand`]) and their publishing;
+//! - `redis`: the directory in Redis: where each user is connected ([`Connected`]) and the
+//!   fleet's nodes ([`NodeInfo`]), written by each node, read by any;
 //! - here: the node's half, which applies the commands the dispatcher hands it.
 
 mod command;
 mod expiry;
+mod redis;
 mod send;
 
 pub use command::{FleetSocketId, InvalidFleetSocketId};
+pub use redis::{Connected, NodeInfo};
+pub(crate) use redis::{connected, fleet};
 pub(crate) use send::send_to_user;
 pub use send::{Disconnect, UserCommand};
 
@@ -192,6 +197,14 @@ pub(crate) fn start(
     stop: &watch::Sender<()>,
 ) {
     runtime.spawn(expiry::run(users.expiries.clone(), stop.subscribe()));
+    if rooms.bus.is_configured() {
+        runtime.spawn(redis::run(
+            rooms.bus.clone(),
+            rooms.registry.clone(),
+            rooms.lifecycle.clone(),
+            stop.subscribe(),
+        ));
+    }
     let unstarted = users
         .unstarted
         .lock()
