@@ -510,6 +510,9 @@ fn refresh_app(layer: FanoutLayer) -> axum::Router {
             let _ = socket.send("ready");
             while let Some(Ok(Event::Message(WsMessage::Text(t)))) = socket.recv_event().await {
                 if t.as_str() == "refresh" {
+                    // An expiry in the past is refused and changes nothing.
+                    let past = socket.expire_in(Duration::ZERO).expect_err("zero");
+                    assert!(past.is_invalid_argument(), "{past}");
                     socket.expire_in(Duration::from_secs(60)).expect("refresh");
                     let left = socket.retain_rooms(|room| room != "b");
                     let still = socket.expires_in().expect("an expiry");
