@@ -45,6 +45,8 @@ enum Kind {
     PresenceOff,
     /// A history operation on a room that is not durable.
     NotDurable,
+    /// An argument of a fleet-wide user command (a close code or reason, an expiry) is unusable.
+    InvalidArgument,
 }
 
 impl Error {
@@ -169,6 +171,18 @@ impl Error {
         )
     }
 
+    /// An argument of a user command ([`crate::users`]) is unusable: a disconnect reason over
+    /// the 123 bytes a close frame carries, a close code outside 4000..=4999, an expiry that
+    /// is not in the future. Nothing was done.
+    pub(crate) fn invalid_argument(why: impl Into<BoxError>) -> Self {
+        Self::with(Kind::InvalidArgument, why)
+    }
+
+    /// An argument of a user command was unusable (see [`crate::users`]); nothing was done.
+    pub fn is_invalid_argument(&self) -> bool {
+        self.kind == Kind::InvalidArgument
+    }
+
     /// The room is not durable on this node, so it has no history to read or resume from.
     pub fn is_not_durable(&self) -> bool {
         self.kind == Kind::NotDurable
@@ -226,7 +240,8 @@ impl Error {
         self.kind == Kind::Limit
     }
 
-    /// A presence [`Member`](crate::presence::Member) was rejected (user id or info).
+    /// A presence [`Member`](crate::presence::Member) or a user id (a socket's
+    /// [`identify`](crate::FanoutSocket::identify), a user command) was rejected.
     pub fn is_invalid_member(&self) -> bool {
         self.kind == Kind::InvalidMember
     }
@@ -250,7 +265,8 @@ impl Error {
             | Kind::Limit
             | Kind::InvalidMember
             | Kind::PresenceOff
-            | Kind::NotDurable => true,
+            | Kind::NotDurable
+            | Kind::InvalidArgument => true,
             Kind::Redis | Kind::Timeout | Kind::Closed | Kind::MessageTooBig | Kind::WebSocket => {
                 false
             }
@@ -271,6 +287,7 @@ impl Error {
             Kind::InvalidMember => "invalid presence member",
             Kind::PresenceOff => "presence is off for this room",
             Kind::NotDurable => "room is not durable",
+            Kind::InvalidArgument => "invalid argument",
         }
     }
 }

@@ -29,6 +29,10 @@
 //!   every message it lacks ([`Missed`]).
 //! - **Features on request.** [`durable`] rooms keep and number their recent messages so a client
 //!   resumes where it stopped; [`presence`] tracks who is in a room across the fleet.
+//! - **Users.** A socket may [`identify`](FanoutSocket::identify) as a user; then
+//!   [`RoomHandle::send_to_user`], [`disconnect_user`](RoomHandle::disconnect_user) and
+//!   [`join_user`](RoomHandle::join_user) reach it wherever it is connected, and
+//!   [`expire_in`](FanoutSocket::expire_in) closes it when its credentials expire ([`users`]).
 //! - **Close codes** the node sends are in [`close`].
 //!
 //! # Guarantees and the rest
@@ -67,8 +71,15 @@ struct ReadmeDoctests;
 // - `broadcast`: `Broadcast`, one message on its way to a room.
 // - `node`: the composition root. Builds the lifecycle, registry, counters, bus and
 //   dispatcher, and starts and stops the background tasks.
+// - `membership`: joining and leaving rooms (plain, as a member, durable), one home for a
+//   socket's handler and for fleet commands that move a user's sockets.
+// - `users`: users across the fleet. A socket that identifies joins its user's internal room
+//   (its channel `__axum_fanout:user:<prefix><user>`); direct messages and fleet commands
+//   (disconnect, join, leave) travel there; `users::expiry` closes sockets whose credentials
+//   expire; `users::send` holds the public calls (`Disconnect`, `UserCommand`).
 // - `dispatch`: the dispatcher, which decodes each envelope once and offers the frame to the
-//   room's local sockets (a durable room's through `durable`).
+//   room's local sockets (a durable room's through `durable`); a fleet command goes to
+//   `users` through the `Commands` trait, with the room's local sockets.
 // - Features, each whole in its folder: its state, its Redis half (`redis`) and its tasks.
 //   `presence`: `presence::member` (`Member`, `Snapshot`, `Count`: what the presence
 //   API takes and gives), `presence::table` (which user each local socket is in each
@@ -157,11 +168,13 @@ mod handle;
 mod layer;
 mod lifecycle;
 mod listener;
+mod membership;
 mod node;
 pub mod presence;
 mod queue;
 mod registry;
 mod socket;
+pub mod users;
 mod writer;
 
 mod channel;

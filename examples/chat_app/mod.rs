@@ -20,6 +20,13 @@
 //!   counted and subscribed it gets `{"type":"fanout.member","room":NAME,"user":USER}` (its
 //!   own user id): a list fetched after that, plus the notices newer than its `version`, is
 //!   exact.
+//! - users (`users`): `GET /ws?..&user=USER[&expires_in=S]` names the socket's user (and when
+//!   its credentials expire: closed with 4001 unless a `{"type":"fanout.refresh",
+//!   "expires_in":S}` frame moves it), `POST /users/{user}/messages` sends its JSON body to
+//!   every socket of USER as `{"type":"fanout.direct","payload":V}`, and
+//!   `POST /users/{user}/disconnect` closes them all with 4000.
+
+mod users;
 
 use std::collections::HashMap;
 use std::num::NonZeroU32;
@@ -43,6 +50,8 @@ pub(crate) fn app(layer: FanoutLayer) -> Router {
         .route("/rooms/{room}/messages", post(http_push))
         .route("/rooms/{room}/presence", get(presence))
         .route("/rooms/{room}/history", get(history))
+        .route("/users/{user}/messages", post(users::direct))
+        .route("/users/{user}/disconnect", post(users::disconnect))
         .route("/healthz", get(healthz))
         .route("/stats", get(stats))
         .route("/metrics", get(metrics))
@@ -130,7 +139,11 @@ async fn ws(
     rooms: RoomHandle,
 ) -> Response {
     let room = query.get("room").map_or("lobby", String::as_str).to_owned();
-    let user = query.get("user").filter(|u| !u.is_empty()).cloned();
+    let identity = match users::identity(&query) {
+        Ok(identity) => identity,
+        Err(why) => return users::bad_request(&why),
+    };
+    let user = identity.user.clone();
     let node = rooms.node_id().to_owned();
     // `positions=1` (and `since=E:S`) only mean something in a durable room (HISTORY > 0).
     let positions = query.get("positions").is_some_and(|p| p == "1");
@@ -144,6 +157,7 @@ async fn ws(
         node,
         positions,
         since,
+        identity,
     };
     rooms.on_upgrade(upgrade, move |socket| serve(socket, join))
 }
@@ -155,6 +169,7 @@ struct Join {
     node: String,
     positions: bool,
     since: Option<Position>,
+    identity: users::Identity,
 }
 
 /// Joins the socket to its room (durable or plain, as a presence member or not); returns the
@@ -166,7 +181,10 @@ async fn join_room(socket: &mut FanoutSocket, join: Join) -> Option<RoomName> {
         node,
         positions,
         since,
+        identity,
     } = join;
+    // The user first: a message sent to them once the room's notice arrived reaches them.
+    users::attach(socket, &identity).await.ok()?;
     let room = match RoomName::new(&room) {
         Ok(room) => room,
         Err(e) => {
@@ -228,6 +246,12 @@ async fn serve(mut socket: FanoutSocket, join: Join) {
     while let Some(event) = socket.recv_event().await {
         match event {
             Ok(Event::Message(Message::Text(text))) => {
+                if let Some(answer) = users::refresh(&socket, text.as_str()) {
+                    if socket.send(answer).is_err() {
+                        return;
+                    }
+                    continue;
+                }
                 let Ok(payload) = Payload::raw_json(text.as_str()) else {
                     return socket.close(close_code::INVALID, "frame is not valid JSON");
                 };
@@ -343,8 +367,18 @@ async fn history(
     .into_response()
 }
 
-/// `{"type":"fanout.missed","room":..,"since":ms,"until":ms,"dropped":n|null}`
+/// `{"type":"fanout.missed","room":..,"since":ms,"until":ms,"dropped":n|null}` (`"user"` in
+/// place of `"room"` for what was sent to the socket's user).
 fn missed_notice(missed: &Missed) -> serde_json::Value {
+    if let Some(user) = missed.user() {
+        return serde_json::json!({
+            "type": "fanout.missed",
+            "user": user,
+            "since": missed.since_ms(),
+            "until": missed.until_ms(),
+            "dropped": missed.dropped(),
+        });
+    }
     serde_json::json!({
         "type": "fanout.missed",
         "room": missed.room().as_str(),

@@ -170,10 +170,10 @@ fn on_sunsubscribe(bus: &Bus, inbox: &Inbox, info: &PushInfo) {
     let repairs = |room: &str| bus.repairs.repairs(room);
     if bus
         .registry
-        .subscription_lost(room, inbox.loss_since(), repairs)
+        .subscription_lost(&room, inbox.loss_since(), repairs)
     {
         tracing::warn!(
-            room,
+            room = &*room,
             "redis ended a sharded subscription (its slot moved); subscribing again"
         );
     }

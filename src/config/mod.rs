@@ -15,6 +15,8 @@ use std::collections::{HashMap, HashSet};
 use std::num::{NonZeroU16, NonZeroU32, NonZeroUsize};
 use std::time::Duration;
 
+use crate::room::user_of;
+
 /// What to do when a socket's send queue is full (the client reads slower than its rooms talk).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
@@ -174,7 +176,7 @@ impl Config {
 
     /// Whether sockets of `room` may join it as members (presence is opted in for it).
     pub(crate) fn has_presence(&self, room: &str) -> bool {
-        self.presence_all || self.presence_rooms.contains(room)
+        (self.presence_all && user_of(room).is_none()) || self.presence_rooms.contains(room)
     }
 
     /// Whether any room may have presence: the node then keeps a lease in Redis.
@@ -185,10 +187,12 @@ impl Config {
     /// The durable settings of `room`, `None` for a plain room. One branch when no room is
     /// durable: plain rooms pay nothing more.
     pub(crate) fn durable_for(&self, room: &str) -> Option<&Durability> {
+        // A user's room (`crate::users`) is never durable, whatever the default says.
+        let default = || self.durable.as_ref().filter(|_| user_of(room).is_none());
         if self.durable_rooms.is_empty() {
-            return self.durable.as_ref();
+            return default();
         }
-        self.durable_rooms.get(room).or(self.durable.as_ref())
+        self.durable_rooms.get(room).or_else(default)
     }
 }
 

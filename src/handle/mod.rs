@@ -27,6 +27,8 @@ use crate::socket::FanoutSocket;
 use crate::stats::Stats;
 use crate::writer::going_away;
 
+mod users;
+
 impl fmt::Debug for RoomHandle {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RoomHandle")
