@@ -377,7 +377,9 @@ async fn connections_leave_a_master_demoted_behind_sentinels_back() {
     let left_after = demoted.elapsed();
     eprintln!("the fleet left the demoted master after {left_after:?}");
     assert!(left_after < Duration::from_millis(2500), "{left_after:?}");
-    // The sentinels still name it: no node connects there again, nor publishes there.
+    // The sentinels still name it: the nodes keep trying it, and each attempt stops at the
+    // role check. Nothing is published or subscribed there; a broadcast fails instead.
+    let monitor = group.master.monitor();
     let refused = nodes[0]
         .1
         .broadcast("lobby", json!({ "n": 0 }))
@@ -385,7 +387,20 @@ async fn connections_leave_a_master_demoted_behind_sentinels_back() {
         .await;
     assert!(refused.is_err(), "{refused:?}");
     assert!(!nodes[0].1.is_ready() && !nodes[1].1.is_ready());
-    assert_eq!(group.master.app_clients(), 0);
+    tokio::time::sleep(Duration::from_millis(500)).await; // ok: more of the nodes' attempts under MONITOR
+    let seen = tokio::task::block_in_place(|| monitor.finish());
+    let ours: Vec<&str> = seen
+        .lines()
+        .filter(|l| {
+            l.contains("\"PUBLISH\"") || l.contains("SUBSCRIBE\"") || l.contains("\"EVALSHA\"")
+        })
+        .filter(|l| !l.contains("__sentinel__:hello"))
+        .collect();
+    assert!(ours.is_empty(), "sent to the demoted master: {ours:?}");
+    assert!(
+        seen.lines().any(|l| l.contains("\"HELLO\" \"3\"")),
+        "the nodes tried the demoted master (the role check): {seen}"
+    );
 
     // Sentinel is told of the new master: the fleet follows and delivers there.
     for s in &group.sentinels {

@@ -232,6 +232,20 @@ impl RedisServer {
             .count()
     }
 
+    /// Starts `redis-cli MONITOR` on this server: every command it runs from now on, until
+    /// [`Monitor::finish`].
+    pub fn monitor(&self) -> Monitor {
+        let child = Command::new("redis-cli")
+            .args(["-p", &self.port.to_string()])
+            .args(&self.cli_args)
+            .arg("MONITOR")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-cli on PATH");
+        Monitor(child)
+    }
+
     /// `role` of `INFO replication`: `master` or `slave`.
     pub fn role(&self) -> String {
         self.cli(&["INFO", "replication"])
@@ -240,6 +254,21 @@ impl RedisServer {
             .unwrap_or("")
             .trim()
             .to_owned()
+    }
+}
+
+/// A running `redis-cli MONITOR` ([`RedisServer::monitor`]).
+pub struct Monitor(Child);
+
+impl Monitor {
+    /// Stops it and returns the commands it saw, one a line (`<time> [<db> <addr>] "CMD" ...`).
+    pub fn finish(mut self) -> String {
+        let _ = self.0.kill();
+        let out = self
+            .0
+            .wait_with_output()
+            .expect("redis-cli MONITOR's output");
+        String::from_utf8_lossy(&out.stdout).into_owned()
     }
 }
 
