@@ -563,12 +563,15 @@ async fn a_failover_that_lost_the_last_messages_is_told_not_hidden() {
 /// and neither password shows in the layer's `Debug`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_master_and_the_sentinels_each_get_their_credentials() {
-    let auth = SentinelAuth {
-        user: "alice",
-        password: "s3cret",
-        sentinel_password: "p@ss",
+    let options = SentinelOptions {
+        auth: Some(SentinelAuth {
+            user: "alice",
+            password: "s3cret",
+            sentinel_password: "p@ss",
+        }),
+        tls: None,
     };
-    let group = tokio::task::block_in_place(|| SentinelGroup::start_with(60_000, Some(&auth)));
+    let group = tokio::task::block_in_place(|| SentinelGroup::start_with(60_000, &options));
     let url = format!(
         "redis+sentinel://alice:s3cret@{}/{SENTINEL_MASTER}?sentinel_password=p%40ss",
         group.hosts()

@@ -287,14 +287,24 @@ pub struct SentinelProcess {
 
 impl SentinelProcess {
     /// Starts a sentinel monitoring the master on `master_port` with quorum 2, which it
-    /// judges down after `down_after_ms` without an answer, logging in to it and to the other
-    /// sentinels as `auth` says.
-    pub fn start(master_port: u16, down_after_ms: u64, auth: Option<&SentinelAuth>) -> Self {
+    /// judges down after `down_after_ms` without an answer, with the credentials and TLS of
+    /// `options`.
+    pub fn start(master_port: u16, down_after_ms: u64, options: &SentinelOptions) -> Self {
+        let auth = options.auth.as_ref();
         for _ in 0..5 {
             let port = free_port();
             let conf = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("sentinel-{port}.conf"));
+            let listen = match &options.tls {
+                None => format!("port {port}\n"),
+                // TLS only, to clients, to the other sentinels and to the monitored servers.
+                Some(tls) => format!(
+                    "port 0\ntls-port {port}\ntls-cert-file {}\ntls-key-file {}\n\
+                     tls-ca-cert-file {}\ntls-auth-clients no\ntls-replication yes\n",
+                    tls.cert, tls.key, tls.ca
+                ),
+            };
             let text = format!(
-                "port {port}\nbind 127.0.0.1\n\
+                "{listen}bind 127.0.0.1\n\
                  sentinel monitor {SENTINEL_MASTER} 127.0.0.1 {master_port} 2\n\
                  sentinel down-after-milliseconds {SENTINEL_MASTER} {down_after_ms}\n\
                  sentinel failover-timeout {SENTINEL_MASTER} 2000\n"
@@ -319,11 +329,7 @@ impl SentinelProcess {
                 port,
                 child: Some(child),
                 conf,
-                cli_args: auth.map_or(Vec::new(), |a| {
-                    ["-a", a.sentinel_password, "--no-auth-warning"]
-                        .map(str::to_owned)
-                        .to_vec()
-                }),
+                cli_args: options.sentinel_cli_args(),
             };
             let deadline = std::time::Instant::now() + SOON;
             while std::time::Instant::now() < deadline {
@@ -397,6 +403,47 @@ pub struct SentinelAuth {
     pub sentinel_password: &'static str,
 }
 
+/// A certificate, its key and the CA that signed it (paths): every process of a
+/// [`SentinelGroup`] then serves TLS only, and talks TLS to the others.
+pub struct SentinelTls {
+    pub cert: String,
+    pub key: String,
+    pub ca: String,
+}
+
+/// How a [`SentinelGroup`] is secured; the default is not at all.
+#[derive(Default)]
+pub struct SentinelOptions {
+    pub auth: Option<SentinelAuth>,
+    pub tls: Option<SentinelTls>,
+}
+
+impl SentinelOptions {
+    /// `redis-cli` arguments for the master and the replica.
+    fn server_cli_args(&self) -> Vec<String> {
+        let mut cli = Vec::new();
+        if let Some(tls) = &self.tls {
+            cli.extend(["--tls".to_owned(), "--cacert".to_owned(), tls.ca.clone()]);
+        }
+        if let Some(a) = &self.auth {
+            cli.extend(["--user", a.user, "--pass", a.password].map(str::to_owned));
+        }
+        cli
+    }
+
+    /// `redis-cli` arguments for a sentinel.
+    fn sentinel_cli_args(&self) -> Vec<String> {
+        let mut cli = Vec::new();
+        if let Some(tls) = &self.tls {
+            cli.extend(["--tls".to_owned(), "--cacert".to_owned(), tls.ca.clone()]);
+        }
+        if let Some(a) = &self.auth {
+            cli.extend(["-a", a.sentinel_password, "--no-auth-warning"].map(str::to_owned));
+        }
+        cli
+    }
+}
+
 /// A master, one replica of it and three sentinels monitoring them as [`SENTINEL_MASTER`]
 /// (quorum 2), all on free ports and killed on drop: what a Sentinel deployment runs.
 pub struct SentinelGroup {
@@ -409,11 +456,11 @@ impl SentinelGroup {
     /// Starts the five processes and waits until the replica is in sync and every sentinel
     /// knows the replica and the two other sentinels (a failover needs their votes).
     pub fn start(down_after_ms: u64) -> Self {
-        Self::start_with(down_after_ms, None)
+        Self::start_with(down_after_ms, &SentinelOptions::default())
     }
 
-    /// [`start`](SentinelGroup::start), with credentials everywhere when `auth` is given.
-    pub fn start_with(down_after_ms: u64, auth: Option<&SentinelAuth>) -> Self {
+    /// [`start`](SentinelGroup::start), with the credentials and TLS of `options`.
+    pub fn start_with(down_after_ms: u64, options: &SentinelOptions) -> Self {
         // A replica writes what it syncs to `dir/dbfilename` unless it loads it straight from
         // the socket: neither in the working tree, nor shared by concurrent tests.
         let mut args: Vec<String> = [
@@ -426,8 +473,17 @@ impl SentinelGroup {
         ]
         .map(str::to_owned)
         .to_vec();
-        let mut cli: Vec<String> = Vec::new();
-        if let Some(a) = auth {
+        if let Some(tls) = &options.tls {
+            let files = ["--tls-cert-file", &tls.cert, "--tls-key-file", &tls.key];
+            args.extend(["--port", "0", "--tls-port", "{port}"].map(str::to_owned));
+            args.extend(files.map(str::to_owned));
+            args.extend(["--tls-ca-cert-file", &tls.ca].map(str::to_owned));
+            args.extend(
+                ["--tls-auth-clients", "no", "--tls-replication", "yes"].map(str::to_owned),
+            );
+        }
+        let cli = options.server_cli_args();
+        if let Some(a) = &options.auth {
             let pass = format!(">{}", a.password);
             let acl = ["--user", a.user, "on", &pass, "~*", "&*", "+@all"];
             let replication = ["--masteruser", a.user, "--masterauth", a.password];
@@ -435,7 +491,6 @@ impl SentinelGroup {
             // So that nothing works without logging in as the user.
             args.extend(["--user", "default", "off"].map(str::to_owned));
             args.extend(replication.into_iter().map(str::to_owned));
-            cli.extend(["--user", a.user, "--pass", a.password].map(str::to_owned));
         }
         fn borrow(v: &[String]) -> Vec<&str> {
             v.iter().map(String::as_str).collect()
@@ -446,7 +501,7 @@ impl SentinelGroup {
         replica_args.push(master.port().to_string());
         let replica = RedisServer::start_with_cli(&borrow(&replica_args), &borrow(&cli));
         let sentinels = (0..3)
-            .map(|_| SentinelProcess::start(master.port(), down_after_ms, auth))
+            .map(|_| SentinelProcess::start(master.port(), down_after_ms, options))
             .collect();
         let group = Self {
             master,
