@@ -199,6 +199,15 @@ impl Backend {
         }
     }
 
+    /// Resolves when the deployment announces that its master changed (Sentinel's
+    /// `+switch-master`); never for one server or a cluster. Dropping it stops listening.
+    pub(crate) async fn master_switched(&self) {
+        match self {
+            Backend::Sentinel(sentinel) => sentinel.switched().await,
+            _ => std::future::pending().await,
+        }
+    }
+
     /// The publish command of this deployment, for messages: `"PUBLISH"` or `"SPUBLISH"`.
     pub(crate) fn publish_command(&self) -> &'static str {
         match self {

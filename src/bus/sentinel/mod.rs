@@ -10,6 +10,10 @@
 //! master's clients (or the master died with them), and the node reconnects, resubscribes,
 //! repairs, exactly as after a Redis restart.
 //!
+//! While the subscriber link waits to reconnect, [`Sentinel::switched`] listens for the
+//! sentinels' `+switch-master`, so that the node tries the new master as soon as one is
+//! announced rather than after its reconnect pause.
+//!
 //! A connection that survives a demotion (Sentinel's `CLIENT KILL` lost, an operator's
 //! `REPLICAOF`) must not go on publishing to a replica, which accepts PUBLISH and delivers it to
 //! its own subscribers only. So each connection's server is asked its role every
@@ -153,6 +157,44 @@ impl Sentinel {
             }
         }
         Err(last.unwrap_or_else(|| failed("no sentinel configured".to_owned())))
+    }
+
+    /// Resolves when a sentinel announces that the master changed (`+switch-master`), so that
+    /// a node waiting to reconnect tries at once rather than after its pause. Listens to every
+    /// sentinel: the elected one announces first, the others once they learn of it. Never
+    /// resolves otherwise (a sentinel that cannot be listened to is left out): the caller races
+    /// it against its pause, and dropping it closes the connections.
+    pub(super) async fn switched(&self) {
+        let listens = self.sentinels.iter().map(|s| Box::pin(self.switch_on(s)));
+        let listens: Vec<_> = listens.collect();
+        if listens.is_empty() {
+            return std::future::pending().await;
+        }
+        futures_util::future::select_all(listens).await;
+    }
+
+    async fn switch_on(&self, sentinel: &ConnectionInfo) {
+        use futures_util::StreamExt;
+        let listen = async {
+            let mut pubsub = redis::Client::open(sentinel.clone())?
+                .get_async_pubsub()
+                .await?;
+            pubsub.subscribe("+switch-master").await?;
+            let mut messages = pubsub.on_message();
+            while let Some(message) = messages.next().await {
+                // `<master name> <old ip> <old port> <new ip> <new port>`
+                let text = String::from_utf8_lossy(message.get_payload_bytes()).into_owned();
+                if text.split(' ').next() == Some(self.master_name.as_str()) {
+                    tracing::info!(sentinel = %sentinel.addr(), switch = %text, "sentinel announced a new master; reconnecting now");
+                    return Ok(());
+                }
+            }
+            Err(failed("the sentinel closed the connection".to_owned()))
+        };
+        let heard: Result<(), RedisError> = listen.await;
+        if heard.is_err() {
+            std::future::pending::<()>().await;
+        }
     }
 
     /// `SENTINEL get-master-addr-by-name` on one sentinel.
