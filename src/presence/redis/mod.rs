@@ -50,6 +50,7 @@
 //! - `reaper`: taking the members of nodes whose lease ran out out of their rooms.
 
 mod leases;
+mod moves;
 mod queries;
 mod reaper;
 mod scripts;
@@ -60,7 +61,7 @@ pub(crate) use queries::{check, count, snapshot};
 
 use redis::{RedisError, Value};
 
-use crate::bus::script::{self, items, text};
+use crate::bus::script::{self, Call, Script, items, text};
 use crate::channel;
 use crate::config::Config;
 use crate::error::Error;
@@ -72,26 +73,47 @@ struct RoomKeys {
     info: String,
     version: String,
     nodes: String,
+    /// On a cluster: node -> the end of the lease each node last synced the room under.
+    leases: String,
     /// Prefix of the per-node shares: `<tag>:node:` + node id.
     node_prefix: String,
 }
 
 impl RoomKeys {
-    fn new(config: &Config, room: &str) -> Self {
-        // The room's own channel name (shard 0's base), as the durable rooms' keys are named:
-        // the keys live in its hash slot.
-        let tag = script::room_key_base(&format!("{}{room}", config.channel_prefix));
+    fn new(config: &Config, fleet: &FleetKeys, room: &RoomName) -> Self {
+        // The keys live in the hash slot of a channel, as the durable rooms' keys do. On a
+        // cluster, the one presence events go to (shard 0 of a sharded room), so that the
+        // scripts may SPUBLISH there; on one server, the room's own channel name, as every
+        // earlier version named them (a fleet upgraded node by node keeps its data).
+        let channel = if fleet.cluster {
+            event_channel(config, room)
+        } else {
+            format!("{}{room}", config.channel_prefix)
+        };
+        let tag = script::room_key_base(&channel);
         Self {
             members: format!("{tag}:members"),
             info: format!("{tag}:info"),
             version: format!("{tag}:version"),
             nodes: format!("{tag}:nodes"),
+            leases: format!("{tag}:leases"),
             node_prefix: format!("{tag}:node:"),
         }
     }
 
     fn node(&self, node: &str) -> String {
         format!("{}{node}", self.node_prefix)
+    }
+
+    /// Starts a call of a room script with the keys every one of them takes first.
+    fn call<'a>(&self, script: &'a Script) -> Call<'a> {
+        let mut call = script.call();
+        call.key(&self.members)
+            .key(&self.info)
+            .key(&self.version)
+            .key(&self.nodes)
+            .key(&self.leases);
+        call
     }
 }
 
@@ -101,20 +123,37 @@ struct FleetKeys {
     epoch: String,
     /// Prefix of each node's room set: + node id.
     rooms_prefix: String,
+    /// On a Redis Cluster: the fleet's keys share one slot (a hash tag), which no room's keys
+    /// share, so room scripts are handed what they need of them (see `scripts`).
+    cluster: bool,
 }
 
 impl FleetKeys {
-    fn new(config: &Config) -> Self {
-        let base = format!("__axum_fanout:presence:{}", config.channel_prefix);
+    fn new(config: &Config, cluster: bool) -> Self {
+        let base = if cluster {
+            format!("{{__axum_fanout:presence:{}}}", config.channel_prefix)
+        } else {
+            // Unchanged on one server (no hash tag), so an upgraded fleet keeps its leases.
+            format!("__axum_fanout:presence:{}", config.channel_prefix)
+        };
         Self {
             leases: format!("{base}leases"),
             epoch: format!("{base}epoch"),
             rooms_prefix: format!("{base}rooms:"),
+            cluster,
         }
     }
 
     fn rooms(&self, node: &str) -> String {
         format!("{}{node}", self.rooms_prefix)
+    }
+
+    /// Adds the fleet keys a room script reads in the same atomic step on one server: the
+    /// lease set and `node`'s room set. On a cluster they live in another slot: none.
+    fn same_slot(&self, call: &mut Call<'_>, node: &str) {
+        if !self.cluster {
+            call.key(&self.leases).key(self.rooms(node));
+        }
     }
 }
 
@@ -131,8 +170,6 @@ enum Failure {
     Unavailable,
     /// This node's lease is gone: renew it (and re-assert) before syncing again.
     NoLease,
-    #[cfg(feature = "cluster")]
-    Cluster,
 }
 
 impl Failure {
@@ -140,8 +177,6 @@ impl Failure {
         match self {
             Failure::Redis(e) => Error::redis(e),
             Failure::Unavailable | Failure::NoLease => Error::presence_timeout(room),
-            #[cfg(feature = "cluster")]
-            Failure::Cluster => Error::presence_off("presence needs a single redis server"),
         }
     }
 
@@ -159,8 +194,6 @@ impl std::fmt::Display for Failure {
             Failure::Redis(e) => write!(f, "{e}"),
             Failure::Unavailable => f.write_str("no connection to redis"),
             Failure::NoLease => f.write_str("this node's presence lease ran out"),
-            #[cfg(feature = "cluster")]
-            Failure::Cluster => f.write_str("presence needs a single redis server"),
         }
     }
 }
