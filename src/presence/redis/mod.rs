@@ -15,6 +15,7 @@
 //! | `{..}:version` | string | the version of the room's last join or leave event |
 //! | `{..}:nodes` | set | nodes that hold connections in the room |
 //! | `{..}:node:<node>` | hash | user -> connections on that node: what its death takes away |
+//! | `{..}:leases` | hash | on a cluster: node -> end of the lease it last synced the room under |
 //!
 //! Per fleet, under `__axum_fanout:presence:<prefix>` (`<prefix>` is the channel prefix, so
 //! two fleets with different prefixes share nothing): `leases`, a sorted set node -> expiry
@@ -67,16 +68,10 @@ use crate::config::Config;
 use crate::error::Error;
 use crate::room::RoomName;
 
-/// The key names of one room.
+/// The key names of one room (the scripts name the others from the same tag: see `scripts`).
 struct RoomKeys {
     members: String,
     info: String,
-    version: String,
-    nodes: String,
-    /// On a cluster: node -> the end of the lease each node last synced the room under.
-    leases: String,
-    /// Prefix of the per-node shares: `<tag>:node:` + node id.
-    node_prefix: String,
 }
 
 impl RoomKeys {
@@ -94,25 +89,13 @@ impl RoomKeys {
         Self {
             members: format!("{tag}:members"),
             info: format!("{tag}:info"),
-            version: format!("{tag}:version"),
-            nodes: format!("{tag}:nodes"),
-            leases: format!("{tag}:leases"),
-            node_prefix: format!("{tag}:node:"),
         }
     }
 
-    fn node(&self, node: &str) -> String {
-        format!("{}{node}", self.node_prefix)
-    }
-
-    /// Starts a call of a room script with the keys every one of them takes first.
+    /// Starts a call of a room script: its one declared key.
     fn call<'a>(&self, script: &'a Script) -> Call<'a> {
         let mut call = script.call();
-        call.key(&self.members)
-            .key(&self.info)
-            .key(&self.version)
-            .key(&self.nodes)
-            .key(&self.leases);
+        call.key(&self.members);
         call
     }
 }

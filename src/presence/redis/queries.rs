@@ -63,25 +63,33 @@ async fn query(bus: &Bus, room: &str, mode: &str) -> Result<Value, Error> {
             } else {
                 Vec::new()
             };
-            let mut inv = keys.call(&SCRIPTS.query);
-            if !fleet.cluster {
-                inv.key(&fleet.leases);
-            }
-            inv.arg(event_channel(cfg, &room))
-                .arg(room.as_str())
-                .arg(&cfg.node_id)
-                .arg(conn.publish_command())
-                .arg(&keys.node_prefix)
-                .arg(&fleet.rooms_prefix)
-                .arg(mode)
-                .arg(REAP_CHUNK);
-            for e in &expired {
-                inv.arg(&e.node).arg(&e.expiry);
-            }
+            let publish = conn.publish_command();
+            let call = |mode: &str| {
+                let mut inv = keys.call(&SCRIPTS.query);
+                if !fleet.cluster {
+                    inv.key(&fleet.leases);
+                }
+                inv.arg(event_channel(cfg, &room))
+                    .arg(room.as_str())
+                    .arg(&cfg.node_id)
+                    .arg(publish)
+                    .arg(&fleet.rooms_prefix)
+                    .arg(mode)
+                    .arg(REAP_CHUNK);
+                for e in &expired {
+                    inv.arg(&e.node).arg(&e.expiry);
+                }
+                inv
+            };
             let reply = if mode == "reap" {
-                list(&mut conn, &inv, &keys).await?
+                match list(&mut conn, &call("reap"), &keys).await {
+                    // A transaction is not redirected while the room's slot migrates: the
+                    // script alone is, and reads the hashes itself.
+                    Err(_) if fleet.cluster => invoke(&mut conn, &call("list")).await?,
+                    other => other?,
+                }
             } else {
-                invoke(&mut conn, &inv).await?
+                invoke(&mut conn, &call(mode)).await?
             };
             let script_reply = if mode == "reap" {
                 items(&reply).first().unwrap_or(&Value::Nil)

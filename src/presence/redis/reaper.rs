@@ -84,13 +84,11 @@ pub(super) async fn reap_room(
     dead: &Expired,
 ) -> Result<u64, Failure> {
     let keys = RoomKeys::new(cfg, fleet, room);
-    let theirs = keys.node(&dead.node);
     let channel = event_channel(cfg, room);
     let mut cursor = String::from("0");
     let mut left = 0;
     loop {
         let mut inv = keys.call(&SCRIPTS.reap);
-        inv.key(&theirs);
         fleet.same_slot(&mut inv, &dead.node);
         inv.arg(&dead.node)
             .arg(&channel)

@@ -12,15 +12,29 @@ use crate::bus::script::{self, Call, Script};
 /// Shared by every script: the clock, leases, versions, events and the one way a count
 /// changes.
 ///
-/// A room script's `R` names the room's keys (all in the room's slot), its channel and how to
-/// publish there (`PUBLISH`, or `SPUBLISH` on a cluster), and how to tell a dead node: on one
-/// server `R.fleet` is the fleet's lease set, read in the same atomic step; on a cluster (the
-/// lease set lives in another slot) `R.expired` holds the nodes the caller found expired in the
-/// lease set just before, each with the expiry it saw.
+/// A room script declares one key, `KEYS[1]` = `<tag>:members`, and names the room's other
+/// keys from the same tag (`room_keys`): they share its slot. One declared key keeps a room
+/// script runnable while its slot migrates on a cluster: Redis refuses a command declaring
+/// several keys with TRYAGAIN while some of them have moved and others have not or do not
+/// exist, until the migration ends; with one key it redirects the call to wherever the keys
+/// are. On one server the fleet's keys follow (`KEYS[2]`: the lease set, `KEYS[3]`: a node's
+/// room set), read and written in the same atomic step.
+///
+/// A room script's `R` names the room's keys, its channel and how to publish there (`PUBLISH`,
+/// or `SPUBLISH` on a cluster), and how to tell a dead node: on one server `R.fleet` is the
+/// fleet's lease set; on a cluster (the lease set lives in another slot) `R.expired` holds the
+/// nodes the caller found expired in the lease set just before, each with the expiry it saw.
 const PRELUDE: &str = r#"
 local function now_ms()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+-- The keys of the room whose `<tag>:members` key is `members`.
+local function room_keys(members)
+  local tag = string.sub(members, 1, #members - #':members')
+  return { members = members, info = tag .. ':info', version = tag .. ':version',
+           nodes = tag .. ':nodes', leases = tag .. ':leases', node = tag .. ':node:' }
 end
 
 local function alive(leases, node, now)
@@ -124,23 +138,22 @@ local function reap_some(R, dead_node, theirs, their_rooms, cursor, limit)
 end
 "#;
 
-/// KEYS: members, info, version, nodes, room leases, mine; on one server also the fleet's
-/// leases and my rooms. ARGV: node, channel, room, full ('0', '1', or '2': full after Redis
-/// may have lost writes, so versions jump past any it lost), publish command, my lease's end
-/// (ms, Redis's clock; on a cluster only), then (user, count, info, announce 0/1) per entry.
-/// Returns 1 when this node holds a share of the room after the call, else 0.
+/// KEYS: the room's members; on one server also the fleet's leases and my rooms. ARGV: node,
+/// channel, room, full ('0', '1', or '2': full after Redis may have lost writes, so versions
+/// jump past any it lost), publish command, my lease's end (ms, Redis's clock; on a cluster
+/// only), then (user, count, info, announce 0/1) per entry. Returns 1 when this node holds a
+/// share of the room after the call, else 0.
 const SYNC: &str = r#"
 local now = now_ms()
-local single = #KEYS > 6
+local single = #KEYS > 1
 local held_until = tonumber(ARGV[6])
-if (single and not alive(KEYS[7], ARGV[1], now)) or
+if (single and not alive(KEYS[2], ARGV[1], now)) or
    (not single and (not held_until or now >= held_until)) then
   return redis.error_reply('NOLEASE this node holds no presence lease')
 end
-local R = { members = KEYS[1], info = KEYS[2], version = KEYS[3], nodes = KEYS[4],
-            leases = KEYS[5], channel = ARGV[2], room = ARGV[3], origin = ARGV[1],
-            publish = ARGV[5] }
-local mine = KEYS[6]
+local R = room_keys(KEYS[1])
+R.channel, R.room, R.origin, R.publish = ARGV[2], ARGV[3], ARGV[1], ARGV[5]
+local mine = R.node .. ARGV[1]
 if ARGV[4] == '2' then
   local clock = now * 1000
   if clock > tonumber(version(R.version)) then
@@ -159,13 +172,13 @@ if ARGV[4] ~= '0' then
 end
 if redis.call('EXISTS', mine) == 1 then
   redis.call('SADD', R.nodes, ARGV[1])
-  if single then redis.call('SADD', KEYS[8], R.room)
+  if single then redis.call('SADD', KEYS[3], R.room)
   else redis.call('HSET', R.leases, ARGV[1], ARGV[6]) end
   return 1
 end
 redis.call('SREM', R.nodes, ARGV[1])
 redis.call('HDEL', R.leases, ARGV[1])
-if single then redis.call('SREM', KEYS[8], R.room) end
+if single then redis.call('SREM', KEYS[3], R.room) end
 return 0
 "#;
 
@@ -211,44 +224,44 @@ if not alive(KEYS[1], ARGV[1], now_ms()) then redis.call('SREM', KEYS[2], ARGV[2
 return 1
 "#;
 
-/// KEYS: members, info, version, nodes, room leases, theirs; on one server also the fleet's
-/// leases and their rooms. ARGV: dead node, channel, room, origin, publish command, cursor,
-/// limit, the expiry the caller saw (on a cluster). Returns {users taken out, next cursor,
-/// 0 | 1 once the share is gone | 2 when the node is alive (nothing done)}.
+/// KEYS: the room's members; on one server also the fleet's leases and their rooms. ARGV:
+/// dead node, channel, room, origin, publish command, cursor, limit, the expiry the caller saw
+/// (on a cluster). Returns {users taken out, next cursor, 0 | 1 once the share is gone | 2
+/// when the node is alive (nothing done)}.
 const REAP: &str = r#"
-local single = #KEYS > 6
-local R = { members = KEYS[1], info = KEYS[2], version = KEYS[3], nodes = KEYS[4],
-            leases = KEYS[5], channel = ARGV[2], room = ARGV[3], origin = ARGV[4],
-            publish = ARGV[5], fleet = single and KEYS[7] or nil,
-            expired = { [ARGV[1]] = ARGV[8] } }
+local single = #KEYS > 1
+local R = room_keys(KEYS[1])
+R.channel, R.room, R.origin, R.publish = ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+R.fleet, R.expired = single and KEYS[2] or nil, { [ARGV[1]] = ARGV[8] }
 if not dead(R, ARGV[1], now_ms()) then return { 0, '0', 2 } end
-return reap_some(R, ARGV[1], KEYS[6], single and KEYS[8] or nil, ARGV[6], tonumber(ARGV[7]))
+return reap_some(R, ARGV[1], R.node .. ARGV[1], single and KEYS[3] or nil, ARGV[6],
+  tonumber(ARGV[7]))
 "#;
 
-/// KEYS: members, info, version, nodes, room leases; on one server also the fleet's leases.
-/// ARGV: channel, room, origin, publish command, per-node key prefix, per-node rooms prefix
-/// (one server), 'count' | 'reap', limit, then on a cluster (node, expiry) for each node the
-/// caller found expired. Reaps the dead nodes met in the room first, so the answer never
-/// counts their members, as long as that is at most `limit` users; returns {version, member
-/// count} or the version alone (a listing reads the hashes after it, in the same
-/// transaction), or {'dead', node, ...}: nodes whose larger shares the caller must reap
-/// (`REAP`) before asking again.
+/// KEYS: the room's members; on one server also the fleet's leases. ARGV: channel, room,
+/// origin, publish command, per-node rooms prefix (one server), 'count' | 'reap' | 'list',
+/// limit, then on a cluster (node, expiry) for each node the caller found expired. Reaps the
+/// dead nodes met in the room first, so the answer never counts their members, as long as
+/// that is at most `limit` users; returns {version, member count}, the version alone (a
+/// listing reads the hashes after it, in the same transaction), {version, members, info}
+/// ('list': a listing the transaction could not run, during a slot migration), or {'dead',
+/// node, ...}: nodes whose larger shares the caller must reap (`REAP`) before asking again.
 const QUERY: &str = r#"
 local now = now_ms()
-local single = #KEYS > 5
+local single = #KEYS > 1
 local expired = {}
-for i = 9, #ARGV, 2 do expired[ARGV[i]] = ARGV[i + 1] end
-local R = { members = KEYS[1], info = KEYS[2], version = KEYS[3], nodes = KEYS[4],
-            leases = KEYS[5], channel = ARGV[1], room = ARGV[2], origin = ARGV[3],
-            publish = ARGV[4], fleet = single and KEYS[6] or nil, expired = expired }
-local budget = tonumber(ARGV[8])
+for i = 8, #ARGV, 2 do expired[ARGV[i]] = ARGV[i + 1] end
+local R = room_keys(KEYS[1])
+R.channel, R.room, R.origin, R.publish = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+R.fleet, R.expired = single and KEYS[2] or nil, expired
+local budget = tonumber(ARGV[7])
 local pending = { 'dead' }
 for _, n in ipairs(redis.call('SMEMBERS', R.nodes)) do
   if dead(R, n, now) then
-    local theirs = ARGV[5] .. n
+    local theirs = R.node .. n
     local size = redis.call('HLEN', theirs)
     if size <= budget then
-      budget = budget - reap(R, n, theirs, single and (ARGV[6] .. n) or nil)
+      budget = budget - reap(R, n, theirs, single and (ARGV[5] .. n) or nil)
     else
       pending[#pending + 1] = n
     end
@@ -256,17 +269,21 @@ for _, n in ipairs(redis.call('SMEMBERS', R.nodes)) do
 end
 if #pending > 1 then return pending end
 local v = version(R.version)
-if ARGV[7] == 'count' then return { v, redis.call('HLEN', R.members) } end
+if ARGV[6] == 'count' then return { v, redis.call('HLEN', R.members) } end
+if ARGV[6] == 'list' then
+  return { v, redis.call('HGETALL', R.members), redis.call('HGETALL', R.info) }
+end
 return v
 "#;
 
-/// KEYS: members, info, version. ARGV: channel, room, origin, user, publish command. A leave
-/// for a user who left while Redis was away and lost its data, unless some node re-asserted
-/// them since.
+/// KEYS: the room's members. ARGV: channel, room, origin, user, publish command. A leave for
+/// a user who left while Redis was away and lost its data, unless some node re-asserted them
+/// since.
 const LEAVE_IF_ABSENT: &str = r#"
-if redis.call('HEXISTS', KEYS[1], ARGV[4]) == 1 then return 0 end
-publish({ members = KEYS[1], info = KEYS[2], version = KEYS[3], channel = ARGV[1],
-          room = ARGV[2], origin = ARGV[3], publish = ARGV[5] }, 'leave', ARGV[4], nil)
+local R = room_keys(KEYS[1])
+R.channel, R.room, R.origin, R.publish = ARGV[1], ARGV[2], ARGV[3], ARGV[5]
+if redis.call('HEXISTS', R.members, ARGV[4]) == 1 then return 0 end
+publish(R, 'leave', ARGV[4], nil)
 return 1
 "#;
 

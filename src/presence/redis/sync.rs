@@ -77,7 +77,6 @@ pub(super) async fn sync_dirty(
             async move {
                 let keys = RoomKeys::new(cfg, fleet, &sync.room);
                 let mut inv = keys.call(&SCRIPTS.sync);
-                inv.key(keys.node(&cfg.node_id));
                 fleet.same_slot(&mut inv, &cfg.node_id);
                 let full = match (sync.full, sync.silent) {
                     (false, _) => "0",
@@ -164,11 +163,8 @@ pub(super) async fn leave_if_absent(
     user: &str,
 ) -> Result<(), Failure> {
     let keys = RoomKeys::new(cfg, fleet, room);
-    let mut inv = SCRIPTS.leave_if_absent.call();
-    inv.key(&keys.members)
-        .key(&keys.info)
-        .key(&keys.version)
-        .arg(event_channel(cfg, room))
+    let mut inv = keys.call(&SCRIPTS.leave_if_absent);
+    inv.arg(event_channel(cfg, room))
         .arg(room.as_str())
         .arg(&cfg.node_id)
         .arg(user)
