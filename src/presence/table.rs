@@ -444,6 +444,31 @@ mod tests {
     }
 
     #[test]
+    fn a_reassertion_of_some_rooms_leaves_the_others_alone() {
+        let t = Table::default();
+        let (a, b) = (room("a"), room("b"));
+        t.add(&a, SocketId::from_wire(1), &member("ann"));
+        t.add(&b, SocketId::from_wire(2), &member("bob"));
+        for s in t.take_dirty(100) {
+            t.confirm(s);
+        }
+        t.reassert_rooms(|r| *r == b, true, Duration::ZERO);
+        let syncs = t.take_dirty(100);
+        assert_eq!(syncs.len(), 1, "{syncs:?}");
+        assert_eq!(syncs[0].room, b);
+        assert!(syncs[0].full && syncs[0].silent);
+        assert_eq!(
+            syncs[0]
+                .entries
+                .iter()
+                .map(|e| e.announce)
+                .collect::<Vec<_>>(),
+            [false],
+            "bob was counted before: restored without a join"
+        );
+    }
+
+    #[test]
     fn reassertion_lists_everyone_and_is_silent_only_for_users_redis_had_counted() {
         let t = Table::default();
         let a = room("a");

@@ -6,7 +6,8 @@
 //! # Keys
 //!
 //! Per room, under the hash tag of its channel name `{<prefix><room>}` (so that one room's
-//! keys and channel share a slot):
+//! keys and channel share a slot; on a cluster, the channel its events go to, shard 0's of a
+//! sharded room):
 //!
 //! | key | type | holds |
 //! |---|---|---|
@@ -20,7 +21,14 @@
 //! Per fleet, under `__axum_fanout:presence:<prefix>` (`<prefix>` is the channel prefix, so
 //! two fleets with different prefixes share nothing): `leases`, a sorted set node -> expiry
 //! (ms, Redis's clock); `epoch`, a random id written once, that changes only when Redis loses
-//! its data; `rooms:<node>`, the rooms a node holds connections in (for the reaper).
+//! its data; `rooms:<node>`, the rooms a node holds connections in (for the reaper). On a
+//! cluster the base is a hash tag, `{__axum_fanout:presence:<prefix>}`, so that the fleet's
+//! keys share one slot.
+//!
+//! Every script touches the keys of one slot: a room's, or the fleet's. On one server a room
+//! script is also handed the fleet's lease set and room set, and checks a lease in the same
+//! atomic step; on a cluster (another slot) it is handed what it needs instead (see
+//! `scripts`), and the node's room set is written around it (`sync`, `reaper`).
 //!
 //! # Leases
 //!
@@ -28,7 +36,8 @@
 //! and members: O(1) per node. Every second each node asks for expired leases (a range of the
 //! sorted set); for each it runs the reap script on every room of the dead node, at most 256
 //! users per call (`reaper`), so that a share of 10,000 users never holds Redis for more than
-//! a few milliseconds at a time. Each call checks the lease again, takes users out of the dead
+//! a few milliseconds at a time. Each call checks the lease again (on a cluster: against the
+//! lease it was synced under, see `scripts`), takes users out of the dead
 //! node's share and the members, and publishes their leave events, atomically: with several
 //! survivors racing, each user leaves once. A query that meets a dead node in a room reaps it
 //! first (a small share in the query script itself, a larger one chunk by chunk before the
@@ -48,7 +57,8 @@
 //! - `queries`: the member list and count a handler asks for, and the checks before them;
 //! - `leases`: the presence task: this node's lease, the epoch that tells a Redis data loss;
 //! - `sync`: sending this node's table (`crate::presence`) to Redis;
-//! - `reaper`: taking the members of nodes whose lease ran out out of their rooms.
+//! - `reaper`: taking the members of nodes whose lease ran out out of their rooms;
+//! - `moves`: on a cluster, re-asserting the rooms whose slot changed masters.
 
 mod leases;
 mod moves;
