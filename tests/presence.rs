@@ -259,6 +259,12 @@ async fn a_dead_nodes_share_larger_than_a_chunk_leaves_once_per_user_in_version_
     a_dead_nodes_large_share_leaves_once_per_user(&Redis::Server(&redis)).await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_dies_has_its_members_reaped_once_by_the_survivors() {
+    let redis = RedisServer::start();
+    a_node_that_dies_is_reaped_once(&Redis::Server(&redis)).await;
+}
+
 // ---------------------------------------------------------------------------------------------
 // The `chat` example as separate processes: a node killed with SIGKILL
 // ---------------------------------------------------------------------------------------------

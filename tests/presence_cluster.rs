@@ -259,3 +259,9 @@ async fn a_failover_that_lost_a_join_is_reasserted() {
         "versions keep growing across the lost writes: {bob_version} then {v}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_dies_has_its_members_reaped_once_by_the_survivors() {
+    let cluster = RedisCluster::start(3, 0);
+    a_node_that_dies_is_reaped_once(&Redis::Cluster(&cluster)).await;
+}

@@ -560,3 +560,130 @@ pub async fn a_dead_nodes_large_share_leaves_once_per_user(
     assert_eq!((count.members, count.version), (1, version));
     (fleet, conn)
 }
+
+/// A chat node on a runtime of its own (one worker thread, in a thread of its own) that can
+/// freeze at once: a task that blocks the runtime's only worker stops every other one where
+/// it is (no sync, no lease renewal, sockets left open and silent), as SIGSTOP stops a
+/// process. Stopped for good on drop.
+pub struct FrozenNode {
+    pub addr: SocketAddr,
+    tell: std::sync::mpsc::Sender<()>,
+    thaw: Option<std::sync::mpsc::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl FrozenNode {
+    /// Starts a node built from `builder`, on its own runtime (a layer starts its tasks on the
+    /// runtime it is built in).
+    pub async fn start(builder: FanoutBuilder) -> Self {
+        let (ready, addr) = tokio::sync::oneshot::channel();
+        let (tell, told) = std::sync::mpsc::channel::<()>();
+        let (thaw, thawed) = std::sync::mpsc::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()
+                .expect("runtime");
+            let node = runtime.block_on(async move {
+                let layer = builder.build().expect("valid url");
+                let handle = layer.handle();
+                let server = TestServer::start(chat_app::app(layer)).await;
+                wait_until("frozen node ready", || async { handle.is_ready() }).await;
+                let _ = ready.send(server.addr);
+                (server, handle)
+            });
+            // Freeze: the only worker blocks in this task until thawed.
+            let _ = told.recv();
+            runtime.spawn(async move {
+                let _ = thawed.recv();
+            });
+            let _ = told.recv(); // the end
+            drop(node);
+            runtime.shutdown_background();
+        });
+        let addr = addr.await.expect("the node started");
+        Self {
+            addr,
+            tell,
+            thaw: Some(thaw),
+            thread: Some(thread),
+        }
+    }
+
+    /// Freezes the node (once).
+    pub fn freeze(&self) {
+        let _ = self.tell.send(());
+    }
+}
+
+impl Drop for FrozenNode {
+    fn drop(&mut self) {
+        let _ = self.tell.send(());
+        let _ = self.tell.send(());
+        drop(self.thaw.take());
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// A node stops (frozen, as under SIGSTOP: it neither syncs nor renews its lease) with two
+/// users connected: the one with a socket on a survivor stays, the other leaves, told once
+/// although two survivors are looking, within the TTL plus the reaper's second.
+pub async fn a_node_that_dies_is_reaped_once(redis: &Redis<'_>) {
+    let ttl = Duration::from_secs(2);
+    let fleet = nodes(redis, 2, ttl).await;
+    let builder = redis
+        .builder()
+        .node_id("mortal")
+        .presence(true)
+        .presence_ttl(ttl);
+    let mortal = FrozenNode::start(builder).await;
+    let room = "crash";
+    let mut watcher = member(fleet[0].server.addr, room, "watcher").await;
+    let _carol = member(fleet[1].server.addr, room, "carol").await;
+    let _carol_mortal = member(mortal.addr, room, "carol").await;
+    let _dave = member(mortal.addr, room, "dave").await;
+    let _dave_again = member(mortal.addr, room, "dave").await;
+    let all = [("carol", 2), ("dave", 2), ("watcher", 1)];
+    wait_members(&fleet[1].handle, room, &all).await;
+    let marker = |n: u64| {
+        let h = fleet[0].handle.clone();
+        move || async move {
+            h.broadcast(room, json!({ "marker": n }))
+                .await
+                .expect("marker");
+        }
+    };
+    notices_until_marker(&mut watcher, 1, marker(1)).await;
+
+    mortal.freeze();
+    let stopped = Instant::now();
+    let bound = ttl + Duration::from_secs(3);
+    let leave = loop {
+        let text =
+            tokio::time::timeout_at(stopped + bound, recv_text(&mut watcher, "dave's leave"))
+                .await
+                .unwrap_or_else(|_| panic!("no leave for dave within {bound:?}"));
+        let frame = json_of(&text);
+        if frame["type"] == "fanout.leave" {
+            break frame;
+        }
+    };
+    let took = stopped.elapsed();
+    println!("node stopped to the leave notice: {took:?} (ttl {ttl:?})");
+    assert!(
+        took >= ttl / 2,
+        "told by the survivors' reaper once the lease ran out, not by the node: {took:?}"
+    );
+    assert_eq!(leave["user"], "dave", "carol still has a socket: {leave}");
+    for node in &fleet {
+        wait_members(&node.handle, room, &[("carol", 1), ("watcher", 1)]).await;
+    }
+    let seen = notices_until_marker(&mut watcher, 2, marker(2)).await;
+    assert!(
+        seen.is_empty(),
+        "one leave, though two survivors reap: {seen:?}"
+    );
+}
