@@ -32,9 +32,7 @@ pub(crate) async fn release(bus: &Bus) {
     let run = async {
         let mut conn = conn(bus, Duration::from_secs(1)).await?;
         let mut inv = SCRIPTS.release.call();
-        inv.key(&fleet.leases)
-            .key(fleet.rooms(&cfg.node_id))
-            .arg(&cfg.node_id);
+        inv.key(&fleet.leases).arg(&cfg.node_id);
         invoke(&mut conn, &inv).await
     };
     let _ = timeout(Duration::from_secs(1), run).await;
@@ -170,8 +168,6 @@ async fn renew(
     let fresh = random::hex_id();
     let mut inv = SCRIPTS.lease.call();
     inv.key(&fleet.leases)
-        .key(&fleet.epoch)
-        .key(fleet.rooms(&cfg.node_id))
         .arg(&cfg.node_id)
         .arg(u64::try_from(cfg.presence_ttl.as_millis()).unwrap_or(u64::MAX))
         .arg(&fresh)

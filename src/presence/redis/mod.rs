@@ -112,8 +112,9 @@ impl RoomKeys {
 
 /// The fleet-wide key names.
 struct FleetKeys {
+    /// The lease set; the scripts name the fleet's other keys (`epoch`, `rooms:<node>`) from
+    /// it, as `rooms_prefix` does.
     leases: String,
-    epoch: String,
     /// Prefix of each node's room set: + node id.
     rooms_prefix: String,
     /// On a Redis Cluster: the fleet's keys share one slot (a hash tag), which no room's keys
@@ -131,7 +132,6 @@ impl FleetKeys {
         };
         Self {
             leases: format!("{base}leases"),
-            epoch: format!("{base}epoch"),
             rooms_prefix: format!("{base}rooms:"),
             cluster,
         }

@@ -43,10 +43,9 @@ pub(super) async fn reap_dead(
     conn: &mut Conn,
 ) -> Result<(), Failure> {
     for dead in expired(fleet, conn, 64).await? {
-        let their_rooms = fleet.rooms(&dead.node);
         loop {
             let mut inv = SCRIPTS.dead_rooms.call();
-            inv.key(&fleet.leases).key(&their_rooms).arg(&dead.node);
+            inv.key(&fleet.leases).arg(&dead.node);
             let rooms: Value = invoke(conn, &inv).await?;
             let rooms: Vec<String> = items(&rooms).iter().filter_map(text).collect();
             if rooms.is_empty() {
@@ -107,10 +106,7 @@ pub(super) async fn reap_room(
             // node's room set (another slot): done here, unless the node renewed meanwhile.
             Some(1) if fleet.cluster => {
                 let mut inv = SCRIPTS.forget.call();
-                inv.key(&fleet.leases)
-                    .key(fleet.rooms(&dead.node))
-                    .arg(&dead.node)
-                    .arg(room.as_str());
+                inv.key(&fleet.leases).arg(&dead.node).arg(room.as_str());
                 invoke(conn, &inv).await?;
                 return Ok(left);
             }

@@ -37,6 +37,13 @@ local function room_keys(members)
            nodes = tag .. ':nodes', leases = tag .. ':leases', node = tag .. ':node:' }
 end
 
+-- The fleet key `name` (`epoch`, `rooms:<node>`) of the fleet whose lease set is `leases`:
+-- the same base, so the same slot. Fleet scripts declare the lease set alone, for the reason
+-- room scripts declare one key (see `room_keys`).
+local function fleet_key(leases, name)
+  return string.sub(leases, 1, #leases - #'leases') .. name
+end
+
 local function alive(leases, node, now)
   local exp = redis.call('ZSCORE', leases, node)
   return exp and tonumber(exp) >= now
@@ -182,21 +189,21 @@ if single then redis.call('SREM', KEYS[3], R.room) end
 return 0
 "#;
 
-/// KEYS: leases, epoch, my rooms. ARGV: node, ttl (ms), a fresh epoch, list my rooms (0/1).
-/// Returns {epoch, whether the lease was alive, [my rooms], the lease's end (ms, Redis's
-/// clock)}.
+/// KEYS: leases. ARGV: node, ttl (ms), a fresh epoch, list my rooms (0/1). Returns {epoch,
+/// whether the lease was alive, [my rooms], the lease's end (ms, Redis's clock)}.
 const LEASE: &str = r#"
 local now = now_ms()
-local e = redis.call('GET', KEYS[2])
+local epoch = fleet_key(KEYS[1], 'epoch')
+local e = redis.call('GET', epoch)
 if not e then
-  redis.call('SET', KEYS[2], ARGV[3])
+  redis.call('SET', epoch, ARGV[3])
   e = ARGV[3]
 end
 local was = alive(KEYS[1], ARGV[1], now)
 local until_ms = now + tonumber(ARGV[2])
 redis.call('ZADD', KEYS[1], until_ms, ARGV[1])
 local rooms = {}
-if ARGV[4] == '1' then rooms = redis.call('SMEMBERS', KEYS[3]) end
+if ARGV[4] == '1' then rooms = redis.call('SMEMBERS', fleet_key(KEYS[1], 'rooms:' .. ARGV[1])) end
 return { e, was and 1 or 0, rooms, until_ms }
 "#;
 
@@ -207,20 +214,22 @@ return redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', '(' .. now_ms(), 'WITHSCORES
   'LIMIT', 0, tonumber(ARGV[1]))
 "#;
 
-/// KEYS: leases, the dead node's rooms. ARGV: dead node. Returns its rooms while its lease is
-/// expired (empty when it came back); forgets its lease once no room is left.
+/// KEYS: leases. ARGV: dead node. Returns its rooms while its lease is expired (empty when it
+/// came back); forgets its lease once no room is left.
 const DEAD_ROOMS: &str = r#"
 if alive(KEYS[1], ARGV[1], now_ms()) then return {} end
-local rooms = redis.call('SRANDMEMBER', KEYS[2], 256)
+local rooms = redis.call('SRANDMEMBER', fleet_key(KEYS[1], 'rooms:' .. ARGV[1]), 256)
 if #rooms == 0 then redis.call('ZREM', KEYS[1], ARGV[1]) end
 return rooms
 "#;
 
 /// On a cluster, after `REAP` took a dead node's whole share out of a room: the room leaves
 /// the node's room set, unless the node renewed its lease meanwhile (it re-asserts, and may
-/// have listed the room again). KEYS: leases, the dead node's rooms. ARGV: dead node, room.
+/// have listed the room again). KEYS: leases. ARGV: dead node, room.
 const FORGET: &str = r#"
-if not alive(KEYS[1], ARGV[1], now_ms()) then redis.call('SREM', KEYS[2], ARGV[2]) end
+if not alive(KEYS[1], ARGV[1], now_ms()) then
+  redis.call('SREM', fleet_key(KEYS[1], 'rooms:' .. ARGV[1]), ARGV[2])
+end
 return 1
 "#;
 
@@ -287,10 +296,12 @@ publish(R, 'leave', ARGV[4], nil)
 return 1
 "#;
 
-/// KEYS: leases, my rooms. ARGV: node. Drops the lease once no room holds this node's
-/// connections (a clean shutdown); otherwise the lease runs out and survivors reap.
+/// KEYS: leases. ARGV: node. Drops the lease once no room holds this node's connections (a
+/// clean shutdown); otherwise the lease runs out and survivors reap.
 const RELEASE: &str = r#"
-if redis.call('SCARD', KEYS[2]) == 0 then redis.call('ZREM', KEYS[1], ARGV[1]) end
+if redis.call('SCARD', fleet_key(KEYS[1], 'rooms:' .. ARGV[1])) == 0 then
+  redis.call('ZREM', KEYS[1], ARGV[1])
+end
 return 1
 "#;
 
