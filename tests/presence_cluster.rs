@@ -1,8 +1,9 @@
 //! Presence on a real Redis Cluster (README "Presence on Redis Cluster"): the presence
 //! scenarios of `tests/presence.rs` run on three masters (members over several nodes, join and
 //! leave notices, counts, listings, a clean shutdown, churn, a dead node's large share reaped
-//! once by racing survivors), plus a presence room's slot migrated to another master while
-//! members join and leave, and a master failing over to a replica that lacked the last join.
+//! once by racing survivors, a node that stops), plus a presence room's slot migrated to
+//! another master while members join and leave, a master failing over to a replica that
+//! lacked the last join, and a sharded room (its presence lives with shard 0).
 #![cfg(feature = "cluster")]
 
 #[allow(dead_code, unreachable_pub)]
@@ -264,4 +265,45 @@ async fn a_failover_that_lost_a_join_is_reasserted() {
 async fn a_node_that_dies_has_its_members_reaped_once_by_the_survivors() {
     let cluster = RedisCluster::start(3, 0);
     a_node_that_dies_is_reaped_once(&Redis::Cluster(&cluster)).await;
+}
+
+/// A sharded room's presence keys live in the slot of shard 0's channel, where its notices
+/// go, so the scripts can publish them there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sharded_rooms_presence_lives_with_shard_0() {
+    let cluster = RedisCluster::start(3, 0);
+    let shards = std::num::NonZeroU16::new(4).expect("non-zero");
+    let layers = ["n1", "n2"].map(|id| {
+        Redis::Cluster(&cluster)
+            .builder()
+            .node_id(id)
+            .presence(true)
+            .shard_count(shards)
+            .build()
+            .expect("layer")
+    });
+    let fleet = start_nodes(layers, chat_app::app).await;
+    let room = "wide";
+    let mut watcher = member(fleet[0].0.addr, room, "watcher").await;
+    let alice = member(fleet[1].0.addr, room, "alice").await;
+    wait_members(&fleet[0].1, room, &[("alice", 1), ("watcher", 1)]).await;
+    drop(alice);
+    wait_members(&fleet[1].1, room, &[("watcher", 1)]).await;
+    // Notices go to shard 0 alone: a marker on another shard would not be ordered with them.
+    let mut told = Vec::new();
+    while told.len() < 2 {
+        let frame = json_of(&recv_text(&mut watcher, "alice's notices").await);
+        if frame["user"] == "alice" {
+            told.extend(kinds(&[frame]));
+        }
+    }
+    assert_eq!(
+        told,
+        [pair("fanout.join", "alice"), pair("fanout.leave", "alice")]
+    );
+    let owner = cluster.master_of_slot(cluster.slot_of("ws:room:wide:shard0"));
+    assert_eq!(
+        owner.cli(&["HLEN", "{ws:room:wide:shard0}:members"]).trim(),
+        "1"
+    );
 }
