@@ -148,8 +148,7 @@ impl Error {
         Self::with(Kind::InvalidMember, why)
     }
 
-    /// Presence asked of a room that was not opted in (`FanoutBuilder::presence`), or of a
-    /// Redis Cluster (presence needs one server, with or without replicas).
+    /// Presence asked of a room that was not opted in (`FanoutBuilder::presence`).
     pub(crate) fn presence_off(why: impl Into<BoxError>) -> Self {
         Self::with(Kind::PresenceOff, why)
     }
@@ -248,8 +247,7 @@ impl Error {
 
     /// Presence was asked of a room without it: opt the room in with
     /// [`FanoutBuilder::presence`](crate::FanoutBuilder::presence) or
-    /// [`FanoutBuilder::room_presence`](crate::FanoutBuilder::room_presence). Also returned on a
-    /// Redis Cluster, where presence is not available.
+    /// [`FanoutBuilder::room_presence`](crate::FanoutBuilder::room_presence).
     pub fn is_presence_off(&self) -> bool {
         self.kind == Kind::PresenceOff
     }

@@ -70,18 +70,24 @@ async fn subscribed(redis: &RedisServer, channel: &str, n: usize) {
     .await;
 }
 
-/// Sends `user` a ping through the fleet until each of `sockets` got it: each is identified.
-async fn reached(handle: &RoomHandle, user: &str, sockets: &mut [Ws]) {
-    handle
-        .send_to_user(user, json!({ "ping": user }))
-        .await
-        .expect("ping");
-    for ws in sockets {
-        assert_eq!(
-            json_of(&recv_text(ws, "the ping").await),
-            json!({ "ping": user })
-        );
-    }
+/// Waits until `user` has `sockets` sockets registered on `nodes` nodes (the users'
+/// directory says so) and those nodes subscribe to the user's channel: each socket is reached.
+async fn identified(
+    handle: &RoomHandle,
+    redis: &RedisServer,
+    user: &str,
+    nodes: usize,
+    sockets: usize,
+) {
+    let want = axum_fanout::users::Connected { nodes, sockets };
+    let channel = format!("__axum_fanout:user:ws:room:{user}");
+    wait_until(
+        &format!("{user} on {nodes} nodes, {sockets} sockets"),
+        || async {
+            handle.connected(user).await.ok() == Some(want) && redis.numsub(&channel) == nodes
+        },
+    )
+    .await;
 }
 
 /// POSTs `body` to `path` on `server`; returns (status, body as JSON or Null).
@@ -116,8 +122,8 @@ async fn direct_messages_reach_every_socket_of_the_user_once_in_order() {
         alice.push(socket(server, "lobby", "alice", "").await);
     }
     let mut bob = socket(&nodes[0].0, "lobby", "bob", "").await;
-    subscribed(&redis, "__axum_fanout:user:ws:room:alice", 3).await;
-    reached(&nodes[0].1, "bob", std::slice::from_mut(&mut bob)).await;
+    identified(&nodes[0].1, &redis, "alice", 3, 3).await;
+    identified(&nodes[0].1, &redis, "bob", 1, 1).await;
     let sender = &nodes[3].0;
     for i in 0..20 {
         let (status, body) = post(
@@ -165,9 +171,8 @@ async fn disconnecting_a_user_closes_all_their_sockets_and_only_theirs() {
         alice.push(socket(server, "other", "alice", "").await);
     }
     let mut bob = socket(&nodes[1].0, "lobby", "bob", "").await;
-    subscribed(&redis, "__axum_fanout:user:ws:room:alice", 3).await;
-    reached(&nodes[0].1, "alice", &mut alice).await;
-    reached(&nodes[0].1, "bob", std::slice::from_mut(&mut bob)).await;
+    identified(&nodes[0].1, &redis, "alice", 3, 6).await;
+    identified(&nodes[0].1, &redis, "bob", 1, 1).await;
     let asked = Instant::now();
     let (status, body) = post(
         &nodes[2].0,
@@ -194,7 +199,7 @@ async fn disconnecting_a_user_closes_all_their_sockets_and_only_theirs() {
     );
     // Alice may come back, and is reached again.
     let mut again = socket(&nodes[0].0, "lobby", "alice", "").await;
-    subscribed(&redis, "__axum_fanout:user:ws:room:alice", 1).await;
+    identified(&nodes[1].1, &redis, "alice", 1, 1).await;
     let sent = nodes[1]
         .1
         .send_to_user("alice", json!({ "back": true }))

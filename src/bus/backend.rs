@@ -225,7 +225,9 @@ const fn publish_command(single_server: bool) -> &'static str {
 }
 
 impl Conn {
-    fn publish_command(&self) -> &'static str {
+    /// The publish command of this connection's deployment (see [`Backend::publish_command`]),
+    /// for scripts that publish.
+    pub(crate) fn publish_command(&self) -> &'static str {
         publish_command(matches!(self, Conn::Server(_)))
     }
 
@@ -257,6 +259,23 @@ impl Conn {
                 let slots: redis::Value =
                     redis::cmd("CLUSTER").arg("SLOTS").query_async(conn).await?;
                 Ok(probe_channels_for(base, &master_slot_ranges(&slots)))
+            }
+        }
+    }
+
+    /// Which master serves each slot, as `(first slot, last slot, master address)` from
+    /// `CLUSTER SLOTS`, sorted; empty on one server. A slot whose master changed was failed
+    /// over (its new master may lack the last writes) or migrated.
+    pub(crate) async fn slot_owners(&mut self) -> Result<Vec<(u16, u16, String)>, RedisError> {
+        match self {
+            Conn::Server(_) => Ok(Vec::new()),
+            #[cfg(feature = "cluster")]
+            Conn::Cluster(conn) => {
+                let slots: redis::Value =
+                    redis::cmd("CLUSTER").arg("SLOTS").query_async(conn).await?;
+                let mut ranges = master_slot_ranges(&slots);
+                ranges.sort_unstable();
+                Ok(ranges)
             }
         }
     }
