@@ -558,6 +558,82 @@ async fn a_failover_that_lost_the_last_messages_is_told_not_hidden() {
     assert_eq!(resumed["reason"], "epoch_changed", "{resumed}");
 }
 
+/// Presence across a failover to a replica that missed the last join: the promoted replica
+/// lacks it, and the node re-asserts its members on the new link, so the list shows the user
+/// again (CONTRACT.md: "presence is re-asserted").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failover_that_lost_a_join_is_re_asserted() {
+    let mut group = tokio::task::block_in_place(|| SentinelGroup::start(1000));
+    let old = group.master.port();
+    let layer = FanoutLayer::builder(group.url())
+        .node_id("p1")
+        .presence(true)
+        .presence_ttl(Duration::from_secs(3))
+        .probe_interval(Duration::from_millis(200))
+        .probe_timeout(Duration::from_millis(500))
+        .build()
+        .expect("layer");
+    let handle = layer.handle();
+    let server = TestServer::start(chat_app::app(layer)).await;
+    wait_until("node ready", || async { handle.is_ready() }).await;
+    let listed = async |user: &str| {
+        handle.presence("lobby").await.is_ok_and(|snapshot| {
+            serde_json::to_value(&snapshot).is_ok_and(|v| {
+                v["members"]
+                    .as_array()
+                    .is_some_and(|m| m.iter().any(|e| e["user"] == user))
+            })
+        })
+    };
+    let mut early = connect(&server.ws_url("/ws?room=lobby&user=early")).await;
+    let _ = recv_json(&mut early, "early's first notice").await;
+    wait_until("early listed", || async { listed("early").await }).await;
+    wait_until("the replica has caught up", || async { group.replicated() }).await;
+    let denied = group
+        .master
+        .cli(&["ACL", "SETUSER", "default", "-psync", "-sync", "-replconf"]);
+    assert_eq!(denied.trim(), "OK");
+    group.master.cli(&["CLIENT", "KILL", "TYPE", "replica"]);
+    wait_until("the replica cut off", || async {
+        group
+            .master
+            .cli(&["INFO", "replication"])
+            .contains("connected_slaves:0")
+    })
+    .await;
+    // Counted on the master only.
+    let _late = connect(&server.ws_url("/ws?room=lobby&user=late")).await;
+    wait_until("late listed on the old master", || async {
+        listed("late").await
+    })
+    .await;
+    group.master.stop();
+    let new = tokio::task::block_in_place(|| group.wait_switch(old));
+    assert_eq!(new, group.replica.port());
+    assert!(
+        !group.replica.cli(&["KEYS", "*members*"]).is_empty(),
+        "the replica has the room, from before the cut"
+    );
+    // Re-asserted on the new master, both members, with no leave told for either.
+    wait_until("both listed on the new master", || async {
+        handle.is_ready() && listed("early").await && listed("late").await
+    })
+    .await;
+    let mut frames = Vec::new();
+    while let Ok(Some(Ok(tokio_tungstenite::tungstenite::Message::Text(t)))) = tokio::time::timeout(
+        Duration::from_millis(300),
+        futures_util::StreamExt::next(&mut early),
+    )
+    .await
+    {
+        frames.push(t.to_string());
+    }
+    assert!(
+        frames.iter().all(|f| !f.contains("fanout.leave")),
+        "no spurious leave: {frames:?}"
+    );
+}
+
 /// An ACL user on the master and its replica (the default user off) and a password on the
 /// sentinels: the URL's user info logs in to the master, `sentinel_password` to the sentinels,
 /// and neither password shows in the layer's `Debug`.

@@ -70,6 +70,9 @@ async fn run(bus: Arc<Bus>, table: Arc<Table>, mut stop: watch::Receiver<()>) {
     let mut epoch: Option<String> = None;
     let mut leased_until: Option<Instant> = None;
     let mut next_reap = Instant::now();
+    // A link this node has not renewed on yet: the server behind it may be another one (a
+    // Sentinel failover, a restart from an older snapshot) that lacks recent writes.
+    let mut new_link = false;
     loop {
         let conn = conns.borrow_and_update().clone();
         let Some(mut conn) = conn else {
@@ -82,8 +85,13 @@ async fn run(bus: Arc<Bus>, table: Arc<Table>, mut stop: watch::Receiver<()>) {
         };
         let now = Instant::now();
         if leased_until.is_none_or(|t| now + renew_every * 2 >= t) {
-            match renew(&cfg, &fleet, &mut conn, &table, &mut epoch, &mut held).await {
+            match renew(
+                &cfg, &fleet, &mut conn, &table, &mut epoch, &mut held, new_link,
+            )
+            .await
+            {
                 Ok(()) => {
+                    new_link = false;
                     leased_until = Some(now + cfg.presence_ttl);
                     owners
                         .check(
@@ -141,6 +149,8 @@ async fn run(bus: Arc<Bus>, table: Arc<Table>, mut stop: watch::Receiver<()>) {
             r = conns.changed() => {
                 if r.is_err() { return }
                 leased_until = None;
+                // On a cluster, the slots' owners tell which rooms moved (`Owners::check`).
+                new_link = bus.is_cluster() != Some(true);
             }
             _ = stop.changed() => return,
         }
@@ -154,8 +164,10 @@ fn leave_after(cfg: &Config) -> Duration {
     cfg.presence_ttl / 3 + reap_every(cfg)
 }
 
-/// Renews the lease, and starts a re-assertion when Redis lost its data (a new epoch) or this
-/// node's lease had run out (others took its members out).
+/// Renews the lease, and starts a re-assertion when Redis lost its data (a new epoch), this
+/// node's lease had run out (others took its members out), or on a `new_link` (the server may
+/// have lost only its last writes: a Sentinel failover to a replica that lagged, which keeps
+/// the epoch; re-asserting the node's current counts is idempotent, so it is done silently).
 async fn renew(
     cfg: &Config,
     fleet: &FleetKeys,
@@ -163,6 +175,7 @@ async fn renew(
     table: &Table,
     epoch: &mut Option<String>,
     held: &mut Held,
+    new_link: bool,
 ) -> Result<(), Failure> {
     let first = epoch.is_none();
     let fresh = random::hex_id();
@@ -179,7 +192,7 @@ async fn renew(
     let seen = parts.first().and_then(text).unwrap_or_default();
     let was_alive = parts.get(1).map(int) == Some(1);
     held.until_ms = parts.get(3).map_or(0, int);
-    let reasserts = first || epoch.as_deref() != Some(seen.as_str()) || !was_alive;
+    let reasserts = first || epoch.as_deref() != Some(seen.as_str()) || !was_alive || new_link;
     if reasserts {
         // Every room is synced again, and listed again in this node's room set.
         held.indexed.clear();
@@ -204,6 +217,9 @@ async fn renew(
     } else if !was_alive {
         tracing::warn!(node = %cfg.node_id, "this node's presence lease had run out; re-asserting its members");
         table.reassert_all(false, Vec::new(), Duration::ZERO);
+    } else if new_link {
+        tracing::info!(node = %cfg.node_id, "a new link to redis; re-asserting this node's members (a failover may have lost the last writes)");
+        table.reassert_all(true, Vec::new(), leave_after(cfg));
     }
     *epoch = Some(seen);
     Ok(())
