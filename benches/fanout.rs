@@ -222,6 +222,12 @@ mod procs;
 mod report;
 #[path = "fanout/scenarios.rs"]
 mod scenarios;
+#[path = "fanout/users.rs"]
+mod users;
+#[path = "fanout/users_http.rs"]
+mod users_http;
+#[path = "fanout/users_online.rs"]
+mod users_online;
 #[path = "fanout/ws.rs"]
 mod ws;
 
@@ -354,6 +360,9 @@ struct Args {
     presence_rooms: Option<usize>,
     presence_kill_members: Option<usize>,
     presence_churn_workers: Option<usize>,
+    users_direct: Option<usize>,
+    users_online: Option<usize>,
+    users_disconnects: Option<usize>,
 }
 
 const USAGE: &str = "\
@@ -436,6 +445,9 @@ impl Args {
             presence_rooms: None,
             presence_kill_members: None,
             presence_churn_workers: None,
+            users_direct: None,
+            users_online: None,
+            users_disconnects: None,
         };
         let mut it = raw.into_iter();
         while let Some(arg) = it.next() {
@@ -560,6 +572,18 @@ impl Args {
                         "--presence-churn-workers",
                     )?)
                 }
+                "--users-direct" => {
+                    a.users_direct = Some(parse_num(&value("--users-direct")?, "--users-direct")?)
+                }
+                "--users-online" => {
+                    a.users_online = Some(parse_num(&value("--users-online")?, "--users-online")?)
+                }
+                "--users-disconnects" => {
+                    a.users_disconnects = Some(parse_num(
+                        &value("--users-disconnects")?,
+                        "--users-disconnects",
+                    )?)
+                }
                 "-h" | "--help" => {
                     println!("{USAGE}");
                     std::process::exit(0);
@@ -652,6 +676,9 @@ fn main() -> ExitCode {
     let raw: Vec<String> = std::env::args().skip(1).collect();
     if raw.first().map(String::as_str) == Some(c100k::CHILD_FLAG) {
         return c100k::child_main(&raw[1..]);
+    }
+    if raw.first().map(String::as_str) == Some(users_online::CHILD_FLAG) {
+        return users_online::child_main(&raw[1..]);
     }
     let args = match Args::parse(raw) {
         Ok(a) => a,
@@ -822,6 +849,20 @@ async fn run(args: Args) -> Result<bool> {
     if let Some(n) = args.presence_churn_workers {
         pp.churn_workers = n;
     }
+    let up = &mut params.users;
+    if let Some(n) = args.users_direct {
+        up.direct_users = n;
+    }
+    if let Some(n) = args.users_online {
+        up.online = n;
+    }
+    if let Some(n) = args.users_disconnects {
+        up.disconnects = n;
+    }
+    if up.direct_users == 0 || up.online == 0 {
+        bail!("--users-direct and --users-online must be positive");
+    }
+    let pp = &params.presence;
     if pp.ttl_s == 0 || pp.churn_workers == 0 || pp.list_sizes.contains(&0) {
         bail!("--presence-ttl, --presence-churn-workers and --presence-lists must be positive");
     }
