@@ -9,7 +9,9 @@
 //!   (each socket gets `{"type":"fanout.direct","payload":V}`), or, for the comparison, the
 //!   same volume as room broadcasts `POST /rooms/r{i}/messages`. The time from the first POST
 //!   until the last socket got its frame gives deliveries per second, with the CPU of the
-//!   nodes, Redis (`/proc`) and the load generator per delivery over that window. Then each
+//!   nodes (`/proc`), Redis (its own `INFO cpu`) and the load generator per delivery over that
+//!   window. One message per user means one HTTP request per delivery: the burst measures the
+//!   publish path (request, PUBLISH, one frame) rather than a room's fan-out. Then each
 //!   path at a fixed `latency_rate` for `latency_duration`, paced: V carries the send stamp
 //!   taken just before its POST is written, so the latency (p50, p99, max) is the whole
 //!   path, HTTP request included. Both paths alternate, `passes` times each, in one run; the
@@ -314,7 +316,7 @@ async fn direct(cluster: Cluster, p: &UsersParams, tag: &str) -> Result<(Vec<Fig
                 "{tag} pass {pass} {:>6}: burst of {n} in {:.3} s = {:.0} deliveries/s \
                  (POSTs answered in {:.3} s, {} unreached); per delivery nodes {:.1} us, redis \
                  {:.1} us, loadgen {:.1} us; at {:.0}/s: p50 {:.2} ms, p99 {:.2} ms, max {:.2} \
-                 ms, {} of {paced} delivered",
+                 ms, {} of {paced} delivered; host {:.2} and {:.2} cores busy",
                 path.name(),
                 burst.secs,
                 burst.per_s(),
@@ -328,6 +330,8 @@ async fn direct(cluster: Cluster, p: &UsersParams, tag: &str) -> Result<(Vec<Fig
                 lat.lat.quantile_ms(0.99),
                 lat.lat.max_ms(),
                 lat.lat.delivered,
+                burst.cpu.host_cores,
+                lat.cpu.host_cores,
             );
             runs.push(burst);
             runs.push(lat);
@@ -361,6 +365,27 @@ async fn direct(cluster: Cluster, p: &UsersParams, tag: &str) -> Result<(Vec<Fig
             figures.push(fig(key, label, *better, value));
         }
     }
+    let v = |key: &str| {
+        figures
+            .iter()
+            .find(|f| f.key == key)
+            .map_or(f64::NAN, |f| f.value)
+    };
+    println!(
+        "{tag} direct against room, medians of {} passes: {:.0} against {:.0} deliveries/s; \
+         nodes {:.1} against {:.1} us and redis {:.1} against {:.1} us per delivery; p99 at \
+         {:.0}/s {:.2} against {:.2} ms",
+        p.passes,
+        v("direct_deliveries_per_s"),
+        v("room_deliveries_per_s"),
+        v("direct_nodes_us"),
+        v("room_nodes_us"),
+        v("direct_redis_us"),
+        v("room_redis_us"),
+        p.latency_rate,
+        v("direct_p99_ms"),
+        v("room_p99_ms"),
+    );
     let runs: Vec<Value> = runs.iter().map(Run::json).collect();
     Ok((
         figures,

@@ -191,7 +191,7 @@ async fn online(
     let reach_s = t0.elapsed().as_secs_f64();
     let cpu = cpu0.until(&cluster.cpu_sample());
     let redis_connect = procs::redis_cpu_secs(port).await? - redis0;
-    let connect_nodes_s = cpu.nodes_secs;
+    let (connect_nodes_s, connect_host) = (cpu.nodes_secs, cpu.host_cores);
     let mem_after = used_memory(port).await?;
     let per_user = (mem_after - mem_before) / users as f64;
     let per = |secs: f64, n: usize| secs * 1e6 / n as f64;
@@ -199,7 +199,7 @@ async fn online(
         "{tag} online: {users} users: handshakes done after {handshakes_s:.1} s, every user \
          reachable (POST /users/U/messages -> nodes 1) after {reach_s:.1} s = {:.0} users/s; \
          per user: redis {:.0} B of used_memory ({:.1} -> {:.1} MiB), CPU redis {:.0} us, nodes \
-         {:.0} us, loadgen {:.0} us (this process only)",
+         {:.0} us, loadgen {:.0} us (this process only); host {:.2} cores busy",
         users as f64 / reach_s,
         per_user,
         mem_before / 1048576.0,
@@ -207,6 +207,7 @@ async fn online(
         per(redis_connect, users),
         per(cpu.nodes_secs, users),
         per(cpu.loadgen_secs, users),
+        cpu.host_cores,
     );
 
     // Fleet-wide disconnect of users 0..k, all held here.
@@ -239,12 +240,13 @@ async fn online(
     println!(
         "{tag} disconnect of {k} users: {} closed, the last {last_ms:.1} ms after the first \
          POST (POSTs answered in {:.1} ms, {} unreached), {wrong} without code 4000, {others} \
-         other sockets closed ({early} before); per disconnect: redis {:.0} us, nodes {:.0} us",
+         other sockets closed ({early} before); per disconnect: redis {:.0} us, nodes {:.0} us; host {:.2} cores busy",
         seen.len(),
         posted.secs * 1e3,
         posted.unreached,
         per(redis_disconnect, k),
         per(cpu.nodes_secs, k),
+        cpu.host_cores,
     );
     drop(children);
     drop(cluster);
@@ -289,7 +291,8 @@ async fn online(
         ],
         json!({
             "users": users, "nodes": nodes, "load_generators": kids, "handshakes_s": handshakes_s,
-            "reach_s": reach_s, "redis_used_memory_before": mem_before,
+            "reach_s": reach_s, "connect_host_cores": connect_host,
+            "disconnect_host_cores": cpu.host_cores, "redis_used_memory_before": mem_before,
             "redis_used_memory_after": mem_after, "redis_bytes_per_user": per_user,
             "disconnects": k, "closed": seen.len(), "disconnect_last_ms": last_ms,
             "disconnect_posts_s": posted.secs, "unreached": posted.unreached,
