@@ -116,11 +116,11 @@ async fn online(
     tag: &str,
 ) -> Result<(Vec<Figure>, Value)> {
     let files = procs::open_files_limit().unwrap_or(20_000) as usize;
-    let per = p.per_process.min(files.saturating_sub(1_500)).max(1);
+    let per_process = p.per_process.min(files.saturating_sub(1_500)).max(1);
     let users = p.online;
-    let nodes = p.online_nodes.max(users.div_ceil(per));
-    let here = users.min(per);
-    let kids = (users - here).div_ceil(per);
+    let nodes = p.online_nodes.max(users.div_ceil(per_process));
+    let here = users.min(per_process);
+    let kids = (users - here).div_ceil(per_process);
     if p.disconnects > here {
         bail!(
             "users: {} disconnects, but this process holds {here} users",
@@ -146,7 +146,10 @@ async fn online(
     let list = addrs.iter().map(ToString::to_string).collect::<Vec<_>>();
     let mut children = Vec::new();
     for j in 0..kids {
-        let (from, to) = (here + j * per, (here + (j + 1) * per).min(users));
+        let (from, to) = (
+            here + j * per_process,
+            (here + (j + 1) * per_process).min(users),
+        );
         let log = cc.log_dir.join(format!("users-lg{}.log", j + 1));
         let args = [
             CHILD_FLAG.into(),
@@ -194,7 +197,7 @@ async fn online(
     let (connect_nodes_s, connect_host) = (cpu.nodes_secs, cpu.host_cores);
     let mem_after = used_memory(port).await?;
     let per_user = (mem_after - mem_before) / users as f64;
-    let per = |secs: f64, n: usize| secs * 1e6 / n as f64;
+    let us_each = |secs: f64, n: usize| secs * 1e6 / n as f64;
     println!(
         "{tag} online: {users} users: handshakes done after {handshakes_s:.1} s, every user \
          reachable (POST /users/U/messages -> nodes 1) after {reach_s:.1} s = {:.0} users/s; \
@@ -204,9 +207,9 @@ async fn online(
         per_user,
         mem_before / 1048576.0,
         mem_after / 1048576.0,
-        per(redis_connect, users),
-        per(cpu.nodes_secs, users),
-        per(cpu.loadgen_secs, users),
+        us_each(redis_connect, users),
+        us_each(cpu.nodes_secs, users),
+        us_each(cpu.loadgen_secs, users),
         cpu.host_cores,
     );
 
@@ -240,12 +243,13 @@ async fn online(
     println!(
         "{tag} disconnect of {k} users: {} closed, the last {last_ms:.1} ms after the first \
          POST (POSTs answered in {:.1} ms, {} unreached), {wrong} without code 4000, {others} \
-         other sockets closed ({early} before); per disconnect: redis {:.0} us, nodes {:.0} us; host {:.2} cores busy",
+         other sockets closed ({early} before); per disconnect: redis {:.0} us, nodes {:.0} \
+         us; host {:.2} cores busy",
         seen.len(),
         posted.secs * 1e3,
         posted.unreached,
-        per(redis_disconnect, k),
-        per(cpu.nodes_secs, k),
+        us_each(redis_disconnect, k),
+        us_each(cpu.nodes_secs, k),
         cpu.host_cores,
     );
     drop(children);
@@ -280,13 +284,13 @@ async fn online(
                 "disconnect_redis_us",
                 "disconnect: redis CPU/user (us)",
                 Better::Lower,
-                per(redis_disconnect, k),
+                us_each(redis_disconnect, k),
             ),
             fig(
                 "disconnect_nodes_us",
                 "disconnect: nodes CPU/user (us)",
                 Better::Lower,
-                per(cpu.nodes_secs, k),
+                us_each(cpu.nodes_secs, k),
             ),
         ],
         json!({
