@@ -184,9 +184,9 @@ impl Run {
     fn json(&self) -> Value {
         let f = |v: f64| v.is_finite().then_some(v);
         json!({
-            "path": self.path.name(), "paced": self.paced, "sent": self.sent, "delivered": self.lat.delivered,
-            "stale": self.lat.stale, "unreached": self.posted.unreached,
-            "secs": f(self.secs), "post_secs": self.posted.secs,
+            "path": self.path.name(), "paced": self.paced, "sent": self.sent,
+            "delivered": self.lat.delivered, "stale": self.lat.stale,
+            "unreached": self.posted.unreached, "secs": f(self.secs), "post_secs": self.posted.secs,
             "deliveries_per_s": f(self.per_s()),
             "p50_ms": f(self.lat.quantile_ms(0.5)), "p99_ms": f(self.lat.quantile_ms(0.99)),
             "max_ms": f(self.lat.max_ms()),

@@ -301,8 +301,8 @@ async fn online(
             "disconnects": k, "closed": seen.len(), "disconnect_last_ms": last_ms,
             "disconnect_posts_s": posted.secs, "unreached": posted.unreached,
             "wrong_codes": wrong, "others_closed": others, "closed_before": early,
-            "connect_redis_cpu_s": redis_connect,
-            "connect_nodes_cpu_s": connect_nodes_s, "disconnect_redis_cpu_s": redis_disconnect, "disconnect_nodes_cpu_s": cpu.nodes_secs,
+            "connect_redis_cpu_s": redis_connect, "connect_nodes_cpu_s": connect_nodes_s,
+            "disconnect_redis_cpu_s": redis_disconnect, "disconnect_nodes_cpu_s": cpu.nodes_secs,
         }),
     ))
 }
