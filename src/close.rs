@@ -108,6 +108,13 @@ codes! {
         /// [`RoomHandle::on_upgrade`](crate::RoomHandle::on_upgrade) answers 503 instead.
         NODE_FULL_REASON = "node full",
     }
+
+    /// 4001, credentials expired: the [`protocol`](crate::protocol) handler closes a socket
+    /// whose credentials ran out before the client refreshed them. Reconnect with new ones.
+    CREDENTIALS_EXPIRED = 4001 {
+        /// Sent with [`CREDENTIALS_EXPIRED`].
+        CREDENTIALS_EXPIRED_REASON = "credentials expired",
+    }
 }
 
 #[cfg(test)]

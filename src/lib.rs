@@ -107,7 +107,8 @@ struct ReadmeDoctests;
 // `config::durability`: `Durability`), `room`
 // (`RoomName`, validated once at the edge), `missed` (`Missed`, how a socket learns that
 // messages may have been lost), `stats` (`Stats` and the counters), `error` (`Error`),
-// `close` (the close codes and reasons the node sends, public),
+// `close` (the close codes and reasons the node sends, public), `origin` (the `Origin`
+// check before an upgrade),
 // `time` (milliseconds since the epoch), `position` (`Position`, `Unrecoverable`),
 // `random` (random ids: node ids, epochs, backoff seeds).
 //
@@ -156,6 +157,7 @@ mod lifecycle;
 mod listener;
 mod node;
 pub mod presence;
+pub mod protocol;
 mod queue;
 mod registry;
 mod socket;
@@ -167,6 +169,7 @@ mod config;
 mod envelope;
 mod error;
 mod missed;
+mod origin;
 mod position;
 mod random;
 mod room;

@@ -1,5 +1,5 @@
 //! Durable rooms against a real `redis-server`, through the chat example's wire contract
-//! (CONTRACT.md, "Durable rooms"): positions, resume across nodes, the hand-off to live
+//! (PROTOCOL.md part 2, "Durable rooms"): positions, resume across nodes, the hand-off to live
 //! delivery under a steady publish stream, lost and trimmed history, the node's own gap
 //! repair after its link drops, and seed interop.
 

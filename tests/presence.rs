@@ -1,4 +1,4 @@
-//! Presence across the fleet (README "Presence", `CONTRACT.md` "Presence"), against real,
+//! Presence across the fleet (README "Presence", `PROTOCOL.md` part 2, "Presence"), against real,
 //! throwaway `redis-server` processes and, for the crash, real `chat` processes killed with
 //! SIGKILL: members with connection counts over several nodes, join and leave notices in order
 //! with the room's messages, no ghosts after a crash, re-assertion after Redis lost its data,

@@ -1,5 +1,8 @@
 //! The chat application shared by `examples/chat.rs` (one node per process) and
-//! `examples/demo.rs` (three nodes in one process). It follows `CONTRACT.md` of the project:
+//! `examples/demo.rs` (three nodes in one process). It speaks two wire formats, both in
+//! `PROTOCOL.md` at the repository's root: the fanout protocol at `GET /fanout` (part 1: many
+//! rooms per socket, for `clients/js`), and at `GET /ws` the chat example's own format (part
+//! 2, one room per socket), which other checks depend on and which stays as it is:
 //!
 //! - `GET /` serves the chat page;
 //! - `GET /ws?room=NAME` joins room NAME (default `lobby`); each text frame must be one JSON
@@ -7,7 +10,7 @@
 //!   a frame that is not JSON closes that connection with 1007, a frame over the size limit
 //!   with 1009, an invalid room name with 1008, a binary frame with 1003;
 //! - `POST /rooms/{room}/messages` broadcasts its JSON body from plain HTTP;
-//! - with `HISTORY=N` (N > 0) every room is durable (CONTRACT.md, "Durable rooms"):
+//! - with `HISTORY=N` (N > 0) every room is durable (PROTOCOL.md, part 2, "Durable rooms"):
 //!   `GET /ws?room=NAME&positions=1[&since=E:S]` numbers deliveries and resumes, and
 //!   `GET /rooms/{room}/history?limit=K[&since=E:S]` reads the room's history;
 //! - `GET /healthz` is 200 when the node's Redis link is up, 503 otherwise;
@@ -33,6 +36,7 @@ use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use axum_fanout::durable::{Durability, Position};
 use axum_fanout::presence::Member;
+use axum_fanout::protocol::{Permissive, Protocol};
 use axum_fanout::{Event, FanoutLayer, FanoutSocket, Missed, Payload, RoomHandle, RoomName};
 
 /// The chat app's routes, wrapped in `layer`.
@@ -40,6 +44,9 @@ pub(crate) fn app(layer: FanoutLayer) -> Router {
     Router::new()
         .route("/", get(page))
         .route("/ws", get(ws))
+        // The fanout protocol (PROTOCOL.md): many rooms per socket, replies by id, resume and
+        // presence, for `clients/js`. A demo: every user may join and publish anywhere.
+        .route("/fanout", Protocol::new(Permissive).route())
         .route("/rooms/{room}/messages", post(http_push))
         .route("/rooms/{room}/presence", get(presence))
         .route("/rooms/{room}/history", get(history))

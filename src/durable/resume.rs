@@ -153,7 +153,11 @@ impl Durable {
         if resumed.since.is_some() && failure.is_none() {
             for (seq, raw) in &page.entries {
                 if let Some(decoded) = self.decode(room, raw) {
-                    frames.push(decoded.positioned());
+                    frames.push(if outbox.is_framed() {
+                        decoded.framed(room.as_str())
+                    } else {
+                        decoded.positioned()
+                    });
                 }
                 last = last.at(*seq);
                 resumed.replayed += 1;
