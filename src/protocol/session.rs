@@ -335,8 +335,14 @@ impl<A: Authorize> Session<A> {
         let bus = &self.rooms.shared.node.bus;
         let key = key.map(|k| keys::key_of(bus, &room, user, &k));
         if let Some(key) = &key {
-            match keys::claim(bus, key, settings.dedupe_window).await? {
+            match keys::claim(bus, key).await? {
                 Claim::First => {}
+                Claim::InFlight => {
+                    return Err(Failure::new(
+                        Code::Unavailable,
+                        "a publish with this key is in flight: retry with the same key",
+                    ));
+                }
                 Claim::Duplicate(first) => {
                     let mut result = Map::new();
                     result.insert("duplicate".into(), true.into());
@@ -350,6 +356,7 @@ impl<A: Authorize> Session<A> {
         }
         let queued = self.socket.broadcast(&room, payload).queue().await;
         let rooms = self.rooms.clone();
+        let window = settings.dedupe_window;
         Ok(Box::pin(async move {
             let bus = &rooms.shared.node.bus;
             let published = match queued {
@@ -365,7 +372,8 @@ impl<A: Authorize> Session<A> {
                     }
                     if let Some(key) = &key {
                         let first = published.position().map(ToString::to_string);
-                        if let Err(e) = keys::done(bus, key, first.unwrap_or_default()).await {
+                        let first = first.unwrap_or_default();
+                        if let Err(e) = keys::done(bus, key, first, window).await {
                             tracing::debug!(error = %e, "could not store a publish key's position");
                         }
                     }
