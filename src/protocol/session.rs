@@ -357,37 +357,17 @@ impl<A: Authorize> Session<A> {
         let queued = self.socket.broadcast(&room, payload).queue().await;
         let rooms = self.rooms.clone();
         let window = settings.dedupe_window;
+        // The key's outcome is recorded by a task of its own: a session that ends (its client
+        // dropped) before Redis answered must still record it, or the client's resend would
+        // find the key in flight until the claim expires, and then send the message again.
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move {
+            let outcome = finish_publish(&rooms, queued, key.as_deref(), window).await;
+            let _ = tx.send(outcome);
+        });
         Ok(Box::pin(async move {
-            let bus = &rooms.shared.node.bus;
-            let published = match queued {
-                Ok(receipt) => receipt.published().await,
-                Err(e) => Err(e),
-            };
-            match published {
-                Ok(published) => {
-                    let mut result = Map::new();
-                    result.insert("nodes".into(), published.nodes().into());
-                    if let Some(pos) = published.position() {
-                        position_fields(&mut result, pos);
-                    }
-                    if let Some(key) = &key {
-                        let first = published.position().map(ToString::to_string);
-                        let first = first.unwrap_or_default();
-                        if let Err(e) = keys::done(bus, key, first, window).await {
-                            tracing::debug!(error = %e, "could not store a publish key's position");
-                        }
-                    }
-                    Ok(Value::Object(result))
-                }
-                Err(e) => {
-                    if let Some(key) = &key
-                        && let Err(release) = keys::release(bus, key).await
-                    {
-                        tracing::warn!(error = %release, "could not release a failed publish's key");
-                    }
-                    Err(e.into())
-                }
-            }
+            rx.await
+                .unwrap_or_else(|_| Err(Failure::new(Code::Unavailable, "the publish was lost")))
         }))
     }
 
@@ -418,4 +398,44 @@ impl<A: Authorize> Session<A> {
 
 fn unknown(cmd: &str) -> Failure {
     Failure::new(Code::UnknownCommand, format!("unknown command {cmd:?}"))
+}
+
+/// Waits for Redis's answer to a queued publish and records it under the publish's key: the
+/// position for a duplicate's reply, or the key released when it failed.
+async fn finish_publish(
+    rooms: &RoomHandle,
+    queued: Result<crate::Receipt, crate::Error>,
+    key: Option<&str>,
+    window: std::time::Duration,
+) -> Outcome {
+    let bus = &rooms.shared.node.bus;
+    let published = match queued {
+        Ok(receipt) => receipt.published().await,
+        Err(e) => Err(e),
+    };
+    match published {
+        Ok(published) => {
+            let mut result = Map::new();
+            result.insert("nodes".into(), published.nodes().into());
+            if let Some(pos) = published.position() {
+                position_fields(&mut result, pos);
+            }
+            if let Some(key) = key {
+                let first = published.position().map(ToString::to_string);
+                let first = first.unwrap_or_default();
+                if let Err(e) = keys::done(bus, key, first, window).await {
+                    tracing::debug!(error = %e, "could not store a publish key's position");
+                }
+            }
+            Ok(Value::Object(result))
+        }
+        Err(e) => {
+            if let Some(key) = key
+                && let Err(release) = keys::release(bus, key).await
+            {
+                tracing::warn!(error = %release, "could not release a failed publish's key");
+            }
+            Err(e.into())
+        }
+    }
 }
