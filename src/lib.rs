@@ -29,6 +29,10 @@
 //!   every message it lacks ([`Missed`]).
 //! - **Features on request.** [`durable`] rooms keep and number their recent messages so a client
 //!   resumes where it stopped; [`presence`] tracks who is in a room across the fleet.
+//! - **The protocol, ready-made.** [`protocol`] is a whole endpoint (one socket, many rooms,
+//!   commands answered by id, resume, presence, idempotent publish) specified in `PROTOCOL.md`
+//!   and spoken by the JavaScript client in `clients/js`; the application only decides who
+//!   may do what ([`protocol::Authorize`]).
 //! - **Close codes** the node sends are in [`close`].
 //!
 //! # Guarantees and the rest
@@ -55,6 +59,12 @@ struct ReadmeDoctests;
 // They are listed here, and declared below, from the top of that flow down: each module
 // imports only modules listed after it, never one before it.
 //
+// - `protocol`: the fanout protocol's endpoint (`PROTOCOL.md`), above the toolkit and built
+//   only on it: `protocol::session` (one socket's commands and replies), `protocol::wire`
+//   (frames and error codes), `protocol::reads` (history and presence commands),
+//   `protocol::auth` (`Authorize`, `Grant`, `Permissive`), `protocol::redis` (idempotent
+//   publish keys). Its sockets' queues are marked framed: the registry and the durable
+//   sequencer give them each room's frame with its room, made once per message.
 // - `layer`: `FanoutLayer` and `FanoutService`, which only put a `RoomHandle` in request
 //   extensions; the builder's `build`.
 // - `handle`: `RoomHandle` (the extractor) and `MissingFanoutLayer`, its rejection.

@@ -70,15 +70,7 @@ pub const SUBPROTOCOL: &str = "fanout.v1";
 /// The protocol's endpoint: [`route`](Protocol::route) mounts it.
 #[derive(Debug)]
 pub struct Protocol<A> {
-    settings: Arc<Settings<A>>,
-}
-
-impl<A> Clone for Protocol<A> {
-    fn clone(&self) -> Self {
-        Self {
-            settings: self.settings.clone(),
-        }
-    }
+    settings: Settings<A>,
 }
 
 /// What every session of one endpoint shares.
@@ -93,10 +85,10 @@ impl<A: Authorize> Protocol<A> {
     /// The endpoint, with `auth` deciding who connects and what they may do.
     pub fn new(auth: A) -> Self {
         Self {
-            settings: Arc::new(Settings {
+            settings: Settings {
                 auth,
                 dedupe_window: Duration::from_secs(300),
-            }),
+            },
         }
     }
 
@@ -105,19 +97,9 @@ impl<A: Authorize> Protocol<A> {
     /// key costs one small Redis key for that long.
     ///
     /// Defaults to 5 minutes (at least 1 second).
-    pub fn dedupe_window(self, window: Duration) -> Self {
-        let auth = match Arc::try_unwrap(self.settings) {
-            Ok(settings) => settings.auth,
-            // Only `new` made it and nothing cloned it yet: this cannot happen in a builder
-            // chain; a clone keeps its window.
-            Err(shared) => return Self { settings: shared },
-        };
-        Self {
-            settings: Arc::new(Settings {
-                auth,
-                dedupe_window: window.max(Duration::from_secs(1)),
-            }),
-        }
+    pub fn dedupe_window(mut self, window: Duration) -> Self {
+        self.settings.dedupe_window = window.max(Duration::from_secs(1));
+        self
     }
 
     /// The route's handler, for `Router::route(path, ..)` behind the [`FanoutLayer`](crate::FanoutLayer).
@@ -125,7 +107,7 @@ impl<A: Authorize> Protocol<A> {
     where
         S: Clone + Send + Sync + 'static,
     {
-        let settings = self.settings;
+        let settings = Arc::new(self.settings);
         axum::routing::get(move |request: Request| upgrade(settings.clone(), request))
     }
 }
