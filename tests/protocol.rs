@@ -614,6 +614,37 @@ async fn a_durable_room_resumes_through_the_protocol_on_another_node() {
         (&json!(false), &json!("epoch_changed")),
         "{r}"
     );
+    assert_eq!(
+        b.push("fanout.resumed").await["seq"],
+        5,
+        "live from the top"
+    );
+    // A refused resume falls back to the last N in the same call.
+    let r = b
+        .call(json!({"cmd": "join", "room": "log", "since": "gone:3", "last": 2}))
+        .await;
+    assert_eq!(r["result"]["reason"], "epoch_changed", "{r}");
+    assert_eq!(r["result"]["seq"], 3, "the position before the replay: {r}");
+    let n = b.push("fanout.resumed").await;
+    assert_eq!(
+        (&n["recovered"], &n["seq"]),
+        (&json!(false), &json!(3)),
+        "{n}"
+    );
+    for i in 4..=5 {
+        assert_eq!(b.push("message").await["seq"], i);
+    }
+    // A resume that can be served ignores the fallback.
+    let since = json!({"epoch": epoch, "seq": 4});
+    let r = b
+        .call(json!({"cmd": "join", "room": "log", "since": since, "last": 3}))
+        .await;
+    assert_eq!(r["result"]["recovered"], true, "{r}");
+    assert_eq!(b.push("message").await["seq"], 5);
+    a.call(json!({"cmd": "publish", "room": "log", "data": 6}))
+        .await;
+    let m = b.push("message").await;
+    assert_eq!(m["seq"], 6, "live after the replay, nothing twice: {m}");
     let r = b
         .call(json!({"cmd": "history", "room": "log", "limit": 2}))
         .await;
@@ -623,8 +654,8 @@ async fn a_durable_room_resumes_through_the_protocol_on_another_node() {
         .iter()
         .map(|m| &m["seq"])
         .collect();
-    assert_eq!(seqs, [&json!(4), &json!(5)], "{r}");
-    assert_eq!(r["result"]["messages"][1]["data"], 5);
+    assert_eq!(seqs, [&json!(5), &json!(6)], "{r}");
+    assert_eq!(r["result"]["messages"][1]["data"], 6);
 }
 
 #[tokio::test]

@@ -52,7 +52,7 @@ export interface JoinOptions {
   presence?: boolean;
   /** The live member map, after every change. */
   onPresence?: (members: Map<string, Member>) => void;
-  /** Durable rooms, first join without a stored position: start with the last N messages. */
+  /** Durable rooms: start with the last N messages, and fall back to them when a resume is refused. */
   last?: number;
 }
 

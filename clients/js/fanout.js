@@ -455,7 +455,8 @@ export class FanoutClient {
   async _join(room) {
     const command = { cmd: "join", room: room.name };
     if (room.epoch !== null) command.since = { epoch: room.epoch, seq: room.seq };
-    else if (room.options.last) command.last = room.options.last;
+    // Alone: start with the last N; with `since`: the fallback when the resume is refused.
+    if (room.options.last) command.last = room.options.last;
     if (room.options.presence) {
       command.presence = true;
       room.presencePending = [];

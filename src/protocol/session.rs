@@ -21,6 +21,7 @@ use super::reads::{Read, missed_notice};
 use super::redis::{self as keys, Claim};
 use super::wire::{self, Code, Command, Failure, Outcome, bad, position_fields, reply};
 use crate::close;
+use crate::durable::Start;
 use crate::envelope::Payload;
 use crate::node::RoomHandle;
 use crate::position::Position;
@@ -243,12 +244,14 @@ impl<A: Authorize> Session<A> {
         result.insert("room".into(), room.as_str().into());
         result.insert("durable".into(), durable.into());
         if durable {
-            let since = match (since, last) {
-                (Some(since), _) => Some(since),
-                (None, Some(n)) => Some(self.last_n(&room, n).await?),
-                (None, None) => None,
+            let last = last.map(|n| usize::try_from(n).unwrap_or(usize::MAX));
+            let start = match (since, last) {
+                (Some(since), Some(n)) => Start::AfterOrLast(since, n),
+                (Some(since), None) => Start::After(since),
+                (None, Some(n)) => Start::Last(n),
+                (None, None) => Start::Now,
             };
-            let resumed = self.socket.join_durable(&room, since).await?;
+            let resumed = self.socket.join_durable_from(&room, start).await?;
             position_fields(&mut result, resumed.position());
             if let Some(recovered) = resumed.recovered() {
                 result.insert("recovered".into(), recovered.into());
@@ -278,13 +281,6 @@ impl<A: Authorize> Session<A> {
             }
         }
         Ok(Value::Object(result))
-    }
-
-    /// The position `n` messages before the top of durable `room`.
-    async fn last_n(&mut self, room: &RoomName, n: u64) -> Result<Position, Failure> {
-        let top = self.rooms.history(room, 1).await?;
-        let top = top.position();
-        Ok(Position::new(top.epoch(), top.seq().saturating_sub(n)))
     }
 
     fn leave(&mut self, command: &Command) -> Outcome {

@@ -3,7 +3,7 @@
 use tokio::time::Instant;
 
 use crate::durable::Read;
-use crate::durable::Resumed;
+use crate::durable::{Page, Resumed, Start};
 use crate::error::Error;
 use crate::node::Shared;
 use crate::position::Position;
@@ -154,6 +154,44 @@ impl FanoutSocket {
         room: impl AsRef<str>,
         since: Option<Position>,
     ) -> Result<Resumed, Error> {
+        let start = match since {
+            Some(since) => Start::After(since),
+            None => Start::Now,
+        };
+        self.join_durable_from(room, start).await
+    }
+
+    /// Joins durable `room` from `start`: live messages from now, after a position, the
+    /// room's last N messages, or after a position falling back to the last N when that
+    /// resume is refused, each with the gap-free hand-off of
+    /// [`join_durable`](FanoutSocket::join_durable), whose frames and failures these are too.
+    /// A replay of the last N is announced like a resume: `fanout.resumed` with the position
+    /// before the first replayed message.
+    ///
+    /// ```no_run
+    /// use axum_fanout::FanoutSocket;
+    /// use axum_fanout::durable::{Position, Start};
+    ///
+    /// // A live board: the last 20 updates, or everything missed since `seen` when it can.
+    /// async fn board(mut socket: FanoutSocket, seen: Option<Position>) {
+    ///     let start = match seen {
+    ///         Some(seen) => Start::AfterOrLast(seen, 20),
+    ///         None => Start::Last(20),
+    ///     };
+    ///     if let Err(e) = socket.join_durable_from("board", start).await {
+    ///         return socket.close(1011, &e.to_string());
+    ///     }
+    ///     while let Some(Ok(_)) = socket.recv().await {}
+    /// }
+    /// ```
+    ///
+    /// # Cancel safety
+    /// As [`join_durable`](FanoutSocket::join_durable).
+    pub async fn join_durable_from(
+        &mut self,
+        room: impl AsRef<str>,
+        start: Start,
+    ) -> Result<Resumed, Error> {
         let room = RoomName::new(room)?;
         let shared = self.shared.clone();
         let node = &shared.node;
@@ -168,16 +206,41 @@ impl FanoutSocket {
             node.durable.forget(&room, self.id);
             return Err(e);
         }
-        let read = match &since {
-            Some(since) => Read::After(since.clone(), settings.replay_limit.get()),
-            None => Read::Top,
+        let limit = settings.replay_limit.get();
+        let (read, since, fallback) = match start {
+            Start::Now => (Read::Top, None, None),
+            Start::After(since) => (Read::After(since.clone(), limit), Some(since), None),
+            Start::Last(n) => (Read::Last(n.min(limit)), None, None),
+            Start::AfterOrLast(since, n) => (
+                Read::After(since.clone(), limit),
+                Some(since),
+                Some(n.min(limit)),
+            ),
         };
+        let last = matches!(read, Read::Last(_));
         // Boxed: the read's futures (a script call under a deadline) are large, and a socket's
         // task would keep their size for its whole life.
-        match Box::pin(node.durable.read(&node.bus, &room, &settings, read)).await {
-            Ok(page) => Ok(node
-                .durable
-                .finish_resume(&room, self.id, &self.outbox, since, page)),
+        let read = Box::pin(async {
+            let page = node.durable.read(&node.bus, &room, &settings, read).await?;
+            let refused = since.as_ref().and_then(|s| page.covers(s, limit).err());
+            match (refused, fallback) {
+                (Some(why), Some(n)) => {
+                    let page = node
+                        .durable
+                        .read(&node.bus, &room, &settings, Read::Last(n));
+                    let page = page.await?;
+                    Ok((Some(before(&page)), page, Some(why)))
+                }
+                _ if last => Ok((Some(before(&page)), page, None)),
+                _ => Ok((since, page, None)),
+            }
+        });
+        match read.await {
+            Ok((since, page, refused)) => {
+                Ok(node
+                    .durable
+                    .finish_resume(&room, self.id, &self.outbox, since, page, refused))
+            }
             Err(e) => {
                 self.leave(room.as_str());
                 Err(e)
@@ -238,4 +301,14 @@ fn quit(shared: &Shared, id: SocketId, room: &RoomName) {
     if node.durable.is_durable(room.as_str()) {
         node.durable.forget(room, id);
     }
+}
+
+/// The position just before a page's first message (its top when it has none): where a
+/// replay of the whole page starts.
+fn before(page: &Page) -> Position {
+    let first = page
+        .entries
+        .first()
+        .map_or(page.top.seq(), |(seq, _)| seq.saturating_sub(1));
+    page.top.at(first)
 }
