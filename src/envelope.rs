@@ -506,6 +506,33 @@ mod tests {
     }
 
     #[test]
+    fn protocol_sockets_get_each_room_message_framed_with_its_room() {
+        let raw = br#"{"pos":{"epoch":"e1","seq":7},"v":1,"payload":{"a":1}}"#;
+        let d = decode(raw, "r", "n", MAX).unwrap();
+        assert_eq!(
+            text_of(&d.framed("r\"1")),
+            r#"{"type":"message","room":"r\"1","seq":7,"data":{"a":1}}"#
+        );
+        let plain = decode(br#"{"text":"hi"}"#, "r", "n", MAX).unwrap();
+        assert_eq!(
+            text_of(&plain.framed("r")),
+            r#"{"type":"message","room":"r","text":"hi"}"#
+        );
+        let bytes = decode(br#"{"binary":"AAE="}"#, "r", "n", MAX).unwrap();
+        assert_eq!(
+            text_of(&bytes.framed("r")),
+            r#"{"type":"message","room":"r","binary":"AAE="}"#
+        );
+        // A notice is one frame per kind already, with its room: it goes as it is.
+        let notice = br#"{"control":true,"payload":{"type":"fanout.join","room":"r","user":"a"}}"#;
+        let d = decode(notice, "r", "n", MAX).unwrap();
+        assert_eq!(
+            text_of(&d.framed("r")),
+            r#"{"type":"fanout.join","room":"r","user":"a"}"#
+        );
+    }
+
+    #[test]
     fn null_is_a_payload() {
         let d = decode(br#"{"payload":null}"#, "r", "n", MAX).unwrap();
         assert_eq!(text_of(&d.frame), "null");

@@ -191,19 +191,18 @@ fn expires_in(token: &Value) -> Option<Duration> {
 impl Authorize for Permissive {
     async fn connect(&self, request: &Parts) -> Result<Option<Grant>, Denied> {
         let query = request.uri.query().unwrap_or("");
-        let user = query
-            .split('&')
-            .find_map(|pair| pair.strip_prefix("user="))
-            .filter(|u| !u.is_empty());
+        let (mut user, mut expiry) = (None, None);
+        for (name, value) in url::form_urlencoded::parse(query.as_bytes()) {
+            match &*name {
+                "user" if !value.is_empty() => user = Some(value.into_owned()),
+                "expires_in" => expiry = value.parse::<u64>().ok().filter(|s| *s > 0),
+                _ => {}
+            }
+        }
         let Some(user) = user else {
             return Ok(None);
         };
         let grant = Grant::new(user);
-        let expiry = query
-            .split('&')
-            .find_map(|pair| pair.strip_prefix("expires_in="))
-            .and_then(|s| s.parse::<u64>().ok())
-            .filter(|s| *s > 0);
         Ok(Some(match expiry {
             Some(s) => grant.expires_in(Duration::from_secs(s)),
             None => grant,
@@ -240,5 +239,52 @@ impl Authorize for Permissive {
 
     async fn refresh(&self, _user: &str, token: &Value) -> Result<Option<Duration>, Denied> {
         Ok(expires_in(token))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parts(uri: &str) -> Parts {
+        let request = axum::http::Request::builder().uri(uri).body(());
+        request
+            .map(|r| r.into_parts().0)
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    #[tokio::test]
+    async fn the_default_is_closed_but_lets_a_socket_wait_for_a_connect() {
+        struct Closed;
+        impl Authorize for Closed {}
+        let room = RoomName::new("r").expect("valid");
+        assert_eq!(Closed.connect(&parts("/f?user=a")).await, Ok(None));
+        assert!(Closed.connect_token(&Value::Null).await.is_err());
+        assert!(Closed.may_join("a", &room).await.is_err());
+        assert!(
+            Closed
+                .may_publish("a", &room, Payload::text("x"))
+                .await
+                .is_err()
+        );
+        assert!(Closed.refresh("a", &Value::Null).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn permissive_takes_the_user_and_expiry_from_the_query_decoded() {
+        let grant = Permissive
+            .connect(&parts("/f?user=ada%20l&expires_in=5"))
+            .await;
+        let expected = Grant::new("ada l").expires_in(Duration::from_secs(5));
+        assert_eq!(grant, Ok(Some(expected)));
+        assert_eq!(Permissive.connect(&parts("/f")).await, Ok(None));
+        let token = serde_json::json!({"user": "bo", "expires_in": 2});
+        let grant = Permissive.connect_token(&token).await;
+        assert_eq!(
+            grant,
+            Ok(Grant::new("bo").expires_in(Duration::from_secs(2)))
+        );
+        let guest = Permissive.connect_token(&Value::Null).await;
+        assert!(guest.is_ok_and(|g| g.user().starts_with("guest-")));
     }
 }

@@ -353,7 +353,12 @@ impl<A: Authorize> Session<A> {
         let queued = self.socket.broadcast(&room, payload).queue().await;
         let rooms = self.rooms.clone();
         let window = settings.dedupe_window;
-        // The key's outcome is recorded by a task of its own: a session that ends (its client
+        if key.is_none() {
+            return Ok(Box::pin(async move {
+                finish_publish(&rooms, queued, None, window).await
+            }));
+        }
+        // A key's outcome is recorded by a task of its own: a session that ends (its client
         // dropped) before Redis answered must still record it, or the client's resend would
         // find the key in flight until the claim expires, and then send the message again.
         let (tx, rx) = tokio::sync::oneshot::channel();
