@@ -3,6 +3,9 @@
 //! error path, the upgrade's refusals (origin, subprotocol, credentials), the application's
 //! hooks, idempotent publish across nodes, durable resume and presence.
 
+#[allow(dead_code, unreachable_pub)]
+#[path = "../examples/board/app.rs"]
+mod board_app;
 mod support;
 
 use std::num::NonZeroUsize;
@@ -697,4 +700,46 @@ async fn presence_members_and_events_across_nodes() {
     let l = a.push("fanout.leave").await;
     assert_eq!(l["user"], "bob");
     assert!(l["version"].as_u64() > j["version"].as_u64());
+}
+
+/// `examples/board`: a read-only protocol endpoint fed by HTTP pushes, on two nodes.
+#[tokio::test]
+async fn the_board_example_serves_pushed_updates_to_read_only_clients() {
+    let redis = RedisServer::start();
+    let layers = (0..2).map(|_| board_app::layer(&redis.url()).expect("layer"));
+    let nodes: Vec<TestServer> = start_nodes(layers, board_app::app)
+        .await
+        .into_iter()
+        .map(|(s, _)| s)
+        .collect();
+    for n in 1..=3 {
+        let body = json!({"n": n}).to_string();
+        let (status, answer) = support::http(nodes[0].addr, "POST", "/boards/ops", &body).await;
+        assert_eq!(
+            (status, answer.trim()),
+            (200, format!("{{\"seq\":{n}}}").as_str())
+        );
+    }
+    let mut viewer = Client::connect(&nodes[1], "").await;
+    let r = viewer
+        .call(json!({"cmd": "join", "room": "board-ops", "last": 2}))
+        .await;
+    assert_eq!(r["result"]["recovered"], true, "{r}");
+    for n in 2..=3 {
+        assert_eq!(viewer.push("message").await["data"], json!({"n": n}));
+    }
+    let r = viewer
+        .call(json!({"cmd": "publish", "room": "board-ops", "data": 1}))
+        .await;
+    assert_eq!(error_code(&r), "not_allowed", "pages only read");
+    let r = viewer.call(json!({"cmd": "join", "room": "chat"})).await;
+    assert_eq!(error_code(&r), "not_allowed");
+    support::http(nodes[1].addr, "POST", "/boards/ops", "4").await;
+    assert_eq!(viewer.push("message").await["data"], 4);
+    let (status, js) = support::http(nodes[0].addr, "GET", "/fanout.js", "").await;
+    assert_eq!(status, 200);
+    assert!(
+        js.contains("export class FanoutClient"),
+        "the client module is served"
+    );
 }
