@@ -247,7 +247,15 @@ export class FanoutClient {
         this._connected(result);
       }
     } catch (e) {
-      this._emit("onError", e);
+      if (ws !== this.ws) return;
+      if (e.code === "not_allowed") {
+        // Refused credentials do not get better by retrying.
+        this._emit("onError", e);
+        this.close();
+        return;
+      }
+      ws.close(4000, "connect failed"); // no answer: reconnect and try again
+      return;
     }
     if (ws !== this.ws) return;
     this.state = "open";
