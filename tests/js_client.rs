@@ -57,7 +57,7 @@ fn the_javascript_client_against_real_nodes_and_redis() {
     };
     assert_eq!(count("# fail"), Some(0), "{report}");
     assert_eq!(count("# skipped"), Some(0), "{report}");
-    assert!(count("# pass").is_some_and(|n| n >= 7), "{report}");
+    assert!(count("# pass").is_some_and(|n| n >= 8), "{report}");
 }
 
 /// The example pages' module scripts parse (`node --check`): the board's, which runs on the

@@ -80,6 +80,9 @@ export interface ClientOptions {
   backoffCap?: number;
   /** Publishes wait while the socket's bufferedAmount is above this (default 1 MiB). */
   highWaterMark?: number;
+  /** Publishes per second at most, and the burst (defaults 800 and 1000: under the node's default limit). */
+  publishRate?: number;
+  publishBurst?: number;
   onOpen?: () => void;
   onDisconnect?: (event: { code: number; reason: string }) => void;
   onDisconnectFrame?: (frame: { code: number; reason: string; reconnect: boolean }) => void;

@@ -186,6 +186,9 @@ export class FanoutClient {
       backoffBase: 250,
       backoffCap: 10_000,
       highWaterMark: 1 << 20,
+      // Below the node's default limit (1,000/s, burst 2,000), which closes a faster client.
+      publishRate: 800,
+      publishBurst: 1000,
       ...options,
     };
     this.WebSocket = options.WebSocket || globalThis.WebSocket;
@@ -202,6 +205,19 @@ export class FanoutClient {
     this.refreshTimer = null;
     this.reconnectTimer = null;
     this.connects = 0;
+    this.tokens = this.options.publishBurst;
+    this.tokensAt = Date.now();
+  }
+
+  /** Takes a publish token (the client's own rate limit); false when none is left. */
+  _token() {
+    const now = Date.now();
+    const { publishRate, publishBurst } = this.options;
+    this.tokens = Math.min(publishBurst, this.tokens + ((now - this.tokensAt) / 1000) * publishRate);
+    this.tokensAt = now;
+    if (this.tokens < 1) return false;
+    this.tokens -= 1;
+    return true;
   }
 
   /** Opens the connection (and keeps it open until `close`). */
@@ -512,14 +528,18 @@ export class FanoutClient {
     });
   }
 
-  /** Sends unsent publishes in order, pausing while the socket's buffer is over the mark. */
+  /**
+   * Sends unsent publishes in order, pausing while the socket's buffer is over the mark or
+   * the client's own rate (`publishRate`, `publishBurst`) is spent: a resend of many publishes
+   * after a reconnect must not trip the node's rate limit, which closes the socket for good.
+   */
   _pump() {
     if (this.pumping) return;
     const ws = this.ws;
     if (!ws || ws.readyState !== 1 || this.state !== "open") return;
     for (const entry of this.outbox) {
       if (entry.sent) continue;
-      if (ws.bufferedAmount > this.options.highWaterMark) {
+      if (ws.bufferedAmount > this.options.highWaterMark || !this._token()) {
         this.pumping = true;
         setTimeout(() => {
           this.pumping = false;

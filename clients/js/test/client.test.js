@@ -202,3 +202,20 @@ test("credentials that expire are refreshed ahead of time; unrefreshed ones reco
   await lapsing.join("a", room);
   await waitUntil("expired and back", () => disconnects.includes(4001) && lapsing.connects >= 2);
 });
+
+test("publishes are paced under the client's rate, so a burst of resends cannot trip the node's limit", async (t) => {
+  const redis = await Redis.start();
+  const n1 = await Node.start(redis, "n1");
+  t.after(() => n1.kill() || redis.stop());
+  const client = new FanoutClient(`${n1.url}?user=p`, { ...fast, publishRate: 100, publishBurst: 10 });
+  t.after(() => client.close());
+  const room = collector();
+  await client.join("paced", room);
+  const started = Date.now();
+  await Promise.all(Array.from({ length: 60 }, (_, i) => client.publish("paced", i)));
+  const elapsed = Date.now() - started;
+  // 10 at once, then 50 at 100/s: at least half a second.
+  assert.ok(elapsed >= 450, `paced: ${elapsed} ms`);
+  await waitUntil("all delivered", () => room.got.length === 60);
+  assert.deepEqual(room.got.map((m) => m.data), Array.from({ length: 60 }, (_, i) => i));
+});
