@@ -15,6 +15,9 @@
 //! with a 3 s presence bound.
 
 #[allow(dead_code, unreachable_pub)]
+#[path = "../examples/board/app.rs"]
+mod board_app;
+#[allow(dead_code, unreachable_pub)]
 #[path = "../examples/chat_app/mod.rs"]
 mod chat_app;
 #[allow(unreachable_pub)]
@@ -602,4 +605,65 @@ async fn readme_screenshot() {
         },
     )
     .await;
+}
+
+/// `examples/board`'s page, on the JavaScript client (`clients/js`) in a real Chromium: the
+/// last 20 updates on join, each new one once whichever node it was pushed to, and the last 20
+/// again after a reload, with no console error.
+#[tokio::test]
+async fn the_board_page_on_the_javascript_client_shows_the_latest_updates_once() {
+    let redis = support::RedisServer::start();
+    let layers = (0..2).map(|_| board_app::layer(&redis.url()).expect("layer"));
+    let nodes = support::start_nodes(layers, board_app::app).await;
+    let (a, b) = (nodes[0].0.addr, nodes[1].0.addr);
+    for n in 1..=25 {
+        let (status, _) = support::http(b, "POST", "/boards/ops", &format!("{{\"n\":{n}}}")).await;
+        assert_eq!(status, 200);
+    }
+    let driver = harness::Driver::start().await;
+    let page = driver
+        .open("board", &format!("http://{a}/?board=ops"), DESKTOP)
+        .await;
+    const READ: &str = r##"return {
+        state: document.getElementById("state").innerText,
+        items: [...document.querySelectorAll("#updates > li")].map((li) => li.innerText),
+    };"##;
+    let expected = |top: u64| -> Vec<String> {
+        (top - 19..=top)
+            .rev()
+            .map(|n| format!("#{n} {{\"n\":{n}}}"))
+            .collect()
+    };
+    let shows = |top: u64| {
+        let page = &page;
+        async move {
+            eventually(
+                &format!("the board shows #{} to #{top}", top - 19),
+                || async {
+                    let v = page.eval(READ).await;
+                    let items: Vec<String> =
+                        serde_json::from_value(v["items"].clone()).unwrap_or_default();
+                    (v["state"] == "live" && items.len() >= 20 && items[..20] == expected(top)[..])
+                        .then_some(items)
+                        .ok_or_else(|| format!("{v}"))
+                },
+            )
+            .await
+        }
+    };
+    let items = shows(25).await;
+    assert_eq!(items.len(), 20, "only the last 20 on join: {items:?}");
+    support::http(b, "POST", "/boards/ops", r#"{"n":26}"#).await;
+    support::http(a, "POST", "/boards/ops", r#"{"n":27}"#).await;
+    let items = shows(27).await;
+    assert_eq!(items.len(), 22, "each new update once: {items:?}");
+    page.reload().await;
+    let items = shows(27).await;
+    assert_eq!(
+        items.len(),
+        20,
+        "the last 20 again after a reload: {items:?}"
+    );
+    let errors = page.take_console_errors().await;
+    assert!(errors.is_empty(), "console errors: {errors:?}");
 }

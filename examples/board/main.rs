@@ -1,6 +1,6 @@
 //! A live board fed by HTTP pushes, read through the fanout protocol and its JavaScript
 //! client: not a chat. A service `POST`s updates; every open page shows the last 20 and then
-//! each new one, across nodes, resuming after a reload without showing anything twice, and
+//! each new one, across nodes, resuming across reconnects without showing anything twice, and
 //! saying so when updates may be missing.
 //!
 //! ```sh
