@@ -26,6 +26,7 @@ mod harness;
 mod support;
 
 use harness::{DESKTOP, DURABLE, PHONE, PLAIN, View, eventually, run, run_durable, run_on};
+use serde_json::{Value, json};
 
 /// The page's own size limit, the server's `max_message_size` (its 1009 close).
 const LIMIT: usize = 64 * 1024;
@@ -666,4 +667,99 @@ async fn the_board_page_on_the_javascript_client_shows_the_latest_updates_once()
     );
     let errors = page.take_console_errors().await;
     assert!(errors.is_empty(), "console errors: {errors:?}");
+}
+
+/// What the rooms page shows: its state line, and per room its members and messages.
+async fn rooms_until(page: &harness::Page, what: &str, check: impl Fn(&Value) -> bool) -> Value {
+    const READ: &str = r##"const rooms = {};
+        for (const s of document.querySelectorAll("section")) {
+          rooms[s.dataset.room] = {
+            members: s.querySelector(".members").innerText,
+            items: [...s.querySelectorAll("li")].map((li) => li.innerText),
+          };
+        }
+        return { state: document.getElementById("state").innerText, rooms };"##;
+    eventually(what, || async {
+        let v = page.eval(READ).await;
+        if check(&v) {
+            Ok(v)
+        } else {
+            Err(format!("{v}"))
+        }
+    })
+    .await
+}
+
+/// The chat on the fanout protocol's client (`GET /rooms`): two rooms over one socket, each
+/// with its messages and members, a message typed into one room reaching the other page in
+/// that room only, and a page that left and came back shown what was said meanwhile, once.
+#[tokio::test]
+async fn the_rooms_page_carries_several_rooms_over_one_socket_and_resumes_after_leaving() {
+    let fleet = harness::Fleet::start(&["n1", "n2"], DURABLE).await;
+    let driver = harness::Driver::start().await;
+    let url = |i: usize, user: &str| format!("{}rooms?rooms=a,b&user={user}", fleet.node(i).url());
+    let ada = driver.open("ada", &url(0, "ada"), DESKTOP).await;
+    let bob = driver.open("bob", &url(1, "bob"), DESKTOP).await;
+    for page in [&ada, &bob] {
+        rooms_until(page, "both members in both rooms", |v: &Value| {
+            v["rooms"]["a"]["members"] == "ada, bob" && v["rooms"]["b"]["members"] == "ada, bob"
+        })
+        .await;
+    }
+    // Typed into room a on ada's page: bob sees it in room a only.
+    ada.eval(
+        r#"const input = document.querySelector('section[data-room="a"] input');
+           input.value = "hello a";
+           input.dispatchEvent(new KeyboardEvent("keydown", { key: "Enter" }));"#,
+    )
+    .await;
+    fleet
+        .push(1, "b", r#"{"user":"carol","text":"hi b"}"#)
+        .await;
+    let v = rooms_until(&bob, "one message in each room", |v: &Value| {
+        v["rooms"]["a"]["items"] == json!(["ada: hello a"])
+            && v["rooms"]["b"]["items"] == json!(["carol: hi b"])
+    })
+    .await;
+    assert!(
+        v["state"]
+            .as_str()
+            .is_some_and(|s| s.starts_with("connected")),
+        "{v}"
+    );
+    // One socket for both rooms: n1 holds ada's page only.
+    let addr: std::net::SocketAddr = fleet.node(0).url()["http://".len()..]
+        .trim_end_matches('/')
+        .parse()
+        .expect("the node's address");
+    let (_, stats) = support::http(addr, "GET", "/stats", "").await;
+    let stats: Value = serde_json::from_str(&stats).expect("stats");
+    assert_eq!(
+        (stats["connections"].as_u64(), stats["memberships"].as_u64()),
+        (Some(1), Some(2)),
+        "{stats}"
+    );
+    // Ada leaves; room a goes on; she comes back and is shown what she missed, once.
+    ada.goto("about:blank").await;
+    fleet
+        .push(1, "a", r#"{"user":"carol","text":"while away"}"#)
+        .await;
+    ada.goto(&url(0, "ada")).await;
+    let v = rooms_until(&ada, "what was said while away", |v: &Value| {
+        v["rooms"]["a"]["items"] == json!(["carol: while away"])
+    })
+    .await;
+    assert_eq!(
+        v["rooms"]["b"]["items"],
+        json!([]),
+        "room b: nothing new, nothing twice"
+    );
+    for page in [&ada, &bob] {
+        let errors = page.take_console_errors().await;
+        assert!(
+            errors.is_empty(),
+            "{}: console errors: {errors:?}",
+            page.label
+        );
+    }
 }

@@ -4,7 +4,8 @@
 //! rooms per socket, for `clients/js`), and at `GET /ws` the chat example's own format (part
 //! 2, one room per socket), which other checks depend on and which stays as it is:
 //!
-//! - `GET /` serves the chat page;
+//! - `GET /` serves the chat page; `GET /rooms?rooms=a,b&user=NAME` the chat on the fanout
+//!   protocol's client (several rooms over one socket; `GET /fanout.js` serves the client);
 //! - `GET /ws?room=NAME` joins room NAME (default `lobby`); each text frame must be one JSON
 //!   value and is broadcast to every socket of the room on every node, the sender included;
 //!   a frame that is not JSON closes that connection with 1007, a frame over the size limit
@@ -47,6 +48,8 @@ pub(crate) fn app(layer: FanoutLayer) -> Router {
         // The fanout protocol (PROTOCOL.md): many rooms per socket, replies by id, resume and
         // presence, for `clients/js`. A demo: every user may join and publish anywhere.
         .route("/fanout", Protocol::new(Permissive).route())
+        .route("/rooms", get(rooms_page))
+        .route("/fanout.js", get(client_module))
         .route("/rooms/{room}/messages", post(http_push))
         .route("/rooms/{room}/presence", get(presence))
         .route("/rooms/{room}/history", get(history))
@@ -87,6 +90,18 @@ async fn metrics(rooms: RoomHandle) -> Response {
 
 async fn page() -> Html<&'static str> {
     Html(include_str!("page.html"))
+}
+
+/// `GET /rooms?rooms=a,b&user=NAME`: the chat on the fanout protocol's JavaScript client,
+/// several rooms over one socket.
+async fn rooms_page() -> Html<&'static str> {
+    Html(include_str!("rooms.html"))
+}
+
+/// `GET /fanout.js`: the client module (`clients/js`).
+async fn client_module() -> Response {
+    let js = include_str!("../../clients/js/fanout.js");
+    ([("content-type", "text/javascript; charset=utf-8")], js).into_response()
 }
 
 async fn healthz(rooms: RoomHandle) -> Response {

@@ -589,6 +589,14 @@ impl Page {
             .unwrap_or_else(|e| panic!("{}: cannot run a script: {e}", self.label))
     }
 
+    /// Goes to `url` in the same browser (its storage kept), as a person would.
+    pub async fn goto(&self, url: &str) {
+        self.client
+            .goto(url)
+            .await
+            .unwrap_or_else(|e| panic!("{}: cannot open {url}: {e}", self.label));
+    }
+
     /// Reloads the page, as a person pressing F5.
     pub async fn reload(&self) {
         self.client
