@@ -8,6 +8,7 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::extract::ws::Message;
 use futures_util::StreamExt;
@@ -41,9 +42,11 @@ struct Session<A> {
     settings: Arc<Settings<A>>,
     /// Who the socket acts as, once connected.
     user: Option<String>,
-    /// When its credentials expire.
-    expires: Option<Instant>,
-    pending: FuturesUnordered<Pending>,
+    /// When its credentials expire: a timer made only for credentials that do (a socket's
+    /// task keeps the size of what it awaits for its whole life, and most are idle).
+    expires: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Replies waiting for Redis; made on the first (most sockets only join and listen).
+    pending: Option<FuturesUnordered<Pending>>,
 }
 
 /// Serves one protocol socket until it closes.
@@ -60,7 +63,7 @@ pub(super) async fn run<A: Authorize>(
         settings,
         user: None,
         expires: None,
-        pending: FuturesUnordered::new(),
+        pending: None,
     };
     if let Some(grant) = grant {
         session.connected(grant);
@@ -69,16 +72,32 @@ pub(super) async fn run<A: Authorize>(
     Box::pin(session.serve()).await;
 }
 
-async fn expiry(at: Option<Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
+/// Resolves when `deadline` passes; never without one.
+async fn expiry(deadline: &mut Option<Pin<Box<tokio::time::Sleep>>>) {
+    match deadline {
+        Some(sleep) => sleep.as_mut().await,
         None => std::future::pending().await,
     }
 }
 
+/// The next reply that was waiting for Redis; never while there is none.
+async fn next_reply(pending: &mut Option<FuturesUnordered<Pending>>) -> Value {
+    match pending {
+        Some(replies) if !replies.is_empty() => match replies.next().await {
+            Some(reply) => reply,
+            None => std::future::pending().await,
+        },
+        _ => std::future::pending().await,
+    }
+}
+
+fn deadline(expiry: Option<Duration>) -> Option<Pin<Box<tokio::time::Sleep>>> {
+    expiry.map(|d| Box::pin(tokio::time::sleep_until(Instant::now() + d)))
+}
+
 impl<A: Authorize> Session<A> {
     fn connected(&mut self, grant: Grant) -> Value {
-        self.expires = grant.expiry().map(|d| Instant::now() + d);
+        self.expires = deadline(grant.expiry());
         let expires_in = grant.expiry().map(|d| d.as_secs_f64());
         let user = grant.user().to_owned();
         self.user = Some(user.clone());
@@ -89,13 +108,13 @@ impl<A: Authorize> Session<A> {
         loop {
             let event = tokio::select! {
                 biased;
-                Some(frame) = self.pending.next(), if !self.pending.is_empty() => {
+                frame = next_reply(&mut self.pending) => {
                     if self.socket.send(frame).is_err() {
                         return;
                     }
                     continue;
                 }
-                () = expiry(self.expires) => {
+                () = expiry(&mut self.expires) => {
                     return self.close(
                         close::CREDENTIALS_EXPIRED,
                         close::CREDENTIALS_EXPIRED_REASON,
@@ -113,7 +132,10 @@ impl<A: Authorize> Session<A> {
                     match Command::parse(value) {
                         Ok(command) => {
                             let id = command.id;
-                            match self.command(command).await {
+                            // Boxed: a socket's task keeps the size of its largest await
+                            // for its whole life, and a command's (a durable join, a keyed
+                            // publish) is far larger than the idle read it spends it in.
+                            match Box::pin(self.command(command)).await {
                                 Some(outcome) => reply(id, outcome),
                                 None => continue,
                             }
@@ -194,7 +216,7 @@ impl<A: Authorize> Session<A> {
         let settings = self.settings.clone();
         match settings.auth.refresh(user, &token).await {
             Ok(expiry) => {
-                self.expires = expiry.map(|d| Instant::now() + d);
+                self.expires = deadline(expiry);
                 Ok(json!({ "expires_in": expiry.map(|d| d.as_secs_f64()) }))
             }
             Err(denied) => Err(Failure::new(Code::NotAllowed, denied.reason())),
@@ -293,8 +315,10 @@ impl<A: Authorize> Session<A> {
         let id = command.id;
         match self.start_publish(&user, &mut command).await {
             Ok(pending) => {
+                let reply = Box::pin(async move { reply(id, pending.await) });
                 self.pending
-                    .push(Box::pin(async move { reply(id, pending.await) }));
+                    .get_or_insert_with(FuturesUnordered::new)
+                    .push(reply);
                 None
             }
             Err(failure) => Some(Err(failure)),
@@ -390,9 +414,11 @@ impl<A: Authorize> Session<A> {
         }
         let rooms = self.rooms.clone();
         let id = command.id;
-        self.pending.push(Box::pin(
-            async move { reply(id, what.run(&rooms, &room).await) },
-        ));
+        self.pending
+            .get_or_insert_with(FuturesUnordered::new)
+            .push(Box::pin(
+                async move { reply(id, what.run(&rooms, &room).await) },
+            ));
         None
     }
 }
