@@ -81,6 +81,20 @@
 //!   Nodes run with `PRESENCE_TTL_S=10` (`--presence-ttl`). Scale it down with `--quick`
 //!   (TTL 3 s, hundreds of members) or `--presence-lists`, `--presence-rooms`,
 //!   `--presence-kill-members`, `--presence-churn-workers`, `--duration-scale`.
+//! * `users` (opt-in: `--scenario users`): users across the fleet (CONTRACT.md "Users"), in
+//!   two parts on fresh clusters (`users.rs` and `users_online.rs` have the details).
+//!   *Direct*: 10,000 users on 3 nodes, one socket each, each alone in its own room too;
+//!   bursts of one `POST /users/U/messages` per user from 32 HTTP keep-alive workers against
+//!   the same volume of `POST /rooms/R/messages`, alternated 3 times: deliveries per second
+//!   (first POST to last delivery) with nodes', Redis's (`INFO cpu`) and the load
+//!   generator's CPU per delivery, then p50/p99 of each path at 2,000 msg/s for 5 s (the
+//!   stamp is taken before the POST, so the HTTP request is in the latency). *Online*:
+//!   100,000 users on 6 nodes (`--users-online N`; the sockets beyond 17,000 live in
+//!   load-generator children as in `c100k`): the time until every user is reachable
+//!   (`POST /users/U/messages` answers `{"nodes":1}`), Redis `used_memory` per online user,
+//!   and a fleet-wide `POST /users/U/disconnect` of 1,000 users (`--users-disconnects`):
+//!   first POST to the last 4000 close, Redis and nodes' CPU per disconnect. `--quick`: 500
+//!   direct users, 500 msg/s for 2 s, 1,000 online on 3 nodes, 100 disconnects.
 //!
 //! `--durable` adds the target `chat-durable`: the same chat binary with `HISTORY=256`, so
 //! every room is durable (each message stored in a Redis stream and published by one Lua
@@ -165,9 +179,11 @@
 //! cargo bench --bench fanout -- --durable --scenario sweep,latency,hot --rounds 1
 //! cargo bench --bench fanout -- --scenario presence --rounds 1
 //! cargo bench --bench fanout -- --scenario presence --rounds 1 --quick   # smoke run
+//! cargo bench --bench fanout -- --scenario users --rounds 1                 # 100,000 online
+//! cargo bench --bench fanout -- --scenario users --rounds 1 --quick   # smoke run
 //! ```
 //!
-//! Options: `--scenario sweep|latency|idle|slow|hot|all|c100k|resume|presence` (comma-separated list
+//! Options: `--scenario sweep|latency|idle|slow|hot|all|c100k|resume|presence|users` (comma-separated list
 //! allowed; `all` is the first five),
 //! `--rounds N` (default 3), `--target-cmd [NAME=]CMD` (repeatable; run as `sh -c "exec CMD"`
 //! with the contract's environment variables; CMD's leading `KEY=VALUE` words are added to
@@ -190,7 +206,8 @@
 //! `--msg-size N`, `--latency-rate DELIVERIES_PER_S`, `--slow-rooms N`, `--slow-mib F`,
 //! `--c100k-connections N` (default 100,000), `--durable` (target `chat-durable` and the
 //! `resume` scenario), `--presence-ttl S`, `--presence-lists A,B`, `--presence-rooms N`,
-//! `--presence-kill-members N`, `--presence-churn-workers N` (the `presence` scenario).
+//! `--presence-kill-members N`, `--presence-churn-workers N` (the `presence` scenario),
+//! `--users-direct N`, `--users-online N`, `--users-disconnects N` (the `users` scenario).
 //! Unknown arguments (cargo passes `--bench`) are ignored. A round of sweep and latency with
 //! `--socketioxide` (2 targets, 2 publisher counts each) takes about 1.5 minutes on 2 cores,
 //! 2 minutes with `--seed` too (once the peers are built).
@@ -222,6 +239,12 @@ mod procs;
 mod report;
 #[path = "fanout/scenarios.rs"]
 mod scenarios;
+#[path = "fanout/users.rs"]
+mod users;
+#[path = "fanout/users_http.rs"]
+mod users_http;
+#[path = "fanout/users_online.rs"]
+mod users_online;
 #[path = "fanout/ws.rs"]
 mod ws;
 
@@ -354,12 +377,15 @@ struct Args {
     presence_rooms: Option<usize>,
     presence_kill_members: Option<usize>,
     presence_churn_workers: Option<usize>,
+    users_direct: Option<usize>,
+    users_online: Option<usize>,
+    users_disconnects: Option<usize>,
 }
 
 const USAGE: &str = "\
 usage: cargo bench --bench fanout [-- OPTIONS]
   --scenario S          sweep|latency|idle|slow|hot|all, or a comma-separated list (default all);
-                        also c100k and presence (opt-in, not part of all)
+                        also c100k, presence and users (opt-in, not part of all)
   --rounds N            rounds per target (default 3)
   --target-cmd [NAME=]CMD
                         another target, started as `sh -c \"exec CMD\"` (repeatable); leading
@@ -401,7 +427,10 @@ usage: cargo bench --bench fanout [-- OPTIONS]
   --presence-kill-members N
                         members on the node killed with SIGKILL in `presence` (default 10000)
   --presence-churn-workers N
-                        concurrent join/leave loops of `presence` (default 32)";
+                        concurrent join/leave loops of `presence` (default 32)
+  --users-direct N      users of the direct-message part of `users` (default 10000; quick 500)
+  --users-online N      online users of `users` (default 100000 on 6 nodes; quick 1000 on 3)
+  --users-disconnects N users disconnected fleet-wide in `users` (default 1000; quick 100)";
 
 impl Args {
     fn parse(raw: impl IntoIterator<Item = String>) -> Result<Self> {
@@ -436,6 +465,9 @@ impl Args {
             presence_rooms: None,
             presence_kill_members: None,
             presence_churn_workers: None,
+            users_direct: None,
+            users_online: None,
+            users_disconnects: None,
         };
         let mut it = raw.into_iter();
         while let Some(arg) = it.next() {
@@ -560,6 +592,18 @@ impl Args {
                         "--presence-churn-workers",
                     )?)
                 }
+                "--users-direct" => {
+                    a.users_direct = Some(parse_num(&value("--users-direct")?, "--users-direct")?)
+                }
+                "--users-online" => {
+                    a.users_online = Some(parse_num(&value("--users-online")?, "--users-online")?)
+                }
+                "--users-disconnects" => {
+                    a.users_disconnects = Some(parse_num(
+                        &value("--users-disconnects")?,
+                        "--users-disconnects",
+                    )?)
+                }
                 "-h" | "--help" => {
                     println!("{USAGE}");
                     std::process::exit(0);
@@ -652,6 +696,9 @@ fn main() -> ExitCode {
     let raw: Vec<String> = std::env::args().skip(1).collect();
     if raw.first().map(String::as_str) == Some(c100k::CHILD_FLAG) {
         return c100k::child_main(&raw[1..]);
+    }
+    if raw.first().map(String::as_str) == Some(users_online::CHILD_FLAG) {
+        return users_online::child_main(&raw[1..]);
     }
     let args = match Args::parse(raw) {
         Ok(a) => a,
@@ -822,6 +869,20 @@ async fn run(args: Args) -> Result<bool> {
     if let Some(n) = args.presence_churn_workers {
         pp.churn_workers = n;
     }
+    let up = &mut params.users;
+    if let Some(n) = args.users_direct {
+        up.direct_users = n;
+    }
+    if let Some(n) = args.users_online {
+        up.online = n;
+    }
+    if let Some(n) = args.users_disconnects {
+        up.disconnects = n;
+    }
+    if up.direct_users == 0 || up.online == 0 {
+        bail!("--users-direct and --users-online must be positive");
+    }
+    let pp = &params.presence;
     if pp.ttl_s == 0 || pp.churn_workers == 0 || pp.list_sizes.contains(&0) {
         bail!("--presence-ttl, --presence-churn-workers and --presence-lists must be positive");
     }

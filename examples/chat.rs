@@ -7,7 +7,16 @@
 //! # open http://127.0.0.1:3001 and http://127.0.0.1:3002 and chat across them
 //! ```
 //!
+//! On Redis Sentinel, give the sentinels and the master's name instead of `REDIS_URL`:
+//!
+//! ```sh
+//! SENTINEL_URL=redis+sentinel://127.0.0.1:26379,127.0.0.1:26380,127.0.0.1:26381/mymaster \
+//!     PORT=3001 cargo run --example chat
+//! ```
+//!
 //! Environment: `PORT` (default 3000), `REDIS_URL` (default `redis://127.0.0.1:6379`),
+//! `SENTINEL_URL` (`redis+sentinel://HOST:PORT[,HOST:PORT...]/MASTER`, replaces `REDIS_URL`:
+//! the node asks the sentinels for the master and follows a failover),
 //! `NODE_ID` (default random), `CHANNEL_PREFIX` (default `ws:room:`), `SHARD_COUNT`
 //! (default 1), `HISTORY` (default 0; N > 0 makes every room durable, keeping at least its
 //! last N messages), `HISTORY_TTL_S` (default 600), `PRESENCE` (`1`: members, join and leave

@@ -9,12 +9,20 @@
 //! A broadcast goes to one shard, chosen by a hash of its sender, so each sender's messages
 //! stay in order; every node that holds the room subscribes to all of its shards.
 
-use crate::config::Config;
-use crate::room::{RoomName, has_shard_suffix};
+use std::borrow::Cow;
 
-/// Number of channels `room` is split over: always one for a durable room (one order).
+use crate::config::Config;
+use crate::room::{RoomName, USER_MARK, has_shard_suffix, user_of};
+
+/// Where users' channels start: `__axum_fanout:user:<prefix><user>`. Outside the room prefix,
+/// so no room name can reach a user's channel, and with the fleet's prefix, so that two fleets
+/// on one Redis stay apart (as presence's keys do).
+const USER_CHANNELS: &str = "__axum_fanout:user:";
+
+/// Number of channels `room` is split over: always one for a durable room (one order) and for
+/// a user's room (one order per sender, whoever the sender is).
 pub(crate) fn shards(config: &Config, room: &str) -> u16 {
-    if config.durable_for(room).is_some() {
+    if user_of(room).is_some() || config.durable_for(room).is_some() {
         return 1;
     }
     if config.room_shards.is_empty() {
@@ -27,6 +35,9 @@ pub(crate) fn shards(config: &Config, room: &str) -> u16 {
 }
 
 fn name(config: &Config, room: &str, shard: Option<u16>) -> String {
+    if let Some(user) = user_of(room) {
+        return format!("{USER_CHANNELS}{}{user}", config.channel_prefix);
+    }
     let mut channel = String::with_capacity(config.channel_prefix.len() + room.len() + 12);
     channel.push_str(&config.channel_prefix);
     channel.push_str(room);
@@ -55,17 +66,22 @@ pub(crate) fn for_sender(config: &Config, room: &RoomName, sender: u64) -> Strin
     }
 }
 
-/// The room `channel` carries, if it is one of ours.
-pub(crate) fn room_of<'a>(config: &Config, channel: &'a [u8]) -> Option<&'a str> {
-    let rest = std::str::from_utf8(channel)
-        .ok()?
-        .strip_prefix(config.channel_prefix.as_str())?;
+/// The room `channel` carries, if it is one of ours (a user's channel: that user's room).
+pub(crate) fn room_of<'a>(config: &Config, channel: &'a [u8]) -> Option<Cow<'a, str>> {
+    let channel = std::str::from_utf8(channel).ok()?;
+    if let Some(user) = channel
+        .strip_prefix(USER_CHANNELS)
+        .and_then(|rest| rest.strip_prefix(config.channel_prefix.as_str()))
+    {
+        return Some(Cow::Owned(format!("{USER_MARK}{user}")));
+    }
+    let rest = channel.strip_prefix(config.channel_prefix.as_str())?;
     if has_shard_suffix(rest) {
         // Room names never end in `:shard<digits>`, so this is the shard suffix.
         let cut = rest.rfind(":shard")?;
-        Some(&rest[..cut])
+        Some(Cow::Borrowed(&rest[..cut]))
     } else {
-        Some(rest)
+        Some(Cow::Borrowed(rest))
     }
 }
 
@@ -99,11 +115,28 @@ mod tests {
     }
 
     #[test]
+    fn a_users_room_has_one_channel_outside_the_rooms_prefix_and_maps_back() {
+        let c = config(4);
+        let user = RoomName::of_user("alice");
+        assert_eq!(all(&c, &user), ["__axum_fanout:user:ws:room:alice"]);
+        assert_eq!(for_sender(&c, &user, 7), "__axum_fanout:user:ws:room:alice");
+        let back = room_of(&c, b"__axum_fanout:user:ws:room:alice");
+        assert_eq!(back.as_deref(), Some(user.as_str()));
+        // A room may be called like a user's channel; it stays a room.
+        let room = RoomName::new("__axum_fanout:user:x").expect("valid");
+        let channels = all(&c, &room);
+        assert!(
+            channels.iter().all(|ch| ch.starts_with("ws:room:")),
+            "{channels:?}"
+        );
+    }
+
+    #[test]
     fn one_shard_is_the_seed_channel() {
         let c = config(1);
         assert_eq!(all(&c, &room("42")), ["ws:room:42"]);
         assert_eq!(for_sender(&c, &room("42"), 99), "ws:room:42");
-        assert_eq!(room_of(&c, b"ws:room:42"), Some("42"));
+        assert_eq!(room_of(&c, b"ws:room:42").as_deref(), Some("42"));
     }
 
     #[test]
@@ -120,7 +153,7 @@ mod tests {
             ]
         );
         for ch in &channels {
-            assert_eq!(room_of(&c, ch.as_bytes()), Some("42"));
+            assert_eq!(room_of(&c, ch.as_bytes()).as_deref(), Some("42"));
         }
         assert!(channels.contains(&for_sender(&c, &room("42"), sender_key("n1", 7))));
         assert_eq!(room_of(&c, b"other:42"), None);
@@ -141,7 +174,7 @@ mod tests {
         let mut seen = HashSet::new();
         for r in rooms {
             for ch in all(&c, &room(r)) {
-                assert_eq!(room_of(&c, ch.as_bytes()), Some(r), "{ch}");
+                assert_eq!(room_of(&c, ch.as_bytes()).as_deref(), Some(r), "{ch}");
                 assert!(seen.insert(ch.clone()), "{ch} named twice");
             }
         }
@@ -180,7 +213,8 @@ mod tests {
                 let Ok(room) = RoomName::new(&name) else { return Ok(()) };
                 let c = config(shards);
                 for ch in all(&c, &room) {
-                    prop_assert_eq!(room_of(&c, ch.as_bytes()), Some(room.as_str()));
+                    let back = room_of(&c, ch.as_bytes());
+                    prop_assert_eq!(back.as_deref(), Some(room.as_str()));
                 }
                 let picked = for_sender(&c, &room, sender_key("n", 1));
                 prop_assert!(all(&c, &room).contains(&picked));

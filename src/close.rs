@@ -109,12 +109,27 @@ codes! {
         NODE_FULL_REASON = "node full",
     }
 
-    /// 4001, credentials expired: the [`protocol`](crate::protocol) handler closes a socket
-    /// whose credentials ran out before the client refreshed them. Reconnect with new ones.
+    /// 4000, disconnected by the application, fleet-wide
+    /// ([`RoomHandle::disconnect_user`](crate::RoomHandle::disconnect_user) and its kin): a
+    /// logout or a ban. A client must not reconnect by itself. The reason is the application's.
+    DISCONNECTED = 4000 {
+        /// The reason sent with [`DISCONNECTED`] when the application gives none.
+        DISCONNECTED_REASON = "disconnected",
+    }
+
+    /// 4001, the socket's credentials expired
+    /// ([`FanoutSocket::expire_in`](crate::FanoutSocket::expire_in), and the
+    /// [`protocol`](crate::protocol) endpoint's credentials) before they were refreshed:
+    /// reconnect with new credentials.
     CREDENTIALS_EXPIRED = 4001 {
         /// Sent with [`CREDENTIALS_EXPIRED`].
         CREDENTIALS_EXPIRED_REASON = "credentials expired",
     }
+
+    /// 4002, disconnected by the application with a hint to reconnect
+    /// ([`Disconnect::reconnect`](crate::users::Disconnect::reconnect)): the server moved the
+    /// client on (a rebalance, a changed permission). Reconnect, with a backoff.
+    RECONNECT = 4002 {}
 }
 
 #[cfg(test)]

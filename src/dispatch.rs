@@ -19,7 +19,8 @@ use crate::channel;
 use crate::config::Config;
 use crate::durable::Durable;
 use crate::envelope;
-use crate::registry::{Dispatched, Offers, Registry};
+use crate::registry::{Dispatched, Members, Offers, Registry};
+use crate::room::RoomName;
 use crate::stats::Counters;
 use crate::time::unix_ms;
 
@@ -48,6 +49,14 @@ const LOAD_WINDOW: Duration = Duration::from_millis(10);
 /// that batch on every worker at the sweep's ceiling (BENCHMARKS.md).
 const LIGHT_PER_WINDOW: u64 = 500;
 
+/// Where fleet commands go (`crate::users`): an envelope with a `command` object is never a
+/// socket's message; the dispatcher hands it over with the room's local sockets, and the
+/// feature acts on them without making the dispatcher wait.
+pub(crate) trait Commands: Send + Sync + std::fmt::Debug {
+    /// Applies `command` (its JSON text) to `members`, the local sockets of `room`.
+    fn apply(&self, room: &RoomName, command: &str, members: Members);
+}
+
 /// The receiving side: one task per node.
 #[derive(Debug)]
 pub(crate) struct Dispatcher {
@@ -59,6 +68,8 @@ pub(crate) struct Dispatcher {
     counters: Arc<Counters>,
     /// Durable rooms' envelopes go through it, to be delivered in seq order.
     durable: Arc<Durable>,
+    /// Fleet commands go to it.
+    commands: Arc<dyn Commands>,
     malformed_log: LogLimiter,
     dropped_log: LogLimiter,
     shed_log: LogLimiter,
@@ -79,6 +90,7 @@ pub(crate) fn channel(
     registry: Arc<Registry>,
     counters: Arc<Counters>,
     durable: Arc<Durable>,
+    commands: Arc<dyn Commands>,
     lag_ms: Arc<AtomicU64>,
 ) -> (Inbox, Dispatcher) {
     let (
@@ -98,6 +110,7 @@ pub(crate) fn channel(
         registry,
         counters,
         durable,
+        commands,
         malformed_log: LogLimiter::new(every),
         dropped_log: LogLimiter::new(every),
         shed_log: LogLimiter::new(every),
@@ -140,6 +153,7 @@ impl Dispatcher {
             let Some(room) = channel::room_of(config, &channel) else {
                 continue;
             };
+            let room = &*room;
             let decoded = match envelope::decode(
                 &raw,
                 room,
@@ -167,6 +181,10 @@ impl Dispatcher {
                 let ms = now_ms.saturating_sub(ts);
                 self.lag.record(ms as f64 / 1000.0);
                 last_lag = Some(ms);
+            }
+            if decoded.command {
+                self.command(room, &decoded.frame);
+                continue;
             }
             if any_durable && self.durable.is_durable(room) {
                 total += self.durable.on_live(room, decoded, &mut self.offers);
@@ -210,6 +228,16 @@ impl Dispatcher {
         }
         self.load.count(total.delivered);
         self.offers.wake();
+    }
+
+    /// Hands a fleet command to its feature with the room's local sockets (none: nothing to do).
+    fn command(&self, room: &str, frame: &axum::extract::ws::Message) {
+        let Some((room, members)) = self.registry.members(room) else {
+            return;
+        };
+        if let axum::extract::ws::Message::Text(command) = frame {
+            self.commands.apply(&room, command.as_str(), members);
+        }
     }
 
     fn tell_shed(&mut self) {
@@ -320,6 +348,13 @@ mod tests {
     use crate::room::RoomName;
     use crate::time::unix_ms;
 
+    #[derive(Debug)]
+    struct NoCommands;
+
+    impl Commands for NoCommands {
+        fn apply(&self, _: &RoomName, _: &str, _: Members) {}
+    }
+
     /// A dispatcher with no connection behind it: the tests play the subscriber connection
     /// through the [`Inbox`], as `bus::subscriber` does with what Redis pushes.
     fn dispatcher(capacity: usize) -> (Inbox, Dispatcher, Arc<Registry>, Arc<Counters>) {
@@ -336,6 +371,7 @@ mod tests {
             registry.clone(),
             counters.clone(),
             durable,
+            Arc::new(NoCommands),
             Arc::default(),
         );
         (inbox, d, registry, counters)

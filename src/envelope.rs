@@ -201,19 +201,63 @@ struct Outgoing<'a> {
     ts: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     except: Option<u64>,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    control: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    command: Option<&'a RawValue>,
 }
 
 /// Encodes one envelope, ready for PUBLISH.
 pub(crate) fn encode(origin: &str, room: &str, payload: &Payload, except: Option<u64>) -> Vec<u8> {
+    encode_as(origin, room, payload, except, false)
+}
+
+/// Encodes a node's own notice (`"control": true`): every socket gets its frame as it is, even
+/// one that asked for positions (a direct message to a user is one).
+pub(crate) fn encode_control(origin: &str, room: &str, frame: &Payload) -> Vec<u8> {
+    encode_as(origin, room, frame, None, true)
+}
+
+/// Encodes a fleet command (`crate::users`): a `command` object and no payload, so that no node
+/// delivers it to a socket as a message.
+pub(crate) fn encode_command(origin: &str, room: &str, command: &RawValue) -> Vec<u8> {
+    let out = Outgoing {
+        command: Some(command),
+        ..Outgoing::new(origin, room)
+    };
+    // As in `encode_as`: strings, integers and a valid RawValue always serialize.
+    serde_json::to_vec(&out).unwrap_or_default()
+}
+
+impl<'a> Outgoing<'a> {
+    /// An envelope stamped now, with nothing in it yet.
+    fn new(origin: &'a str, room: &'a str) -> Self {
+        Self {
+            v: VERSION,
+            origin,
+            room,
+            payload: None,
+            text: None,
+            binary: None,
+            ts: unix_ms(SystemTime::now()),
+            except: None,
+            control: false,
+            command: None,
+        }
+    }
+}
+
+fn encode_as(
+    origin: &str,
+    room: &str,
+    payload: &Payload,
+    except: Option<u64>,
+    control: bool,
+) -> Vec<u8> {
     let mut out = Outgoing {
-        v: VERSION,
-        origin,
-        room,
-        payload: None,
-        text: None,
-        binary: None,
-        ts: unix_ms(SystemTime::now()),
         except,
+        control,
+        ..Outgoing::new(origin, room)
     };
     match &payload.0 {
         Repr::Json(raw) => out.payload = Some(raw),
@@ -248,6 +292,8 @@ struct Incoming<'a> {
     pos: Option<IncomingPos<'a>>,
     #[serde(default)]
     control: bool,
+    #[serde(default, borrow)]
+    command: Option<&'a RawValue>,
 }
 
 #[derive(Deserialize)]
@@ -275,6 +321,9 @@ pub(crate) struct Decoded {
     pub(crate) control: bool,
     /// The publisher's stamp (`ts`, ms since the Unix epoch), when the envelope has one.
     pub(crate) ts: Option<u64>,
+    /// A fleet command (`crate::users`) rather than a message: `frame` holds the command's
+    /// JSON, for the node to act on, never for a socket.
+    pub(crate) command: bool,
 }
 
 impl Decoded {
@@ -380,7 +429,7 @@ impl fmt::Display for Malformed {
             Malformed::NotJson(e) => write!(f, "not a JSON envelope object: {e}"),
             Malformed::NoPayload => f.write_str("no `payload`, `text` or `binary` field"),
             Malformed::SeveralPayloads => {
-                f.write_str("more than one of `payload`, `text`, `binary`")
+                f.write_str("more than one of `payload`, `text`, `binary`, `command`")
             }
             Malformed::BadBase64(e) => write!(f, "`binary` is not valid base64: {e}"),
             Malformed::WrongRoom => f.write_str("`room` does not match the channel's room"),
@@ -415,6 +464,20 @@ pub(crate) fn decode(
     if env.room.as_deref().is_some_and(|r| r != room) {
         return Err(Malformed::WrongRoom);
     }
+    if let Some(command) = env.command {
+        if env.payload.is_some() || env.text.is_some() || env.binary.is_some() {
+            return Err(Malformed::SeveralPayloads);
+        }
+        return Ok(Decoded {
+            frame: Message::Text(Utf8Bytes::from(command.get())),
+            except: None,
+            pos: None,
+            json: true,
+            control: false,
+            ts: env.ts,
+            command: true,
+        });
+    }
     let json = env.payload.is_some();
     let frame = match (env.payload, env.text, env.binary) {
         (Some(json), None, None) => Message::Text(Utf8Bytes::from(json.get())),
@@ -436,6 +499,7 @@ pub(crate) fn decode(
         json,
         control: env.control,
         ts: env.ts,
+        command: false,
     })
 }
 

@@ -45,6 +45,8 @@ enum Kind {
     PresenceOff,
     /// A history operation on a room that is not durable.
     NotDurable,
+    /// An argument of a fleet-wide user command (a close code or reason, an expiry) is unusable.
+    InvalidArgument,
 }
 
 impl Error {
@@ -146,8 +148,7 @@ impl Error {
         Self::with(Kind::InvalidMember, why)
     }
 
-    /// Presence asked of a room that was not opted in (`FanoutBuilder::presence`), or of a
-    /// Redis Cluster (presence needs one server, with or without replicas).
+    /// Presence asked of a room that was not opted in (`FanoutBuilder::presence`).
     pub(crate) fn presence_off(why: impl Into<BoxError>) -> Self {
         Self::with(Kind::PresenceOff, why)
     }
@@ -167,6 +168,18 @@ impl Error {
             Kind::NotDurable,
             format!("room {room:?} keeps no history (FanoutBuilder::durable)"),
         )
+    }
+
+    /// An argument of a user command ([`crate::users`]) is unusable: a disconnect reason over
+    /// the 123 bytes a close frame carries, a close code outside 4000..=4999, an expiry that
+    /// is not in the future. Nothing was done.
+    pub(crate) fn invalid_argument(why: impl Into<BoxError>) -> Self {
+        Self::with(Kind::InvalidArgument, why)
+    }
+
+    /// An argument of a user command was unusable (see [`crate::users`]); nothing was done.
+    pub fn is_invalid_argument(&self) -> bool {
+        self.kind == Kind::InvalidArgument
     }
 
     /// The room is not durable on this node, so it has no history to read or resume from.
@@ -226,15 +239,15 @@ impl Error {
         self.kind == Kind::Limit
     }
 
-    /// A presence [`Member`](crate::presence::Member) was rejected (user id or info).
+    /// A presence [`Member`](crate::presence::Member) or a user id (a socket's
+    /// [`identify`](crate::FanoutSocket::identify), a user command) was rejected.
     pub fn is_invalid_member(&self) -> bool {
         self.kind == Kind::InvalidMember
     }
 
     /// Presence was asked of a room without it: opt the room in with
     /// [`FanoutBuilder::presence`](crate::FanoutBuilder::presence) or
-    /// [`FanoutBuilder::room_presence`](crate::FanoutBuilder::room_presence). Also returned on a
-    /// Redis Cluster, where presence is not available.
+    /// [`FanoutBuilder::room_presence`](crate::FanoutBuilder::room_presence).
     pub fn is_presence_off(&self) -> bool {
         self.kind == Kind::PresenceOff
     }
@@ -250,7 +263,8 @@ impl Error {
             | Kind::Limit
             | Kind::InvalidMember
             | Kind::PresenceOff
-            | Kind::NotDurable => true,
+            | Kind::NotDurable
+            | Kind::InvalidArgument => true,
             Kind::Redis | Kind::Timeout | Kind::Closed | Kind::MessageTooBig | Kind::WebSocket => {
                 false
             }
@@ -271,6 +285,7 @@ impl Error {
             Kind::InvalidMember => "invalid presence member",
             Kind::PresenceOff => "presence is off for this room",
             Kind::NotDurable => "room is not durable",
+            Kind::InvalidArgument => "invalid argument",
         }
     }
 }

@@ -35,7 +35,8 @@ pub struct FanoutLayer {
 }
 
 impl FanoutLayer {
-    /// A layer with default settings for the Redis at `redis` (a URL, or with the `cluster`
+    /// A layer with default settings for the Redis at `redis` (a URL, a
+    /// `redis+sentinel://` URL naming the sentinels and the master, or with the `cluster`
     /// feature a Redis Cluster's node URLs: see [`RedisTarget`]).
     ///
     /// Never fails and never blocks: the node connects in the background and reports through
@@ -49,6 +50,9 @@ impl FanoutLayer {
     /// use axum_fanout::FanoutLayer;
     ///
     /// let app: Router = Router::new().layer(FanoutLayer::new("redis://127.0.0.1:6379"));
+    /// let under_sentinel: Router = Router::new().layer(FanoutLayer::new(
+    ///     "redis+sentinel://10.0.0.1:26379,10.0.0.2:26379,10.0.0.3:26379/mymaster",
+    /// ));
     /// # #[cfg(feature = "cluster")]
     /// let on_a_cluster: Router = Router::new().layer(FanoutLayer::new([
     ///     "redis://10.0.0.1:6379",
@@ -61,8 +65,8 @@ impl FanoutLayer {
     }
 
     /// Starts a builder for non-default settings; [`build`](FanoutBuilder::build) fails with
-    /// [`Error::is_invalid_url`] for an unparsable URL (on a cluster: an empty list or an
-    /// invalid node URL).
+    /// [`Error::is_invalid_url`] for an unparsable URL (under Sentinel: no sentinel address, no
+    /// master name, a bad port; on a cluster: an empty list or an invalid node URL).
     pub fn builder(redis: impl Into<RedisTarget>) -> FanoutBuilder {
         FanoutBuilder::new(redis)
     }

@@ -29,6 +29,10 @@
 //!   every message it lacks ([`Missed`]).
 //! - **Features on request.** [`durable`] rooms keep and number their recent messages so a client
 //!   resumes where it stopped; [`presence`] tracks who is in a room across the fleet.
+//! - **Users.** A socket may [`identify`](FanoutSocket::identify) as a user; then
+//!   [`RoomHandle::send_to_user`], [`disconnect_user`](RoomHandle::disconnect_user) and
+//!   [`join_user`](RoomHandle::join_user) reach it wherever it is connected, and
+//!   [`expire_in`](FanoutSocket::expire_in) closes it when its credentials expire ([`users`]).
 //! - **The protocol, ready-made.** [`protocol`] is a whole endpoint (one socket, many rooms,
 //!   commands answered by id, resume, presence, idempotent publish) specified in `PROTOCOL.md`
 //!   and spoken by the JavaScript client in `clients/js`; the application only decides who
@@ -38,8 +42,9 @@
 //! # Guarantees and the rest
 //!
 //! The README is the guide: its *Guarantees* (delivery, order, loss windows, timeouts as unknown
-//! outcomes), *Configuration*, *Secure Redis*, *Redis Cluster*, *Presence*, *Durable rooms*,
-//! *Operations* and *Close codes* sections, and `BENCHMARKS.md` for measured figures.
+//! outcomes), *Configuration*, *Secure Redis*, *Redis Cluster*, *Redis Sentinel*, *Presence*,
+//! *Durable rooms*, *Operations* and *Close codes* sections, and `BENCHMARKS.md` for measured
+//! figures.
 #![forbid(unsafe_code)]
 
 // The README's code blocks compile as doc-tests, though the crate docs are the shorter text
@@ -76,8 +81,15 @@ struct ReadmeDoctests;
 // - `broadcast`: `Broadcast`, one message on its way to a room.
 // - `node`: the composition root. Builds the lifecycle, registry, counters, bus and
 //   dispatcher, and starts and stops the background tasks.
+// - `membership`: joining and leaving rooms (plain, as a member, durable), one home for a
+//   socket's handler and for fleet commands that move a user's sockets.
+// - `users`: users across the fleet. A socket that identifies joins its user's internal room
+//   (its channel `__axum_fanout:user:<prefix><user>`); direct messages and fleet commands
+//   (disconnect, join, leave) travel there; `users::expiry` closes sockets whose credentials
+//   expire; `users::send` holds the public calls (`Disconnect`, `UserCommand`).
 // - `dispatch`: the dispatcher, which decodes each envelope once and offers the frame to the
-//   room's local sockets (a durable room's through `durable`).
+//   room's local sockets (a durable room's through `durable`); a fleet command goes to
+//   `users` through the `Commands` trait, with the room's local sockets.
 // - Features, each whole in its folder: its state, its Redis half (`redis`) and its tasks.
 //   `presence`: `presence::member` (`Member`, `Snapshot`, `Count`: what the presence
 //   API takes and gives), `presence::table` (which user each local socket is in each
@@ -95,9 +107,11 @@ struct ReadmeDoctests;
 //   link: reconcile, probe, reconnect), `bus::inbox` (the bounded hop to the dispatcher, and
 //   where a loss window starts), `bus::script` (the one script runner, reply parsers, room
 //   key names), `bus::runs` (a pipeline of script calls: groups, what may go again),
-//   `bus::backend` (one server or a Redis Cluster), `bus::client` (client building, TLS, URL
-//   redaction), `bus::slots` (cluster hash slots), `bus::backoff` (jittered pauses). Redis's
-//   types appear only in `bus/` and in each feature's `redis` module.
+//   `bus::backend` (one server, a master found through Sentinel, or a Redis Cluster),
+//   `bus::client` (client building, TLS, URL redaction), `bus::sentinel` (the sentinels asked
+//   for the master, a demoted master left), `bus::slots` (cluster hash slots), `bus::backoff`
+//   (jittered pauses). Redis's types appear only in `bus/` and in each feature's `redis`
+//   module.
 // - `writer`: each socket's batched writer task, which also reads the client's control frames
 //   while its handler is not reading.
 // - `lifecycle`: the node's sockets from attach to close: who is attached, the connection
@@ -165,12 +179,14 @@ mod handle;
 mod layer;
 mod lifecycle;
 mod listener;
+mod membership;
 mod node;
 pub mod presence;
 pub mod protocol;
 mod queue;
 mod registry;
 mod socket;
+pub mod users;
 mod writer;
 
 mod channel;

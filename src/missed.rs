@@ -50,9 +50,17 @@ impl Missed {
         }
     }
 
-    /// The room whose messages may be missing.
+    /// The room whose messages may be missing. For a window of what was sent to the socket's
+    /// user ([`user`](Missed::user) is `Some`), the node's internal name of that user's room:
+    /// show `user()` instead.
     pub fn room(&self) -> &RoomName {
         &self.room
+    }
+
+    /// `Some(user)` when what may be missing was sent to the socket's user (direct messages and
+    /// fleet commands, [`crate::users`]) rather than to a room.
+    pub fn user(&self) -> Option<&str> {
+        crate::room::user_of(self.room.as_str())
     }
 
     /// Start of the window (no later than the last instant the link was known to deliver, or

@@ -17,9 +17,11 @@ use crate::config::Config;
 use crate::dispatch::{self, Dispatcher};
 use crate::durable::{self, Durable};
 use crate::lifecycle::{Lifecycle, heartbeat};
+use crate::membership::Rooms;
 use crate::presence;
 use crate::registry::Registry;
 use crate::stats::{Counters, Stats};
+use crate::users::{self, Users};
 
 /// One node's parts, shared by the layer, every handle and socket, and the background tasks.
 #[derive(Debug)]
@@ -33,6 +35,10 @@ pub(crate) struct Node {
     /// This node's presence members, synced to Redis by a task of the bus.
     pub(crate) presence: Arc<presence::Table>,
     pub(crate) durable: Arc<Durable>,
+    /// The users feature's node half: expiring sockets, fleet commands.
+    pub(crate) users: Arc<Users>,
+    /// Joining and leaving rooms, for sockets' handlers and fleet commands alike.
+    pub(crate) rooms: Rooms,
     /// The dispatcher's lag behind the publishers, in ms (`Stats::dispatch_lag_ms`).
     pub(crate) dispatch_lag_ms: Arc<AtomicU64>,
 }
@@ -72,12 +78,14 @@ impl Shared {
             counters.clone(),
         ));
         let dispatch_lag_ms = Arc::new(AtomicU64::new(0));
+        let users = Arc::new(Users::new(&config.node_id));
         let (inbox, dispatcher) = dispatch::channel(
             config.inbound_capacity.get(),
             config.clone(),
             registry.clone(),
             counters.clone(),
             durable.clone(),
+            users.clone(),
             dispatch_lag_ms.clone(),
         );
         let bus = Arc::new(Bus::new(
@@ -89,6 +97,15 @@ impl Shared {
             backend,
         ));
         let lifecycle = Arc::new(Lifecycle::new(config.max_connections.get()));
+        let presence: Arc<presence::Table> = Arc::default();
+        let rooms = Rooms {
+            config: config.clone(),
+            lifecycle: lifecycle.clone(),
+            registry: registry.clone(),
+            bus: bus.clone(),
+            presence: presence.clone(),
+            durable: durable.clone(),
+        };
         let shared = Arc::new(Self {
             node: Node {
                 config,
@@ -96,8 +113,10 @@ impl Shared {
                 registry,
                 counters,
                 bus,
-                presence: Arc::default(),
+                presence,
                 durable,
+                users,
+                rooms,
                 dispatch_lag_ms,
             },
             unstarted: Mutex::new(Some((inbox, dispatcher))),
@@ -141,6 +160,7 @@ impl Shared {
             node.bus.start(&runtime, inbox, &self.stop);
             durable::start(&node.durable, &node.bus, &runtime, &self.stop);
             presence::start(&node.bus, &runtime, node.presence.clone(), &self.stop);
+            users::start(&node.users, node.rooms.clone(), &runtime, &self.stop);
         }
     }
 }

@@ -48,6 +48,29 @@ impl RoomName {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+
+    /// The node's internal room of a user's sockets (`crate::users`): the user id behind
+    /// [`USER_MARK`], a control character no valid room name holds, so no client can name it.
+    pub(crate) fn of_user(user: &str) -> Self {
+        let mut name = String::with_capacity(user.len() + 1);
+        name.push(USER_MARK);
+        name.push_str(user);
+        Self(Arc::from(name))
+    }
+
+    /// Whether this is a user's internal room rather than one of the application's.
+    pub(crate) fn is_user(&self) -> bool {
+        user_of(&self.0).is_some()
+    }
+}
+
+/// Marks a user's internal room: sockets of a user are registered in it, so that the user's
+/// channel shares the registry, subscriptions, reconnects and loss notices with rooms.
+pub(crate) const USER_MARK: char = '\u{1}';
+
+/// The user whose internal room `room` is, if it is one.
+pub(crate) fn user_of(room: &str) -> Option<&str> {
+    room.strip_prefix(USER_MARK)
 }
 
 fn validate(name: &str) -> Result<(), InvalidRoomName> {

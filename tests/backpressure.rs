@@ -42,6 +42,10 @@ async fn setup(policy: OverflowPolicy) -> (RedisServer, TestServer, RoomHandle, 
     let layer = FanoutLayer::builder(redis.url())
         .queue_bytes(NonZeroUsize::new(256 * 1024).expect("non-zero"))
         .overflow(policy)
+        // Only the overflow policy is under test: on a loaded machine the flood can outlast
+        // the default 5 s write timeout, which would close the stalled client for another
+        // reason (a slow consumer by time, not by queue).
+        .write_timeout(Duration::from_secs(120))
         .build()
         .expect("layer");
     let handle = layer.handle();

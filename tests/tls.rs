@@ -261,3 +261,37 @@ fn tls_settings_that_cannot_work_are_invalid_url_errors() {
         .build()
         .expect("rediss with the test CA");
 }
+
+/// `rediss+sentinel://`: the sentinels, the master and its replica serve TLS only (their plain
+/// ports are 0) with certificates of the test CA. The node asks a sentinel over TLS and reaches
+/// the master it names over TLS, verifying both certificates; with another CA it reaches
+/// neither.
+#[tokio::test]
+async fn rediss_sentinel_speaks_tls_to_the_sentinels_and_the_master() {
+    let pki = Pki::new("sentinel", "IP:127.0.0.1");
+    let other = Pki::new("sentinel-other", "IP:127.0.0.1");
+    let options = SentinelOptions {
+        auth: None,
+        tls: Some(SentinelTls {
+            cert: pki.path("server.pem"),
+            key: pki.path("server.key"),
+            ca: pki.path("ca.pem"),
+        }),
+    };
+    let group = SentinelGroup::start_with(60_000, &options);
+    let url = format!("rediss+sentinel://{}/{SENTINEL_MASTER}", group.hosts());
+    let layer = builder(&url)
+        .tls_root_certificate(pki.ca_pem())
+        .build()
+        .expect("layer");
+    round_trip(&group.master, layer, "default").await;
+
+    let logs = Logs::default();
+    let _guard = logs.capture();
+    refused(
+        builder(&url).tls_root_certificate(other.ca_pem()),
+        &logs,
+        "UnknownIssuer",
+    )
+    .await;
+}

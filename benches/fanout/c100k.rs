@@ -33,7 +33,7 @@
 //! the end.
 
 use std::net::SocketAddr;
-use std::process::{ExitCode, Stdio};
+use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -41,7 +41,7 @@ use futures_util::StreamExt as _;
 use futures_util::stream;
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
-use tokio::process::{Child, ChildStdin, ChildStdout, Command};
+use tokio::process::{Child, ChildStdin, ChildStdout};
 use tokio::sync::mpsc;
 
 use crate::clock;
@@ -236,7 +236,6 @@ async fn run_inner(
         proto: Proto::Ws,
     };
     let mut fleet = Fleet::connect(&spec, &cluster.addrs).await?;
-    let exe = std::env::current_exe().ctx(|| "finding the bench's own binary".to_string())?;
     let addrs = cluster
         .addrs
         .iter()
@@ -250,22 +249,15 @@ async fn run_inner(
         let to = rooms + (j + 1) * rest / kids;
         let name = format!("load generator {} ({} sockets)", j + 1, to - from);
         let log = cc.log_dir.join(format!("c100k-lg{}.log", j + 1));
-        let err = std::fs::File::create(&log).ctx(|| format!("creating {}", log.display()))?;
-        let mut child = Command::new(&exe)
-            .arg(CHILD_FLAG)
-            .args([
-                zero.to_string(),
-                addrs.clone(),
-                rooms.to_string(),
-                from.to_string(),
-                to.to_string(),
-            ])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(err)
-            .kill_on_drop(true)
-            .spawn()
-            .ctx(|| format!("starting {name}"))?;
+        let args = [
+            CHILD_FLAG.to_string(),
+            zero.to_string(),
+            addrs.clone(),
+            rooms.to_string(),
+            from.to_string(),
+            to.to_string(),
+        ];
+        let mut child = procs::spawn_load_generator(&args, &log, &name)?;
         let stdin = child.stdin.take().ctx(|| format!("{name}: no stdin"))?;
         let stdout = child.stdout.take().ctx(|| format!("{name}: no stdout"))?;
         children.push(LgChild {

@@ -699,6 +699,26 @@ fn descendants(root: u32) -> Vec<u32> {
     found
 }
 
+/// Starts this bench's own binary as a load-generator child (`args`: its flag first), with
+/// piped stdin and stdout for the parent's commands and the child's answers, and stderr to
+/// `log`. Killed when dropped.
+pub(crate) fn spawn_load_generator(
+    args: &[String],
+    log: &Path,
+    name: &str,
+) -> Result<tokio::process::Child> {
+    let exe = std::env::current_exe().ctx(|| "finding the bench's own binary".to_string())?;
+    let err = fs::File::create(log).ctx(|| format!("creating {}", log.display()))?;
+    tokio::process::Command::new(&exe)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(err)
+        .kill_on_drop(true)
+        .spawn()
+        .ctx(|| format!("starting {name}"))
+}
+
 /// Soft limit of open files of this process (from /proc/self/limits).
 pub(crate) fn open_files_limit() -> Option<u64> {
     let text = fs::read_to_string("/proc/self/limits").ok()?;

@@ -11,6 +11,7 @@ use crate::load::{self, Fleet, FleetSpec, StepResult, StepSpec};
 use crate::presence::{self, PresenceParams};
 use crate::procs::{self, Cluster, ClusterConfig, Target};
 use crate::report::{Better, Figure, fig};
+use crate::users::{self, UsersParams};
 use crate::ws::Proto;
 use crate::{Result, bail};
 
@@ -28,6 +29,9 @@ pub(crate) enum Scenario {
     Resume,
     /// Opt-in: presence churn, lists, leases and a crash (`presence.rs`).
     Presence,
+    /// Opt-in: direct messages against room broadcasts, and the cost of online users
+    /// (`users.rs`, `users_online.rs`).
+    Users,
 }
 
 impl Scenario {
@@ -40,8 +44,12 @@ impl Scenario {
     ];
 
     /// Scenarios that run only when named in `--scenario` (not part of `all`).
-    pub(crate) const OPT_IN: [Scenario; 3] =
-        [Scenario::C100k, Scenario::Resume, Scenario::Presence];
+    pub(crate) const OPT_IN: [Scenario; 4] = [
+        Scenario::C100k,
+        Scenario::Resume,
+        Scenario::Presence,
+        Scenario::Users,
+    ];
 
     pub(crate) fn name(self) -> &'static str {
         match self {
@@ -53,6 +61,7 @@ impl Scenario {
             Scenario::C100k => "c100k",
             Scenario::Resume => "resume",
             Scenario::Presence => "presence",
+            Scenario::Users => "users",
         }
     }
 
@@ -133,6 +142,19 @@ impl Scenario {
                 p.presence.lease_rooms,
                 p.presence.kill_members
             ),
+            Scenario::Users => format!(
+                "users: {} users on 3 nodes, one direct message each against one room message \
+                 each ({} bursts per path, alternated, {} HTTP workers), p50/p99 at {:.0} msg/s \
+                 for {:.0} s; {} users online on {}+ nodes, {} disconnected fleet-wide",
+                p.users.direct_users,
+                p.users.passes,
+                p.users.workers,
+                p.users.latency_rate,
+                p.users.latency_duration.as_secs_f64(),
+                p.users.online,
+                p.users.online_nodes,
+                p.users.disconnects
+            ),
         }
     }
 }
@@ -188,6 +210,7 @@ pub(crate) struct Params {
     pub(crate) resume_msgs: usize,
     pub(crate) resume_tries: usize,
     pub(crate) presence: PresenceParams,
+    pub(crate) users: UsersParams,
 }
 
 impl Params {
@@ -250,6 +273,7 @@ impl Params {
             resume_msgs: 1000,
             resume_tries: 5,
             presence: PresenceParams::new(quick, scale),
+            users: UsersParams::new(quick, scale),
         }
     }
 
@@ -279,6 +303,7 @@ impl Params {
                 json!({ "messages": self.resume_msgs, "tries": self.resume_tries })
             }
             Scenario::Presence => self.presence.describe(),
+            Scenario::Users => self.users.describe(),
         }
     }
 }
@@ -327,6 +352,12 @@ pub(crate) async fn run(
         // A fresh cluster per phase.
         return presence::run(target, cc, &p.presence, tag).await;
     }
+    if s == Scenario::Users {
+        // Its own clusters: 3 nodes, then the online part's.
+        let mut up = p.users.clone();
+        up.msg_size = p.msg_size;
+        return users::run(target, cc, &up, tag).await;
+    }
     let mut cluster = Cluster::start(target, cc).await?;
     let proto = target.proto;
     match s {
@@ -338,7 +369,7 @@ pub(crate) async fn run(
         }
         Scenario::Idle => idle(&mut cluster, p, proto, tag).await,
         Scenario::Slow => slow(&mut cluster, p, proto, tag).await,
-        Scenario::C100k | Scenario::Resume | Scenario::Presence => {
+        Scenario::C100k | Scenario::Resume | Scenario::Presence | Scenario::Users => {
             unreachable!("handled above")
         }
     }

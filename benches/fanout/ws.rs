@@ -263,6 +263,52 @@ impl TextReader {
     }
 }
 
+/// Holds a plain WebSocket connection open until the server closes it: answers pings, skips
+/// every other frame, and returns the close frame's status code (`None` when the close frame
+/// carried none, or the connection ended without one). For the `users` scenario, where what
+/// counts is when and how a socket was closed, not what it received.
+pub(crate) async fn until_close(conn: Conn) -> Result<Option<u16>> {
+    let Conn {
+        mut stream,
+        mut buf,
+        mut filled,
+    } = conn;
+    let mut start = 0;
+    loop {
+        while let Some((_, opcode, header, len)) = complete_frame(&buf[start..filled]) {
+            let payload = &buf[start + header..start + header + len];
+            match opcode {
+                0x8 => {
+                    return Ok(
+                        (payload.len() >= 2).then(|| u16::from_be_bytes([payload[0], payload[1]]))
+                    );
+                }
+                0x9 => stream
+                    .write_all(&pong_frame(payload))
+                    .await
+                    .ctx(|| "answering a ping".to_string())?,
+                _ => {}
+            }
+            start += header + len;
+        }
+        buf.copy_within(start..filled, 0);
+        filled -= start;
+        start = 0;
+        if filled == buf.len() {
+            let grow = buf.len() * 2;
+            buf.resize(grow, 0);
+        }
+        let n = stream
+            .read(&mut buf[filled..])
+            .await
+            .ctx(|| "reading from a websocket".to_string())?;
+        if n == 0 {
+            return Ok(None);
+        }
+        filled += n;
+    }
+}
+
 /// Engine.IO open (`0{..}` from the server), namespace connect (`40` from the client), and the
 /// server's `40{"sid":..}`. Bytes after that answer stay in `buf[..filled]`.
 async fn sio_handshake(

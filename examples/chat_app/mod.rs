@@ -24,6 +24,13 @@
 //!   counted and subscribed it gets `{"type":"fanout.member","room":NAME,"user":USER}` (its
 //!   own user id): a list fetched after that, plus the notices newer than its `version`, is
 //!   exact.
+//! - users (`users`): `GET /ws?..&user=USER[&expires_in=S]` names the socket's user (and when
+//!   its credentials expire: closed with 4001 unless a `{"type":"fanout.refresh",
+//!   "expires_in":S}` frame moves it), `POST /users/{user}/messages` sends its JSON body to
+//!   every socket of USER as `{"type":"fanout.direct","payload":V}`, and
+//!   `POST /users/{user}/disconnect` closes them all with 4000.
+
+mod users;
 
 use std::collections::HashMap;
 use std::num::NonZeroU32;
@@ -53,6 +60,8 @@ pub(crate) fn app(layer: FanoutLayer) -> Router {
         .route("/rooms/{room}/messages", post(http_push))
         .route("/rooms/{room}/presence", get(presence))
         .route("/rooms/{room}/history", get(history))
+        .route("/users/{user}/messages", post(users::direct))
+        .route("/users/{user}/disconnect", post(users::disconnect))
         .route("/healthz", get(healthz))
         .route("/stats", get(stats))
         .route("/metrics", get(metrics))
@@ -152,7 +161,11 @@ async fn ws(
     rooms: RoomHandle,
 ) -> Response {
     let room = query.get("room").map_or("lobby", String::as_str).to_owned();
-    let user = query.get("user").filter(|u| !u.is_empty()).cloned();
+    let identity = match users::identity(&query) {
+        Ok(identity) => identity,
+        Err(why) => return users::bad_request(&why),
+    };
+    let user = identity.user.clone();
     let node = rooms.node_id().to_owned();
     // `positions=1` (and `since=E:S`) only mean something in a durable room (HISTORY > 0).
     let positions = query.get("positions").is_some_and(|p| p == "1");
@@ -166,6 +179,7 @@ async fn ws(
         node,
         positions,
         since,
+        identity,
     };
     rooms.on_upgrade(upgrade, move |socket| serve(socket, join))
 }
@@ -177,6 +191,7 @@ struct Join {
     node: String,
     positions: bool,
     since: Option<Position>,
+    identity: users::Identity,
 }
 
 /// Joins the socket to its room (durable or plain, as a presence member or not); returns the
@@ -188,7 +203,10 @@ async fn join_room(socket: &mut FanoutSocket, join: Join) -> Option<RoomName> {
         node,
         positions,
         since,
+        identity,
     } = join;
+    // The user first: a message sent to them once the room's notice arrived reaches them.
+    users::attach(socket, &identity).await.ok()?;
     let room = match RoomName::new(&room) {
         Ok(room) => room,
         Err(e) => {
@@ -250,6 +268,12 @@ async fn serve(mut socket: FanoutSocket, join: Join) {
     while let Some(event) = socket.recv_event().await {
         match event {
             Ok(Event::Message(Message::Text(text))) => {
+                if let Some(answer) = users::refresh(&socket, text.as_str()) {
+                    if socket.send(answer).is_err() {
+                        return;
+                    }
+                    continue;
+                }
                 let Ok(payload) = Payload::raw_json(text.as_str()) else {
                     return socket.close(close_code::INVALID, "frame is not valid JSON");
                 };
@@ -365,8 +389,18 @@ async fn history(
     .into_response()
 }
 
-/// `{"type":"fanout.missed","room":..,"since":ms,"until":ms,"dropped":n|null}`
+/// `{"type":"fanout.missed","room":..,"since":ms,"until":ms,"dropped":n|null}` (`"user"` in
+/// place of `"room"` for what was sent to the socket's user).
 fn missed_notice(missed: &Missed) -> serde_json::Value {
+    if let Some(user) = missed.user() {
+        return serde_json::json!({
+            "type": "fanout.missed",
+            "user": user,
+            "since": missed.since_ms(),
+            "until": missed.until_ms(),
+            "dropped": missed.dropped(),
+        });
+    }
     serde_json::json!({
         "type": "fanout.missed",
         "room": missed.room().as_str(),
@@ -380,11 +414,31 @@ fn missed_notice(missed: &Missed) -> serde_json::Value {
 #[allow(dead_code)] // used by `chat`, not by `demo` (which runs three nodes with fixed ids)
 pub(crate) fn layer_from_env() -> Result<FanoutLayer, String> {
     let url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
-    // Not part of the wire contract: REDIS_CLUSTER (comma-separated node URLs) runs the node
-    // on a Redis Cluster with sharded pub/sub instead of the server at REDIS_URL.
-    let (builder, source) = match std::env::var("REDIS_CLUSTER") {
-        Ok(nodes) if !nodes.trim().is_empty() => (cluster_builder(&nodes)?, "REDIS_CLUSTER"),
-        _ => (FanoutLayer::builder(url), "REDIS_URL"),
+    let set = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
+    // SENTINEL_URL (redis+sentinel://HOST:PORT[,HOST:PORT...]/MASTER) replaces REDIS_URL: the
+    // node asks the sentinels for the master and follows a failover. Not part of the wire
+    // contract: REDIS_CLUSTER (comma-separated node URLs) runs the node on a Redis Cluster
+    // with sharded pub/sub instead.
+    let (builder, source) = match (set("SENTINEL_URL"), set("REDIS_CLUSTER")) {
+        (Some(_), Some(_)) => {
+            return Err("set SENTINEL_URL or REDIS_CLUSTER, not both".to_owned());
+        }
+        (Some(sentinel), None) => {
+            let sentinel = sentinel.trim();
+            let scheme = sentinel.split_once("://").map_or("", |(s, _)| s);
+            if !scheme.eq_ignore_ascii_case("redis+sentinel")
+                && !scheme.eq_ignore_ascii_case("rediss+sentinel")
+            {
+                return Err(
+                    "SENTINEL_URL must be redis+sentinel://HOST:PORT[,HOST:PORT...]/MASTER \
+                     (rediss+sentinel:// for TLS)"
+                        .to_owned(),
+                );
+            }
+            (FanoutLayer::builder(sentinel), "SENTINEL_URL")
+        }
+        (None, Some(nodes)) => (cluster_builder(&nodes)?, "REDIS_CLUSTER"),
+        (None, None) => (FanoutLayer::builder(url), "REDIS_URL"),
     };
     // The contract app is driven by load generators that publish thousands of messages per
     // second on one connection: keep the flood guard, well above that.

@@ -1,5 +1,7 @@
-//! The Redis deployment the bus talks to: one server (PUBLISH / SUBSCRIBE) or, with the
-//! `cluster` feature, a Redis Cluster (SPUBLISH / SSUBSCRIBE, Redis 7's sharded pub/sub).
+//! The Redis deployment the bus talks to: one server (PUBLISH / SUBSCRIBE), a master found
+//! through Redis Sentinel (the same, on whichever server is the master: see `sentinel`) or,
+//! with the `cluster` feature, a Redis Cluster (SPUBLISH / SSUBSCRIBE, Redis 7's sharded
+//! pub/sub).
 //!
 //! This is the crate's seam to Redis: `bus::client` builds a [`Backend`] from the builder's
 //! settings, and the rest of `bus` only connects,
@@ -20,10 +22,14 @@
 //! a channel prefix that holds `{tag}` pins every channel containing it to one slot, which
 //! co-locates them on purpose and undoes that spread.
 
+use std::ops::{Deref, DerefMut};
+use std::sync::Arc;
 use std::time::Duration;
 
 use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, PushInfo, RedisError};
+
+use super::sentinel::{RoleWatch, Sentinel};
 
 #[cfg(feature = "cluster")]
 use super::slots::{master_slot_ranges, per_slot, probe_channels_for};
@@ -36,6 +42,7 @@ use super::slots::{master_slot_ranges, per_slot, probe_channels_for};
 )]
 pub(crate) enum Backend {
     Server(redis::Client),
+    Sentinel(Arc<Sentinel>),
     #[cfg(feature = "cluster")]
     Cluster(redis::cluster::ClusterClient),
 }
@@ -48,6 +55,7 @@ impl std::fmt::Debug for Backend {
                 .debug_tuple("Server")
                 .field(&client.get_connection_info().addr().to_string())
                 .finish(),
+            Backend::Sentinel(sentinel) => f.debug_tuple("Sentinel").field(sentinel).finish(),
             #[cfg(feature = "cluster")]
             Backend::Cluster(_) => f.write_str("Cluster"),
         }
@@ -58,7 +66,8 @@ impl std::fmt::Debug for Backend {
 /// per master). Cheap to clone: clones share the connection.
 #[derive(Clone)]
 pub(crate) enum Conn {
-    Server(MultiplexedConnection),
+    /// One server, or the master found through Sentinel.
+    Server(ServerConn),
     #[cfg(feature = "cluster")]
     Cluster(redis::cluster_async::ClusterConnection),
 }
@@ -73,6 +82,72 @@ impl std::fmt::Debug for Conn {
     }
 }
 
+/// A server's multiplexed connection. Cheap to clone: clones share it. Found through
+/// Sentinel, it also holds the task that leaves the server once it is no longer the master,
+/// which ends with the last clone.
+#[derive(Clone)]
+pub(crate) struct ServerConn {
+    conn: MultiplexedConnection,
+    _role_watch: Option<Arc<RoleWatch>>,
+}
+
+impl ServerConn {
+    pub(super) fn watched(conn: MultiplexedConnection, watch: RoleWatch) -> Self {
+        Self {
+            conn,
+            _role_watch: Some(Arc::new(watch)),
+        }
+    }
+}
+
+impl Deref for ServerConn {
+    type Target = MultiplexedConnection;
+    fn deref(&self) -> &MultiplexedConnection {
+        &self.conn
+    }
+}
+
+impl DerefMut for ServerConn {
+    fn deref_mut(&mut self) -> &mut MultiplexedConnection {
+        &mut self.conn
+    }
+}
+
+impl redis::aio::ConnectionLike for ServerConn {
+    fn req_packed_command<'a>(
+        &'a mut self,
+        cmd: &'a redis::Cmd,
+    ) -> redis::RedisFuture<'a, redis::Value> {
+        self.conn.req_packed_command(cmd)
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
+        self.conn.req_packed_commands(pipeline, offset, count)
+    }
+
+    fn get_db(&self) -> i64 {
+        self.conn.get_db()
+    }
+}
+
+/// Where a connection's pushes go: messages, and a `Disconnection` when it closes (or, under
+/// Sentinel, when its server stops being the master). Must never block.
+pub(super) type Push = Arc<dyn Fn(PushInfo) -> Result<(), ()> + Send + Sync>;
+
+/// The settings of every connection to one server, found through Sentinel or not.
+pub(super) fn server_config(connect_timeout: Duration, push: Push) -> AsyncConnectionConfig {
+    AsyncConnectionConfig::new()
+        .set_connection_timeout(Some(connect_timeout))
+        // Deadlines are applied per operation by the callers.
+        .set_response_timeout(None)
+        .set_push_sender(move |info| push(info))
+}
+
 impl Backend {
     /// Opens a connection whose pushes (messages, and a `Disconnection` when it closes) go to
     /// `push`, which must never block.
@@ -82,17 +157,22 @@ impl Backend {
         push: impl Fn(PushInfo) -> Result<(), ()> + Send + Sync + 'static,
     ) -> Result<Conn, RedisError> {
         match self {
-            Backend::Server(client) => {
-                let config = AsyncConnectionConfig::new()
-                    .set_connection_timeout(Some(connect_timeout))
-                    // Deadlines are applied per operation by the callers.
-                    .set_response_timeout(None)
-                    .set_push_sender(push);
-                client
-                    .get_multiplexed_async_connection_with_config(&config)
-                    .await
-                    .map(Conn::Server)
-            }
+            Backend::Server(client) => client
+                .get_multiplexed_async_connection_with_config(&server_config(
+                    connect_timeout,
+                    Arc::new(push),
+                ))
+                .await
+                .map(|conn| {
+                    Conn::Server(ServerConn {
+                        conn,
+                        _role_watch: None,
+                    })
+                }),
+            Backend::Sentinel(sentinel) => sentinel
+                .connect(connect_timeout, Arc::new(push))
+                .await
+                .map(Conn::Server),
             #[cfg(feature = "cluster")]
             Backend::Cluster(client) => {
                 let config = redis::cluster::ClusterConfig::new()
@@ -119,9 +199,22 @@ impl Backend {
         }
     }
 
+    /// Resolves when the deployment announces that its master changed (Sentinel's
+    /// `+switch-master`); never for one server or a cluster. Dropping it stops listening.
+    pub(crate) async fn master_switched(&self) {
+        match self {
+            Backend::Sentinel(sentinel) => sentinel.switched().await,
+            _ => std::future::pending().await,
+        }
+    }
+
     /// The publish command of this deployment, for messages: `"PUBLISH"` or `"SPUBLISH"`.
     pub(crate) fn publish_command(&self) -> &'static str {
-        publish_command(matches!(self, Backend::Server(_)))
+        match self {
+            Backend::Server(_) | Backend::Sentinel(_) => publish_command(true),
+            #[cfg(feature = "cluster")]
+            Backend::Cluster(_) => publish_command(false),
+        }
     }
 }
 
@@ -132,7 +225,9 @@ const fn publish_command(single_server: bool) -> &'static str {
 }
 
 impl Conn {
-    fn publish_command(&self) -> &'static str {
+    /// The publish command of this connection's deployment (see [`Backend::publish_command`]),
+    /// for scripts that publish.
+    pub(crate) fn publish_command(&self) -> &'static str {
         publish_command(matches!(self, Conn::Server(_)))
     }
 
@@ -164,6 +259,23 @@ impl Conn {
                 let slots: redis::Value =
                     redis::cmd("CLUSTER").arg("SLOTS").query_async(conn).await?;
                 Ok(probe_channels_for(base, &master_slot_ranges(&slots)))
+            }
+        }
+    }
+
+    /// Which master serves each slot, as `(first slot, last slot, master address)` from
+    /// `CLUSTER SLOTS`, sorted; empty on one server. A slot whose master changed was failed
+    /// over (its new master may lack the last writes) or migrated.
+    pub(crate) async fn slot_owners(&mut self) -> Result<Vec<(u16, u16, String)>, RedisError> {
+        match self {
+            Conn::Server(_) => Ok(Vec::new()),
+            #[cfg(feature = "cluster")]
+            Conn::Cluster(conn) => {
+                let slots: redis::Value =
+                    redis::cmd("CLUSTER").arg("SLOTS").query_async(conn).await?;
+                let mut ranges = master_slot_ranges(&slots);
+                ranges.sort_unstable();
+                Ok(ranges)
             }
         }
     }

@@ -8,16 +8,21 @@ use std::time::Duration;
 use redis::{ProtocolVersion, RedisError};
 
 use super::backend::Backend;
+use super::sentinel::{self, Sentinel};
 use crate::config::{Connect, Target};
 use crate::error::Error;
 
 impl Backend {
     /// Parses and checks the connection settings. Fails with [`Error::is_invalid_url`] when a
     /// URL cannot be parsed, is `rediss://` without the `tls` feature, asks for an unverified
-    /// TLS connection (`#insecure`), when a cluster has no node, or when the TLS root
-    /// certificate is unusable. An unreachable Redis is not an error here.
+    /// TLS connection (`#insecure`), when a cluster has no node, when a Sentinel URL names no
+    /// sentinel or no master, or when the TLS root certificate is unusable. An unreachable
+    /// Redis is not an error here.
     pub(crate) fn new(connect: &Connect) -> Result<Self, Error> {
         match &connect.target {
+            Target::Server(url) if sentinel::is_sentinel_url(url) => {
+                Sentinel::new(connect, url).map(|s| Backend::Sentinel(std::sync::Arc::new(s)))
+            }
             Target::Server(url) => client(connect, url).map(Backend::Server),
             #[cfg(feature = "cluster")]
             Target::Cluster(nodes) => cluster_client(connect, nodes).map(Backend::Cluster),
@@ -72,7 +77,7 @@ fn ensure_crypto_provider() {
 
 /// The client for one server URL: scheme and TLS feature checked, `#insecure` refused, the
 /// root certificate attached, RESP3 and our TCP settings applied.
-fn client(connect: &Connect, url: &str) -> Result<redis::Client, Error> {
+pub(super) fn client(connect: &Connect, url: &str) -> Result<redis::Client, Error> {
     if is_tls_url(url) && !cfg!(feature = "tls") {
         return Err(Error::invalid_url(format!(
             "a rediss:// (TLS) url needs the `tls` feature of axum-fanout: \
@@ -169,12 +174,15 @@ fn with_tls(connect: &Connect, client: redis::Client) -> Result<redis::Client, E
 }
 
 /// `url` with its password replaced by `***`, the user name kept (`redis://alice:***@host`),
-/// for logs and `Debug`.
+/// for logs and `Debug`; a Sentinel URL's sentinel password too.
 ///
 /// A well-formed URL is read with the `url` crate. One that does not parse, or whose password
 /// holds an unescaped `@`, `/` or `#` (so that a parser would see part of it as the host or the
 /// path), is cut at its last `@` instead: everything before it but the user name is hidden.
 pub(crate) fn redacted_url(url: &str) -> Cow<'_, str> {
+    if sentinel::is_sentinel_url(url) {
+        return sentinel::redacted(url).into();
+    }
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.into();
     };

@@ -108,7 +108,7 @@ impl Inbox {
         if let Err(mpsc::error::TrySendError::Full(message)) = self.tx.try_send(message) {
             self.counters.inbound_dropped.add(1);
             if let Some(room) = channel::room_of(&self.config, &message.channel) {
-                self.shed.note(room, || self.loss_since());
+                self.shed.note(&room, || self.loss_since());
             }
         }
     }

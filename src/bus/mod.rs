@@ -2,9 +2,11 @@
 //! everything that keeps them up. This folder is the only place that speaks Redis.
 //!
 //! - `backend`: the seam to Redis. Hides whether the deployment is one server or a Redis
-//!   Cluster: connect, publish, subscribe, unsubscribe.
+//!   Cluster (or a master found through Sentinel): connect, publish, subscribe, unsubscribe.
 //! - `client`: builds the Redis clients from the builder's settings (URL, RESP3, TCP, TLS,
 //!   cluster) and redacts passwords from URLs for logs.
+//! - `sentinel`: the `redis+sentinel://` URL; finding the master through the sentinels, and
+//!   leaving a server once it is no longer the master.
 //! - `slots`: Redis Cluster hash slots, and commands split by slot.
 //! - `publisher`: broadcasts queue here; `pipeline`: they go out as pipelines on the
 //!   publisher connection.
@@ -36,6 +38,7 @@ mod publisher;
 mod receipt;
 mod runs;
 pub(crate) mod script;
+mod sentinel;
 mod slots;
 mod subscriber;
 

@@ -201,6 +201,12 @@ pub(crate) fn hash_tag(name: &str) -> &str {
     name
 }
 
+/// The Redis Cluster hash slot of `key` (of its hash tag, when it has one).
+#[cfg(feature = "cluster")]
+pub(crate) fn key_slot(key: &str) -> u16 {
+    super::slots::key_slot(key.as_bytes())
+}
+
 /// Milliseconds for a `PEXPIRE`, at least 1.
 pub(crate) fn ttl_ms(ttl: std::time::Duration) -> u64 {
     u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1)

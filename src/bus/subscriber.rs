@@ -12,13 +12,13 @@ use redis::{PushInfo, PushKind, RedisError, Value};
 use tokio::sync::watch;
 use tokio::time::{Instant, timeout};
 
+use super::Bus;
 use super::backend::{Backend, Conn};
 use super::backoff::Backoff;
 use super::inbox::{Inbox, Received};
 use super::link::{
     LinkLoss, LinkSignals, PAUSE, PAUSE_CHECK, Probe, confirmed, is_probe, send_probe,
 };
-use super::{Bus, pause};
 use crate::channel;
 use crate::config::Config;
 use crate::registry::{Changes, Registry};
@@ -62,7 +62,7 @@ pub(super) async fn run(
             Ok(link) => link,
             Err(loss) => {
                 tracing::warn!(node = %cfg.node_id, reason = %loss, "subscriber cannot connect to redis; retrying");
-                if !pause(retry.backoff.next(), &mut stop).await {
+                if !pause_for_master(retry.backoff.next(), &mut stop, &backend).await {
                     return;
                 }
                 continue;
@@ -96,9 +96,19 @@ pub(super) async fn run(
             }
         }
         drop(conn);
-        if !pause(retry.backoff.next(), &mut stop).await {
+        if !pause_for_master(retry.backoff.next(), &mut stop, &backend).await {
             return;
         }
+    }
+}
+
+/// Sleeps for `d`, or less when the deployment announces a new master (under Sentinel: the
+/// link goes there at once, and the publisher follows it); `false` if the node is stopping.
+async fn pause_for_master(d: Duration, stop: &mut watch::Receiver<()>, backend: &Backend) -> bool {
+    tokio::select! {
+        _ = tokio::time::sleep(d) => true,
+        _ = backend.master_switched() => true,
+        _ = stop.changed() => false,
     }
 }
 
@@ -170,10 +180,10 @@ fn on_sunsubscribe(bus: &Bus, inbox: &Inbox, info: &PushInfo) {
     let repairs = |room: &str| bus.repairs.repairs(room);
     if bus
         .registry
-        .subscription_lost(room, inbox.loss_since(), repairs)
+        .subscription_lost(&room, inbox.loss_since(), repairs)
     {
         tracing::warn!(
-            room,
+            room = &*room,
             "redis ended a sharded subscription (its slot moved); subscribing again"
         );
     }

@@ -15,6 +15,8 @@ use std::collections::{HashMap, HashSet};
 use std::num::{NonZeroU16, NonZeroU32, NonZeroUsize};
 use std::time::Duration;
 
+use crate::room::user_of;
+
 /// What to do when a socket's send queue is full (the client reads slower than its rooms talk).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
@@ -52,14 +54,18 @@ pub(crate) enum Target {
 
 /// Where a node's Redis is, as [`FanoutLayer::new`](crate::FanoutLayer::new) and
 /// [`FanoutLayer::builder`](crate::FanoutLayer::builder) take it: one server's URL (a `&str`
-/// or `String`), or, with the `cluster` feature, a Redis Cluster's nodes (an array or `Vec` of
-/// URLs: any subset of its masters and replicas, the rest is discovered; broadcasts then use
-/// Redis 7's sharded pub/sub).
+/// or `String`); under Redis Sentinel, the sentinels and the master's name as
+/// `redis+sentinel://HOST:PORT[,HOST:PORT...]/MASTER` (the node asks them for the master and
+/// follows a failover: see the README's "Redis Sentinel"); or, with the `cluster` feature, a
+/// Redis Cluster's nodes (an array or `Vec` of URLs: any subset of its masters and replicas,
+/// the rest is discovered; broadcasts then use Redis 7's sharded pub/sub).
 ///
 /// ```
 /// use axum_fanout::FanoutLayer;
 ///
 /// let one_server = FanoutLayer::builder("redis://127.0.0.1:6379");
+/// let under_sentinel =
+///     FanoutLayer::builder("redis+sentinel://10.0.0.1:26379,10.0.0.2:26379/mymaster");
 /// # #[cfg(feature = "cluster")]
 /// let cluster = FanoutLayer::builder(["redis://10.0.0.1:6379", "redis://10.0.0.2:6379"]);
 /// ```
@@ -172,7 +178,7 @@ impl Config {
 
     /// Whether sockets of `room` may join it as members (presence is opted in for it).
     pub(crate) fn has_presence(&self, room: &str) -> bool {
-        self.presence_all || self.presence_rooms.contains(room)
+        (self.presence_all && user_of(room).is_none()) || self.presence_rooms.contains(room)
     }
 
     /// Whether any room may have presence: the node then keeps a lease in Redis.
@@ -183,10 +189,12 @@ impl Config {
     /// The durable settings of `room`, `None` for a plain room. One branch when no room is
     /// durable: plain rooms pay nothing more.
     pub(crate) fn durable_for(&self, room: &str) -> Option<&Durability> {
+        // A user's room (`crate::users`) is never durable, whatever the default says.
+        let default = || self.durable.as_ref().filter(|_| user_of(room).is_none());
         if self.durable_rooms.is_empty() {
-            return self.durable.as_ref();
+            return default();
         }
-        self.durable_rooms.get(room).or(self.durable.as_ref())
+        self.durable_rooms.get(room).or_else(default)
     }
 }
 

@@ -32,6 +32,9 @@ pub(crate) struct Sync {
     /// Every user this node has in the room is listed, and Redis drops this node's entries
     /// for anyone else (a re-assertion).
     pub(crate) full: bool,
+    /// With `full`: a re-assertion after Redis may have lost writes (see
+    /// [`Table::reassert_all`]'s `silent`).
+    pub(crate) silent: bool,
     pub(crate) entries: Vec<Entry>,
     /// The room's change generation this sync covers, for [`Table::confirm`].
     generation: u64,
@@ -212,6 +215,27 @@ impl Table {
     /// When `silent`, users who left while Redis was away (their last leave not yet counted)
     /// are due a leave notice after `leave_after` (see [`Table::take_departed`]).
     pub(crate) fn reassert_all(&self, silent: bool, extra: Vec<RoomName>, leave_after: Duration) {
+        self.reassert(|_| true, silent, extra, leave_after);
+    }
+
+    /// [`Table::reassert_all`] for the rooms `only` picks: on a Redis Cluster, those whose hash
+    /// slot changed masters (a failover that may have lost writes, or a migration).
+    pub(crate) fn reassert_rooms(
+        &self,
+        only: impl Fn(&RoomName) -> bool,
+        silent: bool,
+        leave_after: Duration,
+    ) {
+        self.reassert(only, silent, Vec::new(), leave_after);
+    }
+
+    fn reassert(
+        &self,
+        only: impl Fn(&RoomName) -> bool,
+        silent: bool,
+        extra: Vec<RoomName>,
+        leave_after: Duration,
+    ) {
         let mut inner = self.lock();
         for room in extra {
             inner.rooms.entry(room).or_default();
@@ -223,7 +247,7 @@ impl Table {
             departed,
             ..
         } = &mut *inner;
-        for (name, r) in rooms.iter_mut() {
+        for (name, r) in rooms.iter_mut().filter(|(name, _)| only(name)) {
             r.full = true;
             r.silent = silent;
             dirty.insert(name.clone());
@@ -288,6 +312,7 @@ impl Table {
             out.push(Sync {
                 room: name,
                 full,
+                silent: full && r.silent,
                 entries,
                 generation: r.generation,
             });
@@ -416,6 +441,31 @@ mod tests {
         t.add(&a, SocketId::from_wire(2), &member("ann"));
         t.retry(syncs.remove(0));
         assert_eq!(counts(&t.take_dirty(100)), [("a".into(), "ann".into(), 2)]);
+    }
+
+    #[test]
+    fn a_reassertion_of_some_rooms_leaves_the_others_alone() {
+        let t = Table::default();
+        let (a, b) = (room("a"), room("b"));
+        t.add(&a, SocketId::from_wire(1), &member("ann"));
+        t.add(&b, SocketId::from_wire(2), &member("bob"));
+        for s in t.take_dirty(100) {
+            t.confirm(s);
+        }
+        t.reassert_rooms(|r| *r == b, true, Duration::ZERO);
+        let syncs = t.take_dirty(100);
+        assert_eq!(syncs.len(), 1, "{syncs:?}");
+        assert_eq!(syncs[0].room, b);
+        assert!(syncs[0].full && syncs[0].silent);
+        assert_eq!(
+            syncs[0]
+                .entries
+                .iter()
+                .map(|e| e.announce)
+                .collect::<Vec<_>>(),
+            [false],
+            "bob was counted before: restored without a join"
+        );
     }
 
     #[test]

@@ -381,14 +381,16 @@ impl Outbox {
         Some(s.rooms.swap_remove(at))
     }
 
-    /// The socket's rooms.
+    /// The socket's rooms, without its user's own room (`crate::users`), which is the node's.
     pub(crate) fn rooms(&self) -> Vec<RoomName> {
-        self.lock().rooms.clone()
+        let s = self.lock();
+        s.rooms.iter().filter(|r| !r.is_user()).cloned().collect()
     }
 
-    /// How many rooms the socket is in.
+    /// How many of the application's rooms the socket is in (its user's own room not counted).
     pub(crate) fn room_count(&self) -> usize {
-        self.lock().rooms.len()
+        let s = self.lock();
+        s.rooms.iter().filter(|r| !r.is_user()).count()
     }
 
     /// Takes every room out, for leaving them all.

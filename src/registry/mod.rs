@@ -54,6 +54,9 @@ impl std::fmt::Display for SocketId {
     }
 }
 
+/// A room's local sockets, as a list.
+pub(crate) type Members = Vec<(SocketId, Arc<Outbox>)>;
+
 #[derive(Debug, Default)]
 struct Inner {
     rooms: HashMap<RoomName, HashMap<SocketId, Arc<Outbox>>>,
@@ -69,6 +72,9 @@ struct Inner {
     lost: HashSet<RoomName>,
     /// When the link dropped, while rooms it took are in `lost`: the start of their gap.
     down_since: Option<SystemTime>,
+    /// Users' rooms (`crate::users`) whose local socket count changed since the users'
+    /// directory last wrote them to Redis.
+    users_changed: HashSet<RoomName>,
 }
 
 #[derive(Debug)]
@@ -125,6 +131,9 @@ impl Registry {
         let members = inner.rooms.entry(room.clone()).or_default();
         let first = members.is_empty();
         members.insert(socket, outbox);
+        if room.is_user() {
+            inner.users_changed.insert(room.clone());
+        }
         let subscribed = inner.subscribed.contains(room);
         if first {
             inner.pending.insert(room.clone());
@@ -134,6 +143,14 @@ impl Registry {
             self.changed.notify_one();
         }
         subscribed
+    }
+
+    /// The room's name and its local sockets, if it has any.
+    pub(crate) fn members(&self, room: &str) -> Option<(RoomName, Members)> {
+        let inner = self.lock();
+        let (name, members) = inner.rooms.get_key_value(room)?;
+        let members = members.iter().map(|(id, o)| (*id, o.clone())).collect();
+        Some((name.clone(), members))
     }
 
     /// Removes a socket from a room. Returns whether it was a member.
@@ -147,6 +164,9 @@ impl Registry {
         if last {
             inner.rooms.remove(room);
             inner.pending.insert(room.clone());
+        }
+        if was_member && room.is_user() {
+            inner.users_changed.insert(room.clone());
         }
         drop(inner);
         if last {
@@ -177,6 +197,44 @@ impl Registry {
                 Err(_) => return Err(Error::subscribe_timeout(room.as_str())),
             }
         }
+    }
+
+    /// Each user whose local socket count changed since the last call, with that count now
+    /// (0: none left); with `all`, every user this node holds (to write them all again after
+    /// Redis lost them).
+    pub(crate) fn take_user_counts(&self, all: bool) -> Vec<(RoomName, usize)> {
+        let mut inner = self.lock();
+        let changed = std::mem::take(&mut inner.users_changed);
+        let count = |room: &RoomName| inner.rooms.get(room).map_or(0, HashMap::len);
+        if all {
+            let mut out: Vec<_> = changed
+                .iter()
+                .filter(|room| !inner.rooms.contains_key(*room))
+                .map(|room| (room.clone(), 0))
+                .collect();
+            out.extend(
+                inner
+                    .rooms
+                    .iter()
+                    .filter(|(room, _)| room.is_user())
+                    .map(|(room, members)| (room.clone(), members.len())),
+            );
+            return out;
+        }
+        changed
+            .into_iter()
+            .map(|room| {
+                let n = count(&room);
+                (room, n)
+            })
+            .collect()
+    }
+
+    /// How many of the application's rooms, and how many users, have a local socket.
+    pub(crate) fn room_and_user_counts(&self) -> (usize, usize) {
+        let inner = self.lock();
+        let users = inner.rooms.keys().filter(|r| r.is_user()).count();
+        (inner.rooms.len() - users, users)
     }
 
     /// Whether `room` has a local socket.

@@ -4,6 +4,7 @@
 
 mod read;
 mod rooms;
+mod user;
 
 pub use read::Event;
 
@@ -47,6 +48,8 @@ pub struct FanoutSocket {
     /// Slots for this socket's broadcasts in flight (`broadcasts_in_flight`), made on its
     /// first broadcast: most sockets of a big fleet only listen, and idle memory counts.
     in_flight: OnceLock<Arc<Semaphore>>,
+    /// The user it [`identify`](FanoutSocket::identify)ed as.
+    user: Option<Box<str>>,
 }
 
 impl FanoutSocket {
@@ -107,6 +110,7 @@ impl FanoutSocket {
             outbox,
             bucket,
             in_flight: OnceLock::new(),
+            user: None,
         }
     }
 
@@ -218,7 +222,9 @@ fn truncate_reason(reason: &str) -> &str {
 
 impl Drop for FanoutSocket {
     fn drop(&mut self) {
-        rooms::quit_all(&self.shared, self.id, &self.outbox, "socket dropped");
+        let node = &self.shared.node;
+        node.rooms.quit_all(self.id, &self.outbox, "socket dropped");
+        node.users.forget(self.id);
         self.shared.node.lifecycle.detach(self.id);
         self.outbox.close_after_flush(Some(CloseFrame {
             code: close::NORMAL,

@@ -1,9 +1,6 @@
 //! The socket's rooms: joining (plain, as a presence member, durable with resume) and leaving.
 
-use tokio::time::Instant;
-
-use crate::durable::Read;
-use crate::durable::{Page, Resumed, Start};
+use crate::durable::{Resumed, Start};
 use crate::error::Error;
 use crate::node::Shared;
 use crate::position::Position;
@@ -28,35 +25,11 @@ impl FanoutSocket {
     /// [`rooms`](FanoutSocket::rooms) tells, and dropping the socket leaves it either way.
     pub async fn join(&mut self, room: impl AsRef<str>) -> Result<(), Error> {
         let room = RoomName::new(room)?;
-        if self.outbox.has_room(&room) {
-            return Ok(());
-        }
-        let node = &self.shared.node;
-        if !node.bus.is_configured() {
-            return Err(Error::no_redis());
-        }
-        if self.outbox.is_closing() || node.lifecycle.is_shutting_down() {
-            return Err(Error::closed());
-        }
-        let max = node.config.max_rooms_per_socket.get();
-        if self.outbox.room_count() >= max {
-            return Err(Error::too_many_rooms(max));
-        }
-        let deadline = Instant::now() + node.config.subscribe_timeout;
-        let subscribed = node.registry.insert(&room, self.id, self.outbox.clone());
-        self.outbox.add_room(&room);
-        if self.outbox.is_closing() {
-            // Closed meanwhile: the node may already have taken it out of its rooms.
-            self.leave(room.as_str());
-            return Err(Error::closed());
-        }
-        if !subscribed && let Err(e) = node.registry.wait_subscribed(&room, deadline).await {
-            self.leave(room.as_str());
-            tracing::warn!(room = %room, socket = %self.id, error = %e, "join failed");
-            return Err(e);
-        }
-        tracing::debug!(room = %room, socket = %self.id, "joined");
-        Ok(())
+        self.shared
+            .node
+            .rooms
+            .join(self.id, &self.outbox, &room)
+            .await
     }
 
     /// Joins `room` as `member`, in a room with presence (see the README's "Presence"): like
@@ -95,24 +68,11 @@ impl FanoutSocket {
     /// undoes both either way.
     pub async fn join_as(&mut self, room: impl AsRef<str>, member: &Member) -> Result<(), Error> {
         let room = RoomName::new(room)?;
-        crate::presence::check(&self.shared.node.bus, &room)?;
-        self.join(&room).await?;
-        let node = &self.shared.node;
-        let deadline = Instant::now() + node.config.subscribe_timeout;
-        let generation = node.presence.add(&room, self.id, member);
-        // Boxed, like the history read below: a socket's task keeps the size of its largest
-        // await for its whole life, and most of that life is spent idle in `recv`.
-        let counted =
-            Box::pin(
-                node.presence
-                    .wait_synced(&room, member.user(), generation, deadline),
-            );
-        if let Err(e) = counted.await {
-            self.leave(room.as_str());
-            tracing::warn!(room = %room, socket = %self.id, error = %e, "join as a member failed");
-            return Err(e);
-        }
-        Ok(())
+        self.shared
+            .node
+            .rooms
+            .join_as(self.id, &self.outbox, &room, member)
+            .await
     }
 
     /// Joins durable `room` with positions, resuming after `since` when given.
@@ -193,69 +153,20 @@ impl FanoutSocket {
         start: Start,
     ) -> Result<Resumed, Error> {
         let room = RoomName::new(room)?;
-        let shared = self.shared.clone();
-        let node = &shared.node;
-        let Some(settings) = node.config.durable_for(room.as_str()).copied() else {
-            return Err(Error::not_durable(room.as_str()));
-        };
-        self.leave(room.as_str());
-        // Held before joining, so that every message after the subscription is either
-        // replayed or held (see the `durable` module).
-        node.durable.hold(&room, self.id);
-        if let Err(e) = self.join(room.as_str()).await {
-            node.durable.forget(&room, self.id);
-            return Err(e);
-        }
-        let limit = settings.replay_limit.get();
-        let (read, since, fallback) = match start {
-            Start::Now => (Read::Top, None, None),
-            Start::After(since) => (Read::After(since.clone(), limit), Some(since), None),
-            Start::Last(n) => (Read::Last(n.min(limit)), None, None),
-            Start::AfterOrLast(since, n) => (
-                Read::After(since.clone(), limit),
-                Some(since),
-                Some(n.min(limit)),
-            ),
-        };
-        let last = matches!(read, Read::Last(_));
-        // Boxed: the read's futures (a script call under a deadline) are large, and a socket's
-        // task would keep their size for its whole life.
-        let read = Box::pin(async {
-            let page = node.durable.read(&node.bus, &room, &settings, read).await?;
-            let refused = since.as_ref().and_then(|s| page.covers(s, limit).err());
-            match (refused, fallback) {
-                (Some(why), Some(n)) => {
-                    let page = node
-                        .durable
-                        .read(&node.bus, &room, &settings, Read::Last(n));
-                    let page = page.await?;
-                    Ok((Some(before(&page)), page, Some(why)))
-                }
-                _ if last => Ok((Some(before(&page)), page, None)),
-                _ => Ok((since, page, None)),
-            }
-        });
-        match read.await {
-            Ok((since, page, refused)) => {
-                Ok(node
-                    .durable
-                    .finish_resume(&room, self.id, &self.outbox, since, page, refused))
-            }
-            Err(e) => {
-                self.leave(room.as_str());
-                Err(e)
-            }
-        }
+        self.shared
+            .node
+            .rooms
+            .join_durable(self.id, &self.outbox, &room, start)
+            .await
     }
 
     /// Leaves `room`. Returns whether the socket was in it.
     pub fn leave(&mut self, room: &str) -> bool {
-        let Some(room) = self.outbox.remove_room(room) else {
+        // A user's own room is left with the socket, never by name.
+        if crate::room::user_of(room).is_some() {
             return false;
-        };
-        quit(&self.shared, self.id, &room);
-        tracing::debug!(room = %room, socket = %self.id, "left");
-        true
+        }
+        self.shared.node.rooms.leave(self.id, &self.outbox, room)
     }
 
     /// The rooms this socket is in. A socket whose connection closed is in none: the node
@@ -276,39 +187,9 @@ pub(super) struct LeaveOnClose {
 
 impl Drop for LeaveOnClose {
     fn drop(&mut self) {
-        quit_all(&self.shared, self.id, &self.outbox, "connection closed");
+        let node = &self.shared.node;
+        node.rooms
+            .quit_all(self.id, &self.outbox, "connection closed");
+        node.users.forget(self.id);
     }
-}
-
-/// Takes the socket out of every room it is in: its connection closed, or it was dropped.
-pub(super) fn quit_all(shared: &Shared, id: SocketId, outbox: &Outbox, why: &str) {
-    for room in outbox.take_rooms() {
-        quit(shared, id, &room);
-        tracing::debug!(room = %room, socket = %id, "left ({why})");
-    }
-}
-
-/// Takes the socket out of `room` on this node: its membership (if it joined as a member),
-/// its registry entry (the last local socket unsubscribes the node) and its durable resume
-/// state. One home for [`leave`](FanoutSocket::leave), for a closed connection and for
-/// dropping the socket.
-fn quit(shared: &Shared, id: SocketId, room: &RoomName) {
-    let node = &shared.node;
-    if node.config.has_presence(room.as_str()) {
-        node.presence.remove(room, id);
-    }
-    node.registry.remove(room, id);
-    if node.durable.is_durable(room.as_str()) {
-        node.durable.forget(room, id);
-    }
-}
-
-/// The position just before a page's first message (its top when it has none): where a
-/// replay of the whole page starts.
-fn before(page: &Page) -> Position {
-    let first = page
-        .entries
-        .first()
-        .map_or(page.top.seq(), |(seq, _)| seq.saturating_sub(1));
-    page.top.at(first)
 }

@@ -214,6 +214,368 @@ impl Drop for RedisServer {
     }
 }
 
+impl RedisServer {
+    /// Clients an application made: every client but Sentinel's own (named `sentinel-...`),
+    /// replication links and this `CLIENT LIST` call.
+    pub fn app_clients(&self) -> usize {
+        self.cli(&["CLIENT", "LIST"])
+            .lines()
+            .filter(|l| l.starts_with("id="))
+            .filter(|l| !l.contains(" name=sentinel-") && !l.contains(" cmd=client|list "))
+            .filter(|l| {
+                let flags = l
+                    .split(' ')
+                    .find_map(|f| f.strip_prefix("flags="))
+                    .unwrap_or("");
+                !flags.contains('S') && !flags.contains('M')
+            })
+            .count()
+    }
+
+    /// Starts `redis-cli MONITOR` on this server: every command it runs from now on, until
+    /// [`Monitor::finish`].
+    pub fn monitor(&self) -> Monitor {
+        let child = Command::new("redis-cli")
+            .args(["-p", &self.port.to_string()])
+            .args(&self.cli_args)
+            .arg("MONITOR")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-cli on PATH");
+        Monitor(child)
+    }
+
+    /// `role` of `INFO replication`: `master` or `slave`.
+    pub fn role(&self) -> String {
+        self.cli(&["INFO", "replication"])
+            .lines()
+            .find_map(|l| l.strip_prefix("role:"))
+            .unwrap_or("")
+            .trim()
+            .to_owned()
+    }
+}
+
+/// A running `redis-cli MONITOR` ([`RedisServer::monitor`]).
+pub struct Monitor(Child);
+
+impl Monitor {
+    /// Stops it and returns the commands it saw, one a line (`<time> [<db> <addr>] "CMD" ...`).
+    pub fn finish(mut self) -> String {
+        let _ = self.0.kill();
+        let out = self
+            .0
+            .wait_with_output()
+            .expect("redis-cli MONITOR's output");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+/// The master name every [`SentinelGroup`] monitors.
+pub const SENTINEL_MASTER: &str = "m";
+
+/// A `redis-server --sentinel` process on a free port monitoring [`SENTINEL_MASTER`], killed
+/// on drop. Its configuration file (which Sentinel rewrites) is removed with it.
+pub struct SentinelProcess {
+    port: u16,
+    child: Option<Child>,
+    conf: PathBuf,
+    /// Extra `redis-cli` arguments (the sentinel's password).
+    cli_args: Vec<String>,
+}
+
+impl SentinelProcess {
+    /// Starts a sentinel monitoring the master on `master_port` with quorum 2, which it
+    /// judges down after `down_after_ms` without an answer, with the credentials and TLS of
+    /// `options`.
+    pub fn start(master_port: u16, down_after_ms: u64, options: &SentinelOptions) -> Self {
+        let auth = options.auth.as_ref();
+        for _ in 0..5 {
+            let port = free_port();
+            let conf = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("sentinel-{port}.conf"));
+            let listen = match &options.tls {
+                None => format!("port {port}\n"),
+                // TLS only, to clients, to the other sentinels and to the monitored servers.
+                Some(tls) => format!(
+                    "port 0\ntls-port {port}\ntls-cert-file {}\ntls-key-file {}\n\
+                     tls-ca-cert-file {}\ntls-auth-clients no\ntls-replication yes\n",
+                    tls.cert, tls.key, tls.ca
+                ),
+            };
+            let text = format!(
+                "{listen}bind 127.0.0.1\n\
+                 sentinel monitor {SENTINEL_MASTER} 127.0.0.1 {master_port} 2\n\
+                 sentinel down-after-milliseconds {SENTINEL_MASTER} {down_after_ms}\n\
+                 sentinel failover-timeout {SENTINEL_MASTER} 2000\n"
+            );
+            let text = match auth {
+                None => text,
+                Some(a) => format!(
+                    "{text}sentinel auth-user {SENTINEL_MASTER} {}\n\
+                     sentinel auth-pass {SENTINEL_MASTER} {}\nrequirepass {}\n",
+                    a.user, a.password, a.sentinel_password
+                ),
+            };
+            std::fs::write(&conf, text).expect("write the sentinel's configuration");
+            let child = Command::new("redis-server")
+                .arg(&conf)
+                .arg("--sentinel")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("redis-server on PATH (`apt-get install redis-server`)");
+            let mut sentinel = Self {
+                port,
+                child: Some(child),
+                conf,
+                cli_args: options.sentinel_cli_args(),
+            };
+            let deadline = std::time::Instant::now() + SOON;
+            while std::time::Instant::now() < deadline {
+                if sentinel.cli(&["PING"]).trim() == "PONG" {
+                    return sentinel;
+                }
+                if let Some(child) = sentinel.child.as_mut()
+                    && let Ok(Some(_)) = child.try_wait()
+                {
+                    break; // most likely the port was taken in the meantime
+                }
+                std::thread::sleep(Duration::from_millis(20)); // deadline: polling interval
+            }
+            sentinel.stop();
+        }
+        panic!("could not start redis-server --sentinel");
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Runs `redis-cli` against this sentinel and returns its stdout.
+    pub fn cli(&self, args: &[&str]) -> String {
+        let out = Command::new("redis-cli")
+            .args(["-p", &self.port.to_string()])
+            .args(&self.cli_args)
+            .args(args)
+            .output()
+            .expect("redis-cli on PATH");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// The port of the master this sentinel names now.
+    pub fn named_master(&self) -> Option<u16> {
+        let out = self.cli(&["SENTINEL", "get-master-addr-by-name", SENTINEL_MASTER]);
+        out.lines().nth(1).and_then(|p| p.trim().parse().ok())
+    }
+
+    /// One field of `SENTINEL MASTER`, e.g. `num-slaves`.
+    pub fn master_field(&self, field: &str) -> String {
+        let out = self.cli(&["SENTINEL", "MASTER", SENTINEL_MASTER]);
+        let lines: Vec<&str> = out.lines().collect();
+        lines
+            .chunks(2)
+            .find(|kv| kv[0] == field)
+            .and_then(|kv| kv.get(1))
+            .map_or(String::new(), |v| v.to_string())
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for SentinelProcess {
+    fn drop(&mut self) {
+        self.stop();
+        let _ = std::fs::remove_file(&self.conf);
+    }
+}
+
+/// Credentials of a [`SentinelGroup`]: an ACL user (the only one) on the master and the
+/// replica, and a password on the sentinels.
+pub struct SentinelAuth {
+    pub user: &'static str,
+    pub password: &'static str,
+    pub sentinel_password: &'static str,
+}
+
+/// A certificate, its key and the CA that signed it (paths): every process of a
+/// [`SentinelGroup`] then serves TLS only, and talks TLS to the others.
+pub struct SentinelTls {
+    pub cert: String,
+    pub key: String,
+    pub ca: String,
+}
+
+/// How a [`SentinelGroup`] is secured; the default is not at all.
+#[derive(Default)]
+pub struct SentinelOptions {
+    pub auth: Option<SentinelAuth>,
+    pub tls: Option<SentinelTls>,
+}
+
+impl SentinelOptions {
+    /// `redis-cli` arguments for the master and the replica.
+    fn server_cli_args(&self) -> Vec<String> {
+        let mut cli = Vec::new();
+        if let Some(tls) = &self.tls {
+            cli.extend(["--tls".to_owned(), "--cacert".to_owned(), tls.ca.clone()]);
+        }
+        if let Some(a) = &self.auth {
+            cli.extend(["--user", a.user, "--pass", a.password].map(str::to_owned));
+        }
+        cli
+    }
+
+    /// `redis-cli` arguments for a sentinel.
+    fn sentinel_cli_args(&self) -> Vec<String> {
+        let mut cli = Vec::new();
+        if let Some(tls) = &self.tls {
+            cli.extend(["--tls".to_owned(), "--cacert".to_owned(), tls.ca.clone()]);
+        }
+        if let Some(a) = &self.auth {
+            cli.extend(["-a", a.sentinel_password, "--no-auth-warning"].map(str::to_owned));
+        }
+        cli
+    }
+}
+
+/// A master, one replica of it and three sentinels monitoring them as [`SENTINEL_MASTER`]
+/// (quorum 2), all on free ports and killed on drop: what a Sentinel deployment runs.
+pub struct SentinelGroup {
+    pub master: RedisServer,
+    pub replica: RedisServer,
+    pub sentinels: Vec<SentinelProcess>,
+}
+
+impl SentinelGroup {
+    /// Starts the five processes and waits until the replica is in sync and every sentinel
+    /// knows the replica and the two other sentinels (a failover needs their votes).
+    pub fn start(down_after_ms: u64) -> Self {
+        Self::start_with(down_after_ms, &SentinelOptions::default())
+    }
+
+    /// [`start`](SentinelGroup::start), with the credentials and TLS of `options`.
+    pub fn start_with(down_after_ms: u64, options: &SentinelOptions) -> Self {
+        // A replica writes what it syncs to `dir/dbfilename` unless it loads it straight from
+        // the socket: neither in the working tree, nor shared by concurrent tests.
+        let mut args: Vec<String> = [
+            "--dir",
+            env!("CARGO_TARGET_TMPDIR"),
+            "--dbfilename",
+            "sentinel-group-{port}.rdb",
+            "--repl-diskless-load",
+            "on-empty-db",
+        ]
+        .map(str::to_owned)
+        .to_vec();
+        if let Some(tls) = &options.tls {
+            let files = ["--tls-cert-file", &tls.cert, "--tls-key-file", &tls.key];
+            args.extend(["--port", "0", "--tls-port", "{port}"].map(str::to_owned));
+            args.extend(files.map(str::to_owned));
+            args.extend(["--tls-ca-cert-file", &tls.ca].map(str::to_owned));
+            args.extend(
+                ["--tls-auth-clients", "no", "--tls-replication", "yes"].map(str::to_owned),
+            );
+        }
+        let cli = options.server_cli_args();
+        if let Some(a) = &options.auth {
+            let pass = format!(">{}", a.password);
+            let acl = ["--user", a.user, "on", &pass, "~*", "&*", "+@all"];
+            let replication = ["--masteruser", a.user, "--masterauth", a.password];
+            args.extend(acl.into_iter().map(str::to_owned));
+            // So that nothing works without logging in as the user.
+            args.extend(["--user", "default", "off"].map(str::to_owned));
+            args.extend(replication.into_iter().map(str::to_owned));
+        }
+        fn borrow(v: &[String]) -> Vec<&str> {
+            v.iter().map(String::as_str).collect()
+        }
+        let master = RedisServer::start_with_cli(&borrow(&args), &borrow(&cli));
+        let mut replica_args = args.clone();
+        replica_args.extend(["--replicaof".to_owned(), "127.0.0.1".to_owned()]);
+        replica_args.push(master.port().to_string());
+        let replica = RedisServer::start_with_cli(&borrow(&replica_args), &borrow(&cli));
+        let sentinels = (0..3)
+            .map(|_| SentinelProcess::start(master.port(), down_after_ms, options))
+            .collect();
+        let group = Self {
+            master,
+            replica,
+            sentinels,
+        };
+        let deadline = std::time::Instant::now() + SOON * 2;
+        loop {
+            let synced = group
+                .replica
+                .cli(&["INFO", "replication"])
+                .contains("master_link_status:up");
+            let known = group.sentinels.iter().all(|s| {
+                s.master_field("num-slaves") == "1" && s.master_field("num-other-sentinels") == "2"
+            });
+            if synced && known {
+                return group;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the sentinels did not find the replica and each other in time"
+            );
+            std::thread::sleep(Duration::from_millis(50)); // deadline: polling interval
+        }
+    }
+
+    /// `redis+sentinel://127.0.0.1:P1,127.0.0.1:P2,127.0.0.1:P3/m`.
+    pub fn url(&self) -> String {
+        format!("redis+sentinel://{}/{SENTINEL_MASTER}", self.hosts())
+    }
+
+    /// The sentinels' addresses, `127.0.0.1:P1,127.0.0.1:P2,127.0.0.1:P3`.
+    pub fn hosts(&self) -> String {
+        let hosts: Vec<String> = self
+            .sentinels
+            .iter()
+            .map(|s| format!("127.0.0.1:{}", s.port()))
+            .collect();
+        hosts.join(",")
+    }
+
+    /// Whether the replica has everything the master has (their replication offsets agree).
+    pub fn replicated(&self) -> bool {
+        let offset = |server: &RedisServer, field: &str| -> Option<u64> {
+            server
+                .cli(&["INFO", "replication"])
+                .lines()
+                .find_map(|l| l.strip_prefix(field))
+                .and_then(|n| n.trim().parse().ok())
+        };
+        let master = offset(&self.master, "master_repl_offset:");
+        master.is_some() && master == offset(&self.replica, "slave_repl_offset:")
+    }
+
+    /// Blocks until some sentinel names a master other than `old`, and returns its port.
+    pub fn wait_switch(&self, old: u16) -> u16 {
+        let deadline = std::time::Instant::now() + SOON * 2;
+        loop {
+            if let Some(new) = self
+                .sentinels
+                .iter()
+                .find_map(|s| s.named_master().filter(|p| *p != old))
+            {
+                return new;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no sentinel named a new master in time"
+            );
+            std::thread::sleep(Duration::from_millis(10)); // deadline: polling interval
+        }
+    }
+}
+
 /// An axum server on 127.0.0.1:0 in this process; stops on drop.
 pub struct TestServer {
     pub addr: SocketAddr,

@@ -10,10 +10,11 @@ use redis::Value;
 use tokio::sync::watch;
 use tokio::time::{Instant, timeout};
 
+use super::moves::Owners;
 use super::queries::conn;
 use super::reaper::reap_dead;
 use super::scripts::{SCRIPTS, invoke};
-use super::sync::{leave_if_absent, sync_dirty};
+use super::sync::{Held, leave_if_absent, sync_dirty};
 use super::{Failure, FleetKeys, int, items, text};
 use crate::bus::Backoff;
 use crate::bus::Conn;
@@ -27,13 +28,11 @@ use crate::room::RoomName;
 /// after every leave was synced).
 pub(crate) async fn release(bus: &Bus) {
     let cfg = bus.config();
-    let fleet = FleetKeys::new(cfg);
+    let fleet = FleetKeys::new(cfg, bus.is_cluster() == Some(true));
     let run = async {
         let mut conn = conn(bus, Duration::from_secs(1)).await?;
         let mut inv = SCRIPTS.release.call();
-        inv.key(&fleet.leases)
-            .key(fleet.rooms(&cfg.node_id))
-            .arg(&cfg.node_id);
+        inv.key(&fleet.leases).arg(&cfg.node_id);
         invoke(&mut conn, &inv).await
     };
     let _ = timeout(Duration::from_secs(1), run).await;
@@ -61,7 +60,9 @@ fn reap_every(config: &Config) -> Duration {
 /// Keeps this node's lease, syncs its table to Redis, and reaps dead nodes.
 async fn run(bus: Arc<Bus>, table: Arc<Table>, mut stop: watch::Receiver<()>) {
     let cfg = bus.config().clone();
-    let fleet = FleetKeys::new(&cfg);
+    let fleet = FleetKeys::new(&cfg, bus.is_cluster() == Some(true));
+    let mut held = Held::default();
+    let mut owners = Owners::default();
     let renew_every = cfg.presence_ttl / 3;
     let mut conns = bus.connections();
     let mut backoff = Backoff::new(cfg.backoff_min, cfg.backoff_max);
@@ -69,6 +70,9 @@ async fn run(bus: Arc<Bus>, table: Arc<Table>, mut stop: watch::Receiver<()>) {
     let mut epoch: Option<String> = None;
     let mut leased_until: Option<Instant> = None;
     let mut next_reap = Instant::now();
+    // A link this node has not renewed on yet: the server behind it may be another one (a
+    // Sentinel failover, a restart from an older snapshot) that lacks recent writes.
+    let mut new_link = false;
     loop {
         let conn = conns.borrow_and_update().clone();
         let Some(mut conn) = conn else {
@@ -81,8 +85,25 @@ async fn run(bus: Arc<Bus>, table: Arc<Table>, mut stop: watch::Receiver<()>) {
         };
         let now = Instant::now();
         if leased_until.is_none_or(|t| now + renew_every * 2 >= t) {
-            match renew(&cfg, &fleet, &mut conn, &table, &mut epoch).await {
-                Ok(()) => leased_until = Some(now + cfg.presence_ttl),
+            match renew(
+                &cfg, &fleet, &mut conn, &table, &mut epoch, &mut held, new_link,
+            )
+            .await
+            {
+                Ok(()) => {
+                    new_link = false;
+                    leased_until = Some(now + cfg.presence_ttl);
+                    owners
+                        .check(
+                            &cfg,
+                            &fleet,
+                            &mut conn,
+                            &table,
+                            &mut held,
+                            leave_after(&cfg),
+                        )
+                        .await;
+                }
                 Err(f) => {
                     tracing::warn!(node = %cfg.node_id, reason = %f, "cannot renew the presence lease; retrying");
                     leased_until = None;
@@ -93,7 +114,7 @@ async fn run(bus: Arc<Bus>, table: Arc<Table>, mut stop: watch::Receiver<()>) {
                 }
             }
         }
-        if let Err(f) = sync_dirty(&cfg, &fleet, &mut conn, &table).await {
+        if let Err(f) = sync_dirty(&cfg, &fleet, &mut conn, &table, &mut held).await {
             if matches!(f, Failure::NoLease) {
                 leased_until = None;
             } else {
@@ -106,7 +127,7 @@ async fn run(bus: Arc<Bus>, table: Arc<Table>, mut stop: watch::Receiver<()>) {
         }
         let (departed, next_departure) = table.take_departed(Instant::now());
         for (room, user) in departed {
-            if let Err(f) = leave_if_absent(&cfg, &mut conn, &room, &user).await {
+            if let Err(f) = leave_if_absent(&cfg, &fleet, &mut conn, &room, &user).await {
                 tracing::warn!(node = %cfg.node_id, %room, reason = %f, "could not announce a leave from a redis outage");
             }
         }
@@ -128,27 +149,38 @@ async fn run(bus: Arc<Bus>, table: Arc<Table>, mut stop: watch::Receiver<()>) {
             r = conns.changed() => {
                 if r.is_err() { return }
                 leased_until = None;
+                // On a cluster, the slots' owners tell which rooms moved (`Owners::check`).
+                new_link = bus.is_cluster() != Some(true);
             }
             _ = stop.changed() => return,
         }
     }
 }
 
-/// Renews the lease, and starts a re-assertion when Redis lost its data (a new epoch) or this
-/// node's lease had run out (others took its members out).
+/// How long after a silent re-assertion a user who left meanwhile gets their leave: every live
+/// node renews within a third of the TTL, sees the new epoch (or the moved slot) and
+/// re-asserts; only then can a user who left be told apart from one not re-asserted yet.
+fn leave_after(cfg: &Config) -> Duration {
+    cfg.presence_ttl / 3 + reap_every(cfg)
+}
+
+/// Renews the lease, and starts a re-assertion when Redis lost its data (a new epoch), this
+/// node's lease had run out (others took its members out), or on a `new_link` (the server may
+/// have lost only its last writes: a Sentinel failover to a replica that lagged, which keeps
+/// the epoch; re-asserting the node's current counts is idempotent, so it is done silently).
 async fn renew(
     cfg: &Config,
     fleet: &FleetKeys,
     conn: &mut Conn,
     table: &Table,
     epoch: &mut Option<String>,
+    held: &mut Held,
+    new_link: bool,
 ) -> Result<(), Failure> {
     let first = epoch.is_none();
     let fresh = random::hex_id();
     let mut inv = SCRIPTS.lease.call();
     inv.key(&fleet.leases)
-        .key(&fleet.epoch)
-        .key(fleet.rooms(&cfg.node_id))
         .arg(&cfg.node_id)
         .arg(u64::try_from(cfg.presence_ttl.as_millis()).unwrap_or(u64::MAX))
         .arg(&fresh)
@@ -159,6 +191,12 @@ async fn renew(
     let parts = items(&reply);
     let seen = parts.first().and_then(text).unwrap_or_default();
     let was_alive = parts.get(1).map(int) == Some(1);
+    held.until_ms = parts.get(3).map_or(0, int);
+    let reasserts = first || epoch.as_deref() != Some(seen.as_str()) || !was_alive || new_link;
+    if reasserts {
+        // Every room is synced again, and listed again in this node's room set.
+        held.indexed.clear();
+    }
     if first {
         // Rooms an earlier run under this node id left behind: re-assert them empty.
         let leftover: Vec<RoomName> = parts
@@ -175,13 +213,13 @@ async fn renew(
         table.reassert_all(false, leftover, Duration::ZERO);
     } else if epoch.as_deref() != Some(seen.as_str()) {
         tracing::warn!(node = %cfg.node_id, "redis lost its presence data; re-asserting this node's members");
-        // Every live node renews within a third of the TTL, sees the new epoch and re-asserts:
-        // only then can a user who left meanwhile be told apart from one not re-asserted yet.
-        let leave_after = cfg.presence_ttl / 3 + reap_every(cfg);
-        table.reassert_all(true, Vec::new(), leave_after);
+        table.reassert_all(true, Vec::new(), leave_after(cfg));
     } else if !was_alive {
         tracing::warn!(node = %cfg.node_id, "this node's presence lease had run out; re-asserting its members");
         table.reassert_all(false, Vec::new(), Duration::ZERO);
+    } else if new_link {
+        tracing::info!(node = %cfg.node_id, "a new link to redis; re-asserting this node's members (a failover may have lost the last writes)");
+        table.reassert_all(true, Vec::new(), leave_after(cfg));
     }
     *epoch = Some(seen);
     Ok(())

@@ -6,7 +6,8 @@
 //! # Keys
 //!
 //! Per room, under the hash tag of its channel name `{<prefix><room>}` (so that one room's
-//! keys and channel share a slot):
+//! keys and channel share a slot; on a cluster, the channel its events go to, shard 0's of a
+//! sharded room):
 //!
 //! | key | type | holds |
 //! |---|---|---|
@@ -15,11 +16,19 @@
 //! | `{..}:version` | string | the version of the room's last join or leave event |
 //! | `{..}:nodes` | set | nodes that hold connections in the room |
 //! | `{..}:node:<node>` | hash | user -> connections on that node: what its death takes away |
+//! | `{..}:leases` | hash | on a cluster: node -> end of the lease it last synced the room under |
 //!
 //! Per fleet, under `__axum_fanout:presence:<prefix>` (`<prefix>` is the channel prefix, so
 //! two fleets with different prefixes share nothing): `leases`, a sorted set node -> expiry
 //! (ms, Redis's clock); `epoch`, a random id written once, that changes only when Redis loses
-//! its data; `rooms:<node>`, the rooms a node holds connections in (for the reaper).
+//! its data; `rooms:<node>`, the rooms a node holds connections in (for the reaper). On a
+//! cluster the base is a hash tag, `{__axum_fanout:presence:<prefix>}`, so that the fleet's
+//! keys share one slot.
+//!
+//! Every script touches the keys of one slot: a room's, or the fleet's. On one server a room
+//! script is also handed the fleet's lease set and room set, and checks a lease in the same
+//! atomic step; on a cluster (another slot) it is handed what it needs instead (see
+//! `scripts`), and the node's room set is written around it (`sync`, `reaper`).
 //!
 //! # Leases
 //!
@@ -27,7 +36,8 @@
 //! and members: O(1) per node. Every second each node asks for expired leases (a range of the
 //! sorted set); for each it runs the reap script on every room of the dead node, at most 256
 //! users per call (`reaper`), so that a share of 10,000 users never holds Redis for more than
-//! a few milliseconds at a time. Each call checks the lease again, takes users out of the dead
+//! a few milliseconds at a time. Each call checks the lease again (on a cluster: against the
+//! lease it was synced under, see `scripts`), takes users out of the dead
 //! node's share and the members, and publishes their leave events, atomically: with several
 //! survivors racing, each user leaves once. A query that meets a dead node in a room reaps it
 //! first (a small share in the query script itself, a larger one chunk by chunk before the
@@ -47,9 +57,11 @@
 //! - `queries`: the member list and count a handler asks for, and the checks before them;
 //! - `leases`: the presence task: this node's lease, the epoch that tells a Redis data loss;
 //! - `sync`: sending this node's table (`crate::presence`) to Redis;
-//! - `reaper`: taking the members of nodes whose lease ran out out of their rooms.
+//! - `reaper`: taking the members of nodes whose lease ran out out of their rooms;
+//! - `moves`: on a cluster, re-asserting the rooms whose slot changed masters.
 
 mod leases;
+mod moves;
 mod queries;
 mod reaper;
 mod scripts;
@@ -60,61 +72,81 @@ pub(crate) use queries::{check, count, snapshot};
 
 use redis::{RedisError, Value};
 
-use crate::bus::script::{self, items, text};
+use crate::bus::script::{self, Call, Script, items, text};
 use crate::channel;
 use crate::config::Config;
 use crate::error::Error;
 use crate::room::RoomName;
 
-/// The key names of one room.
+/// The key names of one room (the scripts name the others from the same tag: see `scripts`).
 struct RoomKeys {
     members: String,
     info: String,
-    version: String,
-    nodes: String,
-    /// Prefix of the per-node shares: `<tag>:node:` + node id.
-    node_prefix: String,
 }
 
 impl RoomKeys {
-    fn new(config: &Config, room: &str) -> Self {
-        // The room's own channel name (shard 0's base), as the durable rooms' keys are named:
-        // the keys live in its hash slot.
-        let tag = script::room_key_base(&format!("{}{room}", config.channel_prefix));
+    fn new(config: &Config, fleet: &FleetKeys, room: &RoomName) -> Self {
+        // The keys live in the hash slot of a channel, as the durable rooms' keys do. On a
+        // cluster, the one presence events go to (shard 0 of a sharded room), so that the
+        // scripts may SPUBLISH there; on one server, the room's own channel name, as every
+        // earlier version named them (a fleet upgraded node by node keeps its data).
+        let channel = if fleet.cluster {
+            event_channel(config, room)
+        } else {
+            format!("{}{room}", config.channel_prefix)
+        };
+        let tag = script::room_key_base(&channel);
         Self {
             members: format!("{tag}:members"),
             info: format!("{tag}:info"),
-            version: format!("{tag}:version"),
-            nodes: format!("{tag}:nodes"),
-            node_prefix: format!("{tag}:node:"),
         }
     }
 
-    fn node(&self, node: &str) -> String {
-        format!("{}{node}", self.node_prefix)
+    /// Starts a call of a room script: its one declared key.
+    fn call<'a>(&self, script: &'a Script) -> Call<'a> {
+        let mut call = script.call();
+        call.key(&self.members);
+        call
     }
 }
 
 /// The fleet-wide key names.
 struct FleetKeys {
+    /// The lease set; the scripts name the fleet's other keys (`epoch`, `rooms:<node>`) from
+    /// it, as `rooms_prefix` does.
     leases: String,
-    epoch: String,
     /// Prefix of each node's room set: + node id.
     rooms_prefix: String,
+    /// On a Redis Cluster: the fleet's keys share one slot (a hash tag), which no room's keys
+    /// share, so room scripts are handed what they need of them (see `scripts`).
+    cluster: bool,
 }
 
 impl FleetKeys {
-    fn new(config: &Config) -> Self {
-        let base = format!("__axum_fanout:presence:{}", config.channel_prefix);
+    fn new(config: &Config, cluster: bool) -> Self {
+        let base = if cluster {
+            format!("{{__axum_fanout:presence:{}}}", config.channel_prefix)
+        } else {
+            // Unchanged on one server (no hash tag), so an upgraded fleet keeps its leases.
+            format!("__axum_fanout:presence:{}", config.channel_prefix)
+        };
         Self {
             leases: format!("{base}leases"),
-            epoch: format!("{base}epoch"),
             rooms_prefix: format!("{base}rooms:"),
+            cluster,
         }
     }
 
     fn rooms(&self, node: &str) -> String {
         format!("{}{node}", self.rooms_prefix)
+    }
+
+    /// Adds the fleet keys a room script reads in the same atomic step on one server: the
+    /// lease set and `node`'s room set. On a cluster they live in another slot: none.
+    fn same_slot(&self, call: &mut Call<'_>, node: &str) {
+        if !self.cluster {
+            call.key(&self.leases).key(self.rooms(node));
+        }
     }
 }
 
@@ -131,8 +163,6 @@ enum Failure {
     Unavailable,
     /// This node's lease is gone: renew it (and re-assert) before syncing again.
     NoLease,
-    #[cfg(feature = "cluster")]
-    Cluster,
 }
 
 impl Failure {
@@ -140,8 +170,6 @@ impl Failure {
         match self {
             Failure::Redis(e) => Error::redis(e),
             Failure::Unavailable | Failure::NoLease => Error::presence_timeout(room),
-            #[cfg(feature = "cluster")]
-            Failure::Cluster => Error::presence_off("presence needs a single redis server"),
         }
     }
 
@@ -159,8 +187,6 @@ impl std::fmt::Display for Failure {
             Failure::Redis(e) => write!(f, "{e}"),
             Failure::Unavailable => f.write_str("no connection to redis"),
             Failure::NoLease => f.write_str("this node's presence lease ran out"),
-            #[cfg(feature = "cluster")]
-            Failure::Cluster => f.write_str("presence needs a single redis server"),
         }
     }
 }

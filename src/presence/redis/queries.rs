@@ -7,8 +7,8 @@ use std::time::Duration;
 use redis::Value;
 use tokio::time::timeout;
 
-use super::reaper::{REAP_CHUNK, reap_room};
-use super::scripts::{SCRIPTS, invoke, single_server};
+use super::reaper::{self, Expired, REAP_CHUNK, reap_room};
+use super::scripts::{SCRIPTS, invoke};
 use super::{Failure, FleetKeys, RoomKeys, event_channel, int, items, pairs, text};
 use crate::bus::Bus;
 use crate::bus::Conn;
@@ -26,7 +26,7 @@ pub(super) async fn conn(bus: &Bus, wait: Duration) -> Result<Conn, Failure> {
     }
 }
 
-/// Whether `room` may have members: presence opted in for it, on a single Redis server.
+/// Whether `room` may have members: presence opted in for it, and a Redis to keep it in.
 pub(crate) fn check(bus: &Bus, room: &RoomName) -> Result<(), Error> {
     if !bus.config().has_presence(room.as_str()) {
         return Err(Error::presence_off(format!(
@@ -36,10 +36,7 @@ pub(crate) fn check(bus: &Bus, room: &RoomName) -> Result<(), Error> {
     }
     match bus.is_cluster() {
         None => Err(Error::no_redis()),
-        Some(false) => Ok(()),
-        Some(true) => Err(Error::presence_off(
-            "presence needs a single redis server, not a cluster",
-        )),
+        Some(_) => Ok(()),
     }
 }
 
@@ -47,33 +44,52 @@ pub(crate) fn check(bus: &Bus, room: &RoomName) -> Result<(), Error> {
 /// member count) or `reap` (the version only; within the same transaction, two native
 /// `HGETALL`s read the members and their info: native commands build the reply far more
 /// cheaply for Redis than Lua does, see BENCHMARKS.md).
+///
+/// On a cluster the lease set lives in another slot than the room: the expired leases are
+/// read first, one round trip before the script (see the README's "Presence on Redis
+/// Cluster" for what that leaves open).
 async fn query(bus: &Bus, room: &str, mode: &str) -> Result<Value, Error> {
     let room = RoomName::new(room)?;
     let cfg = bus.config();
     check(bus, &room)?;
     let wait = cfg.subscribe_timeout;
-    let keys = RoomKeys::new(cfg, room.as_str());
-    let fleet = FleetKeys::new(cfg);
+    let fleet = FleetKeys::new(cfg, bus.is_cluster() == Some(true));
+    let keys = RoomKeys::new(cfg, &fleet, &room);
     let run = async {
         let mut conn = conn(bus, wait).await?;
-        let mut inv = SCRIPTS.query.call();
-        inv.key(&keys.members)
-            .key(&keys.info)
-            .key(&keys.version)
-            .key(&keys.nodes)
-            .key(&fleet.leases)
-            .arg(event_channel(cfg, &room))
-            .arg(room.as_str())
-            .arg(&cfg.node_id)
-            .arg(&keys.node_prefix)
-            .arg(&fleet.rooms_prefix)
-            .arg(mode)
-            .arg(REAP_CHUNK);
         loop {
-            let reply = if mode == "reap" {
-                list(&mut conn, &inv, &keys).await?
+            let expired = if fleet.cluster {
+                reaper::expired(&fleet, &mut conn, EXPIRED_PER_QUERY).await?
             } else {
-                invoke(&mut conn, &inv).await?
+                Vec::new()
+            };
+            let publish = conn.publish_command();
+            let call = |mode: &str| {
+                let mut inv = keys.call(&SCRIPTS.query);
+                if !fleet.cluster {
+                    inv.key(&fleet.leases);
+                }
+                inv.arg(event_channel(cfg, &room))
+                    .arg(room.as_str())
+                    .arg(&cfg.node_id)
+                    .arg(publish)
+                    .arg(&fleet.rooms_prefix)
+                    .arg(mode)
+                    .arg(REAP_CHUNK);
+                for e in &expired {
+                    inv.arg(&e.node).arg(&e.expiry);
+                }
+                inv
+            };
+            let reply = if mode == "reap" {
+                match list(&mut conn, &call("reap"), &keys).await {
+                    // A transaction is not redirected while the room's slot migrates: the
+                    // script alone is, and reads the hashes itself.
+                    Err(_) if fleet.cluster => invoke(&mut conn, &call("list")).await?,
+                    other => other?,
+                }
+            } else {
+                invoke(&mut conn, &call(mode)).await?
             };
             let script_reply = if mode == "reap" {
                 items(&reply).first().unwrap_or(&Value::Nil)
@@ -86,7 +102,12 @@ async fn query(bus: &Bus, room: &str, mode: &str) -> Result<Value, Error> {
             }
             // Dead nodes with large shares: reap them a chunk at a time, then ask again.
             for node in dead {
-                reap_room(cfg, &fleet, &mut conn, &room, &node).await?;
+                let expiry = expired
+                    .iter()
+                    .find(|e| e.node == node)
+                    .map(|e| e.expiry.clone())
+                    .unwrap_or_default();
+                reap_room(cfg, &fleet, &mut conn, &room, &Expired { node, expiry }).await?;
             }
         }
     };
@@ -96,6 +117,11 @@ async fn query(bus: &Bus, room: &str, mode: &str) -> Result<Value, Error> {
         Err(_) => Err(Error::presence_timeout(room.as_str())),
     }
 }
+
+/// Most expired leases a query on a cluster hands its script: more dead nodes than this at
+/// once (each is forgotten once its rooms are reaped) may leave one listed until the reaper
+/// or the next query takes it out.
+const EXPIRED_PER_QUERY: usize = 1024;
 
 /// Every member of `room` on every live node, with the room's version: one script call.
 pub(crate) async fn snapshot(bus: &Bus, room: &str) -> Result<Snapshot, Error> {
@@ -147,7 +173,6 @@ pub(crate) async fn count(bus: &Bus, room: &str) -> Result<Count, Error> {
 /// The query script in a transaction with the two `HGETALL`s that read the members and their
 /// info: [script reply, members, info].
 async fn list(conn: &mut Conn, query: &Call<'_>, keys: &RoomKeys) -> Result<Value, Failure> {
-    single_server(conn)?;
     let mut pipe = redis::pipe();
     pipe.atomic()
         .add_command(query.cmd())

@@ -27,6 +27,8 @@ use crate::socket::FanoutSocket;
 use crate::stats::Stats;
 use crate::writer::going_away;
 
+mod users;
+
 impl fmt::Debug for RoomHandle {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RoomHandle")
@@ -218,8 +220,9 @@ impl RoomHandle {
     }
 
     /// The members of `room` on every live node, sorted by user id, and the room's presence
-    /// version: one script call to Redis, which first removes the members of any node whose
-    /// lease ran out (so it never lists them).
+    /// version: one script call to Redis (on a Redis Cluster, after one read of the expired
+    /// leases), which first removes the members of any node whose lease ran out (so it never
+    /// lists them).
     ///
     /// Fails with [`Error::is_presence_off`] for a room without presence,
     /// [`Error::is_invalid_room`] for an invalid name, and [`Error::is_timeout`] or

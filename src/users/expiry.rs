@@ -1,0 +1,135 @@
+//! Sockets whose credentials expire: one ordered set per node and one task that closes each
+//! socket at its instant with 4001, unless it was refreshed (moved later) first.
+//!
+//! One timer for the whole node, not one per socket: a node of 100,000 sockets with tokens keeps
+//! one sleeping task, and a refresh is a map update.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use axum::extract::ws::{CloseFrame, Utf8Bytes};
+use tokio::sync::{Notify, watch};
+use tokio::time::Instant;
+
+use crate::close;
+use crate::queue::Outbox;
+use crate::registry::SocketId;
+
+/// Most jitter added to an expiry: tokens issued together (a fleet's deploy, a login burst)
+/// must not close their sockets in the same instant, and a client may be late by this much.
+pub(crate) const MAX_JITTER: Duration = Duration::from_secs(1);
+
+#[derive(Debug, Default)]
+struct Inner {
+    /// Every socket's instant, in order: the task sleeps until the first.
+    due: BTreeSet<(Instant, SocketId)>,
+    /// Each socket's current instant and queue.
+    sockets: HashMap<SocketId, (Instant, Arc<Outbox>)>,
+}
+
+/// The node's sockets with an expiry.
+#[derive(Debug, Default)]
+pub(crate) struct Expiries {
+    /// A leaf lock: nothing else is taken while it is held.
+    inner: Mutex<Inner>,
+    /// Wakes the task when an earlier instant is set.
+    changed: Notify,
+}
+
+impl Expiries {
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // Every section leaves both maps in step; a panic elsewhere breaks nothing here.
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Closes `socket` at `at` unless set again; replaces its earlier instant.
+    pub(crate) fn set(&self, socket: SocketId, outbox: &Arc<Outbox>, at: Instant) {
+        let mut inner = self.lock();
+        if let Some((old, _)) = inner.sockets.insert(socket, (at, outbox.clone())) {
+            inner.due.remove(&(old, socket));
+        }
+        inner.due.insert((at, socket));
+        let first = inner
+            .due
+            .first()
+            .is_some_and(|&(t, s)| t == at && s == socket);
+        drop(inner);
+        if first {
+            self.changed.notify_one();
+        }
+    }
+
+    /// The socket's instant, if it has one.
+    pub(crate) fn get(&self, socket: SocketId) -> Option<Instant> {
+        self.lock().sockets.get(&socket).map(|(at, _)| *at)
+    }
+
+    /// The socket closed: it no longer expires.
+    pub(crate) fn forget(&self, socket: SocketId) {
+        let mut inner = self.lock();
+        if let Some((at, _)) = inner.sockets.remove(&socket) {
+            inner.due.remove(&(at, socket));
+        }
+    }
+
+    /// Takes out every socket due at `now`; returns them and the next instant.
+    fn take_due(&self, now: Instant) -> (Vec<Arc<Outbox>>, Option<Instant>) {
+        let mut inner = self.lock();
+        let mut due = Vec::new();
+        while let Some(&(at, socket)) = inner.due.first() {
+            if at > now {
+                break;
+            }
+            inner.due.pop_first();
+            if let Some((_, outbox)) = inner.sockets.remove(&socket) {
+                due.push(outbox);
+            }
+        }
+        let next = inner.due.first().map(|&(at, _)| at);
+        (due, next)
+    }
+}
+
+/// Closes every socket at its instant, until `stop` changes or is dropped.
+pub(crate) async fn run(expiries: Arc<Expiries>, mut stop: watch::Receiver<()>) {
+    loop {
+        let (due, next) = expiries.take_due(Instant::now());
+        for outbox in due {
+            outbox.close_after_flush(Some(CloseFrame {
+                code: close::CREDENTIALS_EXPIRED,
+                reason: Utf8Bytes::from_static(close::CREDENTIALS_EXPIRED_REASON),
+            }));
+        }
+        // Far enough to mean "nothing due": a set() wakes the task before then.
+        let until = next.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
+        tokio::select! {
+            () = tokio::time::sleep_until(until) => {}
+            () = expiries.changed.notified() => {}
+            _ = stop.changed() => return,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::queue::testing::outbox;
+
+    #[test]
+    fn a_later_instant_replaces_the_earlier_and_forget_removes_it() {
+        let e = Expiries::default();
+        let (a, b) = (outbox(), outbox());
+        let now = Instant::now();
+        e.set(SocketId::from_wire(1), &a, now + Duration::from_secs(5));
+        e.set(SocketId::from_wire(2), &b, now + Duration::from_secs(1));
+        e.set(SocketId::from_wire(1), &a, now + Duration::from_secs(9));
+        let (due, next) = e.take_due(now + Duration::from_secs(6));
+        assert_eq!(due.len(), 1, "socket 2 only: socket 1 was refreshed");
+        assert_eq!(next, Some(now + Duration::from_secs(9)));
+        e.forget(SocketId::from_wire(1));
+        let (due, next) = e.take_due(now + Duration::from_secs(60));
+        assert!(due.is_empty());
+        assert_eq!(next, None);
+    }
+}
