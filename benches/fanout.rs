@@ -81,7 +81,7 @@
 //!   Nodes run with `PRESENCE_TTL_S=10` (`--presence-ttl`). Scale it down with `--quick`
 //!   (TTL 3 s, hundreds of members) or `--presence-lists`, `--presence-rooms`,
 //!   `--presence-kill-members`, `--presence-churn-workers`, `--duration-scale`.
-//! * `users` (opt-in: `--scenario users`): users across the fleet (CONTRACT.md "Users"), in
+//! * `users` (opt-in: `--scenario users`): users across the fleet (PROTOCOL.md part 2, "Users"), in
 //!   two parts on fresh clusters (`users.rs` and `users_online.rs` have the details).
 //!   *Direct*: 10,000 users on 3 nodes, one socket each, each alone in its own room too;
 //!   bursts of one `POST /users/U/messages` per user from 32 HTTP keep-alive workers against

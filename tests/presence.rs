@@ -66,7 +66,7 @@ async fn presence_is_opt_in_per_room_and_members_are_validated() {
         json!({ "marker": 1 })
     );
     assert_eq!(first_notices(&mut with).await.0["type"], "fanout.join");
-    // A user id over 256 bytes is refused: 400 at the upgrade (CONTRACT.md, "Users"; it
+    // A user id over 256 bytes is refused: 400 at the upgrade (PROTOCOL.md part 2, "Users"; it
     // closed the upgraded socket with 1008 before that section named the user's rules).
     let long = "x".repeat(300);
     let url = format!("ws://{}/ws?room=with&user={long}", server.addr);
