@@ -3,7 +3,7 @@
 //! # What it measures
 //!
 //! For every *target* (a server implementation speaking the wire contract of
-//! `shared/CONTRACT.md`, or its socket.io variant) and every *scenario*, the bench starts a
+//! `PROTOCOL.md` part 2, or its socket.io variant) and every *scenario*, the bench starts a
 //! private `redis-server` on a free port and three server nodes (env `PORT`, `REDIS_URL`,
 //! `NODE_ID` n1..n3, `CHANNEL_PREFIX`, `SHARD_COUNT`) pointing at it, waits for each node's
 //! `GET /healthz` to answer 200, connects clients spread round-robin over the nodes and
@@ -70,7 +70,7 @@
 //!   a resume of 1,000 is refused as trimmed).
 //!
 //! * `presence` (opt-in: `--scenario presence`): the chat example with `PRESENCE=1`
-//!   (CONTRACT.md "Presence"), in four phases, each on fresh processes (`presence.rs` has the
+//!   (PROTOCOL.md part 2, "Presence"), in four phases, each on fresh processes (`presence.rs` has the
 //!   details): join/leave *churn* through WebSocket `user=` joins (joins + leaves per second
 //!   held by 32 closed loops without an error, notices missing at watcher sockets, and Redis
 //!   CPU per join read from its own `INFO cpu`, nodes' and load generator's CPU per join);
@@ -81,7 +81,7 @@
 //!   Nodes run with `PRESENCE_TTL_S=10` (`--presence-ttl`). Scale it down with `--quick`
 //!   (TTL 3 s, hundreds of members) or `--presence-lists`, `--presence-rooms`,
 //!   `--presence-kill-members`, `--presence-churn-workers`, `--duration-scale`.
-//! * `users` (opt-in: `--scenario users`): users across the fleet (CONTRACT.md "Users"), in
+//! * `users` (opt-in: `--scenario users`): users across the fleet (PROTOCOL.md part 2, "Users"), in
 //!   two parts on fresh clusters (`users.rs` and `users_online.rs` have the details).
 //!   *Direct*: 10,000 users on 3 nodes, one socket each, each alone in its own room too;
 //!   bursts of one `POST /users/U/messages` per user from 32 HTTP keep-alive workers against
@@ -98,7 +98,7 @@
 //!
 //! `--durable` adds the target `chat-durable`: the same chat binary with `HISTORY=256`, so
 //! every room is durable (each message stored in a Redis stream and published by one Lua
-//! script; CONTRACT.md "Durable rooms"); its clients join without `positions=1`, so they
+//! script; PROTOCOL.md part 2, "Durable rooms"); its clients join without `positions=1`, so they
 //! receive the same frames as in plain rooms. It alternates with `chat` like any target, and
 //! the tables' ratios (`chat / chat-durable`) compare plain with durable rooms in the same
 //! run; `sweep`, `latency` and `hot` also report Redis CPU per message published

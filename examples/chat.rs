@@ -1,4 +1,5 @@
-//! One chat node, speaking the project's wire contract (`CONTRACT.md`).
+//! One chat node, speaking the chat example's wire format and the fanout protocol (both in
+//! `PROTOCOL.md`).
 //!
 //! ```sh
 //! PORT=3001 NODE_ID=n1 cargo run --example chat

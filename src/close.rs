@@ -118,8 +118,9 @@ codes! {
     }
 
     /// 4001, the socket's credentials expired
-    /// ([`FanoutSocket::expire_in`](crate::FanoutSocket::expire_in)) before they were
-    /// refreshed: reconnect with new credentials.
+    /// ([`FanoutSocket::expire_in`](crate::FanoutSocket::expire_in), and the
+    /// [`protocol`](crate::protocol) endpoint's credentials) before they were refreshed:
+    /// reconnect with new credentials.
     CREDENTIALS_EXPIRED = 4001 {
         /// Sent with [`CREDENTIALS_EXPIRED`].
         CREDENTIALS_EXPIRED_REASON = "credentials expired",

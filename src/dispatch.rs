@@ -19,7 +19,7 @@ use crate::channel;
 use crate::config::Config;
 use crate::durable::Durable;
 use crate::envelope;
-use crate::registry::{Dispatched, Members, Offers, Registry, SocketId};
+use crate::registry::{Dispatched, Members, Offers, Registry};
 use crate::room::RoomName;
 use crate::stats::Counters;
 use crate::time::unix_ms;
@@ -190,10 +190,9 @@ impl Dispatcher {
                 total += self.durable.on_live(room, decoded, &mut self.offers);
                 continue;
             }
-            let out = registry.dispatch(
+            let out = registry.dispatch_decoded(
                 room,
-                &decoded.frame,
-                decoded.except.map(SocketId::from_wire),
+                &decoded,
                 config.overflow_for(room),
                 &mut self.offers,
             );
@@ -345,6 +344,7 @@ mod tests {
     use crate::config::{FanoutBuilder, OverflowPolicy};
     use crate::queue::testing::Recorder;
     use crate::queue::{Limits, Outbox};
+    use crate::registry::SocketId;
     use crate::room::RoomName;
     use crate::time::unix_ms;
 

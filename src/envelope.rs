@@ -331,19 +331,42 @@ impl Decoded {
     /// `"binary"` in place of `"payload"` for those payloads), without `"seq"` when the message
     /// has no position (a seed node's).
     pub(crate) fn positioned(&self) -> Message {
+        self.shaped(None)
+    }
+
+    /// The frame for a socket of the fanout protocol (`PROTOCOL.md`, "message"), which carries
+    /// many rooms: `{"type":"message","room":R,"seq":S,"data":V}` (`"text"` or `"binary"` in
+    /// place of `"data"`), without `"seq"` outside durable rooms. A control notice is already
+    /// one frame per kind with its room, so it goes as it is.
+    pub(crate) fn framed(&self, room: &str) -> Message {
+        self.shaped(Some(room))
+    }
+
+    /// `positioned` (no room) or `framed` (a room): one writer for the two shapes.
+    fn shaped(&self, room: Option<&str>) -> Message {
         if self.control {
             return self.frame.clone();
         }
-        let mut out = String::with_capacity(frame_text_len(&self.frame) + 32);
+        let mut out = String::with_capacity(frame_text_len(&self.frame) + 48);
         out.push('{');
+        if let Some(room) = room {
+            out.push_str("\"type\":\"message\",\"room\":");
+            out.push_str(&serde_json::to_string(room).unwrap_or_default());
+            out.push(',');
+        }
         if let Some(pos) = &self.pos {
             out.push_str("\"seq\":");
             out.push_str(&pos.seq().to_string());
             out.push(',');
         }
+        let json_key = if room.is_some() {
+            "\"data\":"
+        } else {
+            "\"payload\":"
+        };
         match &self.frame {
             Message::Text(text) if self.json => {
-                out.push_str("\"payload\":");
+                out.push_str(json_key);
                 out.push_str(text.as_str());
             }
             Message::Text(text) => {
@@ -355,7 +378,10 @@ impl Decoded {
                 out.push_str(&BASE64.encode(bytes));
                 out.push('"');
             }
-            _ => out.push_str("\"payload\":null"),
+            _ => {
+                out.push_str(json_key);
+                out.push_str("null");
+            }
         }
         out.push('}');
         Message::Text(Utf8Bytes::from(out))
@@ -540,6 +566,33 @@ mod tests {
         assert_eq!(
             text_of(&d.positioned()),
             r#"{"type":"fanout.join","user":"a"}"#
+        );
+    }
+
+    #[test]
+    fn protocol_sockets_get_each_room_message_framed_with_its_room() {
+        let raw = br#"{"pos":{"epoch":"e1","seq":7},"v":1,"payload":{"a":1}}"#;
+        let d = decode(raw, "r", "n", MAX).unwrap();
+        assert_eq!(
+            text_of(&d.framed("r\"1")),
+            r#"{"type":"message","room":"r\"1","seq":7,"data":{"a":1}}"#
+        );
+        let plain = decode(br#"{"text":"hi"}"#, "r", "n", MAX).unwrap();
+        assert_eq!(
+            text_of(&plain.framed("r")),
+            r#"{"type":"message","room":"r","text":"hi"}"#
+        );
+        let bytes = decode(br#"{"binary":"AAE="}"#, "r", "n", MAX).unwrap();
+        assert_eq!(
+            text_of(&bytes.framed("r")),
+            r#"{"type":"message","room":"r","binary":"AAE="}"#
+        );
+        // A notice is one frame per kind already, with its room: it goes as it is.
+        let notice = br#"{"control":true,"payload":{"type":"fanout.join","room":"r","user":"a"}}"#;
+        let d = decode(notice, "r", "n", MAX).unwrap();
+        assert_eq!(
+            text_of(&d.framed("r")),
+            r#"{"type":"fanout.join","room":"r","user":"a"}"#
         );
     }
 

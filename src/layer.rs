@@ -111,7 +111,10 @@ where
 
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
         self.handle.start();
-        req.extensions_mut().insert(self.handle.clone());
+        let mut handle = self.handle.clone();
+        let origins = &handle.shared.node.config.allowed_origins;
+        handle.foreign_origin = !crate::origin::allowed(req.headers(), origins);
+        req.extensions_mut().insert(handle);
         self.inner.call(req)
     }
 }

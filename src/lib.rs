@@ -33,6 +33,10 @@
 //!   [`RoomHandle::send_to_user`], [`disconnect_user`](RoomHandle::disconnect_user) and
 //!   [`join_user`](RoomHandle::join_user) reach it wherever it is connected, and
 //!   [`expire_in`](FanoutSocket::expire_in) closes it when its credentials expire ([`users`]).
+//! - **The protocol, ready-made.** [`protocol`] is a whole endpoint (one socket, many rooms,
+//!   commands answered by id, resume, presence, idempotent publish) specified in `PROTOCOL.md`
+//!   and spoken by the JavaScript client in `clients/js`; the application only decides who
+//!   may do what ([`protocol::Authorize`]).
 //! - **Close codes** the node sends are in [`close`].
 //!
 //! # Guarantees and the rest
@@ -60,6 +64,12 @@ struct ReadmeDoctests;
 // They are listed here, and declared below, from the top of that flow down: each module
 // imports only modules listed after it, never one before it.
 //
+// - `protocol`: the fanout protocol's endpoint (`PROTOCOL.md`), above the toolkit and built
+//   only on it: `protocol::session` (one socket's commands and replies), `protocol::wire`
+//   (frames and error codes), `protocol::reads` (history and presence commands),
+//   `protocol::auth` (`Authorize`, `Grant`, `Permissive`), `protocol::redis` (idempotent
+//   publish keys). Its sockets' queues are marked framed: the registry and the durable
+//   sequencer give them each room's frame with its room, made once per message.
 // - `layer`: `FanoutLayer` and `FanoutService`, which only put a `RoomHandle` in request
 //   extensions; the builder's `build`.
 // - `handle`: `RoomHandle` (the extractor) and `MissingFanoutLayer`, its rejection.
@@ -121,7 +131,8 @@ struct ReadmeDoctests;
 // `config::durability`: `Durability`), `room`
 // (`RoomName`, validated once at the edge), `missed` (`Missed`, how a socket learns that
 // messages may have been lost), `stats` (`Stats` and the counters), `error` (`Error`),
-// `close` (the close codes and reasons the node sends, public),
+// `close` (the close codes and reasons the node sends, public), `origin` (the `Origin`
+// check before an upgrade),
 // `time` (milliseconds since the epoch), `position` (`Position`, `Unrecoverable`),
 // `random` (random ids: node ids, epochs, backoff seeds).
 //
@@ -171,6 +182,7 @@ mod listener;
 mod membership;
 mod node;
 pub mod presence;
+pub mod protocol;
 mod queue;
 mod registry;
 mod socket;
@@ -183,6 +195,7 @@ mod config;
 mod envelope;
 mod error;
 mod missed;
+mod origin;
 mod position;
 mod random;
 mod room;

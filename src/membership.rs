@@ -9,7 +9,7 @@ use tokio::time::Instant;
 
 use crate::bus::Bus;
 use crate::config::Config;
-use crate::durable::{Durable, Read, Resumed};
+use crate::durable::{Durable, Page, Read, Resumed, Start};
 use crate::error::Error;
 use crate::lifecycle::Lifecycle;
 use crate::position::Position;
@@ -97,14 +97,14 @@ impl Rooms {
         Ok(())
     }
 
-    /// Joins durable `room` with positions, after `since` when given (see
-    /// `FanoutSocket::join_durable`).
+    /// Joins durable `room` with positions from `start` (see `FanoutSocket::join_durable` and
+    /// `FanoutSocket::join_durable_from`).
     pub(crate) async fn join_durable(
         &self,
         id: SocketId,
         outbox: &Arc<Outbox>,
         room: &RoomName,
-        since: Option<Position>,
+        start: Start,
     ) -> Result<Resumed, Error> {
         let Some(settings) = self.config.durable_for(room.as_str()).copied() else {
             return Err(Error::not_durable(room.as_str()));
@@ -117,14 +117,37 @@ impl Rooms {
             self.durable.forget(room, id);
             return Err(e);
         }
-        let read = match &since {
-            Some(since) => Read::After(since.clone(), settings.replay_limit.get()),
-            None => Read::Top,
+        let limit = settings.replay_limit.get();
+        let (read, since, fallback) = match start {
+            Start::Now => (Read::Top, None, None),
+            Start::After(since) => (Read::After(since.clone(), limit), Some(since), None),
+            Start::Last(n) => (Read::Last(n.min(limit)), None, None),
+            Start::AfterOrLast(since, n) => (
+                Read::After(since.clone(), limit),
+                Some(since),
+                Some(n.min(limit)),
+            ),
         };
+        let last = matches!(read, Read::Last(_));
         // Boxed: the read's futures (a script call under a deadline) are large, and a socket's
         // task would keep their size for its whole life.
-        match Box::pin(self.durable.read(&self.bus, room, &settings, read)).await {
-            Ok(page) => Ok(self.durable.finish_resume(room, id, outbox, since, page)),
+        let read = Box::pin(async {
+            let page = self.durable.read(&self.bus, room, &settings, read).await?;
+            let refused = since.as_ref().and_then(|s| page.covers(s, limit).err());
+            match (refused, fallback) {
+                (Some(why), Some(n)) => {
+                    let page = self.durable.read(&self.bus, room, &settings, Read::Last(n));
+                    let page = page.await?;
+                    Ok((Some(before(&page)), page, Some(why)))
+                }
+                _ if last => Ok((Some(before(&page)), page, None)),
+                _ => Ok((since, page, None)),
+            }
+        });
+        match read.await {
+            Ok((since, page, refused)) => Ok(self
+                .durable
+                .finish_resume(room, id, outbox, since, page, refused)),
             Err(e) => {
                 self.leave(id, outbox, room.as_str());
                 Err(e)
@@ -162,4 +185,14 @@ impl Rooms {
             self.durable.forget(room, id);
         }
     }
+}
+
+/// The position just before a page's first message (its top when it has none): where a
+/// replay of the whole page starts.
+fn before(page: &Page) -> Position {
+    let first = page
+        .entries
+        .first()
+        .map_or(page.top.seq(), |(seq, _)| seq.saturating_sub(1));
+    page.top.at(first)
 }

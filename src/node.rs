@@ -196,4 +196,7 @@ impl Shared {
 #[derive(Clone)]
 pub struct RoomHandle {
     pub(crate) shared: Arc<Shared>,
+    /// Set by the layer on a request whose `Origin` is not allowed: an upgrade from it is
+    /// answered 403 (see `origin`).
+    pub(crate) foreign_origin: bool,
 }

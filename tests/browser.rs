@@ -15,6 +15,9 @@
 //! with a 3 s presence bound.
 
 #[allow(dead_code, unreachable_pub)]
+#[path = "../examples/board/app.rs"]
+mod board_app;
+#[allow(dead_code, unreachable_pub)]
 #[path = "../examples/chat_app/mod.rs"]
 mod chat_app;
 #[allow(unreachable_pub)]
@@ -23,6 +26,7 @@ mod harness;
 mod support;
 
 use harness::{DESKTOP, DURABLE, PHONE, PLAIN, View, eventually, run, run_durable, run_on};
+use serde_json::{Value, json};
 
 /// The page's own size limit, the server's `max_message_size` (its 1009 close).
 const LIMIT: usize = 64 * 1024;
@@ -602,4 +606,160 @@ async fn readme_screenshot() {
         },
     )
     .await;
+}
+
+/// `examples/board`'s page, on the JavaScript client (`clients/js`) in a real Chromium: the
+/// last 20 updates on join, each new one once whichever node it was pushed to, and the last 20
+/// again after a reload, with no console error.
+#[tokio::test]
+async fn the_board_page_on_the_javascript_client_shows_the_latest_updates_once() {
+    let redis = support::RedisServer::start();
+    let layers = (0..2).map(|_| board_app::layer(&redis.url()).expect("layer"));
+    let nodes = support::start_nodes(layers, board_app::app).await;
+    let (a, b) = (nodes[0].0.addr, nodes[1].0.addr);
+    for n in 1..=25 {
+        let (status, _) = support::http(b, "POST", "/boards/ops", &format!("{{\"n\":{n}}}")).await;
+        assert_eq!(status, 200);
+    }
+    let driver = harness::Driver::start().await;
+    let page = driver
+        .open("board", &format!("http://{a}/?board=ops"), DESKTOP)
+        .await;
+    const READ: &str = r##"return {
+        state: document.getElementById("state").innerText,
+        items: [...document.querySelectorAll("#updates > li")].map((li) => li.innerText),
+    };"##;
+    let expected = |top: u64| -> Vec<String> {
+        (top - 19..=top)
+            .rev()
+            .map(|n| format!("#{n} {{\"n\":{n}}}"))
+            .collect()
+    };
+    let shows = |top: u64| {
+        let page = &page;
+        async move {
+            eventually(
+                &format!("the board shows #{} to #{top}", top - 19),
+                || async {
+                    let v = page.eval(READ).await;
+                    let items: Vec<String> =
+                        serde_json::from_value(v["items"].clone()).unwrap_or_default();
+                    (v["state"] == "live" && items.len() >= 20 && items[..20] == expected(top)[..])
+                        .then_some(items)
+                        .ok_or_else(|| format!("{v}"))
+                },
+            )
+            .await
+        }
+    };
+    let items = shows(25).await;
+    assert_eq!(items.len(), 20, "only the last 20 on join: {items:?}");
+    support::http(b, "POST", "/boards/ops", r#"{"n":26}"#).await;
+    support::http(a, "POST", "/boards/ops", r#"{"n":27}"#).await;
+    let items = shows(27).await;
+    assert_eq!(items.len(), 22, "each new update once: {items:?}");
+    page.reload().await;
+    let items = shows(27).await;
+    assert_eq!(
+        items.len(),
+        20,
+        "the last 20 again after a reload: {items:?}"
+    );
+    let errors = page.take_console_errors().await;
+    assert!(errors.is_empty(), "console errors: {errors:?}");
+}
+
+/// What the rooms page shows: its state line, and per room its members and messages.
+async fn rooms_until(page: &harness::Page, what: &str, check: impl Fn(&Value) -> bool) -> Value {
+    const READ: &str = r##"const rooms = {};
+        for (const s of document.querySelectorAll("section")) {
+          rooms[s.dataset.room] = {
+            members: s.querySelector(".members").innerText,
+            items: [...s.querySelectorAll("li")].map((li) => li.innerText),
+          };
+        }
+        return { state: document.getElementById("state").innerText, rooms };"##;
+    eventually(what, || async {
+        let v = page.eval(READ).await;
+        if check(&v) {
+            Ok(v)
+        } else {
+            Err(format!("{v}"))
+        }
+    })
+    .await
+}
+
+/// The chat on the fanout protocol's client (`GET /rooms`): two rooms over one socket, each
+/// with its messages and members, a message typed into one room reaching the other page in
+/// that room only, and a page that left and came back shown what was said meanwhile, once.
+#[tokio::test]
+async fn the_rooms_page_carries_several_rooms_over_one_socket_and_resumes_after_leaving() {
+    let fleet = harness::Fleet::start(&["n1", "n2"], DURABLE).await;
+    let driver = harness::Driver::start().await;
+    let url = |i: usize, user: &str| format!("{}rooms?rooms=a,b&user={user}", fleet.node(i).url());
+    let ada = driver.open("ada", &url(0, "ada"), DESKTOP).await;
+    let bob = driver.open("bob", &url(1, "bob"), DESKTOP).await;
+    for page in [&ada, &bob] {
+        rooms_until(page, "both members in both rooms", |v: &Value| {
+            v["rooms"]["a"]["members"] == "ada, bob" && v["rooms"]["b"]["members"] == "ada, bob"
+        })
+        .await;
+    }
+    // Typed into room a on ada's page: bob sees it in room a only.
+    ada.eval(
+        r#"const input = document.querySelector('section[data-room="a"] input');
+           input.value = "hello a";
+           input.dispatchEvent(new KeyboardEvent("keydown", { key: "Enter" }));"#,
+    )
+    .await;
+    fleet
+        .push(1, "b", r#"{"user":"carol","text":"hi b"}"#)
+        .await;
+    let v = rooms_until(&bob, "one message in each room", |v: &Value| {
+        v["rooms"]["a"]["items"] == json!(["ada: hello a"])
+            && v["rooms"]["b"]["items"] == json!(["carol: hi b"])
+    })
+    .await;
+    assert!(
+        v["state"]
+            .as_str()
+            .is_some_and(|s| s.starts_with("connected")),
+        "{v}"
+    );
+    // One socket for both rooms: n1 holds ada's page only.
+    let addr: std::net::SocketAddr = fleet.node(0).url()["http://".len()..]
+        .trim_end_matches('/')
+        .parse()
+        .expect("the node's address");
+    let (_, stats) = support::http(addr, "GET", "/stats", "").await;
+    let stats: Value = serde_json::from_str(&stats).expect("stats");
+    assert_eq!(
+        (stats["connections"].as_u64(), stats["memberships"].as_u64()),
+        (Some(1), Some(2)),
+        "{stats}"
+    );
+    // Ada leaves; room a goes on; she comes back and is shown what she missed, once.
+    ada.goto("about:blank").await;
+    fleet
+        .push(1, "a", r#"{"user":"carol","text":"while away"}"#)
+        .await;
+    ada.goto(&url(0, "ada")).await;
+    let v = rooms_until(&ada, "what was said while away", |v: &Value| {
+        v["rooms"]["a"]["items"] == json!(["carol: while away"])
+    })
+    .await;
+    assert_eq!(
+        v["rooms"]["b"]["items"],
+        json!([]),
+        "room b: nothing new, nothing twice"
+    );
+    for page in [&ada, &bob] {
+        let errors = page.take_console_errors().await;
+        assert!(
+            errors.is_empty(),
+            "{}: console errors: {errors:?}",
+            page.label
+        );
+    }
 }

@@ -1,4 +1,4 @@
-//! The chat example's wire contract (`CONTRACT.md`, and the close codes documented in
+//! The chat example's wire contract (`PROTOCOL.md` part 2, and the close codes documented in
 //! `examples/chat_app`) against a real, throwaway `redis-server`: close codes for bad input,
 //! room name validation, `/healthz` across a Redis outage, `/stats`, the default room, and the
 //! `chat` example binary run as three separate processes.

@@ -1,5 +1,5 @@
 //! Durable rooms against a real `redis-server`, through the chat example's wire contract
-//! (CONTRACT.md, "Durable rooms"): positions, resume across nodes, the hand-off to live
+//! (PROTOCOL.md part 2, "Durable rooms"): positions, resume across nodes, the hand-off to live
 //! delivery under a steady publish stream, lost and trimmed history, the node's own gap
 //! repair after its link drops, and seed interop.
 
@@ -670,4 +670,81 @@ async fn a_resume_storm_shares_history_reads_and_every_client_gets_every_message
         reads < 500,
         "resumes that wait for a turn together share a read: {reads} reads for 1000 resumes"
     );
+}
+
+/// `FanoutSocket::join_durable_from`: the last N messages in one call, and a refused resume
+/// that falls back to them, each with the gap-free hand-off to live messages.
+#[tokio::test]
+async fn a_join_starts_from_the_last_n_or_falls_back_to_them_when_a_resume_is_refused() {
+    use axum::extract::Query;
+    use axum::extract::ws::WebSocketUpgrade;
+    use axum::response::Response;
+    use axum_fanout::durable::Start;
+    use std::collections::HashMap;
+
+    async fn board(
+        upgrade: WebSocketUpgrade,
+        Query(q): Query<HashMap<String, String>>,
+        rooms: RoomHandle,
+    ) -> Response {
+        let last: usize = q.get("last").and_then(|n| n.parse().ok()).unwrap_or(0);
+        let start = match q.get("since").and_then(|s| s.parse::<Position>().ok()) {
+            Some(since) => Start::AfterOrLast(since, last),
+            None => Start::Last(last),
+        };
+        rooms.on_upgrade(upgrade, move |mut socket| async move {
+            if let Err(e) = socket.join_durable_from("board", start).await {
+                return socket.close(1011, &e.to_string());
+            }
+            while let Some(Ok(_)) = socket.recv().await {}
+        })
+    }
+
+    let redis = RedisServer::start();
+    let layer = FanoutLayer::builder(redis.url())
+        .durable(Durability::default())
+        .build()
+        .expect("valid url");
+    let handle = layer.handle();
+    let app = axum::Router::new()
+        .route("/board", axum::routing::get(board))
+        .layer(layer);
+    let server = TestServer::start(app).await;
+    let h = handle.clone();
+    wait_until("node ready", || {
+        let h = h.clone();
+        async move { h.is_ready() }
+    })
+    .await;
+    for n in 1..=5 {
+        handle
+            .broadcast("board", json!(n))
+            .await
+            .expect("published");
+    }
+    let mut last = connect(&server.ws_url("/board?last=2")).await;
+    let notice = recv_json(&mut last, "notice").await;
+    assert_eq!(
+        (&notice["recovered"], &notice["seq"]),
+        (&json!(true), &json!(3)),
+        "{notice}"
+    );
+    let mut fallback = connect(&server.ws_url("/board?last=2&since=gone:9")).await;
+    let notice = recv_json(&mut fallback, "notice").await;
+    assert_eq!(
+        (&notice["recovered"], &notice["reason"], &notice["seq"]),
+        (&json!(false), &json!("epoch_changed"), &json!(3)),
+        "{notice}"
+    );
+    handle
+        .broadcast("board", json!(6))
+        .await
+        .expect("published");
+    for ws in [&mut last, &mut fallback] {
+        let mut seqs = Vec::new();
+        for _ in 0..3 {
+            seqs.push(recv_json(ws, "a message").await["seq"].clone());
+        }
+        assert_eq!(seqs, [json!(4), json!(5), json!(6)]);
+    }
 }

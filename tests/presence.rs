@@ -1,4 +1,4 @@
-//! Presence across the fleet (README "Presence", `CONTRACT.md` "Presence"), against real,
+//! Presence across the fleet (README "Presence", `PROTOCOL.md` part 2, "Presence"), against real,
 //! throwaway `redis-server` processes and, for the crash, real `chat` processes killed with
 //! SIGKILL: members with connection counts over several nodes, join and leave notices in order
 //! with the room's messages, no ghosts after a crash, re-assertion after Redis lost its data,
@@ -66,7 +66,7 @@ async fn presence_is_opt_in_per_room_and_members_are_validated() {
         json!({ "marker": 1 })
     );
     assert_eq!(first_notices(&mut with).await.0["type"], "fanout.join");
-    // A user id over 256 bytes is refused: 400 at the upgrade (CONTRACT.md, "Users"; it
+    // A user id over 256 bytes is refused: 400 at the upgrade (PROTOCOL.md part 2, "Users"; it
     // closed the upgraded socket with 1008 before that section named the user's rules).
     let long = "x".repeat(300);
     let url = format!("ws://{}/ws?room=with&user={long}", server.addr);

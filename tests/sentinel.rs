@@ -448,7 +448,7 @@ async fn connections_leave_a_master_demoted_behind_sentinels_back() {
     assert_eq!(group.master.app_clients(), 0, "nothing went back to {old}");
 }
 
-/// The chat example with `SENTINEL_URL` (CONTRACT.md, "Redis Sentinel") connects to the
+/// The chat example with `SENTINEL_URL` (PROTOCOL.md part 2, "Redis Sentinel") connects to the
 /// master the sentinels name, not to `REDIS_URL` (here the replica), and delivers across nodes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_chat_example_finds_the_master_through_sentinel_url() {
@@ -560,7 +560,7 @@ async fn a_failover_that_lost_the_last_messages_is_told_not_hidden() {
 
 /// Presence across a failover to a replica that missed the last join: the promoted replica
 /// lacks it, and the node re-asserts its members on the new link, so the list shows the user
-/// again (CONTRACT.md: "presence is re-asserted").
+/// again (PROTOCOL.md part 2: "presence is re-asserted").
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failover_that_lost_a_join_is_re_asserted() {
     let mut group = tokio::task::block_in_place(|| SentinelGroup::start(1000));

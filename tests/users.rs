@@ -1,4 +1,4 @@
-//! Users across the fleet (README "Users", `CONTRACT.md` "Users"), against a real, throwaway
+//! Users across the fleet (README "Users", `PROTOCOL.md` part 2, "Users"), against a real, throwaway
 //! `redis-server` and several in-process chat nodes: direct messages to every socket of a user,
 //! fleet-wide disconnects, server-side joins into durable and presence rooms, expiring
 //! credentials and their refresh, a Redis restart under a command, and bad input.

@@ -1,5 +1,5 @@
 //! `resume` (with `--durable`): how long a node takes to serve a resume of 1,000 messages of
-//! a durable room (CONTRACT.md, "Durable rooms").
+//! a durable room (PROTOCOL.md part 2, "Durable rooms").
 //!
 //! A first client joins room `resume` with `positions=1` and reads the epoch from its
 //! `fanout.position` notice, then publishes `resume_msgs` messages and reads them all back

@@ -1,5 +1,5 @@
 //! `presence` (opt-in: `--scenario presence`): what presence costs and how fast it reacts, on
-//! chat nodes run with `PRESENCE=1` (CONTRACT.md "Presence"). Four phases, each on a fresh
+//! chat nodes run with `PRESENCE=1` (PROTOCOL.md part 2, "Presence"). Four phases, each on a fresh
 //! cluster (one private redis-server, three nodes):
 //!
 //! * **churn**: every room has a watcher socket on every node; `churn_workers` loops each

@@ -1,6 +1,6 @@
-//! `users` (opt-in: `--scenario users`): what "users across the fleet" (issue 21, CONTRACT.md
-//! "Users") costs on the chat example, in two parts, each on a fresh cluster (one private
-//! redis-server):
+//! `users` (opt-in: `--scenario users`): what "users across the fleet" (issue 21,
+//! PROTOCOL.md part 2, "Users") costs on the chat example, in two parts, each on a fresh
+//! cluster (one private redis-server):
 //!
 //! * **direct**: `direct_users` sockets (10,000) over 3 nodes, one per user, socket `i` being
 //!   `GET /ws?room=r{i}&user=u{i}` on node `i % 3`, so each user is also alone in a room and

@@ -1,13 +1,17 @@
 //! The chat application shared by `examples/chat.rs` (one node per process) and
-//! `examples/demo.rs` (three nodes in one process). It follows `CONTRACT.md` of the project:
+//! `examples/demo.rs` (three nodes in one process). It speaks two wire formats, both in
+//! `PROTOCOL.md` at the repository's root: the fanout protocol at `GET /fanout` (part 1: many
+//! rooms per socket, for `clients/js`), and at `GET /ws` the chat example's own format (part
+//! 2, one room per socket), which other checks depend on and which stays as it is:
 //!
-//! - `GET /` serves the chat page;
+//! - `GET /` serves the chat page; `GET /rooms?rooms=a,b&user=NAME` the chat on the fanout
+//!   protocol's client (several rooms over one socket; `GET /fanout.js` serves the client);
 //! - `GET /ws?room=NAME` joins room NAME (default `lobby`); each text frame must be one JSON
 //!   value and is broadcast to every socket of the room on every node, the sender included;
 //!   a frame that is not JSON closes that connection with 1007, a frame over the size limit
 //!   with 1009, an invalid room name with 1008, a binary frame with 1003;
 //! - `POST /rooms/{room}/messages` broadcasts its JSON body from plain HTTP;
-//! - with `HISTORY=N` (N > 0) every room is durable (CONTRACT.md, "Durable rooms"):
+//! - with `HISTORY=N` (N > 0) every room is durable (PROTOCOL.md, part 2, "Durable rooms"):
 //!   `GET /ws?room=NAME&positions=1[&since=E:S]` numbers deliveries and resumes, and
 //!   `GET /rooms/{room}/history?limit=K[&since=E:S]` reads the room's history;
 //! - `GET /healthz` is 200 when the node's Redis link is up, 503 otherwise;
@@ -40,6 +44,7 @@ use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use axum_fanout::durable::{Durability, Position};
 use axum_fanout::presence::Member;
+use axum_fanout::protocol::{Permissive, Protocol};
 use axum_fanout::{Event, FanoutLayer, FanoutSocket, Missed, Payload, RoomHandle, RoomName};
 
 /// The chat app's routes, wrapped in `layer`.
@@ -47,6 +52,11 @@ pub(crate) fn app(layer: FanoutLayer) -> Router {
     Router::new()
         .route("/", get(page))
         .route("/ws", get(ws))
+        // The fanout protocol (PROTOCOL.md): many rooms per socket, replies by id, resume and
+        // presence, for `clients/js`. A demo: every user may join and publish anywhere.
+        .route("/fanout", Protocol::new(Permissive).route())
+        .route("/rooms", get(rooms_page))
+        .route("/fanout.js", get(client_module))
         .route("/rooms/{room}/messages", post(http_push))
         .route("/rooms/{room}/presence", get(presence))
         .route("/rooms/{room}/history", get(history))
@@ -89,6 +99,18 @@ async fn metrics(rooms: RoomHandle) -> Response {
 
 async fn page() -> Html<&'static str> {
     Html(include_str!("page.html"))
+}
+
+/// `GET /rooms?rooms=a,b&user=NAME`: the chat on the fanout protocol's JavaScript client,
+/// several rooms over one socket.
+async fn rooms_page() -> Html<&'static str> {
+    Html(include_str!("rooms.html"))
+}
+
+/// `GET /fanout.js`: the client module (`clients/js`).
+async fn client_module() -> Response {
+    let js = include_str!("../../clients/js/fanout.js");
+    ([("content-type", "text/javascript; charset=utf-8")], js).into_response()
 }
 
 async fn healthz(rooms: RoomHandle) -> Response {

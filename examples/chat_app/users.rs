@@ -1,4 +1,4 @@
-//! The chat's "Users" part (CONTRACT.md, "Users"): direct messages and fleet-wide disconnects
+//! The chat's "Users" part (PROTOCOL.md part 2, "Users"): direct messages and fleet-wide disconnects
 //! from plain HTTP, the socket's user and expiring credentials from `GET /ws`, and the
 //! `fanout.refresh` frame.
 

@@ -106,6 +106,7 @@ impl FanoutBuilder {
                 presence_ttl: Duration::from_secs(30),
                 durable: None,
                 durable_rooms: HashMap::new(),
+                allowed_origins: Vec::new(),
             },
         }
     }

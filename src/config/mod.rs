@@ -143,6 +143,8 @@ pub(crate) struct Config {
     pub(crate) max_connections: NonZeroUsize,
     pub(crate) max_envelope_bytes: NonZeroUsize,
     pub(crate) max_rooms_per_socket: NonZeroUsize,
+    /// Origins whose browsers may upgrade besides the node's own (`"*"`: any).
+    pub(crate) allowed_origins: Vec<String>,
     pub(crate) broadcasts_in_flight: NonZeroUsize,
     pub(crate) messages_per_second: NonZeroU32,
     pub(crate) message_burst: NonZeroU32,

@@ -116,6 +116,26 @@ impl FanoutBuilder {
         self
     }
 
+    /// Origins whose pages may open WebSockets to this node, besides its own: each
+    /// `scheme://host[:port]` as browsers send it in `Origin`, or `"*"` for any. Every
+    /// WebSocket upgrade behind the layer ([`RoomHandle::on_upgrade`](crate::RoomHandle::on_upgrade)
+    /// and the [`protocol`](crate::protocol) route) from a browser on another origin is answered
+    /// 403 before upgrading: browsers send cookies with an upgrade from any site, so without
+    /// this check a cookie-authenticated application is open to cross-site WebSocket hijacking.
+    /// A request without `Origin` (not a browser) always passes.
+    ///
+    /// Defaults to none: the same origin only (the `Origin`'s host and port equal `Host`).
+    pub fn allowed_origins<I, O>(mut self, origins: I) -> Self
+    where
+        I: IntoIterator<Item = O>,
+        O: Into<String>,
+    {
+        self.config
+            .allowed_origins
+            .extend(origins.into_iter().map(Into::into));
+        self
+    }
+
     /// Most rooms one socket may be in; a join beyond it fails with [`Error::is_limit`].
     ///
     /// Defaults to 100.

@@ -45,5 +45,5 @@ pub use crate::position::{InvalidPosition, Position, Unrecoverable};
 pub use history::History;
 pub(crate) use history::Page;
 pub(crate) use redis::{Read, StoreScript, start};
-pub use resume::Resumed;
+pub use resume::{Resumed, Start};
 pub(crate) use rooms::{Durable, Repair};

@@ -19,6 +19,26 @@ use crate::queue::Outbox;
 use crate::registry::SocketId;
 use crate::room::RoomName;
 
+/// Where a durable join starts: [`FanoutSocket::join_durable_from`](crate::FanoutSocket::join_durable_from).
+///
+/// Every start has the same gap-free hand-off to live messages; they differ in what is
+/// replayed first.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Start {
+    /// Live messages only: the first frame is a `fanout.position` notice.
+    Now,
+    /// After this position (a resume): every message after it, when they can all be replayed;
+    /// else none, and live messages from the room's current position.
+    After(Position),
+    /// The room's last `n` messages (at most the replay limit), then live ones: what a board
+    /// that shows its latest updates on join needs, in one call.
+    Last(usize),
+    /// After this position; when that resume is refused, the room's last `n` messages instead
+    /// (the notice says `recovered: false` and why, and the replay follows).
+    AfterOrLast(Position, usize),
+}
+
 /// What a durable join found: the socket's position and, when it asked to resume, whether the
 /// messages it missed were replayed. From [`FanoutSocket::join_durable`](crate::FanoutSocket::join_durable).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -48,7 +68,9 @@ impl Resumed {
         self.since.as_ref().map(|_| self.failure.is_none())
     }
 
-    /// Why the messages after `since` could not be replayed.
+    /// Why the messages after `since` could not be replayed. After a
+    /// [`Start::AfterOrLast`] that fell back to the last messages, those were replayed all the
+    /// same ([`replayed`](Resumed::replayed)), after [`position`](Resumed::position).
     pub fn failure(&self) -> Option<Unrecoverable> {
         self.failure
     }
@@ -109,7 +131,8 @@ impl Durable {
 
     /// Ends `socket`'s resume in `room`: queues the notice, the replay (`page`'s entries
     /// after `since` when they are all there) and the held frames after them, then opens the
-    /// socket's gate. Returns what was decided.
+    /// socket's gate. Returns what was decided. `refused`: the resume this join falls back
+    /// from (its replay starts at `since`, but the notice says why the first was refused).
     pub(crate) fn finish_resume(
         &self,
         room: &RoomName,
@@ -117,6 +140,7 @@ impl Durable {
         outbox: &Outbox,
         since: Option<Position>,
         page: Page,
+        refused: Option<Unrecoverable>,
     ) -> Resumed {
         let limit = self.settings(room.as_str()).replay_limit.get();
         let policy = self.config.overflow_for(room.as_str());
@@ -138,6 +162,9 @@ impl Durable {
             failure,
             replayed: 0,
         };
+        if refused.is_some() {
+            resumed.failure = refused;
+        }
         if let Some(dropped) = overflowed {
             // More arrived during the read than the socket may hold: continue after the last.
             resumed.position = dropped;
@@ -153,7 +180,11 @@ impl Durable {
         if resumed.since.is_some() && failure.is_none() {
             for (seq, raw) in &page.entries {
                 if let Some(decoded) = self.decode(room, raw) {
-                    frames.push(decoded.positioned());
+                    frames.push(if outbox.is_framed() {
+                        decoded.framed(room.as_str())
+                    } else {
+                        decoded.positioned()
+                    });
                 }
                 last = last.at(*seq);
                 resumed.replayed += 1;
@@ -212,7 +243,8 @@ mod tests {
         durable.on_live("r", decoded("e", 4), &mut wake); // before the read: replayed too
         durable.on_live("r", decoded("e", 5), &mut wake); // after the read: held only
         let page = page("e", 4, 3..=4);
-        let resumed = durable.finish_resume(&room, socket, &out, Some(Position::new("e", 2)), page);
+        let resumed =
+            durable.finish_resume(&room, socket, &out, Some(Position::new("e", 2)), page, None);
         assert_eq!(resumed.recovered(), Some(true));
         durable.on_live("r", decoded("e", 6), &mut wake);
         let got = out.take_texts().await;
@@ -241,7 +273,7 @@ mod tests {
         durable.hold(&room, socket);
         registry.insert(&room, socket, out.clone());
         let top = page("e", 0, []);
-        let resumed = durable.finish_resume(&room, socket, &out, None, top);
+        let resumed = durable.finish_resume(&room, socket, &out, None, top, None);
         assert_eq!(resumed.position(), &Position::new("e", 0));
         let mut rx = durable.take_repairs().expect("once");
         // The link came back: read after what the socket was told.

@@ -19,6 +19,8 @@
 
 use std::collections::VecDeque;
 
+use axum::extract::ws::Message;
+
 use super::history::Page;
 use super::rooms::{Durable, Gate, Repair, RoomState, state_of};
 use crate::envelope::Decoded;
@@ -102,6 +104,19 @@ impl Durable {
     fn emit(&self, state: &mut RoomState, decoded: &Decoded, offers: &mut Offers) -> Dispatched {
         let room = &state.name;
         let positioned = (!state.members.is_empty()).then(|| decoded.positioned());
+        // Made once, for the room's fanout-protocol sockets (which carry many rooms).
+        let mut framed = None;
+        let mut frame_of = |outbox: &crate::queue::Outbox, positioned: &Option<Message>| {
+            if outbox.is_framed() {
+                Some(
+                    framed
+                        .get_or_insert_with(|| decoded.framed(room.as_str()))
+                        .clone(),
+                )
+            } else {
+                positioned.clone()
+            }
+        };
         let limit = self.settings(room.as_str()).replay_limit.get();
         let members = &mut state.members;
         self.registry.dispatch_with(
@@ -109,8 +124,8 @@ impl Durable {
             decoded.except.map(SocketId::from_wire),
             self.config.overflow_for(room.as_str()),
             offers,
-            |id| match members.get_mut(&id) {
-                None => Some(decoded.frame.clone()),
+            |id, outbox| match members.get_mut(&id) {
+                None => frame_of(outbox, &Some(decoded.frame.clone())),
                 Some(Gate::Open { through }) => {
                     if let (Some(t), Some(pos)) = (through.as_ref(), decoded.pos.as_ref()) {
                         if t.epoch() == pos.epoch() && pos.seq() <= t.seq() {
@@ -118,12 +133,12 @@ impl Durable {
                         }
                         *through = None;
                     }
-                    positioned.clone()
+                    frame_of(outbox, &positioned)
                 }
                 Some(Gate::Held { frames, overflowed }) => {
                     if frames.len() < limit {
-                        if let Some(frame) = &positioned {
-                            frames.push_back((decoded.pos.clone(), frame.clone()));
+                        if let Some(frame) = frame_of(outbox, &positioned) {
+                            frames.push_back((decoded.pos.clone(), frame));
                         }
                     } else {
                         *overflowed = decoded.pos.clone().or(overflowed.take());

@@ -55,7 +55,26 @@ async fn drain(sockets: &[Arc<Outbox>], window: std::time::Duration) {
 
 impl RoomHandle {
     pub(crate) fn from_shared(shared: Arc<Shared>) -> Self {
-        Self { shared }
+        Self {
+            shared,
+            foreign_origin: false,
+        }
+    }
+
+    /// The 403 for an upgrade from an origin that is not allowed, if this request is one.
+    pub(crate) fn refuse_origin(&self) -> Option<Response> {
+        if !self.foreign_origin {
+            return None;
+        }
+        self.shared.node.counters.rejected_connections.add(1);
+        tracing::debug!("refused a websocket upgrade from a foreign origin");
+        Some(
+            (
+                StatusCode::FORBIDDEN,
+                "this origin may not open a websocket here (FanoutBuilder::allowed_origins)\n",
+            )
+                .into_response(),
+        )
     }
 
     pub(crate) fn start(&self) {
@@ -85,7 +104,8 @@ impl RoomHandle {
 
     /// Completes the upgrade with this node's WebSocket settings and hands `callback` an
     /// attached [`FanoutSocket`]. When the node already holds `max_connections` sockets it
-    /// answers 503 instead.
+    /// answers 503 instead, and 403 to a browser on an origin that is not allowed
+    /// ([`FanoutBuilder::allowed_origins`](crate::FanoutBuilder::allowed_origins)).
     ///
     /// ```no_run
     /// use axum::{extract::ws::{Message, WebSocketUpgrade}, response::Response};
@@ -108,6 +128,9 @@ impl RoomHandle {
         C: FnOnce(FanoutSocket) -> Fut + Send + 'static,
         Fut: Future<Output = ()> + Send + 'static,
     {
+        if let Some(refused) = self.refuse_origin() {
+            return refused;
+        }
         let node = &self.shared.node;
         // The place is taken now, before the upgrade: a full node answers 503 and upgrades
         // in flight count against the limit.

@@ -133,6 +133,9 @@ pub(crate) struct Outbox {
     /// Set while `State::missed` or `State::failed` is not empty, so the reader's check needs
     /// no lock.
     has_notice: AtomicBool,
+    /// Set once, by the fanout protocol's handler: this socket carries many rooms, so each
+    /// room's messages reach it framed with their room (`Decoded::framed`), not bare.
+    framed: AtomicBool,
     reader_wake: Notify,
     /// When the client was last heard from, in ms since `created`: the heartbeat's clock.
     created: Instant,
@@ -159,10 +162,21 @@ impl Outbox {
             writer_wake: Notify::new(),
             closing: AtomicBool::new(false),
             has_notice: AtomicBool::new(false),
+            framed: AtomicBool::new(false),
             reader_wake: Notify::new(),
             created: Instant::now(),
             last_seen_ms: AtomicU64::new(0),
         }
+    }
+
+    /// From now on, this socket takes room messages framed with their room.
+    pub(crate) fn set_framed(&self) {
+        self.framed.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether this socket takes room messages framed with their room (the fanout protocol).
+    pub(crate) fn is_framed(&self) -> bool {
+        self.framed.load(Ordering::Relaxed)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {

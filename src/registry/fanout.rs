@@ -8,6 +8,7 @@ use axum::extract::ws::Message;
 
 use super::{Inner, Registry, SocketId};
 use crate::config::OverflowPolicy;
+use crate::envelope::Decoded;
 use crate::missed::Missed;
 use crate::queue::{Offer, Outbox};
 use crate::stats::Counters;
@@ -118,10 +119,11 @@ impl Offers {
 }
 
 impl Registry {
-    /// Offers `frame` to every local socket of `room` except `except`. Never waits.
+    /// Offers `frame` to every local socket of `room` except `except`. Never waits (tests).
     ///
     /// Writers are not woken here: `offers` keeps the ones that need a wake-up, for the caller
     /// to wake once it has dispatched its whole batch.
+    #[cfg(test)]
     pub(crate) fn dispatch(
         &self,
         room: &str,
@@ -131,19 +133,40 @@ impl Registry {
         offers: &mut Offers,
     ) -> Dispatched {
         // A clone of a `Message` shares its payload (reference-counted `Bytes`).
-        self.dispatch_with(room, except, policy, offers, |_| Some(frame.clone()))
+        self.dispatch_with(room, except, policy, offers, |_, _| Some(frame.clone()))
+    }
+
+    /// Dispatches a decoded envelope of a plain room: the bare frame to most sockets, the
+    /// frame with its room (made once, on the first such socket) to fanout-protocol sockets.
+    pub(crate) fn dispatch_decoded(
+        &self,
+        room: &str,
+        decoded: &Decoded,
+        policy: OverflowPolicy,
+        offers: &mut Offers,
+    ) -> Dispatched {
+        let except = decoded.except.map(SocketId::from_wire);
+        let mut framed = None;
+        self.dispatch_with(room, except, policy, offers, |_, outbox| {
+            Some(if outbox.is_framed() {
+                framed.get_or_insert_with(|| decoded.framed(room)).clone()
+            } else {
+                decoded.frame.clone()
+            })
+        })
     }
 
     /// Like [`dispatch`](Registry::dispatch), with the frame chosen per socket by `frame_for`
-    /// (`None`: this socket takes it some other way). Durable rooms use it: sockets that
-    /// asked for positions get their own frame, and a resuming socket's frames are held.
+    /// (`None`: this socket takes it some other way) from the socket's id and queue. Durable
+    /// rooms use it: sockets that asked for positions get their own frame, and a resuming
+    /// socket's frames are held.
     pub(crate) fn dispatch_with(
         &self,
         room: &str,
         except: Option<SocketId>,
         policy: OverflowPolicy,
         offers: &mut Offers,
-        mut frame_for: impl FnMut(SocketId) -> Option<Message>,
+        mut frame_for: impl FnMut(SocketId, &Outbox) -> Option<Message>,
     ) -> Dispatched {
         let mut out = Dispatched::default();
         let inner = self.lock();
@@ -159,7 +182,7 @@ impl Registry {
             if Some(id) == except {
                 continue;
             }
-            let Some(frame) = frame_for(id) else {
+            let Some(frame) = frame_for(id, outbox) else {
                 continue;
             };
             match offers.offer(outbox, frame, policy, write) {

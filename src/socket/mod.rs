@@ -133,6 +133,12 @@ impl FanoutSocket {
         RoomHandle::from_shared(self.shared.clone())
     }
 
+    /// From now on this socket takes each room's messages framed with the room (the fanout
+    /// protocol, whose sockets carry many rooms).
+    pub(crate) fn set_framed(&self) {
+        self.outbox.set_framed();
+    }
+
     /// This socket's id, unique within the node. [`broadcast`](FanoutSocket::broadcast) uses
     /// it for you; a broadcast made elsewhere can name it with
     /// [`Broadcast::except`](crate::Broadcast::except) or [`Broadcast::sender`].

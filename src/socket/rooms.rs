@@ -1,6 +1,6 @@
 //! The socket's rooms: joining (plain, as a presence member, durable with resume) and leaving.
 
-use crate::durable::Resumed;
+use crate::durable::{Resumed, Start};
 use crate::error::Error;
 use crate::node::Shared;
 use crate::position::Position;
@@ -114,11 +114,49 @@ impl FanoutSocket {
         room: impl AsRef<str>,
         since: Option<Position>,
     ) -> Result<Resumed, Error> {
+        let start = match since {
+            Some(since) => Start::After(since),
+            None => Start::Now,
+        };
+        self.join_durable_from(room, start).await
+    }
+
+    /// Joins durable `room` from `start`: live messages from now, after a position, the
+    /// room's last N messages, or after a position falling back to the last N when that
+    /// resume is refused, each with the gap-free hand-off of
+    /// [`join_durable`](FanoutSocket::join_durable), whose frames and failures these are too.
+    /// A replay of the last N is announced like a resume: `fanout.resumed` with the position
+    /// before the first replayed message.
+    ///
+    /// ```no_run
+    /// use axum_fanout::FanoutSocket;
+    /// use axum_fanout::durable::{Position, Start};
+    ///
+    /// // A live board: the last 20 updates, or everything missed since `seen` when it can.
+    /// async fn board(mut socket: FanoutSocket, seen: Option<Position>) {
+    ///     let start = match seen {
+    ///         Some(seen) => Start::AfterOrLast(seen, 20),
+    ///         None => Start::Last(20),
+    ///     };
+    ///     if let Err(e) = socket.join_durable_from("board", start).await {
+    ///         return socket.close(1011, &e.to_string());
+    ///     }
+    ///     while let Some(Ok(_)) = socket.recv().await {}
+    /// }
+    /// ```
+    ///
+    /// # Cancel safety
+    /// As [`join_durable`](FanoutSocket::join_durable).
+    pub async fn join_durable_from(
+        &mut self,
+        room: impl AsRef<str>,
+        start: Start,
+    ) -> Result<Resumed, Error> {
         let room = RoomName::new(room)?;
         self.shared
             .node
             .rooms
-            .join_durable(self.id, &self.outbox, &room, since)
+            .join_durable(self.id, &self.outbox, &room, start)
             .await
     }
 

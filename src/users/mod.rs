@@ -248,7 +248,7 @@ async fn join_as_itself(rooms: &Rooms, m: &Move) -> Result<(), Error> {
     }
     if rooms.config.durable_for(m.room.as_str()).is_some() {
         rooms
-            .join_durable(m.socket, &m.outbox, &m.room, None)
+            .join_durable(m.socket, &m.outbox, &m.room, crate::durable::Start::Now)
             .await
             .map(drop)
     } else if rooms.config.has_presence(m.room.as_str()) {

@@ -580,6 +580,31 @@ impl Page {
             .unwrap_or_else(|e| panic!("{}: cannot send a raw frame: {e}", self.label));
     }
 
+    /// Runs `script` in the page and returns what it returns (a page other than the chat's,
+    /// whose view `view` cannot read).
+    pub async fn eval(&self, script: &str) -> Value {
+        self.client
+            .execute(script, vec![])
+            .await
+            .unwrap_or_else(|e| panic!("{}: cannot run a script: {e}", self.label))
+    }
+
+    /// Goes to `url` in the same browser (its storage kept), as a person would.
+    pub async fn goto(&self, url: &str) {
+        self.client
+            .goto(url)
+            .await
+            .unwrap_or_else(|e| panic!("{}: cannot open {url}: {e}", self.label));
+    }
+
+    /// Reloads the page, as a person pressing F5.
+    pub async fn reload(&self) {
+        self.client
+            .refresh()
+            .await
+            .unwrap_or_else(|e| panic!("{}: cannot reload: {e}", self.label));
+    }
+
     /// Runs `script` in the page, as a page's own code would (a test of the harness itself).
     pub async fn run_script(&self, script: &str) {
         self.client

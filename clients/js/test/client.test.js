@@ -1,0 +1,221 @@
+// The client against real chat nodes and a real Redis (see harness.js). Run by
+// tests/js_client.rs from `cargo test --all-features`, or by hand:
+//   CHAT_BIN=target/debug/examples/chat node --experimental-websocket --test clients/js/test/client.test.js
+// (Node 22 and later need no flag.)
+
+import { test } from "node:test";
+import assert from "node:assert/strict";
+import { setTimeout as sleep } from "node:timers/promises";
+
+import { FanoutClient, FanoutError } from "../fanout.js";
+import { Node, Proxy, Redis, collector, waitUntil } from "./harness.js";
+
+const fast = { backoffBase: 50, backoffCap: 500, timeout: 5000 };
+
+test("one socket, many rooms: messages by room, replies by id, errors as FanoutError", async (t) => {
+  const redis = await Redis.start();
+  const n1 = await Node.start(redis, "n1");
+  const n2 = await Node.start(redis, "n2");
+  t.after(() => [n1, n2].forEach((n) => n.kill()) || redis.stop());
+  const a = new FanoutClient(`${n1.url}?user=ada`, fast);
+  const b = new FanoutClient(`${n2.url}?user=bob`, fast);
+  t.after(() => a.close() || b.close());
+  const x = collector();
+  const y = collector();
+  await a.join("x", x);
+  await a.join("y", y);
+  await b.join("y", {});
+  const r = await b.publish("y", { n: 1 });
+  assert.equal(r.nodes, 2);
+  await b.publish("x", "to x");
+  await waitUntil("both rooms' messages", () => x.got.length === 1 && y.got.length === 1);
+  assert.equal(x.got[0].data, "to x");
+  assert.deepEqual(y.got[0].data, { n: 1 });
+  assert.equal(typeof y.got[0].seq, "number", "chat nodes with HISTORY make every room durable");
+  await assert.rejects(a.join(""), (e) => e instanceof FanoutError && e.code === "invalid_room");
+  await assert.rejects(a.request({ cmd: "fly" }), (e) => e.code === "unknown_command");
+  // Many publishes at once keep their order.
+  await Promise.all(Array.from({ length: 50 }, (_, i) => b.publish("y", i)));
+  await waitUntil("50 more", () => y.got.length === 51);
+  assert.deepEqual(y.got.slice(1).map((m) => m.data), Array.from({ length: 50 }, (_, i) => i));
+});
+
+test("a node killed under a durable stream: the client resumes on another, nothing lost or doubled", async (t) => {
+  const redis = await Redis.start();
+  const n1 = await Node.start(redis, "n1");
+  const n2 = await Node.start(redis, "n2");
+  const n3 = await Node.start(redis, "n3");
+  t.after(() => [n1, n2, n3].forEach((n) => n.kill()) || redis.stop());
+  const reader = new FanoutClient([`${n1.url}?user=r`, `${n2.url}?user=r`], fast);
+  const writer = new FanoutClient(`${n3.url}?user=w`, fast);
+  t.after(() => reader.close() || writer.close());
+  const feed = collector();
+  await reader.join("feed", feed);
+  const total = 300;
+  const writing = (async () => {
+    for (let i = 1; i <= total; i++) {
+      await writer.publish("feed", i);
+      if (i % 20 === 0) await sleep(5); // ok: spreads the stream over the kill
+    }
+  })();
+  await waitUntil("the reader is under way", () => feed.got.length >= 60);
+  n1.kill();
+  await writing;
+  await waitUntil(`all ${total} delivered`, () => feed.got.length >= total, 20_000);
+  await sleep(200); // ok: a duplicate, if any, would arrive now
+  assert.deepEqual(feed.got.map((m) => m.data), Array.from({ length: total }, (_, i) => i + 1));
+  assert.ok(reader.connects >= 2, "it reconnected");
+  assert.deepEqual(feed.gaps.filter((g) => g.reason !== "missed"), [], "resumed without a gap");
+});
+
+test("publishes unacknowledged when the network drops are resent with their keys and land once", async (t) => {
+  const redis = await Redis.start();
+  const n1 = await Node.start(redis, "n1");
+  const n2 = await Node.start(redis, "n2");
+  t.after(() => [n1, n2].forEach((n) => n.kill()) || redis.stop());
+  const proxy = await Proxy.start(n1.port);
+  t.after(() => proxy.close());
+  const watcher = new FanoutClient(`${n2.url}?user=w`, fast);
+  const sender = new FanoutClient(proxy.url("/fanout?user=s"), fast);
+  t.after(() => watcher.close() || sender.close());
+  const seen = collector();
+  await watcher.join("log", seen);
+  await sender.join("log", {});
+  const total = 200;
+  let acked = 0;
+  const sends = Array.from({ length: total }, (_, i) => sender.publish("log", i).then((r) => (acked++, r)));
+  await waitUntil("some acknowledged", () => acked >= 20);
+  proxy.cut(); // the rest are in flight or queued
+  const results = await Promise.all(sends);
+  assert.ok(sender.connects >= 2, "it reconnected");
+  await sender.publish("log", "end");
+  await waitUntil("the end marker", () => seen.got.some((m) => m.data === "end"));
+  const values = seen.got.map((m) => m.data).filter((d) => d !== "end");
+  assert.deepEqual(values, Array.from({ length: total }, (_, i) => i), "each once, in order");
+  const seqs = results.map((r) => r.seq);
+  assert.equal(new Set(seqs).size, total, "each reply names its own message's position");
+});
+
+test("Redis restarted: the client is told of the gap and keeps receiving in the new epoch", async (t) => {
+  const redis = await Redis.start();
+  const n1 = await Node.start(redis, "n1");
+  const n2 = await Node.start(redis, "n2");
+  t.after(() => [n1, n2].forEach((n) => n.kill()) || redis.stop());
+  const reader = new FanoutClient(`${n1.url}?user=r`, fast);
+  const writer = new FanoutClient(`${n2.url}?user=w`, fast);
+  t.after(() => reader.close() || writer.close());
+  const room = collector();
+  await reader.join("r", room);
+  await writer.join("r", {});
+  for (let i = 1; i <= 3; i++) await writer.publish("r", i);
+  await waitUntil("three", () => room.got.length === 3);
+  await redis.restart();
+  await waitUntil("nodes ready again", async () => (await n1.healthy()) && (await n2.healthy()));
+  await waitUntil("the gap told", () => room.gaps.length > 0);
+  // Publish until the reader hears: the writer's first attempts may meet a link still coming up.
+  await waitUntil("a message in the new epoch", async () => {
+    await writer.publish("r", "after").catch(() => {});
+    return room.got.some((m) => m.data === "after");
+  });
+  const after = room.got.filter((m) => m.data === "after");
+  assert.ok(after[0].seq >= 1);
+  assert.ok(room.gaps.some((g) => g.reason === "missed" || g.reason === "epoch_changed"), JSON.stringify(room.gaps));
+});
+
+test("a refused resume (a position from a lost epoch, kept in storage) calls the gap callback", async (t) => {
+  const redis = await Redis.start();
+  const n1 = await Node.start(redis, "n1");
+  t.after(() => n1.kill() || redis.stop());
+  const store = new Map([["fanout:news", "gone-epoch:41"]]);
+  const storage = {
+    getItem: (k) => store.get(k) ?? null,
+    setItem: (k, v) => store.set(k, v),
+    removeItem: (k) => store.delete(k),
+  };
+  const client = new FanoutClient(`${n1.url}?user=r`, { ...fast, storage });
+  t.after(() => client.close());
+  const news = collector();
+  await client.join("news", news);
+  await waitUntil("the gap", () => news.gaps.length === 1);
+  assert.equal(news.gaps[0].reason, "epoch_changed");
+  assert.deepEqual(news.gaps[0].from, { epoch: "gone-epoch", seq: 41 });
+  await client.publish("news", "fresh");
+  await waitUntil("delivered", () => news.got.length === 1);
+  const [epoch, seq] = store.get("fanout:news").split(":");
+  assert.notEqual(epoch, "gone-epoch", "the stored position follows the room");
+  assert.equal(Number(seq), news.got[0].seq);
+  // A "page reload": a new client with the same storage resumes after what was delivered.
+  client.close();
+  const writer = new FanoutClient(`${n1.url}?user=w`, fast);
+  t.after(() => writer.close());
+  await writer.publish("news", "while away");
+  const again = new FanoutClient(`${n1.url}?user=r`, { ...fast, storage });
+  t.after(() => again.close());
+  const resumed = collector();
+  await again.join("news", resumed);
+  await waitUntil("the missed one replayed", () => resumed.got.length >= 1);
+  await sleep(100); // ok: anything doubled would show now
+  assert.deepEqual(resumed.got.map((m) => m.data), ["while away"]);
+  assert.deepEqual(resumed.gaps, []);
+});
+
+test("presence across two clients on two nodes is a live map", async (t) => {
+  const redis = await Redis.start();
+  const n1 = await Node.start(redis, "n1");
+  const n2 = await Node.start(redis, "n2");
+  t.after(() => [n1, n2].forEach((n) => n.kill()) || redis.stop());
+  const a = new FanoutClient(`${n1.url}?user=ada`, fast);
+  const b = new FanoutClient(`${n2.url}?user=bob`, fast);
+  t.after(() => a.close() || b.close());
+  let members = new Map();
+  await a.join("team", { presence: true, onPresence: (m) => (members = new Map(m)) });
+  await waitUntil("ada sees herself", () => members.has("ada"));
+  await b.join("team", { presence: true });
+  await waitUntil("ada sees bob", () => members.has("bob"));
+  assert.deepEqual([...members.keys()].sort(), ["ada", "bob"]);
+  b.close();
+  await waitUntil("bob left", () => !members.has("bob"));
+  assert.deepEqual([...members.keys()], ["ada"]);
+});
+
+test("credentials that expire are refreshed ahead of time; unrefreshed ones reconnect with new ones", async (t) => {
+  const redis = await Redis.start();
+  const n1 = await Node.start(redis, "n1");
+  t.after(() => n1.kill() || redis.stop());
+  let tokens = 0;
+  const getToken = () => (tokens++, { user: "exp", expires_in: 1 });
+  const refreshed = new FanoutClient(n1.url, { ...fast, getToken });
+  t.after(() => refreshed.close());
+  await refreshed.join("a", {});
+  await sleep(2500); // ok: two expiry periods pass
+  assert.equal(refreshed.connects, 1, "refreshed, never cut");
+  assert.ok(tokens >= 3, `a token per refresh (${tokens})`);
+  // Without a refresh: the node closes with 4001, the client comes back with a new token.
+  const disconnects = [];
+  const lapsing = new FanoutClient(n1.url, {
+    ...fast,
+    token: { user: "lapse", expires_in: 0.5 },
+    onDisconnect: (e) => disconnects.push(e.code),
+  });
+  t.after(() => lapsing.close());
+  const room = collector();
+  await lapsing.join("a", room);
+  await waitUntil("expired and back", () => disconnects.includes(4001) && lapsing.connects >= 2);
+});
+
+test("publishes are paced under the client's rate, so a burst of resends cannot trip the node's limit", async (t) => {
+  const redis = await Redis.start();
+  const n1 = await Node.start(redis, "n1");
+  t.after(() => n1.kill() || redis.stop());
+  const client = new FanoutClient(`${n1.url}?user=p`, { ...fast, publishRate: 100, publishBurst: 10 });
+  t.after(() => client.close());
+  const room = collector();
+  await client.join("paced", room);
+  const started = Date.now();
+  await Promise.all(Array.from({ length: 60 }, (_, i) => client.publish("paced", i)));
+  const elapsed = Date.now() - started;
+  // 10 at once, then 50 at 100/s: at least half a second.
+  assert.ok(elapsed >= 450, `paced: ${elapsed} ms`);
+  await waitUntil("all delivered", () => room.got.length === 60);
+  assert.deepEqual(room.got.map((m) => m.data), Array.from({ length: 60 }, (_, i) => i));
+});

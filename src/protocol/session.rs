@@ -1,0 +1,468 @@
+//! One protocol socket's session: its identity, its commands, their replies.
+//!
+//! Membership commands (`connect`, `join`, `leave`, `refresh`) run one at a time, in order, in
+//! the session's loop: they change the socket. `publish` is checked and queued in order (so a
+//! socket's messages keep their order), then its reply waits for Redis beside the loop, like
+//! `history` and `presence` reads: the loop keeps reading meanwhile.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::ws::Message;
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
+use serde_json::{Map, Value, json};
+use tokio::time::Instant;
+
+use super::Settings;
+use super::auth::{Authorize, Grant};
+use super::reads::{Read, missed_notice};
+use super::redis::{self as keys, Claim};
+use super::wire::{self, Code, Command, Failure, Outcome, bad, position_fields, reply};
+use crate::close;
+use crate::durable::Start;
+use crate::envelope::Payload;
+use crate::node::RoomHandle;
+use crate::position::Position;
+use crate::presence::Member;
+use crate::room::RoomName;
+use crate::socket::{Event, FanoutSocket};
+
+/// A reply that waits for Redis beside the loop.
+type Pending = Pin<Box<dyn Future<Output = Value> + Send>>;
+
+/// Longest idempotency key a client may choose.
+const MAX_KEY: usize = 64;
+
+struct Session<A> {
+    socket: FanoutSocket,
+    rooms: RoomHandle,
+    settings: Arc<Settings<A>>,
+    /// Who the socket acts as, once connected.
+    user: Option<String>,
+    /// When its credentials expire: a timer made only for credentials that do (a socket's
+    /// task keeps the size of what it awaits for its whole life, and most are idle).
+    expires: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Replies waiting for Redis; made on the first (most sockets only join and listen).
+    pending: Option<FuturesUnordered<Pending>>,
+}
+
+/// Serves one protocol socket until it closes.
+pub(super) async fn run<A: Authorize>(
+    socket: FanoutSocket,
+    settings: Arc<Settings<A>>,
+    grant: Option<Grant>,
+) {
+    socket.set_framed();
+    let rooms = socket.handle();
+    let mut session = Session {
+        socket,
+        rooms,
+        settings,
+        user: None,
+        expires: None,
+        pending: None,
+    };
+    if let Some(grant) = grant {
+        session.connected(grant);
+    }
+    // Boxed: a socket's task keeps the size of its largest await for its whole life.
+    Box::pin(session.serve()).await;
+}
+
+/// Resolves when `deadline` passes; never without one.
+async fn expiry(deadline: &mut Option<Pin<Box<tokio::time::Sleep>>>) {
+    match deadline {
+        Some(sleep) => sleep.as_mut().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The next reply that was waiting for Redis; never while there is none.
+async fn next_reply(pending: &mut Option<FuturesUnordered<Pending>>) -> Value {
+    match pending {
+        Some(replies) if !replies.is_empty() => match replies.next().await {
+            Some(reply) => reply,
+            None => std::future::pending().await,
+        },
+        _ => std::future::pending().await,
+    }
+}
+
+fn deadline(expiry: Option<Duration>) -> Option<Pin<Box<tokio::time::Sleep>>> {
+    expiry.map(|d| Box::pin(tokio::time::sleep_until(Instant::now() + d)))
+}
+
+impl<A: Authorize> Session<A> {
+    fn connected(&mut self, grant: Grant) -> Value {
+        self.expires = deadline(grant.expiry());
+        let expires_in = grant.expiry().map(|d| d.as_secs_f64());
+        let user = grant.user().to_owned();
+        self.user = Some(user.clone());
+        json!({ "user": user, "expires_in": expires_in })
+    }
+
+    async fn serve(mut self) {
+        loop {
+            let event = tokio::select! {
+                biased;
+                frame = next_reply(&mut self.pending) => {
+                    if self.socket.send(frame).is_err() {
+                        return;
+                    }
+                    continue;
+                }
+                () = expiry(&mut self.expires) => {
+                    return self.close(
+                        close::CREDENTIALS_EXPIRED,
+                        close::CREDENTIALS_EXPIRED_REASON,
+                        true,
+                    );
+                }
+                event = self.socket.recv_event() => event,
+            };
+            let frame = match event {
+                None => return,
+                Some(Ok(Event::Message(Message::Text(text)))) => {
+                    let Ok(value) = serde_json::from_str::<Value>(text.as_str()) else {
+                        return self.close(close::INVALID_DATA, "frame is not valid JSON", false);
+                    };
+                    match Command::parse(value) {
+                        Ok(command) => {
+                            let id = command.id;
+                            // Boxed: a socket's task keeps the size of its largest await
+                            // for its whole life, and a command's (a durable join, a keyed
+                            // publish) is far larger than the idle read it spends it in.
+                            match Box::pin(self.command(command)).await {
+                                Some(outcome) => reply(id, outcome),
+                                None => continue,
+                            }
+                        }
+                        Err((id, failure)) => reply(id, Err(failure)),
+                    }
+                }
+                Some(Ok(Event::Message(_))) => {
+                    let reason = "only JSON text frames are accepted";
+                    return self.close(close::UNSUPPORTED_DATA, reason, false);
+                }
+                Some(Ok(Event::Missed(missed))) => missed_notice(&missed),
+                Some(Ok(Event::BroadcastFailed { room, error, .. })) => json!({
+                    "type": "fanout.unsent",
+                    "room": room.as_str(),
+                    "reason": error.to_string(),
+                }),
+                // Over the size limit or the rate limit (the node closed the socket already,
+                // with 1009 or 1008), or a transport failure: the connection is done.
+                Some(Err(_)) => return,
+            };
+            if self.socket.send(frame).is_err() {
+                return;
+            }
+        }
+    }
+
+    /// Tells the client why, then closes with `code`.
+    fn close(&mut self, code: u16, reason: &str, reconnect: bool) {
+        let _ = self.socket.send(wire::disconnect(code, reason, reconnect));
+        self.socket.close(code, reason);
+    }
+
+    /// Runs `command`: its outcome now, or `None` when its reply comes later (`pending`).
+    async fn command(&mut self, command: Command) -> Option<Outcome> {
+        if command.cmd == "connect" {
+            return Some(self.connect(&command).await);
+        }
+        let Some(user) = self.user.clone() else {
+            let known = matches!(
+                command.cmd.as_str(),
+                "join" | "leave" | "publish" | "history" | "presence" | "refresh"
+            );
+            return Some(Err(if known {
+                Failure::new(
+                    Code::NotConnected,
+                    "send connect with your credentials first",
+                )
+            } else {
+                unknown(&command.cmd)
+            }));
+        };
+        let outcome = match command.cmd.as_str() {
+            "join" => self.join(&user, &command).await,
+            "leave" => self.leave(&command),
+            "refresh" => self.refresh(&user, &command).await,
+            "publish" => return self.publish(user, command).await,
+            "history" | "presence" => return self.read(user, command).await,
+            other => Err(unknown(other)),
+        };
+        Some(outcome)
+    }
+
+    async fn connect(&mut self, command: &Command) -> Outcome {
+        if self.user.is_some() {
+            return Err(Failure::new(Code::AlreadyConnected, "already connected"));
+        }
+        let token = command.fields.get("token").cloned().unwrap_or(Value::Null);
+        let settings = self.settings.clone();
+        match settings.auth.connect_token(&token).await {
+            Ok(grant) => Ok(self.connected(grant)),
+            Err(denied) => Err(Failure::new(Code::NotAllowed, denied.reason())),
+        }
+    }
+
+    async fn refresh(&mut self, user: &str, command: &Command) -> Outcome {
+        let token = command.fields.get("token").cloned().unwrap_or(Value::Null);
+        let settings = self.settings.clone();
+        match settings.auth.refresh(user, &token).await {
+            Ok(expiry) => {
+                self.expires = deadline(expiry);
+                Ok(json!({ "expires_in": expiry.map(|d| d.as_secs_f64()) }))
+            }
+            Err(denied) => Err(Failure::new(Code::NotAllowed, denied.reason())),
+        }
+    }
+
+    fn may_join(
+        &self,
+        user: &str,
+        room: &RoomName,
+    ) -> impl Future<Output = Result<(), Failure>> + Send {
+        let settings = self.settings.clone();
+        let (user, room) = (user.to_owned(), room.clone());
+        async move { may_join(&settings, &user, &room).await }
+    }
+}
+
+async fn may_join<A: Authorize>(
+    settings: &Settings<A>,
+    user: &str,
+    room: &RoomName,
+) -> Result<(), Failure> {
+    {
+        settings
+            .auth
+            .may_join(user, room)
+            .await
+            .map_err(|denied| Failure::new(Code::NotAllowed, denied.reason()))
+    }
+}
+
+impl<A: Authorize> Session<A> {
+    async fn join(&mut self, user: &str, command: &Command) -> Outcome {
+        let room = RoomName::new(command.string("room")?).map_err(crate::Error::from)?;
+        let since = command.position("since")?;
+        let last = command.number("last")?;
+        let presence = command.flag("presence")?;
+        self.may_join(user, &room).await?;
+        let durable = self
+            .rooms
+            .shared
+            .node
+            .config
+            .durable_for(room.as_str())
+            .is_some();
+        let mut result = Map::new();
+        result.insert("room".into(), room.as_str().into());
+        result.insert("durable".into(), durable.into());
+        if durable {
+            let last = last.map(|n| usize::try_from(n).unwrap_or(usize::MAX));
+            let start = match (since, last) {
+                (Some(since), Some(n)) => Start::AfterOrLast(since, n),
+                (Some(since), None) => Start::After(since),
+                (None, Some(n)) => Start::Last(n),
+                (None, None) => Start::Now,
+            };
+            let resumed = self.socket.join_durable_from(&room, start).await?;
+            position_fields(&mut result, resumed.position());
+            if let Some(recovered) = resumed.recovered() {
+                result.insert("recovered".into(), recovered.into());
+            }
+            if let Some(why) = resumed.failure() {
+                result.insert("reason".into(), why.as_str().into());
+            }
+        } else if since.is_some() || last.is_some() {
+            return Err(Failure::new(
+                Code::NotDurable,
+                format!(
+                    "room {:?} keeps no history: join without since or last",
+                    room.as_str()
+                ),
+            ));
+        } else {
+            self.socket.join(&room).await?;
+        }
+        if presence {
+            let joined = match Member::new(user) {
+                Ok(member) => self.socket.join_as(&room, &member).await,
+                Err(e) => Err(e),
+            };
+            if let Err(e) = joined {
+                self.socket.leave(room.as_str());
+                return Err(e.into());
+            }
+        }
+        Ok(Value::Object(result))
+    }
+
+    fn leave(&mut self, command: &Command) -> Outcome {
+        let room = RoomName::new(command.string("room")?).map_err(crate::Error::from)?;
+        let left = self.socket.leave(room.as_str());
+        Ok(json!({ "room": room.as_str(), "left": left }))
+    }
+
+    async fn publish(&mut self, user: String, mut command: Command) -> Option<Outcome> {
+        let id = command.id;
+        match self.start_publish(&user, &mut command).await {
+            Ok(pending) => {
+                let reply = Box::pin(async move { reply(id, pending.await) });
+                self.pending
+                    .get_or_insert_with(FuturesUnordered::new)
+                    .push(reply);
+                None
+            }
+            Err(failure) => Some(Err(failure)),
+        }
+    }
+
+    /// Checks and queues a publish (in order), and returns its reply to come.
+    async fn start_publish(
+        &mut self,
+        user: &str,
+        command: &mut Command,
+    ) -> Result<Pin<Box<dyn Future<Output = Outcome> + Send>>, Failure> {
+        let room = RoomName::new(command.string("room")?).map_err(crate::Error::from)?;
+        let key = match command.fields.get("key") {
+            None | Some(Value::Null) => None,
+            Some(Value::String(k)) if !k.is_empty() && k.len() <= MAX_KEY => Some(k.clone()),
+            Some(_) => {
+                return Err(bad(format!(
+                    "\"key\" must be a string of 1 to {MAX_KEY} bytes"
+                )));
+            }
+        };
+        let data = command
+            .fields
+            .remove("data")
+            .ok_or_else(|| bad("publish needs \"data\""))?;
+        let payload = Payload::json(&data)?;
+        let settings = self.settings.clone();
+        let payload = settings
+            .auth
+            .may_publish(user, &room, payload)
+            .await
+            .map_err(|denied| Failure::new(Code::NotAllowed, denied.reason()))?;
+        let bus = &self.rooms.shared.node.bus;
+        let key = key.map(|k| keys::key_of(bus, &room, user, &k));
+        if let Some(key) = &key {
+            match keys::claim(bus, key).await? {
+                Claim::First => {}
+                Claim::InFlight => {
+                    return Err(Failure::new(
+                        Code::Unavailable,
+                        "a publish with this key is in flight: retry with the same key",
+                    ));
+                }
+                Claim::Duplicate(first) => {
+                    let mut result = Map::new();
+                    result.insert("duplicate".into(), true.into());
+                    if let Ok(pos) = first.parse::<Position>() {
+                        position_fields(&mut result, &pos);
+                    }
+                    let outcome = Ok(Value::Object(result));
+                    return Ok(Box::pin(async move { outcome }));
+                }
+            }
+        }
+        let queued = self.socket.broadcast(&room, payload).queue().await;
+        let rooms = self.rooms.clone();
+        let window = settings.dedupe_window;
+        if key.is_none() {
+            return Ok(Box::pin(async move {
+                finish_publish(&rooms, queued, None, window).await
+            }));
+        }
+        // A key's outcome is recorded by a task of its own: a session that ends (its client
+        // dropped) before Redis answered must still record it, or the client's resend would
+        // find the key in flight until the claim expires, and then send the message again.
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move {
+            let outcome = finish_publish(&rooms, queued, key.as_deref(), window).await;
+            let _ = tx.send(outcome);
+        });
+        Ok(Box::pin(async move {
+            rx.await
+                .unwrap_or_else(|_| Err(Failure::new(Code::Unavailable, "the publish was lost")))
+        }))
+    }
+
+    /// `history` and `presence`: checked now, answered when Redis replies.
+    async fn read(&mut self, user: String, command: Command) -> Option<Outcome> {
+        let room = match command.string("room") {
+            Ok(room) => match RoomName::new(room) {
+                Ok(room) => room,
+                Err(e) => return Some(Err(crate::Error::from(e).into())),
+            },
+            Err(f) => return Some(Err(f)),
+        };
+        let what = match Read::of(&command) {
+            Ok(what) => what,
+            Err(f) => return Some(Err(f)),
+        };
+        if let Err(f) = self.may_join(&user, &room).await {
+            return Some(Err(f));
+        }
+        let rooms = self.rooms.clone();
+        let id = command.id;
+        self.pending
+            .get_or_insert_with(FuturesUnordered::new)
+            .push(Box::pin(
+                async move { reply(id, what.run(&rooms, &room).await) },
+            ));
+        None
+    }
+}
+
+fn unknown(cmd: &str) -> Failure {
+    Failure::new(Code::UnknownCommand, format!("unknown command {cmd:?}"))
+}
+
+/// Waits for Redis's answer to a queued publish and records it under the publish's key: the
+/// position for a duplicate's reply, or the key released when it failed.
+async fn finish_publish(
+    rooms: &RoomHandle,
+    queued: Result<crate::Receipt, crate::Error>,
+    key: Option<&str>,
+    window: std::time::Duration,
+) -> Outcome {
+    let bus = &rooms.shared.node.bus;
+    let published = match queued {
+        Ok(receipt) => receipt.published().await,
+        Err(e) => Err(e),
+    };
+    match published {
+        Ok(published) => {
+            let mut result = Map::new();
+            result.insert("nodes".into(), published.nodes().into());
+            if let Some(pos) = published.position() {
+                position_fields(&mut result, pos);
+            }
+            if let Some(key) = key {
+                let first = published.position().map(ToString::to_string);
+                let first = first.unwrap_or_default();
+                if let Err(e) = keys::done(bus, key, first, window).await {
+                    tracing::debug!(error = %e, "could not store a publish key's position");
+                }
+            }
+            Ok(Value::Object(result))
+        }
+        Err(e) => {
+            if let Some(key) = key
+                && let Err(release) = keys::release(bus, key).await
+            {
+                tracing::warn!(error = %release, "could not release a failed publish's key");
+            }
+            Err(e.into())
+        }
+    }
+}

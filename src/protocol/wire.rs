@@ -1,0 +1,247 @@
+//! The protocol's frames (`PROTOCOL.md`): commands parsed from the client's text, replies and
+//! pushes written for it, and the error codes.
+
+use serde_json::{Map, Value, json};
+
+use crate::position::Position;
+
+/// Section 5 of `PROTOCOL.md`: what a failed command's reply says, as a code a client matches
+/// on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Code {
+    BadRequest,
+    UnknownCommand,
+    NotConnected,
+    AlreadyConnected,
+    NotAllowed,
+    InvalidRoom,
+    TooManyRooms,
+    NotDurable,
+    PresenceOff,
+    PayloadTooLarge,
+    Unrecoverable,
+    Unavailable,
+    Closed,
+}
+
+impl Code {
+    pub(super) fn as_str(self) -> &'static str {
+        match self {
+            Code::BadRequest => "bad_request",
+            Code::UnknownCommand => "unknown_command",
+            Code::NotConnected => "not_connected",
+            Code::AlreadyConnected => "already_connected",
+            Code::NotAllowed => "not_allowed",
+            Code::InvalidRoom => "invalid_room",
+            Code::TooManyRooms => "too_many_rooms",
+            Code::NotDurable => "not_durable",
+            Code::PresenceOff => "presence_off",
+            Code::PayloadTooLarge => "payload_too_large",
+            Code::Unrecoverable => "unrecoverable",
+            Code::Unavailable => "unavailable",
+            Code::Closed => "closed",
+        }
+    }
+
+    /// The code for a library error.
+    pub(super) fn of(e: &crate::Error) -> Self {
+        if e.is_invalid_room() {
+            Code::InvalidRoom
+        } else if e.is_limit() {
+            Code::TooManyRooms
+        } else if e.is_not_durable() {
+            Code::NotDurable
+        } else if e.is_presence_off() {
+            Code::PresenceOff
+        } else if e.is_invalid_payload() || e.is_message_too_big() {
+            Code::PayloadTooLarge
+        } else if e.is_closed() {
+            Code::Closed
+        } else if e.is_invalid_member() {
+            Code::NotAllowed
+        } else {
+            Code::Unavailable
+        }
+    }
+}
+
+/// A failed command: its code and what the client is told.
+#[derive(Debug)]
+pub(super) struct Failure {
+    pub(super) code: Code,
+    pub(super) reason: String,
+}
+
+impl Failure {
+    pub(super) fn new(code: Code, reason: impl Into<String>) -> Self {
+        Self {
+            code,
+            reason: reason.into(),
+        }
+    }
+}
+
+impl From<crate::Error> for Failure {
+    fn from(e: crate::Error) -> Self {
+        let reason = match std::error::Error::source(&e) {
+            Some(cause) if e.is_invalid_room() || e.is_limit() => format!("{e}: {cause}"),
+            _ => e.to_string(),
+        };
+        Self::new(Code::of(&e), reason)
+    }
+}
+
+/// What a command's reply carries.
+pub(super) type Outcome = Result<Value, Failure>;
+
+/// A client command: its id, its name and its fields.
+#[derive(Debug)]
+pub(super) struct Command {
+    pub(super) id: u64,
+    pub(super) cmd: String,
+    pub(super) fields: Map<String, Value>,
+}
+
+/// The largest id a client may use: JavaScript's largest exact integer.
+const MAX_ID: u64 = (1 << 53) - 1;
+
+impl Command {
+    /// Parses a JSON value as a command; the error carries the id to answer (0 when it has
+    /// none).
+    pub(super) fn parse(value: Value) -> Result<Self, (u64, Failure)> {
+        let Value::Object(mut fields) = value else {
+            return Err((0, bad("a command is a JSON object")));
+        };
+        let id = match fields.remove("id").as_ref().and_then(Value::as_u64) {
+            Some(id) if (1..=MAX_ID).contains(&id) => id,
+            _ => return Err((0, bad("\"id\" must be an integer from 1 to 2^53-1"))),
+        };
+        let cmd = match fields.remove("cmd") {
+            Some(Value::String(cmd)) => cmd,
+            _ => return Err((id, bad("\"cmd\" must be a string"))),
+        };
+        Ok(Self { id, cmd, fields })
+    }
+
+    /// The string field `name`.
+    pub(super) fn string(&self, name: &str) -> Result<&str, Failure> {
+        self.fields
+            .get(name)
+            .and_then(Value::as_str)
+            .ok_or_else(|| bad(format!("\"{name}\" must be a string")))
+    }
+
+    /// The optional whole-number field `name`.
+    pub(super) fn number(&self, name: &str) -> Result<Option<u64>, Failure> {
+        match self.fields.get(name) {
+            None | Some(Value::Null) => Ok(None),
+            Some(v) => v
+                .as_u64()
+                .map(Some)
+                .ok_or_else(|| bad(format!("\"{name}\" must be a whole number"))),
+        }
+    }
+
+    /// The optional boolean field `name`.
+    pub(super) fn flag(&self, name: &str) -> Result<bool, Failure> {
+        match self.fields.get(name) {
+            None | Some(Value::Null) => Ok(false),
+            Some(Value::Bool(b)) => Ok(*b),
+            Some(_) => Err(bad(format!("\"{name}\" must be true or false"))),
+        }
+    }
+
+    /// The optional position field `name`: `{"epoch":E,"seq":S}` or `"E:S"`.
+    pub(super) fn position(&self, name: &str) -> Result<Option<Position>, Failure> {
+        let wrong = || bad(format!("\"{name}\" must be {{\"epoch\":E,\"seq\":S}}"));
+        match self.fields.get(name) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::String(s)) => s.parse().map(Some).map_err(|_| wrong()),
+            Some(Value::Object(o)) => {
+                let epoch = o.get("epoch").and_then(Value::as_str).ok_or_else(wrong)?;
+                let seq = o.get("seq").and_then(Value::as_u64).ok_or_else(wrong)?;
+                Ok(Some(Position::new(epoch, seq)))
+            }
+            Some(_) => Err(wrong()),
+        }
+    }
+}
+
+pub(super) fn bad(reason: impl Into<String>) -> Failure {
+    Failure::new(Code::BadRequest, reason)
+}
+
+/// The reply to command `id`.
+pub(super) fn reply(id: u64, outcome: Outcome) -> Value {
+    match outcome {
+        Ok(result) => json!({ "type": "reply", "id": id, "result": result }),
+        Err(f) => json!({
+            "type": "reply",
+            "id": id,
+            "error": { "code": f.code.as_str(), "reason": f.reason },
+        }),
+    }
+}
+
+/// `fanout.disconnect`: the node closes right after it, with `code`.
+pub(super) fn disconnect(code: u16, reason: &str, reconnect: bool) -> Value {
+    json!({ "type": "fanout.disconnect", "code": code, "reason": reason, "reconnect": reconnect })
+}
+
+/// A position's fields for a reply.
+pub(super) fn position_fields(out: &mut Map<String, Value>, pos: &Position) {
+    out.insert("epoch".into(), pos.epoch().into());
+    out.insert("seq".into(), pos.seq().into());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_command_needs_an_id_in_range_and_a_name() {
+        let c = Command::parse(json!({"id": 7, "cmd": "join", "room": "a"})).expect("valid");
+        assert_eq!(
+            (c.id, c.cmd.as_str(), c.string("room").ok()),
+            (7, "join", Some("a"))
+        );
+        for (value, id) in [
+            (json!([1]), 0),
+            (json!({"cmd": "join"}), 0),
+            (json!({"id": 0, "cmd": "join"}), 0),
+            (json!({"id": 1u64 << 53, "cmd": "join"}), 0),
+            (json!({"id": "1", "cmd": "join"}), 0),
+            (json!({"id": 3, "cmd": 5}), 3),
+        ] {
+            let (got, f) = Command::parse(value.clone()).expect_err("invalid");
+            assert_eq!((got, f.code), (id, Code::BadRequest), "{value}");
+        }
+    }
+
+    #[test]
+    fn positions_parse_in_both_spellings() {
+        let c = Command::parse(
+            json!({"id": 1, "cmd": "join", "a": {"epoch": "e", "seq": 4}, "b": "e:5", "c": 3}),
+        )
+        .expect("valid");
+        assert_eq!(c.position("a").ok().flatten(), Some(Position::new("e", 4)));
+        assert_eq!(c.position("b").ok().flatten(), Some(Position::new("e", 5)));
+        assert_eq!(
+            c.position("c").err().map(|f| f.code),
+            Some(Code::BadRequest)
+        );
+        assert!(matches!(c.position("none"), Ok(None)));
+    }
+
+    #[test]
+    fn replies_carry_the_id_and_either_a_result_or_a_coded_error() {
+        assert_eq!(
+            reply(4, Ok(json!({"left": true}))),
+            json!({"type": "reply", "id": 4, "result": {"left": true}})
+        );
+        assert_eq!(
+            reply(5, Err(Failure::new(Code::NotAllowed, "no"))),
+            json!({"type": "reply", "id": 5, "error": {"code": "not_allowed", "reason": "no"}})
+        );
+    }
+}
