@@ -218,6 +218,24 @@ pub(crate) fn encode_control(origin: &str, room: &str, frame: &Payload) -> Vec<u
     encode_as(origin, room, frame, None, true)
 }
 
+/// The frame every socket of a user gets of a message sent to that user:
+/// `{"type":"fanout.direct","payload":V}` (`"text"` or `"binary"` in place of `"payload"` for
+/// those payloads), the same for a toolkit socket and a fanout-protocol one.
+pub(crate) fn direct_frame(payload: &Payload) -> Payload {
+    let body = match &payload.0 {
+        Repr::Json(raw) => format!("\"payload\":{}", raw.get()),
+        Repr::Text(text) => format!(
+            "\"text\":{}",
+            serde_json::to_string(text).unwrap_or_default()
+        ),
+        Repr::Binary(bytes) => format!("\"binary\":\"{}\"", BASE64.encode(bytes)),
+    };
+    let frame = format!("{{\"type\":\"fanout.direct\",{body}}}");
+    // Valid JSON by construction (a valid payload, a JSON string, base64); should it ever not
+    // be, the frame still goes out, as text.
+    Payload::raw_json(frame.clone()).unwrap_or_else(|_| Payload::text(frame))
+}
+
 /// Encodes a fleet command (`crate::users`): a `command` object and no payload, so that no node
 /// delivers it to a socket as a message.
 pub(crate) fn encode_command(origin: &str, room: &str, command: &RawValue) -> Vec<u8> {

@@ -743,3 +743,52 @@ async fn the_board_example_serves_pushed_updates_to_read_only_clients() {
         "the client module is served"
     );
 }
+
+/// Users reach protocol sockets too: a direct message arrives as `fanout.direct`, a
+/// server-side join as if the socket had joined, and a fleet-wide disconnect is told with a
+/// `fanout.disconnect` frame carrying the reconnect hint before the close.
+#[tokio::test]
+async fn the_users_feature_reaches_protocol_sockets() {
+    let redis = RedisServer::start();
+    let fleet = start_nodes([layer(&redis), layer(&redis)], app).await;
+    let mut ada = [
+        Client::connect(&fleet[0].0, "?user=ada").await,
+        Client::connect(&fleet[1].0, "?user=ada").await,
+    ];
+    for c in &mut ada {
+        // A reply means the session started, so the socket is the user's already.
+        let r = c.call(json!({"cmd": "join", "room": "lobby"})).await;
+        assert!(r["result"].is_object(), "{r}");
+    }
+    let handle = &fleet[0].1;
+    let sent = handle.send_to_user("ada", json!({"hi": 1})).await;
+    assert_eq!(sent.expect("sent"), 2);
+    for c in &mut ada {
+        assert_eq!(
+            c.push("fanout.direct").await,
+            json!({"type": "fanout.direct", "payload": {"hi": 1}})
+        );
+    }
+    assert_eq!(handle.join_user("ada", "side").await.expect("join"), 2);
+    support::wait_until("both sockets in side", || async {
+        handle.broadcast("side", json!("probe")).await.ok() == Some(2)
+    })
+    .await;
+    for c in &mut ada {
+        let m = c.push("message").await;
+        assert_eq!(m["room"], "side", "{m}");
+    }
+    let acted = handle
+        .disconnect_user("ada")
+        .reason("moved")
+        .reconnect(true)
+        .await;
+    assert_eq!(acted.expect("disconnect"), 2);
+    for c in &mut ada {
+        assert_eq!(
+            c.push("fanout.disconnect").await,
+            json!({"type": "fanout.disconnect", "code": 4002, "reason": "moved", "reconnect": true})
+        );
+        assert_eq!(c.close_frame().await, (4002, "moved".to_owned()));
+    }
+}

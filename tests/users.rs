@@ -207,7 +207,7 @@ async fn disconnecting_a_user_closes_all_their_sockets_and_only_theirs() {
     assert_eq!(sent.expect("sent"), 1);
     assert_eq!(
         json_of(&recv_text(&mut again, "the direct message").await),
-        json!({ "back": true })
+        json!({ "type": "fanout.direct", "payload": { "back": true } })
     );
     // Default reason, and the reconnect hint.
     let mut carol = socket(&nodes[2].0, "lobby", "carol", "").await;
@@ -456,7 +456,7 @@ async fn bad_input_is_refused_with_a_clear_error_and_nothing_half_done() {
     );
     assert_eq!(
         json_of(&recv_text(&mut ivy, "the direct message").await),
-        json!({ "ok": 1 })
+        json!({ "type": "fanout.direct", "payload": { "ok": 1 } })
     );
     assert!(drain(&mut ivy, Duration::from_millis(200)).await.is_empty());
 }
@@ -480,10 +480,8 @@ async fn a_command_across_a_redis_restart_is_applied_once_or_reported() {
     })
     .await;
     let frames = drain(&mut jay, Duration::from_secs(2)).await;
-    let received = frames
-        .iter()
-        .filter(|f| **f == json!({ "once": true }))
-        .count();
+    let once = json!({ "type": "fanout.direct", "payload": { "once": true } });
+    let received = frames.iter().filter(|f| **f == once).count();
     eprintln!("outcome {outcome:?}, received {received}");
     assert!(received <= 1, "applied twice: {frames:?}");
     match outcome {
@@ -493,7 +491,7 @@ async fn a_command_across_a_redis_restart_is_applied_once_or_reported() {
         Err(e) => assert!(e.is_timeout() || e.is_redis(), "{e}"),
     }
     // Every frame other than the message is a notice of what may have been missed.
-    for f in frames.iter().filter(|f| **f != json!({ "once": true })) {
+    for f in frames.iter().filter(|f| **f != once) {
         assert_eq!(f["type"], "fanout.missed", "{f}");
     }
 }
@@ -568,7 +566,7 @@ async fn a_refresh_that_loses_a_room_leaves_that_room_only() {
     );
     assert_eq!(
         json_of(&recv_text(&mut ws, "direct").await),
-        json!({ "to": "kim" })
+        json!({ "type": "fanout.direct", "payload": { "to": "kim" } })
     );
 }
 

@@ -321,7 +321,9 @@ export class FanoutClient {
     }
     this._emit("onDisconnect", { code, reason });
     if (this.state === "closed") return;
-    if (FINAL_CODES.has(code)) {
+    const toldToStop = this.toldToStop;
+    this.toldToStop = false;
+    if (FINAL_CODES.has(code) || toldToStop) {
       this._shutdown(new FanoutError("closed", `closed by the server: ${code} ${reason}`));
       return;
     }
@@ -392,6 +394,8 @@ export class FanoutClient {
       return;
     }
     if (frame.type === "fanout.disconnect") {
+      // The node says whether to come back (a logout or a ban says no: PROTOCOL.md, section 6).
+      this.toldToStop = frame.reconnect === false;
       this._emit("onDisconnectFrame", frame);
       return;
     }

@@ -102,16 +102,8 @@ pub(crate) async fn direct(Path(user): Path<String>, rooms: RoomHandle, body: St
     let Ok(payload) = Payload::raw_json(body) else {
         return bad_request("body must be one JSON value");
     };
-    // The payload was checked as JSON above, so it is spliced into the frame as it is.
-    let frame = format!(
-        r#"{{"type":"fanout.direct","payload":{}}}"#,
-        payload.as_json().unwrap_or("null")
-    );
-    let frame = match Payload::raw_json(frame) {
-        Ok(frame) => frame,
-        Err(e) => return bad_request(&e.to_string()),
-    };
-    answer(rooms.send_to_user(&user, frame).await)
+    // The node frames it: `{"type":"fanout.direct","payload":V}`.
+    answer(rooms.send_to_user(&user, payload).await)
 }
 
 /// `POST /users/{user}/disconnect` with an empty body or `{"reason":TEXT}` (at most 100

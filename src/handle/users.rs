@@ -10,8 +10,10 @@ use crate::users::{self, Connected, Disconnect, NodeInfo, UserCommand};
 
 impl RoomHandle {
     /// Sends `payload` to every socket of `user` on every node (sockets that
-    /// [`identify`](crate::FanoutSocket::identify)ed as `user`), as it is, even to sockets that
-    /// asked for positions. Resolves to the number of nodes that held a socket of `user`: 0
+    /// [`identify`](crate::FanoutSocket::identify)ed as `user`), each getting one frame
+    /// `{"type":"fanout.direct","payload":V}` (`"text":T` or `"binary":B64` in place of
+    /// `"payload"` for such payloads), whether it asked for positions or speaks the fanout
+    /// protocol. Resolves to the number of nodes that held a socket of `user`: 0
     /// means it was delivered nowhere and kept nowhere. Messages from one sender arrive in the
     /// order it sent them.
     ///
@@ -25,8 +27,7 @@ impl RoomHandle {
     ///
     /// // POST /users/{user}/notify
     /// async fn notify(fanout: RoomHandle, Path(user): Path<String>, Json(body): Json<Value>) -> String {
-    ///     let frame = json!({ "type": "notification", "body": body });
-    ///     match fanout.send_to_user(&user, frame).await {
+    ///     match fanout.send_to_user(&user, json!({ "kind": "notification", "body": body })).await {
     ///         Ok(0) => "not connected\n".to_owned(),
     ///         Ok(nodes) => format!("delivered on {nodes} node(s)\n"),
     ///         Err(e) => format!("failed: {e}\n"),

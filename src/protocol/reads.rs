@@ -69,6 +69,16 @@ impl Read {
 
 /// `{"type":"fanout.missed","room":..,"since":ms,"until":ms,"dropped":n|null}`
 pub(super) fn missed_notice(missed: &Missed) -> Value {
+    if let Some(user) = missed.user() {
+        // What was sent to the socket's user (direct messages, fleet commands).
+        return json!({
+            "type": "fanout.missed",
+            "user": user,
+            "since": missed.since_ms(),
+            "until": missed.until_ms(),
+            "dropped": missed.dropped(),
+        });
+    }
     json!({
         "type": "fanout.missed",
         "room": missed.room().as_str(),

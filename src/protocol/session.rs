@@ -65,8 +65,12 @@ pub(super) async fn run<A: Authorize>(
         expires: None,
         pending: None,
     };
-    if let Some(grant) = grant {
-        session.connected(grant);
+    if let Some(grant) = grant
+        && let Err(failure) = Box::pin(session.connected(grant)).await
+    {
+        tracing::warn!(reason = ?failure, "a protocol socket could not take its identity");
+        let reason = "cannot reach redis; try again later";
+        return session.close(close::TRY_AGAIN_LATER, reason, true);
     }
     // Boxed: a socket's task keeps the size of its largest await for its whole life.
     Box::pin(session.serve()).await;
@@ -96,12 +100,22 @@ fn deadline(expiry: Option<Duration>) -> Option<Pin<Box<tokio::time::Sleep>>> {
 }
 
 impl<A: Authorize> Session<A> {
-    fn connected(&mut self, grant: Grant) -> Value {
+    /// Takes the identity `grant` gives: the socket becomes reachable as its user wherever it
+    /// is connected (`RoomHandle::send_to_user`, `disconnect_user`, `join_user`).
+    async fn connected(&mut self, grant: Grant) -> Outcome {
+        let user = grant.user().to_owned();
+        if let Err(e) = self.socket.identify(&user).await {
+            let code = if e.is_invalid_member() {
+                Code::NotAllowed
+            } else {
+                Code::Unavailable
+            };
+            return Err(Failure::new(code, e.to_string()));
+        }
         self.expires = deadline(grant.expiry());
         let expires_in = grant.expiry().map(|d| d.as_secs_f64());
-        let user = grant.user().to_owned();
         self.user = Some(user.clone());
-        json!({ "user": user, "expires_in": expires_in })
+        Ok(json!({ "user": user, "expires_in": expires_in }))
     }
 
     async fn serve(mut self) {
@@ -206,7 +220,7 @@ impl<A: Authorize> Session<A> {
         let token = command.fields.get("token").cloned().unwrap_or(Value::Null);
         let settings = self.settings.clone();
         match settings.auth.connect_token(&token).await {
-            Ok(grant) => Ok(self.connected(grant)),
+            Ok(grant) => self.connected(grant).await,
             Err(denied) => Err(Failure::new(Code::NotAllowed, denied.reason())),
         }
     }

@@ -149,6 +149,19 @@ impl Commands for Users {
             Command::Disconnect { code, reason, .. } => {
                 let mut closed = 0;
                 for (_, outbox) in addressed {
+                    if outbox.is_framed() {
+                        // A fanout-protocol socket is told why, and whether to come back.
+                        let frame = serde_json::json!({
+                            "type": "fanout.disconnect",
+                            "code": code,
+                            "reason": reason,
+                            "reconnect": code == crate::close::RECONNECT,
+                        });
+                        outbox.offer(
+                            axum::extract::ws::Message::Text(frame.to_string().into()),
+                            crate::config::OverflowPolicy::DropNewest,
+                        );
+                    }
                     outbox.close_after_flush(Some(CloseFrame {
                         code,
                         reason: Utf8Bytes::from(reason.as_str()),

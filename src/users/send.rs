@@ -42,8 +42,9 @@ pub(crate) fn send_to_user(
     payload: &Payload,
 ) -> impl Future<Output = Result<usize, Error>> + Send + use<> {
     let prepared = user_room(user).map(|room| {
+        let frame = envelope::direct_frame(payload);
         (
-            envelope::encode_control(node_id, room.as_str(), payload),
+            envelope::encode_control(node_id, room.as_str(), &frame),
             room,
         )
     });

@@ -219,3 +219,29 @@ test("publishes are paced under the client's rate, so a burst of resends cannot 
   await waitUntil("all delivered", () => room.got.length === 60);
   assert.deepEqual(room.got.map((m) => m.data), Array.from({ length: 60 }, (_, i) => i));
 });
+
+test("users: direct messages arrive, and a fleet-wide disconnect stops the client unless it says come back", async (t) => {
+  const redis = await Redis.start();
+  const n1 = await Node.start(redis, "n1");
+  const n2 = await Node.start(redis, "n2");
+  t.after(() => [n1, n2].forEach((n) => n.kill()) || redis.stop());
+  const direct = [];
+  const closes = [];
+  const ada = new FanoutClient(`${n1.url}?user=ada`, {
+    ...fast,
+    onDirect: (payload) => direct.push(payload),
+    onDisconnect: (event) => closes.push(event.code),
+  });
+  t.after(() => ada.close());
+  await ada.join("lobby", {});
+  const post = (path, body) =>
+    fetch(`http://127.0.0.1:${n2.port}${path}`, { method: "POST", body: JSON.stringify(body) })
+      .then((r) => r.json());
+  assert.deepEqual(await post("/users/ada/messages", { hi: 1 }), { nodes: 1 });
+  await waitUntil("the direct message", () => direct.length === 1);
+  assert.deepEqual(direct[0], { hi: 1 });
+  // A logout (4000, reconnect: false): the client stops and does not come back.
+  assert.deepEqual(await post("/users/ada/disconnect", { reason: "logged out" }), { nodes: 1 });
+  await waitUntil("closed for good", () => ada.state === "closed");
+  assert.deepEqual(closes, [4000]);
+});
