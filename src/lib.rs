@@ -65,7 +65,7 @@ struct ReadmeDoctests;
 // imports only modules listed after it, never one before it.
 //
 // - `protocol`: the fanout protocol's endpoint (`PROTOCOL.md`), above the toolkit and built
-//   only on it: `protocol::session` (one socket's commands and replies), `protocol::wire`
+//   only on it: `protocol::session` (one socket's commands and replies; `session::publish`, keyed publishes), `protocol::wire`
 //   (frames and error codes), `protocol::reads` (history and presence commands),
 //   `protocol::auth` (`Authorize`, `Grant`, `Permissive`), `protocol::redis` (idempotent
 //   publish keys). Its sockets' queues are marked framed: the registry and the durable
@@ -108,7 +108,8 @@ struct ReadmeDoctests;
 //   where a loss window starts), `bus::script` (the one script runner, reply parsers, room
 //   key names), `bus::runs` (a pipeline of script calls: groups, what may go again),
 //   `bus::backend` (one server, a master found through Sentinel, or a Redis Cluster),
-//   `bus::client` (client building, TLS, URL redaction), `bus::sentinel` (the sentinels asked
+//   `bus::client` (the backend from the settings, URL redaction), `bus::server` (one server's
+//   connection settings, RESP3, TLS, and its `ServerConn`), `bus::sentinel` (the sentinels asked
 //   for the master, a demoted master left), `bus::slots` (cluster hash slots), `bus::backoff`
 //   (jittered pauses). Redis's types appear only in `bus/` and in each feature's `redis`
 //   module.
@@ -124,7 +125,7 @@ struct ReadmeDoctests;
 //   `queue::parked` (the writer's sink parked there while it waits, and a frame written at
 //   once to an idle socket), `queue::reading` (the reading half between the handler's reads).
 //
-// Leaves, used from anywhere above: `envelope` (the JSON wire format shared with the seed's
+// Leaves, used from anywhere above: `envelope` (`envelope::frames`: what each kind of socket gets of one; the JSON wire format shared with the seed's
 // nodes; `Payload`), `channel` (Redis channel names for rooms and shards, injective),
 // `config` (the settings the node reads, `OverflowPolicy`; `config::builder`: `FanoutBuilder`
 // and its Redis-facing knobs, every default and why; `config::sockets`: its per-socket knobs;

@@ -22,14 +22,14 @@
 //! a channel prefix that holds `{tag}` pins every channel containing it to one slot, which
 //! co-locates them on purpose and undoes that spread.
 
-use std::ops::{Deref, DerefMut};
 use std::sync::Arc;
 use std::time::Duration;
 
-use redis::aio::MultiplexedConnection;
-use redis::{AsyncConnectionConfig, PushInfo, RedisError};
+use redis::{PushInfo, RedisError};
 
-use super::sentinel::{RoleWatch, Sentinel};
+use super::sentinel::Sentinel;
+pub(crate) use super::server::ServerConn;
+use super::server::server_config;
 
 #[cfg(feature = "cluster")]
 use super::slots::{master_slot_ranges, per_slot, probe_channels_for};
@@ -82,72 +82,6 @@ impl std::fmt::Debug for Conn {
     }
 }
 
-/// A server's multiplexed connection. Cheap to clone: clones share it. Found through
-/// Sentinel, it also holds the task that leaves the server once it is no longer the master,
-/// which ends with the last clone.
-#[derive(Clone)]
-pub(crate) struct ServerConn {
-    conn: MultiplexedConnection,
-    _role_watch: Option<Arc<RoleWatch>>,
-}
-
-impl ServerConn {
-    pub(super) fn watched(conn: MultiplexedConnection, watch: RoleWatch) -> Self {
-        Self {
-            conn,
-            _role_watch: Some(Arc::new(watch)),
-        }
-    }
-}
-
-impl Deref for ServerConn {
-    type Target = MultiplexedConnection;
-    fn deref(&self) -> &MultiplexedConnection {
-        &self.conn
-    }
-}
-
-impl DerefMut for ServerConn {
-    fn deref_mut(&mut self) -> &mut MultiplexedConnection {
-        &mut self.conn
-    }
-}
-
-impl redis::aio::ConnectionLike for ServerConn {
-    fn req_packed_command<'a>(
-        &'a mut self,
-        cmd: &'a redis::Cmd,
-    ) -> redis::RedisFuture<'a, redis::Value> {
-        self.conn.req_packed_command(cmd)
-    }
-
-    fn req_packed_commands<'a>(
-        &'a mut self,
-        pipeline: &'a redis::Pipeline,
-        offset: usize,
-        count: usize,
-    ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
-        self.conn.req_packed_commands(pipeline, offset, count)
-    }
-
-    fn get_db(&self) -> i64 {
-        self.conn.get_db()
-    }
-}
-
-/// Where a connection's pushes go: messages, and a `Disconnection` when it closes (or, under
-/// Sentinel, when its server stops being the master). Must never block.
-pub(super) type Push = Arc<dyn Fn(PushInfo) -> Result<(), ()> + Send + Sync>;
-
-/// The settings of every connection to one server, found through Sentinel or not.
-pub(super) fn server_config(connect_timeout: Duration, push: Push) -> AsyncConnectionConfig {
-    AsyncConnectionConfig::new()
-        .set_connection_timeout(Some(connect_timeout))
-        // Deadlines are applied per operation by the callers.
-        .set_response_timeout(None)
-        .set_push_sender(move |info| push(info))
-}
-
 impl Backend {
     /// Opens a connection whose pushes (messages, and a `Disconnection` when it closes) go to
     /// `push`, which must never block.
@@ -163,12 +97,7 @@ impl Backend {
                     Arc::new(push),
                 ))
                 .await
-                .map(|conn| {
-                    Conn::Server(ServerConn {
-                        conn,
-                        _role_watch: None,
-                    })
-                }),
+                .map(|conn| Conn::Server(ServerConn::plain(conn))),
             Backend::Sentinel(sentinel) => sentinel
                 .connect(connect_timeout, Arc::new(push))
                 .await

@@ -39,6 +39,7 @@ mod receipt;
 mod runs;
 pub(crate) mod script;
 mod sentinel;
+mod server;
 mod slots;
 mod subscriber;
 

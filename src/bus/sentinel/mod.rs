@@ -36,8 +36,7 @@ use redis::{
 };
 use tokio::time::timeout;
 
-use super::backend::{Push, ServerConn, server_config};
-use super::client::client;
+use super::server::{Push, RoleWatch, ServerConn, client, server_config};
 use crate::config::Connect;
 use crate::error::Error;
 use url::{DEFAULT_PORT, SentinelUrl};
@@ -300,17 +299,6 @@ fn role_in(reply: &Value) -> Option<String> {
         .into_iter()
         .find(|(k, _)| text(k).as_deref() == Some("role"))
         .and_then(|(_, v)| text(v))
-}
-
-/// The task that checks a connection's server is still the master; aborted when the
-/// connection's last clone is dropped (see [`ServerConn`]).
-#[derive(Debug)]
-pub(super) struct RoleWatch(tokio::task::AbortHandle);
-
-impl Drop for RoleWatch {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
 }
 
 /// Every [`ROLE_CHECK`], asks the server its role; once it is not the master, tells the

@@ -26,6 +26,10 @@
 //! Decoding happens once per envelope per node: `payload` is kept as raw JSON text (never
 //! re-parsed or re-serialized per socket) and becomes one shared [`Message`].
 
+mod frames;
+
+pub(crate) use frames::direct_frame;
+
 use std::borrow::Cow;
 use std::fmt;
 use std::time::SystemTime;
@@ -218,24 +222,6 @@ pub(crate) fn encode_control(origin: &str, room: &str, frame: &Payload) -> Vec<u
     encode_as(origin, room, frame, None, true)
 }
 
-/// The frame every socket of a user gets of a message sent to that user:
-/// `{"type":"fanout.direct","payload":V}` (`"text"` or `"binary"` in place of `"payload"` for
-/// those payloads), the same for a toolkit socket and a fanout-protocol one.
-pub(crate) fn direct_frame(payload: &Payload) -> Payload {
-    let body = match &payload.0 {
-        Repr::Json(raw) => format!("\"payload\":{}", raw.get()),
-        Repr::Text(text) => format!(
-            "\"text\":{}",
-            serde_json::to_string(text).unwrap_or_default()
-        ),
-        Repr::Binary(bytes) => format!("\"binary\":\"{}\"", BASE64.encode(bytes)),
-    };
-    let frame = format!("{{\"type\":\"fanout.direct\",{body}}}");
-    // Valid JSON by construction (a valid payload, a JSON string, base64); should it ever not
-    // be, the frame still goes out, as text.
-    Payload::raw_json(frame.clone()).unwrap_or_else(|_| Payload::text(frame))
-}
-
 /// Encodes a fleet command (`crate::users`): a `command` object and no payload, so that no node
 /// delivers it to a socket as a message.
 pub(crate) fn encode_command(origin: &str, room: &str, command: &RawValue) -> Vec<u8> {
@@ -342,91 +328,6 @@ pub(crate) struct Decoded {
     /// A fleet command (`crate::users`) rather than a message: `frame` holds the command's
     /// JSON, for the node to act on, never for a socket.
     pub(crate) command: bool,
-}
-
-impl Decoded {
-    /// The frame for a socket that asked for positions: `{"seq":S,"payload":V}` (`"text"` or
-    /// `"binary"` in place of `"payload"` for those payloads), without `"seq"` when the message
-    /// has no position (a seed node's).
-    pub(crate) fn positioned(&self) -> Message {
-        self.shaped(None)
-    }
-
-    /// The frame for a socket of the fanout protocol (`PROTOCOL.md`, "message"), which carries
-    /// many rooms: `{"type":"message","room":R,"seq":S,"data":V}` (`"text"` or `"binary"` in
-    /// place of `"data"`), without `"seq"` outside durable rooms. A control notice is already
-    /// one frame per kind with its room, so it goes as it is.
-    pub(crate) fn framed(&self, room: &str) -> Message {
-        self.shaped(Some(room))
-    }
-
-    /// `positioned` (no room) or `framed` (a room): one writer for the two shapes.
-    fn shaped(&self, room: Option<&str>) -> Message {
-        if self.control {
-            return self.frame.clone();
-        }
-        let mut out = String::with_capacity(frame_text_len(&self.frame) + 48);
-        out.push('{');
-        if let Some(room) = room {
-            out.push_str("\"type\":\"message\",\"room\":");
-            out.push_str(&serde_json::to_string(room).unwrap_or_default());
-            out.push(',');
-        }
-        if let Some(pos) = &self.pos {
-            out.push_str("\"seq\":");
-            out.push_str(&pos.seq().to_string());
-            out.push(',');
-        }
-        let json_key = if room.is_some() {
-            "\"data\":"
-        } else {
-            "\"payload\":"
-        };
-        match &self.frame {
-            Message::Text(text) if self.json => {
-                out.push_str(json_key);
-                out.push_str(text.as_str());
-            }
-            Message::Text(text) => {
-                out.push_str("\"text\":");
-                out.push_str(&serde_json::to_string(text.as_str()).unwrap_or_default());
-            }
-            Message::Binary(bytes) => {
-                out.push_str("\"binary\":\"");
-                out.push_str(&BASE64.encode(bytes));
-                out.push('"');
-            }
-            _ => {
-                out.push_str(json_key);
-                out.push_str("null");
-            }
-        }
-        out.push('}');
-        Message::Text(Utf8Bytes::from(out))
-    }
-
-    /// The payload again, for a history read.
-    pub(crate) fn into_payload(self) -> Payload {
-        match self.frame {
-            Message::Text(text) if self.json => {
-                // Decoding checked it is one JSON value.
-                RawValue::from_string(text.as_str().to_owned())
-                    .map(|raw| Payload(Repr::Json(raw)))
-                    .unwrap_or_else(|_| Payload::text(text.as_str()))
-            }
-            Message::Text(text) => Payload::text(text.as_str()),
-            Message::Binary(bytes) => Payload::binary(bytes),
-            _ => Payload::text(""),
-        }
-    }
-}
-
-fn frame_text_len(frame: &Message) -> usize {
-    match frame {
-        Message::Text(t) => t.len(),
-        Message::Binary(b) => b.len() * 4 / 3,
-        _ => 0,
-    }
 }
 
 /// Why an envelope was dropped.

@@ -1,0 +1,104 @@
+//! A session's `publish`: checked and queued in order, its reply waiting for Redis beside the
+//! session's loop; with a client's key, accepted at most once across the fleet within the
+//! window (`super::super::redis`).
+
+use std::future::Future;
+use std::pin::Pin;
+
+use futures_util::stream::FuturesUnordered;
+use serde_json::{Map, Value};
+
+use super::{MAX_KEY, Session, finish_publish};
+use crate::envelope::Payload;
+use crate::position::Position;
+use crate::protocol::auth::Authorize;
+use crate::protocol::redis::{self as keys, Claim};
+use crate::protocol::wire::{Code, Command, Failure, Outcome, bad, position_fields, reply};
+use crate::room::RoomName;
+
+impl<A: Authorize> Session<A> {
+    pub(super) async fn publish(&mut self, user: String, mut command: Command) -> Option<Outcome> {
+        let id = command.id;
+        match self.start_publish(&user, &mut command).await {
+            Ok(pending) => {
+                let reply = Box::pin(async move { reply(id, pending.await) });
+                self.pending
+                    .get_or_insert_with(FuturesUnordered::new)
+                    .push(reply);
+                None
+            }
+            Err(failure) => Some(Err(failure)),
+        }
+    }
+
+    /// Checks and queues a publish (in order), and returns its reply to come.
+    async fn start_publish(
+        &mut self,
+        user: &str,
+        command: &mut Command,
+    ) -> Result<Pin<Box<dyn Future<Output = Outcome> + Send>>, Failure> {
+        let room = RoomName::new(command.string("room")?).map_err(crate::Error::from)?;
+        let key = match command.fields.get("key") {
+            None | Some(Value::Null) => None,
+            Some(Value::String(k)) if !k.is_empty() && k.len() <= MAX_KEY => Some(k.clone()),
+            Some(_) => {
+                return Err(bad(format!(
+                    "\"key\" must be a string of 1 to {MAX_KEY} bytes"
+                )));
+            }
+        };
+        let data = command
+            .fields
+            .remove("data")
+            .ok_or_else(|| bad("publish needs \"data\""))?;
+        let payload = Payload::json(&data)?;
+        let settings = self.settings.clone();
+        let payload = settings
+            .auth
+            .may_publish(user, &room, payload)
+            .await
+            .map_err(|denied| Failure::new(Code::NotAllowed, denied.reason()))?;
+        let bus = &self.rooms.shared.node.bus;
+        let key = key.map(|k| keys::key_of(bus, &room, user, &k));
+        if let Some(key) = &key {
+            match keys::claim(bus, key).await? {
+                Claim::First => {}
+                Claim::InFlight => {
+                    return Err(Failure::new(
+                        Code::Unavailable,
+                        "a publish with this key is in flight: retry with the same key",
+                    ));
+                }
+                Claim::Duplicate(first) => {
+                    let mut result = Map::new();
+                    result.insert("duplicate".into(), true.into());
+                    if let Ok(pos) = first.parse::<Position>() {
+                        position_fields(&mut result, &pos);
+                    }
+                    let outcome = Ok(Value::Object(result));
+                    return Ok(Box::pin(async move { outcome }));
+                }
+            }
+        }
+        let queued = self.socket.broadcast(&room, payload).queue().await;
+        let rooms = self.rooms.clone();
+        let window = settings.dedupe_window;
+        if key.is_none() {
+            return Ok(Box::pin(async move {
+                finish_publish(&rooms, queued, None, window).await
+            }));
+        }
+        // A key's outcome is recorded by a task of its own: a session that ends (its client
+        // dropped) before Redis answered must still record it, or the client's resend would
+        // find the key in flight until the claim expires, and then send the message again.
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move {
+            let outcome = finish_publish(&rooms, queued, key.as_deref(), window).await;
+            let _ = tx.send(outcome);
+        });
+        Ok(Box::pin(async move {
+            rx.await
+                .unwrap_or_else(|_| Err(Failure::new(Code::Unavailable, "the publish was lost")))
+        }))
+    }
+}
