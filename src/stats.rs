@@ -122,13 +122,15 @@ macro_rules! statistics {
 
 statistics! {
     gauges {
-        /// Rooms with at least one local socket.
+        /// Rooms with at least one local socket (users' own channels not counted: see
+        /// `subscriptions`).
         rooms,
         /// WebSocket connections attached to this node, in rooms or not.
         connections,
         /// (socket, room) memberships: a socket in two rooms counts twice.
         memberships,
-        /// Room channels Redis confirmed for this node.
+        /// Channels Redis confirmed for this node: rooms', and one per user with a local
+        /// socket ([`crate::users`]).
         subscriptions,
         /// Milliseconds from the publisher's stamp of the last message this node dispatched to
         /// its dispatch (the histogram `axum_fanout_dispatch_lag_seconds` has every one): a

@@ -245,9 +245,12 @@ impl Registry {
     /// The registry's current sizes, for [`Stats`](crate::Stats).
     pub(crate) fn gauges(&self) -> Gauges {
         let inner = self.lock();
+        // Users' own rooms (`crate::users`) are the node's, not the application's: counted in
+        // `subscriptions` (each is one), not in `rooms` or `memberships`.
+        let apps = || inner.rooms.iter().filter(|(room, _)| !room.is_user());
         Gauges {
-            rooms: inner.rooms.len(),
-            memberships: inner.rooms.values().map(HashMap::len).sum(),
+            rooms: apps().count(),
+            memberships: apps().map(|(_, members)| members.len()).sum(),
             subscriptions: inner.subscribed.len(),
             // The node's lifecycle counts connections, the dispatcher its lag.
             connections: 0,
