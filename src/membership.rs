@@ -82,6 +82,13 @@ impl Rooms {
         self.join(id, outbox, room).await?;
         let deadline = Instant::now() + self.config.subscribe_timeout;
         let generation = self.presence.add(room, id, member);
+        if !outbox.has_room(room) {
+            // The connection closed meanwhile and the node took the socket out of its rooms
+            // (`quit_all`) before this add: take it out of the member list too, or the user
+            // would stay counted for a socket that is gone.
+            self.presence.remove(room, id);
+            return Err(Error::closed());
+        }
         // Boxed, like the history read below: a socket's task keeps the size of its largest
         // await for its whole life, and most of that life is spent idle in `recv`.
         let counted =
@@ -145,9 +152,14 @@ impl Rooms {
             }
         });
         match read.await {
-            Ok((since, page, refused)) => Ok(self
-                .durable
-                .finish_resume(room, id, outbox, since, page, refused)),
+            Ok((since, page, refused)) => {
+                let resumed = (self.durable).finish_resume(room, id, outbox, since, page, refused);
+                if !outbox.has_room(room) {
+                    // Closed meanwhile (see `join_as`): forget the socket's resume state.
+                    self.durable.forget(room, id);
+                }
+                Ok(resumed)
+            }
             Err(e) => {
                 self.leave(id, outbox, room.as_str());
                 Err(e)
