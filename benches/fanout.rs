@@ -101,6 +101,14 @@
 //!   join and then stay idle: growth of the nodes' summed VmRSS per connection and per room
 //!   joined (`protocol.rs`).
 //!
+//! * `storm` (opt-in: `--scenario storm`, protocol targets only): 10,000 fanout protocol
+//!   clients (`--storm-clients N`) in 100 durable rooms (`HISTORY=1000`) on 3 nodes, a
+//!   publisher on node 2 at 2 messages/s per room; node 1 is killed with SIGKILL and its
+//!   clients reconnect at once to nodes 2 and 3 and re-join with `since`: the time from the
+//!   kill until the last of them got `fanout.resumed` with `recovered: true` (and the median),
+//!   and messages lost (a gap in a client's `seq`s, a client behind its room's last `seq`, a
+//!   room short of what was published) or repeated (`storm.rs`).
+//!
 //! `--protocol` adds the target `chat-protocol`: the same chat processes as `chat`, spoken to
 //! with the fanout protocol (PROTOCOL.md part 1) at `GET /fanout?user=..` with subprotocol
 //! `fanout.v1` instead of the chat's own `/ws` handler. Each client joins its one room with a
@@ -192,13 +200,15 @@
 //! cargo bench --bench fanout -- --scenario c100k --rounds 1 --c100k-connections 20000
 //! cargo bench --bench fanout -- --durable --scenario sweep,latency,hot --rounds 1
 //! cargo bench --bench fanout -- --protocol --scenario sweep,latency,idle,idle-rooms --rounds 1
+//! cargo bench --bench fanout -- --protocol --scenario storm --rounds 1 --quick   # 1,000 clients
 //! cargo bench --bench fanout -- --scenario presence --rounds 1
 //! cargo bench --bench fanout -- --scenario presence --rounds 1 --quick   # smoke run
 //! cargo bench --bench fanout -- --scenario users --rounds 1                 # 100,000 online
 //! cargo bench --bench fanout -- --scenario users --rounds 1 --quick   # smoke run
 //! ```
 //!
-//! Options: `--scenario sweep|latency|idle|slow|hot|all|c100k|resume|presence|users|idle-rooms`
+//! Options: `--scenario
+//! sweep|latency|idle|slow|hot|all|c100k|resume|presence|users|idle-rooms|storm`
 //! (comma-separated list allowed; `all` is the first five),
 //! `--rounds N` (default 3), `--target-cmd [NAME=]CMD` (repeatable; run as `sh -c "exec CMD"`
 //! with the contract's environment variables; CMD's leading `KEY=VALUE` words are added to
@@ -221,7 +231,8 @@
 //! `--msg-size N`, `--latency-rate DELIVERIES_PER_S`, `--slow-rooms N`, `--slow-mib F`,
 //! `--c100k-connections N` (default 100,000), `--durable` (target `chat-durable` and the
 //! `resume` scenario), `--protocol` (target `chat-protocol`), `--idle-rooms-conns N` (the
-//! `idle-rooms` scenario), `--presence-ttl S`, `--presence-lists A,B`, `--presence-rooms N`,
+//! `idle-rooms` scenario), `--storm-clients N` (the `storm` scenario), `--presence-ttl S`,
+//! `--presence-lists A,B`, `--presence-rooms N`,
 //! `--presence-kill-members N`, `--presence-churn-workers N` (the `presence` scenario),
 //! `--users-direct N`, `--users-online N`, `--users-disconnects N` (the `users` scenario).
 //! Unknown arguments (cargo passes `--bench`) are ignored. A round of sweep and latency with
@@ -257,6 +268,8 @@ mod protocol;
 mod report;
 #[path = "fanout/scenarios.rs"]
 mod scenarios;
+#[path = "fanout/storm.rs"]
+mod storm;
 #[path = "fanout/users.rs"]
 mod users;
 #[path = "fanout/users_http.rs"]
@@ -392,6 +405,7 @@ struct Args {
     durable: bool,
     protocol: bool,
     idle_rooms_conns: Option<usize>,
+    storm_clients: Option<usize>,
     presence_ttl: Option<u64>,
     presence_lists: Option<Vec<usize>>,
     presence_rooms: Option<usize>,
@@ -405,7 +419,7 @@ struct Args {
 const USAGE: &str = "\
 usage: cargo bench --bench fanout [-- OPTIONS]
   --scenario S          sweep|latency|idle|slow|hot|all, or a comma-separated list (default all);
-                        also c100k, presence, users and idle-rooms (opt-in, not part of all)
+                        also c100k, presence, users, idle-rooms and storm (opt-in)
   --rounds N            rounds per target (default 3)
   --target-cmd [NAME=]CMD
                         another target, started as `sh -c \"exec CMD\"` (repeatable); leading
@@ -416,6 +430,7 @@ usage: cargo bench --bench fanout [-- OPTIONS]
   --protocol            add target chat-protocol (the chat example's fanout protocol at
                         /fanout, fanout.v1), alternated with chat
   --idle-rooms-conns N  connections of `idle-rooms` (default 2000; quick 200), each in 50 rooms
+  --storm-clients N     protocol clients of `storm` (default 10000; quick 1000)
   --seed-dir DIR        seed peer sources (default ../shared/peers/seed-node)
   --socketioxide        add the socketioxide peer (socket.io) as target `socketioxide`; the
                         bench builds it in target/socketioxide-peer (first time ~4 min)
@@ -485,6 +500,7 @@ impl Args {
             durable: false,
             protocol: false,
             idle_rooms_conns: None,
+            storm_clients: None,
             presence_ttl: None,
             presence_lists: None,
             presence_rooms: None,
@@ -530,6 +546,10 @@ impl Args {
                 "--seed" => a.seed = true,
                 "--durable" => a.durable = true,
                 "--protocol" => a.protocol = true,
+                "--storm-clients" => {
+                    a.storm_clients =
+                        Some(parse_num(&value("--storm-clients")?, "--storm-clients")?);
+                }
                 "--idle-rooms-conns" => {
                     a.idle_rooms_conns = Some(parse_num(
                         &value("--idle-rooms-conns")?,
@@ -887,6 +907,9 @@ async fn run(args: Args) -> Result<bool> {
     }
     if let Some(mib) = args.slow_mib {
         params.slow_mib = mib;
+    }
+    if let Some(n) = args.storm_clients {
+        params.storm_clients = n.max(3);
     }
     if let Some(n) = args.idle_rooms_conns {
         params.idle_rooms_conns = n;

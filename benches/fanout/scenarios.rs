@@ -12,6 +12,7 @@ use crate::presence::{self, PresenceParams};
 use crate::procs::{self, Cluster, ClusterConfig, Target};
 use crate::protocol;
 use crate::report::{Better, Figure, fig};
+use crate::storm;
 use crate::users::{self, UsersParams};
 use crate::ws::Proto;
 use crate::{Result, bail};
@@ -36,6 +37,9 @@ pub(crate) enum Scenario {
     /// Opt-in: fanout protocol sockets in 50 rooms each, memory per connection
     /// (`protocol.rs`).
     IdleRooms,
+    /// Opt-in: a node of fanout protocol clients killed; they resume on the others
+    /// (`storm.rs`).
+    Storm,
 }
 
 impl Scenario {
@@ -48,12 +52,13 @@ impl Scenario {
     ];
 
     /// Scenarios that run only when named in `--scenario` (not part of `all`).
-    pub(crate) const OPT_IN: [Scenario; 5] = [
+    pub(crate) const OPT_IN: [Scenario; 6] = [
         Scenario::C100k,
         Scenario::Resume,
         Scenario::Presence,
         Scenario::Users,
         Scenario::IdleRooms,
+        Scenario::Storm,
     ];
 
     pub(crate) fn name(self) -> &'static str {
@@ -68,6 +73,7 @@ impl Scenario {
             Scenario::Presence => "presence",
             Scenario::Users => "users",
             Scenario::IdleRooms => "idle-rooms",
+            Scenario::Storm => "storm",
         }
     }
 
@@ -168,6 +174,12 @@ impl Scenario {
                 protocol::ROOMS_PER_CONN,
                 protocol::DISTINCT_ROOMS
             ),
+            Scenario::Storm => format!(
+                "storm: {} fanout protocol clients in {} durable rooms on 3 nodes, node 1 killed, \
+                 its clients resume on the others (protocol targets only)",
+                p.storm_clients,
+                storm::ROOMS
+            ),
         }
     }
 }
@@ -212,6 +224,8 @@ pub(crate) struct Params {
     pub(crate) idle_settle: Duration,
     /// Connections of `idle-rooms`, each in `protocol::ROOMS_PER_CONN` rooms.
     pub(crate) idle_rooms_conns: usize,
+    /// Clients of `storm`.
+    pub(crate) storm_clients: usize,
     pub(crate) slow_rooms: usize,
     pub(crate) slow_clients: usize,
     pub(crate) slow_msg_size: usize,
@@ -258,6 +272,7 @@ impl Params {
             idle_rooms: q(100, 10),
             idle_settle: d(if quick { 0.5 } else { 1.0 }),
             idle_rooms_conns: q(2_000, 200),
+            storm_clients: q(10_000, 1_000),
             // Volume, not rooms, is what makes the stall visible: 20 MiB is several times what
             // the kernel buffers for one socket (tcp_wmem max is 4 MiB). 3 rooms x 30 clients
             // x 20 MiB is already 1.8 GB of deliveries, 8 s at a rate the seed peer holds;
@@ -326,6 +341,7 @@ impl Params {
                 "rooms": protocol::DISTINCT_ROOMS,
                 "settle_s": self.idle_settle.as_secs_f64(),
             }),
+            Scenario::Storm => json!({ "clients": self.storm_clients, "rooms": storm::ROOMS }),
         }
     }
 }
@@ -374,6 +390,9 @@ pub(crate) async fn run(
         // A fresh cluster per phase.
         return presence::run(target, cc, &p.presence, tag).await;
     }
+    if s == Scenario::Storm {
+        return storm::run(target, cc, p.storm_clients, tag).await;
+    }
     if s == Scenario::IdleRooms {
         return protocol::idle_rooms(target, cc, p, tag).await;
     }
@@ -398,7 +417,8 @@ pub(crate) async fn run(
         | Scenario::Resume
         | Scenario::Presence
         | Scenario::Users
-        | Scenario::IdleRooms => {
+        | Scenario::IdleRooms
+        | Scenario::Storm => {
             unreachable!("handled above")
         }
     }

@@ -466,7 +466,7 @@ async fn sio_handshake(
 }
 
 /// Appends one masked text frame carrying `payload`.
-fn text_frame(out: &mut Vec<u8>, payload: &[u8]) {
+pub(crate) fn text_frame(out: &mut Vec<u8>, payload: &[u8]) {
     let len = payload.len();
     out.push(0x81); // FIN + text
     if len < 126 {
