@@ -7,9 +7,8 @@
 //! publishes [`ROOM_RATE`] messages per second into every room through `publish` commands
 //! (without joining), from while the fleet connects until the end. Once every client joined,
 //! and 2 s of publishing later, node 1 is killed with SIGKILL: its clients see the connection
-//! end and reconnect at once to node 2 or
-//! 3 (alternating), re-joining with `since` = their last position; a failed connect is retried
-//! every 100 ms. A client counts as resumed when its `fanout.resumed` says `recovered: true`.
+//! end and reconnect at once to node 2 or 3 (alternating), re-joining with `since` = their last
+//! position; a failed connect is retried every 100 ms. A client counts as resumed when its `fanout.resumed` says `recovered: true`.
 //!
 //! Reported: the time from the kill until the last client resumed (and the median), the
 //! clients that resumed, those refused (`recovered: false`), and what was lost: every client
