@@ -96,6 +96,28 @@
 //!   first POST to the last 4000 close, Redis and nodes' CPU per disconnect. `--quick`: 500
 //!   direct users, 500 msg/s for 2 s, 1,000 online on 3 nodes, 100 disconnects.
 //!
+//! * `idle-rooms` (opt-in: `--scenario idle-rooms`, protocol targets only): 2,000 fanout
+//!   protocol connections (`--idle-rooms-conns N`) in 50 rooms each, 500 rooms in all, that
+//!   join and then stay idle: growth of the nodes' summed VmRSS per connection and per room
+//!   joined (`protocol.rs`).
+//!
+//! * `storm` (opt-in: `--scenario storm`, protocol targets only): 10,000 fanout protocol
+//!   clients (`--storm-clients N`) in 100 durable rooms (`HISTORY=1000`) on 3 nodes, a
+//!   publisher on node 2 at 2 messages/s per room; node 1 is killed with SIGKILL and its
+//!   clients reconnect at once to nodes 2 and 3 and re-join with `since`: the time from the
+//!   kill until the last of them got `fanout.resumed` with `recovered: true` (and the median),
+//!   and messages lost (a gap in a client's `seq`s, a client behind its room's last `seq`, a
+//!   room short of what was published) or repeated (`storm.rs`).
+//!
+//! `--protocol` adds the target `chat-protocol`: the same chat processes as `chat`, spoken to
+//! with the fanout protocol (PROTOCOL.md part 1) at `GET /fanout?user=..` with subprotocol
+//! `fanout.v1` instead of the chat's own `/ws` handler. Each client joins its one room with a
+//! `join` command and counts as connected once the reply came; publishers send `publish`
+//! commands (`{"id":N,"cmd":"publish","room":R,"data":V}`, same V) on the same socket and get
+//! one `reply` each, which is not counted; deliveries are the `message` pushes
+//! (`{"type":"message","room":R,"data":V}`). It alternates with `chat`, so the tables'
+//! ratios (`chat / chat-protocol`) compare the two handlers in the same run.
+//!
 //! `--durable` adds the target `chat-durable`: the same chat binary with `HISTORY=256`, so
 //! every room is durable (each message stored in a Redis stream and published by one Lua
 //! script; PROTOCOL.md part 2, "Durable rooms"); its clients join without `positions=1`, so they
@@ -177,14 +199,17 @@
 //! cargo bench --bench fanout -- --scenario c100k --rounds 1                 # 100,000 sockets
 //! cargo bench --bench fanout -- --scenario c100k --rounds 1 --c100k-connections 20000
 //! cargo bench --bench fanout -- --durable --scenario sweep,latency,hot --rounds 1
+//! cargo bench --bench fanout -- --protocol --scenario sweep,latency,idle,idle-rooms --rounds 1
+//! cargo bench --bench fanout -- --protocol --scenario storm --rounds 1 --quick   # 1,000 clients
 //! cargo bench --bench fanout -- --scenario presence --rounds 1
 //! cargo bench --bench fanout -- --scenario presence --rounds 1 --quick   # smoke run
 //! cargo bench --bench fanout -- --scenario users --rounds 1                 # 100,000 online
 //! cargo bench --bench fanout -- --scenario users --rounds 1 --quick   # smoke run
 //! ```
 //!
-//! Options: `--scenario sweep|latency|idle|slow|hot|all|c100k|resume|presence|users` (comma-separated list
-//! allowed; `all` is the first five),
+//! Options: `--scenario
+//! sweep|latency|idle|slow|hot|all|c100k|resume|presence|users|idle-rooms|storm`
+//! (comma-separated list allowed; `all` is the first five),
 //! `--rounds N` (default 3), `--target-cmd [NAME=]CMD` (repeatable; run as `sh -c "exec CMD"`
 //! with the contract's environment variables; CMD's leading `KEY=VALUE` words are added to
 //! them), `--seed` (adds `../shared/peers/seed-node`, copied to `target/seed-node`, as target
@@ -205,7 +230,9 @@
 //! sender, so one publisher uses one shard whatever the shard count),
 //! `--msg-size N`, `--latency-rate DELIVERIES_PER_S`, `--slow-rooms N`, `--slow-mib F`,
 //! `--c100k-connections N` (default 100,000), `--durable` (target `chat-durable` and the
-//! `resume` scenario), `--presence-ttl S`, `--presence-lists A,B`, `--presence-rooms N`,
+//! `resume` scenario), `--protocol` (target `chat-protocol`), `--idle-rooms-conns N` (the
+//! `idle-rooms` scenario), `--storm-clients N` (the `storm` scenario), `--presence-ttl S`,
+//! `--presence-lists A,B`, `--presence-rooms N`,
 //! `--presence-kill-members N`, `--presence-churn-workers N` (the `presence` scenario),
 //! `--users-direct N`, `--users-online N`, `--users-disconnects N` (the `users` scenario).
 //! Unknown arguments (cargo passes `--bench`) are ignored. A round of sweep and latency with
@@ -235,10 +262,14 @@ mod load;
 mod presence;
 #[path = "fanout/procs.rs"]
 mod procs;
+#[path = "fanout/protocol.rs"]
+mod protocol;
 #[path = "fanout/report.rs"]
 mod report;
 #[path = "fanout/scenarios.rs"]
 mod scenarios;
+#[path = "fanout/storm.rs"]
+mod storm;
 #[path = "fanout/users.rs"]
 mod users;
 #[path = "fanout/users_http.rs"]
@@ -372,6 +403,9 @@ struct Args {
     c100k_connections: Option<usize>,
     c100k_idle_s: Option<u64>,
     durable: bool,
+    protocol: bool,
+    idle_rooms_conns: Option<usize>,
+    storm_clients: Option<usize>,
     presence_ttl: Option<u64>,
     presence_lists: Option<Vec<usize>>,
     presence_rooms: Option<usize>,
@@ -385,7 +419,7 @@ struct Args {
 const USAGE: &str = "\
 usage: cargo bench --bench fanout [-- OPTIONS]
   --scenario S          sweep|latency|idle|slow|hot|all, or a comma-separated list (default all);
-                        also c100k, presence and users (opt-in, not part of all)
+                        also c100k, presence, users, idle-rooms and storm (opt-in)
   --rounds N            rounds per target (default 3)
   --target-cmd [NAME=]CMD
                         another target, started as `sh -c \"exec CMD\"` (repeatable); leading
@@ -393,6 +427,10 @@ usage: cargo bench --bench fanout [-- OPTIONS]
   --seed                add the Node.js seed peer as target `seed`
   --durable             add target chat-durable (the chat example with HISTORY=256: durable
                         rooms), alternated with chat, and the `resume` scenario
+  --protocol            add target chat-protocol (the chat example's fanout protocol at
+                        /fanout, fanout.v1), alternated with chat
+  --idle-rooms-conns N  connections of `idle-rooms` (default 2000; quick 200), each in 50 rooms
+  --storm-clients N     protocol clients of `storm` (default 10000; quick 1000)
   --seed-dir DIR        seed peer sources (default ../shared/peers/seed-node)
   --socketioxide        add the socketioxide peer (socket.io) as target `socketioxide`; the
                         bench builds it in target/socketioxide-peer (first time ~4 min)
@@ -460,6 +498,9 @@ impl Args {
             c100k_connections: None,
             c100k_idle_s: None,
             durable: false,
+            protocol: false,
+            idle_rooms_conns: None,
+            storm_clients: None,
             presence_ttl: None,
             presence_lists: None,
             presence_rooms: None,
@@ -504,6 +545,17 @@ impl Args {
                 }
                 "--seed" => a.seed = true,
                 "--durable" => a.durable = true,
+                "--protocol" => a.protocol = true,
+                "--storm-clients" => {
+                    a.storm_clients =
+                        Some(parse_num(&value("--storm-clients")?, "--storm-clients")?);
+                }
+                "--idle-rooms-conns" => {
+                    a.idle_rooms_conns = Some(parse_num(
+                        &value("--idle-rooms-conns")?,
+                        "--idle-rooms-conns",
+                    )?);
+                }
                 "--seed-dir" => a.seed_dir = Some(PathBuf::from(value("--seed-dir")?)),
                 "--socketioxide" => a.socketioxide = true,
                 "--socketioxide-dir" => {
@@ -786,6 +838,15 @@ async fn run(args: Args) -> Result<bool> {
                     proto: Proto::Ws,
                 });
             }
+            if args.protocol {
+                // The same processes as `chat`; only the clients' route and wire differ.
+                targets.push(Target {
+                    name: "chat-protocol".to_string(),
+                    launch: Launch::Exec(bin.clone()),
+                    env: Vec::new(),
+                    proto: Proto::Fanout,
+                });
+            }
         }
         for n in &args.shard_counts {
             targets.push(Target {
@@ -846,6 +907,12 @@ async fn run(args: Args) -> Result<bool> {
     }
     if let Some(mib) = args.slow_mib {
         params.slow_mib = mib;
+    }
+    if let Some(n) = args.storm_clients {
+        params.storm_clients = n.max(3);
+    }
+    if let Some(n) = args.idle_rooms_conns {
+        params.idle_rooms_conns = n;
     }
     if let Some(n) = args.c100k_connections {
         params.c100k.connections = n;

@@ -96,7 +96,7 @@ async fn measure(
     let mut frames = Vec::new();
     let mut scratch = Vec::new();
     for q in 0..msgs as u64 {
-        ws::push_message(&mut frames, &mut scratch, Proto::Ws, 0, 0, q, 256);
+        ws::push_message(&mut frames, &mut scratch, Proto::Ws, 0, 0, 0, q, 256);
     }
     a.stream()
         .write_all(&frames)

@@ -10,7 +10,9 @@ use crate::durable;
 use crate::load::{self, Fleet, FleetSpec, StepResult, StepSpec};
 use crate::presence::{self, PresenceParams};
 use crate::procs::{self, Cluster, ClusterConfig, Target};
+use crate::protocol;
 use crate::report::{Better, Figure, fig};
+use crate::storm;
 use crate::users::{self, UsersParams};
 use crate::ws::Proto;
 use crate::{Result, bail};
@@ -32,6 +34,12 @@ pub(crate) enum Scenario {
     /// Opt-in: direct messages against room broadcasts, and the cost of online users
     /// (`users.rs`, `users_online.rs`).
     Users,
+    /// Opt-in: fanout protocol sockets in 50 rooms each, memory per connection
+    /// (`protocol.rs`).
+    IdleRooms,
+    /// Opt-in: a node of fanout protocol clients killed; they resume on the others
+    /// (`storm.rs`).
+    Storm,
 }
 
 impl Scenario {
@@ -44,11 +52,13 @@ impl Scenario {
     ];
 
     /// Scenarios that run only when named in `--scenario` (not part of `all`).
-    pub(crate) const OPT_IN: [Scenario; 4] = [
+    pub(crate) const OPT_IN: [Scenario; 6] = [
         Scenario::C100k,
         Scenario::Resume,
         Scenario::Presence,
         Scenario::Users,
+        Scenario::IdleRooms,
+        Scenario::Storm,
     ];
 
     pub(crate) fn name(self) -> &'static str {
@@ -62,6 +72,8 @@ impl Scenario {
             Scenario::Resume => "resume",
             Scenario::Presence => "presence",
             Scenario::Users => "users",
+            Scenario::IdleRooms => "idle-rooms",
+            Scenario::Storm => "storm",
         }
     }
 
@@ -155,6 +167,19 @@ impl Scenario {
                 p.users.online_nodes,
                 p.users.disconnects
             ),
+            Scenario::IdleRooms => format!(
+                "idle-rooms: {} idle fanout protocol connections in {} rooms each, {} rooms in \
+                 all (protocol targets only)",
+                p.idle_rooms_conns,
+                protocol::ROOMS_PER_CONN,
+                protocol::DISTINCT_ROOMS
+            ),
+            Scenario::Storm => format!(
+                "storm: {} fanout protocol clients in {} durable rooms on 3 nodes, node 1 killed, \
+                 its clients resume on the others (protocol targets only)",
+                p.storm_clients,
+                storm::ROOMS
+            ),
         }
     }
 }
@@ -197,6 +222,10 @@ pub(crate) struct Params {
     pub(crate) idle_conns: usize,
     pub(crate) idle_rooms: usize,
     pub(crate) idle_settle: Duration,
+    /// Connections of `idle-rooms`, each in `protocol::ROOMS_PER_CONN` rooms.
+    pub(crate) idle_rooms_conns: usize,
+    /// Clients of `storm`.
+    pub(crate) storm_clients: usize,
     pub(crate) slow_rooms: usize,
     pub(crate) slow_clients: usize,
     pub(crate) slow_msg_size: usize,
@@ -242,6 +271,8 @@ impl Params {
             idle_conns: q(10_000, 1_000),
             idle_rooms: q(100, 10),
             idle_settle: d(if quick { 0.5 } else { 1.0 }),
+            idle_rooms_conns: q(2_000, 200),
+            storm_clients: q(10_000, 1_000),
             // Volume, not rooms, is what makes the stall visible: 20 MiB is several times what
             // the kernel buffers for one socket (tcp_wmem max is 4 MiB). 3 rooms x 30 clients
             // x 20 MiB is already 1.8 GB of deliveries, 8 s at a rate the seed peer holds;
@@ -304,6 +335,13 @@ impl Params {
             }
             Scenario::Presence => self.presence.describe(),
             Scenario::Users => self.users.describe(),
+            Scenario::IdleRooms => json!({
+                "connections": self.idle_rooms_conns,
+                "rooms_per_conn": protocol::ROOMS_PER_CONN,
+                "rooms": protocol::DISTINCT_ROOMS,
+                "settle_s": self.idle_settle.as_secs_f64(),
+            }),
+            Scenario::Storm => json!({ "clients": self.storm_clients, "rooms": storm::ROOMS }),
         }
     }
 }
@@ -352,6 +390,12 @@ pub(crate) async fn run(
         // A fresh cluster per phase.
         return presence::run(target, cc, &p.presence, tag).await;
     }
+    if s == Scenario::Storm {
+        return storm::run(target, cc, p.storm_clients, tag).await;
+    }
+    if s == Scenario::IdleRooms {
+        return protocol::idle_rooms(target, cc, p, tag).await;
+    }
     if s == Scenario::Users {
         // Its own clusters: 3 nodes, then the online part's.
         let mut up = p.users.clone();
@@ -369,7 +413,12 @@ pub(crate) async fn run(
         }
         Scenario::Idle => idle(&mut cluster, p, proto, tag).await,
         Scenario::Slow => slow(&mut cluster, p, proto, tag).await,
-        Scenario::C100k | Scenario::Resume | Scenario::Presence | Scenario::Users => {
+        Scenario::C100k
+        | Scenario::Resume
+        | Scenario::Presence
+        | Scenario::Users
+        | Scenario::IdleRooms
+        | Scenario::Storm => {
             unreachable!("handled above")
         }
     }

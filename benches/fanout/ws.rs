@@ -18,6 +18,15 @@
 //! `42["msg",` prefix and finds the `"t":` stamp in V as in the plain mode. Engine.IO pings
 //! (`2`) are answered with `3`; other packets (noop, namespace packets) are not deliveries and
 //! are ignored, and `1` (close) or `41` (namespace disconnect) end the connection.
+//!
+//! It also speaks the fanout protocol ([`Proto::Fanout`], PROTOCOL.md part 1): the upgrade of
+//! `/fanout?user=NAME` offers `Sec-WebSocket-Protocol: fanout.v1` (the chat example's permissive
+//! authorization takes the user from the query), then the client sends
+//! `{"id":1,"cmd":"join","room":R}` (one join per room, ids 1..) and the socket is ready once
+//! every join got its `reply` with a `result` (an `error` fails the connect). A publisher sends
+//! `{"id":N,"cmd":"publish","room":R,"data":V}` around the same payload V and gets one `reply`
+//! per publish, which is not a delivery; a delivery is a `{"type":"message",..,"data":V}` frame,
+//! whose stamp is found in V by the same scan.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -45,6 +54,9 @@ pub(crate) enum Proto {
     Ws,
     /// socket.io: Engine.IO v4 / Socket.IO v5 over websocket, event `msg`.
     SocketIo,
+    /// The fanout protocol (`fanout.v1`) at `/fanout`: `join` commands, `publish` commands,
+    /// `message` pushes.
+    Fanout,
 }
 
 impl Proto {
@@ -52,6 +64,7 @@ impl Proto {
         match self {
             Proto::Ws => "ws",
             Proto::SocketIo => "socket.io",
+            Proto::Fanout => "fanout.v1",
         }
     }
 
@@ -59,12 +72,21 @@ impl Proto {
         match self {
             Proto::Ws => format!("/ws?room={room}"),
             Proto::SocketIo => format!("/socket.io/?EIO=4&transport=websocket&room={room}"),
+            // The rooms are joined by commands after the upgrade; the user only names the
+            // socket (the permissive authorization of the chat example lets anyone in).
+            Proto::Fanout => format!("/fanout?user=bench-{room}"),
         }
     }
 }
 
+/// Ids of a fanout connection's `join` commands are 1..=rooms; publishes use ids above this
+/// (unique per socket while in flight, as the protocol asks).
+const FANOUT_PUBLISH_ID_BASE: u64 = 1 << 20;
+
 /// Prefix of a socket.io `msg` event packet; V follows, then `]`.
 const SIO_EVENT: &[u8] = br#"42["msg","#;
+/// Prefix of a fanout protocol `message` push (the node writes `type` first).
+const FANOUT_MESSAGE: &[u8] = br#"{"type":"message""#;
 
 /// A connection that completed the upgrade, with whatever bytes followed the 101 response.
 #[derive(Debug)]
@@ -87,7 +109,59 @@ pub(crate) async fn connect(
     rcvbuf: Option<u32>,
     buf_size: usize,
 ) -> Result<Conn> {
-    connect_path(addr, &proto.path(room), proto, rcvbuf, buf_size).await
+    let conn = connect_path(addr, &proto.path(room), proto, rcvbuf, buf_size).await?;
+    if proto == Proto::Fanout {
+        return fanout_join(conn, &[room], addr).await;
+    }
+    Ok(conn)
+}
+
+/// A [`Proto::Fanout`] connection to `/fanout?user=USER` that joined every room of `rooms`
+/// (one `join` command each, all sent at once) before it returns.
+pub(crate) async fn connect_fanout_rooms(
+    addr: SocketAddr,
+    user: &str,
+    rooms: &[&str],
+    buf_size: usize,
+) -> Result<Conn> {
+    let path = format!("/fanout?user={user}");
+    let conn = connect_path(addr, &path, Proto::Fanout, None, buf_size).await?;
+    fanout_join(conn, rooms, addr).await
+}
+
+/// Sends `{"id":I,"cmd":"join","room":R}` for every room (ids 1..) and waits for as many
+/// successful replies. Frames other than replies (a `message` of a room joined a moment ago)
+/// are skipped: they arrive before the socket counts as ready, so before any measurement.
+async fn fanout_join(conn: Conn, rooms: &[&str], addr: SocketAddr) -> Result<Conn> {
+    let mut out = Vec::with_capacity(64 * rooms.len());
+    for (i, room) in rooms.iter().enumerate() {
+        let cmd = serde_json::json!({ "id": i + 1, "cmd": "join", "room": room });
+        text_frame(&mut out, cmd.to_string().as_bytes());
+    }
+    let join = async {
+        let mut reader = TextReader::new(conn);
+        reader
+            .stream()
+            .write_all(&out)
+            .await
+            .ctx(|| format!("sending the joins to {addr}"))?;
+        let mut joined = 0;
+        while joined < rooms.len() {
+            let text = reader.next_text().await?;
+            // Replies are built as JSON objects whose key order is not the wire's promise.
+            if text.starts_with(FANOUT_MESSAGE) || find(text, br#""type":"reply""#).is_none() {
+                continue;
+            }
+            if find(text, br#""error":"#).is_some() {
+                bail!("{addr} refused a join: {}", String::from_utf8_lossy(text));
+            }
+            joined += 1;
+        }
+        Ok(reader.into_conn())
+    };
+    tokio::time::timeout(HANDSHAKE_TIMEOUT, join)
+        .await
+        .ctx(|| format!("joining {} room(s) at {addr} timed out", rooms.len()))?
 }
 
 /// [`connect`] with an explicit request path (`/ws?room=R&positions=1&since=E:S` for the durable resume).
@@ -127,9 +201,15 @@ async fn connect_inner(
     stream
         .set_nodelay(true)
         .ctx(|| "setting TCP_NODELAY".to_string())?;
+    let subprotocol = if proto == Proto::Fanout {
+        "Sec-WebSocket-Protocol: fanout.v1\r\n"
+    } else {
+        ""
+    };
     let request = format!(
         "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\n\
-         Connection: Upgrade\r\nSec-WebSocket-Key: {KEY}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+         Connection: Upgrade\r\nSec-WebSocket-Key: {KEY}\r\nSec-WebSocket-Version: 13\r\n\
+         {subprotocol}\r\n"
     );
     stream
         .write_all(request.as_bytes())
@@ -219,6 +299,14 @@ impl TextReader {
     /// The socket, e.g. to write to it.
     pub(crate) fn stream(&mut self) -> &mut TcpStream {
         &mut self.conn.stream
+    }
+
+    /// The connection back, with the bytes not read yet at the front of its buffer.
+    pub(crate) fn into_conn(self) -> Conn {
+        let Self { mut conn, start } = self;
+        conn.buf.copy_within(start..conn.filled, 0);
+        conn.filled -= start;
+        conn
     }
 
     /// The next complete text message (valid until the next call).
@@ -378,7 +466,7 @@ async fn sio_handshake(
 }
 
 /// Appends one masked text frame carrying `payload`.
-fn text_frame(out: &mut Vec<u8>, payload: &[u8]) {
+pub(crate) fn text_frame(out: &mut Vec<u8>, payload: &[u8]) {
     let len = payload.len();
     out.push(0x81); // FIN + text
     if len < 126 {
@@ -396,13 +484,17 @@ fn text_frame(out: &mut Vec<u8>, payload: &[u8]) {
 
 /// Appends one masked text frame carrying the benchmark payload
 /// `{"t":T,"s":S,"q":Q,"p":"xxxx"}`, padded so that the JSON is `size` bytes long; with
-/// [`Proto::SocketIo`] the frame is the event packet `42["msg",JSON]` around the same JSON.
+/// [`Proto::SocketIo`] the frame is the event packet `42["msg",JSON]` around the same JSON,
+/// with [`Proto::Fanout`] the command `{"id":N,"cmd":"publish","room":"rROOM","data":JSON}`
+/// (`room` is the room's index; the other variants publish to the room their socket is in).
 ///
 /// `scratch` is reused between calls to avoid an allocation per message.
+#[allow(clippy::too_many_arguments)] // one per field of the frame; a struct would only rename them
 pub(crate) fn push_message(
     out: &mut Vec<u8>,
     scratch: &mut Vec<u8>,
     proto: Proto,
+    room: usize,
     t: u64,
     sender: u32,
     seq: u64,
@@ -410,8 +502,17 @@ pub(crate) fn push_message(
 ) {
     use std::io::Write as _;
     scratch.clear();
-    if proto == Proto::SocketIo {
-        scratch.extend_from_slice(SIO_EVENT);
+    match proto {
+        Proto::SocketIo => scratch.extend_from_slice(SIO_EVENT),
+        Proto::Fanout => {
+            let id = FANOUT_PUBLISH_ID_BASE + seq;
+            // Writing into a Vec cannot fail.
+            let _ = write!(
+                scratch,
+                r#"{{"id":{id},"cmd":"publish","room":"r{room}","data":"#
+            );
+        }
+        Proto::Ws => {}
     }
     let json_start = scratch.len();
     // Writing into a Vec cannot fail.
@@ -420,8 +521,10 @@ pub(crate) fn push_message(
     let pad = size.saturating_sub(scratch.len() - json_start + 2);
     scratch.resize(scratch.len() + pad, b'x');
     scratch.extend_from_slice(b"\"}");
-    if proto == Proto::SocketIo {
-        scratch.push(b']');
+    match proto {
+        Proto::SocketIo => scratch.push(b']'),
+        Proto::Fanout => scratch.push(b'}'),
+        Proto::Ws => {}
     }
     text_frame(out, scratch);
 }
@@ -443,6 +546,14 @@ enum Text {
 fn classify(proto: Proto, payload: &[u8]) -> Text {
     match proto {
         Proto::Ws => Text::Delivery(find_stamp(payload)),
+        // Replies (one per publish of a publishing socket) and notices are not deliveries.
+        Proto::Fanout => {
+            if payload.starts_with(FANOUT_MESSAGE) {
+                Text::Delivery(find_stamp(payload))
+            } else {
+                Text::Other
+            }
+        }
         Proto::SocketIo => {
             if let Some(v) = payload.strip_prefix(SIO_EVENT) {
                 Text::Delivery(find_stamp(v))
