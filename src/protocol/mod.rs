@@ -15,12 +15,12 @@
 //! use axum_fanout::FanoutLayer;
 //! use axum_fanout::protocol::{Permissive, Protocol};
 //!
-//! # async fn run() {
+//! # async fn run() -> std::io::Result<()> {
 //! let app: Router = Router::new()
 //!     .route("/fanout", Protocol::new(Permissive).route())
 //!     .layer(FanoutLayer::new("redis://127.0.0.1:6379"));
-//! let listener = tokio::net::TcpListener::bind("127.0.0.1:3000").await.unwrap();
-//! axum::serve(listener, app).await.unwrap();
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:3000").await?;
+//! axum::serve(listener, app).await
 //! # }
 //! ```
 //!
