@@ -90,6 +90,11 @@ impl Payload {
         Ok(Self(Repr::Json(raw)))
     }
 
+    /// JSON already checked (a `RawValue` only holds valid JSON): not checked again.
+    pub(crate) fn from_raw(raw: Box<RawValue>) -> Self {
+        Self(Repr::Json(raw))
+    }
+
     /// Arbitrary text, delivered as a text frame with exactly this content.
     ///
     /// Seed (Node.js) nodes only understand `payload`; use [`Payload::raw_json`] for traffic

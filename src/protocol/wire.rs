@@ -1,6 +1,8 @@
 //! The protocol's frames (`PROTOCOL.md`): commands parsed from the client's text, replies and
 //! pushes written for it, and the error codes.
 
+use serde::de::{Deserialize, Deserializer, MapAccess, Visitor};
+use serde_json::value::RawValue;
 use serde_json::{Map, Value, json};
 
 use crate::position::Position;
@@ -100,6 +102,41 @@ pub(super) struct Command {
     pub(super) id: u64,
     pub(super) cmd: String,
     pub(super) fields: Map<String, Value>,
+    /// A publish's `data`, as the client wrote it: checked as JSON, never parsed into a tree
+    /// and written again (what `/ws` does with a message's text too).
+    pub(super) data: Option<Box<RawValue>>,
+}
+
+/// A JSON object's top-level fields as raw JSON, borrowed from the text, in order.
+struct RawFields<'a>(Vec<(&'a str, &'a RawValue)>);
+
+impl<'de> Deserialize<'de> for RawFields<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Fields;
+        impl<'de> Visitor<'de> for Fields {
+            type Value = RawFields<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<M: MapAccess<'de>>(self, mut map: M) -> Result<Self::Value, M::Error> {
+                let mut fields = Vec::with_capacity(map.size_hint().unwrap_or(4));
+                while let Some(entry) = map.next_entry::<&'de str, &'de RawValue>()? {
+                    fields.push(entry);
+                }
+                Ok(RawFields(fields))
+            }
+        }
+        d.deserialize_map(Fields)
+    }
+}
+
+/// Why a text frame is not a command.
+#[derive(Debug)]
+pub(super) enum Unparsed {
+    /// Not JSON at all: the connection is closed (1007).
+    NotJson,
+    /// JSON, but not a valid command: answered with an error reply to `id` (0: none known).
+    Invalid(u64, Failure),
 }
 
 /// The largest id a client may use: JavaScript's largest exact integer.
@@ -120,7 +157,40 @@ impl Command {
             Some(Value::String(cmd)) => cmd,
             _ => return Err((id, bad("\"cmd\" must be a string"))),
         };
-        Ok(Self { id, cmd, fields })
+        let data = fields
+            .remove("data")
+            .and_then(|data| RawValue::from_string(data.to_string()).ok());
+        Ok(Self {
+            id,
+            cmd,
+            fields,
+            data,
+        })
+    }
+
+    /// Parses a text frame as a command. One pass over the text: each top-level field is
+    /// sliced out as raw JSON, the small ones read into values, `data` kept as written. A frame
+    /// this pass cannot take (not an object, keys with escapes) is read the general way, so the
+    /// answers are the same.
+    pub(super) fn parse_text(text: &str) -> Result<Self, Unparsed> {
+        let Ok(RawFields(raw)) = serde_json::from_str::<RawFields<'_>>(text) else {
+            let value: Value = serde_json::from_str(text).map_err(|_| Unparsed::NotJson)?;
+            return Self::parse(value).map_err(|(id, f)| Unparsed::Invalid(id, f));
+        };
+        let mut fields = Map::new();
+        let mut data = None;
+        for (key, value) in raw {
+            if key == "data" {
+                data = Some(value.to_owned());
+                continue;
+            }
+            let value: Value = serde_json::from_str(value.get()).map_err(|_| Unparsed::NotJson)?;
+            fields.insert(key.to_owned(), value);
+        }
+        let mut command =
+            Self::parse(Value::Object(fields)).map_err(|(id, f)| Unparsed::Invalid(id, f))?;
+        command.data = data;
+        Ok(command)
     }
 
     /// The string field `name`.
@@ -197,6 +267,36 @@ pub(super) fn position_fields(out: &mut Map<String, Value>, pos: &Position) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_text_frame_keeps_its_data_as_written_and_answers_as_before() {
+        let text = r#"{"id":3,"cmd":"publish","room":"r","data":{ "b" : [1, 2.50] }}"#;
+        let c = Command::parse_text(text).expect("a command");
+        assert_eq!((c.id, c.cmd.as_str()), (3, "publish"));
+        assert_eq!(c.fields.get("room"), Some(&json!("r")));
+        assert_eq!(
+            c.data.as_deref().map(RawValue::get),
+            Some(r#"{ "b" : [1, 2.50] }"#)
+        );
+        // A key with an escape is read the general way: same command.
+        let c =
+            Command::parse_text(r#"{"\u0069d":4,"cmd":"publish","data":"x"}"#).expect("a command");
+        assert_eq!(c.id, 4);
+        assert_eq!(c.data.as_deref().map(RawValue::get), Some(r#""x""#));
+        // JSON but no command: an error reply; not JSON: the connection closes.
+        assert!(matches!(
+            Command::parse_text("[1]"),
+            Err(Unparsed::Invalid(0, _))
+        ));
+        assert!(matches!(
+            Command::parse_text(r#"{"id":5}"#),
+            Err(Unparsed::Invalid(5, _))
+        ));
+        assert!(matches!(
+            Command::parse_text("{nope"),
+            Err(Unparsed::NotJson)
+        ));
+    }
 
     #[test]
     fn a_command_needs_an_id_in_range_and_a_name() {

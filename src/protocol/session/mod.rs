@@ -22,7 +22,7 @@ use super::Settings;
 use super::auth::{Authorize, Grant};
 use super::reads::{Read, missed_notice};
 use super::redis as keys;
-use super::wire::{self, Code, Command, Failure, Outcome, position_fields, reply};
+use super::wire::{self, Code, Command, Failure, Outcome, Unparsed, position_fields, reply};
 use crate::close;
 use crate::durable::Start;
 use crate::node::RoomHandle;
@@ -140,10 +140,11 @@ impl<A: Authorize> Session<A> {
             let frame = match event {
                 None => return,
                 Some(Ok(Event::Message(Message::Text(text)))) => {
-                    let Ok(value) = serde_json::from_str::<Value>(text.as_str()) else {
-                        return self.close(close::INVALID_DATA, "frame is not valid JSON", false);
-                    };
-                    match Command::parse(value) {
+                    match Command::parse_text(text.as_str()) {
+                        Err(Unparsed::NotJson) => {
+                            let reason = "frame is not valid JSON";
+                            return self.close(close::INVALID_DATA, reason, false);
+                        }
                         Ok(command) => {
                             let id = command.id;
                             // Boxed: a socket's task keeps the size of its largest await
@@ -154,7 +155,7 @@ impl<A: Authorize> Session<A> {
                                 None => continue,
                             }
                         }
-                        Err((id, failure)) => reply(id, Err(failure)),
+                        Err(Unparsed::Invalid(id, failure)) => reply(id, Err(failure)),
                     }
                 }
                 Some(Ok(Event::Message(_))) => {

@@ -48,10 +48,11 @@ impl<A: Authorize> Session<A> {
             }
         };
         let data = command
-            .fields
-            .remove("data")
+            .data
+            .take()
             .ok_or_else(|| bad("publish needs \"data\""))?;
-        let payload = Payload::json(&data)?;
+        // Checked as JSON when the frame was read: carried as the client wrote it.
+        let payload = Payload::from_raw(data);
         let settings = self.settings.clone();
         let payload = settings
             .auth
