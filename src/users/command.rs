@@ -72,12 +72,14 @@ impl Target {
 /// from the same text, so an application can keep it wherever it keeps text.
 ///
 /// ```
-/// use axum_fanout::users::FleetSocketId;
+/// use axum_fanout::users::{FleetSocketId, InvalidFleetSocketId};
 ///
-/// let id: FleetSocketId = "3f9a0c/17".parse().expect("node/id");
+/// # fn main() -> Result<(), InvalidFleetSocketId> {
+/// let id: FleetSocketId = "3f9a0c/17".parse()?;
 /// assert_eq!(id.node(), "3f9a0c");
 /// assert_eq!(id.to_string(), "3f9a0c/17");
 /// assert!("no-slash".parse::<FleetSocketId>().is_err());
+/// # Ok(()) }
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct FleetSocketId {
