@@ -44,12 +44,20 @@ pub(crate) fn identity(query: &HashMap<String, String>) -> Result<Identity, Stri
 
 /// `S`: whole seconds from 1 to a day.
 fn expiry(s: &str) -> Result<Duration, String> {
-    match s.trim().parse::<u64>() {
-        Ok(n) if (1..=MAX_EXPIRES_IN).contains(&n) => Ok(Duration::from_secs(n)),
-        _ => Err(format!(
-            "expires_in must be whole seconds from 1 to {MAX_EXPIRES_IN}, not {s:?}"
-        )),
-    }
+    s.trim()
+        .parse::<u64>()
+        .ok()
+        .and_then(seconds)
+        .ok_or_else(|| {
+            format!("expires_in must be whole seconds from 1 to {MAX_EXPIRES_IN}, not {s:?}")
+        })
+}
+
+/// `n` seconds, when within 1 to a day.
+fn seconds(n: u64) -> Option<Duration> {
+    (1..=MAX_EXPIRES_IN)
+        .contains(&n)
+        .then(|| Duration::from_secs(n))
 }
 
 /// Names the socket's user and sets its expiry; `Err` once the socket has been closed.
@@ -81,12 +89,10 @@ pub(crate) fn refresh(socket: &FanoutSocket, text: &str) -> Option<Value> {
         return None;
     }
     let requested = frame.get("expires_in");
-    let checked = match requested.and_then(Value::as_u64) {
-        Some(n) => expiry(&n.to_string()),
-        None => Err(format!(
-            "expires_in must be whole seconds from 1 to {MAX_EXPIRES_IN}"
-        )),
-    };
+    let checked = requested
+        .and_then(Value::as_u64)
+        .and_then(seconds)
+        .ok_or_else(|| format!("expires_in must be whole seconds from 1 to {MAX_EXPIRES_IN}"));
     Some(match checked {
         Ok(after) => match socket.expire_in(after) {
             Ok(()) => json!({ "type": "fanout.refreshed", "expires_in": after.as_secs() }),

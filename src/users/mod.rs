@@ -47,7 +47,7 @@ pub use send::{Disconnect, UserCommand};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use axum::extract::ws::{CloseFrame, Utf8Bytes};
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
@@ -147,24 +147,25 @@ impl Commands for Users {
             .filter(|(socket, _)| target.as_ref().is_none_or(|t| t.is(&self.node_id, *socket)));
         match command {
             Command::Disconnect { code, reason, .. } => {
+                // Built once for every socket addressed: the close frame, and what a
+                // fanout-protocol socket is told first (why, and whether to come back).
+                let reason = Utf8Bytes::from(reason);
+                let told = serde_json::json!({
+                    "type": "fanout.disconnect",
+                    "code": code,
+                    "reason": reason.as_str(),
+                    "reconnect": code == crate::close::RECONNECT,
+                })
+                .to_string();
+                let told = Message::Text(Utf8Bytes::from(told));
                 let mut closed = 0;
                 for (_, outbox) in addressed {
                     if outbox.is_framed() {
-                        // A fanout-protocol socket is told why, and whether to come back.
-                        let frame = serde_json::json!({
-                            "type": "fanout.disconnect",
-                            "code": code,
-                            "reason": reason,
-                            "reconnect": code == crate::close::RECONNECT,
-                        });
-                        outbox.offer(
-                            axum::extract::ws::Message::Text(frame.to_string().into()),
-                            crate::config::OverflowPolicy::DropNewest,
-                        );
+                        outbox.offer(told.clone(), crate::config::OverflowPolicy::DropNewest);
                     }
                     outbox.close_after_flush(Some(CloseFrame {
                         code,
-                        reason: Utf8Bytes::from(reason.as_str()),
+                        reason: reason.clone(),
                     }));
                     closed += 1;
                 }
