@@ -28,7 +28,9 @@ export interface Gap {
   room: string;
   /**
    * `missed` (the node may have lost messages), `trimmed`, `epoch_changed`, `too_far_behind`
-   * (a resume was refused), `rejoined`, `unsent` (a publish failed after it was accepted).
+   * (a resume was refused), `rejoined`, `unsent` (a publish failed after it was accepted),
+   * `reconnected` (a plain room, which keeps no position, re-joined after the connection
+   * dropped: `since` and `until` span the time away).
    */
   reason: string;
   from?: Position | null;
@@ -45,9 +47,31 @@ export interface Member {
   info?: unknown;
 }
 
+/** A join or re-join took effect (see `JoinOptions.onJoin`). */
+export interface JoinInfo {
+  room: string;
+  /** The room keeps history: its messages have positions and a re-join resumes. */
+  durable: boolean;
+  /** Durable rooms: the join asked to resume (`since`) or for the last N messages. */
+  resumed: boolean;
+  /** With `resumed`: whether everything after the position follows (else see `reason`). */
+  recovered?: boolean;
+  /** Why a resume was refused: `trimmed`, `epoch_changed`, `too_far_behind`. */
+  reason?: string;
+  /** Durable rooms: the position the room's messages follow. */
+  epoch?: string;
+  seq?: number;
+}
+
 export interface JoinOptions {
   onMessage?: (data: unknown, meta: MessageMeta) => void;
   onGap?: (gap: Gap) => void;
+  /**
+   * Every join and re-join (after a reconnect, or to fill a gap), before the room's first
+   * message of it: durable rooms at the node's position notice, plain rooms at the reply.
+   * Called before `onGap` for a refused resume.
+   */
+  onJoin?: (info: JoinInfo) => void;
   /** Join as a presence member (the room must have presence on the node). */
   presence?: boolean;
   /** The live member map, after every change. */

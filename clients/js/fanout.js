@@ -41,6 +41,10 @@ class Room {
     this.presencePending = null; // events that arrived before the snapshot
     /** After a loss notice in a durable room, until the re-join's notice: seqs may restart. */
     this.relaxed = false;
+    /** The socket the room was last joined on: a plain room re-joined on another one has a gap. */
+    this.socket = null;
+    /** What storage held for the room before this client joined it (restored if that fails). */
+    this.stored = null;
   }
 
   /** Publishes `data` to this room (see FanoutClient.publish). */
@@ -80,6 +84,12 @@ class Room {
     if (cb) cb({ room: this.name, ...info });
   }
 
+  /** The room's delivery (re)starts: before its first message of this join. */
+  _joined(info) {
+    const cb = this.options.onJoin;
+    if (cb) cb({ room: this.name, ...info });
+  }
+
   _message(frame) {
     if (typeof frame.seq === "number") {
       // One delivery per seq: a replay overlapping what was delivered is skipped. After a
@@ -99,6 +109,8 @@ class Room {
         this.relaxed = false;
         const before = this.position();
         this._setPosition(frame.epoch, frame.seq);
+        this.durable = true;
+        this._joined({ durable: true, resumed: false, epoch: frame.epoch, seq: frame.seq });
         if (before && (before.epoch !== frame.epoch || before.seq !== frame.seq)) {
           this._gap({ reason: "rejoined", from: before, to: { epoch: frame.epoch, seq: frame.seq } });
         }
@@ -110,6 +122,9 @@ class Room {
         // Delivered past `since` meanwhile (same epoch): the replay of those is skipped.
         const seq = frame.recovered && before && before.epoch === frame.epoch ? Math.max(before.seq, frame.seq) : frame.seq;
         this._setPosition(frame.epoch, seq);
+        this.durable = true;
+        const outcome = { recovered: !!frame.recovered, ...(frame.reason ? { reason: frame.reason } : {}) };
+        this._joined({ durable: true, resumed: true, ...outcome, epoch: frame.epoch, seq: frame.seq });
         if (!frame.recovered) {
           this._gap({ reason: frame.reason || "unrecoverable", from: before, to: { epoch: frame.epoch, seq: frame.seq } });
         }
@@ -205,6 +220,7 @@ export class FanoutClient {
     this.refreshTimer = null;
     this.reconnectTimer = null;
     this.connects = 0;
+    this.lostAt = null; // when the last open connection dropped
     this.tokens = this.options.publishBurst;
     this.tokensAt = Date.now();
   }
@@ -309,6 +325,7 @@ export class FanoutClient {
   _onClose(ws, code, reason) {
     if (ws !== this.ws) return;
     this.ws = null;
+    if (this.state === "open") this.lostAt = Date.now();
     clearTimeout(this.refreshTimer);
     for (const [id, p] of this.pending) {
       if (p.publish) continue; // resent after the reconnect
@@ -449,8 +466,10 @@ export class FanoutClient {
   }
 
   /**
-   * Joins `name`. Options: `onMessage(data, meta)`, `onGap(info)`, `presence: true` with
-   * `onPresence(members)`, `last: N` (durable rooms: start with the last N messages).
+   * Joins `name`. Options: `onMessage(data, meta)`, `onGap(info)`, `onJoin(info)` (each
+   * join and re-join, before the room's first message of it: where it starts, whether a
+   * resume recovered), `presence: true` with `onPresence(members)`, `last: N` (durable
+   * rooms: start with the last N messages).
    * Resolves to the room once joined; it stays joined across reconnects until `leave`.
    */
   async join(name, options = {}) {
@@ -462,6 +481,7 @@ export class FanoutClient {
       room = new Room(this, name, options);
       const storage = this.options.storage;
       const stored = storage ? storage.getItem(this._storageKey(name)) : null;
+      room.stored = stored;
       const at = stored ? stored.lastIndexOf(":") : -1;
       if (at > 0) {
         room.epoch = stored.slice(0, at);
@@ -475,12 +495,31 @@ export class FanoutClient {
       await this._join(room);
     } catch (e) {
       this.rooms.delete(name);
+      // A refused join keeps no position (a durable join may have reported one before it
+      // failed): the next join of the room starts as this one did.
+      if (room.socket === null) this._restorePosition(name, room.stored);
       throw e;
     }
     return room;
   }
 
+  _restorePosition(name, stored) {
+    const storage = this.options.storage;
+    if (!storage) return;
+    try {
+      if (stored === null) storage.removeItem(this._storageKey(name));
+      else storage.setItem(this._storageKey(name), stored);
+    } catch {
+      // nothing to undo
+    }
+  }
+
   async _join(room) {
+    // A plain room keeps no position: what was sent to it while this client was away is gone,
+    // and the application hears so before the room's messages go on.
+    if (!room.durable && room.socket && room.socket !== this.ws) {
+      room._gap({ reason: "reconnected", since: this.lostAt ?? Date.now(), until: Date.now() });
+    }
     const command = { cmd: "join", room: room.name };
     if (room.epoch !== null) command.since = { epoch: room.epoch, seq: room.seq };
     // Alone: start with the last N; with `since`: the fallback when the resume is refused.
@@ -489,8 +528,11 @@ export class FanoutClient {
       command.presence = true;
       room.presencePending = [];
     }
+    const ws = this.ws;
     const result = await this._send(command);
     room.durable = !!result.durable;
+    room.socket = ws;
+    if (!room.durable) room._joined({ durable: false, resumed: false });
     if (room.options.presence) {
       const snapshot = await this._send({ cmd: "presence", room: room.name });
       room._snapshot(snapshot);

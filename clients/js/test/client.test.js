@@ -245,3 +245,57 @@ test("users: direct messages arrive, and a fleet-wide disconnect stops the clien
   await waitUntil("closed for good", () => ada.state === "closed");
   assert.deepEqual(closes, [4000]);
 });
+
+test("joins say where they start (onJoin); a refused join keeps no position; a plain room's re-join is a gap", async (t) => {
+  const redis = await Redis.start();
+  const plain = await Node.start(redis, "plain", { HISTORY: "0", PRESENCE: "0" });
+  const durable = await Node.start(redis, "durable", { PRESENCE: "0" });
+  t.after(() => [plain, durable].forEach((n) => n.kill()) || redis.stop());
+  const toPlain = await Proxy.start(plain.port);
+  const toDurable = await Proxy.start(durable.port);
+  t.after(() => toPlain.close() || toDurable.close());
+  const store = new Map();
+  const storage = {
+    getItem: (k) => store.get(k) ?? null,
+    setItem: (k, v) => store.set(k, v),
+    removeItem: (k) => store.delete(k),
+  };
+  const d = new FanoutClient(toDurable.url("/fanout?user=d"), { ...fast, storage });
+  const p = new FanoutClient(toPlain.url("/fanout?user=p"), { ...fast, storage });
+  t.after(() => d.close() || p.close());
+  const watch = () => {
+    const c = collector();
+    c.joins = [];
+    c.onJoin = (info) => c.joins.push(info);
+    return c;
+  };
+
+  // No presence on this node: the join is refused after the node had reported the room's
+  // position, and that position is not kept, so the next join starts afresh.
+  await assert.rejects(d.join("news", { ...watch(), presence: true }), (e) => e.code === "presence_off");
+  assert.equal(store.size, 0, "no position kept from a refused join");
+  const news = watch();
+  await d.join("news", news);
+  assert.equal(news.joins.length, 1);
+  const [first] = news.joins;
+  assert.deepEqual(first, { room: "news", durable: true, resumed: false, epoch: first.epoch, seq: 0 });
+  await d.publish("news", 1);
+  await waitUntil("the first message", () => news.got.length === 1);
+  toDurable.cut();
+  await waitUntil("re-joined after the cut", () => news.joins.length === 2);
+  assert.deepEqual(news.joins[1], { room: "news", durable: true, resumed: true, recovered: true, epoch: first.epoch, seq: 1 });
+  assert.deepEqual(news.gaps, [], "a recovered resume is no gap");
+
+  // A plain room has no position to resume from: its re-join is a gap.
+  const chat = watch();
+  await p.join("chat", chat);
+  assert.deepEqual(chat.joins, [{ room: "chat", durable: false, resumed: false }]);
+  toPlain.cut();
+  await waitUntil("re-joined after the cut", () => chat.joins.length === 2);
+  assert.equal(chat.gaps.length, 1, JSON.stringify(chat.gaps));
+  assert.equal(chat.gaps[0].reason, "reconnected");
+  assert.ok(chat.gaps[0].since <= chat.gaps[0].until, JSON.stringify(chat.gaps));
+  await p.publish("chat", "after");
+  await waitUntil("a message after the re-join", () => chat.got.some((m) => m.data === "after"));
+  assert.deepEqual([...store.keys()], ["fanout:news"], "a plain room keeps no position");
+});
