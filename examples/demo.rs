@@ -105,7 +105,7 @@ async fn main() {
          Push from HTTP:  curl -d '{{\"type\":\"news\"}}' http://{0}/rooms/lobby/messages\n\
          Who is there:    curl http://{0}/rooms/lobby/presence\n\
          Recent history:  curl http://{0}/rooms/lobby/history?limit=10\n\
-         Many rooms, one socket (the fanout protocol's JS client): http://{0}/rooms?rooms=lobby,news&user=ada\n\
+         Many rooms, one socket (the page is the fanout protocol's JS client): http://{0}/?rooms=lobby,news&user=ada\n\
          To a user (name yourself in the page first): curl -d '{{\"text\":\"psst\"}}' http://{0}/users/ada/messages\n\
          \x20                curl -d '{{\"reason\":\"logged out\"}}' http://{0}/users/ada/disconnect\n\
          Ctrl-C stops everything.\n",

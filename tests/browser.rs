@@ -1,6 +1,8 @@
-//! The chat example's page (`examples/chat_app/page.html`) in a real, headless Chromium, driven
-//! over WebDriver (chromedriver) the way people use it: pages on different nodes of a fleet,
-//! typing into the form and pressing Enter, and reading what the page shows.
+//! The chat example's page (`examples/chat_app/page.html`, on the fanout protocol's client
+//! `clients/js`: several rooms over one socket) in a real, headless Chromium, driven over
+//! WebDriver (chromedriver) the way people use it: pages on different nodes of a fleet, typing
+//! into the form and pressing Enter, switching rooms, reloading, and reading what the page
+//! shows.
 //!
 //! Needs `chromium` and `chromedriver` on PATH (Debian: `apt-get install chromium
 //! chromium-driver`; `.ci/run` installs them), or CHROME and CHROMEDRIVER set to their paths.
@@ -25,8 +27,8 @@ mod chat_app;
 mod harness;
 mod support;
 
-use harness::{DESKTOP, DURABLE, PHONE, PLAIN, View, eventually, run, run_durable, run_on};
-use serde_json::{Value, json};
+use harness::{DESKTOP, DURABLE, PHONE, View, eventually, run, run_durable, run_on};
+use serde_json::Value;
 
 /// The page's own size limit, the server's `max_message_size` (its 1009 close).
 const LIMIT: usize = 64 * 1024;
@@ -347,6 +349,32 @@ async fn a_page_joining_a_durable_room_shows_its_recent_history_once() {
     .await;
 }
 
+/// On nodes that keep history but no presence, the page joins without presence (the node
+/// refuses it once; no member list) and still shows a room's recent history once on join.
+#[tokio::test]
+async fn without_presence_the_page_lists_no_members_and_still_shows_history() {
+    let history_only = harness::Settings {
+        history: 256,
+        presence_ttl: None,
+    };
+    run_on("no_presence", &["n1", "n2"], history_only, async |s| {
+        let alice = s.open("alice on n1", 0, DESKTOP).await;
+        alice.join("log", "alice").await;
+        alice.say("first").await;
+        until_said(&alice, "alice's message", &[("alice", "first")]).await;
+        let bob = s.open("bob on n2", 1, PHONE).await;
+        bob.join("log", "bob").await;
+        let v = until_said(&bob, "the room's history", &[("alice", "first")]).await;
+        has_notice(&v, "The last 1 message").expect("the history is introduced");
+        assert_eq!(v.members, None, "no member list without presence");
+        bob.say("second").await;
+        for page in [&alice, &bob] {
+            until_said(page, "both, once", &[("alice", "first"), ("bob", "second")]).await;
+        }
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn the_presence_list_follows_joins_leaves_and_a_killed_node() {
     run_durable("presence", async |s| {
@@ -563,23 +591,35 @@ async fn the_console_check_sees_errors() {
     .await;
 }
 
-/// Regenerates `docs/chat.png`, the README's picture: the demo's nodes, a desktop and a phone.
+/// Regenerates `docs/chat.png`, the README's picture: the demo's nodes (durable rooms and
+/// presence, as `cargo run --example demo` runs them), a desktop and a phone.
 #[tokio::test]
 #[ignore = "writes docs/chat.png; run with --ignored readme_screenshot"]
 async fn readme_screenshot() {
     run_on(
         "readme",
         &["demo-1", "demo-2", "demo-3"],
-        PLAIN,
+        DURABLE,
         async |s| {
-            let [alice, bob] = s
-                .open_all([
-                    ("demo-1, desktop", 0, (760, 560)),
-                    ("demo-2, phone", 1, (390, 560)),
-                ])
+            let alice = s
+                .open_with(
+                    "demo-1, desktop",
+                    0,
+                    "?rooms=lobby,news&user=alice",
+                    (760, 560),
+                )
                 .await;
-            alice.join("lobby", "alice").await;
-            bob.join("lobby", "bob").await;
+            let bob = s
+                .open_with("demo-2, phone", 1, "?room=lobby&user=bob", (390, 560))
+                .await;
+            for page in [&alice, &bob] {
+                page.until("alice and bob listed", |v| {
+                    (v.members() == ["alice", "bob"])
+                        .then_some(())
+                        .ok_or_else(|| format!("{:?}", v.members))
+                })
+                .await;
+            }
             let lines = [
                 ("alice", "hi bob, I'm on node demo-1"),
                 ("bob", "hello! demo-2 here, on my phone"),
@@ -598,6 +638,21 @@ async fn readme_screenshot() {
                     .await;
                 }
             }
+            // Another of alice's rooms, on the same socket, gets news meanwhile.
+            s.fleet
+                .push(
+                    2,
+                    "news",
+                    r#"{"type":"chat","user":"deploy-bot","text":"v0.2 is out"}"#,
+                )
+                .await;
+            alice
+                .until("an unread mark on news", |v| {
+                    (v.tabs.iter().any(|t| t.room == "news" && t.unread == "1"))
+                        .then_some(())
+                        .ok_or_else(|| format!("{:?}", v.tabs))
+                })
+                .await;
             let png = s.screenshot().await;
             let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/chat.png");
             std::fs::create_dir_all(path.parent().expect("docs/")).expect("create docs/");
@@ -669,97 +724,234 @@ async fn the_board_page_on_the_javascript_client_shows_the_latest_updates_once()
     assert!(errors.is_empty(), "console errors: {errors:?}");
 }
 
-/// What the rooms page shows: its state line, and per room its members and messages.
-async fn rooms_until(page: &harness::Page, what: &str, check: impl Fn(&Value) -> bool) -> Value {
-    const READ: &str = r##"const rooms = {};
-        for (const s of document.querySelectorAll("section")) {
-          rooms[s.dataset.room] = {
-            members: s.querySelector(".members").innerText,
-            items: [...s.querySelectorAll("li")].map((li) => li.innerText),
-          };
-        }
-        return { state: document.getElementById("state").innerText, rooms };"##;
-    eventually(what, || async {
-        let v = page.eval(READ).await;
-        if check(&v) {
-            Ok(v)
-        } else {
-            Err(format!("{v}"))
-        }
-    })
-    .await
-}
-
-/// The chat on the fanout protocol's client (`GET /rooms`): two rooms over one socket, each
-/// with its messages and members, a message typed into one room reaching the other page in
-/// that room only, and a page that left and came back shown what was said meanwhile, once.
-#[tokio::test]
-async fn the_rooms_page_carries_several_rooms_over_one_socket_and_resumes_after_leaving() {
-    let fleet = harness::Fleet::start(&["n1", "n2"], DURABLE).await;
-    let driver = harness::Driver::start().await;
-    let url = |i: usize, user: &str| format!("{}rooms?rooms=a,b&user={user}", fleet.node(i).url());
-    let ada = driver.open("ada", &url(0, "ada"), DESKTOP).await;
-    let bob = driver.open("bob", &url(1, "bob"), DESKTOP).await;
-    for page in [&ada, &bob] {
-        rooms_until(page, "both members in both rooms", |v: &Value| {
-            v["rooms"]["a"]["members"] == "ada, bob" && v["rooms"]["b"]["members"] == "ada, bob"
-        })
-        .await;
-    }
-    // Typed into room a on ada's page: bob sees it in room a only.
-    ada.eval(
-        r#"const input = document.querySelector('section[data-room="a"] input');
-           input.value = "hello a";
-           input.dispatchEvent(new KeyboardEvent("keydown", { key: "Enter" }));"#,
-    )
-    .await;
-    fleet
-        .push(1, "b", r#"{"user":"carol","text":"hi b"}"#)
-        .await;
-    let v = rooms_until(&bob, "one message in each room", |v: &Value| {
-        v["rooms"]["a"]["items"] == json!(["ada: hello a"])
-            && v["rooms"]["b"]["items"] == json!(["carol: hi b"])
-    })
-    .await;
-    assert!(
-        v["state"]
-            .as_str()
-            .is_some_and(|s| s.starts_with("connected")),
-        "{v}"
-    );
-    // One socket for both rooms: n1 holds ada's page only.
-    let addr: std::net::SocketAddr = fleet.node(0).url()["http://".len()..]
+/// Node `i`'s `/stats`: (connections, memberships).
+async fn sockets_and_rooms(fleet: &harness::Fleet, i: usize) -> (Option<u64>, Option<u64>) {
+    let addr: std::net::SocketAddr = fleet.node(i).url()["http://".len()..]
         .trim_end_matches('/')
         .parse()
         .expect("the node's address");
     let (_, stats) = support::http(addr, "GET", "/stats", "").await;
     let stats: Value = serde_json::from_str(&stats).expect("stats");
-    assert_eq!(
-        (stats["connections"].as_u64(), stats["memberships"].as_u64()),
-        (Some(1), Some(2)),
-        "{stats}"
-    );
-    // Ada leaves; room a goes on; she comes back and is shown what she missed, once.
-    ada.goto("about:blank").await;
-    fleet
-        .push(1, "a", r#"{"user":"carol","text":"while away"}"#)
+    (stats["connections"].as_u64(), stats["memberships"].as_u64())
+}
+
+/// The tabs as (room, unread, on show).
+fn tabs(v: &View) -> Vec<(&str, &str, bool)> {
+    v.tabs
+        .iter()
+        .map(|t| (t.room.as_str(), t.unread.as_str(), t.active))
+        .collect()
+}
+
+/// Several rooms in one page over one socket: each room's messages in its own log (an unread
+/// mark on a room not on show), members per room, another room joined from the form beside
+/// them and left again, and one connection on the node for all of it. The old address of the
+/// many-rooms page (`/rooms?..`) lands on this page.
+#[tokio::test]
+async fn several_rooms_share_one_socket_in_one_page_and_keep_their_messages_apart() {
+    run_durable("rooms", async |s| {
+        let ada = s
+            .open_with("ada on n1", 0, "?rooms=a,b&user=ada", DESKTOP)
+            .await;
+        let bob = s
+            .open_with("bob on n2", 1, "rooms?rooms=a,b&user=bob", PHONE)
+            .await;
+        let url = bob.url().await;
+        assert!(
+            url.contains("/?room=a"),
+            "/rooms sent bob to the chat page: {url}"
+        );
+        let members = |want: &'static [&'static str]| {
+            move |v: &View| {
+                (v.members() == want)
+                    .then(|| v.clone())
+                    .ok_or_else(|| format!("members {:?}", v.members))
+            }
+        };
+        for page in [&ada, &bob] {
+            let v = page.until("both in room a", members(&["ada", "bob"])).await;
+            assert_eq!(tabs(&v), [("a", "", true), ("b", "", false)]);
+        }
+
+        // Typed into room a on ada's page; pushed into room b from HTTP: each stays in its room.
+        ada.say("hello a").await;
+        s.fleet
+            .push(1, "b", r#"{"type":"chat","user":"carol","text":"hi b"}"#)
+            .await;
+        until_said(&bob, "room a's message", &[("ada", "hello a")]).await;
+        bob.until_in("b", "room b's message", |v| {
+            (v.said() == [("carol".to_owned(), "hi b".to_owned())])
+                .then_some(())
+                .ok_or_else(|| format!("{:?}", v.said()))
+        })
         .await;
-    ada.goto(&url(0, "ada")).await;
-    let v = rooms_until(&ada, "what was said while away", |v: &Value| {
-        v["rooms"]["a"]["items"] == json!(["carol: while away"])
+        let v = bob
+            .until("an unread mark on room b", |v| {
+                (tabs(v) == [("a", "", true), ("b", "1", false)])
+                    .then(|| v.clone())
+                    .ok_or_else(|| format!("{:?}", v.tabs))
+            })
+            .await;
+        assert_eq!(v.said(), [("ada".to_owned(), "hello a".to_owned())]);
+
+        // Bob reads room b (the mark goes), sees who is there, and answers there.
+        bob.switch_to("b").await;
+        let v = bob.until("both in room b", members(&["ada", "bob"])).await;
+        assert_eq!(tabs(&v), [("a", "", false), ("b", "", true)]);
+        bob.say("hello b").await;
+        let b = [("carol", "hi b"), ("bob", "hello b")];
+        for page in [&ada, &bob] {
+            page.until_in("b", "room b's two messages", |v| {
+                let want: Vec<(String, String)> = b
+                    .iter()
+                    .map(|(w, t)| ((*w).to_owned(), (*t).to_owned()))
+                    .collect();
+                (v.said() == want)
+                    .then_some(())
+                    .ok_or_else(|| format!("{:?}", v.said()))
+            })
+            .await;
+            let a = page.room_view("a").await;
+            assert_eq!(
+                a.said(),
+                [("ada".to_owned(), "hello a".to_owned())],
+                "{}: room a has its own message only",
+                page.label
+            );
+        }
+
+        // A third room from the form, on the same socket; left again with its tab's ×.
+        ada.join("c", "ada").await;
+        let v = ada.view().await;
+        assert_eq!(
+            tabs(&v),
+            [("a", "", false), ("b", "2", false), ("c", "", true)],
+            "room b's two messages came while ada was in room a"
+        );
+        assert_eq!(
+            sockets_and_rooms(&s.fleet, 0).await,
+            (Some(1), Some(3)),
+            "one socket on n1 for ada's three rooms"
+        );
+        ada.run_script("document.querySelector('#tabs > .tab[data-room=c] .leave').click();")
+            .await;
+        let v = ada
+            .until("room c left", |v| {
+                (v.tabs.len() == 2)
+                    .then(|| v.clone())
+                    .ok_or_else(|| format!("{:?}", v.tabs))
+            })
+            .await;
+        assert_eq!(tabs(&v), [("a", "", true), ("b", "2", false)]);
+        eventually("n1 counts ada's two rooms", || async {
+            let now = sockets_and_rooms(&s.fleet, 0).await;
+            (now == (Some(1), Some(2)))
+                .then_some(())
+                .ok_or_else(|| format!("{now:?}"))
+        })
+        .await;
     })
     .await;
-    assert_eq!(
-        v["rooms"]["b"]["items"],
-        json!([]),
-        "room b: nothing new, nothing twice"
-    );
-    for page in [&ada, &bob] {
-        let errors = page.take_console_errors().await;
-        assert!(
-            errors.is_empty(),
-            "{}: console errors: {errors:?}",
-            page.label
+}
+
+/// A page reloaded (or left and opened again in the same tab) shows its rooms and what they
+/// showed, and resumes each durable room after its last message: what was said meanwhile
+/// appears once, in order, with no note of a gap.
+#[tokio::test]
+async fn a_reloaded_page_resumes_its_rooms_without_gap_or_duplicate() {
+    run_durable("reload", async |s| {
+        let [ada, bob] = s
+            .open_all([("ada on n1", 0, DESKTOP), ("bob on n2", 1, PHONE)])
+            .await;
+        ada.join("plans", "ada").await;
+        bob.join("plans", "bob").await;
+        ada.say("one").await;
+        ada.say("two").await;
+        let two = [("ada", "one"), ("ada", "two")];
+        let before = until_said(&bob, "the first two", &two).await;
+
+        // A reload with nothing missed: the same rooms, the same log, nothing twice.
+        bob.reload().await;
+        let after = bob.until_state("connected").await;
+        assert_eq!(after.items, before.items, "the log as it was");
+        assert_eq!(tabs(&after), tabs(&before), "the rooms as they were");
+        assert_eq!(after.room.as_deref(), Some("plans"));
+
+        // Away while ada talks, then back in the same tab.
+        let url = bob.url().await;
+        bob.goto("about:blank").await;
+        ada.say("three, while bob is away").await;
+        ada.say("four, while bob is away").await;
+        let four = [
+            ("ada", "one"),
+            ("ada", "two"),
+            ("ada", "three, while bob is away"),
+            ("ada", "four, while bob is away"),
+        ];
+        until_said(&ada, "ada's messages", &four).await;
+        bob.goto(&url).await;
+        bob.until_state("connected").await;
+        let back = until_said(&bob, "what was said meanwhile, once, in order", &four).await;
+        assert_eq!(
+            back.notices(),
+            ["You joined room “plans”."],
+            "no gap told, no history shown again"
         );
-    }
+        bob.say("five").await;
+        let mut five = four.to_vec();
+        five.push(("bob", "five"));
+        for page in [&ada, &bob] {
+            until_said(page, "a live message after the resume, once", &five).await;
+        }
+    })
+    .await;
+}
+
+/// When a node may have lost messages of a room (its Redis link dropped: Redis restarted),
+/// the page says so in that room's log, and goes on. A plain room keeps no position, so a
+/// reload keeps the log and says that what was sent meanwhile may be missing.
+#[tokio::test]
+async fn a_page_notes_in_the_room_when_messages_may_have_been_missed() {
+    run("missed", async |s| {
+        let [alice, bob] = s
+            .open_all([("alice on n1", 0, DESKTOP), ("bob on n2", 1, PHONE)])
+            .await;
+        alice.join("news", "alice").await;
+        bob.join("news", "bob").await;
+        alice.say("before the blip").await;
+        until_said(&bob, "the first message", &[("alice", "before the blip")]).await;
+
+        s.fleet.restart_redis().await;
+        for page in [&alice, &bob] {
+            page.until("the missed note", |v| {
+                has_notice(v, "may be missing: the node lost its link")
+            })
+            .await;
+        }
+        alice.say("after the blip").await;
+        let both = [("alice", "before the blip"), ("alice", "after the blip")];
+        for page in [&alice, &bob] {
+            let v = until_said(page, "the message after the blip, once", &both).await;
+            assert_eq!(v.state, "connected", "{}: the socket stayed up", page.label);
+        }
+
+        bob.reload().await;
+        let v = bob
+            .until("the reload note", |v| {
+                has_notice(v, "Reloaded: messages sent while this page was away")
+                    .map(|()| v.clone())
+            })
+            .await;
+        assert_eq!(
+            v.said().len(),
+            2,
+            "the log kept, nothing twice: {:?}",
+            v.said()
+        );
+        alice.say("after the reload").await;
+        let mut three = both.to_vec();
+        three.push(("alice", "after the reload"));
+        until_said(&bob, "a live message after the reload", &three).await;
+    })
+    .await;
 }

@@ -60,28 +60,31 @@ fn the_javascript_client_against_real_nodes_and_redis() {
     assert!(count("# pass").is_some_and(|n| n >= 8), "{report}");
 }
 
-/// The example pages' module scripts parse (`node --check`): the board's, which runs on the
-/// client.
+/// The example pages' module scripts parse (`node --check`): the board's and the chat's, which
+/// run on the client.
 #[test]
-fn the_board_page_script_parses() {
+fn the_example_page_scripts_parse() {
     let manifest = env!("CARGO_MANIFEST_DIR");
-    let page = std::fs::read_to_string(format!("{manifest}/examples/board/page.html"))
-        .expect("the board's page");
-    let start = page
-        .find("<script type=\"module\">")
-        .expect("a module script")
-        + "<script type=\"module\">".len();
-    let end = page[start..].find("</script>").expect("its end") + start;
-    let path = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("board-page.mjs");
-    std::fs::write(&path, &page[start..end]).expect("write the script");
-    let out = Command::new("node")
-        .arg("--check")
-        .arg(&path)
-        .output()
-        .expect("run node --check");
-    assert!(
-        out.status.success(),
-        "the board page's script does not parse:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    for (name, page) in [("board", "board/page.html"), ("chat", "chat_app/page.html")] {
+        let page = std::fs::read_to_string(format!("{manifest}/examples/{page}"))
+            .unwrap_or_else(|e| panic!("the {name} page: {e}"));
+        let start = page
+            .find("<script type=\"module\">")
+            .expect("a module script")
+            + "<script type=\"module\">".len();
+        let end = page[start..].find("</script>").expect("its end") + start;
+        let path =
+            std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("{name}-page.mjs"));
+        std::fs::write(&path, &page[start..end]).expect("write the script");
+        let out = Command::new("node")
+            .arg("--check")
+            .arg(&path)
+            .output()
+            .expect("run node --check");
+        assert!(
+            out.status.success(),
+            "the {name} page's script does not parse:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
 }

@@ -4,8 +4,10 @@
 //! rooms per socket, for `clients/js`), and at `GET /ws` the chat example's own format (part
 //! 2, one room per socket), which other checks depend on and which stays as it is:
 //!
-//! - `GET /` serves the chat page; `GET /rooms?rooms=a,b&user=NAME` the chat on the fanout
-//!   protocol's client (several rooms over one socket; `GET /fanout.js` serves the client);
+//! - `GET /` serves the chat page (`/?room=team&user=dana`, `/?rooms=a,b`), built on the
+//!   fanout protocol's client (`GET /fanout.js`): several rooms over one socket, resumed after
+//!   a reload, their members, and a note in a room's log when messages may be missing
+//!   (`GET /rooms?..` redirects there, keeping its query);
 //! - `GET /ws?room=NAME` joins room NAME (default `lobby`); each text frame must be one JSON
 //!   value and is broadcast to every socket of the room on every node, the sender included;
 //!   a frame that is not JSON closes that connection with 1007, a frame over the size limit
@@ -40,7 +42,7 @@ use axum::Router;
 use axum::extract::ws::{Message, WebSocketUpgrade, close_code};
 use axum::extract::{Path, Query};
 use axum::http::StatusCode;
-use axum::response::{Html, IntoResponse, Response};
+use axum::response::{Html, IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
 use axum_fanout::durable::{Durability, Position};
 use axum_fanout::presence::Member;
@@ -101,10 +103,13 @@ async fn page() -> Html<&'static str> {
     Html(include_str!("page.html"))
 }
 
-/// `GET /rooms?rooms=a,b&user=NAME`: the chat on the fanout protocol's JavaScript client,
-/// several rooms over one socket.
-async fn rooms_page() -> Html<&'static str> {
-    Html(include_str!("rooms.html"))
+/// `GET /rooms?rooms=a,b&user=NAME`: where the many-rooms page was before the chat page at `/`
+/// did the same; old links land there.
+async fn rooms_page(uri: axum::http::Uri) -> Redirect {
+    match uri.query() {
+        Some(query) => Redirect::to(&format!("/?{query}")),
+        None => Redirect::to("/"),
+    }
 }
 
 /// `GET /fanout.js`: the client module (`clients/js`).

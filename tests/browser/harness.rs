@@ -400,7 +400,8 @@ impl Drop for Driver {
     }
 }
 
-/// What a person sees on a chat page.
+/// What a person sees on a chat page: its badges, its room tabs, and the room on show (or,
+/// through [`Page::room_view`], another room's log as it would show).
 #[derive(Debug, Clone, Deserialize)]
 pub struct View {
     /// The connection state badge: "connected", "reconnecting (attempt 1)…", ...
@@ -409,11 +410,25 @@ pub struct View {
     pub hint: String,
     /// The node badge: "node n1 · port 12345".
     pub node: String,
-    /// The message list, oldest first.
+    /// The page's rooms, one tab each, in order.
+    pub tabs: Vec<Tab>,
+    /// The room whose log this is.
+    pub room: Option<String>,
+    /// The room's message list, oldest first.
     pub items: Vec<Item>,
-    /// Who is in the room, as the page lists them ("alice, bob"); `None` while the list is
-    /// hidden (no presence, or not loaded yet).
+    /// Who is in the room on show, as the page lists them ("alice, bob"); `None` while the
+    /// list is hidden (no presence, or not loaded yet).
     pub members: Option<String>,
+}
+
+/// One room's tab.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+pub struct Tab {
+    pub room: String,
+    /// The unread count it shows ("" when none).
+    pub unread: String,
+    /// The room on show.
+    pub active: bool,
 }
 
 /// One line of the message list.
@@ -460,14 +475,24 @@ impl View {
     }
 }
 
-/// The rendered text of the page's parts, as one snapshot (one WebDriver call).
+/// The rendered text of the page's parts, as one snapshot (one WebDriver call): the room on
+/// show, or the room named by the script's argument (a hidden log reads as it would show).
 const READ_VIEW: &str = r##"
 const text = (el) => (el ? el.innerText.trim() : "");
+const log = arguments[0] === null
+  ? document.querySelector("#messages > .log:not([hidden])")
+  : [...document.querySelectorAll("#messages > .log")].find((l) => l.dataset.room === arguments[0]);
 return {
   state: text(document.getElementById("state")),
   hint: text(document.getElementById("hint")),
   node: text(document.getElementById("node")),
-  items: [...document.querySelectorAll("#messages > li")].map((li) => ({
+  tabs: [...document.querySelectorAll("#tabs > .tab")].map((tab) => ({
+    room: tab.dataset.room,
+    unread: text(tab.querySelector(".unread")),
+    active: tab.getAttribute("aria-current") === "true",
+  })),
+  room: log ? log.dataset.room : null,
+  items: [...(log ? log.children : [])].map((li) => ({
     kind: li.classList.contains("notice") ? "notice" : "msg",
     who: li.querySelector(".who") ? text(li.querySelector(".who")) : null,
     text: text(li.querySelector(".text")),
@@ -491,13 +516,61 @@ pub struct Page {
 }
 
 impl Page {
+    /// What the page shows now, of the room on show.
     pub async fn view(&self) -> View {
+        self.read_view(Value::Null).await
+    }
+
+    /// What the page shows now, with `room`'s log in place of the one on show.
+    pub async fn room_view(&self, room: &str) -> View {
+        self.read_view(json!(room)).await
+    }
+
+    async fn read_view(&self, room: Value) -> View {
         let v = self
             .client
-            .execute(READ_VIEW, vec![])
+            .execute(READ_VIEW, vec![room])
             .await
             .unwrap_or_else(|e| panic!("{}: cannot read the page: {e}", self.label));
         serde_json::from_value(v).unwrap_or_else(|e| panic!("{}: odd view: {e}", self.label))
+    }
+
+    /// Waits until `room`'s log satisfies `check`, whichever room is on show.
+    pub async fn until_in<T>(
+        &self,
+        room: &str,
+        what: &str,
+        check: impl Fn(&View) -> Result<T, String>,
+    ) -> T {
+        let what = format!("{}: {room}: {what}", self.label);
+        eventually(&what, || async { check(&self.room_view(room).await) }).await
+    }
+
+    /// Clicks `room`'s tab, and waits until it is on show.
+    pub async fn switch_to(&self, room: &str) {
+        self.client
+            .execute(
+                "[...document.querySelectorAll('#tabs > .tab')] \
+                 .find((t) => t.dataset.room === arguments[0]).querySelector('.open').click();",
+                vec![json!(room)],
+            )
+            .await
+            .unwrap_or_else(|e| panic!("{}: no tab {room}: {e}", self.label));
+        self.until(&format!("{room} on show"), |v| {
+            (v.room.as_deref() == Some(room))
+                .then_some(())
+                .ok_or_else(|| format!("{:?}", v.room))
+        })
+        .await;
+    }
+
+    /// The page's address now (the page keeps its room on show in it).
+    pub async fn url(&self) -> String {
+        self.client
+            .current_url()
+            .await
+            .unwrap_or_else(|e| panic!("{}: no address: {e}", self.label))
+            .to_string()
     }
 
     /// Waits until the page's view satisfies `check` (which says what it saw otherwise).
@@ -533,13 +606,15 @@ impl Page {
     }
 
     /// Types `room` and `name` into the join form, presses Enter, and waits until the page
-    /// says it joined and is connected.
+    /// shows that room, says it joined it, and is connected.
     pub async fn join(&self, room: &str, name: &str) {
         self.type_into("room", room, "").await;
         self.type_into("name", name, &enter()).await;
         let joined = format!("You joined room “{room}”.");
         self.until(&format!("joined {room} and connected"), |v| {
-            let ok = v.state == "connected" && v.notices().first() == Some(&joined.as_str());
+            let ok = v.state == "connected"
+                && v.room.as_deref() == Some(room)
+                && v.notices().first() == Some(&joined.as_str());
             ok.then_some(()).ok_or_else(|| format!("{v:?}"))
         })
         .await;
@@ -571,11 +646,14 @@ impl Page {
         input.prop("value").await.ok().flatten().unwrap_or_default()
     }
 
-    /// Sends `frame` as it is on the page's socket, bypassing the page's own checks: what a
-    /// buggy or hostile client would send.
+    /// Sends `frame` as it is on the page's socket (its client's), bypassing the page's own
+    /// checks: what a buggy or hostile client would send.
     pub async fn send_raw_frame(&self, frame: &str) {
         self.client
-            .execute("ws.send(arguments[0]);", vec![json!(frame)])
+            .execute(
+                "window.fanoutClient.ws.send(arguments[0]);",
+                vec![json!(frame)],
+            )
             .await
             .unwrap_or_else(|e| panic!("{}: cannot send a raw frame: {e}", self.label));
     }
