@@ -565,6 +565,67 @@ async fn odd_or_oversized_input_never_breaks_the_page() {
     .await;
 }
 
+/// A message sent to the page's user shows in the room on show; a fleet-wide disconnect of
+/// that user (a logout) stops the page, which says so and stays stopped until Join.
+#[tokio::test]
+async fn a_page_shows_direct_messages_and_stays_out_when_its_user_is_disconnected() {
+    run("users", async |s| {
+        let alice = s.open("alice on n1", 0, DESKTOP).await;
+        alice.join("desk", "alice").await;
+        let sent = s
+            .fleet
+            .post(1, "/users/alice/messages", r#"{"text":"<b>psst</b>"}"#)
+            .await;
+        assert_eq!(sent, r#"{"nodes":1}"#);
+        alice
+            .until("the direct message", |v| {
+                let said = v.said();
+                (said
+                    == [(
+                        "direct to you".to_owned(),
+                        r#"{"text":"<b>psst</b>"}"#.to_owned(),
+                    )])
+                .then_some(())
+                .ok_or_else(|| format!("{said:?}"))
+            })
+            .await;
+
+        s.fleet
+            .post(2, "/users/alice/disconnect", r#"{"reason":"logged out"}"#)
+            .await;
+        let out = alice.until_state("disconnected").await;
+        has_notice(&out, "The server disconnected you: logged out. Press Join").expect("why");
+        assert!(
+            !out.notices().iter().any(|n| n.contains("Reconnecting")),
+            "a logout is not a reconnect: {:?}",
+            out.notices()
+        );
+        alice.say("anyone?").await;
+        let v = alice
+            .until("the refusal", |v| {
+                v.hint
+                    .contains("Not sent: disconnected")
+                    .then(|| v.clone())
+                    .ok_or_else(|| format!("hint {:?}", v.hint))
+            })
+            .await;
+        assert_eq!(v.state, "disconnected", "it did not come back by itself");
+
+        alice.join("desk", "alice").await;
+        alice.say("back").await;
+        until_said(
+            &alice,
+            "a message after Join",
+            &[
+                ("direct to you", r#"{"text":"<b>psst</b>"}"#),
+                ("alice", "back"),
+            ],
+        )
+        .await;
+    })
+    .await;
+}
+
 /// The console check that every case ends with is not blind: it sees `console.error` and an
 /// uncaught exception.
 #[tokio::test]

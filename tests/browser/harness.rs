@@ -256,14 +256,15 @@ impl Fleet {
     /// Broadcasts `body` (one JSON value) to `room` through node `i`'s HTTP push route, as a
     /// server-side producer would.
     pub async fn push(&self, i: usize, room: &str, body: &str) {
-        let (status, text) = http(
-            self.nodes[i].addr,
-            "POST",
-            &format!("/rooms/{room}/messages"),
-            body,
-        )
-        .await;
-        assert_eq!(status, 200, "POST /rooms/{room}/messages {body}: {text}");
+        self.post(i, &format!("/rooms/{room}/messages"), body).await;
+    }
+
+    /// POSTs `body` to `path` on node `i`, as a server-side application would; it must
+    /// answer 200.
+    pub async fn post(&self, i: usize, path: &str, body: &str) -> String {
+        let (status, text) = http(self.nodes[i].addr, "POST", path, body).await;
+        assert_eq!(status, 200, "POST {path} {body}: {text}");
+        text
     }
 }
 
