@@ -940,6 +940,7 @@ async fn a_reloaded_page_resumes_its_rooms_without_gap_or_duplicate() {
 
         // Away while ada talks, then back in the same tab.
         let url = bob.url().await;
+        let lobby = bob.room_view("lobby").await.items;
         bob.goto("about:blank").await;
         ada.say("three, while bob is away").await;
         ada.say("four, while bob is away").await;
@@ -957,6 +958,11 @@ async fn a_reloaded_page_resumes_its_rooms_without_gap_or_duplicate() {
             back.notices(),
             ["You joined room “plans”."],
             "no gap told, no history shown again"
+        );
+        assert_eq!(
+            bob.room_view("lobby").await.items,
+            lobby,
+            "the other room: nothing new, nothing twice"
         );
         bob.say("five").await;
         let mut five = four.to_vec();
