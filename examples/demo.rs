@@ -102,7 +102,8 @@ async fn main() {
          Watch the bus:   redis-cli -p {port} PUBSUB CHANNELS 'ws:room:*'\n\
          \x20                redis-cli -p {port} PUBSUB NUMSUB ws:room:lobby\n\
          Push from Redis: redis-cli -p {port} PUBLISH ws:room:lobby '{{\"payload\":{{\"type\":\"ping\"}}}}'\n\
-         Push from HTTP:  curl -d '{{\"type\":\"news\"}}' http://{0}/rooms/lobby/messages\n\
+         Push from HTTP:  curl -d '{{\"type\":\"chat\",\"user\":\"ops\",\"text\":\"deployed\"}}' http://{0}/rooms/lobby/messages\n\
+         \x20                (the page shows {{\"type\":\"chat\",\"user\",\"text\"}} as a chat line, any other JSON as data)\n\
          Who is there:    curl http://{0}/rooms/lobby/presence\n\
          Recent history:  curl http://{0}/rooms/lobby/history?limit=10\n\
          Many rooms, one socket (the page is the fanout protocol's JS client): http://{0}/?rooms=lobby,news&user=ada\n\
