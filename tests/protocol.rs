@@ -280,6 +280,79 @@ async fn fixable_mistakes_get_error_replies_and_the_socket_stays_open() {
 }
 
 #[tokio::test]
+async fn a_publish_without_an_id_gets_no_reply_and_a_failure_is_told_with_unsent() {
+    let redis = RedisServer::start();
+    let quick = FanoutLayer::builder(redis.url())
+        .publish_timeout(Duration::from_millis(500))
+        .max_envelope_bytes(NonZeroUsize::new(2048).expect("n"))
+        .build()
+        .expect("layer");
+    let node = start_nodes([quick], app).await.remove(0).0;
+    let mut c = Client::connect(&node, "?user=ada").await;
+    c.call(json!({"cmd": "join", "room": "x"})).await;
+    // Sent without ids, then one with: the messages arrive in order, and the only reply is
+    // the last one's (`reply` fails on a reply to any other id).
+    for n in 1..=3 {
+        let unacked = json!({"cmd": "publish", "room": "x", "data": n});
+        c.send(&unacked.to_string()).await;
+    }
+    let r = c
+        .call(json!({"cmd": "publish", "room": "x", "data": 4}))
+        .await;
+    assert_eq!(r["result"]["nodes"], 1, "{r}");
+    for n in 1..=4 {
+        let m = c.push("message").await;
+        assert_eq!(
+            (m["room"].as_str(), m["data"].as_u64()),
+            (Some("x"), Some(n))
+        );
+    }
+    // Refused at once: told with fanout.unsent, its code and the room as named.
+    let cases = [
+        (
+            json!({"cmd": "publish", "room": "", "data": 1}),
+            "invalid_room",
+        ),
+        (json!({"cmd": "publish", "room": "x"}), "bad_request"),
+        (
+            json!({"cmd": "publish", "room": "x", "data": 1, "key": "k"}),
+            "bad_request",
+        ),
+        (
+            json!({"cmd": "publish", "room": "x", "data": "z".repeat(4000)}),
+            "payload_too_large",
+        ),
+    ];
+    for (command, code) in cases {
+        c.send(&command.to_string()).await;
+        let unsent = c.push("fanout.unsent").await;
+        assert_eq!(unsent["code"], code, "{command} -> {unsent}");
+        assert_eq!(unsent["room"], command["room"], "{unsent}");
+        assert!(unsent["reason"].as_str().is_some_and(|r| !r.is_empty()));
+    }
+    // Only publishes may go without an id.
+    c.send(r#"{"cmd":"leave","room":"x"}"#).await;
+    assert_eq!(error_code(&c.reply(0).await), "bad_request");
+    // Failed after it was queued (Redis frozen past the publish timeout): told once Redis
+    // did not answer, with the room; the socket stays open.
+    redis.signal("STOP");
+    c.send(&json!({"cmd": "publish", "room": "x", "data": 5}).to_string())
+        .await;
+    let unsent = c.push("fanout.unsent").await;
+    redis.signal("CONT");
+    assert_eq!(
+        (unsent["room"].as_str(), unsent["code"].as_str()),
+        (Some("x"), Some("unavailable")),
+        "{unsent}"
+    );
+    // Still open: the next command gets its reply (whatever Redis, thawing, answered).
+    let r = c
+        .call(json!({"cmd": "publish", "room": "x", "data": 6}))
+        .await;
+    assert_eq!(r["type"], "reply", "{r}");
+}
+
+#[tokio::test]
 async fn garbage_and_binary_frames_close_with_a_disconnect_frame_first() {
     let redis = RedisServer::start();
     let nodes = nodes(&redis, 1).await;

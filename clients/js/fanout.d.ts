@@ -28,7 +28,7 @@ export interface Gap {
   room: string;
   /**
    * `missed` (the node may have lost messages), `trimmed`, `epoch_changed`, `too_far_behind`
-   * (a resume was refused), `rejoined`, `unsent` (a publish failed after it was accepted),
+   * (a resume was refused), `rejoined`, `unsent` (a fire-and-forget publish failed: `code`),
    * `reconnected` (a plain room, which keeps no position, re-joined after the connection
    * dropped: `since` and `until` span the time away).
    */
@@ -38,6 +38,8 @@ export interface Gap {
   since?: number;
   until?: number;
   dropped?: number | null;
+  /** `unsent`: the error code (PROTOCOL.md, section 5). */
+  code?: string;
   detail?: string;
 }
 
@@ -122,6 +124,20 @@ export interface PublishResult {
   epoch?: string;
   seq?: number;
   duplicate?: boolean;
+  /** `{ ack: false }`: written to the socket (no reply comes). */
+  sent?: boolean;
+}
+
+export interface PublishOptions {
+  /** The idempotency key (default: a random one, reused by resends). */
+  key?: string;
+  /** How long to wait for the acknowledgement, across reconnects. */
+  timeout?: number;
+  /**
+   * `false`: fire-and-forget (no id, no reply, never resent; resolves once written; a failure
+   * reaches `onGap` as `unsent`). Default `true`.
+   */
+  ack?: boolean;
 }
 
 export interface Room {
@@ -130,7 +146,7 @@ export interface Room {
   /** The live member map (presence rooms). */
   readonly members: Map<string, Member>;
   position(): Position | null;
-  publish(data: unknown, options?: { key?: string; timeout?: number }): Promise<PublishResult>;
+  publish(data: unknown, options?: PublishOptions): Promise<PublishResult>;
   leave(): Promise<unknown>;
   history(limit?: number): Promise<{ room: string; epoch: string; seq: number; messages: { seq: number; data?: unknown; text?: string }[] }>;
 }
@@ -147,7 +163,7 @@ export class FanoutClient {
   connect(): void;
   join(room: string, options?: JoinOptions): Promise<Room>;
   leave(room: string): Promise<unknown>;
-  publish(room: string, data: unknown, options?: { key?: string; timeout?: number }): Promise<PublishResult>;
+  publish(room: string, data: unknown, options?: PublishOptions): Promise<PublishResult>;
   presence(room: string): Promise<{ room: string; version: number; members: Member[] }>;
   /** Any command (`{cmd, ...}`), answered by its result. */
   request(command: { cmd: string; [field: string]: unknown }): Promise<any>;

@@ -144,7 +144,7 @@ class Room {
         this._presenceEvent(frame);
         break;
       case "fanout.unsent":
-        this._gap({ reason: "unsent", detail: frame.reason });
+        this._gap({ reason: "unsent", code: frame.code, detail: frame.reason });
         break;
       default:
         break;
@@ -421,7 +421,11 @@ export class FanoutClient {
       return;
     }
     const room = typeof frame.room === "string" ? this.rooms.get(frame.room) : undefined;
-    if (!room) return;
+    if (!room) {
+      // A fire-and-forget publish to a room this client did not join failed: no room to tell.
+      if (frame.type === "fanout.unsent") this._emit("onError", new FanoutError(frame.code || "unavailable", frame.reason));
+      return;
+    }
     if (frame.type === "message") room._message(frame);
     else room._notice(frame);
   }
@@ -560,10 +564,17 @@ export class FanoutClient {
    * (`duplicate: true` when a resend found it already taken). A publish not acknowledged
    * when the connection drops is resent after the reconnect with the same key, so it lands
    * once. Publishes go out in order, and wait while the socket's send buffer is full.
+   *
+   * With `{ ack: false }` the publish is fire-and-forget (PROTOCOL.md, `publish` without an
+   * id): it keeps its place in the order, resolves to `{ sent: true }` once written to the
+   * socket, and is never resent; a failure comes to the room's `onGap` as `unsent`. For what
+   * is stale by the time a retry could land (cursors, typing), where a reply each only costs.
    */
   publish(name, data, options = {}) {
     return new Promise((resolve, reject) => {
-      const entry = { room: name, data, key: options.key || randomKey(), resolve, reject, sent: false };
+      const ack = options.ack !== false;
+      const key = ack ? options.key || randomKey() : undefined;
+      const entry = { room: name, data, key, ack, resolve, reject, sent: false };
       entry.timer = setTimeout(() => {
         this.outbox = this.outbox.filter((e) => e !== entry);
         reject(new FanoutError("timeout", "publish not acknowledged in time (it may still land once)"));
@@ -594,6 +605,13 @@ export class FanoutClient {
         return;
       }
       entry.sent = true;
+      if (!entry.ack) {
+        ws.send(JSON.stringify({ cmd: "publish", room: entry.room, data: entry.data }));
+        this.outbox = this.outbox.filter((e) => e !== entry);
+        clearTimeout(entry.timer);
+        entry.resolve({ sent: true });
+        continue;
+      }
       const id = this.nextId++;
       this.pending.set(id, {
         publish: true,

@@ -142,6 +142,9 @@ pub(super) enum Unparsed {
 /// The largest id a client may use: JavaScript's largest exact integer.
 const MAX_ID: u64 = (1 << 53) - 1;
 
+/// The id of a publish sent without one: it gets no reply (no client may use 0).
+pub(super) const UNACKED: u64 = 0;
+
 impl Command {
     /// Parses a JSON value as a command; the error carries the id to answer (0 when it has
     /// none).
@@ -149,11 +152,15 @@ impl Command {
         let Value::Object(mut fields) = value else {
             return Err((0, bad("a command is a JSON object")));
         };
-        let id = match fields.remove("id").as_ref().and_then(Value::as_u64) {
-            Some(id) if (1..=MAX_ID).contains(&id) => id,
+        let id = fields.remove("id");
+        let cmd = fields.remove("cmd");
+        let id = match (id.as_ref().map(Value::as_u64), &cmd) {
+            (Some(Some(id)), _) if (1..=MAX_ID).contains(&id) => id,
+            // A publish without an id wants no reply (section 3, `publish`).
+            (None, Some(Value::String(cmd))) if cmd == "publish" => UNACKED,
             _ => return Err((0, bad("\"id\" must be an integer from 1 to 2^53-1"))),
         };
-        let cmd = match fields.remove("cmd") {
+        let cmd = match cmd {
             Some(Value::String(cmd)) => cmd,
             _ => return Err((id, bad("\"cmd\" must be a string"))),
         };
@@ -251,6 +258,17 @@ pub(super) fn reply(id: u64, outcome: Outcome) -> Value {
             "error": { "code": f.code.as_str(), "reason": f.reason },
         }),
     }
+}
+
+/// `fanout.unsent`: a publish sent without an id failed (section 4); `room` as the client
+/// named it, when it did.
+pub(super) fn unsent(room: Option<&str>, failure: &Failure) -> Value {
+    json!({
+        "type": "fanout.unsent",
+        "room": room,
+        "code": failure.code.as_str(),
+        "reason": failure.reason,
+    })
 }
 
 /// `fanout.disconnect`: the node closes right after it, with `code`.

@@ -40,6 +40,42 @@ test("one socket, many rooms: messages by room, replies by id, errors as FanoutE
   assert.deepEqual(y.got.slice(1).map((m) => m.data), Array.from({ length: 50 }, (_, i) => i));
 });
 
+test("fire-and-forget publishes keep their order, get no reply, and a failure reaches onGap", async (t) => {
+  const redis = await Redis.start();
+  const n1 = await Node.start(redis, "n1");
+  t.after(() => n1.kill() || redis.stop());
+  const a = new FanoutClient(`${n1.url}?user=ada`, fast);
+  t.after(() => a.close());
+  const gaps = [];
+  const x = collector();
+  await a.join("x", { ...x, onGap: (g) => gaps.push(g) });
+  // Interleaved with acknowledged ones: one order for all.
+  const sends = Array.from({ length: 40 }, (_, i) => a.publish("x", i, { ack: i % 4 !== 0 }));
+  const results = await Promise.all(sends);
+  assert.deepEqual(results[0], { sent: true });
+  assert.equal(typeof results[1].nodes, "number");
+  await waitUntil("40 messages", () => x.got.length === 40);
+  assert.deepEqual(x.got.map((m) => m.data), Array.from({ length: 40 }, (_, i) => i));
+  assert.equal(a.pending.size, 0, "no reply awaited");
+  // Refused at once, for a room the client is not in: no room to tell, so onError.
+  const errors = [];
+  a.options.onError = (e) => errors.push(e);
+  await a.publish("bad\u0001room", 1, { ack: false });
+  await waitUntil("the refusal", () => errors.length === 1);
+  assert.equal(errors[0].code, "invalid_room");
+  // Redis frozen past the node's publish timeout: the room hears of it as an unsent gap.
+  redis.child.kill("SIGSTOP");
+  try {
+    await a.publish("x", "lost?", { ack: false });
+    await waitUntil("the unsent gap", () => gaps.some((g) => g.reason === "unsent"), 30_000);
+  } finally {
+    redis.child.kill("SIGCONT");
+  }
+  const gap = gaps.find((g) => g.reason === "unsent");
+  assert.equal(gap.room, "x");
+  assert.equal(gap.code, "unavailable");
+});
+
 test("a node killed under a durable stream: the client resumes on another, nothing lost or doubled", async (t) => {
   const redis = await Redis.start();
   const n1 = await Node.start(redis, "n1");

@@ -164,11 +164,10 @@ impl<A: Authorize> Session<A> {
                     return self.close(close::UNSUPPORTED_DATA, reason, false);
                 }
                 Some(Ok(Event::Missed(missed))) => missed_notice(&missed),
-                Some(Ok(Event::BroadcastFailed { room, error, .. })) => json!({
-                    "type": "fanout.unsent",
-                    "room": room.as_str(),
-                    "reason": error.to_string(),
-                }),
+                // A publish sent without an id failed once Redis answered (or did not).
+                Some(Ok(Event::BroadcastFailed { room, error, .. })) => {
+                    wire::unsent(Some(room.as_str()), &Failure::from(error))
+                }
                 // Over the size limit or the rate limit (the node closed the socket already,
                 // with 1009 or 1008), or a transport failure: the connection is done.
                 Some(Err(_)) => return,

@@ -13,12 +13,21 @@ use crate::envelope::Payload;
 use crate::position::Position;
 use crate::protocol::auth::Authorize;
 use crate::protocol::redis::{self as keys, Claim};
-use crate::protocol::wire::{Code, Command, Failure, Outcome, bad, position_fields, reply};
+use crate::protocol::wire::{
+    Code, Command, Failure, Outcome, UNACKED, bad, position_fields, reply, unsent,
+};
 use crate::room::RoomName;
 
 impl<A: Authorize> Session<A> {
     pub(super) async fn publish(&mut self, user: String, mut command: Command) -> Option<Outcome> {
         let id = command.id;
+        if id == UNACKED {
+            if let Err(failure) = self.publish_unacked(&user, &mut command).await {
+                let room = command.fields.get("room").and_then(Value::as_str);
+                let _ = self.socket.send(unsent(room, &failure));
+            }
+            return None;
+        }
         match self.start_publish(&user, &mut command).await {
             Ok(pending) => {
                 let reply = Box::pin(async move { reply(id, pending.await) });
@@ -31,22 +40,29 @@ impl<A: Authorize> Session<A> {
         }
     }
 
-    /// Checks and queues a publish (in order), and returns its reply to come.
-    async fn start_publish(
+    /// A publish sent without an id: checked and queued like any (so in order with the
+    /// socket's others), then no reply. The receipt is dropped: a failure once Redis answered
+    /// comes back as `Event::BroadcastFailed`, which the loop tells as `fanout.unsent`, as it
+    /// does a failure here. Without a reply there is nothing to say "duplicate" with, so a key
+    /// is refused.
+    async fn publish_unacked(&mut self, user: &str, command: &mut Command) -> Result<(), Failure> {
+        if command.fields.contains_key("key") {
+            return Err(bad(
+                "a publish with a \"key\" needs an \"id\": its reply says whether it was a duplicate",
+            ));
+        }
+        let (room, payload) = self.checked(user, command).await?;
+        let _receipt = self.socket.broadcast(&room, payload).queue().await?;
+        Ok(())
+    }
+
+    /// A publish's room and payload, once the application allowed (and maybe rewrote) it.
+    async fn checked(
         &mut self,
         user: &str,
         command: &mut Command,
-    ) -> Result<Pin<Box<dyn Future<Output = Outcome> + Send>>, Failure> {
+    ) -> Result<(RoomName, Payload), Failure> {
         let room = RoomName::new(command.string("room")?).map_err(crate::Error::from)?;
-        let key = match command.fields.get("key") {
-            None | Some(Value::Null) => None,
-            Some(Value::String(k)) if !k.is_empty() && k.len() <= MAX_KEY => Some(k.clone()),
-            Some(_) => {
-                return Err(bad(format!(
-                    "\"key\" must be a string of 1 to {MAX_KEY} bytes"
-                )));
-            }
-        };
         let data = command
             .data
             .take()
@@ -59,6 +75,26 @@ impl<A: Authorize> Session<A> {
             .may_publish(user, &room, payload)
             .await
             .map_err(|denied| Failure::new(Code::NotAllowed, denied.reason()))?;
+        Ok((room, payload))
+    }
+
+    /// Checks and queues a publish (in order), and returns its reply to come.
+    async fn start_publish(
+        &mut self,
+        user: &str,
+        command: &mut Command,
+    ) -> Result<Pin<Box<dyn Future<Output = Outcome> + Send>>, Failure> {
+        let key = match command.fields.get("key") {
+            None | Some(Value::Null) => None,
+            Some(Value::String(k)) if !k.is_empty() && k.len() <= MAX_KEY => Some(k.clone()),
+            Some(_) => {
+                return Err(bad(format!(
+                    "\"key\" must be a string of 1 to {MAX_KEY} bytes"
+                )));
+            }
+        };
+        let (room, payload) = self.checked(user, command).await?;
+        let settings = self.settings.clone();
         let bus = &self.rooms.shared.node.bus;
         let key = key.map(|k| keys::key_of(bus, &room, user, &k));
         if let Some(key) = &key {
