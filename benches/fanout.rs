@@ -844,7 +844,15 @@ async fn run(args: Args) -> Result<bool> {
                     name: "chat-protocol".to_string(),
                     launch: Launch::Exec(bin.clone()),
                     env: Vec::new(),
-                    proto: Proto::Fanout,
+                    proto: Proto::Fanout { acked: true },
+                });
+                // Publishing without ids (no reply per publish), as `/ws` clients do: what
+                // the protocol's framing alone costs.
+                targets.push(Target {
+                    name: "chat-protocol-noack".to_string(),
+                    launch: Launch::Exec(bin.clone()),
+                    env: Vec::new(),
+                    proto: Proto::Fanout { acked: false },
                 });
             }
         }

@@ -133,17 +133,18 @@ async fn client(
     let mut permit = shared.connecting.acquire().await.ok();
     while !shared.stop.load(Relaxed) {
         let path = format!("/fanout?user=storm-{i}");
-        let conn = match ws::connect_path(addr, &path, Proto::Fanout, None, 8192).await {
-            Ok(c) => c,
-            Err(e) => {
-                if seen.epoch.is_none() {
-                    seen.error = Some(e.to_string());
-                    return seen;
+        let conn =
+            match ws::connect_path(addr, &path, Proto::Fanout { acked: true }, None, 8192).await {
+                Ok(c) => c,
+                Err(e) => {
+                    if seen.epoch.is_none() {
+                        seen.error = Some(e.to_string());
+                        return seen;
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await; // ok: a reconnect's backoff
+                    continue;
                 }
-                tokio::time::sleep(Duration::from_millis(100)).await; // ok: a reconnect's backoff
-                continue;
-            }
-        };
+            };
         let mut join = json!({ "id": 1, "cmd": "join", "room": format!("s{room}") });
         if let Some(epoch) = &seen.epoch {
             join["since"] = json!({ "epoch": epoch, "seq": seen.last });
@@ -216,7 +217,7 @@ pub(crate) async fn run(
     clients: usize,
     tag: &str,
 ) -> Result<Outcome> {
-    if target.proto != Proto::Fanout {
+    if target.proto != (Proto::Fanout { acked: true }) {
         println!("{tag} skipped: the reconnect storm speaks the fanout protocol (--protocol)");
         return Ok((
             Vec::new(),
@@ -256,7 +257,7 @@ pub(crate) async fn run(
     let conn = ws::connect_path(
         addrs[1],
         "/fanout?user=storm-pub",
-        Proto::Fanout,
+        Proto::Fanout { acked: true },
         None,
         1 << 16,
     )

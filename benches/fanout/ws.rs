@@ -55,8 +55,9 @@ pub(crate) enum Proto {
     /// socket.io: Engine.IO v4 / Socket.IO v5 over websocket, event `msg`.
     SocketIo,
     /// The fanout protocol (`fanout.v1`) at `/fanout`: `join` commands, `publish` commands,
-    /// `message` pushes.
-    Fanout,
+    /// `message` pushes. `acked: false` publishes without an id (fire-and-forget: no reply),
+    /// as `/ws` and socket.io clients do; `true` as the JavaScript client does by default.
+    Fanout { acked: bool },
 }
 
 impl Proto {
@@ -64,7 +65,7 @@ impl Proto {
         match self {
             Proto::Ws => "ws",
             Proto::SocketIo => "socket.io",
-            Proto::Fanout => "fanout.v1",
+            Proto::Fanout { .. } => "fanout.v1",
         }
     }
 
@@ -74,7 +75,7 @@ impl Proto {
             Proto::SocketIo => format!("/socket.io/?EIO=4&transport=websocket&room={room}"),
             // The rooms are joined by commands after the upgrade; the user only names the
             // socket (the permissive authorization of the chat example lets anyone in).
-            Proto::Fanout => format!("/fanout?user=bench-{room}"),
+            Proto::Fanout { .. } => format!("/fanout?user=bench-{room}"),
         }
     }
 }
@@ -110,7 +111,7 @@ pub(crate) async fn connect(
     buf_size: usize,
 ) -> Result<Conn> {
     let conn = connect_path(addr, &proto.path(room), proto, rcvbuf, buf_size).await?;
-    if proto == Proto::Fanout {
+    if matches!(proto, Proto::Fanout { .. }) {
         return fanout_join(conn, &[room], addr).await;
     }
     Ok(conn)
@@ -125,7 +126,7 @@ pub(crate) async fn connect_fanout_rooms(
     buf_size: usize,
 ) -> Result<Conn> {
     let path = format!("/fanout?user={user}");
-    let conn = connect_path(addr, &path, Proto::Fanout, None, buf_size).await?;
+    let conn = connect_path(addr, &path, Proto::Fanout { acked: true }, None, buf_size).await?;
     fanout_join(conn, rooms, addr).await
 }
 
@@ -201,7 +202,7 @@ async fn connect_inner(
     stream
         .set_nodelay(true)
         .ctx(|| "setting TCP_NODELAY".to_string())?;
-    let subprotocol = if proto == Proto::Fanout {
+    let subprotocol = if matches!(proto, Proto::Fanout { .. }) {
         "Sec-WebSocket-Protocol: fanout.v1\r\n"
     } else {
         ""
@@ -486,6 +487,7 @@ pub(crate) fn text_frame(out: &mut Vec<u8>, payload: &[u8]) {
 /// `{"t":T,"s":S,"q":Q,"p":"xxxx"}`, padded so that the JSON is `size` bytes long; with
 /// [`Proto::SocketIo`] the frame is the event packet `42["msg",JSON]` around the same JSON,
 /// with [`Proto::Fanout`] the command `{"id":N,"cmd":"publish","room":"rROOM","data":JSON}`
+/// (without `"id":N,` when not `acked`)
 /// (`room` is the room's index; the other variants publish to the room their socket is in).
 ///
 /// `scratch` is reused between calls to avoid an allocation per message.
@@ -504,13 +506,17 @@ pub(crate) fn push_message(
     scratch.clear();
     match proto {
         Proto::SocketIo => scratch.extend_from_slice(SIO_EVENT),
-        Proto::Fanout => {
+        Proto::Fanout { acked: true } => {
             let id = FANOUT_PUBLISH_ID_BASE + seq;
             // Writing into a Vec cannot fail.
             let _ = write!(
                 scratch,
                 r#"{{"id":{id},"cmd":"publish","room":"r{room}","data":"#
             );
+        }
+        Proto::Fanout { acked: false } => {
+            // Writing into a Vec cannot fail.
+            let _ = write!(scratch, r#"{{"cmd":"publish","room":"r{room}","data":"#);
         }
         Proto::Ws => {}
     }
@@ -523,7 +529,7 @@ pub(crate) fn push_message(
     scratch.extend_from_slice(b"\"}");
     match proto {
         Proto::SocketIo => scratch.push(b']'),
-        Proto::Fanout => scratch.push(b'}'),
+        Proto::Fanout { .. } => scratch.push(b'}'),
         Proto::Ws => {}
     }
     text_frame(out, scratch);
@@ -547,7 +553,7 @@ fn classify(proto: Proto, payload: &[u8]) -> Text {
     match proto {
         Proto::Ws => Text::Delivery(find_stamp(payload)),
         // Replies (one per publish of a publishing socket) and notices are not deliveries.
-        Proto::Fanout => {
+        Proto::Fanout { .. } => {
             if payload.starts_with(FANOUT_MESSAGE) {
                 Text::Delivery(find_stamp(payload))
             } else {
