@@ -497,6 +497,49 @@ async fn the_application_decides_who_connects_and_what_they_may_do() {
     assert_eq!(error_code(&r), "already_connected");
 }
 
+/// Connects as `ada` with credentials that expire in 300 ms, and never answers whether a
+/// socket may join room `stuck` (an authorization service that hangs).
+struct Hangs;
+
+impl Authorize for Hangs {
+    async fn connect(&self, _request: &Parts) -> Result<Option<Grant>, Denied> {
+        Ok(Some(
+            Grant::new("ada").expires_in(Duration::from_millis(300)),
+        ))
+    }
+
+    async fn may_join(&self, _user: &str, room: &RoomName) -> Result<(), Denied> {
+        if room.as_str() == "stuck" {
+            std::future::pending::<()>().await;
+        }
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn credentials_expire_on_time_even_while_a_command_hangs() {
+    let redis = RedisServer::start();
+    let hangs = |layer: FanoutLayer| {
+        Router::new()
+            .route("/fanout", Protocol::new(Hangs).route())
+            .layer(layer)
+    };
+    let nodes = start_nodes([layer(&redis)], hangs).await;
+    let mut c = Client::connect(&nodes[0].0, "").await;
+    // The join's hook never returns; the node's expiry closes the socket regardless, told
+    // first.
+    c.send(r#"{"id":1,"cmd":"join","room":"stuck"}"#).await;
+    let d = c.frame().await;
+    assert_eq!(
+        d,
+        json!({"type": "fanout.disconnect", "code": 4001, "reason": "credentials expired", "reconnect": true})
+    );
+    assert_eq!(
+        c.close_frame().await,
+        (4001, "credentials expired".to_owned())
+    );
+}
+
 #[tokio::test]
 async fn a_publish_key_is_accepted_once_across_nodes_and_a_duplicate_gives_the_first_position() {
     let redis = RedisServer::start();

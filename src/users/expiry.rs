@@ -1,24 +1,39 @@
 //! Sockets whose credentials expire: one ordered set per node and one task that closes each
-//! socket at its instant with 4001, unless it was refreshed (moved later) first.
+//! socket at its instant with 4001, unless it was refreshed (moved later) or cleared first.
 //!
 //! One timer for the whole node, not one per socket: a node of 100,000 sockets with tokens keeps
-//! one sleeping task, and a refresh is a map update.
+//! one sleeping task, and a refresh is a map update. A protocol socket (`Outbox::is_framed`) is
+//! told why in a `fanout.disconnect` frame before the close frame; any other socket gets the
+//! close frame only.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-use axum::extract::ws::{CloseFrame, Utf8Bytes};
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes};
 use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 
 use crate::close;
+use crate::config::OverflowPolicy;
 use crate::queue::Outbox;
 use crate::registry::SocketId;
 
 /// Most jitter added to an expiry: tokens issued together (a fleet's deploy, a login burst)
 /// must not close their sockets in the same instant, and a client may be late by this much.
 pub(crate) const MAX_JITTER: Duration = Duration::from_secs(1);
+
+/// The `fanout.disconnect` frame a protocol socket is told before the node closes it with
+/// `code` (`PROTOCOL.md`, section 4): why, and whether to come back.
+pub(crate) fn told(code: u16, reason: &str, reconnect: bool) -> Message {
+    let told = serde_json::json!({
+        "type": "fanout.disconnect",
+        "code": code,
+        "reason": reason,
+        "reconnect": reconnect,
+    });
+    Message::Text(Utf8Bytes::from(told.to_string()))
+}
 
 #[derive(Debug, Default)]
 struct Inner {
@@ -43,7 +58,7 @@ impl Expiries {
         self.inner.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Closes `socket` at `at` unless set again; replaces its earlier instant.
+    /// Closes `socket` at `at` unless set again or cleared; replaces its earlier instant.
     pub(crate) fn set(&self, socket: SocketId, outbox: &Arc<Outbox>, at: Instant) {
         let mut inner = self.lock();
         if let Some((old, _)) = inner.sockets.insert(socket, (at, outbox.clone())) {
@@ -65,7 +80,8 @@ impl Expiries {
         self.lock().sockets.get(&socket).map(|(at, _)| *at)
     }
 
-    /// The socket closed: it no longer expires.
+    /// The socket closed, or no longer has a deadline: nothing closes it any more. The task
+    /// is not woken: at worst it wakes once at the old instant and finds nothing due.
     pub(crate) fn forget(&self, socket: SocketId) {
         let mut inner = self.lock();
         if let Some((at, _)) = inner.sockets.remove(&socket) {
@@ -96,9 +112,17 @@ pub(crate) async fn run(expiries: Arc<Expiries>, mut stop: watch::Receiver<()>) 
     loop {
         let (due, next) = expiries.take_due(Instant::now());
         for outbox in due {
+            let (code, reason) = (
+                close::CREDENTIALS_EXPIRED,
+                close::CREDENTIALS_EXPIRED_REASON,
+            );
+            if outbox.is_framed() {
+                // Dropped rather than closing for overflow: the close frame follows anyway.
+                outbox.offer(told(code, reason, true), OverflowPolicy::DropNewest);
+            }
             outbox.close_after_flush(Some(CloseFrame {
-                code: close::CREDENTIALS_EXPIRED,
-                reason: Utf8Bytes::from_static(close::CREDENTIALS_EXPIRED_REASON),
+                code,
+                reason: Utf8Bytes::from_static(reason),
             }));
         }
         // Far enough to mean "nothing due": a set() wakes the task before then.

@@ -27,7 +27,8 @@
 //! # Layout
 //!
 //! - `command`: the commands on the wire, [`FleetSocketId`];
-//! - `expiry`: the node's expiring sockets and the task that closes them;
+//! - `expiry`: the node's expiring sockets and the task that closes them (a fanout-protocol
+//!   socket is told why first);
 //! - `send`: the public calls ([`Disconnect`], [`UserCommand`]) and their publishing;
 //! - `redis`: the directory in Redis: where each user is connected ([`Connected`]) and the
 //!   fleet's nodes ([`NodeInfo`]), written by each node, read by any;
@@ -47,7 +48,7 @@ pub use send::{Disconnect, UserCommand};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use axum::extract::ws::{CloseFrame, Message, Utf8Bytes};
+use axum::extract::ws::{CloseFrame, Utf8Bytes};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
@@ -116,6 +117,11 @@ impl Users {
         Ok(())
     }
 
+    /// The socket's credentials no longer expire.
+    pub(crate) fn expire_never(&self, socket: SocketId) {
+        self.expiries.forget(socket);
+    }
+
     /// When the socket's credentials expire, if they do.
     pub(crate) fn expires_at(&self, socket: SocketId) -> Option<Instant> {
         self.expiries.get(socket)
@@ -150,14 +156,7 @@ impl Commands for Users {
                 // Built once for every socket addressed: the close frame, and what a
                 // fanout-protocol socket is told first (why, and whether to come back).
                 let reason = Utf8Bytes::from(reason);
-                let told = serde_json::json!({
-                    "type": "fanout.disconnect",
-                    "code": code,
-                    "reason": reason.as_str(),
-                    "reconnect": code == crate::close::RECONNECT,
-                })
-                .to_string();
-                let told = Message::Text(Utf8Bytes::from(told));
+                let told = expiry::told(code, reason.as_str(), code == crate::close::RECONNECT);
                 let mut closed = 0;
                 for (_, outbox) in addressed {
                     if outbox.is_framed() {

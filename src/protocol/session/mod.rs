@@ -14,7 +14,6 @@ use axum::extract::ws::Message;
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
 use serde_json::{Map, Value, json};
-use tokio::time::Instant;
 
 mod publish;
 
@@ -40,11 +39,9 @@ struct Session<A> {
     socket: FanoutSocket,
     rooms: RoomHandle,
     settings: Arc<Settings<A>>,
-    /// Who the socket acts as, once connected.
+    /// Who the socket acts as, once connected. When its credentials expire is the node's
+    /// (`FanoutSocket::expire_in`, one timer for every socket), not the session's.
     user: Option<String>,
-    /// When its credentials expire: a timer made only for credentials that do (a socket's
-    /// task keeps the size of what it awaits for its whole life, and most are idle).
-    expires: Option<Pin<Box<tokio::time::Sleep>>>,
     /// Replies waiting for Redis; made on the first (most sockets only join and listen).
     pending: Option<FuturesUnordered<Pending>>,
 }
@@ -62,7 +59,6 @@ pub(super) async fn run<A: Authorize>(
         rooms,
         settings,
         user: None,
-        expires: None,
         pending: None,
     };
     if let Some(grant) = grant
@@ -77,14 +73,6 @@ pub(super) async fn run<A: Authorize>(
     session.serve().await;
 }
 
-/// Resolves when `deadline` passes; never without one.
-async fn expiry(deadline: &mut Option<Pin<Box<tokio::time::Sleep>>>) {
-    match deadline {
-        Some(sleep) => sleep.as_mut().await,
-        None => std::future::pending().await,
-    }
-}
-
 /// The next reply that was waiting for Redis; never while there is none.
 async fn next_reply(pending: &mut Option<FuturesUnordered<Pending>>) -> Value {
     match pending {
@@ -94,10 +82,6 @@ async fn next_reply(pending: &mut Option<FuturesUnordered<Pending>>) -> Value {
         },
         _ => std::future::pending().await,
     }
-}
-
-fn deadline(expiry: Option<Duration>) -> Option<Pin<Box<tokio::time::Sleep>>> {
-    expiry.map(|d| Box::pin(tokio::time::sleep_until(Instant::now() + d)))
 }
 
 impl<A: Authorize> Session<A> {
@@ -113,7 +97,7 @@ impl<A: Authorize> Session<A> {
             };
             return Err(Failure::new(code, e.to_string()));
         }
-        self.expires = deadline(grant.expiry());
+        self.expire(grant.expiry());
         let expires_in = grant.expiry().map(|d| d.as_secs_f64());
         self.user = Some(user.clone());
         Ok(json!({ "user": user, "expires_in": expires_in }))
@@ -128,13 +112,6 @@ impl<A: Authorize> Session<A> {
                         return;
                     }
                     continue;
-                }
-                () = expiry(&mut self.expires) => {
-                    return self.close(
-                        close::CREDENTIALS_EXPIRED,
-                        close::CREDENTIALS_EXPIRED_REASON,
-                        true,
-                    );
                 }
                 event = self.socket.recv_event() => event,
             };
@@ -232,10 +209,22 @@ impl<A: Authorize> Session<A> {
         let settings = self.settings.clone();
         match settings.auth.refresh(user, &token).await {
             Ok(expiry) => {
-                self.expires = deadline(expiry);
+                self.expire(expiry);
                 Ok(json!({ "expires_in": expiry.map(|d| d.as_secs_f64()) }))
             }
             Err(denied) => Err(Failure::new(Code::NotAllowed, denied.reason())),
+        }
+    }
+
+    /// The socket's credentials expire `expiry` from now (`None`: never), on the node's
+    /// expiry task, which closes it with 4001 after a `fanout.disconnect` frame.
+    fn expire(&self, expiry: Option<Duration>) {
+        match expiry {
+            // Zero is "expired already": closed at once. Refused only on a closing socket.
+            Some(after) => {
+                let _ = self.socket.expire_in(after.max(Duration::from_millis(1)));
+            }
+            None => self.socket.expire_never(),
         }
     }
 
