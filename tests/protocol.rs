@@ -497,6 +497,71 @@ async fn the_application_decides_who_connects_and_what_they_may_do() {
     assert_eq!(error_code(&r), "already_connected");
 }
 
+/// Upgrades every socket without credentials; the `connect` token `"good"` connects as
+/// `tok`, with credentials that do not expire.
+struct Tokens;
+
+impl Authorize for Tokens {
+    async fn connect_token(&self, token: &Value) -> Result<Grant, Denied> {
+        match token.as_str() {
+            Some("good") => Ok(Grant::new("tok")),
+            _ => Err(Denied::new("bad token")),
+        }
+    }
+
+    async fn may_join(&self, _user: &str, _room: &RoomName) -> Result<(), Denied> {
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn a_socket_that_does_not_connect_in_time_is_closed_and_one_that_did_is_not() {
+    let redis = RedisServer::start();
+    let deadline = Duration::from_millis(400);
+    let tokens = move |layer: FanoutLayer| {
+        Router::new()
+            .route(
+                "/fanout",
+                Protocol::new(Tokens).connect_timeout(deadline).route(),
+            )
+            .layer(layer)
+    };
+    let nodes = start_nodes([layer(&redis)], tokens).await;
+    let s = &nodes[0].0;
+    let mut connected = Client::connect(s, "").await;
+    let r = connected
+        .call(json!({"cmd": "connect", "token": "good"}))
+        .await;
+    assert_eq!(r["result"]["user"], "tok", "{r}");
+    let mut silent = Client::connect(s, "").await;
+    let mut refused = Client::connect(s, "").await;
+    let r = refused.call(json!({"cmd": "join", "room": "a"})).await;
+    assert_eq!(error_code(&r), "not_connected");
+    let r = refused
+        .call(json!({"cmd": "connect", "token": "bad"}))
+        .await;
+    assert_eq!(error_code(&r), "not_allowed");
+    // Neither connected in time: told why (and not to come back), then closed with 1008.
+    for c in [&mut silent, &mut refused] {
+        assert_eq!(
+            c.frame().await,
+            json!({
+                "type": "fanout.disconnect",
+                "code": 1008,
+                "reason": "credentials not sent in time",
+                "reconnect": false,
+            })
+        );
+        assert_eq!(
+            c.close_frame().await,
+            (1008, "credentials not sent in time".to_owned())
+        );
+    }
+    // The one that connected in time (before the others opened) is past its deadline, open.
+    let r = connected.call(json!({"cmd": "join", "room": "a"})).await;
+    assert_eq!(r["result"]["room"], "a", "{r}");
+}
+
 /// Connects as `ada` with credentials that expire in 300 ms, and never answers whether a
 /// socket may join room `stuck` (an authorization service that hangs).
 struct Hangs;

@@ -99,6 +99,13 @@ impl FanoutSocket {
         self.shared.node.users.expire_never(self.id);
     }
 
+    /// Closes the socket (1008) unless its credentials are set (an expiry, or none) `within`
+    /// from now: a protocol socket that must `connect` first.
+    pub(crate) fn expect_credentials_within(&self, within: Duration) {
+        let users = &self.shared.node.users;
+        users.expect_credentials(self.id, &self.outbox, within);
+    }
+
     /// How long until the socket's credentials expire (jitter included), if they do.
     pub fn expires_in(&self) -> Option<Duration> {
         let at = self.shared.node.users.expires_at(self.id)?;

@@ -60,7 +60,7 @@ use crate::queue::Outbox;
 use crate::registry::{Members, SocketId};
 use crate::room::{RoomName, user_of};
 use command::Command;
-use expiry::{Expiries, MAX_JITTER};
+use expiry::{Deadline, Expiries, MAX_JITTER};
 
 /// A socket to move into or out of a room, for the task that does it (a join waits for Redis;
 /// the dispatcher never waits).
@@ -112,19 +112,32 @@ impl Users {
         }
         let jitter_max = (after / 10).min(MAX_JITTER);
         let jitter = jitter_max.mul_f64(unit_random());
-        self.expiries
-            .set(socket, outbox, Instant::now() + after + jitter);
+        let at = Instant::now() + after + jitter;
+        self.expiries.set(socket, outbox, at, Deadline::Credentials);
         Ok(())
     }
 
-    /// The socket's credentials no longer expire.
+    /// Closes the socket with 1008 `"credentials not sent in time"` `within` from now, unless
+    /// an expiry ([`expire_in`](Users::expire_in), [`expire_never`](Users::expire_never))
+    /// replaces this first: a protocol socket has that long to `connect`.
+    pub(crate) fn expect_credentials(
+        &self,
+        socket: SocketId,
+        outbox: &Arc<Outbox>,
+        within: Duration,
+    ) {
+        let at = Instant::now() + within;
+        self.expiries.set(socket, outbox, at, Deadline::Connect);
+    }
+
+    /// The socket's credentials no longer expire (nor does it wait for them any more).
     pub(crate) fn expire_never(&self, socket: SocketId) {
         self.expiries.forget(socket);
     }
 
     /// When the socket's credentials expire, if they do.
     pub(crate) fn expires_at(&self, socket: SocketId) -> Option<Instant> {
-        self.expiries.get(socket)
+        self.expiries.get(socket, Deadline::Credentials)
     }
 
     /// The socket closed: nothing of it is kept.

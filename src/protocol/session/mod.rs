@@ -61,12 +61,19 @@ pub(super) async fn run<A: Authorize>(
         user: None,
         pending: None,
     };
-    if let Some(grant) = grant
-        && let Err(failure) = Box::pin(session.connected(grant)).await
-    {
-        tracing::warn!(reason = ?failure, "a protocol socket could not take its identity");
-        let reason = "cannot reach redis; try again later";
-        return session.close(close::TRY_AGAIN_LATER, reason, true);
+    match grant {
+        // The node's expiry task closes it unless a `connect` succeeds first.
+        None => {
+            let within = session.settings.connect_timeout;
+            session.socket.expect_credentials_within(within);
+        }
+        Some(grant) => {
+            if let Err(failure) = Box::pin(session.connected(grant)).await {
+                tracing::warn!(reason = ?failure, "a protocol socket could not take its identity");
+                let reason = "cannot reach redis; try again later";
+                return session.close(close::TRY_AGAIN_LATER, reason, true);
+            }
+        }
     }
     // Not boxed: the loop is where an idle socket spends its life, so the task is sized for
     // it anyway; a box would be a second allocation per socket (about 0.8 KiB).
