@@ -18,7 +18,7 @@ use axum_fanout::protocol::{Authorize, Denied, Grant, Permissive, Protocol};
 use axum_fanout::{FanoutLayer, Payload, RoomName};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
-use support::{RedisServer, SOON, TestServer, Ws, start_nodes};
+use support::{ChatProcess, RedisServer, SOON, TestServer, Ws, chat_binary, start_nodes};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message;
@@ -33,8 +33,12 @@ struct Client {
 
 impl Client {
     async fn connect(server: &TestServer, query: &str) -> Self {
-        let mut request = server
-            .ws_url(&format!("/fanout{query}"))
+        Self::open(server.addr, query).await
+    }
+
+    /// Connects to `/fanout{query}` on the node at `addr`.
+    async fn open(addr: std::net::SocketAddr, query: &str) -> Self {
+        let mut request = format!("ws://{addr}/fanout{query}")
             .into_client_request()
             .expect("request");
         request.headers_mut().insert(
@@ -899,4 +903,151 @@ async fn the_users_feature_reaches_protocol_sockets() {
         );
         assert_eq!(c.close_frame().await, (4002, "moved".to_owned()));
     }
+}
+
+/// A TCP proxy in front of Redis that forwards a node's commands, but on a connection where a
+/// command held `marker`, none of Redis's replies from then on: the node never learns that
+/// Redis ran that command, as if it had died the instant after Redis accepted it.
+struct DeafProxy {
+    addr: std::net::SocketAddr,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl DeafProxy {
+    async fn start(redis_port: u16, marker: &'static [u8]) -> Self {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let task = tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", redis_port)).await
+                else {
+                    continue;
+                };
+                let deaf = Arc::new(AtomicBool::new(false));
+                let (mut cr, mut cw) = client.into_split();
+                let (mut sr, mut sw) = server.into_split();
+                let commands = deaf.clone();
+                tokio::spawn(async move {
+                    // What came before this read: a marker split over two reads is seen.
+                    let mut seen = Vec::new();
+                    let mut buf = vec![0u8; 64 * 1024];
+                    loop {
+                        let n = match cr.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => n,
+                        };
+                        seen.extend_from_slice(&buf[..n]);
+                        if seen.windows(marker.len()).any(|w| w == marker) {
+                            // Before Redis can answer it.
+                            commands.store(true, Ordering::SeqCst);
+                        }
+                        let keep = seen.len().saturating_sub(marker.len());
+                        seen.drain(..keep);
+                        if sw.write_all(&buf[..n]).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 64 * 1024];
+                    loop {
+                        let n = match sr.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => n,
+                        };
+                        if !deaf.load(Ordering::SeqCst) && cw.write_all(&buf[..n]).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        Self { addr, task }
+    }
+
+    fn url(&self) -> String {
+        format!("redis://{}", self.addr)
+    }
+}
+
+impl Drop for DeafProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A keyed publish that Redis ran, from a node that died before it heard back (so before it
+/// could record anything after the fact): the client's retry with the same key, on another
+/// node and after the in-flight claim has expired, must not send it again.
+async fn a_keyed_publish_is_not_sent_twice_when_its_node_dies_after_redis_ran_it(
+    env: &[(&str, &str)],
+) {
+    const MARKER: &str = "sent-once-then-the-node-died";
+    let redis = RedisServer::start();
+    let proxy = DeafProxy::start(redis.port(), MARKER.as_bytes()).await;
+    let chat = chat_binary();
+    let mut env_a = vec![("REDIS_URL", proxy.url())];
+    env_a.extend(env.iter().map(|(k, v)| (*k, (*v).to_owned())));
+    let env_a: Vec<(&str, &str)> = env_a.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let mut a = ChatProcess::start(&chat, &redis, "dies", &env_a).await;
+    let b = ChatProcess::start(&chat, &redis, "lives", env).await;
+    let mut watcher = Client::open(b.addr, "?user=w").await;
+    watcher.call(json!({"cmd": "join", "room": "once"})).await;
+    let mut sender = Client::open(a.addr, "?user=ada").await;
+    // Redis learns the node's scripts first: a NOSCRIPT answer unheard would send nothing.
+    sender
+        .call(json!({"cmd": "publish", "room": "once", "data": "warm", "key": "k0"}))
+        .await;
+    assert_eq!(watcher.push("message").await["data"], "warm");
+    sender
+        .send(
+            &json!({"id": 1, "cmd": "publish", "room": "once", "data": MARKER, "key": "k1"})
+                .to_string(),
+        )
+        .await;
+    // Redis ran it: the watcher has it. The node that sent it never heard back; it dies now.
+    let first = watcher.push("message").await;
+    assert_eq!(first["data"], MARKER, "{first}");
+    a.kill();
+    // The client resends with the same key on the node that lives, until it is answered
+    // with something else than "in flight" (at most the claim's expiry, 5 s by default).
+    let mut retry = Client::open(b.addr, "?user=ada").await;
+    let deadline = Instant::now() + SOON * 2;
+    let answer = loop {
+        let r = retry
+            .call(json!({"cmd": "publish", "room": "once", "data": MARKER, "key": "k1"}))
+            .await;
+        if r["error"]["code"] != "unavailable" {
+            break r;
+        }
+        assert!(Instant::now() < deadline, "still in flight: {r}");
+        tokio::time::sleep(Duration::from_millis(200)).await; // deadline: the client's resend pace
+    };
+    assert_eq!(answer["result"]["duplicate"], true, "sent again: {answer}");
+    assert_eq!(answer["result"]["seq"], first["seq"], "{answer} {first}");
+    retry
+        .call(json!({"cmd": "publish", "room": "once", "data": "end"}))
+        .await;
+    loop {
+        let m = watcher.push("message").await;
+        assert_ne!(m["data"], MARKER, "delivered twice: {m}");
+        if m["data"] == "end" {
+            break;
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_keyed_publish_to_a_plain_room_lands_once_when_its_node_dies_before_hearing_back() {
+    a_keyed_publish_is_not_sent_twice_when_its_node_dies_after_redis_ran_it(&[]).await;
+}
+
+#[tokio::test]
+async fn a_keyed_publish_to_a_durable_room_lands_once_when_its_node_dies_before_hearing_back() {
+    a_keyed_publish_is_not_sent_twice_when_its_node_dies_after_redis_ran_it(&[("HISTORY", "100")])
+        .await;
 }

@@ -354,12 +354,12 @@ fn unknown(cmd: &str) -> Failure {
     Failure::new(Code::UnknownCommand, format!("unknown command {cmd:?}"))
 }
 
-/// Waits for Redis's answer to a queued publish and records it under the publish's key: the
-/// position for a duplicate's reply, or the key released when it failed.
+/// Waits for Redis's answer to a queued publish and records it under the publish's key (unless
+/// the publish did): the position for a duplicate's reply, or the key released when it failed.
 async fn finish_publish(
     rooms: &RoomHandle,
     queued: Result<crate::Receipt, crate::Error>,
-    key: Option<&str>,
+    key: Option<&keys::PublishKey>,
     window: std::time::Duration,
 ) -> Outcome {
     let bus = &rooms.shared.node.bus;
@@ -374,20 +374,26 @@ async fn finish_publish(
             if let Some(pos) = published.position() {
                 position_fields(&mut result, pos);
             }
-            if let Some(key) = key {
+            // Recorded already when the publish itself did (`PublishKey::atomic`).
+            if let Some(key) = key.filter(|k| !k.atomic) {
                 let first = published.position().map(ToString::to_string);
                 let first = first.unwrap_or_default();
-                if let Err(e) = keys::done(bus, key, first, window).await {
+                if let Err(e) = keys::done(bus, &key.key, first, window).await {
                     tracing::debug!(error = %e, "could not store a publish key's position");
                 }
             }
             Ok(Value::Object(result))
         }
         Err(e) => {
-            if let Some(key) = key
-                && let Err(release) = keys::release(bus, key).await
-            {
-                tracing::warn!(error = %release, "could not release a failed publish's key");
+            if let Some(key) = key {
+                match keys::settle(bus, &key.key).await {
+                    // It went out after all (a reply lost, or another node's retry): once.
+                    Ok(Some(first)) => return publish::duplicate(&first),
+                    Ok(None) => {}
+                    Err(release) => {
+                        tracing::warn!(error = %release, "could not release a failed publish's key");
+                    }
+                }
             }
             Err(e.into())
         }
