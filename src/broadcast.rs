@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use tokio::sync::Semaphore;
 
-use crate::bus::{Published, Receipt};
+use crate::bus::{Guard, Published, Receipt, Terms};
 use crate::channel;
 use crate::envelope::{self, Payload};
 use crate::error::Error;
@@ -53,6 +53,8 @@ pub struct Broadcast {
     /// The socket it comes from ([`FanoutSocket::broadcast`](crate::FanoutSocket::broadcast)):
     /// told of failures nobody awaited, and bounding its broadcasts in flight.
     origin: Option<(Arc<Outbox>, Arc<Semaphore>)>,
+    /// Published at most once under this key ([`Broadcast::once`]).
+    guard: Option<Box<Guard>>,
 }
 
 impl Broadcast {
@@ -64,7 +66,19 @@ impl Broadcast {
             except: None,
             sender: None,
             origin: None,
+            guard: None,
         }
+    }
+
+    /// Publishes it only if `key` holds no outcome yet, and writes its outcome there (kept for
+    /// `ttl`) in the same step in Redis: a retry under the same key, from any node, sends
+    /// nothing, whatever happened to the node that sent the first. `key` must share the
+    /// room's channel's hash slot (`bus::script::room_key_base`), so only a room with one
+    /// shard can take it. A broadcast not sent because of its key fails (with a Redis error);
+    /// the key then tells what the first one got.
+    pub(crate) fn once(mut self, key: String, ttl: std::time::Duration) -> Self {
+        self.guard = Some(Box::new(Guard { key, ttl }));
+        self
     }
 
     /// From a socket: its failures go to its reader, its slots bound what it has in flight.
@@ -159,9 +173,13 @@ impl Broadcast {
         // A durable room's message is stored and published in one step, numbered by Redis;
         // it takes its place in the same queue, so the order still holds.
         let durable = node.config.durable_for(room.as_str()).copied();
+        let terms = Terms {
+            durable,
+            guard: self.guard,
+        };
         // Not boxed here: `queue`, `send` and `.await` box the whole broadcast once.
         node.bus
-            .enqueue(room, sender, bytes, self.origin, durable, abandonable)
+            .enqueue(room, sender, bytes, self.origin, terms, abandonable)
             .await
     }
 

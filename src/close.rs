@@ -71,13 +71,18 @@ codes! {
     /// whose text frame is not JSON with it.
     INVALID_DATA = 1007 {}
 
-    /// 1008, policy violation: the client sent faster than the message rate limit. The
+    /// 1008, policy violation: the client sent faster than the message rate limit, or a
+    /// [`protocol`](crate::protocol) socket did not send its credentials in time. The
     /// examples also close with it a socket whose room or user they refuse, with the rule it
     /// broke as the reason.
     POLICY_VIOLATION = 1008 {
         /// Sent with [`POLICY_VIOLATION`] to a client over
         /// [`messages_per_second`](crate::FanoutBuilder::messages_per_second) (and its burst).
         RATE_LIMIT_REASON = "rate limit exceeded",
+        /// Sent with [`POLICY_VIOLATION`] to a [`protocol`](crate::protocol) socket whose
+        /// upgrade carried no credentials and that sent no successful `connect` within
+        /// [`Protocol::connect_timeout`](crate::protocol::Protocol::connect_timeout).
+        NO_CREDENTIALS_REASON = "credentials not sent in time",
     }
 
     /// 1009, message too big: a client message over

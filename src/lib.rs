@@ -107,6 +107,8 @@ struct ReadmeDoctests;
 //   link: reconcile, probe, reconnect), `bus::inbox` (the bounded hop to the dispatcher, and
 //   where a loss window starts), `bus::script` (the one script runner, reply parsers, room
 //   key names), `bus::runs` (a pipeline of script calls: groups, what may go again),
+//   `bus::guard` (a message published at most once: its key checked and its outcome written
+//   in the same script call),
 //   `bus::backend` (one server, a master found through Sentinel, or a Redis Cluster),
 //   `bus::client` (the backend from the settings, URL redaction), `bus::server` (one server's
 //   connection settings, RESP3, TLS, and its `ServerConn`), `bus::sentinel` (the sentinels asked

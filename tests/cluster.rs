@@ -563,3 +563,72 @@ async fn an_empty_cluster_list_or_a_bad_node_url_is_a_clear_error() {
         .expect_err("bad url");
     assert!(bad.is_invalid_url(), "{bad}");
 }
+
+/// One fanout-protocol command on `ws` and its reply (pushes before it are skipped).
+async fn call(ws: &mut Ws, id: u64, mut command: Value) -> Value {
+    use futures_util::{SinkExt, StreamExt};
+    command["id"] = id.into();
+    let text = command.to_string();
+    ws.send(tokio_tungstenite::tungstenite::Message::text(text))
+        .await
+        .expect("send");
+    loop {
+        let frame = tokio::time::timeout(SOON, ws.next())
+            .await
+            .expect("a reply in time");
+        if let Some(Ok(tokio_tungstenite::tungstenite::Message::Text(t))) = frame {
+            let frame: Value = serde_json::from_str(t.as_str()).expect("JSON");
+            if frame["type"] == "reply" && frame["id"] == id {
+                return frame;
+            }
+        }
+    }
+}
+
+async fn protocol_socket(node: &(TestServer, RoomHandle), user: &str) -> Ws {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let mut request = node
+        .0
+        .ws_url(&format!("/fanout?user={user}"))
+        .into_client_request()
+        .expect("request");
+    request
+        .headers_mut()
+        .insert("sec-websocket-protocol", "fanout.v1".parse().expect("h"));
+    let (ws, _) = tokio_tungstenite::connect_async(request)
+        .await
+        .expect("upgrade");
+    ws
+}
+
+/// A keyed publish is published and recorded by one script call on the room's slot (plain and
+/// durable rooms, and a sharded room whose key is recorded after the fact): no CROSSSLOT, and
+/// a retry on another node is a duplicate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keyed_publishes_land_once_on_a_cluster() {
+    let cluster = RedisCluster::start(3, 0);
+    let mut fleet = Vec::new();
+    for i in 1..=2 {
+        let layer = FanoutLayer::builder(cluster.urls())
+            .node_id(format!("k{i}"))
+            .durable_room("log", Durability::default())
+            .room_shards("hot", NonZeroU16::new(4).expect("non-zero"))
+            .build()
+            .expect("layer");
+        let handle = layer.handle();
+        fleet.push((TestServer::start(chat_app::app(layer)).await, handle));
+    }
+    for (_, h) in &fleet {
+        wait_until("node ready on the cluster", || async { h.is_ready() }).await;
+    }
+    let mut first = protocol_socket(&fleet[0], "ada").await;
+    let mut retry = protocol_socket(&fleet[1], "ada").await;
+    for (i, room) in (1..).zip(["plain", "log", "hot"]) {
+        let publish = json!({"cmd": "publish", "room": room, "data": i, "key": "k"});
+        let r1 = call(&mut first, i, publish.clone()).await;
+        assert!(r1["result"]["nodes"].is_u64(), "{room}: {r1}");
+        let r2 = call(&mut retry, i, publish).await;
+        assert_eq!(r2["result"]["duplicate"], true, "{room}: {r2}");
+        assert_eq!(r2["result"]["seq"], r1["result"]["seq"], "{room}: {r2}");
+    }
+}

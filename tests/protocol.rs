@@ -18,7 +18,7 @@ use axum_fanout::protocol::{Authorize, Denied, Grant, Permissive, Protocol};
 use axum_fanout::{FanoutLayer, Payload, RoomName};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
-use support::{RedisServer, SOON, TestServer, Ws, start_nodes};
+use support::{ChatProcess, RedisServer, SOON, TestServer, Ws, chat_binary, start_nodes};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message;
@@ -33,8 +33,12 @@ struct Client {
 
 impl Client {
     async fn connect(server: &TestServer, query: &str) -> Self {
-        let mut request = server
-            .ws_url(&format!("/fanout{query}"))
+        Self::open(server.addr, query).await
+    }
+
+    /// Connects to `/fanout{query}` on the node at `addr`.
+    async fn open(addr: std::net::SocketAddr, query: &str) -> Self {
+        let mut request = format!("ws://{addr}/fanout{query}")
             .into_client_request()
             .expect("request");
         request.headers_mut().insert(
@@ -570,6 +574,114 @@ async fn the_application_decides_who_connects_and_what_they_may_do() {
     assert_eq!(error_code(&r), "already_connected");
 }
 
+/// Upgrades every socket without credentials; the `connect` token `"good"` connects as
+/// `tok`, with credentials that do not expire.
+struct Tokens;
+
+impl Authorize for Tokens {
+    async fn connect_token(&self, token: &Value) -> Result<Grant, Denied> {
+        match token.as_str() {
+            Some("good") => Ok(Grant::new("tok")),
+            _ => Err(Denied::new("bad token")),
+        }
+    }
+
+    async fn may_join(&self, _user: &str, _room: &RoomName) -> Result<(), Denied> {
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn a_socket_that_does_not_connect_in_time_is_closed_and_one_that_did_is_not() {
+    let redis = RedisServer::start();
+    let deadline = Duration::from_millis(400);
+    let tokens = move |layer: FanoutLayer| {
+        Router::new()
+            .route(
+                "/fanout",
+                Protocol::new(Tokens).connect_timeout(deadline).route(),
+            )
+            .layer(layer)
+    };
+    let nodes = start_nodes([layer(&redis)], tokens).await;
+    let s = &nodes[0].0;
+    let mut connected = Client::connect(s, "").await;
+    let r = connected
+        .call(json!({"cmd": "connect", "token": "good"}))
+        .await;
+    assert_eq!(r["result"]["user"], "tok", "{r}");
+    let mut silent = Client::connect(s, "").await;
+    let mut refused = Client::connect(s, "").await;
+    let r = refused.call(json!({"cmd": "join", "room": "a"})).await;
+    assert_eq!(error_code(&r), "not_connected");
+    let r = refused
+        .call(json!({"cmd": "connect", "token": "bad"}))
+        .await;
+    assert_eq!(error_code(&r), "not_allowed");
+    // Neither connected in time: told why (and not to come back), then closed with 1008.
+    for c in [&mut silent, &mut refused] {
+        assert_eq!(
+            c.frame().await,
+            json!({
+                "type": "fanout.disconnect",
+                "code": 1008,
+                "reason": "credentials not sent in time",
+                "reconnect": false,
+            })
+        );
+        assert_eq!(
+            c.close_frame().await,
+            (1008, "credentials not sent in time".to_owned())
+        );
+    }
+    // The one that connected in time (before the others opened) is past its deadline, open.
+    let r = connected.call(json!({"cmd": "join", "room": "a"})).await;
+    assert_eq!(r["result"]["room"], "a", "{r}");
+}
+
+/// Connects as `ada` with credentials that expire in 300 ms, and never answers whether a
+/// socket may join room `stuck` (an authorization service that hangs).
+struct Hangs;
+
+impl Authorize for Hangs {
+    async fn connect(&self, _request: &Parts) -> Result<Option<Grant>, Denied> {
+        Ok(Some(
+            Grant::new("ada").expires_in(Duration::from_millis(300)),
+        ))
+    }
+
+    async fn may_join(&self, _user: &str, room: &RoomName) -> Result<(), Denied> {
+        if room.as_str() == "stuck" {
+            std::future::pending::<()>().await;
+        }
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn credentials_expire_on_time_even_while_a_command_hangs() {
+    let redis = RedisServer::start();
+    let hangs = |layer: FanoutLayer| {
+        Router::new()
+            .route("/fanout", Protocol::new(Hangs).route())
+            .layer(layer)
+    };
+    let nodes = start_nodes([layer(&redis)], hangs).await;
+    let mut c = Client::connect(&nodes[0].0, "").await;
+    // The join's hook never returns; the node's expiry closes the socket regardless, told
+    // first.
+    c.send(r#"{"id":1,"cmd":"join","room":"stuck"}"#).await;
+    let d = c.frame().await;
+    assert_eq!(
+        d,
+        json!({"type": "fanout.disconnect", "code": 4001, "reason": "credentials expired", "reconnect": true})
+    );
+    assert_eq!(
+        c.close_frame().await,
+        (4001, "credentials expired".to_owned())
+    );
+}
+
 #[tokio::test]
 async fn a_publish_key_is_accepted_once_across_nodes_and_a_duplicate_gives_the_first_position() {
     let redis = RedisServer::start();
@@ -864,4 +976,151 @@ async fn the_users_feature_reaches_protocol_sockets() {
         );
         assert_eq!(c.close_frame().await, (4002, "moved".to_owned()));
     }
+}
+
+/// A TCP proxy in front of Redis that forwards a node's commands, but on a connection where a
+/// command held `marker`, none of Redis's replies from then on: the node never learns that
+/// Redis ran that command, as if it had died the instant after Redis accepted it.
+struct DeafProxy {
+    addr: std::net::SocketAddr,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl DeafProxy {
+    async fn start(redis_port: u16, marker: &'static [u8]) -> Self {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let task = tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", redis_port)).await
+                else {
+                    continue;
+                };
+                let deaf = Arc::new(AtomicBool::new(false));
+                let (mut cr, mut cw) = client.into_split();
+                let (mut sr, mut sw) = server.into_split();
+                let commands = deaf.clone();
+                tokio::spawn(async move {
+                    // What came before this read: a marker split over two reads is seen.
+                    let mut seen = Vec::new();
+                    let mut buf = vec![0u8; 64 * 1024];
+                    loop {
+                        let n = match cr.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => n,
+                        };
+                        seen.extend_from_slice(&buf[..n]);
+                        if seen.windows(marker.len()).any(|w| w == marker) {
+                            // Before Redis can answer it.
+                            commands.store(true, Ordering::SeqCst);
+                        }
+                        let keep = seen.len().saturating_sub(marker.len());
+                        seen.drain(..keep);
+                        if sw.write_all(&buf[..n]).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 64 * 1024];
+                    loop {
+                        let n = match sr.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => n,
+                        };
+                        if !deaf.load(Ordering::SeqCst) && cw.write_all(&buf[..n]).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        Self { addr, task }
+    }
+
+    fn url(&self) -> String {
+        format!("redis://{}", self.addr)
+    }
+}
+
+impl Drop for DeafProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A keyed publish that Redis ran, from a node that died before it heard back (so before it
+/// could record anything after the fact): the client's retry with the same key, on another
+/// node and after the in-flight claim has expired, must not send it again.
+async fn a_keyed_publish_is_not_sent_twice_when_its_node_dies_after_redis_ran_it(
+    env: &[(&str, &str)],
+) {
+    const MARKER: &str = "sent-once-then-the-node-died";
+    let redis = RedisServer::start();
+    let proxy = DeafProxy::start(redis.port(), MARKER.as_bytes()).await;
+    let chat = chat_binary();
+    let mut env_a = vec![("REDIS_URL", proxy.url())];
+    env_a.extend(env.iter().map(|(k, v)| (*k, (*v).to_owned())));
+    let env_a: Vec<(&str, &str)> = env_a.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let mut a = ChatProcess::start(&chat, &redis, "dies", &env_a).await;
+    let b = ChatProcess::start(&chat, &redis, "lives", env).await;
+    let mut watcher = Client::open(b.addr, "?user=w").await;
+    watcher.call(json!({"cmd": "join", "room": "once"})).await;
+    let mut sender = Client::open(a.addr, "?user=ada").await;
+    // Redis learns the node's scripts first: a NOSCRIPT answer unheard would send nothing.
+    sender
+        .call(json!({"cmd": "publish", "room": "once", "data": "warm", "key": "k0"}))
+        .await;
+    assert_eq!(watcher.push("message").await["data"], "warm");
+    sender
+        .send(
+            &json!({"id": 1, "cmd": "publish", "room": "once", "data": MARKER, "key": "k1"})
+                .to_string(),
+        )
+        .await;
+    // Redis ran it: the watcher has it. The node that sent it never heard back; it dies now.
+    let first = watcher.push("message").await;
+    assert_eq!(first["data"], MARKER, "{first}");
+    a.kill();
+    // The client resends with the same key on the node that lives, until it is answered
+    // with something else than "in flight" (at most the claim's expiry, 5 s by default).
+    let mut retry = Client::open(b.addr, "?user=ada").await;
+    let deadline = Instant::now() + SOON * 2;
+    let answer = loop {
+        let r = retry
+            .call(json!({"cmd": "publish", "room": "once", "data": MARKER, "key": "k1"}))
+            .await;
+        if r["error"]["code"] != "unavailable" {
+            break r;
+        }
+        assert!(Instant::now() < deadline, "still in flight: {r}");
+        tokio::time::sleep(Duration::from_millis(200)).await; // deadline: the client's resend pace
+    };
+    assert_eq!(answer["result"]["duplicate"], true, "sent again: {answer}");
+    assert_eq!(answer["result"]["seq"], first["seq"], "{answer} {first}");
+    retry
+        .call(json!({"cmd": "publish", "room": "once", "data": "end"}))
+        .await;
+    loop {
+        let m = watcher.push("message").await;
+        assert_ne!(m["data"], MARKER, "delivered twice: {m}");
+        if m["data"] == "end" {
+            break;
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_keyed_publish_to_a_plain_room_lands_once_when_its_node_dies_before_hearing_back() {
+    a_keyed_publish_is_not_sent_twice_when_its_node_dies_after_redis_ran_it(&[]).await;
+}
+
+#[tokio::test]
+async fn a_keyed_publish_to_a_durable_room_lands_once_when_its_node_dies_before_hearing_back() {
+    a_keyed_publish_is_not_sent_twice_when_its_node_dies_after_redis_ran_it(&[("HISTORY", "100")])
+        .await;
 }

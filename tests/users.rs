@@ -497,7 +497,8 @@ async fn a_command_across_a_redis_restart_is_applied_once_or_reported() {
 }
 
 /// A handler that joins `a` and `b` as user `kim` with a 30 s expiry; the text `refresh`
-/// refreshes for 60 s with credentials that no longer allow `b`, and answers the rooms left.
+/// refreshes for 60 s with credentials that no longer allow `b`, and answers the rooms left;
+/// `forever` refreshes with credentials that never expire.
 fn refresh_app(layer: FanoutLayer) -> axum::Router {
     use axum::extract::ws::{Message as WsMessage, WebSocketUpgrade};
     use axum::routing::get;
@@ -523,6 +524,10 @@ fn refresh_app(layer: FanoutLayer) -> axum::Router {
                     let _ = socket.send(
                         json!({ "left": left, "more_than_30s": still > Duration::from_secs(30) }),
                     );
+                } else if t.as_str() == "forever" {
+                    // New credentials that do not expire: no expiry left.
+                    socket.expire_never();
+                    let _ = socket.send(json!({ "expires": socket.expires_in().is_some() }));
                 }
             }
         })
@@ -567,6 +572,11 @@ async fn a_refresh_that_loses_a_room_leaves_that_room_only() {
     assert_eq!(
         json_of(&recv_text(&mut ws, "direct").await),
         json!({ "type": "fanout.direct", "payload": { "to": "kim" } })
+    );
+    send_text(&mut ws, "forever").await;
+    assert_eq!(
+        json_of(&recv_text(&mut ws, "no expiry").await),
+        json!({ "expires": false })
     );
 }
 

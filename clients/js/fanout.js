@@ -9,6 +9,9 @@ const FINAL_CODES = new Set([1000, 1003, 1007, 1008, 1009]);
 const TRY_AGAIN_LATER = 1013;
 const GOING_AWAY = 1001;
 const CREDENTIALS_EXPIRED = 4001;
+const POLICY_VIOLATION = 1008;
+/** The reason of the 1008 close for a socket that did not `connect` in time (PROTOCOL.md, section 1). */
+const NO_CREDENTIALS = "credentials not sent in time";
 
 /** An error reply, a timeout or a closed client, with the protocol's `code`. */
 export class FanoutError extends Error {
@@ -220,6 +223,7 @@ export class FanoutClient {
     this.refreshTimer = null;
     this.reconnectTimer = null;
     this.connects = 0;
+    this.connectSent = null; // the socket a `connect` was sent on, until it was answered
     this.lostAt = null; // when the last open connection dropped
     this.tokens = this.options.publishBurst;
     this.tokensAt = Date.now();
@@ -275,6 +279,7 @@ export class FanoutClient {
     try {
       if (this.options.token !== undefined || this.options.getToken) {
         const token = this.options.getToken ? await this.options.getToken() : this.options.token;
+        this.connectSent = ws;
         const result = await this._send({ cmd: "connect", token });
         this._connected(result);
       }
@@ -303,6 +308,7 @@ export class FanoutClient {
   }
 
   _connected(result) {
+    this.connectSent = null;
     this.user = result.user;
     clearTimeout(this.refreshTimer);
     if (typeof result.expires_in === "number" && this.options.getToken) {
@@ -338,8 +344,20 @@ export class FanoutClient {
     }
     this._emit("onDisconnect", { code, reason });
     if (this.state === "closed") return;
-    const toldToStop = this.toldToStop;
+    let toldToStop = this.toldToStop;
     this.toldToStop = false;
+    const connectSent = this.connectSent === ws;
+    this.connectSent = null;
+    if (code === POLICY_VIOLATION && reason === NO_CREDENTIALS) {
+      // A `connect` that did not arrive in time (a stalled network) is worth another try; a
+      // client that sent none has no credentials to send, and trying again will not help.
+      if (connectSent) return this._scheduleReconnect(code, reason);
+      toldToStop = true;
+      this._emit(
+        "onError",
+        new FanoutError("not_connected", "the node wants credentials: give the client a token or getToken"),
+      );
+    }
     if (FINAL_CODES.has(code) || toldToStop) {
       this._shutdown(new FanoutError("closed", `closed by the server: ${code} ${reason}`));
       return;

@@ -19,10 +19,15 @@
 //!   parsers and room key names, for every feature that keeps state in Redis.
 //! - `runs`: the rules of a pipeline of script calls: groups per channel, which refused calls
 //!   may go again.
+//! - `guard`: publishing at most once ([`Guard`]): a plain room's guarded messages, each
+//!   published only if its key does not say it was already, and recorded there in the same
+//!   script call.
 //!
 //! The bus knows no feature. What it asks of one is two small traits the feature implements:
 //! [`Repairs`] (rooms that read their gaps back after a loss rather than tell them) and
-//! [`Store`] (a script that stores and publishes a group of a room's messages).//!
+//! [`Store`] (a script that stores and publishes a group of a room's messages, honouring their
+//! guards).
+//!
 //! Both connections are RESP3 multiplexed connections that this module reconnects itself,
 //! forever. The client library's own memory of subscriptions is not relied on: after every
 //! reconnect the registry marks every local room pending and the subscriber sends them again,
@@ -31,6 +36,7 @@
 mod backend;
 mod backoff;
 mod client;
+mod guard;
 mod inbox;
 mod link;
 mod pipeline;
@@ -52,6 +58,7 @@ use tokio::sync::{mpsc, watch};
 pub(crate) use backend::{Backend, Conn};
 pub(crate) use backoff::Backoff;
 pub(crate) use client::redacted_target;
+pub(crate) use guard::Guard;
 pub(crate) use inbox::{Delivered, Inbox, Outlet, Received, Shed, hop};
 pub use receipt::{Published, Receipt};
 
@@ -59,7 +66,6 @@ use redis::{Cmd, Value};
 
 use crate::config::{Config, Durability};
 use crate::error::Error;
-use crate::position::Position;
 use crate::registry::Registry;
 use crate::room::RoomName;
 use crate::stats::Counters;
@@ -83,12 +89,30 @@ pub(crate) struct Group<'a> {
     /// The epoch the room starts if it has none (new, or its history was lost). One per
     /// pipeline is enough: within one, a room's history is created at most once.
     pub(crate) epoch: &'a str,
-    pub(crate) settings: &'a Durability,
+    /// The room's durability; `None` for a plain room's guarded messages.
+    pub(crate) settings: Option<&'a Durability>,
     pub(crate) envelopes: Vec<&'a [u8]>,
+    /// Each message's [`Guard`], in the messages' order; empty when none has one (most
+    /// groups: nothing is allocated for them).
+    pub(crate) guards: Vec<Option<&'a Guard>>,
+}
+
+/// How a message is to be published, besides its room: stored with a [`Durability`], made at
+/// most once with a [`Guard`], both, or neither (a plain PUBLISH).
+#[derive(Debug, Default)]
+pub(crate) struct Terms {
+    pub(crate) durable: Option<Durability>,
+    /// Boxed: most messages have none, and every queued message carries the field.
+    pub(crate) guard: Option<Box<Guard>>,
 }
 
 /// How the publisher stores a run of messages that have a [`Durability`]: one call of a
 /// script per [`Group`], which stores and publishes them in one atomic step.
+///
+/// A message with a [`Guard`] is stored and published only if its key holds no outcome yet
+/// (nor does an earlier message of the same call have the same key); its outcome (`+E:S`) is
+/// written to the key in the same step. One that is not is answered with an error, and takes
+/// no position.
 pub(crate) trait Store: Send + Sync + std::fmt::Debug {
     /// The script the calls run, loaded again when Redis forgot it.
     fn script(&self) -> &Script;
@@ -98,9 +122,9 @@ pub(crate) trait Store: Send + Sync + std::fmt::Debug {
     fn group_max(&self) -> usize;
     /// The call (`EVALSHA`) for `group`, publishing with `publish_command`.
     fn call(&self, publish_command: &str, group: &Group<'_>) -> Cmd;
-    /// The reply to a call of `n` messages, per message: its position and the number of
-    /// nodes subscribed, or why it was not stored.
-    fn replies(&self, reply: &Value, n: usize) -> Vec<Result<(Position, usize), Error>>;
+    /// The reply to a call of `n` messages, per message: the number of nodes subscribed and
+    /// its position, or why it was not stored.
+    fn replies(&self, reply: &Value, n: usize) -> Vec<Result<Published, Error>>;
 }
 
 /// A node's link to Redis: what the handles publish through, and the state of the subscriber.

@@ -1,6 +1,6 @@
 //! The publisher's pipelines: what is queued goes out in runs, plain broadcasts as one pipeline
-//! of PUBLISH, messages with a durability as one pipeline of the feature's store calls, and
-//! each caller is told its own outcome. The rules (order, grouping, what a NOSCRIPT sends
+//! of PUBLISH, messages with a durability or a guard as one pipeline of script calls (the
+//! feature's store, or `guard`'s for a plain room), and each caller is told its own outcome. The rules (order, grouping, what a NOSCRIPT sends
 //! again, what expires unsent) are unit-tested below against an in-memory connection.
 
 use std::sync::Arc;
@@ -10,11 +10,12 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::{Instant, timeout_at};
 
 use super::backend::{Backend, Conn};
+use super::guard::GuardedPublish;
 use super::publisher::Outgoing;
 use super::receipt::{Published, SharedCause};
 use super::runs::{group_by_channel, to_retry};
-use super::script::Scripting;
-use super::{Bus, Group};
+use super::script::{Script, Scripting};
+use super::{Bus, Group, Store};
 use crate::error::Error;
 use crate::random;
 
@@ -112,23 +113,37 @@ pub(super) async fn send_loop(
 }
 
 /// Sends `batch` in its order and replies to each request: each run of plain broadcasts as
-/// one pipeline of PUBLISH, each run of durable rooms' messages as one pipeline of script
-/// calls. Redis runs a pipeline's commands in order, so a durable room's seqs follow the
-/// queue's order as its messages did when each call waited for the previous one's reply,
+/// one pipeline of PUBLISH, each run of durable rooms' or guarded messages as one pipeline of
+/// script calls. Redis runs a pipeline's commands in order, so a durable room's seqs follow
+/// the queue's order as its messages did when each call waited for the previous one's reply,
 /// which cost a round trip per message (a third to a sixth of a plain room's rate).
 async fn send(bus: &Bus, conn: &mut impl Pipelines, batch: &mut Vec<Outgoing>, deadline: Instant) {
     let mut rest = std::mem::take(batch).into_iter().peekable();
     while let Some(first) = rest.peek() {
-        let durable = first.durable.is_some();
+        let scripted = is_scripted(first);
         let mut run = Vec::new();
-        while let Some(o) = rest.next_if(|o| o.durable.is_some() == durable) {
+        while let Some(o) = rest.next_if(|o| is_scripted(o) == scripted) {
             run.push(o);
         }
-        if durable {
-            send_durable(bus, conn, run, deadline).await;
+        if scripted {
+            send_scripted(bus, conn, run, deadline).await;
         } else {
             send_plain(bus, conn, run, deadline).await;
         }
+    }
+}
+
+/// Whether `o` goes out as a script call rather than a PUBLISH.
+fn is_scripted(o: &Outgoing) -> bool {
+    o.durable.is_some() || o.guard.is_some()
+}
+
+/// The script `o` goes out with: its room's store when it is durable, else the guarded
+/// publish. A channel's messages all take the same one (a room is durable or not).
+fn store_of<'a>(bus: &'a Bus, o: &Outgoing) -> &'a dyn Store {
+    match o.durable {
+        Some(_) => &*bus.store,
+        None => &GuardedPublish,
     }
 }
 
@@ -149,11 +164,17 @@ async fn send_plain(bus: &Bus, conn: &mut impl Pipelines, run: Vec<Outgoing>, de
     }
 }
 
-/// Sends durable rooms' messages as one pipeline of script calls, one call per group of a
-/// room's messages (see `store`). When Redis forgot the script (NOSCRIPT: it restarted, failed
-/// over, or was told `SCRIPT FLUSH`), loads it and sends the refused groups again in their
-/// order, at most [`LOADS`] times; [`to_retry`] says which may be sent again.
-async fn send_durable(bus: &Bus, conn: &mut impl Pipelines, run: Vec<Outgoing>, deadline: Instant) {
+/// Sends durable rooms' and guarded messages as one pipeline of script calls, one call per
+/// group of a room's messages (see `store` and `guard`). When Redis forgot a script (NOSCRIPT:
+/// it restarted, failed over, or was told `SCRIPT FLUSH`), loads it and sends the refused
+/// groups again in their order, at most [`LOADS`] times; [`to_retry`] says which may be sent
+/// again.
+async fn send_scripted(
+    bus: &Bus,
+    conn: &mut impl Pipelines,
+    run: Vec<Outgoing>,
+    deadline: Instant,
+) {
     let publish_command = bus
         .backend
         .as_ref()
@@ -161,19 +182,26 @@ async fn send_durable(bus: &Bus, conn: &mut impl Pipelines, run: Vec<Outgoing>, 
     let mut loads = 0;
     // Not one per message: a random id is a hash and a string, on the per-message path.
     let epoch = random::hex_id();
-    let store = &bus.store;
-    let mut groups = group_by_channel(run, |o| o.channel.as_str(), store.group_max());
+    let max = bus.store.group_max().min(GuardedPublish.group_max());
+    let mut groups = group_by_channel(run, |o| o.channel.as_str(), max);
     while !groups.is_empty() {
         let commands = groups
             .iter()
             .filter_map(|group| {
                 let first = group.first()?;
+                let guards = if group.iter().any(|o| o.guard.is_some()) {
+                    group.iter().map(|o| o.guard.as_deref()).collect()
+                } else {
+                    Vec::new()
+                };
                 let call = Group {
                     channel: &first.channel,
                     epoch: &epoch,
-                    settings: first.durable.as_ref()?,
+                    settings: first.durable.as_ref(),
                     envelopes: group.iter().map(|o| o.envelope.as_slice()).collect(),
+                    guards,
                 };
+                let store = store_of(bus, first);
                 Some((first.channel.as_str(), store.call(publish_command, &call)))
             })
             .collect();
@@ -203,10 +231,10 @@ async fn send_durable(bus: &Bus, conn: &mut impl Pipelines, run: Vec<Outgoing>, 
             match reply {
                 _ if retry => again.extend(group),
                 Ok(reply) => {
-                    let results = store.replies(&reply, group.len());
+                    let Some(first) = group.first() else { continue };
+                    let results = store_of(bus, first).replies(&reply, group.len());
                     for (o, result) in group.into_iter().zip(results) {
-                        let sent = result.map(|(pos, nodes)| Published::new(nodes, Some(pos)));
-                        o.finish(sent, bus);
+                        o.finish(result, bus);
                     }
                 }
                 Err(e) => fail_all(group, e, bus),
@@ -218,17 +246,22 @@ async fn send_durable(bus: &Bus, conn: &mut impl Pipelines, run: Vec<Outgoing>, 
         tracing::info!(
             node = %bus.config.node_id,
             messages = again.len(),
-            "redis did not know the durable rooms' script; loading it"
+            "redis did not know a publish script (durable rooms', or the guarded publish); loading it"
         );
-        match timeout_at(deadline, conn.load(store.script())).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => return fail_all(again, e, bus),
-            Err(_) => return expire_all(again, bus),
+        let mut scripts: Vec<&Script> = again.iter().map(|o| store_of(bus, o).script()).collect();
+        scripts.sort_by_key(|s| s.hash());
+        scripts.dedup_by_key(|s| s.hash());
+        for script in scripts {
+            match timeout_at(deadline, conn.load(script)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => return fail_all(again, e, bus),
+                Err(_) => return expire_all(again, bus),
+            }
         }
         // Refused, so not sent: a caller that stopped waiting meanwhile cancels it as usual.
         expire_due(&mut again, bus);
         loads += 1;
-        groups = group_by_channel(again, |o| o.channel.as_str(), store.group_max());
+        groups = group_by_channel(again, |o| o.channel.as_str(), max);
     }
 }
 
@@ -267,7 +300,7 @@ fn expire_due(batch: &mut Vec<Outgoing>, bus: &Bus) {
 mod tests {
     use super::super::script::testing::{FakeRedis, noscript};
     use super::super::script::{Script, int, text};
-    use super::super::{Repairs, Store};
+    use super::super::{Guard, Repairs, Store};
     use super::*;
     use crate::config::{Durability, FanoutBuilder};
     use crate::position::Position;
@@ -302,14 +335,17 @@ mod tests {
             }
             call.cmd()
         }
-        fn replies(&self, reply: &Value, n: usize) -> Vec<Result<(Position, usize), Error>> {
+        fn replies(&self, reply: &Value, n: usize) -> Vec<Result<Published, Error>> {
             let Value::Array(items) = reply else {
                 return (0..n).map(|_| Err(Error::redis("bad reply"))).collect();
             };
             let epoch = text(&items[0]).unwrap_or_default();
             let first = int(&items[1]).unwrap_or(0);
             (0..n)
-                .map(|i| Ok((Position::new(epoch.as_str(), first + i as u64), 1)))
+                .map(|i| {
+                    let position = Position::new(epoch.as_str(), first + i as u64);
+                    Ok(Published::new(1, Some(position)))
+                })
                 .collect()
         }
     }
@@ -377,6 +413,7 @@ mod tests {
             reply,
             origin: None,
             durable: durable.then(Durability::default),
+            guard: None,
             abandonable: false,
         };
         (o, replied)
@@ -431,6 +468,50 @@ mod tests {
             ["no position", "e:1", "e:2", "no position"]
         );
         assert_eq!(bus.counters.published.get(), 4);
+    }
+
+    #[tokio::test]
+    async fn guarded_messages_go_out_as_script_calls_in_the_run_of_durable_ones() {
+        let bus = bus();
+        let later = Instant::now() + std::time::Duration::from_secs(5);
+        let mut redis = FakeRedis::default();
+        let (mut batch, mut replies) = (Vec::new(), Vec::new());
+        for (room, text, durable, guarded) in [
+            ("q", "g1", false, true),
+            ("d", "d1", true, false),
+            ("q", "g2", false, true),
+            ("p", "p1", false, false),
+        ] {
+            let (mut o, r) = request(room, text, durable, later);
+            if guarded {
+                let key = format!("{{ws:room:{room}}}:k-{text}");
+                let ttl = std::time::Duration::from_secs(1);
+                o.guard = Some(Box::new(Guard { key, ttl }));
+            }
+            batch.push(o);
+            replies.push(r);
+        }
+        // Redis knows neither script: both are loaded, then the two calls go again.
+        redis
+            .replies
+            .push_back(Ok(Value::Array(vec![Value::Int(2), Value::Int(2)])));
+        redis.replies.push_back(stored_reply(1, 1));
+        send(&bus, &mut redis, &mut batch, later).await;
+        assert_eq!(redis.loads, 2);
+        assert_eq!(redis.sent.len(), 5, "{:?}", redis.sent);
+        let guarded = &redis.sent[2];
+        assert!(
+            guarded.starts_with(&format!("EVALSHA {}", GuardedPublish.script().hash()))
+                && guarded.contains(" {ws:room:q}:k-g1 {ws:room:q}:k-g2 PUBLISH ws:room:q ")
+                && guarded.ends_with(" 1000 g1 1000 g2"),
+            "{guarded}"
+        );
+        assert!(redis.sent[3].ends_with(" d1"), "{:?}", redis.sent);
+        assert_eq!(redis.sent[4], "PUBLISH ws:room:p p1");
+        assert_eq!(
+            positions(replies),
+            ["no position", "e:1", "no position", "no position"]
+        );
     }
 
     #[tokio::test]

@@ -10,7 +10,7 @@ use tokio::time::{Instant, timeout_at};
 use super::backend::Backend;
 use super::backoff::Backoff;
 use super::receipt::{Published, Receipt};
-use super::{Bus, pause_or};
+use super::{Bus, Guard, Terms, pause_or};
 use crate::channel;
 use crate::config::Durability;
 use crate::error::Error;
@@ -35,6 +35,8 @@ pub(super) struct Outgoing {
     pub(super) origin: Option<Origin>,
     /// A durable room's message: stored and published by the history script.
     pub(super) durable: Option<Durability>,
+    /// Published at most once: see `guard`.
+    pub(super) guard: Option<Box<Guard>>,
     /// The caller awaits the reply (`Broadcast`'s `.await`): if it stops waiting before the
     /// broadcast was sent, it is not sent. A queued broadcast (`Broadcast::queue`) is sent
     /// whether or not its receipt is still held.
@@ -52,8 +54,8 @@ pub(super) struct Origin {
 }
 
 impl Bus {
-    /// Queues one envelope for `room`'s channel (the one of `sender` in a sharded room) and
-    /// returns once it is queued: from then on its place in the order is fixed, and the
+    /// Queues one envelope for `room`'s channel (the one of `sender` in a sharded room), on
+    /// `terms` (stored, at most once), and returns once it is queued: from then on its place in the order is fixed, and the
     /// returned [`Receipt`] resolves to PUBLISH's reply.
     ///
     /// # Cancel safety
@@ -65,9 +67,10 @@ impl Bus {
         sender: u64,
         envelope: Vec<u8>,
         origin: Option<(Arc<Outbox>, Arc<Semaphore>)>,
-        durable: Option<Durability>,
+        terms: Terms,
         abandonable: bool,
     ) -> Result<Receipt, Error> {
+        let Terms { durable, guard } = terms;
         let cfg = &self.config;
         if self.backend.is_none() {
             return Err(Error::no_redis());
@@ -105,6 +108,7 @@ impl Bus {
             reply,
             origin,
             durable,
+            guard,
             abandonable,
         };
         match timeout_at(deadline, self.outgoing.send(request)).await {

@@ -18,7 +18,7 @@ pub struct Published {
 }
 
 impl Published {
-    pub(super) fn new(nodes: usize, position: Option<Position>) -> Self {
+    pub(crate) fn new(nodes: usize, position: Option<Position>) -> Self {
         Self { nodes, position }
     }
 

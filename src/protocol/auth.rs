@@ -28,7 +28,9 @@ impl Grant {
     }
 
     /// Credentials that expire after `expires_in`: the node closes the socket then (4001,
-    /// `"credentials expired"`) unless the client sent a `refresh` first.
+    /// `"credentials expired"`, plus the jitter of
+    /// [`FanoutSocket::expire_in`](crate::FanoutSocket::expire_in), whose timer it is) unless
+    /// the client sent a `refresh` first.
     pub fn expires_in(mut self, expires_in: Duration) -> Self {
         self.expires_in = Some(expires_in);
         self

@@ -33,8 +33,9 @@
 //!
 //! ## Closing
 //! Only non-JSON or binary frames (1007, 1003), frames over the size limit (1009), the rate
-//! limit (1008) and expired credentials (4001) close a socket; every other mistake is an error
-//! reply. [`close`](crate::close) lists the codes.
+//! limit (1008), credentials not sent in time (1008,
+//! [`Protocol::connect_timeout`]) and expired credentials (4001) close a socket; every other
+//! mistake is an error reply. [`close`](crate::close) lists the codes.
 //!
 //! ## Reserved for users
 //! Messages to a user (`fanout.direct`) and disconnecting a user are reserved in the protocol
@@ -79,6 +80,8 @@ pub(crate) struct Settings<A> {
     auth: A,
     /// How long an idempotent publish key is remembered, fleet-wide.
     dedupe_window: Duration,
+    /// How long a socket without credentials has to send `connect`.
+    connect_timeout: Duration,
 }
 
 impl<A: Authorize> Protocol<A> {
@@ -88,6 +91,7 @@ impl<A: Authorize> Protocol<A> {
             settings: Settings {
                 auth,
                 dedupe_window: Duration::from_secs(300),
+                connect_timeout: Duration::from_secs(10),
             },
         }
     }
@@ -99,6 +103,19 @@ impl<A: Authorize> Protocol<A> {
     /// Defaults to 5 minutes (at least 1 second).
     pub fn dedupe_window(mut self, window: Duration) -> Self {
         self.settings.dedupe_window = window.max(Duration::from_secs(1));
+        self
+    }
+
+    /// How long a socket whose upgrade carried no credentials ([`Authorize::connect`]
+    /// answered `Ok(None)`) has to succeed a `connect` command. After it the node closes the
+    /// socket with 1008 `"credentials not sent in time"`
+    /// ([`close::NO_CREDENTIALS_REASON`](crate::close::NO_CREDENTIALS_REASON)), after a
+    /// `fanout.disconnect` frame: a socket that never authenticates must not hold a
+    /// connection slot for ever. A refused `connect` does not extend it.
+    ///
+    /// Defaults to 10 seconds (at least 1 millisecond).
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.settings.connect_timeout = timeout.max(Duration::from_millis(1));
         self
     }
 

@@ -1,12 +1,20 @@
 //! The protocol's Redis half: idempotent publish keys.
 //!
 //! One key per (room, user, client key), hash-tagged with the room's channel so that on a
-//! Redis Cluster it lives on the room's shard. `claim` sets it, empty, with `NX` and a short
-//! expiry (the publish in flight), so across the fleet exactly one publish wins it; the winner
-//! then stores `+` and the message's position in it for the whole window (`done`), which is
-//! what a duplicate's reply gives back, or deletes it when the publish failed (`release`), so
-//! the retry goes out. A retry that finds the key still empty (the first is in flight, or its
-//! node died before it could say) is told to try again; the short expiry bounds that.
+//! Redis Cluster it lives on the room's slot. `claim` sets it, empty, with `NX` and a short
+//! expiry (the publish in flight), so across the fleet one publish at a time wins it; a retry
+//! that finds the key still empty (the first is in flight, or its node died before Redis ran
+//! it) is told to try again, and the short expiry bounds that.
+//!
+//! The outcome, `+` and the message's position (what a duplicate's reply gives back), is kept
+//! for the whole window. In a room with one shard (every durable room, and plain rooms unless
+//! sharded) the publish writes it itself, in the same script call that publishes
+//! (`Broadcast::once`), and publishes nothing when the key holds an outcome already: no node
+//! death between publishing and recording can let a retry send the message again. In a
+//! sharded room the channel (chosen by the sending socket) may live on another slot than the
+//! key, so the node records it after Redis answered (`done`), and a node that dies in between
+//! leaves the key to expire. A publish that failed frees the key (`settle`), unless it holds an
+//! outcome: then the message went out after all (a lost reply, or another node's retry).
 
 use std::sync::LazyLock;
 use std::time::Duration;
@@ -30,6 +38,8 @@ elseif ARGV[1] == 'done' then
   redis.call('SET', KEYS[1], '+' .. ARGV[2], 'PX', ARGV[3])
   return {1}
 end
+local held = redis.call('GET', KEYS[1])
+if held and string.byte(held, 1) == 43 then return {0, held} end
 redis.call('DEL', KEYS[1])
 return {1}
 ",
@@ -48,11 +58,25 @@ pub(super) enum Claim {
     InFlight,
 }
 
+/// A publish's key in Redis, and who records the publish's outcome there.
+#[derive(Debug)]
+pub(super) struct PublishKey {
+    pub(super) key: String,
+    /// The publish does, in the same step (`Broadcast::once`): a room with one shard.
+    /// Otherwise the node does once Redis answered (`done`).
+    pub(super) atomic: bool,
+}
+
 /// The key for `user`'s publish `key` to `room`.
-pub(super) fn key_of(bus: &Bus, room: &RoomName, user: &str, key: &str) -> String {
-    let base = room_key_base(&channel::for_sender(bus.config(), room, 0));
+pub(super) fn key_of(bus: &Bus, room: &RoomName, user: &str, key: &str) -> PublishKey {
+    let config = bus.config();
+    let base = room_key_base(&channel::for_sender(config, room, 0));
     // Lengths first: a user name that holds a ':' cannot make two pairs share a key.
-    format!("{base}:pubkey:{}:{user}:{key}", user.len())
+    PublishKey {
+        key: format!("{base}:pubkey:{}:{user}:{key}", user.len()),
+        // Shard 0's channel is every sender's then: the key shares its slot.
+        atomic: channel::shards(config, room.as_str()) == 1,
+    }
 }
 
 async fn run(bus: &Bus, key: &str, mode: &str, args: [String; 2]) -> Result<Value, Error> {
@@ -109,9 +133,16 @@ pub(super) async fn done(
     run(bus, key, "done", [position, ttl]).await.map(drop)
 }
 
-/// The claimed publish failed: free the key for the retry.
-pub(super) async fn release(bus: &Bus, key: &str) -> Result<(), Error> {
-    run(bus, key, "release", [String::new(), String::new()])
-        .await
-        .map(drop)
+/// The claimed publish failed: frees the key for the retry, unless it holds an outcome
+/// (the message went out after all): then that outcome's position (`"E:S"`, or empty).
+pub(super) async fn settle(bus: &Bus, key: &str) -> Result<Option<String>, Error> {
+    let reply = run(bus, key, "settle", [String::new(), String::new()]).await?;
+    match items(&reply) {
+        [freed] if int(freed) == Some(1) => Ok(None),
+        [_, held] => Ok(text(held)
+            .as_deref()
+            .and_then(|h| h.strip_prefix('+'))
+            .map(str::to_owned)),
+        _ => Err(unexpected("publish-key")),
+    }
 }

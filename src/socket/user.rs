@@ -77,6 +77,35 @@ impl FanoutSocket {
             .expire_in(self.id, &self.outbox, after)
     }
 
+    /// The socket's credentials no longer expire: undoes [`expire_in`](FanoutSocket::expire_in),
+    /// for a refresh whose new credentials do not expire. Does nothing on a socket without an
+    /// expiry, or one that expired already (it is closing).
+    ///
+    /// ```no_run
+    /// use std::time::Duration;
+    /// use axum_fanout::FanoutSocket;
+    ///
+    /// /// New credentials checked by the application: `None` when they do not expire.
+    /// fn refreshed(socket: &FanoutSocket, expires_in: Option<Duration>) {
+    ///     match expires_in {
+    ///         Some(after) => {
+    ///             let _ = socket.expire_in(after);
+    ///         }
+    ///         None => socket.expire_never(),
+    ///     }
+    /// }
+    /// ```
+    pub fn expire_never(&self) {
+        self.shared.node.users.expire_never(self.id);
+    }
+
+    /// Closes the socket (1008) unless its credentials are set (an expiry, or none) `within`
+    /// from now: a protocol socket that must `connect` first.
+    pub(crate) fn expect_credentials_within(&self, within: Duration) {
+        let users = &self.shared.node.users;
+        users.expect_credentials(self.id, &self.outbox, within);
+    }
+
     /// How long until the socket's credentials expire (jitter included), if they do.
     pub fn expires_in(&self) -> Option<Duration> {
         let at = self.shared.node.users.expires_at(self.id)?;

@@ -27,7 +27,8 @@
 //! # Layout
 //!
 //! - `command`: the commands on the wire, [`FleetSocketId`];
-//! - `expiry`: the node's expiring sockets and the task that closes them;
+//! - `expiry`: the node's expiring sockets and the task that closes them (a fanout-protocol
+//!   socket is told why first);
 //! - `send`: the public calls ([`Disconnect`], [`UserCommand`]) and their publishing;
 //! - `redis`: the directory in Redis: where each user is connected ([`Connected`]) and the
 //!   fleet's nodes ([`NodeInfo`]), written by each node, read by any;
@@ -47,7 +48,7 @@ pub use send::{Disconnect, UserCommand};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use axum::extract::ws::{CloseFrame, Message, Utf8Bytes};
+use axum::extract::ws::{CloseFrame, Utf8Bytes};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
@@ -59,7 +60,7 @@ use crate::queue::Outbox;
 use crate::registry::{Members, SocketId};
 use crate::room::{RoomName, user_of};
 use command::Command;
-use expiry::{Expiries, MAX_JITTER};
+use expiry::{Deadline, Expiries, MAX_JITTER};
 
 /// A socket to move into or out of a room, for the task that does it (a join waits for Redis;
 /// the dispatcher never waits).
@@ -111,14 +112,32 @@ impl Users {
         }
         let jitter_max = (after / 10).min(MAX_JITTER);
         let jitter = jitter_max.mul_f64(unit_random());
-        self.expiries
-            .set(socket, outbox, Instant::now() + after + jitter);
+        let at = Instant::now() + after + jitter;
+        self.expiries.set(socket, outbox, at, Deadline::Credentials);
         Ok(())
+    }
+
+    /// Closes the socket with 1008 `"credentials not sent in time"` `within` from now, unless
+    /// an expiry ([`expire_in`](Users::expire_in), [`expire_never`](Users::expire_never))
+    /// replaces this first: a protocol socket has that long to `connect`.
+    pub(crate) fn expect_credentials(
+        &self,
+        socket: SocketId,
+        outbox: &Arc<Outbox>,
+        within: Duration,
+    ) {
+        let at = Instant::now() + within;
+        self.expiries.set(socket, outbox, at, Deadline::Connect);
+    }
+
+    /// The socket's credentials no longer expire (nor does it wait for them any more).
+    pub(crate) fn expire_never(&self, socket: SocketId) {
+        self.expiries.forget(socket);
     }
 
     /// When the socket's credentials expire, if they do.
     pub(crate) fn expires_at(&self, socket: SocketId) -> Option<Instant> {
-        self.expiries.get(socket)
+        self.expiries.get(socket, Deadline::Credentials)
     }
 
     /// The socket closed: nothing of it is kept.
@@ -150,14 +169,7 @@ impl Commands for Users {
                 // Built once for every socket addressed: the close frame, and what a
                 // fanout-protocol socket is told first (why, and whether to come back).
                 let reason = Utf8Bytes::from(reason);
-                let told = serde_json::json!({
-                    "type": "fanout.disconnect",
-                    "code": code,
-                    "reason": reason.as_str(),
-                    "reconnect": code == crate::close::RECONNECT,
-                })
-                .to_string();
-                let told = Message::Text(Utf8Bytes::from(told));
+                let told = expiry::told(code, reason.as_str(), code == crate::close::RECONNECT);
                 let mut closed = 0;
                 for (_, outbox) in addressed {
                     if outbox.is_framed() {

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use serde_json::value::RawValue;
 
 use super::command::{Command, FleetSocketId};
-use crate::bus::Bus;
+use crate::bus::{Bus, Terms};
 use crate::close;
 use crate::envelope::{self, Payload};
 use crate::error::Error;
@@ -29,7 +29,9 @@ fn user_room(user: &str) -> Result<RoomName, Error> {
 /// the room subscribes to) and waits for Redis's count.
 async fn publish(bus: Arc<Bus>, room: RoomName, bytes: Vec<u8>) -> Result<usize, Error> {
     // Never a durable room's store script: a command or a direct message is not history.
-    let receipt = bus.enqueue(room, 0, bytes, None, None, true).await?;
+    let receipt = bus
+        .enqueue(room, 0, bytes, None, Terms::default(), true)
+        .await?;
     Ok(receipt.published().await?.nodes())
 }
 

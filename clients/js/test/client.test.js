@@ -335,3 +335,59 @@ test("joins say where they start (onJoin); a refused join keeps no position; a p
   await waitUntil("a message after the re-join", () => chat.got.some((m) => m.data === "after"));
   assert.deepEqual([...store.keys()], ["fanout:news"], "a plain room keeps no position");
 });
+
+/** A stand-in WebSocket the test plays the node for: it records what the client sends. */
+class FakeSocket {
+  static made = [];
+  constructor(url) {
+    this.url = url;
+    this.readyState = 0;
+    this.bufferedAmount = 0;
+    this.sent = [];
+    FakeSocket.made.push(this);
+  }
+  send(text) {
+    this.sent.push(JSON.parse(text));
+  }
+  close() {}
+  open() {
+    this.readyState = 1;
+    this.onopen();
+  }
+  /** The node's `fanout.disconnect` frame and close for a socket that did not connect in time. */
+  notConnectedInTime() {
+    const reason = "credentials not sent in time";
+    this.onmessage({ data: JSON.stringify({ type: "fanout.disconnect", code: 1008, reason, reconnect: false }) });
+    this.readyState = 3;
+    this.onclose({ code: 1008, reason });
+  }
+}
+
+test("closed for no connect in time: without credentials it stops and says why; a connect sent late tries again", async (t) => {
+  FakeSocket.made = [];
+  const errors = [];
+  const bare = new FanoutClient("ws://node/fanout", { ...fast, WebSocket: FakeSocket, onError: (e) => errors.push(e) });
+  t.after(() => bare.close());
+  bare.connect();
+  FakeSocket.made[0].open();
+  assert.deepEqual(FakeSocket.made[0].sent, [], "no token: nothing to connect with");
+  FakeSocket.made[0].notConnectedInTime();
+  assert.equal(bare.state, "closed");
+  assert.equal(errors.length, 1);
+  assert.equal(errors[0].code, "not_connected");
+
+  // A client with a token whose connect the node did not get in time (a stalled network).
+  FakeSocket.made = [];
+  const late = new FanoutClient("ws://node/fanout", { ...fast, WebSocket: FakeSocket, token: "t" });
+  t.after(() => late.close());
+  late.connect();
+  FakeSocket.made[0].open();
+  await waitUntil("the connect is sent", () => FakeSocket.made[0].sent.length === 1);
+  assert.equal(FakeSocket.made[0].sent[0].cmd, "connect");
+  FakeSocket.made[0].notConnectedInTime();
+  await waitUntil("it comes back", () => FakeSocket.made.length === 2);
+  assert.notEqual(late.state, "closed");
+  FakeSocket.made[1].open();
+  await waitUntil("and connects again", () => FakeSocket.made[1].sent.length === 1);
+  assert.equal(FakeSocket.made[1].sent[0].cmd, "connect");
+});

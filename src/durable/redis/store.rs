@@ -21,6 +21,13 @@
 //! A message the stream refuses ends its group: those before it were stored and published and
 //! are reported so; its seq and those of the rest are given back (no hole is left behind); it
 //! gets the error, and the rest are reported unsent.
+//!
+//! A message with a guard (the bus's `Guard`: a key that makes it at most once) is checked
+//! before any seq is taken: when its key holds an outcome already (`+...`), or an earlier
+//! message of the group has the same key, it is skipped (an error in its place, no seq, the
+//! others numbered on without a hole); otherwise its position is written to its key (`+E:S`)
+//! right after it was stored and published, in the same call. A group without guards is
+//! called exactly as before they existed.
 
 use std::sync::LazyLock;
 
@@ -28,7 +35,7 @@ use redis::{Cmd, RedisError, Value};
 
 use super::{EPOCH_LUA, keys};
 use crate::bus::script::{Script, int, text, ttl_ms, unexpected};
-use crate::bus::{Group, Store};
+use crate::bus::{Group, Published, Store};
 use crate::error::Error;
 use crate::position::Position;
 
@@ -40,24 +47,55 @@ const POS_BYTES: usize = 64;
 /// are a few hundred microseconds.
 const GROUP: usize = 64;
 
+/// `KEYS`: meta, stream, then the group's guard keys in order. `ARGV`: the epoch to create,
+/// the stream's length, the keys' idle TTL, the publish command, the channel; with guards,
+/// then a flag per message (`1`: it has the next guard key) and each guard's TTL; then the
+/// envelopes.
 static STORE_SCRIPT: LazyLock<Script> = LazyLock::new(|| {
     Script::new(&format!(
         "{EPOCH_LUA}{}",
         r#"
-local n = #ARGV - 5
-local first = redis.call('HINCRBY', meta, 'seq', n) - n + 1
+local g = #KEYS - 2
+local base = 5
+if g > 0 then base = 6 + g end
+local n = #ARGV - base
+local guard, m = {}, n
+if g > 0 then
+  local k, seen = 0, {}
+  for i = 1, n do
+    if string.byte(ARGV[6], i) == 49 then
+      k = k + 1
+      local key = KEYS[2 + k]
+      local held = redis.call('GET', key)
+      if seen[key] or (held and string.byte(held, 1) == 43) then
+        guard[i], m = false, m - 1
+      else
+        guard[i], seen[key] = k, true
+      end
+    end
+  end
+end
+local first = redis.call('HINCRBY', meta, 'seq', m) - m + 1
 local head = '{"pos":{"epoch":"' .. epoch .. '","seq":'
 local reply = {epoch, first}
+local seq = first
 for i = 1, n do
-  local seq = first + i - 1
-  local env = head .. seq .. '},' .. string.sub(ARGV[5 + i], 2)
-  local added = redis.pcall('XADD', stream, 'MAXLEN', '~', ARGV[2], seq .. '-0', 'e', env)
-  if type(added) == 'table' and added.err then
-    redis.call('HINCRBY', meta, 'seq', i - n - 1)
-    reply[2 + i] = added
-    break
+  if guard[i] == false then
+    reply[2 + i] = redis.error_reply('GUARDED published already under this key')
+  else
+    local env = head .. seq .. '},' .. string.sub(ARGV[base + i], 2)
+    local added = redis.pcall('XADD', stream, 'MAXLEN', '~', ARGV[2], seq .. '-0', 'e', env)
+    if type(added) == 'table' and added.err then
+      redis.call('HINCRBY', meta, 'seq', seq - first - m)
+      reply[2 + i] = added
+      break
+    end
+    reply[2 + i] = redis.call(ARGV[4], ARGV[5], env)
+    if guard[i] then
+      redis.call('SET', KEYS[2 + guard[i]], '+' .. epoch .. ':' .. seq, 'PX', ARGV[6 + guard[i]])
+    end
+    seq = seq + 1
   end
-  reply[2 + i] = redis.call(ARGV[4], ARGV[5], env)
 end
 redis.call('PEXPIRE', meta, ARGV[3])
 redis.call('PEXPIRE', stream, ARGV[3])
@@ -72,23 +110,40 @@ return reply
 /// call fails with NOSCRIPT: see [`to_retry`] and [`load_store_script`].
 fn store_call(publish_command: &str, group: &Group<'_>) -> Cmd {
     let (meta, stream) = keys(group.channel);
+    // A durable room's group always has its settings.
+    let settings = group.settings.copied().unwrap_or_default();
     let mut call = STORE_SCRIPT.call();
     call.key(meta)
         .key(stream)
         .arg(group.epoch)
-        .arg(group.settings.history.get())
-        .arg(ttl_ms(group.settings.ttl))
+        .arg(settings.history.get())
+        .arg(ttl_ms(settings.ttl))
         .arg(publish_command)
         .arg(group.channel);
+    if group.guards.iter().any(Option::is_some) {
+        let flags: String = group
+            .guards
+            .iter()
+            .map(|g| if g.is_some() { '1' } else { '0' })
+            .collect();
+        call.arg(flags);
+        for guard in group.guards.iter().flatten() {
+            call.key(&guard.key);
+        }
+        for guard in group.guards.iter().flatten() {
+            call.arg(ttl_ms(guard.ttl));
+        }
+    }
     for envelope in &group.envelopes {
         call.arg(*envelope);
     }
     call.cmd()
 }
 
-/// The reply to a [`store_call`] of `n` messages, per message in their order: its position and
-/// the number of nodes subscribed to the room, or why it was not stored.
-fn stored(reply: &Value, n: usize) -> Vec<Result<(Position, usize), Error>> {
+/// The reply to a [`store_call`] of `n` messages, per message in their order: the number of
+/// nodes subscribed to the room and its position, or why it was not stored. Seqs follow each
+/// other over the stored messages only: a skipped one (guarded) took none.
+fn stored(reply: &Value, n: usize) -> Vec<Result<Published, Error>> {
     let parsed = match reply {
         Value::Array(items) => match items.as_slice() {
             [epoch, first, nodes @ ..] => text(epoch).zip(int(first)).map(|(e, f)| (e, f, nodes)),
@@ -100,12 +155,17 @@ fn stored(reply: &Value, n: usize) -> Vec<Result<(Position, usize), Error>> {
         return (0..n).map(|_| Err(unexpected("store"))).collect();
     };
     let epoch: std::sync::Arc<str> = epoch.into();
+    let mut seq = first;
     (0..n)
         .map(|i| match nodes.get(i) {
-            Some(Value::Int(count)) => Ok((
-                Position::new(epoch.clone(), first + i as u64),
-                usize::try_from(*count).unwrap_or(0),
-            )),
+            Some(Value::Int(count)) => {
+                seq += 1;
+                let position = Position::new(epoch.clone(), seq - 1);
+                Ok(Published::new(
+                    usize::try_from(*count).unwrap_or(0),
+                    Some(position),
+                ))
+            }
             Some(Value::ServerError(e)) => Err(Error::redis(RedisError::from(e.clone()))),
             Some(_) => Err(unexpected("store")),
             None => Err(Error::redis(
@@ -132,7 +192,7 @@ impl Store for StoreScript {
     fn call(&self, publish_command: &str, group: &Group<'_>) -> Cmd {
         store_call(publish_command, group)
     }
-    fn replies(&self, reply: &Value, n: usize) -> Vec<Result<(Position, usize), Error>> {
+    fn replies(&self, reply: &Value, n: usize) -> Vec<Result<Published, Error>> {
         stored(reply, n)
     }
 }
@@ -140,6 +200,15 @@ impl Store for StoreScript {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn outcomes(out: &[Result<Published, Error>]) -> Vec<Option<(String, usize)>> {
+        out.iter()
+            .map(|r| {
+                let p = r.as_ref().ok()?;
+                Some((p.position()?.to_string(), p.nodes()))
+            })
+            .collect()
+    }
 
     #[test]
     fn a_group_reply_gives_each_message_its_position_or_its_error() {
@@ -150,17 +219,35 @@ mod tests {
             Value::Int(2),
         ]);
         let out = stored(&reply, 3);
-        let ok: Vec<_> = out
-            .iter()
-            .take(2)
-            .map(|r| r.as_ref().map(|(p, n)| (p.to_string(), *n)).ok())
-            .collect();
         assert_eq!(
-            ok,
-            [Some(("e1:7".to_owned(), 3)), Some(("e1:8".to_owned(), 2))]
+            outcomes(&out),
+            [
+                Some(("e1:7".to_owned(), 3)),
+                Some(("e1:8".to_owned(), 2)),
+                // Not stored: the script stopped before it.
+                None
+            ]
         );
-        // The third was not stored: the script stopped before it.
-        assert!(out[2].is_err());
         assert!(stored(&Value::Nil, 2).iter().all(Result::is_err));
+    }
+
+    #[test]
+    fn a_skipped_guarded_message_takes_no_seq() {
+        let skipped = redis::parse_redis_value(b"-GUARDED published already\r\n").expect("parsed");
+        let reply = Value::Array(vec![
+            Value::BulkString(b"e1".to_vec()),
+            Value::Int(7),
+            Value::Int(1),
+            skipped,
+            Value::Int(1),
+        ]);
+        assert_eq!(
+            outcomes(&stored(&reply, 3)),
+            [
+                Some(("e1:7".to_owned(), 1)),
+                None,
+                Some(("e1:8".to_owned(), 1))
+            ]
+        );
     }
 }

@@ -14,7 +14,6 @@ use axum::extract::ws::Message;
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
 use serde_json::{Map, Value, json};
-use tokio::time::Instant;
 
 mod publish;
 
@@ -40,11 +39,9 @@ struct Session<A> {
     socket: FanoutSocket,
     rooms: RoomHandle,
     settings: Arc<Settings<A>>,
-    /// Who the socket acts as, once connected.
+    /// Who the socket acts as, once connected. When its credentials expire is the node's
+    /// (`FanoutSocket::expire_in`, one timer for every socket), not the session's.
     user: Option<String>,
-    /// When its credentials expire: a timer made only for credentials that do (a socket's
-    /// task keeps the size of what it awaits for its whole life, and most are idle).
-    expires: Option<Pin<Box<tokio::time::Sleep>>>,
     /// Replies waiting for Redis; made on the first (most sockets only join and listen).
     pending: Option<FuturesUnordered<Pending>>,
 }
@@ -62,27 +59,25 @@ pub(super) async fn run<A: Authorize>(
         rooms,
         settings,
         user: None,
-        expires: None,
         pending: None,
     };
-    if let Some(grant) = grant
-        && let Err(failure) = Box::pin(session.connected(grant)).await
-    {
-        tracing::warn!(reason = ?failure, "a protocol socket could not take its identity");
-        let reason = "cannot reach redis; try again later";
-        return session.close(close::TRY_AGAIN_LATER, reason, true);
+    match grant {
+        // The node's expiry task closes it unless a `connect` succeeds first.
+        None => {
+            let within = session.settings.connect_timeout;
+            session.socket.expect_credentials_within(within);
+        }
+        Some(grant) => {
+            if let Err(failure) = Box::pin(session.connected(grant)).await {
+                tracing::warn!(reason = ?failure, "a protocol socket could not take its identity");
+                let reason = "cannot reach redis; try again later";
+                return session.close(close::TRY_AGAIN_LATER, reason, true);
+            }
+        }
     }
     // Not boxed: the loop is where an idle socket spends its life, so the task is sized for
     // it anyway; a box would be a second allocation per socket (about 0.8 KiB).
     session.serve().await;
-}
-
-/// Resolves when `deadline` passes; never without one.
-async fn expiry(deadline: &mut Option<Pin<Box<tokio::time::Sleep>>>) {
-    match deadline {
-        Some(sleep) => sleep.as_mut().await,
-        None => std::future::pending().await,
-    }
 }
 
 /// The next reply that was waiting for Redis; never while there is none.
@@ -94,10 +89,6 @@ async fn next_reply(pending: &mut Option<FuturesUnordered<Pending>>) -> Value {
         },
         _ => std::future::pending().await,
     }
-}
-
-fn deadline(expiry: Option<Duration>) -> Option<Pin<Box<tokio::time::Sleep>>> {
-    expiry.map(|d| Box::pin(tokio::time::sleep_until(Instant::now() + d)))
 }
 
 impl<A: Authorize> Session<A> {
@@ -113,7 +104,7 @@ impl<A: Authorize> Session<A> {
             };
             return Err(Failure::new(code, e.to_string()));
         }
-        self.expires = deadline(grant.expiry());
+        self.expire(grant.expiry());
         let expires_in = grant.expiry().map(|d| d.as_secs_f64());
         self.user = Some(user.clone());
         Ok(json!({ "user": user, "expires_in": expires_in }))
@@ -128,13 +119,6 @@ impl<A: Authorize> Session<A> {
                         return;
                     }
                     continue;
-                }
-                () = expiry(&mut self.expires) => {
-                    return self.close(
-                        close::CREDENTIALS_EXPIRED,
-                        close::CREDENTIALS_EXPIRED_REASON,
-                        true,
-                    );
                 }
                 event = self.socket.recv_event() => event,
             };
@@ -231,10 +215,22 @@ impl<A: Authorize> Session<A> {
         let settings = self.settings.clone();
         match settings.auth.refresh(user, &token).await {
             Ok(expiry) => {
-                self.expires = deadline(expiry);
+                self.expire(expiry);
                 Ok(json!({ "expires_in": expiry.map(|d| d.as_secs_f64()) }))
             }
             Err(denied) => Err(Failure::new(Code::NotAllowed, denied.reason())),
+        }
+    }
+
+    /// The socket's credentials expire `expiry` from now (`None`: never), on the node's
+    /// expiry task, which closes it with 4001 after a `fanout.disconnect` frame.
+    fn expire(&self, expiry: Option<Duration>) {
+        match expiry {
+            // Zero is "expired already": closed at once. Refused only on a closing socket.
+            Some(after) => {
+                let _ = self.socket.expire_in(after.max(Duration::from_millis(1)));
+            }
+            None => self.socket.expire_never(),
         }
     }
 
@@ -357,12 +353,12 @@ fn unknown(cmd: &str) -> Failure {
     Failure::new(Code::UnknownCommand, format!("unknown command {cmd:?}"))
 }
 
-/// Waits for Redis's answer to a queued publish and records it under the publish's key: the
-/// position for a duplicate's reply, or the key released when it failed.
+/// Waits for Redis's answer to a queued publish and records it under the publish's key (unless
+/// the publish did): the position for a duplicate's reply, or the key released when it failed.
 async fn finish_publish(
     rooms: &RoomHandle,
     queued: Result<crate::Receipt, crate::Error>,
-    key: Option<&str>,
+    key: Option<&keys::PublishKey>,
     window: std::time::Duration,
 ) -> Outcome {
     let bus = &rooms.shared.node.bus;
@@ -377,20 +373,26 @@ async fn finish_publish(
             if let Some(pos) = published.position() {
                 position_fields(&mut result, pos);
             }
-            if let Some(key) = key {
+            // Recorded already when the publish itself did (`PublishKey::atomic`).
+            if let Some(key) = key.filter(|k| !k.atomic) {
                 let first = published.position().map(ToString::to_string);
                 let first = first.unwrap_or_default();
-                if let Err(e) = keys::done(bus, key, first, window).await {
+                if let Err(e) = keys::done(bus, &key.key, first, window).await {
                     tracing::debug!(error = %e, "could not store a publish key's position");
                 }
             }
             Ok(Value::Object(result))
         }
         Err(e) => {
-            if let Some(key) = key
-                && let Err(release) = keys::release(bus, key).await
-            {
-                tracing::warn!(error = %release, "could not release a failed publish's key");
+            if let Some(key) = key {
+                match keys::settle(bus, &key.key).await {
+                    // It went out after all (a reply lost, or another node's retry): once.
+                    Ok(Some(first)) => return publish::duplicate(&first),
+                    Ok(None) => {}
+                    Err(release) => {
+                        tracing::warn!(error = %release, "could not release a failed publish's key");
+                    }
+                }
             }
             Err(e.into())
         }

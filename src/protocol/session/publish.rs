@@ -4,15 +4,17 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::time::Duration;
 
 use futures_util::stream::FuturesUnordered;
 use serde_json::{Map, Value};
 
 use super::{MAX_KEY, Session, finish_publish};
+use crate::broadcast::Broadcast;
 use crate::envelope::Payload;
 use crate::position::Position;
 use crate::protocol::auth::Authorize;
-use crate::protocol::redis::{self as keys, Claim};
+use crate::protocol::redis::{self as keys, Claim, PublishKey};
 use crate::protocol::wire::{
     Code, Command, Failure, Outcome, UNACKED, bad, position_fields, reply, unsent,
 };
@@ -98,7 +100,7 @@ impl<A: Authorize> Session<A> {
         let bus = &self.rooms.shared.node.bus;
         let key = key.map(|k| keys::key_of(bus, &room, user, &k));
         if let Some(key) = &key {
-            match keys::claim(bus, key).await? {
+            match keys::claim(bus, &key.key).await? {
                 Claim::First => {}
                 Claim::InFlight => {
                     return Err(Failure::new(
@@ -107,19 +109,16 @@ impl<A: Authorize> Session<A> {
                     ));
                 }
                 Claim::Duplicate(first) => {
-                    let mut result = Map::new();
-                    result.insert("duplicate".into(), true.into());
-                    if let Ok(pos) = first.parse::<Position>() {
-                        position_fields(&mut result, &pos);
-                    }
-                    let outcome = Ok(Value::Object(result));
+                    let outcome = duplicate(&first);
                     return Ok(Box::pin(async move { outcome }));
                 }
             }
         }
-        let queued = self.socket.broadcast(&room, payload).queue().await;
-        let rooms = self.rooms.clone();
         let window = settings.dedupe_window;
+        let queued = once(self.socket.broadcast(&room, payload), key.as_ref(), window)
+            .queue()
+            .await;
+        let rooms = self.rooms.clone();
         if key.is_none() {
             return Ok(Box::pin(async move {
                 finish_publish(&rooms, queued, None, window).await
@@ -130,7 +129,7 @@ impl<A: Authorize> Session<A> {
         // find the key in flight until the claim expires, and then send the message again.
         let (tx, rx) = tokio::sync::oneshot::channel();
         tokio::spawn(async move {
-            let outcome = finish_publish(&rooms, queued, key.as_deref(), window).await;
+            let outcome = finish_publish(&rooms, queued, key.as_ref(), window).await;
             let _ = tx.send(outcome);
         });
         Ok(Box::pin(async move {
@@ -138,4 +137,22 @@ impl<A: Authorize> Session<A> {
                 .unwrap_or_else(|_| Err(Failure::new(Code::Unavailable, "the publish was lost")))
         }))
     }
+}
+
+/// `broadcast`, made at most once under `key` when its room allows it (see `PublishKey`).
+fn once(broadcast: Broadcast, key: Option<&PublishKey>, window: Duration) -> Broadcast {
+    match key {
+        Some(key) if key.atomic => broadcast.once(key.key.clone(), window),
+        _ => broadcast,
+    }
+}
+
+/// The reply to a publish whose key was accepted before, at `first` (`"E:S"`, or empty).
+pub(super) fn duplicate(first: &str) -> Outcome {
+    let mut result = Map::new();
+    result.insert("duplicate".into(), true.into());
+    if let Ok(pos) = first.parse::<Position>() {
+        position_fields(&mut result, &pos);
+    }
+    Ok(Value::Object(result))
 }
