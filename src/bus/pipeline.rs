@@ -1,7 +1,8 @@
 //! The publisher's pipelines: what is queued goes out in runs, plain broadcasts as one pipeline
 //! of PUBLISH, messages with a durability or a guard as one pipeline of script calls (the
-//! feature's store, or `guard`'s for a plain room), and each caller is told its own outcome. The rules (order, grouping, what a NOSCRIPT sends
-//! again, what expires unsent) are unit-tested below against an in-memory connection.
+//! feature's store, or `guard`'s for a plain room), and each caller is told its own outcome.
+//! The rules (order, grouping, what a NOSCRIPT sends again, what expires unsent) are
+//! unit-tested below against an in-memory connection.
 
 use std::sync::Arc;
 
