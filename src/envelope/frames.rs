@@ -8,6 +8,18 @@ use serde_json::value::RawValue;
 
 use super::{BASE64, Decoded, Payload, Repr};
 
+/// The `fanout.disconnect` frame (`PROTOCOL.md`, section 4) a fanout-protocol socket is told
+/// before the node closes it with `code`: why, and whether to come back. Every closer of a
+/// protocol socket sends this one shape: the session, a fleet-wide disconnect, an expiry.
+pub(crate) fn disconnect_frame(code: u16, reason: &str, reconnect: bool) -> Payload {
+    Payload::from(serde_json::json!({
+        "type": "fanout.disconnect",
+        "code": code,
+        "reason": reason,
+        "reconnect": reconnect,
+    }))
+}
+
 /// The frame every socket of a user gets of a message sent to that user:
 /// `{"type":"fanout.direct","payload":V}` (`"text"` or `"binary"` in place of `"payload"` for
 /// those payloads), the same for a toolkit socket and a fanout-protocol one.

@@ -28,7 +28,7 @@
 
 mod frames;
 
-pub(crate) use frames::direct_frame;
+pub(crate) use frames::{direct_frame, disconnect_frame};
 
 use std::borrow::Cow;
 use std::fmt;

@@ -271,11 +271,6 @@ pub(super) fn unsent(room: Option<&str>, failure: &Failure) -> Value {
     })
 }
 
-/// `fanout.disconnect`: the node closes right after it, with `code`.
-pub(super) fn disconnect(code: u16, reason: &str, reconnect: bool) -> Value {
-    json!({ "type": "fanout.disconnect", "code": code, "reason": reason, "reconnect": reconnect })
-}
-
 /// A position's fields for a reply.
 pub(super) fn position_fields(out: &mut Map<String, Value>, pos: &Position) {
     out.insert("epoch".into(), pos.epoch().into());

@@ -12,12 +12,13 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-use axum::extract::ws::{CloseFrame, Message, Utf8Bytes};
+use axum::extract::ws::{CloseFrame, Utf8Bytes};
 use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 
 use crate::close;
 use crate::config::OverflowPolicy;
+use crate::envelope::disconnect_frame;
 use crate::queue::Outbox;
 use crate::registry::SocketId;
 
@@ -46,18 +47,6 @@ impl Deadline {
             Deadline::Connect => (close::POLICY_VIOLATION, close::NO_CREDENTIALS_REASON, false),
         }
     }
-}
-
-/// The `fanout.disconnect` frame a protocol socket is told before the node closes it with
-/// `code` (`PROTOCOL.md`, section 4): why, and whether to come back.
-pub(crate) fn told(code: u16, reason: &str, reconnect: bool) -> Message {
-    let told = serde_json::json!({
-        "type": "fanout.disconnect",
-        "code": code,
-        "reason": reason,
-        "reconnect": reconnect,
-    });
-    Message::Text(Utf8Bytes::from(told.to_string()))
 }
 
 #[derive(Debug, Default)]
@@ -143,7 +132,8 @@ pub(crate) async fn run(expiries: Arc<Expiries>, mut stop: watch::Receiver<()>) 
             let (code, reason, reconnect) = why.close_frame();
             if outbox.is_framed() {
                 // Dropped rather than closing for overflow: the close frame follows anyway.
-                outbox.offer(told(code, reason, reconnect), OverflowPolicy::DropNewest);
+                let told = disconnect_frame(code, reason, reconnect).into_frame();
+                outbox.offer(told, OverflowPolicy::DropNewest);
             }
             outbox.close_after_flush(Some(CloseFrame {
                 code,

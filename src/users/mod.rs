@@ -169,7 +169,9 @@ impl Commands for Users {
                 // Built once for every socket addressed: the close frame, and what a
                 // fanout-protocol socket is told first (why, and whether to come back).
                 let reason = Utf8Bytes::from(reason);
-                let told = expiry::told(code, reason.as_str(), code == crate::close::RECONNECT);
+                let reconnect = code == crate::close::RECONNECT;
+                let told = crate::envelope::disconnect_frame(code, reason.as_str(), reconnect);
+                let told = told.into_frame();
                 let mut closed = 0;
                 for (_, outbox) in addressed {
                     if outbox.is_framed() {

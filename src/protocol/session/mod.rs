@@ -164,7 +164,9 @@ impl<A: Authorize> Session<A> {
 
     /// Tells the client why, then closes with `code`.
     fn close(&mut self, code: u16, reason: &str, reconnect: bool) {
-        let _ = self.socket.send(wire::disconnect(code, reason, reconnect));
+        let _ = self
+            .socket
+            .send(crate::envelope::disconnect_frame(code, reason, reconnect));
         self.socket.close(code, reason);
     }
 
