@@ -24,18 +24,45 @@ pub(crate) fn disconnect_frame(code: u16, reason: &str, reconnect: bool) -> Payl
 /// `{"type":"fanout.direct","payload":V}` (`"text"` or `"binary"` in place of `"payload"` for
 /// those payloads), the same for a toolkit socket and a fanout-protocol one.
 pub(crate) fn direct_frame(payload: &Payload) -> Payload {
+    let mut frame = String::from("{\"type\":\"fanout.direct\",");
     let body = match &payload.0 {
-        Repr::Json(raw) => format!("\"payload\":{}", raw.get()),
-        Repr::Text(text) => format!(
-            "\"text\":{}",
-            serde_json::to_string(text).unwrap_or_default()
-        ),
-        Repr::Binary(bytes) => format!("\"binary\":\"{}\"", BASE64.encode(bytes)),
+        Repr::Json(raw) => Body::Json(raw.get()),
+        Repr::Text(text) => Body::Text(text),
+        Repr::Binary(bytes) => Body::Binary(bytes),
     };
-    let frame = format!("{{\"type\":\"fanout.direct\",{body}}}");
+    push_body(&mut frame, "\"payload\":", body);
+    frame.push('}');
     // Valid JSON by construction (a valid payload, a JSON string, base64); should it ever not
     // be, the frame still goes out, as text.
     Payload::raw_json(frame.clone()).unwrap_or_else(|_| Payload::text(frame))
+}
+
+/// A message's body in a frame that wraps it: JSON under the frame's own key, text or bytes
+/// under `"text"` or `"binary"` (base64).
+enum Body<'a> {
+    Json(&'a str),
+    Text(&'a str),
+    Binary(&'a [u8]),
+}
+
+/// Writes `body`'s field: one writer for every frame that wraps a message (a direct message,
+/// a positioned or room-framed delivery).
+fn push_body(out: &mut String, json_key: &str, body: Body<'_>) {
+    match body {
+        Body::Json(json) => {
+            out.push_str(json_key);
+            out.push_str(json);
+        }
+        Body::Text(text) => {
+            out.push_str("\"text\":");
+            out.push_str(&serde_json::to_string(text).unwrap_or_default());
+        }
+        Body::Binary(bytes) => {
+            out.push_str("\"binary\":\"");
+            out.push_str(&BASE64.encode(bytes));
+            out.push('"');
+        }
+    }
 }
 
 impl Decoded {
@@ -76,25 +103,13 @@ impl Decoded {
         } else {
             "\"payload\":"
         };
-        match &self.frame {
-            Message::Text(text) if self.json => {
-                out.push_str(json_key);
-                out.push_str(text.as_str());
-            }
-            Message::Text(text) => {
-                out.push_str("\"text\":");
-                out.push_str(&serde_json::to_string(text.as_str()).unwrap_or_default());
-            }
-            Message::Binary(bytes) => {
-                out.push_str("\"binary\":\"");
-                out.push_str(&BASE64.encode(bytes));
-                out.push('"');
-            }
-            _ => {
-                out.push_str(json_key);
-                out.push_str("null");
-            }
-        }
+        let body = match &self.frame {
+            Message::Text(text) if self.json => Body::Json(text.as_str()),
+            Message::Text(text) => Body::Text(text.as_str()),
+            Message::Binary(bytes) => Body::Binary(bytes),
+            _ => Body::Json("null"),
+        };
+        push_body(&mut out, json_key, body);
         out.push('}');
         Message::Text(Utf8Bytes::from(out))
     }

@@ -494,6 +494,25 @@ mod tests {
     }
 
     #[test]
+    fn a_direct_message_is_one_frame_shape_for_json_text_and_bytes() {
+        let json = Payload::raw_json(r#"{"a":[1, 2]}"#).expect("json");
+        let cases = [
+            (json, r#"{"type":"fanout.direct","payload":{"a":[1, 2]}}"#),
+            (
+                Payload::text("say \"hi\""),
+                r#"{"type":"fanout.direct","text":"say \"hi\""}"#,
+            ),
+            (
+                Payload::binary(vec![0u8, 255]),
+                r#"{"type":"fanout.direct","binary":"AP8="}"#,
+            ),
+        ];
+        for (payload, expected) in cases {
+            assert_eq!(text_of(&direct_frame(&payload).into_frame()), expected);
+        }
+    }
+
+    #[test]
     fn protocol_sockets_get_each_room_message_framed_with_its_room() {
         let raw = br#"{"pos":{"epoch":"e1","seq":7},"v":1,"payload":{"a":1}}"#;
         let d = decode(raw, "r", "n", MAX).unwrap();
