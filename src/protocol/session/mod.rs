@@ -20,7 +20,6 @@ mod publish;
 use super::Settings;
 use super::auth::{Authorize, Grant};
 use super::reads::{Read, missed_notice};
-use super::redis as keys;
 use super::wire::{self, Code, Command, Failure, Outcome, Unparsed, position_fields, reply};
 use crate::close;
 use crate::durable::Start;
@@ -32,16 +31,14 @@ use crate::socket::{Event, FanoutSocket};
 /// A reply that waits for Redis beside the loop.
 type Pending = Pin<Box<dyn Future<Output = Value> + Send>>;
 
-/// Longest idempotency key a client may choose.
-const MAX_KEY: usize = 64;
-
 struct Session<A> {
     socket: FanoutSocket,
     rooms: RoomHandle,
     settings: Arc<Settings<A>>,
     /// Who the socket acts as, once connected. When its credentials expire is the node's
-    /// (`FanoutSocket::expire_in`, one timer for every socket), not the session's.
-    user: Option<String>,
+    /// (`FanoutSocket::expire_in`, one timer for every socket), not the session's. Shared, so
+    /// that a command (a publish: the hot one) borrows it without copying the name.
+    user: Option<Arc<str>>,
     /// Replies waiting for Redis; made on the first (most sockets only join and listen).
     pending: Option<FuturesUnordered<Pending>>,
 }
@@ -106,7 +103,7 @@ impl<A: Authorize> Session<A> {
         }
         self.expire(grant.expiry());
         let expires_in = grant.expiry().map(|d| d.as_secs_f64());
-        self.user = Some(user.clone());
+        self.user = Some(Arc::from(user.as_str()));
         Ok(json!({ "user": user, "expires_in": expires_in }))
     }
 
@@ -193,8 +190,8 @@ impl<A: Authorize> Session<A> {
             "join" => self.join(&user, &command).await,
             "leave" => self.leave(&command),
             "refresh" => self.refresh(&user, &command).await,
-            "publish" => return self.publish(user, command).await,
-            "history" | "presence" => return self.read(user, command).await,
+            "publish" => return self.publish(&user, command).await,
+            "history" | "presence" => return self.read(&user, command).await,
             other => Err(unknown(other)),
         };
         Some(outcome)
@@ -252,13 +249,11 @@ async fn may_join<A: Authorize>(
     user: &str,
     room: &RoomName,
 ) -> Result<(), Failure> {
-    {
-        settings
-            .auth
-            .may_join(user, room)
-            .await
-            .map_err(|denied| Failure::new(Code::NotAllowed, denied.reason()))
-    }
+    settings
+        .auth
+        .may_join(user, room)
+        .await
+        .map_err(|denied| Failure::new(Code::NotAllowed, denied.reason()))
 }
 
 impl<A: Authorize> Session<A> {
@@ -325,7 +320,7 @@ impl<A: Authorize> Session<A> {
     }
 
     /// `history` and `presence`: checked now, answered when Redis replies.
-    async fn read(&mut self, user: String, command: Command) -> Option<Outcome> {
+    async fn read(&mut self, user: &str, command: Command) -> Option<Outcome> {
         let room = match command.string("room") {
             Ok(room) => match RoomName::new(room) {
                 Ok(room) => room,
@@ -337,7 +332,7 @@ impl<A: Authorize> Session<A> {
             Ok(what) => what,
             Err(f) => return Some(Err(f)),
         };
-        if let Err(f) = self.may_join(&user, &room).await {
+        if let Err(f) = self.may_join(user, &room).await {
             return Some(Err(f));
         }
         let rooms = self.rooms.clone();
@@ -353,50 +348,4 @@ impl<A: Authorize> Session<A> {
 
 fn unknown(cmd: &str) -> Failure {
     Failure::new(Code::UnknownCommand, format!("unknown command {cmd:?}"))
-}
-
-/// Waits for Redis's answer to a queued publish and records it under the publish's key (unless
-/// the publish did): the position for a duplicate's reply, or the key released when it failed.
-async fn finish_publish(
-    rooms: &RoomHandle,
-    queued: Result<crate::Receipt, crate::Error>,
-    key: Option<&keys::PublishKey>,
-    window: std::time::Duration,
-) -> Outcome {
-    let bus = &rooms.shared.node.bus;
-    let published = match queued {
-        Ok(receipt) => receipt.published().await,
-        Err(e) => Err(e),
-    };
-    match published {
-        Ok(published) => {
-            let mut result = Map::new();
-            result.insert("nodes".into(), published.nodes().into());
-            if let Some(pos) = published.position() {
-                position_fields(&mut result, pos);
-            }
-            // Recorded already when the publish itself did (`PublishKey::atomic`).
-            if let Some(key) = key.filter(|k| !k.atomic) {
-                let first = published.position().map(ToString::to_string);
-                let first = first.unwrap_or_default();
-                if let Err(e) = keys::done(bus, &key.key, first, window).await {
-                    tracing::debug!(error = %e, "could not store a publish key's position");
-                }
-            }
-            Ok(Value::Object(result))
-        }
-        Err(e) => {
-            if let Some(key) = key {
-                match keys::settle(bus, &key.key).await {
-                    // It went out after all (a reply lost, or another node's retry): once.
-                    Ok(Some(first)) => return publish::duplicate(&first),
-                    Ok(None) => {}
-                    Err(release) => {
-                        tracing::warn!(error = %release, "could not release a failed publish's key");
-                    }
-                }
-            }
-            Err(e.into())
-        }
-    }
 }

@@ -9,9 +9,11 @@ use std::time::Duration;
 use futures_util::stream::FuturesUnordered;
 use serde_json::{Map, Value};
 
-use super::{MAX_KEY, Session, finish_publish};
+use super::Session;
 use crate::broadcast::Broadcast;
+use crate::bus::Receipt;
 use crate::envelope::Payload;
+use crate::node::RoomHandle;
 use crate::position::Position;
 use crate::protocol::auth::Authorize;
 use crate::protocol::redis::{self as keys, Claim, PublishKey};
@@ -20,17 +22,20 @@ use crate::protocol::wire::{
 };
 use crate::room::RoomName;
 
+/// Longest idempotency key a client may choose.
+const MAX_KEY: usize = 64;
+
 impl<A: Authorize> Session<A> {
-    pub(super) async fn publish(&mut self, user: String, mut command: Command) -> Option<Outcome> {
+    pub(super) async fn publish(&mut self, user: &str, mut command: Command) -> Option<Outcome> {
         let id = command.id;
         if id == UNACKED {
-            if let Err(failure) = self.publish_unacked(&user, &mut command).await {
+            if let Err(failure) = self.publish_unacked(user, &mut command).await {
                 let room = command.fields.get("room").and_then(Value::as_str);
                 let _ = self.socket.send(unsent(room, &failure));
             }
             return None;
         }
-        match self.start_publish(&user, &mut command).await {
+        match self.start_publish(user, &mut command).await {
             Ok(pending) => {
                 let reply = Box::pin(async move { reply(id, pending.await) });
                 self.pending
@@ -139,6 +144,52 @@ impl<A: Authorize> Session<A> {
     }
 }
 
+/// Waits for Redis's answer to a queued publish and records it under the publish's key (unless
+/// the publish did): the position for a duplicate's reply, or the key released when it failed.
+async fn finish_publish(
+    rooms: &RoomHandle,
+    queued: Result<Receipt, crate::Error>,
+    key: Option<&PublishKey>,
+    window: Duration,
+) -> Outcome {
+    let bus = &rooms.shared.node.bus;
+    let published = match queued {
+        Ok(receipt) => receipt.published().await,
+        Err(e) => Err(e),
+    };
+    match published {
+        Ok(published) => {
+            let mut result = Map::new();
+            result.insert("nodes".into(), published.nodes().into());
+            if let Some(pos) = published.position() {
+                position_fields(&mut result, pos);
+            }
+            // Recorded already when the publish itself did (`PublishKey::atomic`).
+            if let Some(key) = key.filter(|k| !k.atomic) {
+                let first = published.position().map(ToString::to_string);
+                let first = first.unwrap_or_default();
+                if let Err(e) = keys::done(bus, &key.key, first, window).await {
+                    tracing::debug!(error = %e, "could not store a publish key's position");
+                }
+            }
+            Ok(Value::Object(result))
+        }
+        Err(e) => {
+            if let Some(key) = key {
+                match keys::settle(bus, &key.key).await {
+                    // It went out after all (a reply lost, or another node's retry): once.
+                    Ok(Some(first)) => return duplicate(&first),
+                    Ok(None) => {}
+                    Err(release) => {
+                        tracing::warn!(error = %release, "could not release a failed publish's key");
+                    }
+                }
+            }
+            Err(e.into())
+        }
+    }
+}
+
 /// `broadcast`, made at most once under `key` when its room allows it (see `PublishKey`).
 fn once(broadcast: Broadcast, key: Option<&PublishKey>, window: Duration) -> Broadcast {
     match key {
@@ -148,7 +199,7 @@ fn once(broadcast: Broadcast, key: Option<&PublishKey>, window: Duration) -> Bro
 }
 
 /// The reply to a publish whose key was accepted before, at `first` (`"E:S"`, or empty).
-pub(super) fn duplicate(first: &str) -> Outcome {
+fn duplicate(first: &str) -> Outcome {
     let mut result = Map::new();
     result.insert("duplicate".into(), true.into());
     if let Ok(pos) = first.parse::<Position>() {
