@@ -582,7 +582,12 @@ pub(crate) async fn connect_idle(
         .buffer_unordered(CONNECT_CONCURRENCY)
         .collect()
         .await;
-    let mut open = Vec::with_capacity(n);
+    split_conns(results)
+}
+
+/// The open sockets of `results`, and the errors of the connections that failed.
+pub(crate) fn split_conns(results: Vec<Result<ws::Conn>>) -> (Vec<TcpStream>, Vec<String>) {
+    let mut open = Vec::with_capacity(results.len());
     let mut errors = Vec::new();
     for r in results {
         match r {
@@ -591,4 +596,59 @@ pub(crate) async fn connect_idle(
         }
     }
     (open, errors)
+}
+
+/// What idle connections cost the nodes: their summed RSS before and after `connect` (each
+/// read once the nodes settled for `settle`), what it opened, and how long it took.
+pub(crate) struct Footprint {
+    pub(crate) before_kib: u64,
+    pub(crate) after_kib: u64,
+    pub(crate) open: Vec<TcpStream>,
+    pub(crate) errors: Vec<String>,
+    pub(crate) connect_secs: f64,
+}
+
+impl Footprint {
+    /// Runs `connect` between two settled RSS readings; fails when a node died or nothing
+    /// connected.
+    pub(crate) async fn measure(
+        cluster: &mut Cluster,
+        settle: Duration,
+        connect: impl std::future::Future<Output = (Vec<TcpStream>, Vec<String>)>,
+    ) -> Result<Self> {
+        // Let the freshly started nodes reach their resting footprint first.
+        tokio::time::sleep(settle).await;
+        let before_kib = cluster.nodes_rss_kib();
+        let t0 = Instant::now();
+        let (open, errors) = connect.await;
+        let connect_secs = t0.elapsed().as_secs_f64();
+        tokio::time::sleep(settle).await;
+        let after_kib = cluster.nodes_rss_kib();
+        cluster.check_alive()?;
+        if open.is_empty() {
+            bail!(
+                "no idle connection succeeded; first error: {}",
+                errors.first().map_or("none", |e| e.as_str())
+            );
+        }
+        Ok(Self {
+            before_kib,
+            after_kib,
+            open,
+            errors,
+            connect_secs,
+        })
+    }
+
+    /// Says why the first failed connection failed, if one did.
+    pub(crate) fn print_first_error(&self, tag: &str) {
+        if let Some(e) = self.errors.first() {
+            println!("{tag} first connection error: {e}");
+        }
+    }
+
+    /// RSS growth per open connection, in KiB.
+    pub(crate) fn per_conn_kib(&self) -> f64 {
+        self.after_kib.saturating_sub(self.before_kib) as f64 / self.open.len() as f64
+    }
 }

@@ -10,12 +10,11 @@
 //! memberships, and the joins per second while connecting. Protocol targets only; the
 //! `idle` scenario gives the same figure for a socket in one room, for every target.
 
-use std::time::Instant;
-
-use futures_util::StreamExt as _;
 use futures_util::stream;
+use futures_util::{FutureExt as _, StreamExt as _};
 use serde_json::json;
 
+use crate::load::{self, Footprint};
 use crate::procs::{Cluster, ClusterConfig, Target};
 use crate::report::{Better, fig};
 use crate::scenarios::{Outcome, Params};
@@ -47,12 +46,8 @@ pub(crate) async fn idle_rooms(
         bail!("--idle-rooms-conns must be positive");
     }
     let mut cluster = Cluster::start(target, cc).await?;
-    // Let the freshly started nodes reach their resting footprint first.
-    tokio::time::sleep(p.idle_settle).await;
-    let before = cluster.nodes_rss_kib();
-    let t0 = Instant::now();
     let addrs = cluster.addrs.clone();
-    let results: Vec<_> = stream::iter(0..n)
+    let connect = stream::iter(0..n)
         .map(|i| {
             let addr = addrs[i % addrs.len()];
             let rooms: Vec<String> = (0..ROOMS_PER_CONN)
@@ -64,43 +59,24 @@ pub(crate) async fn idle_rooms(
             }
         })
         .buffer_unordered(CONCURRENCY)
-        .collect()
-        .await;
-    let connect_secs = t0.elapsed().as_secs_f64();
-    let mut open = Vec::with_capacity(n);
-    let mut errors = Vec::new();
-    for r in results {
-        match r {
-            Ok(c) => open.push(c.stream),
-            Err(e) => errors.push(e.to_string()),
-        }
-    }
-    tokio::time::sleep(p.idle_settle).await;
-    let after = cluster.nodes_rss_kib();
-    cluster.check_alive()?;
-    let connected = open.len();
-    if connected == 0 {
-        bail!(
-            "no connection joined its rooms; first error: {}",
-            errors.first().map_or("none", |e| e.as_str())
-        );
-    }
-    let growth = after.saturating_sub(before) as f64;
-    let per_conn_kib = growth / connected as f64;
+        .collect::<Vec<_>>()
+        .map(load::split_conns);
+    let measured = Footprint::measure(&mut cluster, p.idle_settle, connect).await?;
+    let (before, after) = (measured.before_kib, measured.after_kib);
+    let (connected, failed) = (measured.open.len(), measured.errors.len());
+    let (connect_secs, per_conn_kib) = (measured.connect_secs, measured.per_conn_kib());
     let per_membership_kib = per_conn_kib / ROOMS_PER_CONN as f64;
     let joins_per_s = (connected * ROOMS_PER_CONN) as f64 / connect_secs.max(1e-9);
     println!(
         "{tag} {connected} connected in {ROOMS_PER_CONN} rooms each ({} failed) in \
          {connect_secs:.1} s; node RSS {:.1} -> {:.1} MiB = {per_conn_kib:.2} KiB/connection, \
          {per_membership_kib:.3} KiB/membership",
-        errors.len(),
+        failed,
         before as f64 / 1024.0,
         after as f64 / 1024.0
     );
-    if let Some(e) = errors.first() {
-        println!("{tag} first connection error: {e}");
-    }
-    drop(open);
+    measured.print_first_error(tag);
+    drop(measured);
     Ok((
         vec![
             fig(
@@ -128,7 +104,7 @@ pub(crate) async fn idle_rooms(
                 joins_per_s,
             ),
         ],
-        json!({ "connected": connected, "failed": errors.len(), "rooms_per_conn": ROOMS_PER_CONN,
+        json!({ "connected": connected, "failed": failed, "rooms_per_conn": ROOMS_PER_CONN,
                 "distinct_rooms": DISTINCT_ROOMS, "rss_before_kib": before,
                 "rss_after_kib": after, "connect_s": connect_secs }),
     ))

@@ -7,7 +7,7 @@ use serde_json::{Value, json};
 
 use crate::c100k::{self, C100kParams};
 use crate::durable;
-use crate::load::{self, Fleet, FleetSpec, StepResult, StepSpec};
+use crate::load::{self, Fleet, FleetSpec, Footprint, StepResult, StepSpec};
 use crate::presence::{self, PresenceParams};
 use crate::procs::{self, Cluster, ClusterConfig, Target};
 use crate::protocol;
@@ -695,34 +695,20 @@ async fn idle(cluster: &mut Cluster, p: &Params, proto: Proto, tag: &str) -> Res
     if n == 0 {
         bail!("no file descriptors left for idle connections");
     }
-    // Let the freshly started nodes reach their resting footprint first.
-    tokio::time::sleep(p.idle_settle).await;
-    let before = cluster.nodes_rss_kib();
-    let t0 = Instant::now();
-    let (open, errors) = load::connect_idle(&cluster.addrs, p.idle_rooms, n, proto).await;
-    let connect_secs = t0.elapsed().as_secs_f64();
-    tokio::time::sleep(p.idle_settle).await;
-    let after = cluster.nodes_rss_kib();
-    cluster.check_alive()?;
-    let connected = open.len();
-    if connected == 0 {
-        bail!(
-            "no idle connection succeeded; first error: {}",
-            errors.first().map_or("none", |e| e.as_str())
-        );
-    }
-    let per_conn_kib = after.saturating_sub(before) as f64 / connected as f64;
+    let addrs = cluster.addrs.clone();
+    let connect = load::connect_idle(&addrs, p.idle_rooms, n, proto);
+    let measured = Footprint::measure(cluster, p.idle_settle, connect).await?;
+    let (before, after) = (measured.before_kib, measured.after_kib);
+    let (connected, failed) = (measured.open.len(), measured.errors.len());
+    let (connect_secs, per_conn_kib) = (measured.connect_secs, measured.per_conn_kib());
     println!(
-        "{tag} {connected} connected ({} failed) in {connect_secs:.1} s; node RSS {:.1} -> {:.1} \
-         MiB = {per_conn_kib:.2} KiB/connection",
-        errors.len(),
+        "{tag} {connected} connected ({failed} failed) in {connect_secs:.1} s; node RSS {:.1} -> \
+         {:.1} MiB = {per_conn_kib:.2} KiB/connection",
         before as f64 / 1024.0,
         after as f64 / 1024.0
     );
-    if let Some(e) = errors.first() {
-        println!("{tag} first connection error: {e}");
-    }
-    drop(open);
+    measured.print_first_error(tag);
+    drop(measured);
     Ok((
         vec![
             fig(
@@ -750,7 +736,7 @@ async fn idle(cluster: &mut Cluster, p: &Params, proto: Proto, tag: &str) -> Res
                 connected as f64 / connect_secs.max(1e-9),
             ),
         ],
-        json!({ "connected": connected, "failed": errors.len(), "rss_before_kib": before,
+        json!({ "connected": connected, "failed": failed, "rss_before_kib": before,
                 "rss_after_kib": after, "connect_s": connect_secs }),
     ))
 }
