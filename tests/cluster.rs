@@ -218,11 +218,6 @@ async fn a_room_follows_its_slot_to_another_master() {
     assert_eq!(recv_text(&mut a, "after the move").await, "moved");
 }
 
-async fn recv_json(ws: &mut Ws, what: &str) -> Value {
-    let text = recv_text(ws, what).await;
-    serde_json::from_str(&text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"))
-}
-
 /// A durable room and a plain one share a slot (their names' hash tag), and the slot moves to
 /// another master with its keys while a publisher keeps broadcasting to the durable room, and
 /// while more broadcasts land on the new master before the nodes subscribe there (redirected
@@ -375,22 +370,8 @@ async fn a_failover_that_lost_the_last_messages_is_told_not_hidden() {
     let notice = recv_json(&mut ws, "the join notice").await;
     let epoch = notice["epoch"].as_str().expect("epoch").to_owned();
     let mut at = 0;
-    let publish_and_read = async |n: u64, ws: &mut Ws| {
-        let published = handle
-            .broadcast("lag", json!({ "n": n }))
-            .publish()
-            .await
-            .expect("durable broadcast");
-        let seq = published.position().expect("durable").seq();
-        let frame = recv_json(ws, &format!("message {n}")).await;
-        assert_eq!(
-            (&frame["seq"], &frame["payload"]["n"]),
-            (&json!(seq), &json!(n))
-        );
-        seq
-    };
     for n in 1..=3 {
-        at = publish_and_read(n, &mut ws).await;
+        at = publish_durable_and_read(&handle, "lag", n, &mut ws).await;
     }
     assert_eq!(at, 3);
 
@@ -415,7 +396,7 @@ async fn a_failover_that_lost_the_last_messages_is_told_not_hidden() {
     })
     .await;
     for n in 4..=6 {
-        at = publish_and_read(n, &mut ws).await;
+        at = publish_durable_and_read(&handle, "lag", n, &mut ws).await;
     }
     assert_eq!(at, 6);
     cluster.node_mut(dead).stop();
@@ -438,7 +419,7 @@ async fn a_failover_that_lost_the_last_messages_is_told_not_hidden() {
             .is_ok_and(|h| h.position().epoch() != epoch)
     })
     .await;
-    let next = publish_and_read(7, &mut ws).await;
+    let next = publish_durable_and_read(&handle, "lag", 7, &mut ws).await;
     assert_eq!(next, 1, "the new epoch numbers from 1");
     let top = handle.history("lag", 10).await.expect("history");
     assert_ne!(top.position().epoch(), epoch);

@@ -60,10 +60,6 @@ fn json_of(text: &str) -> Value {
     serde_json::from_str(text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"))
 }
 
-async fn recv_json(ws: &mut Ws, what: &str) -> Value {
-    json_of(&recv_text(ws, what).await)
-}
-
 /// Connects with `positions=1` (and `since`) and returns the socket and its first frame, the
 /// notice; the join is complete once the notice arrived.
 async fn join(server: &TestServer, room: &str, since: Option<&str>) -> (Ws, Value) {

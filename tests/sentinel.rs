@@ -475,11 +475,6 @@ async fn the_chat_example_finds_the_master_through_sentinel_url() {
     }
 }
 
-async fn recv_json(ws: &mut Ws, what: &str) -> Value {
-    let text = recv_text(ws, what).await;
-    serde_json::from_str(&text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"))
-}
-
 /// The replica is cut off from the master (it may not sync again) and the durable room's last
 /// messages are stored on the master only; then the master dies and Sentinel promotes the
 /// replica, which lacks them. The node neither waits for them nor numbers other messages with
@@ -496,22 +491,11 @@ async fn a_failover_that_lost_the_last_messages_is_told_not_hidden() {
     let mut ws = connect(&server.ws_url(&format!("/ws?room={DURABLE}&positions=1"))).await;
     let notice = recv_json(&mut ws, "the join notice").await;
     let epoch = notice["epoch"].as_str().expect("epoch").to_owned();
-    let publish_and_read = async |n: u64, ws: &mut Ws| {
-        let published = handle
-            .broadcast(DURABLE, json!({ "n": n }))
-            .publish()
-            .await
-            .expect("durable broadcast");
-        let seq = published.position().expect("durable").seq();
-        let frame = recv_json(ws, &format!("message {n}")).await;
-        assert_eq!(
-            (&frame["seq"], &frame["payload"]["n"]),
-            (&json!(seq), &json!(n))
-        );
-        seq
-    };
     for n in 1..=3 {
-        assert_eq!(publish_and_read(n, &mut ws).await, n);
+        assert_eq!(
+            publish_durable_and_read(&handle, DURABLE, n, &mut ws).await,
+            n
+        );
     }
     wait_until("the replica has caught up", || async { group.replicated() }).await;
     // The replica loses its link and may not sync again: 4 to 6 are on the master only.
@@ -528,7 +512,10 @@ async fn a_failover_that_lost_the_last_messages_is_told_not_hidden() {
     })
     .await;
     for n in 4..=6 {
-        assert_eq!(publish_and_read(n, &mut ws).await, n);
+        assert_eq!(
+            publish_durable_and_read(&handle, DURABLE, n, &mut ws).await,
+            n
+        );
     }
     group.master.stop();
     let new = tokio::task::block_in_place(|| group.wait_switch(old));
@@ -546,7 +533,7 @@ async fn a_failover_that_lost_the_last_messages_is_told_not_hidden() {
     })
     .await;
     assert_eq!(
-        publish_and_read(7, &mut ws).await,
+        publish_durable_and_read(&handle, DURABLE, 7, &mut ws).await,
         1,
         "the new epoch numbers from 1"
     );

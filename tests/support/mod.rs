@@ -671,6 +671,35 @@ pub async fn recv_text(ws: &mut Ws, what: &str) -> String {
     }
 }
 
+/// The next text frame, parsed as JSON (panics on anything else).
+pub async fn recv_json(ws: &mut Ws, what: &str) -> serde_json::Value {
+    let text = recv_text(ws, what).await;
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"))
+}
+
+/// Broadcasts `{"n":n}` to durable room `room` through `handle`, reads it on `ws` (a socket
+/// of the room with `positions=1`), checks the frame carries the position Redis gave it, and
+/// returns that seq.
+pub async fn publish_durable_and_read(
+    handle: &axum_fanout::RoomHandle,
+    room: &str,
+    n: u64,
+    ws: &mut Ws,
+) -> u64 {
+    let published = handle
+        .broadcast(room, serde_json::json!({ "n": n }))
+        .publish()
+        .await
+        .expect("durable broadcast");
+    let seq = published.position().expect("durable").seq();
+    let frame = recv_json(ws, &format!("message {n}")).await;
+    assert_eq!(
+        (&frame["seq"], &frame["payload"]["n"]),
+        (&serde_json::json!(seq), &serde_json::json!(n))
+    );
+    seq
+}
+
 /// Reads until the close frame and returns it; panics on a data frame.
 pub async fn recv_close(ws: &mut Ws) -> Option<CloseFrame> {
     let deadline = Instant::now() + SOON;
